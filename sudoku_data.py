@@ -1,0 +1,451 @@
+"""Sudoku data shared by recurrent_depth.py, ltm.py and lit.py: generation, caching, augmentation,
+CSV files, MNIST digits for the visual form, and the metrics every method reports.
+
+Grids are int8 numpy arrays of shape (N, 81), row-major, 0 = blank, 1..9 = digits.
+
+Difficulty presets (every generated puzzle has exactly one solution):
+  easy    36-45 givens: clues removed from a random full grid in random order, keeping uniqueness,
+          until a target count drawn uniformly from [36, 45] is reached.
+  medium  28-35 givens: the same with a target drawn uniformly from [28, 35].
+  hard    22-27 givens: every cell is tried for removal (the result is minimal: no given can be
+          removed without losing uniqueness); kept only if it has 22-27 givens AND needs at least
+          one guess, i.e. naked and hidden singles alone do not solve it.
+Rating ("guesses"): the number of branch points the solver below visits while it proves the solution
+unique (propagation with naked + hidden singles, branching on a minimum-remaining-values cell).
+
+Training streams validity-preserving augmentations of a small cached base set (digit relabelling,
+transpose, band/stack permutations, row/column permutations within bands/stacks), which is how the
+Sudoku-Extreme baselines train: about 1k base puzzles, heavily augmented.
+"""
+import csv
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27)}  # givens, inclusive
+
+# ----------------------------------------------------------------------------- the solver
+ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
+COLUMNS = [[r * 9 + c for r in range(9)] for c in range(9)]
+BOXES = [[(br * 3 + r) * 9 + bc * 3 + c for r in range(3) for c in range(3)] for br in range(3) for bc in range(3)]
+UNITS = ROWS + COLUMNS + BOXES  # 27 units of 9 cells
+PEERS = [sorted({p for unit in UNITS if cell in unit for p in unit} - {cell}) for cell in range(81)]
+ALL_DIGITS = 0b111111111  # bit d-1 set = digit d still possible
+POPCOUNT = [bin(mask).count("1") for mask in range(512)]
+
+
+def _propagate(candidates, queue):
+    """Naked + hidden singles until nothing changes. Mutates candidates; False on contradiction."""
+    while True:
+        while queue:
+            cell = queue.pop()
+            bit = candidates[cell]
+            for peer in PEERS[cell]:
+                mask = candidates[peer]
+                if mask & bit:
+                    mask ^= bit
+                    if not mask:
+                        return False
+                    candidates[peer] = mask
+                    if not mask & (mask - 1):
+                        queue.append(peer)
+        for unit in UNITS:  # hidden singles: a digit with one possible place in a unit
+            once = twice = 0
+            for cell in unit:
+                mask = candidates[cell]
+                twice |= once & mask
+                once |= mask
+            if once != ALL_DIGITS:
+                return False
+            hidden = once & ~twice
+            if hidden:
+                for cell in unit:
+                    forced = candidates[cell] & hidden
+                    if forced and candidates[cell] != forced:
+                        if forced & (forced - 1):
+                            return False  # two digits need this one cell
+                        candidates[cell] = forced
+                        queue.append(cell)
+        if not queue:
+            return True
+
+
+def _search(candidates, limit, stats, rng=None):
+    """Depth-first search on a propagated grid; returns up to `limit` solved candidate lists.
+    stats[0] counts branch points (guesses). With rng, branches are tried in random order."""
+    best, best_count = -1, 10
+    for cell in range(81):
+        mask = candidates[cell]
+        if mask & (mask - 1) and POPCOUNT[mask] < best_count:  # minimum remaining values
+            best, best_count = cell, POPCOUNT[mask]
+            if best_count == 2:
+                break
+    if best < 0:
+        return [candidates]
+    stats[0] += 1
+    bits = [1 << d for d in range(9) if candidates[best] >> d & 1]
+    if rng is not None:
+        rng.shuffle(bits)
+    solutions = []
+    for bit in bits:
+        child = candidates[:]
+        child[best] = bit
+        if _propagate(child, [best]):
+            solutions += _search(child, limit - len(solutions), stats, rng)
+            if len(solutions) >= limit:
+                break
+    return solutions
+
+
+def _candidates(grid):
+    """Bitmask candidates of an 81-digit grid (sequence of ints, 0 = blank), or None if givens clash."""
+    candidates = [ALL_DIGITS] * 81
+    givens = [cell for cell in range(81) if grid[cell]]
+    for cell in givens:
+        candidates[cell] = 1 << (int(grid[cell]) - 1)
+    return candidates if _propagate(candidates, givens) else None
+
+
+def _to_digits(candidates):
+    return [mask.bit_length() for mask in candidates]
+
+
+def solve(grid, limit=2):
+    """Count solutions of an 81-cell grid up to `limit`.
+    Returns (count, first solution as a list of 81 digits or None, guesses)."""
+    grid = [int(v) for v in np.asarray(grid).reshape(-1)]
+    if len(grid) != 81 or any(not 0 <= v <= 9 for v in grid):
+        raise ValueError("a Sudoku grid has 81 cells with values 0 (blank) to 9")
+    stats = [0]
+    candidates = _candidates(grid)
+    solutions = [] if candidates is None else _search(candidates, limit, stats)
+    return len(solutions), (_to_digits(solutions[0]) if solutions else None), stats[0]
+
+
+def _has_other_solution(puzzle, cell, digit):
+    """True if `puzzle` (which has `cell` blank) has a solution with `cell` != `digit`."""
+    candidates = [ALL_DIGITS] * 81
+    candidates[cell] = ALL_DIGITS & ~(1 << (digit - 1))
+    givens = [c for c in range(81) if puzzle[c]]
+    for c in givens:
+        candidates[c] = 1 << (puzzle[c] - 1)
+    return _propagate(candidates, givens) and bool(_search(candidates, 1, [0]))
+
+
+def _generate_one(difficulty, rng):
+    """One puzzle of the preset: (puzzle, solution, guesses) as lists of 81 ints."""
+    low, high = DIFFICULTIES[difficulty]
+    while True:
+        solution = _to_digits(_search([ALL_DIGITS] * 81, 1, [0], rng)[0])  # a random full grid
+        target = low if difficulty == "hard" else int(rng.integers(low, high + 1))
+        puzzle, givens = solution[:], 81
+        for cell in rng.permutation(81):
+            if givens <= target:
+                break
+            digit, puzzle[cell] = puzzle[cell], 0
+            if _has_other_solution(puzzle, cell, digit):
+                puzzle[cell] = digit  # removing it would allow a second solution
+            else:
+                givens -= 1
+        count, _, guesses = solve(puzzle)
+        assert count == 1
+        if difficulty != "hard" or (givens <= high and guesses > 0):
+            return puzzle, solution, guesses
+
+
+def _generate_chunk(job):
+    difficulty, count, seed = job
+    rng = np.random.default_rng(seed)
+    return [_generate_one(difficulty, rng) for _ in range(count)]
+
+
+def generate_puzzles(n, difficulty, seed=0, workers=None):
+    """n unique-solution puzzles of a preset, deterministic in (difficulty, seed) whatever the workers.
+    Returns (puzzles int8 (n, 81), solutions int8 (n, 81), guesses int32 (n,))."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
+    if n < 1:
+        raise ValueError(f"number of puzzles must be positive, got {n}")
+    chunk = 25  # each chunk has its own seed, so the result does not depend on the worker count
+    jobs = [(difficulty, min(chunk, n - start), [seed, start]) for start in range(0, n, chunk)]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = [row for part in pool.map(_generate_chunk, jobs) for row in part]
+    else:
+        rows = [row for job in jobs for row in _generate_chunk(job)]
+    puzzles, solutions, guesses = zip(*rows)
+    return np.array(puzzles, np.int8), np.array(solutions, np.int8), np.array(guesses, np.int32)
+
+
+# ----------------------------------------------------------------------------- caching
+def _atomic_write(path, write):
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def load_puzzles(difficulty, n, seed=0, data_dir="data"):
+    """The cached set data_dir/sudoku-<difficulty>-<n>-seed<seed>.npz, generated once if absent.
+    Returns (puzzles, solutions) as int8 (n, 81)."""
+    path = Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
+    if not path.exists():
+        puzzles, solutions, guesses = generate_puzzles(n, difficulty, seed)
+        _atomic_write(path, lambda f: np.savez(f, puzzles=puzzles, solutions=solutions, guesses=guesses))
+    with np.load(path) as data:
+        return data["puzzles"], data["solutions"]
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _random_permutations(rng, shape, size):
+    return np.argsort(rng.random((*shape, size)), axis=-1)
+
+
+def _line_order(rng, batch):
+    """(B, 9) random order of rows (or columns) that keeps bands (stacks) together."""
+    bands = _random_permutations(rng, (batch,), 3)  # (B, 3)
+    within = _random_permutations(rng, (batch, 3), 3)  # (B, 3, 3)
+    return (bands[:, :, None] * 3 + np.take_along_axis(within, bands[:, :, None], axis=1)).reshape(batch, 9)
+
+
+def augment(puzzles, solutions, rng):
+    """Validity-preserving random transforms, vectorised over the batch; the same per pair."""
+    batch = len(puzzles)
+    digit_map = np.concatenate([np.zeros((batch, 1), np.int64), 1 + _random_permutations(rng, (batch,), 9)], 1)
+    rows, columns = _line_order(rng, batch), _line_order(rng, batch)
+    transpose = rng.random(batch) < 0.5
+    out = []
+    for grid in (puzzles, solutions):
+        grid = np.take_along_axis(digit_map, grid.astype(np.int64), axis=1).reshape(batch, 9, 9)
+        grid = np.where(transpose[:, None, None], grid.transpose(0, 2, 1), grid)
+        grid = np.take_along_axis(grid, rows[:, :, None], axis=1)
+        grid = np.take_along_axis(grid, columns[:, None, :], axis=2)
+        out.append(grid.reshape(batch, 81).astype(np.int8))
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------- CSV files
+def read_csv(path):
+    """Read a public-format Sudoku CSV (81-character strings, '.' or '0' for a blank; a header naming
+    the columns, e.g. question,answer or source,question,answer,rating). Returns int8 (N, 81) pairs."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))
+    if not rows:
+        raise ValueError(f"{path}: empty file")
+    header = [name.strip().lower() for name in rows[0]]
+    puzzle_names, solution_names = ("question", "puzzle", "quizzes", "quiz"), ("answer", "solution", "solutions")
+    if any(name in puzzle_names for name in header):
+        question = next(i for i, name in enumerate(header) if name in puzzle_names)
+        answers = [i for i, name in enumerate(header) if name in solution_names]
+        if not answers:
+            raise ValueError(f"{path}, line 1: header has no answer/solution column")
+        answer, first = answers[0], 2
+    else:
+        question, answer, first = 0, 1, 1
+    puzzles, solutions = [], []
+    for line, row in enumerate(rows[first - 1:], first):
+        if not row:
+            continue
+        if len(row) <= max(question, answer):
+            raise ValueError(f"{path}, line {line}: expected at least {max(question, answer) + 1} columns, got {len(row)}")
+        puzzle, solution = row[question].strip(), row[answer].strip()
+        for name, text, allowed in (("puzzle", puzzle, ".0123456789"), ("solution", solution, "123456789")):
+            if len(text) != 81:
+                raise ValueError(f"{path}, line {line}: {name} has {len(text)} characters, expected 81")
+            bad = sorted(set(text) - set(allowed))
+            if bad:
+                raise ValueError(f"{path}, line {line}: {name} contains invalid characters {''.join(bad)!r}")
+        puzzle_digits = [0 if ch == "." else int(ch) for ch in puzzle]
+        solution_digits = [int(ch) for ch in solution]
+        clash = next((cell for cell in range(81) if puzzle_digits[cell] not in (0, solution_digits[cell])), None)
+        if clash is not None:
+            raise ValueError(f"{path}, line {line}: given {puzzle_digits[clash]} at row {clash // 9 + 1}, column "
+                             f"{clash % 9 + 1} contradicts the solution's {solution_digits[clash]}")
+        puzzles.append(puzzle_digits)
+        solutions.append(solution_digits)
+    if not puzzles:
+        raise ValueError(f"{path}: no puzzles")
+    solutions = np.array(solutions, np.int8)
+    broken = broken_constraints(torch.from_numpy(solutions))
+    if broken.any():
+        index = int(broken.nonzero()[0, 0])
+        raise ValueError(f"{path}: the solution of puzzle {index + 1} breaks {int(broken[index])} Sudoku rule(s)")
+    return np.array(puzzles, np.int8), solutions
+
+
+def write_csv(path, puzzles, solutions):
+    """Write puzzles ('.' for a blank) and solutions under a question,answer header, atomically."""
+    lines = ["question,answer"] + [
+        "".join(str(v) if v else "." for v in p) + "," + "".join(map(str, s))
+        for p, s in zip(np.asarray(puzzles).tolist(), np.asarray(solutions).tolist())]
+    _atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+# ----------------------------------------------------------------------------- metrics
+_UNIT_INDEX = torch.tensor(UNITS)  # (27, 9)
+
+
+def exact_accuracy(prediction, solution):
+    """Percent of puzzles with all 81 cells right (the headline metric)."""
+    return 100.0 * (prediction == solution).all(dim=1).float().mean().item()
+
+
+def blank_accuracy(prediction, puzzle, solution):
+    """Percent of the blank cells predicted right."""
+    blank = puzzle == 0
+    return 100.0 * ((prediction == solution) & blank).sum().item() / max(blank.sum().item(), 1)
+
+
+def broken_constraints(prediction):
+    """(B,) number of broken rules: for each row/column/box and digit, occurrences beyond the first."""
+    one_hot = torch.nn.functional.one_hot(prediction.long().clamp(0, 9), 10)[..., 1:]  # (B, 81, 9)
+    counts = one_hot[:, _UNIT_INDEX.to(prediction.device)].sum(dim=2)  # (B, 27, 9)
+    return (counts - 1).clamp(min=0).sum(dim=(1, 2))
+
+
+# ----------------------------------------------------------------------------- tasks
+class SudokuTask:
+    """Sudoku in language form: train batches are augmentations of a cached base set; test sets of
+    every difficulty are generated from another seed and are disjoint from the base set."""
+    name, vocab_size, seq_len = "sudoku", 10, 81
+
+    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data"):
+        if difficulty not in DIFFICULTIES:
+            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
+        self.seed = seed
+        self.base_puzzles, self.base_solutions = load_puzzles(difficulty, base_size, seed, data_dir)
+        seen = {p.tobytes() for p in self.base_puzzles}
+        self.test_sets = {}
+        for name in DIFFICULTIES:
+            puzzles, solutions = load_puzzles(name, eval_size, seed + 1_000_003, data_dir)
+            keep = np.array([p.tobytes() not in seen for p in puzzles])  # disjoint from the training base
+            self.test_sets[name] = {"puzzle": torch.from_numpy(puzzles[keep]).long(),
+                                    "solution": torch.from_numpy(solutions[keep]).long()}
+
+    def _sample(self, step, batch_size):
+        rng = np.random.default_rng([self.seed, step])
+        index = rng.integers(0, len(self.base_puzzles), batch_size)
+        puzzles, solutions = augment(self.base_puzzles[index], self.base_solutions[index], rng)
+        return rng, puzzles, solutions
+
+    def train_batch(self, step, batch_size):
+        _, puzzles, solutions = self._sample(step, batch_size)
+        return {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long()}
+
+
+# ----------------------------------------------------------------------------- MNIST (visual form)
+MNIST_FILES = {  # official names -> SHA-256 of the decompressed file (None: checked by its header only)
+    "train-images-idx3-ubyte": None,
+    "train-labels-idx1-ubyte": None,
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
+def _read_idx(path, name):
+    """Bytes of an IDX file, gzipped (.gz) or not, checked against its SHA-256 where known."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    expected = MNIST_FILES[name]
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{path}: SHA-256 mismatch; the file is corrupt or not the official {name}")
+    return data
+
+
+def _download_mnist(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        with urllib.request.urlopen(MNIST_URL + name + ".gz", timeout=20) as response:
+            content = response.read()
+        _atomic_write(folder / (name + ".gz"), lambda f: f.write(content))
+
+
+def load_mnist(mnist_dir, split):
+    """(images uint8 (N, 28, 28), labels int64 (N,)) of the 'train' or 't10k' split from the standard
+    IDX files in mnist_dir; downloads them when missing and the machine is online."""
+    folder = Path(mnist_dir)
+    names = [f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"]
+    if split not in ("train", "t10k"):
+        raise ValueError(f"MNIST split must be 'train' or 't10k', got {split!r}")
+
+    def find(name):
+        return next((folder / (name + ext) for ext in (".gz", "") if (folder / (name + ext)).exists()), None)
+
+    if None in map(find, names):
+        try:
+            _download_mnist(folder, names)
+        except OSError:
+            raise FileNotFoundError(f"MNIST {split} files missing and no download possible: put {names[0]}(.gz) and "
+                                    f"{names[1]}(.gz) into {folder}/ (or pass --mnist-dir)") from None
+    images, labels = (_read_idx(find(name), name) for name in names)
+    if images[:4] != b"\x00\x00\x08\x03" or labels[:4] != b"\x00\x00\x08\x01":
+        raise ValueError(f"{folder}: {split} files are not IDX image/label files")
+    count = int.from_bytes(images[4:8], "big")
+    images = np.frombuffer(images, np.uint8, offset=16).reshape(count, 28, 28)
+    return images, np.frombuffer(labels, np.uint8, offset=8).astype(np.int64)
+
+
+class _DigitPool:
+    """MNIST images grouped by digit, for drawing one image per cell without a Python loop."""
+
+    def __init__(self, images, labels):
+        self.images = torch.from_numpy(images.copy())
+        order = np.argsort(labels, kind="stable")
+        self.counts = np.bincount(labels, minlength=10)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.order = order
+
+    def draw(self, digits, rng):
+        """digits int (B, 81) in 1..9 -> float images (B, 81, 28, 28) in [0, 1]."""
+        choice = (rng.random(digits.shape) * self.counts[digits]).astype(np.int64)
+        return self.images[self.order[self.starts[digits] + choice]].float() / 255.0
+
+
+class VisualSudokuTask(SudokuTask):
+    """Sudoku whose cells are MNIST images (blank = an empty image). Train and test puzzles draw
+    digit images from disjoint pools: the MNIST train split vs the test split when both are present,
+    otherwise 80 % / 20 % of the test split."""
+    name = "visual"
+
+    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", mnist_dir="mnist"):
+        super().__init__(difficulty, seed, base_size, eval_size, data_dir)
+        test_images, test_labels = load_mnist(mnist_dir, "t10k")
+        try:
+            train_images, train_labels = load_mnist(mnist_dir, "train")
+        except FileNotFoundError:
+            split = np.random.default_rng(seed).random(len(test_labels)) < 0.8
+            train_images, train_labels = test_images[split], test_labels[split]
+            test_images, test_labels = test_images[~split], test_labels[~split]
+        self.train_pool, test_pool = _DigitPool(train_images, train_labels), _DigitPool(test_images, test_labels)
+        rng = np.random.default_rng([seed, 0, 0])  # a stream no training step uses
+        for batch in self.test_sets.values():
+            batch.update(self._images(batch["puzzle"].numpy(), batch["solution"].numpy(), test_pool, rng))
+
+    @staticmethod
+    def _images(puzzles, solutions, pool, rng):
+        solution_images = pool.draw(solutions.astype(np.int64), rng)  # (B, 81, 28, 28)
+        puzzle_images = solution_images * torch.from_numpy(puzzles != 0)[:, :, None, None]
+        return {"puzzle_images": puzzle_images, "solution_images": solution_images}
+
+    def train_batch(self, step, batch_size):
+        rng, puzzles, solutions = self._sample(step, batch_size)
+        return {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long(),
+                **self._images(puzzles, solutions, self.train_pool, rng)}

@@ -1,0 +1,198 @@
+"""Tests for the whole repository: python -m pytest -q test_all.py (CPU, tiny sizes, a few minutes)."""
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sudoku_data
+import train
+
+MNIST_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
+needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+                                 reason=f"MNIST test files not found in {MNIST_DIR}")
+
+
+@pytest.fixture(autouse=True)
+def _small_and_seeded():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+# ============================================================================= sudoku_data.py
+@pytest.fixture(scope="session")
+def puzzles():
+    """A few puzzles of every preset, generated once for the session."""
+    return {name: sudoku_data.generate_puzzles(12, name, seed=3, workers=1) for name in sudoku_data.DIFFICULTIES}
+
+
+def test_generated_puzzles_are_unique_and_match_their_preset(puzzles):
+    for name, (grid, solution, guesses) in puzzles.items():
+        low, high = sudoku_data.DIFFICULTIES[name]
+        givens = (grid != 0).sum(1)
+        assert ((givens >= low) & (givens <= high)).all(), (name, givens)
+        assert (sudoku_data.broken_constraints(torch.from_numpy(solution)) == 0).all()
+        assert ((grid == 0) | (grid == solution)).all()
+        for p, s in zip(grid[:4], solution[:4]):
+            count, found, _ = sudoku_data.solve(p)
+            assert count == 1 and found == s.tolist()
+    assert (puzzles["hard"][2] > 0).all()  # hard ones need a guess: singles alone do not solve them
+
+
+def test_solver_counts_several_solutions_and_rejects_clashes():
+    empty = np.zeros(81, np.int8)
+    assert sudoku_data.solve(empty)[0] == 2
+    clash = empty.copy()
+    clash[0] = clash[1] = 5
+    assert sudoku_data.solve(clash)[0] == 0
+    with pytest.raises(ValueError, match="81 cells"):
+        sudoku_data.solve(np.zeros(80))
+
+
+def test_generation_is_deterministic_whatever_the_worker_count():
+    one = sudoku_data.generate_puzzles(30, "medium", seed=7, workers=1)
+    two = sudoku_data.generate_puzzles(30, "medium", seed=7, workers=2)
+    other = sudoku_data.generate_puzzles(30, "medium", seed=8, workers=1)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert not np.array_equal(one[0], other[0])
+    with pytest.raises(ValueError, match="unknown difficulty"):
+        sudoku_data.generate_puzzles(3, "extreme")
+
+
+def test_augmentation_preserves_validity_and_uniqueness(puzzles):
+    grid, solution, _ = puzzles["hard"]
+    rng = np.random.default_rng(0)
+    new_grid, new_solution = sudoku_data.augment(grid, solution, rng)
+    assert not np.array_equal(new_grid, grid)
+    assert (sudoku_data.broken_constraints(torch.from_numpy(new_solution)) == 0).all()
+    assert ((new_grid == 0) | (new_grid == new_solution)).all()
+    assert ((new_grid != 0).sum(1) == (grid != 0).sum(1)).all()
+    for p, s in zip(new_grid[:4], new_solution[:4]):
+        count, found, _ = sudoku_data.solve(p)
+        assert count == 1 and found == s.tolist()
+
+
+def test_base_set_is_cached_atomically_and_tasks_are_deterministic(tmp_path):
+    first = sudoku_data.load_puzzles("easy", 10, seed=1, data_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sudoku-easy-10-seed1.npz"]
+    again = sudoku_data.load_puzzles("easy", 10, seed=1, data_dir=tmp_path)
+    assert np.array_equal(first[0], again[0])
+    task = sudoku_data.SudokuTask("easy", seed=1, base_size=10, eval_size=6, data_dir=tmp_path)
+    batch, same = task.train_batch(5, 16), task.train_batch(5, 16)
+    assert batch["puzzle"].shape == (16, 81) and batch["puzzle"].dtype == torch.long
+    assert torch.equal(batch["puzzle"], same["puzzle"]) and not torch.equal(batch["puzzle"], task.train_batch(6, 16)["puzzle"])
+    assert set(task.test_sets) == {"easy", "medium", "hard"}
+    train_puzzles = {p.tobytes() for p in task.base_puzzles}
+    for test in task.test_sets.values():
+        assert not any(p.numpy().astype(np.int8).tobytes() in train_puzzles for p in test["puzzle"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
+    grid, solution, _ = puzzles["easy"]
+    path = tmp_path / "set.csv"
+    sudoku_data.write_csv(path, grid, solution)
+    read_grid, read_solution = sudoku_data.read_csv(path)
+    assert np.array_equal(read_grid, grid) and np.array_equal(read_solution, solution)
+    question, answer = path.read_text().splitlines()[1].split(",")
+    bad_solution = answer[1] + answer[0] + answer[2:]  # swapping two different digits breaks rules
+    cases = {
+        "short": (f"question,answer\n{question[:80]},{answer}\n", "line 2: puzzle has 80 characters"),
+        "letters": (f"question,answer\n{question[:80]}x,{answer}\n", "invalid characters 'x'"),
+        "clash": (f"source,question,answer,rating\nx,{answer[0]}{'.' * 80},{answer[1:]}{answer[0]},0\n",
+                  "contradicts the solution"),
+        "rules": (f"question,answer\n{'.' * 81},{bad_solution}\n{question},{answer}\n", "breaks"),
+    }
+    for name, (text, message) in cases.items():
+        bad = tmp_path / f"{name}.csv"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message) as error:
+            sudoku_data.read_csv(bad)
+        assert str(bad) in str(error.value)
+    with pytest.raises(ValueError, match="no such file"):
+        sudoku_data.read_csv(tmp_path / "missing.csv")
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    with pytest.raises(TypeError):
+        sudoku_data.write_csv(tmp_path / "out.csv", [[0] * 81], [object()])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics():
+    solution = torch.from_numpy(sudoku_data.generate_puzzles(2, "easy", seed=0, workers=1)[1]).long()
+    puzzle = solution.clone()
+    puzzle[:, :10] = 0
+    prediction = solution.clone()
+    prediction[1, 0] = prediction[1, 0] % 9 + 1  # one wrong blank cell in the second grid
+    assert sudoku_data.exact_accuracy(prediction, solution) == 50.0
+    assert sudoku_data.blank_accuracy(prediction, puzzle, solution) == pytest.approx(95.0)
+    broken = sudoku_data.broken_constraints(prediction)
+    assert broken[0] == 0 and broken[1] == 3  # the new digit repeats in its row, column and box
+    assert sudoku_data.broken_constraints(torch.ones(1, 81, dtype=torch.long))[0] == 27 * 8
+
+
+@needs_mnist
+def test_mnist_loads_and_visual_pools_are_disjoint(tmp_path):
+    images, labels = sudoku_data.load_mnist(MNIST_DIR, "t10k")
+    assert images.shape == (10000, 28, 28) and np.bincount(labels)[0] == 980
+    task = sudoku_data.VisualSudokuTask("easy", base_size=8, eval_size=4, data_dir=tmp_path, mnist_dir=MNIST_DIR)
+    batch = task.train_batch(0, 3)
+    assert batch["puzzle_images"].shape == (3, 81, 28, 28) and batch["solution_images"].dtype == torch.float32
+    blank = batch["puzzle"] == 0
+    assert (batch["puzzle_images"][blank] == 0).all() and (batch["solution_images"][blank].sum((1, 2)) > 0).all()
+    assert torch.equal(batch["puzzle_images"][~blank], batch["solution_images"][~blank])
+    train_pixels = {image.numpy().tobytes() for image in (task.train_pool.images)}
+    test_images = task.test_sets["hard"]["solution_images"].flatten(0, 1)
+    assert not any((image * 255).round().byte().numpy().tobytes() in train_pixels for image in test_images[:50])
+
+
+def test_mnist_checksum_and_missing_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(sudoku_data, "_download_mnist", lambda folder, names: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+        sudoku_data.load_mnist(tmp_path, "t10k")
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / (name + ".gz")).write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(100)))
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        sudoku_data.load_mnist(tmp_path, "t10k")
+
+
+# ============================================================================= train.py
+def test_text_task(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("héllo wörld, " * 400, encoding="utf-8")
+    task = train.TextTask(path, context_length=16, seed=0)
+    batch = task.train_batch(3, 4)["tokens"]
+    assert batch.shape == (4, 17) and torch.equal(batch, task.train_batch(3, 4)["tokens"])
+    assert task.decode(task.encode("wörld")) == "wörld"
+    assert task.test_sets["held-out"]["tokens"].shape[1] == 17
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1") * 1000)
+    with pytest.raises(train.UsageError, match="not UTF-8"):
+        train.TextTask(tmp_path / "latin1.txt", 16)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--method", "recurrent_depth", "--eval-only", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be positive"),
+    (["--method", "recurrent_depth", "--steps", "0"], "--steps must be a positive integer"),
+    (["--method", "recurrent_depth", "--task", "text"], "--task text needs --text-file"),
+    (["--method", "recurrent_depth", "--device", "cuda"] if not torch.cuda.is_available() else
+     ["--method", "nope"], "CUDA" if not torch.cuda.is_available() else "unknown method"),
+])
+def test_command_line_errors_are_one_line(argv, message, capsys):
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_lr_schedule():
+    class Config:
+        warmup_steps, steps = 10, 110
+    factors = [train.lr_factor(step, Config) for step in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))

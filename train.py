@@ -1,0 +1,385 @@
+"""The one entry point: python train.py --method <name> [--task ...] [--<config field> ...]
+
+train.py owns the loop, the learning-rate schedule, logging and checkpoints. Each method file owns
+its model, loss, thinking loop and training step, through five names:
+  TASKS, Config (dataclass; every field becomes a flag), GPU_CONFIG (overrides for --preset gpu),
+  build_model(config, task), make_optimizer(model, config),
+  train_step(model, optimizer, scaler, batch, step, config, autocast_dtype) -> dict of 0-dim tensors,
+  evaluate(model, task, config, eval_steps, autocast_dtype) -> list of table rows.
+Examples:
+  python train.py --method recurrent_depth
+  python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
+  python train.py --method ltm --task text --text-file input.txt
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
+HERE = Path(__file__).resolve().parent
+SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
+# Run options every method shares (the method's Config supplies steps, batch size, lr, difficulty, ...).
+COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
+                       log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
+                       mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
+                       text_file=None, context_length=128)
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- the text task
+class TextTask:
+    """Character-level language modelling on any UTF-8 file: the first 90 % trains, the rest is held out."""
+    name = "text"
+
+    def __init__(self, text_file, context_length, seed=0, eval_size=500):
+        if not text_file:
+            raise UsageError("--task text needs --text-file FILE")
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"text file not found: {text_file}") from None
+        except UnicodeDecodeError as error:
+            raise UsageError(f"{text_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        self.characters = sorted(set(text))
+        self.vocab_size, self.seq_len, self.seed = len(self.characters), context_length, seed
+        self.index = {ch: i for i, ch in enumerate(self.characters)}
+        data = np.array(self.encode(text), np.int64)
+        split = int(0.9 * len(data))
+        self.train_data, held_out = data[:split], data[split:]
+        window = context_length + 1
+        if len(self.train_data) < 2 * window or len(held_out) < window:
+            raise UsageError(f"{text_file} has {len(text)} characters; --context-length {context_length} "
+                             f"needs at least {20 * window}")
+        count = min(len(held_out) // window, eval_size)
+        self.test_sets = {"held-out": {"tokens": torch.from_numpy(held_out[:count * window].reshape(count, window))}}
+
+    def encode(self, text):
+        return [self.index[ch] for ch in text]
+
+    def decode(self, tokens):
+        return "".join(self.characters[t] for t in tokens)
+
+    def train_batch(self, step, batch_size):
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.train_data) - self.seq_len - 1, batch_size)
+        windows = starts[:, None] + np.arange(self.seq_len + 1)  # (B, T + 1)
+        return {"tokens": torch.from_numpy(self.train_data[windows])}
+
+
+def build_task(name, config, options):
+    """The task named by --task, from the data scripts (or the text task above)."""
+    if name in ("sudoku", "visual"):
+        import sudoku_data
+        sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
+                     data_dir=options.data_dir)
+        if name == "sudoku":
+            return sudoku_data.SudokuTask(config.difficulty, **sizes)
+        return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir, **sizes)
+    if name == "text":
+        return TextTask(options.text_file, options.context_length, options.seed, options.eval_size)
+    if name == "vqa":
+        import vqa_data
+        return vqa_data.VQATask(seed=options.seed, eval_size=options.eval_size)
+    raise UsageError(f"unknown task {name!r}")
+
+
+# ----------------------------------------------------------------------------- command line
+def load_method(name):
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    if name not in sys.modules and not (HERE / f"{name}.py").exists():
+        raise UsageError(f"method {name!r} is not in this checkout ({name}.py missing)")
+    return importlib.import_module(name)
+
+
+def _field_parser(field):
+    """argparse type for a Config field: int, float, str, bool or tuple[int, ...]."""
+    kind = field.type if not isinstance(field.type, str) else eval(field.type, {"tuple": tuple})
+    if typing.get_origin(kind) is tuple:
+        def parse_list(text):
+            try:
+                return tuple(int(part) for part in text.split(",") if part.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        return dict(type=parse_list)
+    if kind is bool:
+        return dict(action=argparse.BooleanOptionalAction)
+    return dict(type=kind)
+
+
+def build_parser(method=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=None if method else "Use --method NAME --help to list that method's options.")
+    run = parser.add_argument_group("run options")
+    run.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    tasks = getattr(method, "TASKS", ("sudoku", "visual", "text", "vqa"))
+    run.add_argument("--task", choices=tasks, help=f"task (default: {tasks[0]})")
+    run.add_argument("--preset", choices=("cpu", "gpu"), help="cpu: the Config defaults; gpu: GPU_CONFIG overrides")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")
+    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="autocast dtype; auto: bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    run.add_argument("--seed", type=int, help="seed for data, initialisation and sampling (default 0)")
+    run.add_argument("--out", help="run folder for log.jsonl, checkpoint.pt, results.json (default runs/<method>-<task>)")
+    run.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint")
+    run.add_argument("--init-from", metavar="PATH", help="load model weights only (fresh optimizer and step count)")
+    run.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint and exit")
+    run.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
+    run.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
+    data = parser.add_argument_group("data options")
+    data.add_argument("--eval-size", type=int, help="held-out examples per test set (default 500)")
+    data.add_argument("--base-size", type=int, help="Sudoku base puzzles that training augments (default 1000)")
+    data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
+    data.add_argument("--mnist-dir", help=f"MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")
+    data.add_argument("--text-file", help="UTF-8 file for --task text")
+    data.add_argument("--context-length", type=int, help="characters per sequence for --task text (default 128)")
+    if method is not None:
+        group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
+        defaults = method.Config()
+        for field in dataclasses.fields(method.Config):
+            value = getattr(defaults, field.name)
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"default: {shown}",
+                               **_field_parser(field))
+    return parser
+
+
+def parse(argv):
+    """(method module, options given on the command line as a dict)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--method")
+    known, _ = first.parse_known_args(argv)
+    if known.method is None:
+        build_parser().parse_args(argv)  # prints usage/--help and exits
+    method = load_method(known.method)
+    parser = build_parser(method)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # keep only what the user typed; defaults are filled in later
+    given = vars(parser.parse_args(argv))
+    for name in ("steps", "batch_size", "eval_size", "base_size", "log_every", "save_every", "context_length"):
+        if name in given and given[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
+    if given.get("lr", 1) <= 0:
+        raise UsageError(f"--lr must be positive, got {given['lr']}")
+    return method, given
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, state):
+    """torch.save through a temporary file and a rename, so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def load_checkpoint(path, method_name):
+    if not Path(path).is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UsageError(f"{path} is not a checkpoint written by train.py")
+    if state.get("method") != method_name:
+        raise UsageError(f"{path} was trained with --method {state.get('method')}, not {method_name}")
+    return state
+
+
+def write_json(path, value):
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        json.dump(value, file, indent=1)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- the run
+def choose_device_and_dtype(device_name, dtype_name):
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
+                          "cpu" if device_name == "auto" else device_name)
+    if dtype_name == "auto":
+        if device.type != "cuda":
+            return device, None
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype_name == "float16" and device.type != "cuda":
+        raise UsageError("--dtype float16 needs CUDA (its GradScaler); use bfloat16 on the CPU")
+    return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
+
+
+def lr_factor(step, config):
+    """Linear warmup, then cosine decay to 10 % of the peak at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def print_table(rows, title):
+    if not rows:
+        return
+    columns = list(rows[0])
+    cells = [[f"{row.get(c, ''):.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+             for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def run(argv):
+    method, given = parse(argv)
+    checkpoint_path = given.get("resume") or given.get("eval_only")
+    checkpoint = load_checkpoint(checkpoint_path, method.__name__) if checkpoint_path else None
+    # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
+    saved = checkpoint["run"] if checkpoint else {}
+    options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
+    field_names = {f.name for f in dataclasses.fields(method.Config)}
+    config_values = dataclasses.asdict(method.Config())
+    if options.preset == "gpu":
+        config_values.update(method.GPU_CONFIG)
+    config_values.update(checkpoint["config"] if checkpoint else {})
+    config_values.update({k: v for k, v in given.items() if k in field_names})
+    try:
+        config = method.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()})
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"invalid configuration: {error}") from None
+    options.task = options.task or method.TASKS[0]
+    if options.task not in method.TASKS:
+        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
+    device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
+    out = Path(options.out or (Path(checkpoint_path).parent if checkpoint_path else f"runs/{method.__name__}-{options.task}"))
+
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    try:
+        task = build_task(options.task, config, options)
+        model = method.build_model(config, task).to(device)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    optimizer = method.make_optimizer(model, config)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    step = 0
+    init_path = given.get("init_from")
+    source = checkpoint or (load_checkpoint(init_path, method.__name__) if init_path else None)
+    if source:
+        try:
+            model.load_state_dict(source["model"])
+        except RuntimeError as error:
+            detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
+            raise UsageError(f"checkpoint does not fit this configuration: {detail}") from None
+    if checkpoint and "resume" in given:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])
+        if "cuda_rng" in checkpoint and device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+        step = checkpoint["step"]
+    if options.compile:
+        model.compile()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{method.__name__} on {options.task}: {parameters / 1e6:.2f}M parameters, device {device}, "
+          f"autocast {autocast_dtype or 'off'}, run folder {out}")
+
+    if "eval_only" not in given:
+        out.mkdir(parents=True, exist_ok=True)
+
+        def checkpoint_state(step):
+            state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            return state
+
+        step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
+                     step, checkpoint_state)
+        if step is None:
+            return 130
+    rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
+    print_table(rows, f"{method.__name__} on {options.task}: evaluation")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / ("eval.json" if "eval_only" in given else "results.json"),
+               {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows})
+    return 0
+
+
+def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state):
+    """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
+    or None when interrupted (after saving)."""
+    log = open(out / "log.jsonl", "a")
+    progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True)
+    interrupted = False
+
+    start, start_step = time.perf_counter(), step
+    try:
+        while step < config.steps:
+            factor = lr_factor(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            batch = {k: v.to(device, non_blocking=True) for k, v in task.train_batch(step, config.batch_size).items()}
+            metrics = method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype)
+            step += 1
+            progress.update(1)
+            if step % options.log_every == 0 or step == config.steps:
+                rate = (step - start_step) * config.batch_size / (time.perf_counter() - start)
+                values = {k: float(v) for k, v in metrics.items()}
+                log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **values,
+                                      "examples_per_s": rate}) + "\n")
+                log.flush()
+                progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "ex/s": f"{rate:.0f}"})
+            if step % options.save_every == 0:
+                save_checkpoint(out / "checkpoint.pt", checkpoint_state(step))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+        log.close()
+    elapsed = time.perf_counter() - start
+    save_checkpoint(out / "checkpoint.pt", checkpoint_state(step))
+    if interrupted:
+        print(f"interrupted at step {step}; checkpoint saved to {out / 'checkpoint.pt'} (continue with --resume)")
+        return None
+    if step > start_step:
+        print(f"trained {step - start_step} steps in {elapsed:.0f} s: "
+              f"{(step - start_step) * config.batch_size / elapsed:.1f} examples/s")
+    return step
+
+
+def main(argv=None):
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
