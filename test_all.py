@@ -196,3 +196,59 @@ def test_lr_schedule():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+TINY_RUN = ["--method", "recurrent_depth", "--d-model", "32", "--n-heads", "2", "--d-mlp", "64", "--steps", "6",
+            "--batch-size", "8", "--warmup-steps", "2", "--mean-recurrence", "3", "--backprop-depth", "2",
+            "--eval-steps", "1,2", "--eval-size", "6", "--base-size", "16", "--log-every", "2"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One cache of generated Sudoku sets for every train.py test."""
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def _checkpoint(folder):
+    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def test_train_py_resumes_to_the_same_result_after_ctrl_c(tmp_path, data_dir, monkeypatch, capsys):
+    import recurrent_depth
+    data = ["--data-dir", data_dir]
+    assert train.main(TINY_RUN + data + ["--out", str(tmp_path / "straight")]) == 0
+    straight = _checkpoint(tmp_path / "straight")
+    original_step = recurrent_depth.train_step
+
+    def interrupt_at_step_3(model, optimizer, scaler, batch, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original_step(model, optimizer, scaler, batch, step, *rest)
+
+    monkeypatch.setattr(recurrent_depth, "train_step", interrupt_at_step_3)
+    assert train.main(TINY_RUN + data + ["--out", str(tmp_path / "split")]) == 130
+    assert "interrupted at step 3" in capsys.readouterr().out
+    assert _checkpoint(tmp_path / "split")["step"] == 3
+    monkeypatch.setattr(recurrent_depth, "train_step", original_step)
+    assert train.main(["--method", "recurrent_depth", "--resume", str(tmp_path / "split" / "checkpoint.pt")]) == 0
+    resumed = _checkpoint(tmp_path / "split")
+    assert resumed["step"] == straight["step"] == 6
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    results = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert results["rows"] == json.loads((tmp_path / "straight" / "results.json").read_text())["rows"]
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [2, 4, 6] and all(np.isfinite(entry["loss"]) for entry in log)
+
+
+def test_eval_only_with_other_thinking_steps(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--eval-steps", "3"]) == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert {row["test set"] for row in rows} == {"easy", "medium", "hard"}
+    assert train.main(["--method", "ltm", "--eval-only", str(out / "checkpoint.pt")]) == 2
+    assert "trained with --method recurrent_depth" in capsys.readouterr().err
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--d-model", "64"]) == 2
+    assert "does not fit" in capsys.readouterr().err

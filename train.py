@@ -107,9 +107,8 @@ def load_method(name):
     return importlib.import_module(name)
 
 
-def _field_parser(field):
+def _field_parser(kind):
     """argparse type for a Config field: int, float, str, bool or tuple[int, ...]."""
-    kind = field.type if not isinstance(field.type, str) else eval(field.type, {"tuple": tuple})
     if typing.get_origin(kind) is tuple:
         def parse_list(text):
             try:
@@ -150,12 +149,12 @@ def build_parser(method=None):
     data.add_argument("--context-length", type=int, help="characters per sequence for --task text (default 128)")
     if method is not None:
         group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
-        defaults = method.Config()
+        defaults, types = method.Config(), typing.get_type_hints(method.Config)
         for field in dataclasses.fields(method.Config):
             value = getattr(defaults, field.name)
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"default: {shown}",
-                               **_field_parser(field))
+                               **_field_parser(types[field.name]))
     return parser
 
 
