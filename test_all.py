@@ -1,13 +1,17 @@
 """Tests for the whole repository: python -m pytest -q test_all.py (CPU, tiny sizes, a few minutes)."""
+import dataclasses
 import gzip
 import json
+import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import recurrent_depth as rd
 import sudoku_data
 import train
 
@@ -19,7 +23,7 @@ needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").e
 @pytest.fixture(autouse=True)
 def _small_and_seeded():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and steady on a busy machine
 
 
 # ============================================================================= sudoku_data.py
@@ -252,3 +256,180 @@ def test_eval_only_with_other_thinking_steps(tmp_path, data_dir, capsys):
     assert "trained with --method recurrent_depth" in capsys.readouterr().err
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--d-model", "64"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+# ============================================================================= recurrent_depth.py
+TEXT = SimpleNamespace(name="text", vocab_size=13, seq_len=32)
+TINY = dict(d_model=32, n_heads=2, d_mlp=64, mean_recurrence=4, backprop_depth=2)
+
+
+def tiny_model(task=TEXT, **overrides):
+    torch.manual_seed(0)
+    return rd.build_model(rd.Config(**{**TINY, **overrides}), task)
+
+
+def test_recurrent_depth_cached_generation_equals_uncached_forward():
+    """Prefill + one token at a time through the KV cache gives the logits of the full forward."""
+    model = tiny_model().eval()
+    idx = torch.randint(0, TEXT.vocab_size, (3, 20))
+    steps = 5
+    with torch.no_grad():
+        zero = torch.zeros(3, 20, model.cfg.d_model)
+        full = model(idx, (steps, 0), state=zero)  # (B, T, V)
+        cache = rd.RecurrentKVCache(model, 3, 20, steps)
+        parts = [model._cached_forward(idx[:, :12], cache, steps, "none", None, init_scale=0.0)[0]]
+        for t in range(12, 20):
+            parts.append(model._cached_forward(idx[:, t : t + 1], cache, steps, "none", None, init_scale=0.0)[0])
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+    # generate() (greedy, fixed steps, no warm start) continues exactly as the uncached model would
+    out, mean_steps = model.generate(idx[:, :8], 10, max_steps=steps, exit_criterion="none", continuous_cot=False,
+                                     init_scale=0.0)
+    logits = model(out[:, :-1], (steps, 0), state=torch.zeros(3, 17, model.cfg.d_model))
+    assert torch.equal(out[:, 8:], logits[:, 7:].argmax(-1)) and mean_steps == steps
+
+
+def test_recurrent_depth_latest_m4_lookup_reads_latest_step_of_early_exited_tokens():
+    model = tiny_model()
+    cache = rd.RecurrentKVCache(model, 1, 4, max_steps=6)
+    for step in range(6):  # mark the (k) cache entry of step s for every token with value s
+        cache.core[step, 0, 0] = step
+    cache.steps_done[0] = torch.tensor([6, 2, 4, 6])  # token 1 exited after 2 steps, token 2 after 4; 3 is new
+    cache.start, cache.end = 3, 4
+    head_dim = model.cfg.d_model // model.cfg.n_heads
+    new = torch.full((1, model.cfg.n_heads, 1, head_dim), 7.0)
+    keys, _, _ = cache.core_layer(0, 5)(new, new)  # a query at step 5
+    assert keys[0, 0, :, 0].tolist() == [5.0, 1.0, 3.0, 7.0]  # slot min(5, steps_done - 1); the new key itself
+
+
+def test_recurrent_depth_adaptive_generation_uses_fewer_steps_and_threshold_zero_matches_fixed():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, TEXT.vocab_size, (2, 6))
+    torch.manual_seed(1)
+    fixed, fixed_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="none", continuous_cot=True)
+    model.cfg.kl_threshold = 0.0  # never exits: the adaptive path must reproduce the fixed one
+    torch.manual_seed(1)
+    never, never_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="kl", continuous_cot=True)
+    assert torch.equal(fixed, never) and fixed_steps == never_steps == 6
+    model.cfg.kl_threshold = 1e9  # exits after the first step whose KL is measured
+    _, early_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="kl")
+    model.cfg.latent_threshold = 1e9
+    _, latent_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="latent-diff")
+    assert early_steps == latent_steps == 1.0
+
+
+def saved_bytes(model, idx, num_steps):
+    """Bytes of tensors autograd saves for backward during one forward."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, num_steps).sum()
+    return total[0]
+
+
+def test_recurrent_depth_memory_is_flat_in_no_grad_recurrences():
+    model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)).train()
+    idx = torch.randint(0, 10, (2, 81))
+    base = saved_bytes(model, idx, (0, 2))
+    assert saved_bytes(model, idx, (20, 2)) == base  # the no-grad prefix saves nothing
+    assert saved_bytes(model, idx, (0, 4)) > 1.5 * base  # ... while steps with gradient do
+
+
+def test_recurrent_depth_gradient_reaches_only_the_last_k_steps():
+    model = tiny_model().train()
+    idx = torch.randint(0, TEXT.vocab_size, (2, 16))
+    s0 = model.init_state(model.embed(idx, model.rope(0, 16))).detach().requires_grad_(True)
+    model(idx, (0, 3), state=s0).sum().backward()
+    assert s0.grad is not None and s0.grad.abs().sum() > 0  # without a prefix the initial state gets gradient
+    s0.grad = None
+    model.zero_grad()
+    model(idx, (2, 1), state=s0).sum().backward()
+    assert s0.grad is None  # the no-grad prefix cuts the graph
+    truncated = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.no_grad():  # the same computation by hand: prefix without a graph, then one step with one
+        rope = model.rope(0, 16)
+        e = model.embed(idx, rope)
+        s = model.core_step(model.core_step(s0, e, rope), e, rope)
+    e = model.embed(idx, rope)
+    model.readout(model.core_step(s, e, rope), rope).sum().backward()
+    for a, p in zip(truncated, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    model.zero_grad()
+    model(idx, (0, 3), state=s0).sum().backward()  # full backprop through all 3 steps differs
+    assert any(not torch.allclose(a, p.grad) for a, p in zip(truncated, model.parameters()))
+
+
+def test_recurrent_depth_recurrence_sampler_mean_and_split():
+    cfg = rd.Config(mean_recurrence=8, backprop_depth=4)
+    draws = [rd.sample_recurrence(step, cfg) for step in range(4000)]
+    totals = torch.tensor([n + k for n, k in draws], dtype=torch.float)
+    # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.4 -> standard error ~ 0.09
+    assert abs(totals.mean().item() - (cfg.mean_recurrence + 1)) < 0.4
+    assert all(k == min(4, n + k) and n == max(n + k - 4, 0) for n, k in draws)
+    assert rd.sample_recurrence(17, cfg) == rd.sample_recurrence(17, cfg)  # a function of the step
+
+
+@pytest.fixture(scope="module")
+def trained_sudoku():
+    """A tiny model trained for 80 steps on a fixed set of 16 easy puzzles (no augmentation)."""
+    puzzles, solutions, _ = sudoku_data.generate_puzzles(16, "easy", seed=0, workers=1)
+    puzzle, solution = torch.from_numpy(puzzles).long(), torch.from_numpy(solutions).long()
+    task = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81,
+                           test_sets={"train": {"puzzle": puzzle, "solution": solution}})
+    cfg = rd.Config(**TINY, lr=3e-3, warmup_steps=1, eval_steps=(1, 4, 8, 16))
+    torch.manual_seed(0)
+    model = rd.build_model(cfg, task)
+    opt = rd.make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(enabled=False)
+    batch = {"puzzle": puzzle, "solution": solution}
+    losses = [rd.train_step(model, opt, scaler, batch, step, cfg, None)["loss"].item() for step in range(80)]
+    return model, task, cfg, losses
+
+
+def test_recurrent_depth_tiny_model_learns_tiny_sudoku_set(trained_sudoku):
+    model, task, cfg, losses = trained_sudoku
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    rows = rd.evaluate(model, task, cfg, cfg.eval_steps, None)
+    at_mean = next(r for r in rows if r["thinking steps"] == 4)
+    assert at_mean["blank-cell %"] > 60  # chance is 11 %
+
+
+def test_recurrent_depth_more_thinking_does_not_collapse(trained_sudoku):
+    model, task, cfg, _ = trained_sudoku
+    rows = {r["thinking steps"]: r for r in rd.evaluate(model, task, cfg, cfg.eval_steps, None)}
+    assert rows[16]["blank-cell %"] >= rows[4]["blank-cell %"] - 5  # 4x the training mean
+    assert rows[4]["blank-cell %"] > rows[1]["blank-cell %"]
+
+
+def test_recurrent_depth_evaluate_rows_and_train_mode_restored(trained_sudoku):
+    model, task, cfg, _ = trained_sudoku
+    rows = rd.evaluate(model, task, cfg, (1, 2), None)
+    assert [r["thinking steps"] for r in rows] == [1, 2, "adaptive (kl)"]
+    assert 1 <= rows[-1]["mean steps used"] <= 2 and model.training
+    assert set(rows[0]) == {"test set", "thinking steps", "mean steps used", "exact %", "blank-cell %"}
+
+
+def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
+    model = tiny_model()
+    cfg = model.cfg
+    opt = rd.make_optimizer(model, cfg)
+    batch = {"tokens": torch.randint(0, TEXT.vocab_size, (4, 17))}
+    before = [p.detach().clone() for p in model.parameters()]
+    out = rd.train_step(model, opt, torch.amp.GradScaler(enabled=False), batch, 0, cfg, torch.bfloat16)
+    assert math.isfinite(out["loss"].item()) and not out["loss"].requires_grad
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    task = SimpleNamespace(**vars(TEXT), test_sets={"held-out": batch})
+    rows = rd.evaluate(model, task, cfg, (1, 3), torch.bfloat16)
+    assert [r["thinking steps"] for r in rows] == [1, 3] and all(r["bits/char"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
+                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=())])
+def test_recurrent_depth_bad_config_values_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
+    with pytest.raises(ValueError):
+        rd.build_model(rd.Config(**TINY), SimpleNamespace(name="visual", vocab_size=10, seq_len=81))
