@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import ltm
 import recurrent_depth as rd
 import sudoku_data
 import train
@@ -433,3 +434,197 @@ def test_recurrent_depth_bad_config_values_raise_value_error(bad):
         rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
     with pytest.raises(ValueError):
         rd.build_model(rd.Config(**TINY), SimpleNamespace(name="visual", vocab_size=10, seq_len=81))
+
+# ============================================================================= ltm.py
+SENTENCE = "the quick brown fox jumps over the lazy dog "
+
+
+class TinyText:
+    name, vocab_size, seq_len = "text", 27, 16
+
+    def __init__(self):
+        ids = torch.tensor([0 if c == " " else ord(c) - 96 for c in SENTENCE * 3])
+        self.windows = ids.unfold(0, self.seq_len + 1, 1)  # (N, 17)
+        self.test_sets = {"held-out": {"tokens": self.windows[:8]}}
+
+    def train_batch(self, step, batch_size):
+        index = torch.randint(len(self.windows), (batch_size,), generator=torch.Generator().manual_seed(step))
+        return {"tokens": self.windows[index]}
+
+
+class TinySudoku:
+    name, vocab_size, seq_len = "sudoku", 10, 81
+
+    def __init__(self):
+        rows = [[(3 * (r % 3) + r // 3 + c) % 9 + 1 for c in range(9)] for r in range(9)]  # a valid grid
+        solution = torch.tensor(rows).flatten().repeat(4, 1)  # (4, 81)
+        puzzle = solution.masked_fill(torch.rand(4, 81, generator=torch.Generator().manual_seed(0)) < 0.5, 0)
+        self.test_sets = {"easy": {"puzzle": puzzle, "solution": solution}}
+
+    def train_batch(self, step, batch_size):
+        return {key: value[:batch_size] for key, value in self.test_sets["easy"].items()}
+
+
+def tiny_config(**overrides):
+    fields = dict(d_model=32, n_layers=2, n_heads=2, n_z_per_layer=2, fast_steps=2, batch_size=8, lr=3e-3,
+                  eval_subset=8)
+    return ltm.Config(**{**fields, **overrides})
+
+
+def setup(task=None, **overrides):
+    torch.manual_seed(0)
+    task = task or TinyText()
+    config = tiny_config(**overrides)
+    model = ltm.build_model(config, task)
+    return task, config, model, ltm.make_optimizer(model, config), torch.amp.GradScaler(enabled=False)
+
+
+def train(task, config, model, optimizer, scaler, n_steps, autocast_dtype=None):
+    return [ltm.train_step(model, optimizer, scaler, task.train_batch(step, config.batch_size), step, config,
+                           autocast_dtype)["loss"].item() for step in range(n_steps)]
+
+
+def test_ltm_kl_is_zero_at_the_prior_and_positive_elsewhere():
+    zeros = torch.zeros(3, 4, 5)
+    assert torch.allclose(ltm.kl_to_prior(zeros, zeros), torch.zeros(3))
+    assert (ltm.kl_to_prior(zeros + 0.5, zeros - 1.0) > 0).all()
+
+
+def test_ltm_fast_step_touches_only_the_posterior():
+    task, config, model, _, _ = setup()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.manual_seed(1)
+    mu, logvar = ltm.fit_posterior(model, task.windows[:4], 3, config, None)
+    for name, p in model.named_parameters():
+        assert p.grad is None, name
+        assert torch.equal(p, before[name]), name
+    assert not mu.requires_grad and not logvar.requires_grad
+    assert (logvar + 5.0).abs().mean() > 0.5  # moved away from its N(-5, 0.1²) init
+
+
+def test_ltm_batched_fast_loss_gives_each_sequence_its_own_gradient():
+    task, config, model, _, _ = setup()
+    tokens = task.windows[:3]
+    mu = torch.randn(3, model.n_latents, config.d_model, requires_grad=True)
+    logvar = torch.full_like(mu, -5.0)
+    z = mu + logvar  # deterministic z so that both losses see the same sample
+    nll = ltm.token_nll(model, tokens, z, None) + ltm.kl_to_prior(mu, logvar)
+    batch_grad, = torch.autograd.grad(nll.sum(), mu, retain_graph=True)
+    alone_grad, = torch.autograd.grad(nll[1], mu)
+    assert torch.allclose(batch_grad[1], alone_grad[1], atol=1e-6)
+
+
+def test_ltm_slow_step_updates_only_the_decoder_with_detached_z():
+    task, config, model, optimizer, scaler = setup()
+    seen = {}
+    original = ltm.fit_posterior
+
+    def recording_fit(*args):
+        seen["mu"], seen["logvar"] = original(*args)
+        return seen["mu"], seen["logvar"]
+
+    ltm.fit_posterior = recording_fit
+    try:
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
+    finally:
+        ltm.fit_posterior = original
+    assert not seen["mu"].requires_grad and seen["mu"].grad is None and seen["logvar"].grad is None
+    for name, p in model.named_parameters():  # every decoder weight, the cross-attention included, learns
+        assert p.grad is not None and not torch.equal(p, before[name]), name
+
+
+def test_ltm_bound_does_not_get_worse_with_more_fast_steps():
+    task, config, model, optimizer, scaler = setup()
+    train(task, config, model, optimizer, scaler, 30)
+    bounds = []
+    for steps in (1, 2, 4, 8, 16):
+        torch.manual_seed(0)
+        bounds.append(ltm.elbo_bound(model, task.windows[:8], steps, config)["ppl_bound"])
+    assert all(later <= earlier for earlier, later in zip(bounds, bounds[1:])), bounds
+    assert bounds[-1] < 0.5 * bounds[0]
+
+
+def test_ltm_tiny_model_fits_a_tiny_corpus():
+    task, config, model, optimizer, scaler = setup()
+    losses = train(task, config, model, optimizer, scaler, 80)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
+
+
+def test_ltm_bf16_autocast_train_step_on_cpu():
+    task, config, model, optimizer, scaler = setup()
+    stats = ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, torch.bfloat16)
+    assert torch.isfinite(stats["loss"]) and torch.isfinite(stats["nelbo/token"])
+    assert stats["nelbo/token"] > stats["loss"]  # -ELBO = NLL + KL with KL > 0
+
+
+def test_ltm_cached_decoding_matches_full_recompute():
+    task, config, model, _, _ = setup()
+    tokens, z = task.windows[:2, :10], torch.randn(2, model.n_latents, config.d_model)
+    cache = [{} for _ in range(model.n_layers)]
+    model(tokens[:, :5], z, cache)
+    stepwise = torch.stack([model(tokens[:, i:i + 1], z, cache)[:, -1] for i in range(5, 10)], dim=1)
+    full = model(tokens, z)[:, 5:10]
+    assert torch.allclose(stepwise, full, atol=1e-5)
+    generated = ltm.generate(model, tokens[:, :5], 2, 4, config)
+    assert generated.shape == (2, 9) and torch.equal(generated[:, :5], tokens[:, :5])
+
+
+def test_ltm_sudoku_evaluate_rows_and_plain_baseline():
+    task, config, model, _, _ = setup(TinySudoku())
+    rows = ltm.evaluate(model, task, config, (1, 2), None)
+    assert [row["T (fast steps)"] for row in rows] == [1, 2]
+    assert "ppl ≤ (ELBO bound)" in rows[0] and 0 <= rows[0]["exact %"] <= 100 and model.training
+    task, config, plain, _, _ = setup(TinySudoku(), use_latent=False)
+    assert not any("cross" in name for name, _ in plain.named_parameters())
+    rows = ltm.evaluate(plain, task, config, (1, 2), None)
+    assert len(rows) == 1 and rows[0]["T (fast steps)"] == 0 and rows[0]["ppl (next-token, exact)"] > 1
+
+
+def test_ltm_bad_input_raises_value_error():
+    task, config, model, optimizer, scaler = setup()
+    with pytest.raises(ValueError):
+        ltm.train_step(model, optimizer, scaler, {"tokens": task.windows[:2] + 100}, 0, config, None)
+    with pytest.raises(ValueError):
+        ltm.elbo_bound(model, task.windows[:2].float(), 1, config)
+    with pytest.raises(ValueError):
+        ltm.generate(model, task.windows[:2], 1, 10, config)  # longer than the RoPE table
+    with pytest.raises(ValueError):
+        ltm.build_model(tiny_config(), type("Maze", (), {"name": "maze"})())
+    with pytest.raises(ValueError):
+        ltm.build_model(tiny_config(d_model=30, n_heads=4), TinyText())
+    _, config, sudoku_model, optimizer, scaler = setup(TinySudoku())
+    with pytest.raises(ValueError):
+        ltm.train_step(sudoku_model, optimizer, scaler, {"puzzle": torch.zeros(2, 80, dtype=torch.long),
+                                                         "solution": torch.ones(2, 80, dtype=torch.long)},
+                       0, config, None)
+
+
+def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, capsys):
+    import json
+    import train
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SENTENCE * 40)
+    run = ["--method", "ltm", "--task", "text", "--text-file", str(corpus), "--context-length", "16",
+           "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--n-z-per-layer", "2", "--fast-steps", "2",
+           "--steps", "6", "--batch-size", "4", "--warmup-steps", "2", "--eval-steps", "1,2", "--eval-size", "4",
+           "--eval-subset", "4", "--log-every", "2"]
+    assert train.main(run + ["--out", str(tmp_path / "straight")]) == 0
+    original_step = ltm.train_step
+
+    def interrupt_at_step_3(model, optimizer, scaler, batch, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original_step(model, optimizer, scaler, batch, step, *rest)
+
+    monkeypatch.setattr(ltm, "train_step", interrupt_at_step_3)
+    assert train.main(run + ["--out", str(tmp_path / "split")]) == 130
+    monkeypatch.setattr(ltm, "train_step", original_step)
+    assert train.main(["--method", "ltm", "--resume", str(tmp_path / "split" / "checkpoint.pt")]) == 0
+    load = lambda name: torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=True)
+    straight, resumed = load("straight"), load("split")
+    assert resumed["step"] == straight["step"] == 6
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    rows = [json.loads((tmp_path / name / "results.json").read_text())["rows"] for name in ("straight", "split")]
+    assert rows[0] == rows[1] and [row["T (fast steps)"] for row in rows[0]] == [1, 2]

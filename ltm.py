@@ -1,0 +1,423 @@
+"""Latent Thought Models (LTM): a decoder conditioned on latent thought vectors z, with variational
+Bayes "inference-time computation" as the thinking knob.
+
+Paper: Kong et al., "Latent Thought Models with Variational Bayes Inference-Time Computation",
+ICML 2025 (arXiv 2502.01567). Facts checked against the public fork
+ghidav/Latent-Thought-Language-Models (model.py, optimizer.py, config.py, train_ltm.py).
+
+Idea. Each sequence x has latent thoughts z ~ p(z) = N(0, I), shape (n_layers · n_z_per_layer, d);
+layer l of a causal transformer decoder cross-attends to its own n_z_per_layer vectors, so
+p_β(x|z) = Π_t p_β(x_t | x_<t, z). Learning is "dual rate":
+  fast learning (inference-time computation): for every sequence, fit a diagonal Gaussian
+      q(z|x) = N(μ, diag(exp(logvar))) by T AdamW steps on the negative ELBO
+      -ELBO(x) = E_q[-log p_β(x|z)] + KL(q(z|x) || p(z))               (decoder frozen)
+  slow learning: one AdamW step on the decoder β on -log p_β(x|z), z ~ q(z|x) detached.
+More fast steps T -> a tighter posterior -> a tighter bound: ppl(x) ≤ exp(-ELBO(x) / n_tokens).
+
+Tasks: "sudoku" is modelled as one sequence [81 puzzle cells, SEP, 81 solution cells] (z is fitted
+on the whole sequence in training, on the puzzle prefix when solving); "text" is a character LM.
+`use_latent=False` gives the plain decoder of the same size (no cross-attention) for comparison.
+
+Simplified relative to the reference, and why:
+- fast_lr 1.0 (paper 0.3) with T = 8 training steps (paper 16): Adam moves each logvar by about the lr
+  per step, so from the logvar = -5 init (KL ≈ 2 nats per latent dimension) the paper's 0.3 cannot reach
+  the prior's scale in 8 steps and the KL swamps the bound at the training T (short sudoku runs, T = 8: KL
+  6.1 nats/token with 0.3, 0.4 with 1.0). Larger T at test time closes the gap either way.
+- no RoPE on the cross-attention (the reference rotates z keys at spread-out positions); the z slots
+  are free per-sequence variables, so their order carries no information a position code must add.
+- full causal attention instead of the sliding window (our sequences are shorter than the window).
+- the fast loop draws a fresh ε each step (the reference reuses one ε for all T steps) and the
+  reported bound uses another fresh ε: a single-sample Monte-Carlo ELBO, a bound in expectation.
+- AdamW on (μ, logvar) without weight decay (the reference leaves torch's default 0.01 on); the KL
+  term is already the regulariser.
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sudoku_data
+
+TASKS = ("sudoku", "text")
+SEPARATOR = 10  # sudoku: token between the puzzle and the solution (digits are 0..9, 0 = blank)
+
+
+@dataclass
+class Config:
+    steps: int = 600  # slow (decoder) optimizer steps
+    batch_size: int = 16  # sequences per step (each costs fast_steps + 1 decoder passes)
+    lr: float = 3e-3  # slow-learning peak lr (paper: 4e-4 at 38M-76M params)
+    warmup_steps: int = 50  # linear warmup of the slow lr (train.py)
+    difficulty: str = "medium"  # sudoku training base set: easy|medium|hard
+    eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # fast steps T at test time (the table's axis)
+    d_model: int = 64  # width d; latent thought vectors have the same width
+    n_layers: int = 3  # decoder blocks, each with its own latent thoughts
+    n_heads: int = 2  # attention heads (self and cross)
+    n_z_per_layer: int = 4  # latent thought vectors per layer (paper: 8)
+    fast_steps: int = 8  # T: posterior AdamW steps per training sequence (paper: 16)
+    fast_lr: float = 1.0  # fast-learning peak lr, cosine to fast_lr/10 over the T steps (paper: 0.3; see docstring)
+    weight_decay: float = 0.1  # slow AdamW weight decay on 2-D weights (paper: 0.1)
+    use_latent: bool = True  # False: plain decoder of the same size, no z (the baseline)
+    eval_subset: int = 32  # held-out sequences per test set used by evaluate() (it costs Σ eval_steps fits)
+
+
+GPU_CONFIG = dict(d_model=384, n_layers=6, n_heads=6, n_z_per_layer=8, fast_steps=16, batch_size=128,
+                  steps=20000, lr=4e-4, warmup_steps=1000, eval_subset=500)
+
+
+# ----------------------------------------------------------------------------- model pieces
+def rope_tables(head_dim, max_len):
+    """cos, sin tables for rotary position embeddings, each (max_len, head_dim / 2)."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1, x2) of x (B, H, N, hd) by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, N, hd/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache=None):
+        """x (B, N, D). cache: this layer's dict of past keys/values for decoding (filled in place); a call
+        with a non-empty cache must bring one token (N = 1), which may attend to everything before it."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, past + N, hd)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=N > 1)  # (B, H, N, hd)
+        return self.out(y.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the token stream, keys/values from this layer's latent thoughts z_l."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.q = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.kv = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x, z):
+        B, N, D = x.shape
+        hd = D // self.n_heads
+        q = self.q(x).view(B, N, self.n_heads, hd).transpose(1, 2)  # (B, H, N, hd)
+        k, v = self.kv(z.to(x.dtype)).view(B, -1, 2, self.n_heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, Z, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # every token sees all of z_l
+        return self.out(y.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = 32 * math.ceil(8 * config.d_model / 3 / 32)  # LLaMA's 2/3 · 4d, rounded up
+        self.gate_up = nn.Linear(config.d_model, 2 * hidden, bias=False)
+        self.out = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm block: h += SelfAttn(norm h); h += CrossAttn(norm h, z_l); h += SwiGLU(norm h)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm, self.attn = nn.RMSNorm(config.d_model, eps=1e-5), SelfAttention(config)
+        if config.use_latent:
+            self.cross_norm, self.cross = nn.RMSNorm(config.d_model, eps=1e-5), CrossAttention(config)
+        self.mlp_norm, self.mlp = nn.RMSNorm(config.d_model, eps=1e-5), SwiGLU(config)
+
+    def forward(self, h, cos, sin, z_layer, cache=None):
+        h = h + self.attn(self.attn_norm(h), cos, sin, cache)
+        if z_layer is not None:
+            h = h + self.cross(self.cross_norm(h), z_layer)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LatentThoughtModel(nn.Module):
+    """p_β(x|z): causal decoder whose layer l reads latent thoughts z[:, l·Z:(l+1)·Z]."""
+
+    def __init__(self, config, task_name, vocab_size, max_len):
+        super().__init__()
+        self.task_name, self.vocab_size, self.max_len = task_name, vocab_size, max_len
+        self.use_latent, self.n_layers, self.d_model = config.use_latent, config.n_layers, config.d_model
+        self.n_latents = config.n_layers * config.n_z_per_layer  # z is (B, n_latents, d)
+        self.embed = nn.Embedding(vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.head = nn.Linear(config.d_model, vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied embeddings
+        cos, sin = rope_tables(config.d_model // config.n_heads, max_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, p in self.named_parameters():  # reference init: N(0, 0.02), residual outputs scaled
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * config.n_layers) if name.endswith("out.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, tokens, z=None, cache=None):
+        """tokens (B, N) long, z (B, n_latents, d) or None -> logits (B, N, V).
+        cache: optional list with one dict per block, for token-by-token decoding (see generate)."""
+        B, N = tokens.shape
+        start = cache[0]["k"].shape[2] if cache and cache[0] else 0  # tokens already in the cache
+        cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]  # (N, hd/2)
+        z_layers = z.view(B, self.n_layers, -1, self.d_model).unbind(1) if z is not None else [None] * self.n_layers
+        caches = cache if cache is not None else [None] * self.n_layers
+        h = self.embed(tokens)  # (B, N, D)
+        for block, z_layer, layer_cache in zip(self.blocks, z_layers, caches):  # z_layer (B, Z, D)
+            h = block(h, cos, sin, z_layer, layer_cache)
+        return self.head(self.norm(h))  # (B, N, V)
+
+
+def task_layout(task):
+    """(vocab size, sequence length in tokens) of the sequences the decoder models for this task."""
+    if task.name == "sudoku":
+        return SEPARATOR + 1, 2 * 81 + 1
+    return task.vocab_size, task.seq_len + 1
+
+
+def build_model(config, task):
+    if task.name not in TASKS:
+        raise ValueError(f"ltm supports tasks {TASKS}, not {task.name!r}")
+    if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
+        raise ValueError(f"d_model={config.d_model} must split into n_heads={config.n_heads} heads of even size")
+    if config.fast_steps < 1 or config.n_z_per_layer < 1 or min(config.eval_steps, default=1) < 1:
+        raise ValueError("fast_steps, n_z_per_layer and every eval step must be >= 1")
+    vocab_size, seq_len = task_layout(task)
+    return LatentThoughtModel(config, task.name, vocab_size, max_len=seq_len - 1)
+
+
+def make_optimizer(model, config):
+    """Slow learning: AdamW (0.9, 0.95), weight decay on 2-D weights only (paper's settings)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = params[0].device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=fused)
+
+
+# ----------------------------------------------------------------------------- data -> token sequences
+def check_tokens(tokens, model):
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+        raise ValueError(f"expected a (B, N) long tensor of token ids, got {getattr(tokens, 'shape', type(tokens))}")
+    if tokens.shape[1] < 2 or tokens.shape[1] > model.max_len + 1:
+        raise ValueError(f"sequence length {tokens.shape[1]} outside [2, {model.max_len + 1}]")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= model.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {model.vocab_size})")
+    return tokens
+
+
+def to_sequences(batch, model):
+    """Task batch -> (B, S) long tokens. Sudoku: [puzzle (81), SEP, solution (81)]; text: tokens."""
+    if model.task_name == "sudoku":
+        puzzle, solution = batch.get("puzzle"), batch.get("solution")
+        if puzzle is None or solution is None or puzzle.shape != solution.shape or puzzle.shape[-1] != 81:
+            raise ValueError("sudoku batch needs 'puzzle' and 'solution' long tensors of shape (B, 81)")
+        separator = torch.full_like(puzzle[:, :1], SEPARATOR)
+        return check_tokens(torch.cat([puzzle, separator, solution], dim=1), model)  # (B, 163)
+    if "tokens" not in batch:
+        raise ValueError("text batch needs a 'tokens' long tensor of shape (B, N)")
+    return check_tokens(batch["tokens"], model)
+
+
+def autocast(device, autocast_dtype):
+    if autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+
+# ----------------------------------------------------------------------------- the objective (ELBO)
+def kl_to_prior(mu, logvar):
+    """KL(q(z|x) || N(0, I)) = ½ Σ (μ² + σ² - 1 - log σ²), per sequence: (B,)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2))
+
+
+def sample_z(mu, logvar):
+    """Reparameterised sample z = μ + σ ⊙ ε, ε ~ N(0, I): (B, n_latents, d)."""
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+
+def token_nll(model, tokens, z, autocast_dtype):
+    """-log p_β(x|z) summed over the predicted tokens x_2..x_S: (B,)."""
+    with autocast(tokens.device, autocast_dtype):
+        logits = model(tokens[:, :-1], z)  # (B, S-1, V)
+    return F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").sum(dim=1)
+
+
+def negative_elbo(model, tokens, mu, logvar, autocast_dtype):
+    """-ELBO(x) = E_q[-log p_β(x|z)] + KL(q||p), one-sample estimate; returns (NLL (B,), KL (B,))."""
+    return token_nll(model, tokens, sample_z(mu, logvar), autocast_dtype), kl_to_prior(mu, logvar)
+
+
+# ----------------------------------------------------------------------------- fast learning (thinking)
+def fast_lr_at(step, n_steps, peak):
+    """Cosine from peak to peak/10 over the T fast steps (reference optimizer.py)."""
+    return peak / 10 + 0.5 * (1 + math.cos(math.pi * step / n_steps)) * (peak - peak / 10)
+
+
+def fit_posterior(model, tokens, steps, config, autocast_dtype):
+    """Fast learning: T AdamW steps on q(z|x) = N(μ, diag e^logvar) for every sequence of tokens (B, S),
+    decoder frozen. Returns detached μ, logvar, each (B, n_latents, d)."""
+    shape = (tokens.shape[0], model.n_latents, model.d_model)
+    mu = (0.01 * torch.randn(shape, device=tokens.device)).requires_grad_()  # μ ~ N(0, 0.01²)
+    logvar = (-5.0 + 0.1 * torch.randn(shape, device=tokens.device)).requires_grad_()  # logvar ~ N(-5, 0.1²)
+    # One optimizer over the whole batch: the loss is a sum over sequences and sequence b's (μ_b, logvar_b)
+    # only enter its own term, so each gets exactly its own gradient; AdamW normalises per element, so
+    # this is identical to running B separate per-sequence optimisers, just vectorised.
+    optimizer = torch.optim.AdamW([mu, logvar], lr=config.fast_lr, betas=(0.9, 0.999), weight_decay=0.0)
+    with torch.enable_grad():
+        for step in range(steps):
+            optimizer.param_groups[0]["lr"] = fast_lr_at(step, steps, config.fast_lr)
+            nll, kl = negative_elbo(model, tokens, mu, logvar, autocast_dtype)  # (B,), (B,)
+            optimizer.zero_grad(set_to_none=True)
+            # decoder frozen: backward only to (μ, logvar), so no grads reach β. No GradScaler: the summed
+            # loss keeps fp16 gradients well above underflow, and Adam ignores the loss scale anyway.
+            (nll + kl).sum().backward(inputs=[mu, logvar])
+            optimizer.step()
+    return mu.detach(), logvar.detach()
+
+
+@torch.no_grad()
+def elbo_bound(model, tokens, steps, config, autocast_dtype=None):
+    """Fit q(z|x) on the sequences themselves with T = steps, then ppl ≤ exp(Σ(NLL + KL) / n_tokens).
+    tokens (B, S); chunked by config.batch_size. Returns {"ppl_bound", "nll_per_token", "kl_per_token"}."""
+    check_tokens(tokens, model)
+    nll_sum = kl_sum = 0.0
+    for chunk in tokens.split(config.batch_size):
+        mu, logvar = fit_posterior(model, chunk, steps, config, autocast_dtype)
+        nll, kl = negative_elbo(model, chunk, mu, logvar, autocast_dtype)
+        nll_sum, kl_sum = nll_sum + nll.sum().item(), kl_sum + kl.sum().item()
+    n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+    return {"ppl_bound": math.exp((nll_sum + kl_sum) / n_tokens),
+            "nll_per_token": nll_sum / n_tokens, "kl_per_token": kl_sum / n_tokens}
+
+
+@torch.no_grad()
+def generate(model, prefix, steps, n_new, config, autocast_dtype=None, temperature=0.0, allowed=None):
+    """Conditional generation: fit q(z|prefix) with T = steps, then decode n_new tokens with z fixed
+    (z = μ when greedy, a posterior sample when temperature > 0) and a key/value cache.
+    allowed: optional (V,) bool mask of tokens that may be generated. prefix (B, P) -> (B, P + n_new)."""
+    check_tokens(prefix, model)
+    if prefix.shape[1] + n_new - 1 > model.max_len:
+        raise ValueError(f"prefix length + n_new - 1 = {prefix.shape[1] + n_new - 1} exceeds max_len {model.max_len}")
+    z = None
+    if model.use_latent:
+        mu, logvar = fit_posterior(model, prefix, steps, config, autocast_dtype)
+        z = mu if temperature == 0 else sample_z(mu, logvar)
+    cache, tokens, new_tokens = [{} for _ in range(model.n_layers)], prefix, []
+    for _ in range(n_new):
+        with autocast(prefix.device, autocast_dtype):
+            logits = model(tokens, z, cache)[:, -1].float()  # (B, V); the first call reads the whole prefix
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if temperature == 0:
+            tokens = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            tokens = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)  # (B, 1)
+        new_tokens.append(tokens)
+    return torch.cat([prefix, *new_tokens], dim=1)
+
+
+# ----------------------------------------------------------------------------- slow learning (training)
+def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
+    """Fast learning of q(z|x) for the batch (decoder frozen), then one slow AdamW step on β given z."""
+    tokens = to_sequences(batch, model)  # (B, S)
+    optimizer.zero_grad(set_to_none=True)
+    z = mu = logvar = None
+    if model.use_latent:
+        mu, logvar = fit_posterior(model, tokens, config.fast_steps, config, autocast_dtype)
+        z = sample_z(mu, logvar)  # (B, n_latents, d), detached: β learns p_β(x|z) for z ~ q(z|x)
+    with autocast(tokens.device, autocast_dtype):
+        logits = model(tokens[:, :-1], z)  # (B, S-1, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())  # -log p_β(x|z) per token
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    if not model.use_latent:
+        return {"loss": loss.detach()}
+    kl_per_token = kl_to_prior(mu, logvar).mean() / (tokens.shape[1] - 1)
+    return {"loss": loss.detach(), "nelbo/token": (loss + kl_per_token).detach()}  # -ELBO per token, training T
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def solve_sudoku(model, puzzle, steps, config, autocast_dtype):
+    """Fit z on the prefix [puzzle, SEP], greedily decode the 81 solution cells (digits 1..9 only)."""
+    allowed = torch.zeros(model.vocab_size, dtype=torch.bool, device=puzzle.device)
+    allowed[1:10] = True
+    prefix = torch.cat([puzzle, torch.full_like(puzzle[:, :1], SEPARATOR)], dim=1)  # (B, 82)
+    return torch.cat([generate(model, chunk, steps, 81, config, autocast_dtype, allowed=allowed)[:, 82:]
+                      for chunk in prefix.split(config.batch_size)])  # (B, 81)
+
+
+@torch.no_grad()
+def plain_nll_per_token(model, tokens, config, autocast_dtype):
+    """Next-token NLL per token of the plain decoder (use_latent=False); exp() of it is its exact perplexity."""
+    nll = sum(token_nll(model, chunk, None, autocast_dtype).sum().item() for chunk in tokens.split(config.batch_size))
+    return nll / (tokens.shape[0] * (tokens.shape[1] - 1))
+
+
+def evaluate(model, task, config, eval_steps, autocast_dtype):
+    """Rows per (test set, T): the perplexity bound on held-out sequences and, for sudoku, exact-solve
+    accuracy after fitting z on the puzzle. The plain decoder (use_latent=False) reports its exact
+    next-token perplexity on the same sequences with T = 0."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # same posterior inits/noise for every T and every run
+        for set_name, test_set in task.test_sets.items():
+            subset = {key: value[:config.eval_subset].to(device) for key, value in test_set.items()}
+            tokens = to_sequences(subset, model)  # (n, S)
+            for steps in (eval_steps if model.use_latent else (0,)):
+                row = {"test set": set_name, "T (fast steps)": steps}
+                if model.use_latent:
+                    bound = elbo_bound(model, tokens, steps, config, autocast_dtype)
+                    row["ppl ≤ (ELBO bound)"] = bound["ppl_bound"]
+                    row["NLL/token"], row["KL/token"] = bound["nll_per_token"], bound["kl_per_token"]
+                else:
+                    nll = plain_nll_per_token(model, tokens, config, autocast_dtype)
+                    row["ppl (next-token, exact)"], row["NLL/token"] = math.exp(nll), nll
+                if model.task_name == "sudoku":
+                    prediction = solve_sudoku(model, subset["puzzle"], steps, config, autocast_dtype)
+                    row["exact %"] = sudoku_data.exact_accuracy(prediction, subset["solution"])
+                    row["blank-cell %"] = sudoku_data.blank_accuracy(prediction, subset["puzzle"], subset["solution"])
+                    row["broken rules"] = sudoku_data.broken_constraints(prediction).float().mean().item()
+                rows.append(row)
+    model.train()
+    return rows
+
+
+if __name__ == "__main__":  # tiny demo: a character LM on a repeated sentence, bound against T
+    class DemoText:
+        name, vocab_size, seq_len = "text", 27, 32
+    corpus = torch.tensor([[ord(c) - 96 if c != " " else 0 for c in "the quick brown fox jumps over the lazy dog "]])
+    config = Config(d_model=32, n_layers=2, n_heads=2, n_z_per_layer=2, fast_steps=4, batch_size=8)
+    model = build_model(config, DemoText())
+    optimizer, scaler = make_optimizer(model, config), torch.amp.GradScaler(enabled=False)
+    windows = corpus.repeat(1, 3)[0].unfold(0, 33, 1)  # (N, 33) sliding windows
+    for step in range(60):
+        stats = train_step(model, optimizer, scaler, {"tokens": windows[torch.randint(len(windows), (8,))]},
+                           step, config, None)
+    print(f"train -ELBO/token after 60 steps: {stats['nelbo/token'].item():.3f}")
+    for steps in (1, 4, 16):
+        print(f"T={steps:2d}: ppl ≤ {elbo_bound(model, windows[:16], steps, config)['ppl_bound']:.2f}")
