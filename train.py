@@ -14,9 +14,11 @@ Examples:
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -121,6 +123,15 @@ def _field_parser(kind):
     return dict(type=kind)
 
 
+def field_comments(config_class):
+    """{field: its trailing '# comment'} from the Config source, so --help explains every knob."""
+    try:
+        source = inspect.getsource(config_class)
+    except OSError:
+        return {}
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
+
+
 def build_parser(method=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=None if method else "Use --method NAME --help to list that method's options.")
@@ -150,10 +161,11 @@ def build_parser(method=None):
     if method is not None:
         group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
         defaults, types = method.Config(), typing.get_type_hints(method.Config)
+        comments = field_comments(method.Config)
         for field in dataclasses.fields(method.Config):
             value = getattr(defaults, field.name)
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"default: {shown}",
+            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"{comments.get(field.name, '')} (default: {shown})".lstrip().replace("%", "%%"),
                                **_field_parser(types[field.name]))
     return parser
 
