@@ -439,7 +439,7 @@ def test_recurrent_depth_bad_config_values_raise_value_error(bad):
 SENTENCE = "the quick brown fox jumps over the lazy dog "
 
 
-class TinyText:
+class LtmTinyText:
     name, vocab_size, seq_len = "text", 27, 16
 
     def __init__(self):
@@ -452,7 +452,7 @@ class TinyText:
         return {"tokens": self.windows[index]}
 
 
-class TinySudoku:
+class LtmTinySudoku:
     name, vocab_size, seq_len = "sudoku", 10, 81
 
     def __init__(self):
@@ -465,21 +465,21 @@ class TinySudoku:
         return {key: value[:batch_size] for key, value in self.test_sets["easy"].items()}
 
 
-def tiny_config(**overrides):
+def ltm_tiny_config(**overrides):
     fields = dict(d_model=32, n_layers=2, n_heads=2, n_z_per_layer=2, fast_steps=2, batch_size=8, lr=3e-3,
                   eval_subset=8)
     return ltm.Config(**{**fields, **overrides})
 
 
-def setup(task=None, **overrides):
+def ltm_setup(task=None, **overrides):
     torch.manual_seed(0)
-    task = task or TinyText()
-    config = tiny_config(**overrides)
+    task = task or LtmTinyText()
+    config = ltm_tiny_config(**overrides)
     model = ltm.build_model(config, task)
     return task, config, model, ltm.make_optimizer(model, config), torch.amp.GradScaler(enabled=False)
 
 
-def train(task, config, model, optimizer, scaler, n_steps, autocast_dtype=None):
+def ltm_train_steps(task, config, model, optimizer, scaler, n_steps, autocast_dtype=None):
     return [ltm.train_step(model, optimizer, scaler, task.train_batch(step, config.batch_size), step, config,
                            autocast_dtype)["loss"].item() for step in range(n_steps)]
 
@@ -491,7 +491,7 @@ def test_ltm_kl_is_zero_at_the_prior_and_positive_elsewhere():
 
 
 def test_ltm_fast_step_touches_only_the_posterior():
-    task, config, model, _, _ = setup()
+    task, config, model, _, _ = ltm_setup()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.manual_seed(1)
     mu, logvar = ltm.fit_posterior(model, task.windows[:4], 3, config, None)
@@ -503,7 +503,7 @@ def test_ltm_fast_step_touches_only_the_posterior():
 
 
 def test_ltm_batched_fast_loss_gives_each_sequence_its_own_gradient():
-    task, config, model, _, _ = setup()
+    task, config, model, _, _ = ltm_setup()
     tokens = task.windows[:3]
     mu = torch.randn(3, model.n_latents, config.d_model, requires_grad=True)
     logvar = torch.full_like(mu, -5.0)
@@ -515,7 +515,7 @@ def test_ltm_batched_fast_loss_gives_each_sequence_its_own_gradient():
 
 
 def test_ltm_slow_step_updates_only_the_decoder_with_detached_z():
-    task, config, model, optimizer, scaler = setup()
+    task, config, model, optimizer, scaler = ltm_setup()
     seen = {}
     original = ltm.fit_posterior
 
@@ -535,8 +535,8 @@ def test_ltm_slow_step_updates_only_the_decoder_with_detached_z():
 
 
 def test_ltm_bound_does_not_get_worse_with_more_fast_steps():
-    task, config, model, optimizer, scaler = setup()
-    train(task, config, model, optimizer, scaler, 30)
+    task, config, model, optimizer, scaler = ltm_setup()
+    ltm_train_steps(task, config, model, optimizer, scaler, 30)
     bounds = []
     for steps in (1, 2, 4, 8, 16):
         torch.manual_seed(0)
@@ -546,20 +546,20 @@ def test_ltm_bound_does_not_get_worse_with_more_fast_steps():
 
 
 def test_ltm_tiny_model_fits_a_tiny_corpus():
-    task, config, model, optimizer, scaler = setup()
-    losses = train(task, config, model, optimizer, scaler, 80)
+    task, config, model, optimizer, scaler = ltm_setup()
+    losses = ltm_train_steps(task, config, model, optimizer, scaler, 80)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
 
 
 def test_ltm_bf16_autocast_train_step_on_cpu():
-    task, config, model, optimizer, scaler = setup()
+    task, config, model, optimizer, scaler = ltm_setup()
     stats = ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, torch.bfloat16)
     assert torch.isfinite(stats["loss"]) and torch.isfinite(stats["nelbo/token"])
     assert stats["nelbo/token"] > stats["loss"]  # -ELBO = NLL + KL with KL > 0
 
 
 def test_ltm_cached_decoding_matches_full_recompute():
-    task, config, model, _, _ = setup()
+    task, config, model, _, _ = ltm_setup()
     tokens, z = task.windows[:2, :10], torch.randn(2, model.n_latents, config.d_model)
     cache = [{} for _ in range(model.n_layers)]
     model(tokens[:, :5], z, cache)
@@ -571,18 +571,18 @@ def test_ltm_cached_decoding_matches_full_recompute():
 
 
 def test_ltm_sudoku_evaluate_rows_and_plain_baseline():
-    task, config, model, _, _ = setup(TinySudoku())
+    task, config, model, _, _ = ltm_setup(LtmTinySudoku())
     rows = ltm.evaluate(model, task, config, (1, 2), None)
     assert [row["T (fast steps)"] for row in rows] == [1, 2]
     assert "ppl ≤ (ELBO bound)" in rows[0] and 0 <= rows[0]["exact %"] <= 100 and model.training
-    task, config, plain, _, _ = setup(TinySudoku(), use_latent=False)
+    task, config, plain, _, _ = ltm_setup(LtmTinySudoku(), use_latent=False)
     assert not any("cross" in name for name, _ in plain.named_parameters())
     rows = ltm.evaluate(plain, task, config, (1, 2), None)
     assert len(rows) == 1 and rows[0]["T (fast steps)"] == 0 and rows[0]["ppl (next-token, exact)"] > 1
 
 
 def test_ltm_bad_input_raises_value_error():
-    task, config, model, optimizer, scaler = setup()
+    task, config, model, optimizer, scaler = ltm_setup()
     with pytest.raises(ValueError):
         ltm.train_step(model, optimizer, scaler, {"tokens": task.windows[:2] + 100}, 0, config, None)
     with pytest.raises(ValueError):
@@ -590,10 +590,10 @@ def test_ltm_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         ltm.generate(model, task.windows[:2], 1, 10, config)  # longer than the RoPE table
     with pytest.raises(ValueError):
-        ltm.build_model(tiny_config(), type("Maze", (), {"name": "maze"})())
+        ltm.build_model(ltm_tiny_config(), type("Maze", (), {"name": "maze"})())
     with pytest.raises(ValueError):
-        ltm.build_model(tiny_config(d_model=30, n_heads=4), TinyText())
-    _, config, sudoku_model, optimizer, scaler = setup(TinySudoku())
+        ltm.build_model(ltm_tiny_config(d_model=30, n_heads=4), LtmTinyText())
+    _, config, sudoku_model, optimizer, scaler = ltm_setup(LtmTinySudoku())
     with pytest.raises(ValueError):
         ltm.train_step(sudoku_model, optimizer, scaler, {"puzzle": torch.zeros(2, 80, dtype=torch.long),
                                                          "solution": torch.ones(2, 80, dtype=torch.long)},
