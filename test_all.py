@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import ltm
+import lvr
 import recurrent_depth as rd
 import sudoku_data
 import train
+import vqa_data
 
 MNIST_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
@@ -219,22 +221,21 @@ def _checkpoint(folder):
 
 
 def test_train_py_resumes_to_the_same_result_after_ctrl_c(tmp_path, data_dir, monkeypatch, capsys):
-    import recurrent_depth
     data = ["--data-dir", data_dir]
     assert train.main(TINY_RUN + data + ["--out", str(tmp_path / "straight")]) == 0
     straight = _checkpoint(tmp_path / "straight")
-    original_step = recurrent_depth.train_step
+    original_step = rd.train_step
 
     def interrupt_at_step_3(model, optimizer, scaler, batch, step, *rest):
         if step == 3:
             raise KeyboardInterrupt
         return original_step(model, optimizer, scaler, batch, step, *rest)
 
-    monkeypatch.setattr(recurrent_depth, "train_step", interrupt_at_step_3)
+    monkeypatch.setattr(rd, "train_step", interrupt_at_step_3)
     assert train.main(TINY_RUN + data + ["--out", str(tmp_path / "split")]) == 130
     assert "interrupted at step 3" in capsys.readouterr().out
     assert _checkpoint(tmp_path / "split")["step"] == 3
-    monkeypatch.setattr(recurrent_depth, "train_step", original_step)
+    monkeypatch.setattr(rd, "train_step", original_step)
     assert train.main(["--method", "recurrent_depth", "--resume", str(tmp_path / "split" / "checkpoint.pt")]) == 0
     resumed = _checkpoint(tmp_path / "split")
     assert resumed["step"] == straight["step"] == 6
@@ -601,8 +602,6 @@ def test_ltm_bad_input_raises_value_error():
 
 
 def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, capsys):
-    import json
-    import train
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SENTENCE * 40)
     run = ["--method", "ltm", "--task", "text", "--text-file", str(corpus), "--context-length", "16",
@@ -628,3 +627,196 @@ def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, 
         assert torch.equal(tensor, resumed["model"][name]), name
     rows = [json.loads((tmp_path / name / "results.json").read_text())["rows"] for name in ("straight", "split")]
     assert rows[0] == rows[1] and [row["T (fast steps)"] for row in rows[0]] == [1, 2]
+
+# ============================================================================= lvr.py
+LVR_TASK = vqa_data.VQATask(seed=0, train_size=300, eval_size=16)
+LVR_SCALER = torch.amp.GradScaler("cpu", enabled=False)
+
+
+def lvr_tiny(**kw):
+    config = lvr.Config(**{**dict(d_model=32, n_layer=2, n_head=2, encoder_layers=1, batch_size=8, align_steps=2,
+                                  group_size=4, max_latent=6, eval_steps=(0, 2)), **kw})
+    torch.manual_seed(0)
+    return lvr.build_model(config, LVR_TASK), config
+
+
+def rollout_of(model, temperature=1.0, budget=3, n=6):
+    batch = LVR_TASK.train_batch(0, n)
+    with torch.no_grad():
+        visual = model.visual_tokens(batch["image"])
+    question = batch["question"]
+    # make every row enter latent mode: bias the head towards <lvr_start> at the first text step
+    torch.manual_seed(1)
+    return visual, question, lvr.generate(model, model.llm, visual, question, budget, temperature)
+
+
+def force_lvr_start(model):
+    with torch.no_grad():
+        model.llm.head.weight[LVR_TASK.lvr_start_id] += 0.1 * model.llm.ln.weight.sign()
+        model.llm.ln.bias.copy_(model.llm.ln.weight.abs())
+
+
+# ---------------- vqa_data
+
+
+def test_lvr_roi_patch_indices_edge_cases():
+    assert vqa_data.roi_patch_indices((0, 0, 8, 8), 48, 8) == [0]             # exactly one patch
+    assert vqa_data.roi_patch_indices((2, 3, 5, 6), 48, 8) == [0]             # inside one patch
+    assert vqa_data.roi_patch_indices((7, 0, 9, 1), 48, 8) == [0, 1]          # straddles a patch border
+    assert vqa_data.roi_patch_indices((40, 40, 48, 48), 48, 8) == [35]        # bottom-right border
+    assert vqa_data.roi_patch_indices((44, 0, 60, 9), 48, 8) == [5, 11]       # clipped at the right edge
+    assert vqa_data.roi_patch_indices((0, 0, 48, 48), 48, 8) == list(range(36))
+    assert vqa_data.roi_patch_indices((8, 8, 24, 16), 48, 8) == [7, 8]       # row-major y*w + x
+    for bad in [(5, 5, 5, 9), (5, 9, 9, 2), (50, 50, 60, 60)]:
+        with pytest.raises(ValueError):
+            vqa_data.roi_patch_indices(bad, 48, 8)
+    with pytest.raises(ValueError):
+        vqa_data.roi_patch_mask(torch.zeros(3, 3), 48, 8)
+
+
+def test_lvr_vqa_data_deterministic_and_disjoint():
+    a, b = vqa_data.VQATask(seed=3, train_size=200, eval_size=20), vqa_data.VQATask(seed=3, train_size=200, eval_size=20)
+    for k in ("image", "question", "answer", "box"):
+        assert torch.equal(a.train_batch(7, 5)[k], b.train_batch(7, 5)[k])
+        assert torch.equal(a.test_sets["held-out"][k], b.test_sets["held-out"][k])
+    assert not torch.equal(a.train_batch(7, 5)["image"], a.train_batch(8, 5)["image"])
+    c = vqa_data.VQATask(seed=4, train_size=200, eval_size=20)
+    assert not torch.equal(a.test_sets["held-out"]["image"], c.test_sets["held-out"]["image"])
+    test_keys = set(vqa_data.scene_keys(vqa_data.sample_scenes(np.random.default_rng([3, 2]), 20)))
+    assert not test_keys & set(vqa_data.scene_keys(a.train_scenes))
+    batch = a.train_batch(0, 64)
+    assert batch["image"].shape == (64, 3, 48, 48) and 0 <= batch["image"].min() and batch["image"].max() <= 1
+    assert ((batch["question"][:, -1] == vqa_data.PAD) | (batch["question"][:, -1] == vqa_data.STOI["?"])).all()
+    # every ROI box touches at least one patch, answers are single vocabulary words
+    assert vqa_data.roi_patch_mask(batch["box"], 48, 8).any(1).all()
+
+
+def test_lvr_bad_input_raises_value_error():
+    with pytest.raises(ValueError):
+        lvr.Config(stage="ppo")
+    with pytest.raises(ValueError):
+        lvr.Config(exit="sometimes")
+    with pytest.raises(ValueError):
+        lvr.Config(d_model=30, n_head=4)
+    with pytest.raises(ValueError):
+        vqa_data.VQATask(train_size=0)
+    with pytest.raises(ValueError):
+        lvr.build_model(lvr.Config(), object())
+
+
+# ---------------- lvr: latent decoding
+
+
+def test_lvr_latent_steps_feed_hidden_states_back():
+    model, _ = lvr_tiny()
+    force_lvr_start(model)
+    visual, question, out = rollout_of(model, temperature=0.0, budget=3)
+    lat = out["is_latent"]
+    assert lat.sum(1).eq(3).all()                                # every row took exactly 3 latent steps
+    assert not (out["sampled"] & lat).any()                      # no token is sampled inside the segment
+    assert (out["tokens"][lat] == LVR_TASK.pad_id).all()
+    # the input at each latent position is the last hidden state of the position before it
+    response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
+    inputs = torch.cat([lvr.prompt(model.llm, visual, question), response], 1)
+    with torch.no_grad():
+        h, _, _ = model.llm(inputs)
+    p = visual.shape[1] + question.shape[1]
+    h_before = h[:, p - 1:p - 1 + lat.shape[1]]                  # hidden at the position before each response slot
+    torch.testing.assert_close(h_before[lat], out["latents"][lat], atol=1e-5, rtol=1e-5)
+    # perturbing one recorded latent changes every later hidden state (and so the answer's context)
+    first = lat.float().argmax(1)                                # first latent slot per row
+    rows = torch.arange(len(first))
+    perturbed = response.clone()
+    perturbed[rows, first] += torch.randn(len(first), perturbed.shape[-1])  # (not a constant: LayerNorm removes it)
+    with torch.no_grad():
+        h2, _, _ = model.llm(torch.cat([lvr.prompt(model.llm, visual, question), perturbed], 1))
+    later = p + first + 3                                        # the position holding <lvr_end>
+    assert ((h2[rows, later] - h[rows, later]).abs().amax(-1) > 1e-3).all()
+    assert torch.equal(h2[:, :p], h[:, :p])                      # earlier positions untouched (causal)
+
+
+def test_lvr_cached_decoding_equals_uncached_and_ratio_is_one():
+    model, _ = lvr_tiny()
+    force_lvr_start(model)
+    visual, question, out = rollout_of(model, temperature=0.9, budget=4)
+    replay = lvr.replay_logprobs(model.llm, visual, question, out, 0.9)      # uncached, teacher-forced replay
+    mask = out["sampled"]
+    assert out["is_latent"].any() and mask.sum() > 6
+    torch.testing.assert_close(replay[mask], out["logprob"][mask], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(torch.exp(replay - out["logprob"])[mask], torch.ones(int(mask.sum())), atol=1e-4)
+
+
+def test_lvr_adaptive_exits_run_and_respect_cap():
+    for exit in ("latent_end", "mode_switch"):
+        model, config = lvr_tiny(exit=exit)
+        force_lvr_start(model)
+        batch = LVR_TASK.train_batch(0, 4)
+        with torch.no_grad():
+            visual = model.visual_tokens(batch["image"])
+        out = lvr.generate(model, model.llm, visual, batch["question"], config.max_latent, exit=exit)
+        assert out["is_latent"].sum(1).le(config.max_latent).all()
+        assert lvr.lvr_loss(model, visual, batch)[1].keys() >= {"L_NTP", "L_LVR"}
+
+
+def test_lvr_pooled_roi_targets_average_segments():
+    visual = torch.arange(36.0)[None, :, None].repeat(1, 1, 2)              # token value = patch index
+    box = torch.tensor([[0, 0, 16, 16]])                                       # patches 0, 1, 6, 7
+    full, valid = lvr.roi_targets(visual, box, LVR_TASK, 0)
+    assert full[0, :, 0].tolist() == [0, 1, 6, 7] and valid.all()
+    pooled, _ = lvr.roi_targets(visual, box, LVR_TASK, 2)
+    assert pooled[0, :, 0].tolist() == [0.5, 6.5]
+    up, _ = lvr.roi_targets(visual, box, LVR_TASK, 8)                              # fewer tokens than k: repeats
+    assert up[0, :, 0].tolist() == [0, 0, 1, 1, 6, 6, 7, 7]
+
+
+# ---------------- lvr: training
+
+
+def test_lvr_stage1_freezes_encoder_and_projector():
+    model, config = lvr_tiny()
+    opt = lvr.make_optimizer(model, config)
+    lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), 0, config, None)       # stage 0: all train
+    assert model.encoder.patch.weight.grad is not None
+    assert model.baseline_llm.head.weight.grad is None                               # baseline waits
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(1, 8), config.align_steps, config, None)
+    assert all(p.grad is None for p in [*model.encoder.parameters(), *model.projector.parameters()])
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    assert model.llm.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.baseline_llm.head.weight.grad.abs().sum() > 0
+    assert bool(model.baseline_ready)
+
+
+def test_lvr_grpo_step_and_bf16_autocast():
+    for stage, step in (("sft", 0), ("sft", 5), ("rl", 0)):
+        model, config = lvr_tiny(stage=stage)
+        opt = lvr.make_optimizer(model, config)
+        before = model.llm.head.weight.clone()
+        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 4), step, config, torch.bfloat16)
+        assert all(torch.isfinite(v) for v in metrics.values())
+        assert not torch.equal(before, model.llm.head.weight)
+    assert {"reward", "accuracy", "format", "kl"} <= metrics.keys()
+    assert model.reference is not None and "reference.head.weight" not in model.state_dict()
+
+
+def test_lvr_tiny_model_learns_tiny_vqa_set():
+    model, config = lvr_tiny(d_model=48, lr=3e-3, warmup_steps=1, align_steps=60, latent_pool=2, eval_steps=(2,),
+                         baseline=False)
+    opt = lvr.make_optimizer(model, config)
+    batch = LVR_TASK.train_batch(0, 12)
+    for step in range(150):
+        metrics = lvr.train_step(model, opt, LVR_SCALER, batch, step, config, None)
+    assert metrics["L_NTP"] < 0.1 and metrics["L_LVR"] < 0.5
+    with torch.no_grad():
+        visual = model.visual_tokens(batch["image"])
+        out = lvr.generate(model, model.llm, visual, batch["question"], 2)
+    assert out["is_latent"].sum(1).eq(2).all()
+    assert lvr.answer_correct(out, batch["answer"], LVR_TASK).float().mean() >= 0.75  # chance is < 0.3
+
+
+def test_lvr_evaluate_rows():
+    model, config = lvr_tiny()
+    rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
+    assert [r["model"] for r in rows] == ["answer prior", "baseline", "lvr", "lvr"]
+    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2]
+    assert model.training

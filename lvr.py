@@ -1,0 +1,494 @@
+"""Latent Visual Reasoning (LVR, ICLR 2026): the LLM "thinks" by reconstructing visual tokens.
+
+Vision encoder (small ViT) -> projector -> causal LLM over
+    [question, visual tokens v, <lvr_start>, latent x N, <lvr_end>, answer, <eos>].
+Between <lvr_start> and <lvr_end> no token is sampled: the LLM's last hidden state becomes the next
+input embedding (Coconut-style, KV cache kept). Training has three stages, as in the paper:
+  stage 0 (alignment, our stand-in for a pretrained MLLM): encoder + projector + LLM on plain VQA, plus a
+          patch-pixel reconstruction loss on the encoder so that its tokens carry the patch content (without
+          it the tiny from-scratch ViT collapsed to near-identical tokens and L_LVR had nothing to reconstruct);
+  stage 1 (LVR SFT): encoder and projector frozen; one teacher-forced pass with the ROI's visual tokens
+          written into the latent positions;  L = L_NTP + λ·L_LVR,  L_LVR = MSE(h_t, v_t);
+  stage 2 (GRPO_latent, `--stage rl`): G sampled rollouts per question, latent states recorded and
+          replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref.
+The test-time-compute axis is the number of latent steps (fixed budget 0/4/8/16, the paper's best exit);
+the latent-end-token and mode-switching exits are options (`--exit`).
+The "SFT data baseline" (same data, answers directly, no latent segment) is a second LLM trained
+alongside in the same run from the same stage-0 weights (`--baseline`), so one command prints both.
+
+Usage (CPU defaults; the RL run continues from the stage-1 checkpoint):
+    python train.py --method lvr --out runs/lvr
+    python train.py --method lvr --stage rl --init-from runs/lvr/checkpoint.pt --steps 200 --batch-size 8 \
+        --lr 1e-4 --warmup-steps 10 --out runs/lvr-rl
+
+Simplified vs. the paper (Qwen2.5-VL 3B/7B, Visual-CoT): a tiny ViT/decoder trained from scratch on the
+synthetic vqa_data task; absolute position embeddings; lr 1e-3 instead of 1e-5 (nothing is pretrained);
+GRPO with one policy update per rollout batch (π_old = π_θ at sampling time, so the ratio starts at 1).
+Our addition: `--latent-pool k` averages the ROI tokens to exactly k targets (the paper uses all N ROI
+tokens, N varying per example, which mismatches the fixed 4/8/16 test budget, reference issue #7).
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vqa_data
+
+TASKS = ("vqa",)
+
+
+@dataclass
+class Config:
+    steps: int = 2400                 # optimizer steps (the first align_steps are stage 0)
+    batch_size: int = 32              # questions per step (GRPO: questions, each with group_size rollouts)
+    lr: float = 1e-3                  # peak lr (paper: 1e-5 SFT / 5e-6 RL on a pretrained 7B)
+    warmup_steps: int = 100           # linear warmup steps
+    difficulty: str = "medium"        # unused (sudoku only)
+    eval_steps: tuple[int, ...] = (0, 4, 8, 16)  # fixed latent budgets in the table
+    stage: str = "sft"                # "sft": stage 0 then stage 1; "rl": stage 2 (GRPO_latent)
+    align_steps: int = 800            # stage-0 steps (all modules, plain VQA) before LVR SFT
+    baseline: bool = True             # also train the SFT data baseline (no latent segment) in the same run
+    d_model: int = 128                # width of ViT, projector and LLM
+    n_layer: int = 3                  # LLM decoder blocks
+    n_head: int = 4                   # attention heads
+    encoder_layers: int = 2           # ViT blocks
+    pixel_weight: float = 1.0         # stage 0: weight of the patch-pixel reconstruction (pretrained-encoder proxy)
+    lvr_weight: float = 0.1           # λ in L = L_NTP + λ·L_LVR (paper: 0.1)
+    latent_pool: int = 0              # 0: N = ROI patch count (paper); k > 0: pool ROI targets to k (ours)
+    exit: str = "fixed"               # latent exit: fixed | latent_end | mode_switch
+    end_threshold: float = 0.02       # latent_end exit: MSE to the end vector below this
+    max_latent: int = 16              # step cap for the adaptive exits
+    group_size: int = 8               # GRPO group size G
+    rl_latent_steps: int = 8          # latent budget of the GRPO rollouts
+    temperature: float = 0.9          # rollout sampling temperature
+    clip_eps: float = 0.2             # PPO/GRPO clip ε
+    kl_beta: float = 0.04             # β of the KL to the frozen reference policy
+
+    def __post_init__(self):
+        if self.stage not in ("sft", "rl"):
+            raise ValueError(f"stage must be 'sft' or 'rl', got {self.stage!r}")
+        if self.exit not in ("fixed", "latent_end", "mode_switch"):
+            raise ValueError(f"exit must be fixed, latent_end or mode_switch, got {self.exit!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if min(self.eval_steps, default=0) < 0 or self.latent_pool < 0 or self.group_size < 2:
+            raise ValueError("eval_steps and latent_pool must be >= 0 and group_size >= 2")
+
+
+GPU_CONFIG = dict(d_model=384, n_layer=8, n_head=6, encoder_layers=4, steps=12000, align_steps=4000,
+                  batch_size=256, lr=5e-4)
+
+# ----------------------------------------------------------------------------------------------------------
+# Model pieces: attention (with KV cache), MLP, block, ViT encoder, decoder LLM
+
+
+class Attention(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head, self.qkv, self.proj = n_head, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, causal, cache=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        if cache is not None:  # append to the KV cache of earlier positions
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        past = k.shape[2] - T
+        mask = None
+        if causal and past and T > 1:  # new queries see the cache and the new keys up to themselves
+            mask = torch.arange(k.shape[2], device=x.device)[None] <= past + torch.arange(T, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not past)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D)), (k, v)  # (B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, n_head), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, causal, cache=None):
+        a, cache = self.attn(self.ln1(x), causal, cache)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), cache
+
+
+class VisionEncoder(nn.Module):
+    """ViT: non-overlapping patches -> linear -> + position -> bidirectional blocks."""
+
+    def __init__(self, config, image_size, patch_size):
+        super().__init__()
+        self.patch_size, n_patches = patch_size, (image_size // patch_size) ** 2
+        self.patch = nn.Linear(3 * patch_size ** 2, config.d_model)
+        self.pos = nn.Parameter(torch.randn(n_patches, config.d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(config.d_model, config.n_head) for _ in range(config.encoder_layers))
+        self.ln = nn.LayerNorm(config.d_model)
+        self.pixel_head = nn.Linear(config.d_model, 3 * patch_size ** 2)  # stage-0 patch reconstruction only
+
+    def patches(self, image):  # (B, 3, H, W) -> (B, P, 3p²), row-major patch order
+        return F.unfold(image, self.patch_size, stride=self.patch_size).transpose(1, 2)
+
+    def forward(self, image):  # (B, 3, H, W)
+        x = self.patch(self.patches(image)) + self.pos            # (B, P, D)
+        for block in self.blocks:
+            x, _ = block(x, causal=False)
+        return self.ln(x)
+
+
+class Decoder(nn.Module):
+    """Causal LLM over input embeddings; returns the last hidden state (after the final norm) and logits."""
+
+    def __init__(self, config, vocab_size, max_len):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, config.d_model)
+        self.pos = nn.Parameter(torch.randn(max_len, config.d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(config.d_model, config.n_head) for _ in range(config.n_layer))
+        self.ln = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, vocab_size, bias=False)
+
+    def forward(self, inputs, cache=None):  # inputs (B, T, D) embeddings; cache: list of (k, v) per block
+        start = cache[0][0].shape[2] if cache else 0
+        if start + inputs.shape[1] > len(self.pos):
+            raise ValueError(f"sequence of {start + inputs.shape[1]} positions exceeds max_len {len(self.pos)}")
+        x = inputs + self.pos[start:start + inputs.shape[1]]
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, causal=True, cache=cache[i] if cache else None)
+            new_cache.append(kv)
+        h = self.ln(x)                      # (B, T, D): "last hidden state", fed back in latent mode
+        return h, self.head(h), new_cache   # logits (B, T, V)
+
+
+class LVRModel(nn.Module):
+    """Vision encoder -> projector -> LLM, plus the optional baseline LLM and exit parameters."""
+
+    def __init__(self, config, task):
+        super().__init__()
+        self.config, self.task = config, task
+        grid = task.image_size // task.patch_size
+        self.n_patches = grid * grid
+        max_latent = max(config.max_latent, config.rl_latent_steps, self.n_patches, *config.eval_steps)
+        self.max_len = self.n_patches + task.question_len + max_latent + task.answer_len + 4
+        self.encoder = VisionEncoder(config, task.image_size, task.patch_size)
+        self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
+                                       nn.Linear(config.d_model, config.d_model))
+        self.llm = Decoder(config, task.vocab_size, self.max_len)
+        self.baseline_llm = Decoder(config, task.vocab_size, self.max_len) if config.baseline else None
+        # latent end token: a learned vector with norm √H (paper), only for --exit latent_end
+        self.latent_end = nn.Parameter(F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model)
+                                       if config.exit == "latent_end" else torch.zeros(0))
+        self.register_buffer("baseline_ready", torch.tensor(False))  # baseline LLM copied from stage 0?
+
+    def visual_tokens(self, image):  # (B, 3, H, W) -> (B, P, D): the projector outputs v
+        return self.projector(self.encoder(image))
+
+
+def build_model(config, task):
+    if not hasattr(task, "lvr_start_id"):
+        raise ValueError("lvr needs the vqa task (vqa_data.VQATask)")
+    return LVRModel(config, task)
+
+
+def make_optimizer(model, config):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=config.lr, betas=(0.9, 0.98))
+
+# ----------------------------------------------------------------------------------------------------------
+# The LVR loss (stage 1): one teacher-forced pass
+
+
+def prompt(llm, visual, question):
+    """The prompt's input embeddings (B, Lq + P, D): question first, then the visual tokens, so that in a causal
+    LLM each visual token can already condition on the question (our choice for a tiny from-scratch model;
+    Qwen2.5-VL chat prompts usually put the image first)."""
+    return torch.cat([llm.embed(question).to(visual.dtype), visual], 1)
+
+
+def roi_targets(visual, boxes, task, pool):
+    """Targets v_1..v_N: the visual tokens at the ROI patch indices (row-major), or pooled to `pool`.
+    Returns targets (B, N_max, D) and the valid mask (B, N_max)."""
+    mask = vqa_data.roi_patch_mask(boxes.cpu(), task.image_size, task.patch_size).to(visual.device)  # (B, P)
+    count = mask.sum(1)                                                                               # (B,)
+    rank = mask.cumsum(1) - 1                                                                         # (B, P)
+    if pool:  # our addition: segment j of the N ROI tokens = ranks [floor(jN/k), max(floor((j+1)N/k), +1))
+        j = torch.arange(pool, device=visual.device)[None]                                            # (1, k)
+        lo = (j * count[:, None]) // pool
+        hi = torch.maximum(((j + 1) * count[:, None]) // pool, lo + 1)                                 # (B, k)
+        weight = mask[:, None] & (rank[:, None] >= lo[..., None]) & (rank[:, None] < hi[..., None])  # (B, k, P)
+        weight = weight.float() / weight.sum(-1, keepdim=True)
+        return weight.to(visual.dtype) @ visual, torch.ones(len(visual), pool, dtype=torch.bool, device=visual.device)
+    n_max = int(count.max())
+    order = torch.sort((~mask).int(), dim=1, stable=True).indices[:, :n_max]                        # (B, N_max)
+    targets = visual.gather(1, order[..., None].expand(-1, -1, visual.shape[-1]))                     # (B, N_max, D)
+    return targets, torch.arange(n_max, device=visual.device)[None] < count[:, None]
+
+
+def direct_loss(llm, visual, batch, task):
+    """L_NTP for plain VQA [question, v] -> answer <eos> (stage 0 and the SFT data baseline)."""
+    answer = torch.cat([batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)  # (B, A+1)
+    inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(answer[:, :-1]).to(visual.dtype)], 1)
+    _, logits, _ = llm(inputs)
+    return F.cross_entropy(logits[:, -answer.shape[1]:].flatten(0, 1).float(), answer.flatten())
+
+
+def lvr_loss(model, visual, batch):
+    """Stage-1 SFT loss, one parallel teacher-forced pass over
+        [question (Lq), v (P), <lvr_start>, v_1..v_N, <lvr_end>, answer (A), <eos>, <pad>...]
+    with the ROI tokens v_i written into the latent positions. L = L_NTP + λ·L_LVR where
+      L_LVR: h(<lvr_start>) -> v_1, h(position holding v_1) -> v_2, ..., h(position holding v_{N-1}) -> v_N
+             (the usual next-position shift), MSE averaged over valid elements, raw last hidden state, no head;
+      L_NTP: shifted cross-entropy predicting <lvr_start>, <lvr_end>, the answer and <eos>; the targets at the
+             latent positions are masked out.
+    Per-example N varies (latent_pool = 0), so the answer sits at a different position in each row."""
+    config, task, llm = model.config, model.task, model.llm
+    targets, valid = roi_targets(visual, batch["box"], task, config.latent_pool)      # (B, N, D), (B, N)
+    B, N, D = targets.shape
+    count = valid.sum(1, keepdim=True)                                                 # (B, 1)
+    A = batch["answer"].shape[1]
+    j = torch.arange(N + A + 2, device=visual.device)[None]                          # response offsets (1, R)
+    answer_at = (j - count - 1).clamp(0, A - 1)
+    tokens = torch.where(j == count, task.lvr_end_id,
+                         torch.where((j > count) & (j <= count + A), batch["answer"].gather(1, answer_at),
+                                     torch.where(j == count + A + 1, task.eos_id, task.pad_id)))  # (B, R)
+    is_latent = j < count                                                              # (B, R)
+    response = torch.where(is_latent[..., None], F.pad(targets, (0, 0, 0, A + 2)).to(visual.dtype),
+                           llm.embed(tokens).to(visual.dtype))                          # (B, R, D)
+    start = llm.embed.weight[task.lvr_start_id].expand(B, 1, D).to(visual.dtype)
+    inputs = torch.cat([prompt(llm, visual, batch["question"]), start, response], 1)
+    h, logits, _ = llm(inputs)                                                         # (B, T, D), (B, T, V)
+    s = visual.shape[1] + batch["question"].shape[1]                                  # position of <lvr_start>
+    # L_NTP: position s-1 predicts <lvr_start>, position s+t predicts response token t
+    labels = torch.cat([torch.full_like(tokens[:, :1], task.lvr_start_id),
+                        tokens.masked_fill(is_latent | (tokens == task.pad_id), -100)], 1)  # (B, R+1)
+    l_ntp = F.cross_entropy(logits[:, s - 1:s + N + A + 2].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    # L_LVR = 1/T_v Σ_t ||h_t - v_t||² (mean over elements): hidden states at positions s .. s+N-1
+    h_latent = h[:, s:s + N].float()                                                   # (B, N, D)
+    l_lvr = ((h_latent - targets.float()) ** 2).mean(-1)[valid].mean()
+    loss = l_ntp + config.lvr_weight * l_lvr
+    metrics = {"L_NTP": l_ntp, "L_LVR": l_lvr}
+    rows = torch.arange(B, device=visual.device)
+    if config.exit == "latent_end":  # latent end token: h(position holding v_N) -> the learned end vector
+        l_end = ((h[rows, s + count[:, 0]].float() - model.latent_end) ** 2).mean()
+        loss, metrics["L_end"] = loss + config.lvr_weight * l_end, l_end
+    if config.exit == "mode_switch":  # BCE on the <lvr_end> logit at positions s..s+N: 1 only at the last
+        end_logit = logits[:, s:s + N + 1, task.lvr_end_id].float()                    # (B, N+1)
+        at = torch.arange(N + 1, device=visual.device)[None]
+        l_switch = F.binary_cross_entropy_with_logits(end_logit[at <= count], (at == count)[at <= count].float())
+        loss, metrics["L_switch"] = loss + l_switch, l_switch
+    return loss, metrics
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference: text mode until <lvr_start>, then latent mode (hidden state -> next input), then <lvr_end>
+
+
+@torch.no_grad()
+def generate(model, llm, visual, question, budget, temperature=0.0, exit="fixed"):
+    """Decode all rows in lockstep with a KV cache. A row in text mode samples a token (greedy when
+    temperature = 0); after it emits <lvr_start> it enters latent mode: its last hidden state is the next
+    input embedding and no token is sampled, until the exit fires (fixed: `budget` steps; latent_end: MSE
+    to the end vector < threshold; mode_switch: sigmoid(<lvr_end> logit) > 0.5; both capped at `budget`),
+    then <lvr_end> is forced and text decoding resumes until <eos>.
+    Returns dict: tokens (B, R) (pad at latent positions), latents (B, R, D) (the fed-back hidden states),
+    is_latent (B, R), sampled (B, R) (tokens drawn from the policy), logprob (B, R) of the sampled tokens."""
+    task = model.task
+    B, D = visual.shape[0], visual.shape[-1]
+    h, logits, cache = llm(prompt(llm, visual, question))
+    h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
+    latent_left = torch.full((B,), -1, device=visual.device)  # -1: text mode; >= 0: latent steps still allowed
+    done = torch.zeros(B, dtype=torch.bool, device=visual.device)
+    out = {k: [] for k in ("tokens", "latents", "is_latent", "sampled", "logprob")}
+    for _ in range(budget + task.answer_len + 3):
+        in_latent = latent_left >= 0
+        stop = latent_left == 0
+        if exit == "latent_end":
+            stop |= ((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
+        elif exit == "mode_switch":
+            stop |= logits[:, task.lvr_end_id].float() > 0
+        leave, feed = in_latent & stop, in_latent & ~stop                               # (B,), (B,)
+        scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+        token = (torch.multinomial(F.softmax(scaled, -1), 1)[:, 0] if temperature > 0 else scaled.argmax(-1))
+        sampled = ~in_latent & ~done
+        token = torch.where(leave, task.lvr_end_id, torch.where(feed | done, task.pad_id, token))
+        out["tokens"].append(token)
+        out["latents"].append(torch.where(feed[:, None], h, 0))
+        out["is_latent"].append(feed)
+        out["sampled"].append(sampled)
+        out["logprob"].append(F.log_softmax(scaled, -1).gather(1, token[:, None])[:, 0])
+        entering = sampled & (token == task.lvr_start_id) & (latent_left == -1)
+        latent_left = torch.where(entering, budget, torch.where(feed, latent_left - 1,
+                                                                torch.where(leave, -2, latent_left)))
+        done |= sampled & (token == task.eos_id)
+        if bool(done.all()):
+            break
+        x = torch.where(feed[:, None], h, llm.embed(token).to(h.dtype))[:, None]          # (B, 1, D)
+        h, logits, cache = llm(x, cache)
+        h, logits = h[:, -1], logits[:, -1]
+    return {k: torch.stack(v, 1) for k, v in out.items()}
+
+
+def replay_logprobs(llm, visual, question, rollout, temperature):
+    """GRPO_latent replay: one teacher-forced pass over [question, v, response] where the response inputs
+    are the rollout's tokens, with the recorded latent hidden states h̃^latent patched in at the latent
+    positions, so π_θ sees exactly the rollout's context. Returns log π(y_t | q, I, h̃^latent, y_<t) (B, R)."""
+    tokens = rollout["tokens"]
+    response = torch.where(rollout["is_latent"][..., None], rollout["latents"].to(visual.dtype),
+                           llm.embed(tokens).to(visual.dtype))                          # (B, R, D)
+    inputs = torch.cat([prompt(llm, visual, question), response[:, :-1]], 1)
+    _, logits, _ = llm(inputs)
+    logits = logits[:, -tokens.shape[1]:].float() / (temperature if temperature > 0 else 1.0)  # before each y_t
+    return F.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]              # (B, R)
+
+
+def answer_correct(rollout, answer, task):
+    """Accuracy: the response's text tokens (specials and pads removed) are the answer followed by <eos>."""
+    tokens = rollout["tokens"]
+    special = (tokens == task.pad_id) | (tokens == task.lvr_start_id) | (tokens == task.lvr_end_id)  # (B, R)
+    text = tokens.gather(1, torch.sort(special.int(), dim=1, stable=True).indices)      # text tokens first
+    text = F.pad(text, (0, answer.shape[1] + 1), value=task.pad_id)
+    return (text[:, :answer.shape[1]] == answer).all(1) & (text[:, answer.shape[1]] == task.eos_id)
+
+
+def grpo_latent_loss(model, visual, batch):
+    """GRPO_latent (stage 2). Rewards r = format (both <lvr_start> and <lvr_end> present) + accuracy;
+    advantages Â_i = (r_i − mean_group)/(std_group + 1e-4); per text token the clipped objective
+    min(r_{i,t}·Â_i, clip(r_{i,t}, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref) with
+    r_{i,t}(θ) = π_θ(y_{i,t} | q, I, h̃^latent_i, y_{i,<t}) / π_θold(same), both by replaying the recorded
+    latents. Tokens inside the latent span and forced <lvr_end> are excluded (not sampled)."""
+    config, task, G = model.config, model.task, model.config.group_size
+    visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
+    question, answer = batch["question"].repeat_interleave(G, 0), batch["answer"].repeat_interleave(G, 0)
+    rollout = generate(model, model.llm, visual, question, config.rl_latent_steps, config.temperature)
+    tokens, mask = rollout["tokens"], rollout["sampled"].float()                       # (B*G, R)
+    has_format = (tokens == task.lvr_start_id).any(1) & (tokens == task.lvr_end_id).any(1)
+    correct = answer_correct(rollout, answer, task)
+    reward = (has_format.float() + correct.float()).view(-1, G)                       # (B, G)
+    advantage = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)).view(-1, 1)
+    logp = replay_logprobs(model.llm, visual, question, rollout, config.temperature)  # log π_θ, with grad
+    logp_old = rollout["logprob"]                                                     # log π_θold (sampling time)
+    with torch.no_grad():
+        logp_ref = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
+    ratio = torch.exp(logp - logp_old)
+    objective = torch.minimum(ratio * advantage, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * advantage)
+    kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1                           # k3 estimator of D_KL
+    per_token = -(objective - config.kl_beta * kl)
+    loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return loss, {"reward": reward.mean(), "accuracy": correct.float().mean(), "format": has_format.float().mean(),
+                  "kl": (kl * mask).sum() / mask.sum().clamp(min=1)}
+
+# ----------------------------------------------------------------------------------------------------------
+# Training step (AMP): stage 0, stage 1 (+ baseline), stage 2
+
+
+def set_trainable(module, flag):
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
+    device = batch["image"].device
+    aligned = config.stage == "rl" or step >= config.align_steps
+    if aligned and model.baseline_llm is not None and not bool(model.baseline_ready):
+        model.baseline_llm.load_state_dict(model.llm.state_dict())  # baseline starts from the stage-0 LLM
+        model.baseline_ready.fill_(True)
+    set_trainable(model.encoder, not aligned)     # stage 1 and 2: vision encoder and projector frozen
+    set_trainable(model.projector, not aligned)
+    if config.stage == "rl" and getattr(model, "reference", None) is None:
+        # frozen reference policy π_ref for the KL term: a plain attribute, not a submodule, so it stays out
+        # of the state dict (on --resume it is re-taken from the resumed policy, not the stage-1 one)
+        object.__setattr__(model, "reference", copy.deepcopy(model.llm).requires_grad_(False))
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if not aligned:  # stage 0: alignment on plain VQA, everything trains
+            encoded = model.encoder(batch["image"])                                   # (B, P, D)
+            loss = direct_loss(model.llm, model.projector(encoded), batch, model.task)
+            # our stand-in for a pretrained encoder: each patch token must also reconstruct its own pixels
+            recon = F.mse_loss(model.encoder.pixel_head(encoded).float(), model.encoder.patches(batch["image"]))
+            metrics = {"L_NTP": loss, "L_pixel": recon}
+            loss = loss + config.pixel_weight * recon
+        else:
+            with torch.no_grad():
+                visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
+            if config.stage == "rl":
+                loss, metrics = grpo_latent_loss(model, visual, batch)
+            else:
+                loss, metrics = lvr_loss(model, visual, batch)
+                if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
+                    baseline = direct_loss(model.baseline_llm, visual, batch, model.task)
+                    loss, metrics["baseline_NTP"] = loss + baseline, baseline
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    for part in (model.llm, model.baseline_llm, [model.encoder, model.projector, model.latent_end]):
+        if part is not None:  # clip each trained model on its own so the baseline cannot rescale LVR's step
+            params = part.parameters() if isinstance(part, nn.Module) else \
+                [p for m in part for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: answer accuracy vs. latent steps, baseline row, latent reconstruction MSE
+
+
+@torch.no_grad()
+def evaluate(model, task, config, eval_steps, autocast_dtype):
+    model.eval()
+    device = next(model.parameters()).device
+    data = task.test_sets["held-out"]
+    chunks = [{k: v[i:i + config.batch_size].to(device) for k, v in data.items()}
+              for i in range(0, len(data["answer"]), config.batch_size)]
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        visuals = [model.visual_tokens(c["image"]) for c in chunks]
+        tf_mse = sum(lvr_loss(model, v, c)[1]["L_LVR"].float() * len(v) for v, c in zip(visuals, chunks)).item()
+        tf_mse /= len(data["answer"])
+        roi = [roi_targets(v, c["box"], task, 0) for v, c in zip(visuals, chunks)]
+        variance = torch.cat([t[m] for t, m in roi]).float().var(0).mean().item()  # MSE of the mean token
+        runs = [("baseline", model.baseline_llm, 0, "fixed")] if model.baseline_llm is not None else []
+        runs += [("lvr", model.llm, k, "fixed") for k in eval_steps]
+        if config.exit != "fixed":
+            runs.append((f"lvr {config.exit}", model.llm, config.max_latent, config.exit))
+        rows = [{"test set": "held-out", "model": "answer prior", "latent steps": "-",
+                 "accuracy %": task.prior_accuracy(), "entered lvr %": 0.0, "mean steps": 0.0, "latent MSE": "-",
+                 "latent MSE/var": "-", "teacher-forced MSE/var": "-"}]  # most frequent answer per question type
+        for name, llm, budget, exit in runs:
+            correct, entered, steps, mse_sum, mse_count = 0, 0, 0, 0.0, 0
+            for v, c in zip(visuals, chunks):
+                rollout = generate(model, llm, v, c["question"], budget, exit=exit)
+                correct += answer_correct(rollout, c["answer"], task).sum().item()
+                entered += (rollout["tokens"] == task.lvr_start_id).any(1).sum().item()
+                steps += rollout["is_latent"].sum().item()
+                # free-running reconstruction: the i-th fed-back latent vs v_i, for i <= min(steps taken, N)
+                targets, valid = roi_targets(v, c["box"], task, config.latent_pool)        # (b, N, D), (b, N)
+                order = torch.sort((~rollout["is_latent"]).int(), dim=1, stable=True).indices  # latents first
+                latents = rollout["latents"].gather(1, order[..., None].expand(-1, -1, v.shape[-1]))
+                n = min(latents.shape[1], targets.shape[1])
+                both = valid[:, :n] & (torch.arange(n, device=device) < rollout["is_latent"].sum(1, keepdim=True))
+                err = ((latents[:, :n].float() - targets[:, :n].float()) ** 2).mean(-1)    # (b, n)
+                mse_sum, mse_count = mse_sum + err[both].sum().item(), mse_count + both.sum().item()
+            total = len(data["answer"])
+            rows.append({"test set": "held-out", "model": name, "latent steps": budget if exit == "fixed" else "adaptive",
+                         "accuracy %": 100.0 * correct / total, "entered lvr %": 100.0 * entered / total,
+                         "mean steps": steps / total,
+                         "latent MSE": mse_sum / mse_count if mse_count else "-",
+                         "latent MSE/var": mse_sum / mse_count / variance if mse_count else "-",
+                         "teacher-forced MSE/var": tf_mse / variance if name != "baseline" else "-"})
+    model.train()
+    return rows
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    demo_task = vqa_data.VQATask(seed=0, train_size=2000, eval_size=64)
+    demo_config = Config(steps=40, align_steps=20, d_model=32, n_layer=2, encoder_layers=1, eval_steps=(0, 4))
+    demo_model = build_model(demo_config, demo_task)
+    opt = make_optimizer(demo_model, demo_config)
+    for s in range(demo_config.steps):
+        m = train_step(demo_model, opt, torch.amp.GradScaler("cpu", enabled=False), demo_task.train_batch(s, 32),
+                       s, demo_config, None)
+    print({k: round(v.item(), 3) for k, v in m.items()})
+    for row in evaluate(demo_model, demo_task, demo_config, demo_config.eval_steps, None):
+        print(row)
