@@ -1,4 +1,5 @@
 """Tests for the whole repository: python -m pytest -q test_all.py (CPU, tiny sizes, a few minutes)."""
+import copy
 import dataclasses
 import gzip
 import json
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import lit
 import ltm
 import lvr
 import recurrent_depth as rd
@@ -194,6 +196,13 @@ def test_command_line_errors_are_one_line(argv, message, capsys):
     assert train.main(argv) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_boolean_flags_including_fields_named_no_something():
+    assert train.parse(["--method", "lit", "--no-imagination"])[1]["no_imagination"] is True
+    assert train.parse(["--method", "lit", "--no-no-imagination"])[1]["no_imagination"] is False
+    assert train.parse(["--method", "ltm", "--no-use-latent"])[1]["use_latent"] is False
+    assert train.parse(["--method", "ltm", "--use-latent"])[1]["use_latent"] is True
 
 
 def test_lr_schedule():
@@ -820,3 +829,171 @@ def test_lvr_evaluate_rows():
     assert [r["model"] for r in rows] == ["answer prior", "baseline", "lvr", "lvr"]
     assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2]
     assert model.training
+
+# ============================================================================= lit.py
+class LitFakeTask:
+    """Just what build_model needs (the real tasks live in sudoku_data)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def lit_tiny_config(**overrides):
+    base = dict(d_model=32, n_heads=2, n_layers=1, think_steps=3, batch_size=8, eval_batch_size=8, eval_steps=(1, 3))
+    return lit.Config(**{**base, **overrides})
+
+
+def lit_tiny_sudoku(n, blanks, seed=0):
+    """n valid solutions (digit relabel + row/col permutations of a pattern) and puzzles with `blanks` holes."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.arange(9)
+    pattern = (3 * (r[:, None] % 3) + r[:, None] // 3 + r[None, :]) % 9  # (9, 9) valid grid of 0..8
+    solutions = []
+    for _ in range(n):
+        rows = torch.cat([b * 3 + torch.randperm(3, generator=g) for b in torch.randperm(3, generator=g)])
+        cols = torch.cat([b * 3 + torch.randperm(3, generator=g) for b in torch.randperm(3, generator=g)])
+        relabel = torch.randperm(9, generator=g) + 1
+        solutions.append(relabel[pattern[rows][:, cols]].reshape(81))
+    solution = torch.stack(solutions)  # (n, 81) digits 1..9
+    holes = torch.rand(n, 81, generator=g).argsort(-1)[:, :blanks]
+    puzzle = solution.scatter(1, holes, 0)
+    return {"puzzle": puzzle, "solution": solution}
+
+
+def lit_with_images(batch, seed=0):
+    """Fake MNIST cells: a fixed random 28x28 pattern per digit plus noise; blank = zeros."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(10, 28, 28, generator=g)
+    solution_images = prototypes[batch["solution"]] + 0.1 * torch.rand(*batch["solution"].shape, 28, 28, generator=g)
+    given = (batch["puzzle"] > 0).float()[..., None, None]
+    return {**batch, "puzzle_images": solution_images * given, "solution_images": solution_images}
+
+
+def lit_make(task_name="sudoku", **overrides):
+    torch.manual_seed(0)
+    config = lit_tiny_config(**overrides)
+    model = lit.build_model(config, LitFakeTask(task_name))
+    return model, config
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_lit_imagination_target_carries_no_gradient_into_teacher(stochastic):
+    model, config = lit_make(stochastic=stochastic)
+    batch = lit_tiny_sudoku(4, 30)
+    losses = lit.lit_loss(model, batch, config)
+    losses["imagination"].backward()
+    teacher_only = list(model.teacher.parameters()) + list(model.hint_proj.parameters())
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in teacher_only)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.student.parameters())
+    # the solution loss does train the teacher (so the check above can fail)
+    model.zero_grad()
+    losses = lit.lit_loss(model, batch, config)
+    losses["ce_teacher"].backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize("task_name", ["sudoku", "visual"])
+def test_lit_teacher_observations_never_reach_the_student(task_name):
+    model, _ = lit_make(task_name)
+    batch = lit_tiny_sudoku(4, 40)
+    batch = lit_with_images(batch) if task_name == "visual" else batch
+    perturbed = dict(batch, solution=(batch["solution"] % 9) + 1)  # a different (wrong) answer
+    if task_name == "visual":
+        perturbed["solution_images"] = torch.rand_like(batch["solution_images"])
+    student = lit.think(model, batch, 4, "student")
+    student_perturbed = lit.think(model, perturbed, 4, "student")
+    assert all(torch.equal(a, b) for a, b in zip(student, student_perturbed))
+    teacher = lit.think(model, batch, 4, "teacher")
+    teacher_perturbed = lit.think(model, perturbed, 4, "teacher")
+    assert not torch.equal(teacher[-1], teacher_perturbed[-1])  # the hints do reach the teacher
+
+
+def test_lit_visual_and_language_share_the_belief_network():
+    language, _ = lit_make("sudoku")
+    visual, _ = lit_make("visual")
+    for model in (language, visual):
+        assert type(model.teacher) is lit.BeliefUpdate and type(model.student) is lit.BeliefUpdate
+    assert language.teacher.state_dict().keys() == visual.teacher.state_dict().keys()
+    assert type(language.encoder) is not type(visual.encoder)  # only the observation encoder differs
+
+
+def test_lit_tiny_model_learns_tiny_sudoku_set():
+    model, config = lit_make(d_model=64, n_heads=4, n_layers=2, think_steps=4, lr=3e-3)
+    data = lit_tiny_sudoku(8, 6)
+    optimizer = lit.make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    first = lit.train_step(model, optimizer, scaler, data, 0, config, None)
+    for step in range(1, 150):
+        last = lit.train_step(model, optimizer, scaler, data, step, config, None)
+    assert last["ce_student"] < 0.3 * first["ce_student"]
+    prediction = lit.think(model, data, config.think_steps)[-1].argmax(-1) + 1  # (8, 81)
+    assert (prediction == data["solution"]).float().mean() > 0.95
+
+
+def test_lit_bf16_autocast_train_step_on_cpu():
+    model, config = lit_make("visual")
+    batch = lit_with_images(lit_tiny_sudoku(4, 30))
+    optimizer = lit.make_optimizer(model, config)
+    before = copy.deepcopy(model.state_dict())
+    out = lit.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), batch, 0, config, torch.bfloat16)
+    assert all(v.dim() == 0 and not v.requires_grad and torch.isfinite(v) for v in out.values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_lit_train_step_randomness_comes_from_the_global_rng():
+    model, config = lit_make(stochastic=True)
+    twin = copy.deepcopy(model)
+    batch = lit_tiny_sudoku(4, 30)
+    outs = []
+    for m in (model, twin):
+        torch.manual_seed(123)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        outs.append(lit.train_step(m, lit.make_optimizer(m, config), scaler, batch, 0, config, None)["loss"])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_lit_no_imagination_ablation_has_no_teacher_terms():
+    model, config = lit_make(no_imagination=True)
+    losses = lit.lit_loss(model, lit_tiny_sudoku(4, 30), config)
+    assert losses["imagination"] == 0 and losses["ce_teacher"] == 0 and losses["ce_student"] > 0
+
+
+def test_lit_bad_input_raises_value_error():
+    model, config = lit_make()
+    optimizer = lit.make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    good = lit_tiny_sudoku(2, 30)
+    bad_batches = [
+        {"puzzle": good["puzzle"][:, :80], "solution": good["solution"]},        # wrong length
+        {"puzzle": good["puzzle"] + 10, "solution": good["solution"]},           # digit out of range
+        {"puzzle": good["puzzle"]},                                              # no solution
+    ]
+    for bad in bad_batches:
+        with pytest.raises(ValueError):
+            lit.train_step(model, optimizer, scaler, bad, 0, config, None)
+    visual, _ = lit_make("visual")
+    with pytest.raises(ValueError, match="puzzle_images"):
+        lit.train_step(visual, lit.make_optimizer(visual, config), scaler, good, 0, config, None)
+    with pytest.raises(ValueError):
+        lit.build_model(config, LitFakeTask("text"))
+    with pytest.raises(ValueError):
+        lit.build_model(lit_tiny_config(d_model=30, n_heads=4), LitFakeTask("sudoku"))
+    with pytest.raises(ValueError):
+        lit.think(model, good, 2, role="oracle")
+
+
+@pytest.mark.skipif(not MNIST_DIR.exists(), reason=f"MNIST not found at {MNIST_DIR}")
+def test_lit_visual_task_with_real_mnist(tmp_path):
+    sudoku_data = pytest.importorskip("sudoku_data")
+    if not hasattr(sudoku_data, "VisualSudokuTask"):
+        pytest.skip("sudoku_data.VisualSudokuTask not written yet")
+    task = sudoku_data.VisualSudokuTask("easy", seed=0, base_size=16, eval_size=4, data_dir=str(tmp_path),
+                                        mnist_dir=str(MNIST_DIR))
+    config = lit_tiny_config()
+    model = lit.build_model(config, task)
+    optimizer = lit.make_optimizer(model, config)
+    out = lit.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                         task.train_batch(0, 4), 0, config, None)
+    assert torch.isfinite(out["loss"])
+    rows = lit.evaluate(model, task, config, (1, 2), None)
+    assert len(rows) == 2 * len(task.test_sets) and {"student exact %", "teacher exact %"} <= set(rows[0])

@@ -109,6 +109,16 @@ def load_method(name):
     return importlib.import_module(name)
 
 
+class BooleanFlag(argparse.Action):
+    """--name sets True and --no-name sets False, also for a field whose own name starts with no_."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__([option_strings[0], "--no-" + option_strings[0][2:]], dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+
 def _field_parser(kind):
     """argparse type for a Config field: int, float, str, bool or tuple[int, ...]."""
     if typing.get_origin(kind) is tuple:
@@ -119,7 +129,7 @@ def _field_parser(kind):
                 raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
         return dict(type=parse_list)
     if kind is bool:
-        return dict(action=argparse.BooleanOptionalAction)
+        return dict(action=BooleanFlag)
     return dict(type=kind)
 
 
