@@ -225,6 +225,15 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
+def interrupting_at_step_3(train_step):
+    """A method's train_step that behaves like Ctrl-C at step 3 (to test the save and --resume)."""
+    def step_or_interrupt(model, optimizer, scaler, batch, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt
+        return train_step(model, optimizer, scaler, batch, step, *rest)
+    return step_or_interrupt
+
+
 def _checkpoint(folder):
     return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
 
@@ -235,12 +244,7 @@ def test_train_py_resumes_to_the_same_result_after_ctrl_c(tmp_path, data_dir, mo
     straight = _checkpoint(tmp_path / "straight")
     original_step = rd.train_step
 
-    def interrupt_at_step_3(model, optimizer, scaler, batch, step, *rest):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original_step(model, optimizer, scaler, batch, step, *rest)
-
-    monkeypatch.setattr(rd, "train_step", interrupt_at_step_3)
+    monkeypatch.setattr(rd, "train_step", interrupting_at_step_3(original_step))
     assert train.main(TINY_RUN + data + ["--out", str(tmp_path / "split")]) == 130
     assert "interrupted at step 3" in capsys.readouterr().out
     assert _checkpoint(tmp_path / "split")["step"] == 3
@@ -620,12 +624,7 @@ def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, 
     assert train.main(run + ["--out", str(tmp_path / "straight")]) == 0
     original_step = ltm.train_step
 
-    def interrupt_at_step_3(model, optimizer, scaler, batch, step, *rest):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original_step(model, optimizer, scaler, batch, step, *rest)
-
-    monkeypatch.setattr(ltm, "train_step", interrupt_at_step_3)
+    monkeypatch.setattr(ltm, "train_step", interrupting_at_step_3(original_step))
     assert train.main(run + ["--out", str(tmp_path / "split")]) == 130
     monkeypatch.setattr(ltm, "train_step", original_step)
     assert train.main(["--method", "ltm", "--resume", str(tmp_path / "split" / "checkpoint.pt")]) == 0
