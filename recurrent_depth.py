@@ -505,8 +505,10 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
         adaptive, used = [], []
         for i in range(0, data["puzzle"].shape[0], chunk):
             puzzle = data["puzzle"][i : i + chunk].to(model.rope_cos.device)
+            initial_state = g.get_state()  # the adaptive run starts from the same s_0 as the fixed runs
             with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 _, _, recorded = model.think(puzzle, max_steps, "none", record_steps=eval_steps, generator=g)
+                g.set_state(initial_state)
                 logits, steps_used, _ = model.think(puzzle, max_steps, config.exit_criterion, generator=g)
             for r in eval_steps:
                 fixed[r].append(_digits(recorded[r]).cpu())

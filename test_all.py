@@ -427,6 +427,15 @@ def test_recurrent_depth_evaluate_rows_and_train_mode_restored(trained_sudoku):
     assert set(rows[0]) == {"test set", "thinking steps", "mean steps used", "exact %", "blank-cell %"}
 
 
+def test_recurrent_depth_adaptive_row_starts_from_the_fixed_rows_initial_state(trained_sudoku):
+    model, task, cfg, _ = trained_sudoku
+    never_exit = dataclasses.replace(cfg, kl_threshold=0.0)  # adaptive then runs all steps: must equal the last row
+    rows = rd.evaluate(model, task, never_exit, (1, 4), None)
+    fixed, adaptive = rows[1], rows[2]
+    assert fixed["thinking steps"] == 4 and adaptive["mean steps used"] == 4
+    assert (adaptive["exact %"], adaptive["blank-cell %"]) == (fixed["exact %"], fixed["blank-cell %"])
+
+
 def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
     model = tiny_model()
     cfg = model.cfg
