@@ -56,6 +56,7 @@ class Config:
     n_head: int = 4                   # attention heads
     encoder_layers: int = 2           # ViT blocks
     pixel_weight: float = 1.0         # stage 0: weight of the patch-pixel reconstruction (pretrained-encoder proxy)
+    grounding_weight: float = 1.0     # stage 0: weight of the "is this patch in the ROI?" loss (pretrained-VLM proxy)
     lvr_weight: float = 0.1           # λ in L = L_NTP + λ·L_LVR (paper: 0.1)
     latent_pool: int = 0              # 0: N = ROI patch count (paper); k > 0: pool ROI targets to k (ours)
     exit: str = "fixed"               # latent exit: fixed | latent_end | mode_switch
@@ -174,6 +175,7 @@ class LVRModel(nn.Module):
         self.encoder = VisionEncoder(config, task.image_size, task.patch_size)
         self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
                                        nn.Linear(config.d_model, config.d_model))
+        self.grounding_head = nn.Linear(config.d_model, 1)  # stage-0 ROI-patch classifier only
         self.llm = Decoder(config, task.vocab_size, self.max_len)
         self.baseline_llm = Decoder(config, task.vocab_size, self.max_len) if config.baseline else None
         # latent end token: a learned vector with norm √H (paper), only for --exit latent_end
@@ -228,11 +230,12 @@ def roi_targets(visual, boxes, task, pool):
 
 
 def direct_loss(llm, visual, batch, task):
-    """L_NTP for plain VQA [question, v] -> answer <eos> (stage 0 and the SFT data baseline)."""
+    """L_NTP for plain VQA [question, v] -> answer <eos> (stage 0 and the SFT data baseline).
+    Returns the loss and the last hidden states (B, T, D)."""
     answer = torch.cat([batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)  # (B, A+1)
     inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(answer[:, :-1]).to(visual.dtype)], 1)
-    _, logits, _ = llm(inputs)
-    return F.cross_entropy(logits[:, -answer.shape[1]:].flatten(0, 1).float(), answer.flatten())
+    h, logits, _ = llm(inputs)
+    return F.cross_entropy(logits[:, -answer.shape[1]:].flatten(0, 1).float(), answer.flatten()), h
 
 
 def lvr_loss(model, visual, batch):
@@ -404,11 +407,17 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if not aligned:  # stage 0: alignment on plain VQA, everything trains
             encoded = model.encoder(batch["image"])                                   # (B, P, D)
-            loss = direct_loss(model.llm, model.projector(encoded), batch, model.task)
+            loss, h = direct_loss(model.llm, model.projector(encoded), batch, model.task)
             # our stand-in for a pretrained encoder: each patch token must also reconstruct its own pixels
             recon = F.mse_loss(model.encoder.pixel_head(encoded).float(), model.encoder.patches(batch["image"]))
-            metrics = {"L_NTP": loss, "L_pixel": recon}
-            loss = loss + config.pixel_weight * recon
+            # our stand-in for a pretrained VLM's grounding: the LLM's state at each visual token (which has
+            # read the question before it) classifies whether that patch lies in the question's ROI
+            in_roi = vqa_data.roi_patch_mask(batch["box"].cpu(), model.task.image_size, model.task.patch_size)
+            question_len = batch["question"].shape[1]
+            relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
+            grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(device).float())
+            metrics = {"L_NTP": loss, "L_pixel": recon, "L_grounding": grounding}
+            loss = loss + config.pixel_weight * recon + config.grounding_weight * grounding
         else:
             with torch.no_grad():
                 visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
@@ -417,11 +426,12 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
             else:
                 loss, metrics = lvr_loss(model, visual, batch)
                 if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
-                    baseline = direct_loss(model.baseline_llm, visual, batch, model.task)
+                    baseline, _ = direct_loss(model.baseline_llm, visual, batch, model.task)
                     loss, metrics["baseline_NTP"] = loss + baseline, baseline
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    for part in (model.llm, model.baseline_llm, [model.encoder, model.projector, model.latent_end]):
+    vision_side = [model.encoder, model.projector, model.grounding_head, model.latent_end]
+    for part in (model.llm, model.baseline_llm, vision_side):
         if part is not None:  # clip each trained model on its own so the baseline cannot rescale LVR's step
             params = part.parameters() if isinstance(part, nn.Module) else \
                 [p for m in part for p in (m.parameters() if isinstance(m, nn.Module) else [m])]

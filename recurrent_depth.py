@@ -70,7 +70,7 @@ class Config:
     beta2: float = 0.95  # AdamW beta2
     # --- adaptive exit at inference ---
     exit_criterion: str = "kl"  # none | kl | latent-diff
-    # a puzzle exits on its largest per-cell KL; the paper's per-token 5e-4 lost 1.0 point to fixed-32 on easy here, 1e-4 0.4
+    # a puzzle exits on its largest per-cell KL; on easy the paper's per-token 5e-4 lost 1.0 point to fixed-32, 1e-4 0.4
     kl_threshold: float = 1e-4  # exit when max over cells of KL(p_{i-1} || p_i) < this (paper: 5e-4 per token)
     latent_threshold: float = 0.03  # exit when ||s_i - s_{i-1}|| / ||s_i|| < this (reference: 0.03)
     continuous_cot: bool = True  # text generation: warm-start each token's state from the previous one

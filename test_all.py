@@ -804,6 +804,19 @@ def test_lvr_stage1_freezes_encoder_and_projector():
     assert bool(model.baseline_ready)
 
 
+def test_lvr_stage0_grounding_loss_learns_roi_patches_and_stops_in_stage1():
+    model, config = lvr_tiny(lr=3e-3, warmup_steps=1, align_steps=40)
+    opt = lvr.make_optimizer(model, config)
+    batch = LVR_TASK.train_batch(0, 8)
+    first = lvr.train_step(model, opt, LVR_SCALER, batch, 0, config, None)["L_grounding"].item()
+    assert model.grounding_head.weight.grad.abs().sum() > 0
+    for step in range(1, 30):
+        last = lvr.train_step(model, opt, LVR_SCALER, batch, step, config, None)["L_grounding"].item()
+    assert last < 0.5 * first
+    metrics = lvr.train_step(model, opt, LVR_SCALER, batch, config.align_steps, config, None)  # stage 1
+    assert "L_grounding" not in metrics and model.grounding_head.weight.grad is None
+
+
 def test_lvr_grpo_step_and_bf16_autocast():
     for stage, step in (("sft", 0), ("sft", 5), ("rl", 0)):
         model, config = lvr_tiny(stage=stage)
@@ -821,9 +834,11 @@ def test_lvr_tiny_model_learns_tiny_vqa_set():
                          baseline=False)
     opt = lvr.make_optimizer(model, config)
     batch = LVR_TASK.train_batch(0, 12)
+    stage1_losses = []
     for step in range(150):
         metrics = lvr.train_step(model, opt, LVR_SCALER, batch, step, config, None)
-    assert metrics["L_NTP"] < 0.1 and metrics["L_LVR"] < 0.5
+        stage1_losses += [metrics["L_LVR"].item()] if "L_LVR" in metrics else []
+    assert metrics["L_NTP"] < 0.1 and stage1_losses[-1] < 0.5 * stage1_losses[0]  # the MSE scale is the tokens'
     with torch.no_grad():
         visual = model.visual_tokens(batch["image"])
         out = lvr.generate(model, model.llm, visual, batch["question"], 2)
