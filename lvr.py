@@ -435,8 +435,8 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
                     loss, metrics["baseline_NTP"] = loss + baseline, baseline
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    vision_side = [model.encoder, model.projector, model.grounding_head, model.latent_end]
-    for part in (model.llm, model.baseline_llm, vision_side):
+    encoder_and_heads = [model.encoder, model.projector, model.grounding_head, model.latent_end]
+    for part in (model.llm, model.baseline_llm, encoder_and_heads):
         if part is not None:  # clip each trained model on its own so the baseline cannot rescale LVR's step
             params = part.parameters() if isinstance(part, nn.Module) else \
                 [p for m in part for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
