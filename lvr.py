@@ -205,7 +205,7 @@ def make_optimizer(model, config):
                              lr=config.lr, betas=(0.9, 0.98))
 
 # ----------------------------------------------------------------------------------------------------------
-# The LVR loss (stage 1): one teacher-forced pass
+# Losses: stage-0 alignment, and the LVR loss (stage 1) in one teacher-forced pass
 
 
 def prompt(llm, visual, question):
@@ -241,6 +241,23 @@ def direct_loss(llm, visual, batch, task):
     inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(answer[:, :-1]).to(visual.dtype)], 1)
     h, logits, _ = llm(inputs)
     return F.cross_entropy(logits[:, -answer.shape[1]:].flatten(0, 1).float(), answer.flatten()), h
+
+
+def alignment_loss(model, batch):
+    """Stage 0, our stand-in for a pretrained VLM: L = L_NTP + w_pixel·L_pixel + w_ground·L_grounding where
+      L_pixel: each encoder patch token reconstructs its own pixels (a pretrained encoder's content);
+      L_grounding: the LLM's state at each visual token (which has read the question before it) classifies
+                   whether that patch lies in the question's ROI (BCE), as grounding data would teach."""
+    config, task = model.config, model.task
+    encoded = model.encoder(batch["image"])                                                 # (B, P, D)
+    l_ntp, h = direct_loss(model.llm, model.projector(encoded), batch, task)
+    l_pixel = F.mse_loss(model.encoder.pixel_head(encoded).float(), model.encoder.patches(batch["image"]))
+    in_roi = vqa_data.roi_patch_mask(batch["box"].cpu(), task.image_size, task.patch_size)  # (B, P)
+    question_len = batch["question"].shape[1]                                               # visual tokens follow it
+    relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
+    l_grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(relevance.device).float())
+    loss = l_ntp + config.pixel_weight * l_pixel + config.grounding_weight * l_grounding
+    return loss, {"L_NTP": l_ntp, "L_pixel": l_pixel, "L_grounding": l_grounding}
 
 
 def lvr_loss(model, visual, batch):
@@ -411,18 +428,7 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if not aligned:  # stage 0: alignment on plain VQA, everything trains
-            encoded = model.encoder(batch["image"])                                   # (B, P, D)
-            loss, h = direct_loss(model.llm, model.projector(encoded), batch, model.task)
-            # our stand-in for a pretrained encoder: each patch token must also reconstruct its own pixels
-            recon = F.mse_loss(model.encoder.pixel_head(encoded).float(), model.encoder.patches(batch["image"]))
-            # our stand-in for a pretrained VLM's grounding: the LLM's state at each visual token (which has
-            # read the question before it) classifies whether that patch lies in the question's ROI
-            in_roi = vqa_data.roi_patch_mask(batch["box"].cpu(), model.task.image_size, model.task.patch_size)
-            question_len = batch["question"].shape[1]
-            relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
-            grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(device).float())
-            metrics = {"L_NTP": loss, "L_pixel": recon, "L_grounding": grounding}
-            loss = loss + config.pixel_weight * recon + config.grounding_weight * grounding
+            loss, metrics = alignment_loss(model, batch)
         else:
             with torch.no_grad():
                 visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
