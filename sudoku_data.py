@@ -21,8 +21,11 @@ import csv
 import gzip
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
+import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -200,15 +203,34 @@ def _atomic_write(path, write):
         raise
 
 
+def invalid_rows(puzzles, solutions):
+    """(N,) bool: the rows whose solution is not a full valid grid that agrees with the puzzle's givens."""
+    puzzles, solutions = np.asarray(puzzles, np.int64), np.asarray(solutions, np.int64)
+    bad = ((puzzles < 0) | (puzzles > 9)).any(1) | ((solutions < 1) | (solutions > 9)).any(1)
+    bad |= ((puzzles != 0) & (puzzles != solutions)).any(1)
+    return bad | (broken_constraints(torch.from_numpy(solutions.clip(0, 9))).numpy() > 0)
+
+
 def load_puzzles(difficulty, n, seed=0, data_dir="data"):
-    """The cached set data_dir/sudoku-<difficulty>-<n>-seed<seed>.npz, generated once if absent.
-    Returns (puzzles, solutions) as int8 (n, 81)."""
+    """The cached set data_dir/sudoku-<difficulty>-<n>-seed<seed>.npz, generated once if absent, checked
+    on every load and generated again if damaged. Returns (puzzles, solutions) as int8 (n, 81)."""
     path = Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
-    if not path.exists():
-        puzzles, solutions, guesses = generate_puzzles(n, difficulty, seed)
-        _atomic_write(path, lambda f: np.savez(f, puzzles=puzzles, solutions=solutions, guesses=guesses))
-    with np.load(path) as data:
-        return data["puzzles"], data["solutions"]
+    if path.exists():
+        try:
+            with np.load(path) as data:
+                puzzles, solutions = data["puzzles"], data["solutions"]
+            if puzzles.shape != (n, 81) or solutions.shape != (n, 81) or (puzzles.dtype, solutions.dtype) != (np.int8, np.int8):
+                problem = f"holds {puzzles.dtype} {puzzles.shape} and {solutions.dtype} {solutions.shape}, not int8 ({n}, 81)"
+            elif invalid_rows(puzzles, solutions).any():
+                problem = f"has {int(invalid_rows(puzzles, solutions).sum())} puzzle(s) with a broken solution"
+            else:
+                return puzzles, solutions
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+            problem = f"cannot be read ({type(error).__name__}: {error})"
+        print(f"warning: {path} {problem}; generating it again", file=sys.stderr)
+    puzzles, solutions, guesses = generate_puzzles(n, difficulty, seed)
+    _atomic_write(path, lambda f: np.savez(f, puzzles=puzzles, solutions=solutions, guesses=guesses))
+    return puzzles, solutions
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -240,14 +262,19 @@ def augment(puzzles, solutions, rng):
 
 
 # ----------------------------------------------------------------------------- CSV files
-def read_csv(path):
+def read_csv(path, check_unique=False):
     """Read a public-format Sudoku CSV (81-character strings, '.' or '0' for a blank; a header naming
-    the columns, e.g. question,answer or source,question,answer,rating). Returns int8 (N, 81) pairs."""
+    the columns, e.g. question,answer or source,question,answer,rating). Returns int8 (N, 81) pairs.
+    Every solution must be a valid grid agreeing with its givens; check_unique also solves every puzzle
+    and reports those with more than one solution."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
-    with open(path, newline="") as file:
-        rows = list(csv.reader(file))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:  # -sig: a byte-order mark is skipped
+            rows = list(csv.reader(file))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not rows:
         raise ValueError(f"{path}: empty file")
     header = [name.strip().lower() for name in rows[0]]
@@ -260,7 +287,7 @@ def read_csv(path):
         answer, first = answers[0], 2
     else:
         question, answer, first = 0, 1, 1
-    puzzles, solutions = [], []
+    puzzles, solutions, lines = [], [], []
     for line, row in enumerate(rows[first - 1:], first):
         if not row:
             continue
@@ -281,14 +308,20 @@ def read_csv(path):
                              f"{clash % 9 + 1} contradicts the solution's {solution_digits[clash]}")
         puzzles.append(puzzle_digits)
         solutions.append(solution_digits)
+        lines.append(line)
     if not puzzles:
         raise ValueError(f"{path}: no puzzles")
-    solutions = np.array(solutions, np.int8)
+    puzzles, solutions = np.array(puzzles, np.int8), np.array(solutions, np.int8)
     broken = broken_constraints(torch.from_numpy(solutions))
     if broken.any():
         index = int(broken.nonzero()[0, 0])
-        raise ValueError(f"{path}: the solution of puzzle {index + 1} breaks {int(broken[index])} Sudoku rule(s)")
-    return np.array(puzzles, np.int8), solutions
+        raise ValueError(f"{path}, line {lines[index]}: the solution breaks {int(broken[index])} Sudoku rule(s)")
+    if check_unique:
+        several = [line for line, puzzle in zip(lines, puzzles) if solve(puzzle)[0] > 1]
+        if several:
+            shown = ", ".join(map(str, several[:10])) + (", ..." if len(several) > 10 else "")
+            raise ValueError(f"{path}: {len(several)} puzzle(s) have more than one solution, on line(s) {shown}")
+    return puzzles, solutions
 
 
 def write_csv(path, puzzles, solutions):
@@ -352,9 +385,9 @@ class SudokuTask:
 
 
 # ----------------------------------------------------------------------------- MNIST (visual form)
-MNIST_FILES = {  # official names -> SHA-256 of the decompressed file (None: checked by its header only)
-    "train-images-idx3-ubyte": None,
-    "train-labels-idx1-ubyte": None,
+MNIST_FILES = {  # official names -> SHA-256 of the decompressed file
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
@@ -362,10 +395,12 @@ MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
 
 def _read_idx(path, name):
-    """Bytes of an IDX file, gzipped (.gz) or not, checked against its SHA-256 where known."""
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    expected = MNIST_FILES[name]
-    if expected and hashlib.sha256(data).hexdigest() != expected:
+    """Bytes of an IDX file, gzipped (.gz) or not, checked against its SHA-256."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: not a complete gzip file ({error})") from None
+    if hashlib.sha256(data).hexdigest() != MNIST_FILES[name]:
         raise ValueError(f"{path}: SHA-256 mismatch; the file is corrupt or not the official {name}")
     return data
 

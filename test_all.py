@@ -4,7 +4,14 @@ import dataclasses
 import gzip
 import json
 import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,6 +176,62 @@ def test_mnist_checksum_and_missing_files(tmp_path, monkeypatch):
         sudoku_data.load_mnist(tmp_path, "t10k")
 
 
+def test_mnist_training_files_are_checked_too_and_a_bad_gzip_is_named(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 10, 2, dtype=np.uint8).tobytes()  # random labels, valid header
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes([0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]) + bytes(2 * 784)))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes([0, 0, 0, 2]) + labels))
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        sudoku_data.load_mnist(tmp_path, "train")
+    whole = gzip.compress(bytes(5000))
+    for content in (whole[:len(whole) // 2], b"not gzip at all"):  # truncated, not gzip
+        (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(content)
+        (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(content)
+        with pytest.raises(ValueError, match="not a complete gzip file") as error:
+            sudoku_data.load_mnist(tmp_path, "t10k")
+        assert str(tmp_path / "t10k-images-idx3-ubyte.gz") in str(error.value)
+
+
+def test_a_damaged_cached_set_is_generated_again(tmp_path, capsys):
+    puzzles, solutions = sudoku_data.load_puzzles("easy", 4, seed=1, data_dir=tmp_path)
+    path = tmp_path / "sudoku-easy-4-seed1.npz"
+    whole, broken = path.read_bytes(), solutions.copy()
+    broken[0, :2] = broken[0, 1::-1]  # two digits of a row swapped: the rules break
+    for damage in (lambda: path.write_bytes(whole[:len(whole) // 2]),
+                   lambda: np.savez(path, puzzles=puzzles[:3], solutions=solutions[:3]),
+                   lambda: np.savez(path, puzzles=puzzles, solutions=broken)):
+        damage()
+        again = sudoku_data.load_puzzles("easy", 4, seed=1, data_dir=tmp_path)
+        assert np.array_equal(again[0], puzzles) and np.array_equal(again[1], solutions)
+        warning = capsys.readouterr().err
+        assert str(path) in warning and warning.count("\n") == 1
+        assert np.array_equal(sudoku_data.load_puzzles("easy", 4, seed=1, data_dir=tmp_path)[1], solutions)
+        assert capsys.readouterr().err == ""
+
+
+def test_csv_encoding_solutions_and_optional_uniqueness_check(tmp_path, puzzles):
+    grid, solution, _ = puzzles["easy"]
+    path = tmp_path / "set.csv"
+    sudoku_data.write_csv(path, grid[:2], solution[:2])
+    text = path.read_text()
+    question, answer = text.splitlines()[1].split(",")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert np.array_equal(sudoku_data.read_csv(tmp_path / "bom.csv")[0], grid[:2])
+    (tmp_path / "latin1.csv").write_bytes(text.encode() + "caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8") as error:
+        sudoku_data.read_csv(tmp_path / "latin1.csv")
+    assert str(tmp_path / "latin1.csv") in str(error.value)
+    bad_solution = answer[1] + answer[0] + answer[2:]
+    (tmp_path / "rules.csv").write_text(f"question,answer\n{question},{answer}\n{'.' * 81},{bad_solution}\n")
+    with pytest.raises(ValueError, match="line 3: the solution breaks"):
+        sudoku_data.read_csv(tmp_path / "rules.csv")
+    several = tmp_path / "several.csv"  # all-blank puzzles on lines 3 and 5 have many solutions
+    several.write_text(f"question,answer\n{question},{answer}\n{'.' * 81},{answer}\n{question},{answer}\n{'.' * 81},{answer}\n")
+    assert len(sudoku_data.read_csv(several)[0]) == 4
+    with pytest.raises(ValueError, match=r"2 puzzle\(s\) have more than one solution, on line\(s\) 3, 5"):
+        sudoku_data.read_csv(several, check_unique=True)
+    assert len(sudoku_data.read_csv(path, check_unique=True)[0]) == 2
+
+
 # ============================================================================= train.py
 def test_text_task(tmp_path):
     path = tmp_path / "corpus.txt"
@@ -189,13 +252,39 @@ def test_text_task(tmp_path):
     (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be positive"),
     (["--method", "recurrent_depth", "--steps", "0"], "--steps must be a positive integer"),
     (["--method", "recurrent_depth", "--task", "text"], "--task text needs --text-file"),
+    (["--method", "recurrent_depth", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
+    (["--method", "lvr", "--n-head", "0"], "--n-head must be >= 1, got 0"),
+    (["--method", "recurrent_depth", "--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--method", "recurrent_depth", "--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
+    (["--method", "recurrent_depth", "--warmup-steps", "-5"], "--warmup-steps must be >= 0, got -5"),
+    (["--method", "lit", "--eval-steps", "0"], "--eval-steps must list thinking steps >= 1, got 0"),
+    (["--method", "recurrent_depth", "--resume", "a.pt", "--eval-only", "b.pt"], "give one of them"),
     (["--method", "recurrent_depth", "--device", "cuda"] if not torch.cuda.is_available() else
      ["--method", "nope"], "CUDA" if not torch.cuda.is_available() else "unknown method"),
 ])
-def test_command_line_errors_are_one_line(argv, message, capsys):
+def test_command_line_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert train.main(argv) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # refused before anything was built or written
+
+
+def test_bad_paths_and_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    cases = [(["--out", "file.txt"], "--out file.txt is a file, not a folder"),
+             (["--data-dir", "file.txt"], "--data-dir file.txt is a file, not a folder"),
+             (["--task", "text", "--text-file", "folder"], "--text-file folder is a folder, not a file"),
+             (["--resume", "empty.pt"], "cannot read checkpoint empty.pt: the file is empty or cut short"),
+             (["--eval-only", "empty.pt"], "cannot read checkpoint empty.pt: the file is empty or cut short")]
+    for extra, message in cases:
+        assert train.main(["--method", "recurrent_depth", *extra]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.pt", "file.txt", "folder"]
 
 
 def test_boolean_flags_including_fields_named_no_something():
@@ -226,9 +315,11 @@ def data_dir(tmp_path_factory):
 
 
 def interrupting_at_step_3(train_step):
-    """A method's train_step that behaves like Ctrl-C at step 3 (to test the save and --resume)."""
+    """A method's train_step that behaves like Ctrl-C in the middle of step 3, after the step has drawn
+    random numbers (to test the save and --resume)."""
     def step_or_interrupt(model, optimizer, scaler, batch, step, *rest):
         if step == 3:
+            torch.rand(8)  # what the interrupted step drew must be drawn again by --resume
             raise KeyboardInterrupt
         return train_step(model, optimizer, scaler, batch, step, *rest)
     return step_or_interrupt
@@ -271,6 +362,167 @@ def test_eval_only_with_other_thinking_steps(tmp_path, data_dir, capsys):
     assert "trained with --method recurrent_depth" in capsys.readouterr().err
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--d-model", "64"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def _files(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_train_py_never_overwrites_a_run_unless_told(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]
+    assert train.main(run) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert train.main(run) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(out) in error and "--resume" in error and "--overwrite" in error
+    assert _files(out) == before
+    (out / "checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # left by a run killed while saving
+    assert train.main(run + ["--overwrite", "--steps", "4"]) == 0
+    assert _checkpoint(out)["step"] == 4
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
+    assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]  # no .tmp, no lock left
+
+
+def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_path, data_dir):
+    original, copied = tmp_path / "original", tmp_path / "copied"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(original), "--steps", "4"]) == 0
+    before = _files(original)
+    copied.mkdir()
+    shutil.copy(original / "checkpoint.pt", copied)
+    assert train.main(["--method", "recurrent_depth", "--resume", str(copied / "checkpoint.pt"), "--steps", "6"]) == 0
+    assert _checkpoint(copied)["step"] == 6 and (copied / "results.json").exists()
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(copied / "checkpoint.pt")]) == 0
+    assert (copied / "eval.json").exists()
+    elsewhere = tmp_path / "elsewhere"
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(copied / "checkpoint.pt"), "--out", str(elsewhere)]) == 0
+    assert sorted(_files(elsewhere)) == ["eval.json"]
+    assert _files(original) == before
+
+
+def test_train_py_refuses_a_folder_locked_by_a_live_run_but_takes_over_a_stale_lock(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]
+    (out / "lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process holds it
+    assert train.main(run) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{out} is in use by another run (process {os.getpid()}" in error
+    assert sorted(_files(out)) == ["lock"]
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (out / "lock").write_text(f"{ended.pid} {socket.gethostname()}\n")  # its run crashed without unlocking
+    assert train.main(run) == 0
+    assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]
+
+
+def _strict_json(line):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_train_py_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    original_step = rd.train_step
+
+    def diverging_at_step_5(model, optimizer, scaler, batch, step, *rest):
+        metrics = original_step(model, optimizer, scaler, batch, step, *rest)
+        return {**metrics, "loss": metrics["loss"] * (math.nan if step == 4 else 1),
+                "grad_norm": torch.tensor(math.inf if step == 0 else 1.0)}  # a non-finite metric that may happen
+
+    monkeypatch.setattr(rd, "train_step", diverging_at_step_5)
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--log-every", "1", "--save-every", "2"]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error.startswith("error: the loss is nan at step 5") and "(step 4) is kept" in error
+    assert _checkpoint(out)["step"] == 4 and not (out / "results.json").exists()
+    log = [_strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4] and log[0]["grad_norm"] is None
+
+
+def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
+    trained, edited = tmp_path / "trained.txt", tmp_path / "edited.txt"
+    trained.write_text("abcdefgh " * 300)
+    edited.write_text("abcdefgX " * 300)  # as many distinct characters, so the model would fit
+    run = ["--method", "recurrent_depth", "--task", "text", "--context-length", "16", "--d-model", "32", "--n-heads", "2",
+           "--d-mlp", "64", "--mean-recurrence", "3", "--backprop-depth", "2", "--steps", "2", "--batch-size", "4",
+           "--eval-steps", "1", "--eval-size", "4"]
+    assert train.main(run + ["--text-file", str(trained), "--out", str(tmp_path / "run")]) == 0
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    capsys.readouterr()
+    for use in ("--eval-only", "--resume", "--init-from"):
+        extra = ["--out", str(tmp_path / "other")] if use == "--init-from" else []
+        assert train.main(["--method", "recurrent_depth", use, checkpoint, "--text-file", str(edited), *extra] +
+                          (run[2:] if use == "--init-from" else [])) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "holds other characters" in error
+    assert train.main(["--method", "recurrent_depth", "--eval-only", checkpoint]) == 0
+
+
+def test_checkpoint_save_failing_with_an_os_error_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    train.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
+
+    def half_written(state, file):
+        Path(file).write_bytes(b"half a check")
+        raise OSError(28, "No space left on device")
+
+    def refused(*args):
+        raise OSError(13, "Permission denied")
+
+    for target, name, failing in ((torch, "save", half_written), (os, "replace", refused)):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, failing)
+            with pytest.raises(OSError):
+                train.save_checkpoint(path, {"step": 2, "weights": torch.zeros(3)})
+        assert torch.load(path, weights_only=True)["step"] == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+SIGINT_STEPS = 20
+TINY_FLAGS = {  # tiny runs of every method, for the Ctrl-C test
+    "recurrent_depth": TINY_RUN[2:],
+    "ltm": ["--task", "text", "--context-length", "16", "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
+            "--n-z-per-layer", "2", "--fast-steps", "2", "--batch-size", "4", "--eval-steps", "1", "--eval-size", "4",
+            "--eval-subset", "4"],
+    "lit": ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--think-steps", "2", "--batch-size", "4",
+            "--eval-steps", "1", "--eval-size", "6", "--base-size", "16", "--eval-batch-size", "8"],
+    "lvr": ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--encoder-layers", "1", "--align-steps", "5",
+            "--no-baseline", "--batch-size", "4", "--eval-steps", "0,2", "--eval-size", "8"],
+}
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c(method, tmp_path, data_dir, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    run = ["--method", method, *TINY_FLAGS[method], "--steps", str(SIGINT_STEPS), "--warmup-steps", "2",
+           "--log-every", "1", "--data-dir", data_dir] + (["--text-file", str(corpus)] if method == "ltm" else [])
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(run + ["--out", str(straight)]) == 0
+    capsys.readouterr()
+    process = subprocess.Popen([sys.executable, "train.py", *run, "--out", str(split)], cwd=Path(train.__file__).parent,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = split / "log.jsonl"
+    while process.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.005)
+    assert train.main(run + ["--out", str(split)]) == 2  # a second run in the same folder is refused
+    assert "is in use by another run" in capsys.readouterr().err
+    process.send_signal(signal.SIGINT)  # lands in the middle of a step: the loop is almost all steps
+    output, errors = process.communicate(timeout=300)
+    assert process.returncode == 130, errors[-3000:]
+    interrupted = int(re.search(r"interrupted at step (\d+)", output).group(1))
+    assert 2 <= interrupted < SIGINT_STEPS and _checkpoint(split)["step"] == interrupted
+    assert train.main(["--method", method, "--resume", str(split / "checkpoint.pt")]) == 0
+    resumed, expected = _checkpoint(split), _checkpoint(straight)
+    assert resumed["step"] == expected["step"] == SIGINT_STEPS
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, SIGINT_STEPS + 1))
+    rows = [json.loads((folder / "results.json").read_text())["rows"] for folder in (straight, split)]
+    assert rows[0] == rows[1]
 
 # ============================================================================= recurrent_depth.py
 TEXT = SimpleNamespace(name="text", vocab_size=13, seq_len=32)

@@ -12,6 +12,7 @@ Examples:
   python train.py --method ltm --task text --text-file input.txt
 """
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -19,6 +20,8 @@ import json
 import math
 import os
 import re
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -43,6 +46,10 @@ class UsageError(Exception):
     """A problem with the command line or its files: printed as one line, exit status 2."""
 
 
+class TrainingError(Exception):
+    """Training cannot go on (the loss is no longer finite): printed as one line, exit status 1."""
+
+
 # ----------------------------------------------------------------------------- the text task
 class TextTask:
     """Character-level language modelling on any UTF-8 file: the first 90 % trains, the rest is held out."""
@@ -55,6 +62,8 @@ class TextTask:
             text = Path(text_file).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UsageError(f"text file not found: {text_file}") from None
+        except IsADirectoryError:
+            raise UsageError(f"--text-file {text_file} is a folder, not a file") from None
         except UnicodeDecodeError as error:
             raise UsageError(f"{text_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         self.characters = sorted(set(text))
@@ -156,9 +165,10 @@ def build_parser(method=None):
     run.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     run.add_argument("--seed", type=int, help="seed for data, initialisation and sampling (default 0)")
     run.add_argument("--out", help="run folder for log.jsonl, checkpoint.pt, results.json (default runs/<method>-<task>)")
-    run.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint")
+    run.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint (written next to it unless --out)")
+    run.add_argument("--overwrite", action="store_true", help="start again in a run folder that already holds a run")
     run.add_argument("--init-from", metavar="PATH", help="load model weights only (fresh optimizer and step count)")
-    run.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint and exit")
+    run.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint and exit (eval.json next to it unless --out)")
     run.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
     run.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
     data = parser.add_argument_group("data options")
@@ -195,9 +205,34 @@ def parse(argv):
     for name in ("steps", "batch_size", "eval_size", "base_size", "log_every", "save_every", "context_length"):
         if name in given and given[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
-    if given.get("lr", 1) <= 0:
-        raise UsageError(f"--lr must be positive, got {given['lr']}")
+    if "resume" in given and "eval_only" in given:
+        raise UsageError("--resume continues a run and --eval-only evaluates one: give one of them")
+    if "init_from" in given and ("resume" in given or "eval_only" in given):
+        raise UsageError("--init-from starts a new run: it does not go with --resume or --eval-only")
     return method, given
+
+
+def check_settings(options, config_class, values):
+    """Every setting (the run options, the Config field values), checked before anything is built or
+    trained; the first bad one as one line."""
+    if not 0 <= options.seed < 2 ** 32:
+        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {options.seed}")
+    for name in ("data_dir", "mnist_dir"):
+        if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(options, name)} is a file, not a folder")
+    types = typing.get_type_hints(config_class)
+    for name, value in values.items():
+        kind, flag = types[name], "--" + name.replace("_", "-")
+        if kind is float and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        lowest = 1 if name.startswith("n_") else 0  # n_heads, n_layers, ...: a model needs at least one
+        if kind is int and value < lowest or typing.get_origin(kind) is tuple and any(v < 0 for v in value):
+            raise UsageError(f"{flag} must be >= {lowest}, got {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    if not values["lr"] > 0:
+        raise UsageError(f"--lr must be positive, got {values['lr']}")
+    lowest = min(1, *config_class().eval_steps)  # 0 thinking steps only where the method's own table has them
+    if not values["eval_steps"] or min(values["eval_steps"]) < lowest:
+        raise UsageError(f"--eval-steps must list thinking steps >= {lowest}, got {','.join(map(str, values['eval_steps']))}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -221,7 +256,8 @@ def load_checkpoint(path, method_name):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UsageError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+        detail = "the file is empty or cut short" if isinstance(error, EOFError) else (str(error).splitlines() or [""])[0]
+        raise UsageError(f"cannot read checkpoint {path}: {detail or type(error).__name__}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UsageError(f"{path} is not a checkpoint written by train.py")
     if state.get("method") != method_name:
@@ -229,12 +265,85 @@ def load_checkpoint(path, method_name):
     return state
 
 
-def write_json(path, value):
+def write_text(path, text):
+    """Write through a temporary file and a rename: a reader never sees half a file."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(value, file, indent=1)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def write_json(path, value):
+    write_text(path, json.dumps(value, indent=1, allow_nan=False))
+
+# ----------------------------------------------------------------------------- the run folder
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+@contextlib.contextmanager
+def run_folder_lock(out):
+    """Hold out/lock, holding this process's id, while a run writes the folder. A lock left by a run
+    that crashed (its process has ended) is taken over; a live one refuses this run."""
+    lock, mine = out / "lock", out / f"lock.{os.getpid()}.tmp"
+    mine.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        while True:
+            try:
+                os.link(mine, lock)  # atomic, and the lock never shows a half-written id
+                break
+            except FileExistsError:
+                owner = lock.read_text().split() if lock.exists() else []
+                pid = int(owner[0]) if owner and owner[0].isdigit() else 0
+                if pid > 0 and (owner[1:] != [socket.gethostname()] or _process_alive(pid)):
+                    raise UsageError(f"{out} is in use by another run (process {pid} on {' '.join(owner[1:])}); "
+                                     f"wait for it, choose another --out, or delete {lock} if no run uses it") from None
+                lock.unlink(missing_ok=True)  # stale: its run has ended without releasing it
+    finally:
+        mine.unlink()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash
+
+
+def prepare_run_folder(out, resume_path, overwrite, step):
+    """Refuse to start over a run the user did not name; clear what --overwrite or a crash left behind.
+    Called with the folder locked; step is the step training starts from."""
+    checkpoint = out / "checkpoint.pt"
+    resuming_here = resume_path is not None and checkpoint.exists() and os.path.samefile(checkpoint, resume_path)
+    held = [name for name in ("checkpoint.pt", "results.json") if (out / name).exists()]
+    if held and not resuming_here:
+        if not overwrite:
+            resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
+            raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
+        for name in ("checkpoint.pt", "results.json", "eval.json"):
+            (out / name).unlink(missing_ok=True)
+    for pattern in ("checkpoint.pt.*.tmp", "results.json.*.tmp"):  # left by a run killed while saving
+        for temporary in out.glob(pattern):
+            temporary.unlink()
+    log = out / "log.jsonl"
+    if log.exists():  # keep the lines up to the step training starts from (none for a new run)
+        kept = [line for line in log.read_text().splitlines() if step and (_logged_step(line) or step + 1) <= step]
+        write_text(log, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -278,7 +387,8 @@ def run(argv):
     checkpoint_path = given.get("resume") or given.get("eval_only")
     checkpoint = load_checkpoint(checkpoint_path, method.__name__) if checkpoint_path else None
     # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
-    saved = checkpoint["run"] if checkpoint else {}
+    # The checkpoint's --out is not among them: a run continues (or is evaluated) next to its checkpoint.
+    saved = {k: v for k, v in checkpoint["run"].items() if k != "out"} if checkpoint else {}
     options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
     field_names = {f.name for f in dataclasses.fields(method.Config)}
     config_values = dataclasses.asdict(method.Config())
@@ -286,107 +396,178 @@ def run(argv):
         config_values.update(method.GPU_CONFIG)
     config_values.update(checkpoint["config"] if checkpoint else {})
     config_values.update({k: v for k, v in given.items() if k in field_names})
+    config_values = {k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()}
+    check_settings(options, method.Config, config_values)
     try:
-        config = method.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()})
-    except (TypeError, ValueError) as error:
+        config = method.Config(**config_values)
+    except (TypeError, ValueError, ArithmeticError) as error:
         raise UsageError(f"invalid configuration: {error}") from None
     options.task = options.task or method.TASKS[0]
     if options.task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
     out = Path(options.out or (Path(checkpoint_path).parent if checkpoint_path else f"runs/{method.__name__}-{options.task}"))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    options.out = str(out)
+    if "eval_only" in given:
+        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out)
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_folder_lock(out):
+            return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
+    finally:
+        for folder in created:
+            if not any(folder.iterdir()):
+                folder.rmdir()  # the run stopped before it wrote anything
 
+
+def build(method, config, options, device, autocast_dtype, source):
+    """The task and the model (with the weights of the checkpoint `source`, if any)."""
     torch.manual_seed(options.seed)
     np.random.seed(options.seed)
     try:
         task = build_task(options.task, config, options)
         model = method.build_model(config, task).to(device)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ArithmeticError) as error:
         raise UsageError(str(error)) from None
-    optimizer = method.make_optimizer(model, config)
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    step = 0
-    init_path = given.get("init_from")
-    source = checkpoint or (load_checkpoint(init_path, method.__name__) if init_path else None)
+    vocabulary = getattr(task, "characters", None)
+    if source and "vocabulary" in source and source["vocabulary"] != vocabulary:
+        raise UsageError(f"--text-file {options.text_file} holds other characters than the text the checkpoint "
+                         f"was trained on, so its character ids would mean other characters")
     if source:
         try:
             model.load_state_dict(source["model"])
         except RuntimeError as error:
             detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
             raise UsageError(f"checkpoint does not fit this configuration: {detail}") from None
-    if checkpoint and "resume" in given:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"])
-        if "cuda_rng" in checkpoint and device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"])
-        step = checkpoint["step"]
     if options.compile:
         model.compile()
     parameters = sum(p.numel() for p in model.parameters())
     print(f"{method.__name__} on {options.task}: {parameters / 1e6:.2f}M parameters, device {device}, "
-          f"autocast {autocast_dtype or 'off'}, run folder {out}")
+          f"autocast {autocast_dtype or 'off'}, run folder {options.out}")
+    return task, model
 
-    if "eval_only" not in given:
-        out.mkdir(parents=True, exist_ok=True)
 
-        def checkpoint_state(step):
-            state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "rng": torch.get_rng_state()}
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state()
-            return state
-
-        step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
-                     step, checkpoint_state)
-        if step is None:
-            return 130
+def evaluate_and_write(method, model, task, config, options, autocast_dtype, path):
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / ("eval.json" if "eval_only" in given else "results.json"),
-               {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows})
+
+
+def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
+    task, model = build(method, config, options, device, autocast_dtype, checkpoint)
+    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json")
     return 0
+def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
+    """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
+    resuming = "resume" in given
+    source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
+    prepare_run_folder(out, given.get("resume"), given.get("overwrite", False), checkpoint["step"] if resuming else 0)
+    task, model = build(method, config, options, device, autocast_dtype, source)
+    optimizer = method.make_optimizer(model, config)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    step = 0
+    if resuming:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint, device)
+        step = checkpoint["step"]
+
+    def checkpoint_state(step):
+        state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, **rng_state(device)}
+        if hasattr(task, "characters"):
+            state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
+        return state
+
+    step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
+                 step, checkpoint_state)
+    if step is None:
+        return 130
+    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json")
+    return 0
+
+
+def rng_state(device):
+    """The random generators' state: all that a step draws from besides its seeded batch."""
+    return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state):
     """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
-    or None when interrupted (after saving)."""
+    or None when interrupted (after saving).
+    Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step, and the
+    checkpoint then holds the random state from the start of that step, which --resume runs again."""
+    checkpoint_path = out / "checkpoint.pt"
+    saved_step = step if checkpoint_path.exists() else None
+    ctrl_c = []
+
+    def finish_step_then_stop(signum, frame):
+        if ctrl_c:
+            raise KeyboardInterrupt
+        ctrl_c.append(signum)
+
+    try:
+        previous_handler = signal.signal(signal.SIGINT, finish_step_then_stop)
+    except ValueError:  # not the main thread: Ctrl-C stops inside the step
+        previous_handler = None
     log = open(out / "log.jsonl", "a")
     progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True)
-    interrupted = False
-
+    interrupted, state_at_step_start = False, None
     start, start_step = time.perf_counter(), step
     try:
-        while step < config.steps:
+        while step < config.steps and not ctrl_c:
+            state_at_step_start = rng_state(device)
             factor = lr_factor(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             batch = {k: v.to(device, non_blocking=True) for k, v in task.train_batch(step, config.batch_size).items()}
             metrics = method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                kept = (f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else
+                        "no checkpoint had been saved")
+                raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower --lr; "
+                                    f"stopped, {kept}")
+            state_at_step_start = None
             step += 1
             progress.update(1)
             if step % options.log_every == 0 or step == config.steps:
                 rate = (step - start_step) * config.batch_size / (time.perf_counter() - start)
                 values = {k: float(v) for k, v in metrics.items()}
-                log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **values,
-                                      "examples_per_s": rate}) + "\n")
+                logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
+                log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged,
+                                      "examples_per_s": rate}, allow_nan=False) + "\n")
                 log.flush()
                 progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "ex/s": f"{rate:.0f}"})
             if step % options.save_every == 0:
-                save_checkpoint(out / "checkpoint.pt", checkpoint_state(step))
+                save_checkpoint(checkpoint_path, checkpoint_state(step))
+                saved_step = step
     except KeyboardInterrupt:
         interrupted = True
+        if state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
+            set_rng_state(state_at_step_start, device)
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         progress.close()
         log.close()
     elapsed = time.perf_counter() - start
-    save_checkpoint(out / "checkpoint.pt", checkpoint_state(step))
-    if interrupted:
-        print(f"interrupted at step {step}; checkpoint saved to {out / 'checkpoint.pt'} (continue with --resume)")
+    save_checkpoint(checkpoint_path, checkpoint_state(step))
+    if interrupted or ctrl_c:
+        print(f"interrupted at step {step}; checkpoint saved to {checkpoint_path} (continue with --resume)")
         return None
     if step > start_step:
         print(f"trained {step - start_step} steps in {elapsed:.0f} s: "
@@ -400,6 +581,9 @@ def main(argv=None):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
