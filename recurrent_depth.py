@@ -217,6 +217,11 @@ class RecurrentKVCache:
         return update
 
 
+def exit_threshold(config: Config, criterion: str) -> float:
+    """The adaptive-exit threshold of `criterion` in `config`."""
+    return config.kl_threshold if criterion == "kl" else config.latent_threshold
+
+
 class RecurrentDepthModel(nn.Module):
     """Prelude P -> recurrent core R (adapter input injection) -> coda C, tied embeddings."""
 
@@ -312,18 +317,17 @@ class RecurrentDepthModel(nn.Module):
             value = (s_new - s_prev).float().norm(dim=-1) / s_new.float().norm(dim=-1).clamp(min=1e-12)
         return value.amax(-1)
 
-    def _threshold(self, criterion: str) -> float:
-        return self.cfg.kl_threshold if criterion == "kl" else self.cfg.latent_threshold
-
     @torch.no_grad()
-    def think(self, idx, max_steps: int, exit_criterion: str = "none", record_steps=(), generator=None):
-        """Recur up to max_steps with a per-row (per-puzzle) exit.
+    def think(self, idx, max_steps: int, exit_criterion: str = "none", record_steps=(), generator=None,
+              threshold: float | None = None):
+        """Recur up to max_steps with a per-row (per-puzzle) exit below `threshold` (default: the model's config).
 
         Returns logits at each row's exit (B, T, V), steps used per row (B,), and {step: logits} for the
         steps in record_steps (only with exit_criterion "none"). Rows that exited drop out of the batch.
         """
         if exit_criterion not in EXIT_CRITERIA or (record_steps and exit_criterion != "none"):
             raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA}; record_steps needs 'none'")
+        threshold = exit_threshold(self.cfg, exit_criterion) if threshold is None else threshold
         rope = self.rope(0, idx.shape[1])
         e = self.embed(idx, rope)
         s = self.init_state(e, generator=generator)
@@ -343,7 +347,7 @@ class RecurrentDepthModel(nn.Module):
             value = self._exit_value(exit_criterion, s_prev, s_new, log_p[active], log_p_new)
             if log_p_new is not None:
                 log_p[active] = log_p_new
-            done = value < self._threshold(exit_criterion)
+            done = value < threshold
             steps_used[active[done]] = i
             active = active[~done]
             if active.numel() == 0:
@@ -363,6 +367,7 @@ class RecurrentDepthModel(nn.Module):
         active = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
         steps_used = torch.full_like(active, max_steps, dtype=torch.long)
         log_p = torch.full((*idx.shape, self.vocab_size), -math.log(self.vocab_size), device=idx.device)
+        threshold = exit_threshold(self.cfg, exit_criterion)
         for i in range(max_steps):
             cache.steps_done[active, cache.start : cache.end] = i + 1
             s_new = self.core_step(s, e, rope, cache, step=i)
@@ -370,7 +375,7 @@ class RecurrentDepthModel(nn.Module):
             if exit_criterion == "none" or i == max_steps - 1:
                 continue
             log_p_new = F.log_softmax(self.readout(s, rope, cache).float(), -1) if exit_criterion == "kl" else None
-            done = active & (self._exit_value(exit_criterion, s_prev, s, log_p, log_p_new) < self._threshold(exit_criterion))
+            done = active & (self._exit_value(exit_criterion, s_prev, s, log_p, log_p_new) < threshold)
             log_p = log_p_new if log_p_new is not None else log_p
             steps_used[done] = i + 1
             active &= ~done
@@ -383,7 +388,8 @@ class RecurrentDepthModel(nn.Module):
                  continuous_cot: bool | None = None, temperature: float = 0.0, init_scale: float = 1.0):
         """Autoregressive sampling (greedy at temperature 0) with a KV cache and per-token adaptive exit.
 
-        The prompt is prefilled with max_steps recurrences (no exit in prefill, as the reference).
+        The prompt is prefilled with max_steps recurrences and no exit, as the reference's `step > 0` guard
+        ("do not exit in prefill") in generate_with_adaptive_compute (recpre/raven_modeling_minimal.py).
         Returns tokens (B, T_prompt + max_new_tokens) and the mean recurrences per generated token.
         """
         if not self.causal:
@@ -443,15 +449,17 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 def sample_recurrence(step: int, config: Config) -> tuple[int, int]:
     """Log-normal Poisson draw of the recurrence count, shared by all devices (seeded by the step).
 
-    sigma = 0.5, mu = log(r_mean) - sigma^2 / 2, rate ~ LogNormal(mu, sigma), p = Poisson(rate) + 1,
-    n = max(p - k, 0) steps without gradient, k' = min(k, p) steps with gradient. E[rate] = r_mean.
+    sigma = 0.5, mu = log(max(r_mean - k, 0) + k) - sigma^2 / 2, rate ~ LogNormal(mu, sigma),
+    p = Poisson(rate) + 1, n = max(p - k, 0) steps without gradient, k' = min(k, p) steps with gradient.
+    E[rate] = max(r_mean, k), as in the reference's randomized_iteration_sampler.
     """
     g = torch.Generator().manual_seed(config.sampler_seed * 1_000_003 + step)
     sigma = 0.5
-    mu = math.log(config.mean_recurrence) - sigma**2 / 2
+    k = config.backprop_depth
+    mu = math.log(max(config.mean_recurrence - k, 0) + k) - sigma**2 / 2
     rate = torch.exp(mu + sigma * torch.randn(1, generator=g))
     p = int(torch.poisson(rate, generator=g).item()) + 1
-    return max(p - config.backprop_depth, 0), min(config.backprop_depth, p)
+    return max(p - k, 0), min(k, p)
 
 
 def inputs_and_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +517,8 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
             with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 _, _, recorded = model.think(puzzle, max_steps, "none", record_steps=eval_steps, generator=g)
                 g.set_state(initial_state)
-                logits, steps_used, _ = model.think(puzzle, max_steps, config.exit_criterion, generator=g)
+                logits, steps_used, _ = model.think(puzzle, max_steps, config.exit_criterion, generator=g,
+                                                    threshold=exit_threshold(config, config.exit_criterion))
             for r in eval_steps:
                 fixed[r].append(_digits(recorded[r]).cpu())
             adaptive.append(_digits(logits).cpu())

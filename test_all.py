@@ -629,14 +629,57 @@ def test_recurrent_depth_gradient_reaches_only_the_last_k_steps():
     assert any(not torch.allclose(a, p.grad) for a, p in zip(truncated, model.parameters()))
 
 
-def test_recurrent_depth_recurrence_sampler_mean_and_split():
+def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
     cfg = rd.Config(mean_recurrence=8, backprop_depth=4)
     draws = [rd.sample_recurrence(step, cfg) for step in range(4000)]
     totals = torch.tensor([n + k for n, k in draws], dtype=torch.float)
-    # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.4 -> standard error ~ 0.09
+    # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.1 -> standard error of the mean ~ 0.08
     assert abs(totals.mean().item() - (cfg.mean_recurrence + 1)) < 0.4
+    # Var p = E[rate] + Var rate = r + r^2 (exp(sigma^2) - 1): sd 5.12 with sigma 0.5 (3.48 with 0.25, 6.1 with 0.6)
+    assert 4.6 < totals.std().item() < 5.7
     assert all(k == min(4, n + k) and n == max(n + k - 4, 0) for n, k in draws)
     assert rd.sample_recurrence(17, cfg) == rd.sample_recurrence(17, cfg)  # a function of the step
+    # r_mean < k: the reference's mu = log(max(r - k, 0) + k) - sigma^2/2 makes E[rate] = k, not r_mean
+    short = rd.Config(mean_recurrence=2, backprop_depth=4)
+    totals = torch.tensor([sum(rd.sample_recurrence(step, short)) for step in range(4000)], dtype=torch.float)
+    assert abs(totals.mean().item() - (4 + 1)) < 0.3
+
+
+def test_recurrent_depth_initial_state_is_the_truncated_normal_of_std_sqrt_2_over_5():
+    model = tiny_model()
+    s0 = model.init_state(torch.zeros(8, 500, 64), generator=torch.Generator().manual_seed(0))  # 256,000 draws
+    sigma = math.sqrt(2 / 5)
+    # a normal cut at +-3 sigma has std 0.9866 sigma (0.624 here; 2/5 instead of sqrt(2/5) would give 0.395)
+    assert abs(s0.std().item() - 0.9866 * sigma) < 0.005
+    assert s0.abs().max().item() <= 3 * sigma and s0.abs().max().item() > 2.9 * sigma
+    assert abs(s0.mean().item()) < 0.005
+    assert torch.equal(model.init_state(torch.zeros(2, 3, 64), scale=0.0), torch.zeros(2, 3, 64))
+
+
+def test_recurrent_depth_takase_init_scales_output_projections_by_effective_depth():
+    model = tiny_model(d_model=128, d_mlp=256, n_prelude=2, n_core=2, n_coda=2, mean_recurrence=8)
+    std = 0.9866 * math.sqrt(2 / (5 * 128))  # std of the +-3 sigma truncated normal, sqrt(2/(5h)) before the cut
+    l_eff = 2 + 2 + 2 * 8
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            expected = std / math.sqrt(2 * l_eff) if name.endswith("proj.weight") else std
+            assert abs(p.std().item() / expected - 1) < 0.05, name
+        else:
+            assert torch.equal(p, torch.ones_like(p)) or torch.equal(p, torch.zeros_like(p)), name  # norms, q/k bias
+
+
+def test_recurrent_depth_exit_statistics_are_kl_from_previous_and_relative_latent_change():
+    model = tiny_model()
+    log_p_prev = torch.log_softmax(torch.tensor([[[3.0, 0.0, -1.0], [0.0, 0.0, 0.0]]]), -1)  # (B=1, T=2, V=3)
+    log_p_new = torch.log_softmax(torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]), -1)  # KL(new || prev) differs
+    p = log_p_prev.exp()[0, 0]
+    kl_prev_new = (p * (log_p_prev[0, 0] - log_p_new[0, 0])).sum()  # KL(p_{i-1} || p_i) of position 0
+    value = model._exit_value("kl", None, None, log_p_prev, log_p_new)
+    torch.testing.assert_close(value, kl_prev_new[None])  # the largest over positions (position 1 has KL 0)
+    s_prev = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])  # (B=1, T=2, D=2)
+    s_new = torch.tensor([[[1.0, 0.0], [2.0, 1.0]]])
+    value = model._exit_value("latent-diff", s_prev, s_new, None, None)
+    torch.testing.assert_close(value, torch.tensor([1 / math.sqrt(5)]))  # ||s_i - s_{i-1}|| / ||s_i||, max over T
 
 
 @pytest.fixture(scope="module")
@@ -686,6 +729,9 @@ def test_recurrent_depth_adaptive_row_starts_from_the_fixed_rows_initial_state(t
     fixed, adaptive = rows[1], rows[2]
     assert fixed["thinking steps"] == 4 and adaptive["mean steps used"] == 4
     assert (adaptive["exact %"], adaptive["blank-cell %"]) == (fixed["exact %"], fixed["blank-cell %"])
+    # the threshold evaluate() uses is the one in the config it is given, not the model's own
+    always_exit = dataclasses.replace(cfg, kl_threshold=1e9)
+    assert rd.evaluate(model, task, always_exit, (1, 4), None)[2]["mean steps used"] == 1
 
 
 def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
