@@ -52,10 +52,10 @@ N_CELLS, N_DIGITS = 81, 9
 
 @dataclass
 class Config:
-    steps: int = 1000                    # optimizer steps
+    steps: int = 300                     # optimizer steps (README: the baselines' counts for equal training FLOPs)
     batch_size: int = 32
     lr: float = 2e-3                     # peak learning rate (AdamW)
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     difficulty: str = "easy"             # training base set: easy|medium|hard
     eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # test-time thinking steps in the table
     d_model: int = 64                    # belief width d per cell
@@ -73,6 +73,8 @@ class Config:
     shared_update: bool = False          # one network U for teacher and student (hint slot empty for the student)
     stochastic: bool = False             # Gaussian beliefs, KL(sg(q_T) || p_S) instead of the squared error
     min_std: float = 0.1                 # floor on the belief std when stochastic
+    n_samples: int = 8                   # student samples per multi-solution puzzle in evaluate() when stochastic
+    n_diverse: int = 100                 # puzzles per test set made multi-solution for that measurement
     weight_decay: float = 0.1            # AdamW weight decay on matrices
     eval_batch_size: int = 250           # puzzles per forward pass in evaluate()
     clip_norm: float = 1.0               # gradient-norm clip, per model (teacher; student with encoder and decoder)
@@ -337,6 +339,38 @@ def think(model, batch: dict, n_steps: int, role: str = "student", sample: bool 
     return logits
 
 
+def sample_grids(model, batch: dict, n_steps: int, n_samples: int, seed: int = 0):
+    """Draws the stochastic student n_samples times per puzzle (noise from `seed`, the global RNG
+    untouched); returns the digit grids after every step, a list of (n_samples, B, 81)."""
+    repeated = {k: v.repeat_interleave(n_samples, 0) for k, v in batch.items()}  # (n_samples*B, ...) sample-major per puzzle
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        logits = think(model, repeated, n_steps, "student", sample=True)
+    B = batch["puzzle"].shape[0]
+    return [(x.argmax(-1) + 1).view(B, n_samples, N_CELLS).transpose(0, 1) for x in logits]
+
+
+def diversity(grids, puzzle) -> dict:
+    """grids (N, B, 81) sampled for puzzles (B, 81): the share of samples that are valid Sudoku
+    solutions keeping the givens, and the mean number of distinct valid solutions per puzzle."""
+    N, B, _ = grids.shape
+    complete = ((grids == puzzle) | (puzzle == 0)).all(-1) & (grids > 0).all(-1)  # (N, B): givens kept, no blank
+    valid = complete & (sudoku_data.broken_constraints(grids.reshape(N * B, N_CELLS)).view(N, B) == 0)
+    tagged = torch.cat([torch.arange(B).expand(N, B)[..., None], grids.cpu()], -1)[valid.cpu()]  # (V, 1 + 81)
+    distinct = torch.bincount(torch.unique(tagged, dim=0)[:, 0], minlength=B)  # (B,)
+    return {"valid samples %": 100.0 * valid.float().mean().item(), "distinct valid solutions": distinct.float().mean().item()}
+
+
+def multi_solution_set(test_set: dict, n: int) -> dict:
+    """The first n puzzles of a test set with givens removed until each has >= 2 solutions."""
+    puzzle = torch.from_numpy(sudoku_data.multi_solution_puzzles(test_set["puzzle"][:n].numpy())).long()
+    out = {k: v[:n] for k, v in test_set.items()}
+    out["puzzle"] = puzzle
+    if "puzzle_images" in out:
+        out["puzzle_images"] = out["solution_images"] * (puzzle > 0)[..., None, None]
+    return out
+
+
 # ----------------------------------------------------------------------------- API
 def check_config(config: Config):
     if config.d_model % config.n_heads:
@@ -443,12 +477,18 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
                 logits = think(model, chunk, n_max, "student")
             for s in eval_steps:
                 preds[s].append(logits[s - 1].argmax(-1).cpu() + 1)
+        if config.stochastic:  # sampled student on multi-solution versions of the first n_diverse puzzles
+            multi = {k: v.to(device) for k, v in multi_solution_set(test_set, config.n_diverse).items()}
+            grids = sample_grids(model, multi, n_max, config.n_samples)
         for s in eval_steps:
             student = torch.cat(preds[s])
-            rows.append({"test set": set_name, "thinking steps": int(s),
-                         "student exact %": sudoku_data.exact_accuracy(student, test_set["solution"]),
-                         "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"]),
-                         "training PFLOP": train_pflop})
+            row = {"test set": set_name, "thinking steps": int(s),
+                   "student exact %": sudoku_data.exact_accuracy(student, test_set["solution"]),
+                   "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"]),
+                   "training PFLOP": train_pflop}
+            if config.stochastic:
+                row.update(diversity(grids[s - 1], multi["puzzle"]))
+            rows.append(row)
     model.train()
     return rows
 
