@@ -52,7 +52,7 @@ N_CELLS, N_DIGITS = 81, 9
 
 @dataclass
 class Config:
-    steps: int = 300                     # optimizer steps (README: the baselines' counts for equal training FLOPs)
+    steps: int = 200                     # optimizer steps (README: the baselines' counts for equal training FLOPs)
     batch_size: int = 32
     lr: float = 2e-3                     # peak learning rate (AdamW)
     warmup_steps: int = 50
