@@ -913,6 +913,7 @@ def test_lit_imagination_target_carries_no_gradient_into_teacher(stochastic):
     losses = lit.lit_loss(model, batch, config)
     losses["ce_teacher"].backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.teacher.parameters())
+    assert model.hint_proj.weight.grad.abs().max() > 0  # the hints reach the teacher through W_h
 
 
 @pytest.mark.parametrize("task_name", ["sudoku", "visual"])
@@ -1048,18 +1049,25 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
         batch = lit_tiny_sudoku(4, 40)
         seen = {"student": [], "teacher": []}  # (input state, output mean) per update call
         hooks = [getattr(model, role).register_forward_hook(
-            lambda module, args, out, role=role: seen[role].append((args[0].detach(), out[0].detach())))
+            lambda module, args, out, role=role: seen[role].append((args[0], out[0].detach())))
             for role in seen]
         logits = lit.think(model, batch, 4, "student")
         lit.lit_loss(model, batch, config)
         for hook in hooks:
             hook.remove()
         training = {role: calls[-config.think_steps:] for role, calls in seen.items()}
+        states = [state for calls in training.values() for state, _ in calls[1:]]
+        if recursion == "latent":  # truncated backprop: no gradient path from one step into the previous one
+            assert not any(state.requires_grad for state in states)
+        else:  # ... except into the read-back map itself
+            earlier = list(model.student.parameters()) + list(model.teacher.parameters()) + [model.decoder.weight]
+            for state in states:
+                assert all(g is None for g in torch.autograd.grad(state.sum(), earlier, allow_unused=True, retain_graph=True))
         rollouts = [seen["student"][:4], training["student"], training["teacher"]]
         for calls in rollouts:
             for (_, before), (state, _) in zip(calls, calls[1:]):
                 read_back = model.readback(model.decode(before).softmax(-1)) if model.readback is not None else None
-                assert (torch.allclose(state, read_back, atol=1e-6) if recursion == "observation"
+                assert (torch.allclose(state.detach(), read_back, atol=1e-6) if recursion == "observation"
                         else torch.equal(state, before))
         if recursion == "observation":
             uniform = model.readback(torch.full((4, 81, 9), 1 / 9))
@@ -1131,3 +1139,72 @@ def test_lit_stochastic_samples_differ_by_seed_and_are_scored_as_valid_solutions
     wrong = solution_a % 9 + 1  # a valid grid (digits relabelled) that breaks the givens
     grids = torch.stack([solution_a, solution_b, solution_a, wrong, puzzle])[:, None]  # (5, 1, 81)
     assert lit.diversity(grids, puzzle[None]) == pytest.approx({"valid samples %": 60.0, "distinct valid solutions": 2.0})
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_lit_loss_is_the_sum_of_its_terms_computed_by_hand(stochastic):
+    """L = Σ_t [CE_T + CE_S + β·||b^S − sg(b^T)||²] / T (or β·KL(sg(q_T) || p_S), summed over d,
+    averaged over cells), the imagination term over the first imagination_share of the channels."""
+    model, config = lit_make(stochastic=stochastic, imagination_weight=0.7, imagination_share=0.5)
+    outputs = {"student": [], "teacher": []}  # (mean, std) of every update
+    hooks = [getattr(model, role).register_forward_hook(lambda module, args, out, role=role: outputs[role].append(out))
+             for role in outputs]
+    losses = lit.lit_loss(model, lit_tiny_sudoku(4, 40), config)
+    for hook in hooks:
+        hook.remove()
+    k, by_hand = config.d_model // 2, 0.0
+    for (mean_s, std_s), (mean_t, std_t) in zip(outputs["student"], outputs["teacher"]):
+        if stochastic:
+            var_s, var_t = std_s[..., :k] ** 2, std_t[..., :k] ** 2
+            kl = 0.5 * (var_t / var_s + (mean_t[..., :k] - mean_s[..., :k]) ** 2 / var_s - 1 + torch.log(var_s / var_t))
+            by_hand += kl.sum(-1).mean().item()
+        else:
+            by_hand += (mean_s[..., :k] - mean_t[..., :k]).pow(2).mean().item()
+    T = config.think_steps
+    assert len(outputs["student"]) == T
+    assert losses["imagination"].item() == pytest.approx(by_hand / T, rel=1e-4)
+    total = losses["ce_teacher"] + losses["ce_student"] + 0.7 * losses["imagination"]
+    assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_lit_hint_schedule_beta_schedule_and_sampling():
+    config = lit_tiny_config(think_steps=5, max_hint_fraction=0.6, steps=100, imagination_weight=2.0,
+                             imagination_decay_from=0.5)
+    fractions = [lit.hint_fraction(t, config) for t in range(7)]
+    assert fractions[0] == 0 and fractions[4] == pytest.approx(0.6) and fractions[6] == pytest.approx(0.6)
+    assert fractions == sorted(fractions)
+    model = lit.build_model(config, LitFakeTask("sudoku"))
+    batch = lit_tiny_sudoku(64, 40)
+    _, solution_emb, blank_emb = model.observe(batch, teacher=True)
+    order = torch.rand(64, 81)
+    hints = lit.hint_embedding(model, solution_emb, blank_emb, order, 2)  # fraction 0.3
+    revealed = torch.where(order < 0.3, batch["solution"], 0)
+    assert torch.allclose(hints, model.encoder(revealed))  # = E(solution with unrevealed cells blanked)
+    visual = lit.build_model(config, LitFakeTask("visual"))
+    images = lit_with_images(batch)
+    _, solution_emb, blank_emb = visual.observe(images, teacher=True)
+    hints = lit.hint_embedding(visual, solution_emb, blank_emb, order, 2)
+    blanked = images["solution_images"] * (order < 0.3)[..., None, None]
+    assert torch.allclose(hints, visual.encoder(blanked), atol=1e-5)
+    assert [lit.imagination_beta(s, config) for s in (0, 49, 50, 75, 100)] == pytest.approx([2, 2, 2, 1, 0])
+    assert lit.imagination_beta(0, dataclasses.replace(config, no_imagination=True)) == 0
+    mean, std = torch.randn(3, 81, 4), torch.rand(3, 81, 4) + 0.1
+    torch.manual_seed(1)
+    drawn = lit.sample_belief(mean, std, sample=True)
+    torch.manual_seed(1)
+    assert torch.allclose(drawn, mean + std * torch.randn(3, 81, 4))  # b = μ + σ·ε
+    assert torch.equal(lit.sample_belief(mean, std, sample=False), mean)
+
+
+def test_lit_peer_mask_and_belief_normalisation():
+    peers = lit.sudoku_peers()
+    assert torch.equal(peers, peers.T) and torch.all(peers.sum(1) == 21)  # 8 + 8 + 4 others, and itself
+    assert peers[0, 8] and peers[0, 72] and peers[0, 20] and not peers[0, 21] and not peers[0, 30]
+    model, _ = lit_make(n_layers=1)
+    x = torch.randn(2, 81, 32)
+    changed = x.clone()
+    changed[:, 80] += 5.0  # cell 80 (row 8, column 8, box 8) is no peer of cell 0
+    first, second = model.student.blocks[0](x), model.student.blocks[0](changed)
+    assert torch.allclose(first[:, 0], second[:, 0], atol=1e-6) and not torch.allclose(first[:, 8], second[:, 8])
+    mean, _ = model.student(3.0 * torch.randn(2, 81, 32), torch.randn(2, 81, 32))
+    assert torch.allclose(mean.pow(2).mean(-1), torch.ones(2, 81), atol=1e-3)  # RMS-normalised (weight 1 at init)
