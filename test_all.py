@@ -383,6 +383,10 @@ def test_train_py_never_overwrites_a_run_unless_told(tmp_path, data_dir, capsys)
     assert _checkpoint(out)["step"] == 4
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
     assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]  # no .tmp, no lock left
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # written after the last checkpoint, then killed
+    assert train.main(["--method", "recurrent_depth", "--resume", str(out / "checkpoint.pt"), "--steps", "6"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
 
 
 def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_path, data_dir):
@@ -491,6 +495,14 @@ TINY_FLAGS = {  # tiny runs of every method, for the Ctrl-C test
     "lvr": ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--encoder-layers", "1", "--align-steps", "5",
             "--no-baseline", "--batch-size", "4", "--eval-steps", "0,2", "--eval-size", "8"],
 }
+
+
+def test_a_setting_only_the_evaluation_rejects_stops_the_run_before_training(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    run = ["--method", "lit", *TINY_FLAGS["lit"], "--eval-batch-size", "0", "--steps", "100000", "--data-dir", data_dir]
+    assert train.main(run + ["--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: the evaluation fails with these settings")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("method", train.METHODS)

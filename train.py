@@ -13,6 +13,7 @@ Examples:
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -341,9 +342,11 @@ def prepare_run_folder(out, resume_path, overwrite, step):
         for temporary in out.glob(pattern):
             temporary.unlink()
     log = out / "log.jsonl"
-    if log.exists():  # keep the lines up to the step training starts from (none for a new run)
-        kept = [line for line in log.read_text().splitlines() if step and (_logged_step(line) or step + 1) <= step]
-        write_text(log, "".join(line + "\n" for line in kept))
+    if resuming_here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint
+        write_text(log, "".join(line + "\n" for line in log.read_text().splitlines()
+                                if (_logged_step(line) or step + 1) <= step))
+    elif not resuming_here:
+        log.unlink(missing_ok=True)  # a new run, or one continued in another folder, starts its own log
 
 
 # ----------------------------------------------------------------------------- the run
@@ -486,12 +489,30 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
             state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
         return state
 
+    check_evaluation(method, model, task, config, device, autocast_dtype)
     step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
                  step, checkpoint_state)
     if step is None:
         return 130
     evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json")
     return 0
+
+
+def check_evaluation(method, model, task, config, device, autocast_dtype):
+    """Evaluate once on two examples of a test set before training, so that a setting only the evaluation
+    rejects (an eval batch size of 0, ...) stops the run now, not after all training. The model, its
+    gradients and the random state are left as they were."""
+    probe = copy.copy(task)
+    name, batch = next(iter(task.test_sets.items()))
+    probe.test_sets = {name: {key: value[:2] for key, value in batch.items()}}
+    steps = tuple(sorted({min(config.eval_steps), max(config.eval_steps)}))  # the smallest and largest are enough
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            method.evaluate(model, probe, config, steps, autocast_dtype)
+        except (ValueError, ArithmeticError, RuntimeError) as error:
+            raise UsageError(f"the evaluation fails with these settings: {(str(error).splitlines() or [''])[0]}") from None
+    model.train()
+    model.zero_grad(set_to_none=True)
 
 
 def rng_state(device):
