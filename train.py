@@ -4,7 +4,8 @@ train.py owns the loop, the learning-rate schedule, logging and checkpoints. Eac
 its model, loss, thinking loop and training step, through five names:
   TASKS, Config (dataclass; every field becomes a flag), GPU_CONFIG (overrides for --preset gpu),
   build_model(config, task), make_optimizer(model, config),
-  train_step(model, optimizer, scaler, batch, step, config, autocast_dtype) -> dict of 0-dim tensors,
+  train_step(model, optimizer, scaler, batch, step, config, autocast_dtype) -> dict of 0-dim tensors
+    (with "loss"; training stops when it is not finite),
   evaluate(model, task, config, eval_steps, autocast_dtype) -> list of table rows.
 Examples:
   python train.py --method recurrent_depth
@@ -237,18 +238,23 @@ def check_settings(options, config_class, values):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, state):
-    """torch.save through a temporary file and a rename, so a crash never leaves half a checkpoint."""
+def write_atomically(path, write):
+    """write(binary file) into a temporary file beside path, then rename it to path: a crash or a full
+    disk never leaves half a file, and the previous one stays until the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(handle)
     try:
-        torch.save(state, temporary)
+        with os.fdopen(handle, "wb") as file:
+            write(file)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path, method_name):
@@ -266,21 +272,9 @@ def load_checkpoint(path, method_name):
     return state
 
 
-def write_text(path, text):
-    """Write through a temporary file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def write_json(path, value):
-    write_text(path, json.dumps(value, indent=1, allow_nan=False))
+    write_atomically(path, lambda file: file.write(json.dumps(value, indent=1, allow_nan=False).encode()))
+
 
 # ----------------------------------------------------------------------------- the run folder
 def _process_alive(pid):
@@ -343,8 +337,8 @@ def prepare_run_folder(out, resume_path, overwrite, step):
             temporary.unlink()
     log = out / "log.jsonl"
     if resuming_here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint
-        write_text(log, "".join(line + "\n" for line in log.read_text().splitlines()
-                                if (_logged_step(line) or step + 1) <= step))
+        kept = [line + "\n" for line in log.read_text().splitlines() if (_logged_step(line) or step + 1) <= step]
+        write_atomically(log, lambda file: file.write("".join(kept).encode()))
     elif not resuming_here:
         log.unlink(missing_ok=True)  # a new run, or one continued in another folder, starts its own log
 
@@ -456,7 +450,6 @@ def build(method, config, options, device, autocast_dtype, source):
 def evaluate_and_write(method, model, task, config, options, autocast_dtype, path):
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows})
 
 
