@@ -421,6 +421,21 @@ def test_train_py_refuses_a_folder_locked_by_a_live_run_but_takes_over_a_stale_l
     assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]
 
 
+def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(tmp_path, data_dir, monkeypatch, capsys):
+    original_step = rd.train_step
+
+    def interrupted_after_the_update(model, optimizer, scaler, batch, step, *rest):
+        metrics = original_step(model, optimizer, scaler, batch, step, *rest)
+        if step == 4:
+            raise KeyboardInterrupt  # after optimizer.step(): the weights no longer match the step count
+        return metrics
+
+    monkeypatch.setattr(rd, "train_step", interrupted_after_the_update)
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--save-every", "2"]) == 130
+    assert "not saved" in capsys.readouterr().out and _checkpoint(out)["step"] == 4
+
+
 def _strict_json(line):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")

@@ -519,67 +519,83 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda_rng"])
 
 
+def set_ctrl_c_handler(handler):
+    """signal.signal for SIGINT, returning the previous handler; None outside the main thread (no change)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+
+
 def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state):
     """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
     or None when interrupted (after saving).
-    Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step, and the
-    checkpoint then holds the random state from the start of that step, which --resume runs again."""
+    Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
+    checkpoint then holds the random state from the start of that step, which --resume runs again, or,
+    when the step had begun to update the weights, nothing is saved and the last checkpoint stays."""
     checkpoint_path = out / "checkpoint.pt"
     saved_step = step if checkpoint_path.exists() else None
-    ctrl_c = []
+    ctrl_c, updating = [], []
+    update_hook = optimizer.register_step_pre_hook(lambda *_: updating.append(True))
 
     def finish_step_then_stop(signum, frame):
         if ctrl_c:
             raise KeyboardInterrupt
         ctrl_c.append(signum)
 
-    try:
-        previous_handler = signal.signal(signal.SIGINT, finish_step_then_stop)
-    except ValueError:  # not the main thread: Ctrl-C stops inside the step
-        previous_handler = None
+    previous_handler = set_ctrl_c_handler(finish_step_then_stop)
     log = open(out / "log.jsonl", "a")
     progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True)
     interrupted, state_at_step_start = False, None
     start, start_step = time.perf_counter(), step
     try:
-        while step < config.steps and not ctrl_c:
-            state_at_step_start = rng_state(device)
-            factor = lr_factor(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            batch = {k: v.to(device, non_blocking=True) for k, v in task.train_batch(step, config.batch_size).items()}
-            metrics = method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                kept = (f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else
-                        "no checkpoint had been saved")
-                raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower --lr; "
-                                    f"stopped, {kept}")
-            state_at_step_start = None
-            step += 1
-            progress.update(1)
-            if step % options.log_every == 0 or step == config.steps:
-                rate = (step - start_step) * config.batch_size / (time.perf_counter() - start)
-                values = {k: float(v) for k, v in metrics.items()}
-                logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
-                log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged,
-                                      "examples_per_s": rate}, allow_nan=False) + "\n")
-                log.flush()
-                progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "ex/s": f"{rate:.0f}"})
-            if step % options.save_every == 0:
-                save_checkpoint(checkpoint_path, checkpoint_state(step))
-                saved_step = step
-    except KeyboardInterrupt:
-        interrupted = True
-        if state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
-            set_rng_state(state_at_step_start, device)
+        try:
+            while step < config.steps and not ctrl_c:
+                state_at_step_start = rng_state(device)
+                factor = lr_factor(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+                batch = {k: v.to(device, non_blocking=True) for k, v in task.train_batch(step, config.batch_size).items()}
+                metrics = method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    kept = (f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else
+                            "no checkpoint had been saved")
+                    raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
+                                        f"--lr; stopped, {kept}")
+                step += 1
+                state_at_step_start = None
+                updating.clear()
+                progress.update(1)
+                if step % options.log_every == 0 or step == config.steps:
+                    rate = (step - start_step) * config.batch_size / (time.perf_counter() - start)
+                    values = {k: float(v) for k, v in metrics.items()}
+                    logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
+                    log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged,
+                                          "examples_per_s": rate}, allow_nan=False) + "\n")
+                    log.flush()
+                    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "ex/s": f"{rate:.0f}"})
+                if step % options.save_every == 0:
+                    save_checkpoint(checkpoint_path, checkpoint_state(step))
+                    saved_step = step
+        except KeyboardInterrupt:
+            interrupted = True
+            if state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
+                set_rng_state(state_at_step_start, device)
+        finally:
+            progress.close()
+            log.close()
+            update_hook.remove()
+        elapsed = time.perf_counter() - start
+        if updating:  # the weights may be half updated: no checkpoint beats an inexact one
+            kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
+            print(f"interrupted while step {step + 1} updated the weights; not saved, {kept}")
+            return None
+        set_ctrl_c_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
+        save_checkpoint(checkpoint_path, checkpoint_state(step))
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
-        progress.close()
-        log.close()
-    elapsed = time.perf_counter() - start
-    save_checkpoint(checkpoint_path, checkpoint_state(step))
     if interrupted or ctrl_c:
         print(f"interrupted at step {step}; checkpoint saved to {checkpoint_path} (continue with --resume)")
         return None
