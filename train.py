@@ -429,8 +429,7 @@ def build(method, config, options, device, autocast_dtype, source):
         model = method.build_model(config, task).to(device)
     except (ValueError, FileNotFoundError, ArithmeticError) as error:
         raise UsageError(str(error)) from None
-    vocabulary = getattr(task, "characters", None)
-    if source and "vocabulary" in source and source["vocabulary"] != vocabulary:
+    if source and "vocabulary" in source and source["vocabulary"] != getattr(task, "characters", None):
         raise UsageError(f"--text-file {options.text_file} holds other characters than the text the checkpoint "
                          f"was trained on, so its character ids would mean other characters")
     if source:
@@ -457,6 +456,8 @@ def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dt
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
     evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json")
     return 0
+
+
 def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
     """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
     resuming = "resume" in given
@@ -542,6 +543,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         if ctrl_c:
             raise KeyboardInterrupt
         ctrl_c.append(signum)
+        tqdm.write("Ctrl-C: saving after this step (Ctrl-C again to stop at once)")
 
     previous_handler = set_ctrl_c_handler(finish_step_then_stop)
     log = open(out / "log.jsonl", "a")
