@@ -476,7 +476,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
     first = next(iter(task.test_sets.values()))
     probe = {k: v[:config.batch_size].to(device) for k, v in first.items()}  # a training-sized batch
     with torch.enable_grad():
-        train_pflop = training_flops(model, probe, config) * config.steps / 1e15
+        train_tflop = training_flops(model, probe, config) * config.steps / 1e12
     model.eval()
     n_max, rows = max(eval_steps), []
     for set_name, test_set in task.test_sets.items():
@@ -496,7 +496,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
             row = {"test set": set_name, "thinking steps": int(s),
                    "student exact %": sudoku_data.exact_accuracy(student, test_set["solution"]),
                    "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"]),
-                   "training PFLOP": train_pflop}
+                   "training TFLOP": train_tflop}
             if config.stochastic:
                 row.update(diversity(grids[s - 1], multi["puzzle"]))
             rows.append(row)

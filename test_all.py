@@ -1020,7 +1020,7 @@ def test_lit_visual_task_with_real_mnist(tmp_path):
                          task.train_batch(0, 4), 0, config, None)
     assert torch.isfinite(out["loss"])
     rows = lit.evaluate(model, task, config, (1, 2), None)
-    assert len(rows) == 2 * len(task.test_sets) and {"student exact %", "training PFLOP"} <= set(rows[0])
+    assert len(rows) == 2 * len(task.test_sets) and {"student exact %", "training TFLOP"} <= set(rows[0])
     assert "teacher exact %" not in rows[0]  # with hints up to the full solution it measures nothing
 
 
