@@ -23,17 +23,27 @@ At test time only the student runs, for any number of steps; accuracy against st
 Our choices and simplifications (not from the paper):
 - U_T and U_S are two instances of one class (`--shared-update` ties them); encoder and decoder are
   shared. Language and visual forms differ only in E (token embedding vs. a small CNN per cell).
-- Student rollout: from its own belief by default, the recurrence it runs at test time. Measured with
-  the CPU defaults (easy, 1000 steps, 500 test puzzles, 32 steps): student exact 92.0 % own-rollout vs
-  83.6 % world-model style (`--no-student-own-rollout`); medium 41.6 % vs 27.0 %.
+- Student rollout: from its own belief by default, the recurrence it runs at test time (it beat the
+  world-model style `--no-student-own-rollout` in the README's measurement).
 - Attention in U is restricted to Sudoku peers (same row/column/box, as in the recurrent relational
-  network's graph; `--no-peer-attention` for all 81 cells): it learns several times faster on CPU
-  (world-model style, easy, step 200: student CE 0.145 with it, 0.57 without at 4 steps).
-- Truncated backprop: the belief is detached between thinking steps, so each step is one supervised
+  network's graph; `--no-peer-attention` for all 81 cells): it learns several times faster on CPU.
+- Truncated backprop: the state is detached between thinking steps, so each step is one supervised
   segment (as in TRM's deep supervision); memory does not grow with the number of steps.
-- Beliefs are RMS-normalised after each update, so a student rolled for 32 steps stays bounded.
-- `--no-imagination` is the ablation: no teacher, β = 0, the student rolled from its own belief with
-  the same per-step cross-entropy — a plain latent recurrent model.
+- Beliefs are RMS-normalised after each update, so a student rolled for 64 steps stays bounded.
+- Gradients are clipped per model (teacher: U_T and W_h; student: the rest), so the teacher's terms
+  cannot shrink the student's step relative to the ablation's.
+- Baselines, compared at equal training FLOPs (`training_flops`, one step; LIT costs about 2x):
+  `--no-imagination`: no teacher, β = 0, the student rolled from its own belief with the same
+  per-step cross-entropy — a plain latent recurrent model.
+  `--recursion observation` (with `--no-imagination`): the recursive baseline in observation space
+  the paper compares with: between steps only the decoded digit distributions pass, re-embedded
+  (b_{t+1} = U(R·softmax(D(b_t)), E(puzzle)), R a linear read-back; b_0 = R·uniform).
+- Knobs for imagination past the teacher's horizon: `--max-hint-fraction` (the teacher never sees the
+  whole solution), `--imagination-decay-from` (β decays to 0 late in training), `--imagination-share`
+  (the imagination loss binds only the first part of the belief; the rest is the student's own).
+- Diverse solutions (`--stochastic`): evaluate() also samples the student n_samples times on
+  multi-solution versions of each test set (givens removed until the solver finds >= 2 solutions) and
+  reports the share of valid samples and the mean number of distinct valid solutions.
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import sudoku_data
 
@@ -51,12 +62,12 @@ N_CELLS, N_DIGITS = 81, 9
 
 @dataclass
 class Config:
-    steps: int = 1000                    # optimizer steps
+    steps: int = 200                     # optimizer steps (README: the baselines' counts for equal training FLOPs)
     batch_size: int = 32
     lr: float = 2e-3                     # peak learning rate (AdamW)
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     difficulty: str = "easy"             # training base set: easy|medium|hard
-    eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # test-time thinking steps in the table
+    eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # test-time thinking steps in the table
     d_model: int = 64                    # belief width d per cell
     n_heads: int = 4                     # attention heads in U
     n_layers: int = 2                    # transformer blocks in U (applied once per thinking step)
@@ -64,12 +75,19 @@ class Config:
     think_steps: int = 6                 # thinking steps per training example; hints reach the full solution at the last
     imagination_weight: float = 1.0      # β in L
     no_imagination: bool = False         # ablation: no teacher, β = 0, student on the solution loss alone
+    recursion: str = "latent"            # latent: the belief passes between steps; observation: only its decoded digit distributions
+    max_hint_fraction: float = 1.0       # cap on the share of solution cells the teacher sees (1: all by the last training step)
+    imagination_decay_from: float = 1.0  # fraction of training after which β decays linearly to 0 at the last step (1: never)
+    imagination_share: float = 1.0       # share of the belief's d channels the imagination loss applies to
     student_own_rollout: bool = True     # student steps from its own belief (multi-step imagination); False: from the teacher's
     shared_update: bool = False          # one network U for teacher and student (hint slot empty for the student)
     stochastic: bool = False             # Gaussian beliefs, KL(sg(q_T) || p_S) instead of the squared error
     min_std: float = 0.1                 # floor on the belief std when stochastic
+    n_samples: int = 8                   # student samples per multi-solution puzzle in evaluate() when stochastic
+    n_diverse: int = 100                 # puzzles per test set made multi-solution for that measurement
     weight_decay: float = 0.1            # AdamW weight decay on matrices
     eval_batch_size: int = 250           # puzzles per forward pass in evaluate()
+    clip_norm: float = 1.0               # gradient-norm clip, per model (teacher; student with encoder and decoder)
 
 
 GPU_CONFIG = dict(d_model=256, n_heads=8, n_layers=4, batch_size=256, steps=20000, lr=5e-4,
@@ -197,7 +215,11 @@ class LatentImaginationModel(nn.Module):
         self.register_buffer("cell_col", cell % 9, persistent=False)
         self.register_buffer("cell_box", (cell // 27) * 3 + (cell % 9) // 3, persistent=False)
         self.hint_proj = nn.Linear(d, d, bias=False)  # W_h: the teacher's extra-observation slot
-        self.belief_init = nn.Parameter(0.02 * torch.randn(d))  # b_0, the same for every cell
+        observation_space = config.recursion == "observation"
+        # observation-space recursion: the next step reads only the decoded digit distributions, re-embedded
+        # by a linear map (the CNN encoder cannot read a distribution; a token model would embed its tokens)
+        self.readback = nn.Linear(N_DIGITS, d, bias=False) if observation_space else None
+        self.belief_init = None if observation_space else nn.Parameter(0.02 * torch.randn(d))  # b_0, every cell
         self.teacher = BeliefUpdate(config)  # U_T, posterior
         self.student = self.teacher if config.shared_update else BeliefUpdate(config)  # U_S, prior
         self.decoder = nn.Linear(d, N_DIGITS)  # D: belief -> logits over digits 1..9
@@ -213,8 +235,22 @@ class LatentImaginationModel(nn.Module):
             return puzzle, None, None
         return puzzle, self.encoder(batch[key_s]), self.encoder.blank()
 
-    def initial_belief(self, batch_size: int):
-        return self.belief_init.expand(batch_size, N_CELLS, -1)  # (B, 81, D)
+    def initial_belief(self, batch_size: int):  # (B, 81, D): b_0, or the uniform distribution read back
+        if self.readback is not None:
+            return self.readback(self.decoder.weight.new_full((batch_size, N_CELLS, N_DIGITS), 1 / N_DIGITS))
+        return self.belief_init.expand(batch_size, N_CELLS, -1)
+
+    def carry(self, belief):
+        """What passes to the next thinking step, detached (truncated backprop): the belief itself
+        (latent recursion), or only its decoded digit distributions, re-embedded (observation space)."""
+        if self.readback is None:
+            return belief.detach()
+        return self.readback(self.decode(belief).softmax(-1).detach())  # (B, 81, 9) -> (B, 81, D)
+
+    def teacher_parameters(self):
+        """Parameters only the teacher uses (U_T and W_h): the teacher model for per-model clipping."""
+        own = list(self.hint_proj.parameters())
+        return own if self.config.shared_update else own + list(self.teacher.parameters())
 
     def decode(self, belief):  # (B, 81, D) -> (B, 81, 9) float32 logits
         return self.decoder(belief).float()
@@ -222,9 +258,20 @@ class LatentImaginationModel(nn.Module):
 
 # ----------------------------------------------------------------------------- hints and sampling
 def hint_fraction(t: int, config: Config) -> float:
-    """Schedule: fraction of solution cells the teacher sees at step t (0 at t=0, 1 from the last
-    training step on)."""
-    return min(1.0, t / max(1, config.think_steps - 1))
+    """Schedule: fraction of solution cells the teacher sees at step t (0 at t=0, rising linearly to
+    max_hint_fraction at the last training step, then constant)."""
+    return config.max_hint_fraction * min(1.0, t / max(1, config.think_steps - 1))
+
+
+def imagination_beta(step: int, config: Config) -> float:
+    """β at a training step: imagination_weight, decaying linearly to 0 at the last step from
+    imagination_decay_from (a fraction of training) on; 0 in the no-imagination ablation."""
+    if config.no_imagination:
+        return 0.0
+    start = config.imagination_decay_from * config.steps
+    if step < start:
+        return config.imagination_weight
+    return config.imagination_weight * max(0.0, (config.steps - step) / max(1.0, config.steps - start))
 
 
 def hint_embedding(model, solution_emb, blank_emb, reveal_order, t: int):
@@ -241,37 +288,41 @@ def sample_belief(mean, std, sample: bool):
 
 
 # ----------------------------------------------------------------------------- LIT loss
-def lit_loss(model, batch: dict, config: Config) -> dict:
+def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
     """L = Σ_t [CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||²] / T,
-    β = imagination_weight (0 under no_imagination), T = think_steps."""
+    β = imagination_beta(step) (0 under no_imagination), T = think_steps. The squared error (or KL)
+    covers the first imagination_share of the d channels."""
     target = batch["solution"] - 1  # (B, 81) digit classes 0..8
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=not config.no_imagination)
     B, T = target.shape[0], config.think_steps
+    channels = max(1, round(config.imagination_share * config.d_model))  # imagined part of the belief
     reveal_order = torch.rand(B, N_CELLS).to(target.device)  # global RNG -> exact resume
-    teacher_belief = student_belief = model.initial_belief(B)
+    teacher_state = student_state = model.initial_belief(B)  # what each role's next step reads
     ce_teacher = ce_student = imagination = puzzle_emb.new_zeros((), dtype=torch.float32)
     for t in range(T):
-        previous = teacher_belief.detach()  # truncated backprop: one step per supervised segment
+        previous = teacher_state  # detached by carry(): one step per supervised segment (truncated backprop)
         if not config.no_imagination:  # teacher (posterior): the puzzle and the hints revealed so far
             observation = puzzle_emb + model.hint_proj(hint_embedding(model, solution_emb, blank_emb, reveal_order, t))
             mean_t, std_t = model.teacher(previous, observation)
             teacher_belief = sample_belief(mean_t, std_t, sample=True)
+            teacher_state = model.carry(teacher_belief)
             ce_teacher = ce_teacher + F.cross_entropy(model.decode(teacher_belief).transpose(1, 2), target)
-        # student (prior): the puzzle only, from its own previous belief (or the teacher's)
+        # student (prior): the puzzle only, from its own previous state (or the teacher's)
         own = config.student_own_rollout or config.no_imagination
-        mean_s, std_s = model.student(student_belief.detach() if own else previous, puzzle_emb)
+        mean_s, std_s = model.student(student_state if own else previous, puzzle_emb)
         student_belief = sample_belief(mean_s, std_s, sample=True)
+        student_state = model.carry(student_belief)
         ce_student = ce_student + F.cross_entropy(model.decode(student_belief).transpose(1, 2), target)
         if config.no_imagination:  # ablation: the same recurrence and deep supervision, no teacher
             continue
         if config.stochastic:  # KL(sg(q_T) || p_S) per cell, summed over d, averaged over cells
-            q = torch.distributions.Normal(mean_t.detach().float(), std_t.detach().float())
-            p = torch.distributions.Normal(mean_s.float(), std_s.float())
+            q = torch.distributions.Normal(mean_t[..., :channels].detach().float(), std_t[..., :channels].detach().float())
+            p = torch.distributions.Normal(mean_s[..., :channels].float(), std_s[..., :channels].float())
             imagination = imagination + torch.distributions.kl_divergence(q, p).sum(-1).mean()
-        else:  # ||b^S_{t+1} − sg(b^T_{t+1})||², mean over cells and d
-            imagination = imagination + (student_belief.float() - teacher_belief.detach().float()).pow(2).mean()
-    beta = 0.0 if config.no_imagination else config.imagination_weight
-    loss = (ce_teacher + ce_student + beta * imagination) / T
+        else:  # ||b^S_{t+1} − sg(b^T_{t+1})||², mean over cells and channels
+            gap = student_belief[..., :channels].float() - teacher_belief[..., :channels].detach().float()
+            imagination = imagination + gap.pow(2).mean()
+    loss = (ce_teacher + ce_student + imagination_beta(step, config) * imagination) / T
     return {"loss": loss, "ce_teacher": ce_teacher / T, "ce_student": ce_student / T, "imagination": imagination / T}
 
 
@@ -286,15 +337,48 @@ def think(model, batch: dict, n_steps: int, role: str = "student", sample: bool 
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=role == "teacher")
     B = puzzle_emb.shape[0]
     reveal_order = torch.rand(B, N_CELLS, generator=torch.Generator().manual_seed(seed)).to(puzzle_emb.device)
-    belief, logits = model.initial_belief(B), []
+    state, logits = model.initial_belief(B), []
     update = model.teacher if role == "teacher" else model.student
     for t in range(n_steps):
         observation = puzzle_emb
         if role == "teacher":
             observation = puzzle_emb + model.hint_proj(hint_embedding(model, solution_emb, blank_emb, reveal_order, t))
-        belief = sample_belief(*update(belief, observation), sample=sample)
+        belief = sample_belief(*update(state, observation), sample=sample)
+        state = model.carry(belief)
         logits.append(model.decode(belief))
     return logits
+
+
+def sample_grids(model, batch: dict, n_steps: int, n_samples: int, seed: int = 0):
+    """Draws the stochastic student n_samples times per puzzle (noise from `seed`, the global RNG
+    untouched); returns the digit grids after every step, a list of (n_samples, B, 81)."""
+    repeated = {k: v.repeat_interleave(n_samples, 0) for k, v in batch.items()}  # (n_samples*B, ...) sample-major per puzzle
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        logits = think(model, repeated, n_steps, "student", sample=True)
+    B = batch["puzzle"].shape[0]
+    return [(x.argmax(-1) + 1).view(B, n_samples, N_CELLS).transpose(0, 1) for x in logits]
+
+
+def diversity(grids, puzzle) -> dict:
+    """grids (N, B, 81) sampled for puzzles (B, 81): the share of samples that are valid Sudoku
+    solutions keeping the givens, and the mean number of distinct valid solutions per puzzle."""
+    N, B, _ = grids.shape
+    complete = ((grids == puzzle) | (puzzle == 0)).all(-1) & (grids > 0).all(-1)  # (N, B): givens kept, no blank
+    valid = complete & (sudoku_data.broken_constraints(grids.reshape(N * B, N_CELLS)).view(N, B) == 0)
+    tagged = torch.cat([torch.arange(B).expand(N, B)[..., None], grids.cpu()], -1)[valid.cpu()]  # (V, 1 + 81)
+    distinct = torch.bincount(torch.unique(tagged, dim=0)[:, 0], minlength=B)  # (B,)
+    return {"valid samples %": 100.0 * valid.float().mean().item(), "distinct valid solutions": distinct.float().mean().item()}
+
+
+def multi_solution_set(test_set: dict, n: int) -> dict:
+    """The first n puzzles of a test set with givens removed until each has >= 2 solutions."""
+    puzzle = torch.from_numpy(sudoku_data.multi_solution_puzzles(test_set["puzzle"][:n].numpy())).long()
+    out = {k: v[:n] for k, v in test_set.items()}
+    out["puzzle"] = puzzle
+    if "puzzle_images" in out:
+        out["puzzle_images"] = out["solution_images"] * (puzzle > 0)[..., None, None]
+    return out
 
 
 # ----------------------------------------------------------------------------- API
@@ -303,6 +387,11 @@ def check_config(config: Config):
         raise ValueError(f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads})")
     if config.think_steps < 1:
         raise ValueError(f"think_steps must be >= 1, got {config.think_steps}")
+    if config.recursion not in ("latent", "observation"):
+        raise ValueError(f"recursion must be 'latent' or 'observation', got {config.recursion!r}")
+    for name in ("max_hint_fraction", "imagination_decay_from", "imagination_share"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
 
 
 def check_batch(batch: dict, task_name: str, need_solution: bool = True):
@@ -339,6 +428,16 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
 
 
+def clip_per_model(model, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips the teacher's and the student's (with the shared encoder and decoder) gradient norms
+    separately, so the teacher's and the imagination term's gradients cannot shrink the student's step
+    relative to the ablation's. Returns both norms before clipping."""
+    teacher_ids = {id(p) for p in model.teacher_parameters()}
+    student = [p for p in model.parameters() if id(p) not in teacher_ids]
+    return (torch.nn.utils.clip_grad_norm_(model.teacher_parameters(), max_norm),
+            torch.nn.utils.clip_grad_norm_(student, max_norm))
+
+
 def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
                autocast_dtype: torch.dtype | None) -> dict:
     check_batch(batch, model.task_name)
@@ -346,43 +445,60 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
     optimizer.zero_grad(set_to_none=True)
     device_type = batch["puzzle"].device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        losses = lit_loss(model, batch, config)
+        losses = lit_loss(model, batch, config, step)
     scaler.scale(losses["loss"]).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    clip_per_model(model, config.clip_norm)
     scaler.step(optimizer)
     scaler.update()
     return {k: v.detach() for k, v in losses.items()}
 
 
+def training_flops(model, batch: dict, config: Config) -> int:
+    """FLOPs of one training step's forward and backward on `batch`, for comparing variants at equal
+    training compute. torch's counter: matrix products and convolutions (its CPU attention kernel is
+    not counted: the 81x81 products, the same share in every variant). Leaves no gradients."""
+    with FlopCounterMode(display=False) as counter:
+        lit_loss(model, batch, config)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 @torch.no_grad()
 def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
              autocast_dtype: torch.dtype | None) -> list[dict]:
-    """Rows per test set x thinking steps: student exact / blank-cell %, teacher exact % (hints on the
-    training schedule, for reference; absent in the no-imagination ablation, which has no teacher)."""
+    """Rows per test set x thinking steps: the student's exact / blank-cell %, and the whole run's
+    training compute (FLOPs of one step x config.steps). The teacher is not evaluated: with hints
+    up to the full solution its accuracy measures nothing."""
     if not eval_steps or any(int(s) < 1 for s in eval_steps):
         raise ValueError(f"eval_steps must be positive ints, got {eval_steps}")
-    model.eval()
     device = next(model.parameters()).device
-    roles = ("student",) if config.no_imagination else ("student", "teacher")
+    first = next(iter(task.test_sets.values()))
+    probe = {k: v[:config.batch_size].to(device) for k, v in first.items()}  # a training-sized batch
+    with torch.enable_grad():
+        train_tflop = training_flops(model, probe, config) * config.steps / 1e12
+    model.eval()
     n_max, rows = max(eval_steps), []
     for set_name, test_set in task.test_sets.items():
         check_batch(test_set, model.task_name)
-        preds = {role: {s: [] for s in eval_steps} for role in roles}  # role -> steps -> [(b, 81)]
+        preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]
         for start in range(0, test_set["puzzle"].shape[0], config.eval_batch_size):
             chunk = {k: v[start:start + config.eval_batch_size].to(device) for k, v in test_set.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                for role in roles:
-                    logits = think(model, chunk, n_max, role)
-                    for s in eval_steps:
-                        preds[role][s].append(logits[s - 1].argmax(-1).cpu() + 1)
+                logits = think(model, chunk, n_max, "student")
+            for s in eval_steps:
+                preds[s].append(logits[s - 1].argmax(-1).cpu() + 1)
+        if config.stochastic:  # sampled student on multi-solution versions of the first n_diverse puzzles
+            multi = {k: v.to(device) for k, v in multi_solution_set(test_set, config.n_diverse).items()}
+            grids = sample_grids(model, multi, n_max, config.n_samples)
         for s in eval_steps:
-            student = torch.cat(preds["student"][s])
+            student = torch.cat(preds[s])
             row = {"test set": set_name, "thinking steps": int(s),
                    "student exact %": sudoku_data.exact_accuracy(student, test_set["solution"]),
-                   "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"])}
-            if "teacher" in preds:
-                row["teacher exact %"] = sudoku_data.exact_accuracy(torch.cat(preds["teacher"][s]), test_set["solution"])
+                   "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"]),
+                   "training TFLOP": train_tflop}
+            if config.stochastic:
+                row.update(diversity(grids[s - 1], multi["puzzle"]))
             rows.append(row)
     model.train()
     return rows
@@ -400,3 +516,9 @@ if __name__ == "__main__":  # tiny demo: a few seconds on CPU
     print({k: round(v.item(), 3) for k, v in out.items()})
     for demo_row in evaluate(demo_model, demo_task, demo_config, demo_config.eval_steps, None)[:3]:
         print(demo_row)
+    # training FLOPs per step at the CPU defaults: the ratios set the step counts for equal compute
+    demo_batch = demo_task.train_batch(0, Config.batch_size)
+    for demo_name, demo_flags in [("LIT", {}), ("no imagination", dict(no_imagination=True)),
+                                  ("observation-space recursion", dict(no_imagination=True, recursion="observation"))]:
+        demo_config = Config(**demo_flags)
+        print(f"{demo_name}: {training_flops(build_model(demo_config, demo_task), demo_batch, demo_config) / 1e9:.2f} GFLOP per training step")

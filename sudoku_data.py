@@ -484,3 +484,22 @@ class VisualSudokuTask(SudokuTask):
         rng, puzzles, solutions = self._sample(step, batch_size)
         return {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long(),
                 **self._images(puzzles, solutions, self.train_pool, rng)}
+
+
+# ----------------------------------------------------------------------------- puzzles with several solutions
+def multi_solution_puzzles(puzzles, seed=0):
+    """Puzzles with at least two solutions, made from unique-solution puzzles (N, 81) by removing
+    givens in random order until the solver finds >= 2 solutions. Every solution of the input is
+    still a solution. Returns int8 (N, 81)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for puzzle in np.asarray(puzzles):
+        puzzle = [int(v) for v in puzzle]
+        for cell in rng.permutation([c for c in range(81) if puzzle[c]]):
+            puzzle[cell] = 0
+            if solve(puzzle, limit=2)[0] >= 2:
+                break
+        else:
+            raise ValueError("an empty grid is reached without two solutions: the input puzzle has none")
+        out.append(puzzle)
+    return np.array(out, np.int8)
