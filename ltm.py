@@ -24,8 +24,6 @@ Simplified relative to the reference, and why:
   steps cannot reach the prior's scale: the bound at the training T is loose (KL 6.1 nats/token) and
   tightens only at T ≥ 32. fast_lr 1.0 gives a tight bound at T = 8 but no better decoder (held-out
   NLL 1.41-1.77 per token in two runs vs 1.24-1.66 with 0.3 over two seeds), so the paper's value stays.
-- no RoPE on the cross-attention (the reference rotates z keys at spread-out positions); the z slots
-  are free per-sequence variables, so their order carries no information a position code must add.
 - full causal attention instead of the sliding window (our sequences are shorter than the window).
 - the fast loop draws a fresh ε each step (the reference reuses one ε for all T steps) and the
   reported bound uses another fresh ε: a single-sample Monte-Carlo ELBO, a bound in expectation.
@@ -48,25 +46,30 @@ SEPARATOR = 10  # sudoku: token between the puzzle and the solution (digits are 
 
 @dataclass
 class Config:
-    steps: int = 600  # slow (decoder) optimizer steps
-    batch_size: int = 16  # sequences per step (each costs fast_steps + 1 decoder passes)
+    steps: int = 300  # slow (decoder) optimizer steps
+    batch_size: int = 8  # sequences per step (each costs fast_steps + 1 decoder passes)
     lr: float = 3e-3  # slow-learning peak lr (paper: 4e-4 at 38M-76M params)
-    warmup_steps: int = 50  # linear warmup of the slow lr (train.py)
+    warmup_steps: int = 30  # linear warmup of the slow lr (train.py)
     difficulty: str = "medium"  # sudoku training base set: easy|medium|hard
-    eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # fast steps T at test time (the table's axis)
+    eval_steps: tuple[int, ...] = (0, 1, 2, 4, 8, 16)  # fast steps T at test time; 0 = z from the prior
     d_model: int = 64  # width d; latent thought vectors have the same width
     n_layers: int = 3  # decoder blocks, each with its own latent thoughts
     n_heads: int = 2  # attention heads (self and cross)
     n_z_per_layer: int = 4  # latent thought vectors per layer (paper: 8)
-    fast_steps: int = 8  # T: posterior AdamW steps per training sequence (paper: 16)
-    fast_lr: float = 0.3  # fast-learning peak lr, cosine to fast_lr/10 over the T steps (paper: 0.3; see docstring)
+    # Self-attention window in tokens, itself included (0 = full causal). Stacked windows reach
+    # n_layers · (window - 1) tokens back: 3 · 23 = 69 < 81, so no solution cell can see its own given
+    # (81 tokens earlier) and the puzzle can reach a solution token only through z; 40 (the issue's
+    # 1/4 of the sequence) reaches 117 back, and every solution cell could copy its given directly.
+    window: int = 24
+    fast_steps: int = 16  # T: posterior AdamW steps per training sequence (paper: 16)
+    fast_lr: float = 1.0  # fast-learning peak lr, cosine to fast_lr/10 over the T steps (paper: 0.3; see docstring)
     weight_decay: float = 0.1  # slow AdamW weight decay on 2-D weights (paper: 0.1)
     use_latent: bool = True  # False: plain decoder of the same size, no z (the baseline)
-    eval_subset: int = 32  # held-out sequences per test set used by evaluate() (it costs Σ eval_steps fits)
+    eval_subset: int = 200  # held-out sequences per test set used by evaluate() (it costs Σ eval_steps fits)
 
 
-GPU_CONFIG = dict(d_model=384, n_layers=6, n_heads=6, n_z_per_layer=8, fast_steps=16, batch_size=128,
-                  steps=20000, lr=4e-4, warmup_steps=1000, eval_subset=500)
+GPU_CONFIG = dict(d_model=384, n_layers=6, n_heads=6, n_z_per_layer=8, window=14,  # reach 6 · 13 = 78 < 81
+                  fast_steps=16, batch_size=128, steps=20000, lr=4e-4, warmup_steps=1000, eval_subset=500)
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -90,9 +93,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache=None):
-        """x (B, N, D). cache: this layer's dict of past keys/values for decoding (filled in place); a call
-        with a non-empty cache must bring one token (N = 1), which may attend to everything before it."""
+    def forward(self, x, cos, sin, visible, cache=None):
+        """x (B, N, D); visible (N, past + N) bool: the keys each query may attend to (the sliding-window
+        causal mask). cache: this layer's dict of past keys/values for decoding (filled in place)."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -100,12 +103,15 @@ class SelfAttention(nn.Module):
             if cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, past + N, hd)
             cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=N > 1)  # (B, H, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, H, N, hd)
         return self.out(y.transpose(1, 2).reshape(B, N, D))
 
 
 class CrossAttention(nn.Module):
-    """Queries from the token stream, keys/values from this layer's latent thoughts z_l."""
+    """Queries from the token stream, keys/values from this layer's latent thoughts z_l. RoPE rotates the
+    queries by their token position and slot i's key by its own position, spread over the sequence, so
+    a slot can describe one stretch of the sequence (the only route by which a windowed position learns
+    where it is)."""
 
     def __init__(self, config):
         super().__init__()
@@ -114,11 +120,12 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, z):
+    def forward(self, x, cos, sin, z, z_cos, z_sin):
         B, N, D = x.shape
         hd = D // self.n_heads
-        q = self.q(x).view(B, N, self.n_heads, hd).transpose(1, 2)  # (B, H, N, hd)
+        q = apply_rope(self.q(x).view(B, N, self.n_heads, hd).transpose(1, 2), cos, sin)  # (B, H, N, hd)
         k, v = self.kv(z.to(x.dtype)).view(B, -1, 2, self.n_heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, Z, hd)
+        k = apply_rope(k, z_cos, z_sin)
         y = F.scaled_dot_product_attention(q, k, v)  # every token sees all of z_l
         return self.out(y.transpose(1, 2).reshape(B, N, D))
 
@@ -145,10 +152,10 @@ class Block(nn.Module):
             self.cross_norm, self.cross = nn.RMSNorm(config.d_model, eps=1e-5), CrossAttention(config)
         self.mlp_norm, self.mlp = nn.RMSNorm(config.d_model, eps=1e-5), SwiGLU(config)
 
-    def forward(self, h, cos, sin, z_layer, cache=None):
-        h = h + self.attn(self.attn_norm(h), cos, sin, cache)
+    def forward(self, h, cos, sin, visible, z_layer, z_cos, z_sin, cache=None):
+        h = h + self.attn(self.attn_norm(h), cos, sin, visible, cache)
         if z_layer is not None:
-            h = h + self.cross(self.cross_norm(h), z_layer)
+            h = h + self.cross(self.cross_norm(h), cos, sin, z_layer, z_cos, z_sin)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -161,6 +168,7 @@ class LatentThoughtModel(nn.Module):
         self.use_latent, self.n_layers, self.d_model = config.use_latent, config.n_layers, config.d_model
         self.n_latents = config.n_layers * config.n_z_per_layer  # z is (B, n_latents, d)
         self.embed = nn.Embedding(vocab_size, config.d_model)
+        self.position = nn.Embedding(max_len, config.d_model)  # absolute position (see docstring)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=1e-5)
         self.head = nn.Linear(config.d_model, vocab_size, bias=False)
@@ -168,6 +176,14 @@ class LatentThoughtModel(nn.Module):
         cos, sin = rope_tables(config.d_model // config.n_heads, max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        slot_positions = torch.arange(config.n_z_per_layer) * max_len // config.n_z_per_layer  # (Z,)
+        self.register_buffer("z_cos", cos[slot_positions], persistent=False)
+        self.register_buffer("z_sin", sin[slot_positions], persistent=False)
+        query, key = torch.arange(max_len)[:, None], torch.arange(max_len)[None]
+        visible = key <= query  # (max_len, max_len): causal
+        if config.window:
+            visible &= key > query - config.window  # sliding window: the last `window` tokens, itself included
+        self.register_buffer("visible", visible, persistent=False)
         for name, p in self.named_parameters():  # reference init: N(0, 0.02), residual outputs scaled
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layers) if name.endswith("out.weight") else 0.02
@@ -179,11 +195,12 @@ class LatentThoughtModel(nn.Module):
         B, N = tokens.shape
         start = cache[0]["k"].shape[2] if cache and cache[0] else 0  # tokens already in the cache
         cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]  # (N, hd/2)
+        visible = self.visible[start:start + N, :start + N]  # (N, start + N)
         z_layers = z.view(B, self.n_layers, -1, self.d_model).unbind(1) if z is not None else [None] * self.n_layers
         caches = cache if cache is not None else [None] * self.n_layers
-        h = self.embed(tokens)  # (B, N, D)
+        h = self.embed(tokens) + self.position.weight[start:start + N]  # (B, N, D)
         for block, z_layer, layer_cache in zip(self.blocks, z_layers, caches):  # z_layer (B, Z, D)
-            h = block(h, cos, sin, z_layer, layer_cache)
+            h = block(h, cos, sin, visible, z_layer, self.z_cos, self.z_sin, layer_cache)
         return self.head(self.norm(h))  # (B, N, V)
 
 
@@ -199,8 +216,10 @@ def build_model(config, task):
         raise ValueError(f"ltm supports tasks {TASKS}, not {task.name!r}")
     if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
         raise ValueError(f"d_model={config.d_model} must split into n_heads={config.n_heads} heads of even size")
-    if config.fast_steps < 1 or config.n_z_per_layer < 1 or min(config.eval_steps, default=1) < 1:
-        raise ValueError("fast_steps, n_z_per_layer and every eval step must be >= 1")
+    if config.fast_steps < 1 or config.n_z_per_layer < 1 or min(config.eval_steps, default=0) < 0:
+        raise ValueError("fast_steps and n_z_per_layer must be >= 1, every eval step >= 0")
+    if config.window < 0:
+        raise ValueError(f"window must be >= 0 (0 = full causal attention), got {config.window}")
     vocab_size, seq_len = task_layout(task)
     return LatentThoughtModel(config, task.name, vocab_size, max_len=seq_len - 1)
 
@@ -250,9 +269,9 @@ def kl_to_prior(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2))
 
 
-def sample_z(mu, logvar):
-    """Reparameterised sample z = μ + σ ⊙ ε, ε ~ N(0, I): (B, n_latents, d)."""
-    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+def sample_z(mu, logvar, eps):
+    """Reparameterised sample z = μ + σ ⊙ ε with the fit's noise ε ~ N(0, I): (B, n_latents, d)."""
+    return mu + eps * torch.exp(0.5 * logvar)
 
 
 def token_nll(model, tokens, z, autocast_dtype):
@@ -262,9 +281,9 @@ def token_nll(model, tokens, z, autocast_dtype):
     return F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").sum(dim=1)
 
 
-def negative_elbo(model, tokens, mu, logvar, autocast_dtype):
+def negative_elbo(model, tokens, mu, logvar, eps, autocast_dtype):
     """-ELBO(x) = E_q[-log p_β(x|z)] + KL(q||p), one-sample estimate; returns (NLL (B,), KL (B,))."""
-    return token_nll(model, tokens, sample_z(mu, logvar), autocast_dtype), kl_to_prior(mu, logvar)
+    return token_nll(model, tokens, sample_z(mu, logvar, eps), autocast_dtype), kl_to_prior(mu, logvar)
 
 
 # ----------------------------------------------------------------------------- fast learning (thinking)
@@ -275,8 +294,12 @@ def fast_lr_at(step, n_steps, peak):
 
 def fit_posterior(model, tokens, steps, config, autocast_dtype):
     """Fast learning: T AdamW steps on q(z|x) = N(μ, diag e^logvar) for every sequence of tokens (B, S),
-    decoder frozen. Returns detached μ, logvar, each (B, n_latents, d)."""
+    decoder frozen. One noise draw ε per fit, reused by every step (and by the caller's z = μ + σ ε).
+    T = 0 returns the prior (μ = 0, logvar = 0). Returns detached μ, logvar, ε, each (B, n_latents, d)."""
     shape = (tokens.shape[0], model.n_latents, model.d_model)
+    eps = torch.randn(shape, device=tokens.device)
+    if steps == 0:
+        return torch.zeros(shape, device=tokens.device), torch.zeros(shape, device=tokens.device), eps
     mu = (0.01 * torch.randn(shape, device=tokens.device)).requires_grad_()  # μ ~ N(0, 0.01²)
     logvar = (-5.0 + 0.1 * torch.randn(shape, device=tokens.device)).requires_grad_()  # logvar ~ N(-5, 0.1²)
     # One optimizer over the whole batch: the loss is a sum over sequences and sequence b's (μ_b, logvar_b)
@@ -286,24 +309,26 @@ def fit_posterior(model, tokens, steps, config, autocast_dtype):
     with torch.enable_grad():
         for step in range(steps):
             optimizer.param_groups[0]["lr"] = fast_lr_at(step, steps, config.fast_lr)
-            nll, kl = negative_elbo(model, tokens, mu, logvar, autocast_dtype)  # (B,), (B,)
+            nll, kl = negative_elbo(model, tokens, mu, logvar, eps, autocast_dtype)  # (B,), (B,)
             optimizer.zero_grad(set_to_none=True)
             # decoder frozen: backward only to (μ, logvar), so no grads reach β. No GradScaler: the summed
             # loss keeps fp16 gradients well above underflow, and Adam ignores the loss scale anyway.
             (nll + kl).sum().backward(inputs=[mu, logvar])
             optimizer.step()
-    return mu.detach(), logvar.detach()
+    return mu.detach(), logvar.detach(), eps
 
 
 @torch.no_grad()
 def elbo_bound(model, tokens, steps, config, autocast_dtype=None):
-    """Fit q(z|x) on the sequences themselves with T = steps, then ppl ≤ exp(Σ(NLL + KL) / n_tokens).
+    """Fit q(z|x) on the sequences themselves with T = steps (0: the prior), then
+    ppl ≤ exp(Σ(NLL + KL) / n_tokens), the NLL at z = μ + σ ε' with a fresh ε' (the fit's own ε would
+    make the one-sample estimate optimistic).
     tokens (B, S); chunked by config.batch_size. Returns {"ppl_bound", "nll_per_token", "kl_per_token"}."""
     check_tokens(tokens, model)
     nll_sum = kl_sum = 0.0
     for chunk in tokens.split(config.batch_size):
-        mu, logvar = fit_posterior(model, chunk, steps, config, autocast_dtype)
-        nll, kl = negative_elbo(model, chunk, mu, logvar, autocast_dtype)
+        mu, logvar, _ = fit_posterior(model, chunk, steps, config, autocast_dtype)
+        nll, kl = negative_elbo(model, chunk, mu, logvar, torch.randn_like(mu), autocast_dtype)
         nll_sum, kl_sum = nll_sum + nll.sum().item(), kl_sum + kl.sum().item()
     n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
     return {"ppl_bound": math.exp((nll_sum + kl_sum) / n_tokens),
@@ -312,16 +337,15 @@ def elbo_bound(model, tokens, steps, config, autocast_dtype=None):
 
 @torch.no_grad()
 def generate(model, prefix, steps, n_new, config, autocast_dtype=None, temperature=0.0, allowed=None):
-    """Conditional generation: fit q(z|prefix) with T = steps, then decode n_new tokens with z fixed
-    (z = μ when greedy, a posterior sample when temperature > 0) and a key/value cache.
+    """Conditional generation: fit q(z|prefix) with T = steps (0: z from the prior), then decode n_new
+    tokens with z fixed at the fitted sample μ + σ ε (the z the decoder is trained on) and a key/value cache.
     allowed: optional (V,) bool mask of tokens that may be generated. prefix (B, P) -> (B, P + n_new)."""
     check_tokens(prefix, model)
     if prefix.shape[1] + n_new - 1 > model.max_len:
         raise ValueError(f"prefix length + n_new - 1 = {prefix.shape[1] + n_new - 1} exceeds max_len {model.max_len}")
     z = None
     if model.use_latent:
-        mu, logvar = fit_posterior(model, prefix, steps, config, autocast_dtype)
-        z = mu if temperature == 0 else sample_z(mu, logvar)
+        z = sample_z(*fit_posterior(model, prefix, steps, config, autocast_dtype))  # (B, n_latents, d)
     cache, tokens, new_tokens = [{} for _ in range(model.n_layers)], prefix, []
     for _ in range(n_new):
         with autocast(prefix.device, autocast_dtype):
@@ -343,8 +367,8 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     optimizer.zero_grad(set_to_none=True)
     z = mu = logvar = None
     if model.use_latent:
-        mu, logvar = fit_posterior(model, tokens, config.fast_steps, config, autocast_dtype)
-        z = sample_z(mu, logvar)  # (B, n_latents, d), detached: β learns p_β(x|z) for z ~ q(z|x)
+        mu, logvar, eps = fit_posterior(model, tokens, config.fast_steps, config, autocast_dtype)
+        z = sample_z(mu, logvar, eps)  # (B, n_latents, d), detached: exactly the z the fast steps fitted
     with autocast(tokens.device, autocast_dtype):
         logits = model(tokens[:, :-1], z)  # (B, S-1, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())  # -log p_β(x|z) per token
@@ -386,7 +410,9 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
     rows = []
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # same posterior inits/noise for every T and every run
-        for set_name, test_set in task.test_sets.items():
+        # sudoku: only the training difficulty's test set; every row costs Σ eval_steps posterior fits
+        test_sets = task.test_sets if model.task_name == "text" else {config.difficulty: task.test_sets[config.difficulty]}
+        for set_name, test_set in test_sets.items():
             subset = {key: value[:config.eval_subset].to(device) for key, value in test_set.items()}
             tokens = to_sequences(subset, model)  # (n, S)
             for steps in (eval_steps if model.use_latent else (0,)):

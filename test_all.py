@@ -768,8 +768,8 @@ class LtmTinySudoku:
 
 
 def ltm_tiny_config(**overrides):
-    fields = dict(d_model=32, n_layers=2, n_heads=2, n_z_per_layer=2, fast_steps=2, batch_size=8, lr=3e-3,
-                  eval_subset=8)
+    fields = dict(d_model=32, n_layers=2, n_heads=2, n_z_per_layer=2, window=6, fast_steps=2, batch_size=8,
+                  lr=3e-3, eval_subset=8)
     return ltm.Config(**{**fields, **overrides})
 
 
@@ -792,15 +792,99 @@ def test_ltm_kl_is_zero_at_the_prior_and_positive_elsewhere():
     assert (ltm.kl_to_prior(zeros + 0.5, zeros - 1.0) > 0).all()
 
 
+def test_ltm_kl_matches_the_closed_form_of_two_gaussians():
+    mu, logvar = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    q, prior = torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    assert torch.allclose(ltm.kl_to_prior(mu, logvar), torch.distributions.kl_divergence(q, prior).sum(dim=(1, 2)))
+
+
+def test_ltm_sample_is_mu_plus_sigma_times_the_given_noise():
+    mu, logvar, eps = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.allclose(ltm.sample_z(mu, logvar, eps), mu + eps * logvar.exp().sqrt())
+
+
+def test_ltm_token_nll_is_the_chain_rule_sum_of_next_token_losses():
+    task, config, model, _, _ = ltm_setup()
+    tokens, z = task.windows[:2, :9], torch.randn(2, model.n_latents, config.d_model)
+    cache, log_p = [{} for _ in range(model.n_layers)], torch.zeros(2)
+    for t in range(8):  # -log p(x) = -Σ_t log p(x_{t+1} | x_≤t, z), one token at a time through the cache
+        log_p += model(tokens[:, t:t + 1], z, cache)[:, -1].log_softmax(-1).gather(1, tokens[:, t + 1:t + 2])[:, 0]
+    assert torch.allclose(ltm.token_nll(model, tokens, z, None), -log_p, atol=1e-4)
+
+
+def test_ltm_fast_lr_is_a_cosine_from_the_peak_to_a_tenth():
+    lrs = [ltm.fast_lr_at(step, 16, 0.3) for step in range(17)]
+    assert lrs[0] == pytest.approx(0.3) and lrs[8] == pytest.approx(0.165) and lrs[16] == pytest.approx(0.03)
+    assert all(later < earlier for earlier, later in zip(lrs, lrs[1:]))
+
+
+def test_ltm_init_scales_the_residual_outputs():
+    _, _, model, _, _ = ltm_setup(d_model=64, n_layers=8)
+    out_std = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("out.weight")]).std()
+    assert out_std.item() == pytest.approx(0.02 / 4, rel=0.1)  # 0.02 / sqrt(2 · n_layers)
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_ltm_rope_scores_depend_only_on_the_relative_position():
+    cos, sin = ltm.rope_tables(8, 32)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    score = lambda m, n: (ltm.apply_rope(q, cos[m], sin[m]) * ltm.apply_rope(k, cos[n], sin[n])).sum()
+    assert torch.allclose(score(5, 2), score(20, 17), atol=1e-5) and not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_ltm_window_limits_what_a_position_can_see():
+    # two layers of a 3-token window: position i sees tokens i-4..i (each layer reaches 2 tokens further back)
+    task, config, model, _, _ = ltm_setup(window=3)
+    tokens, z = task.windows[:1, :16].clone(), torch.randn(1, model.n_latents, config.d_model)
+    logits = model(tokens, z)[0, 12]  # (V,)
+    for position, seen in ((8, True), (7, False), (0, False), (12, True)):
+        changed = tokens.clone()
+        changed[0, position] = (changed[0, position] + 1) % task.vocab_size
+        assert torch.equal(model(changed, z)[0, 12], logits) is not seen, position
+    _, _, full, _, _ = ltm_setup(window=0)
+    changed = tokens.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % task.vocab_size
+    assert not torch.equal(full(changed, z)[0, 12], full(tokens, z)[0, 12])  # 0 = full causal attention
+
+
+def test_ltm_one_noise_draw_serves_every_fast_step_and_the_slow_step():
+    # with a zero fast lr, (μ, logvar) stay at their init, so z only changes if ε is drawn again
+    task, config, model, optimizer, scaler = ltm_setup(fast_lr=0.0, fast_steps=3)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
+    ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
+    assert len(seen) == 4 and all(torch.equal(z, seen[0]) for z in seen)
+    ltm.train_step(model, optimizer, scaler, task.train_batch(1, 8), 1, config, None)
+    assert not torch.equal(seen[4], seen[0])  # the next fit draws its own ε
+
+
+def test_ltm_prior_row_has_zero_kl_and_an_exact_bound():
+    task, config, model, _, _ = ltm_setup(LtmTinySudoku(), difficulty="easy")
+    prior, fitted = ltm.evaluate(model, task, config, (0, 2), None)
+    assert prior["T (fast steps)"] == 0 and prior["KL/token"] == 0.0
+    assert prior["ppl ≤ (ELBO bound)"] == pytest.approx(math.exp(prior["NLL/token"]))
+    assert fitted["KL/token"] > 0
+    assert fitted["ppl ≤ (ELBO bound)"] == pytest.approx(math.exp(fitted["NLL/token"] + fitted["KL/token"]))
+    assert 0 <= prior["blank-cell %"] <= 100
+
+
+def test_ltm_decoder_gradient_reaches_every_layers_latents():
+    task, config, model, _, _ = ltm_setup()
+    z = torch.randn(2, model.n_latents, config.d_model, requires_grad=True)
+    ltm.token_nll(model, task.windows[:2], z, None).sum().backward()
+    per_layer = z.grad.view(2, config.n_layers, -1).abs().sum(dim=-1)  # (B, n_layers)
+    assert (per_layer > 0).all()
+
+
 def test_ltm_fast_step_touches_only_the_posterior():
     task, config, model, _, _ = ltm_setup()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.manual_seed(1)
-    mu, logvar = ltm.fit_posterior(model, task.windows[:4], 3, config, None)
+    mu, logvar, eps = ltm.fit_posterior(model, task.windows[:4], 3, config, None)
     for name, p in model.named_parameters():
         assert p.grad is None, name
         assert torch.equal(p, before[name]), name
-    assert not mu.requires_grad and not logvar.requires_grad
+    assert not mu.requires_grad and not logvar.requires_grad and not eps.requires_grad
     assert (logvar + 5.0).abs().mean() > 0.5  # moved away from its N(-5, 0.1²) init
 
 
@@ -822,8 +906,8 @@ def test_ltm_slow_step_updates_only_the_decoder_with_detached_z():
     original = ltm.fit_posterior
 
     def recording_fit(*args):
-        seen["mu"], seen["logvar"] = original(*args)
-        return seen["mu"], seen["logvar"]
+        seen["mu"], seen["logvar"], eps = original(*args)
+        return seen["mu"], seen["logvar"], eps
 
     ltm.fit_posterior = recording_fit
     try:
@@ -873,11 +957,11 @@ def test_ltm_cached_decoding_matches_full_recompute():
 
 
 def test_ltm_sudoku_evaluate_rows_and_plain_baseline():
-    task, config, model, _, _ = ltm_setup(LtmTinySudoku())
+    task, config, model, _, _ = ltm_setup(LtmTinySudoku(), difficulty="easy")
     rows = ltm.evaluate(model, task, config, (1, 2), None)
     assert [row["T (fast steps)"] for row in rows] == [1, 2]
     assert "ppl ≤ (ELBO bound)" in rows[0] and 0 <= rows[0]["exact %"] <= 100 and model.training
-    task, config, plain, _, _ = ltm_setup(LtmTinySudoku(), use_latent=False)
+    task, config, plain, _, _ = ltm_setup(LtmTinySudoku(), difficulty="easy", use_latent=False)
     assert not any("cross" in name for name, _ in plain.named_parameters())
     rows = ltm.evaluate(plain, task, config, (1, 2), None)
     assert len(rows) == 1 and rows[0]["T (fast steps)"] == 0 and rows[0]["ppl (next-token, exact)"] > 1
