@@ -860,14 +860,18 @@ def test_lvr_evaluate_rows():
 
 
 class LvrIdentityLLM(torch.nn.Module):
-    """A decoder whose last hidden state is its input embedding (and zero logits), for the L_LVR shift test."""
+    """A decoder whose last hidden state is its input embedding, for the shift tests. Logits are zero, except
+    that with end_logit the <lvr_end> logit is the input's first dimension."""
 
-    def __init__(self, embed, vocab_size):
+    def __init__(self, embed, vocab_size, end_logit=False):
         super().__init__()
-        self.embed, self.vocab_size = embed, vocab_size
+        self.embed, self.vocab_size, self.end_logit = embed, vocab_size, end_logit
 
     def forward(self, inputs, cache=None):
-        return inputs, inputs.new_zeros(*inputs.shape[:2], self.vocab_size), cache
+        logits = inputs.new_zeros(*inputs.shape[:2], self.vocab_size)
+        if self.end_logit:
+            logits[..., LVR_TASK.lvr_end_id] = inputs[..., 0]
+        return inputs, logits, cache
 
 
 def lvr_stage1_inputs(model, n=6):
@@ -886,6 +890,25 @@ def test_lvr_loss_compares_each_target_with_the_hidden_state_one_position_earlie
     expected = ((torch.cat([start, targets[:, :-1]], 1) - targets) ** 2).mean()     # [e(<lvr_start>), v_1, v_2] vs v
     torch.testing.assert_close(lvr.lvr_loss(model, visual, batch)[1]["L_LVR"], expected)
     assert expected > 1e-3                                                           # the same-position MSE is 0
+
+
+def test_lvr_exit_losses_supervise_the_position_holding_the_last_target():
+    """latent_end: h(position holding v_N) -> the end vector; mode_switch: the <lvr_end> logit at positions
+    <lvr_start>, v_1..v_N is 1 only at the position holding v_N (which predicts <lvr_end>)."""
+    for exit in ("latent_end", "mode_switch"):
+        model, config = lvr_tiny(latent_steps=3, exit=exit)
+        visual, batch = lvr_stage1_inputs(model)
+        model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size, end_logit=True)
+        targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)               # (B, 3, D)
+        metrics = lvr.lvr_loss(model, visual, batch)[1]
+        if exit == "latent_end":
+            torch.testing.assert_close(metrics["L_end"], ((targets[:, -1] - model.latent_end) ** 2).mean())
+        else:
+            start = model.llm.embed.weight[LVR_TASK.lvr_start_id].expand(len(visual), 1, -1)
+            logit = torch.cat([start, targets], 1)[..., 0]                              # (B, 4)
+            want = torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, torch.tensor([0.0, 0.0, 0.0, 1.0]).expand_as(logit))
+            torch.testing.assert_close(metrics["L_switch"], want)
 
 
 def test_lvr_total_loss_is_ntp_plus_lambda_times_lvr():
@@ -975,6 +998,64 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
 
 
+def test_lvr_stage0_loss_is_ntp_plus_weighted_pixel_and_grounding_terms():
+    batch = LVR_TASK.train_batch(0, 4)
+    for pixel, ground in ((1.0, 1.0), (0.5, 3.0)):
+        model, config = lvr_tiny(pixel_weight=pixel, grounding_weight=ground)
+        loss, metrics = lvr.alignment_loss(model, batch)
+        torch.testing.assert_close(loss, metrics["L_NTP"] + pixel * metrics["L_pixel"] + ground * metrics["L_grounding"])
+        patches = torch.nn.functional.unfold(batch["image"], 8, stride=8).transpose(1, 2)  # (B, 36, 3·8·8)
+        pixels = model.encoder.pixel_head(model.encoder(batch["image"]))
+        torch.testing.assert_close(metrics["L_pixel"], ((pixels - patches) ** 2).mean())
+
+
+def test_lvr_grounding_head_reads_the_llm_state_at_each_visual_token():
+    model, config = lvr_tiny()
+    batch = LVR_TASK.train_batch(0, 4)
+    seen = []
+    model.grounding_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    lvr.alignment_loss(model, batch)
+    with torch.no_grad():
+        h, _, _ = model.llm(lvr.prompt(model.llm, model.visual_tokens(batch["image"]), batch["question"]))
+    torch.testing.assert_close(seen[0], h[:, -model.n_patches:], atol=1e-5, rtol=1e-5)  # prompt = [question, v]
+
+
+def test_lvr_teacher_prob_ramps_from_roi_tokens_to_own_latents():
+    config = lvr.Config(align_steps=100, teacher_ramp=50)
+    assert [lvr.teacher_prob(s, config) for s in (100, 125, 150, 400)] == [1.0, 0.5, 0.0, 0.0]
+    assert lvr.teacher_prob(100, lvr.Config(align_steps=100, teacher_ramp=0)) == 0.0
+    model, config = lvr_tiny(teacher_ramp=10)                  # first stage-1 step: the answer reads ROI tokens
+    visual, batch = lvr_stage1_inputs(model, n=8)
+    with torch.no_grad():
+        want = lvr.lvr_loss(model, visual, batch, teacher_prob=1.0)[1]["answer_NTP"]
+        own = lvr.lvr_loss(model, visual, batch, teacher_prob=0.0)[1]["answer_NTP"]
+    got = lvr.train_step(model, lvr.make_optimizer(model, config), LVR_SCALER, batch, config.align_steps, config, None)
+    torch.testing.assert_close(got["answer_NTP"], want)
+    assert abs(want - own) > 1e-4
+
+
+def test_lvr_baseline_starts_from_the_stage0_llm():
+    model, config = lvr_tiny()
+    opt = lvr.make_optimizer(model, config)
+    stage0 = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    for group in opt.param_groups:
+        group["lr"] = 0.0                                                            # a step that moves nothing
+    lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), config.align_steps, config, None)
+    assert all(torch.equal(stage0[k], v) for k, v in model.baseline_llm.state_dict().items())
+
+
+def test_lvr_baseline_cannot_change_the_lvr_models_step():
+    """Per-model clipping: one stage-1 step moves the LVR LLM identically with and without the baseline."""
+    after = []
+    for baseline in (True, False):
+        model, config = lvr_tiny(baseline=baseline, align_steps=0, lr=1e-2)
+        opt = lvr.make_optimizer(model, config)
+        torch.manual_seed(4)
+        lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), 0, config, None)
+        after.append(torch.cat([p.flatten() for p in model.llm.parameters()]))
+    torch.testing.assert_close(after[0], after[1], atol=1e-6, rtol=0)
+
+
 def lvr_rollout(rows):
     """A hand-written rollout from token lists (None marks a latent slot)."""
     width = max(map(len, rows))
@@ -1011,11 +1092,13 @@ def lvr_rl_batch(beta=0.04, **kw):
 
 
 def test_lvr_grpo_advantages_are_group_normalised_rewards():
+    reward = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    advantage = lvr.group_advantages(reward)
+    torch.testing.assert_close(advantage[0], torch.tensor([1.0, 0.0, 0.0, -1.0]) / (math.sqrt(2 / 3) + 1e-4))  # sample std
+    assert not advantage[1].any()                                                   # equal rewards: no signal
     model, config, rollouts = lvr_rl_batch()
-    reward = rollouts["reward"]                                                      # (B, G)
-    assert reward.shape == (3, config.group_size)
-    want = (reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)
-    torch.testing.assert_close(rollouts["advantage"], want.view(-1, 1))
+    assert rollouts["reward"].shape == (3, config.group_size)
+    torch.testing.assert_close(rollouts["advantage"], lvr.group_advantages(rollouts["reward"]).view(-1, 1))
 
 
 def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
@@ -1031,6 +1114,11 @@ def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
     assert losses[0][0] < losses[1][0] < losses[2][0]
     kl = losses[2][1]["kl"]
     torch.testing.assert_close(losses[2][0] - losses[0][0], kl, rtol=0.2, atol=0)  # ≈ β·KL (per-row means)
+    with torch.no_grad():  # the k3 estimator of D_KL(π_θ‖π_ref), over the sampled tokens
+        d = rollouts["logp_ref"] - lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"],
+                                                       rollouts["rollout"], config.temperature)
+    mask = rollouts["rollout"]["sampled"]
+    torch.testing.assert_close(kl, (torch.exp(d) - d - 1)[mask].mean())
 
 
 def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
