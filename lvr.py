@@ -10,27 +10,31 @@ input embedding (Coconut-style, KV cache kept). Training has three stages, as in
           and a grounding loss: the LLM's state at each visual token classifies whether its patch lies in the
           question's ROI, as a pretrained VLM's grounding data would teach (without it the LLM never learned
           to find the region: every answer stayed at the prior);
-  stage 1 (LVR SFT): encoder and projector frozen; one teacher-forced pass with the ROI's visual tokens
-          written into the latent positions;  L = L_NTP + λ·L_LVR,  L_LVR = MSE(h_t, v_t);
+  stage 1 (LVR SFT): encoder and projector frozen;  L = L_NTP + λ·L_LVR,  L_LVR = MSE(h_t, v_t) on a
+          teacher-forced pass with the ROI's visual tokens in the latent positions; the answer's L_NTP on a
+          second pass that feeds the model's own (detached) latent states instead, as the paper's
+          L_NTP = -1/T_y Σ log p(y_t | y_<t, h_{1:T_v}) conditions on them (scheduled sampling from ROI tokens);
   stage 2 (GRPO_latent, `--stage rl`): G sampled rollouts per question, latent states recorded and
-          replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref.
-The test-time-compute axis is the number of latent steps (fixed budget 0/4/8/16, the paper's best exit);
-the latent-end-token and mode-switching exits are options (`--exit`).
+          replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref; several clipped
+          policy updates per rollout batch.
+The test-time-compute axis is the number of latent steps (fixed budget, the paper's best exit); the trained
+budget is `latent_steps` (4), rows at other budgets extrapolate. Control rows at the trained budget feed
+oracle ROI tokens, zeros or random tokens in the latent positions, or use the markers alone (budget 0).
+The latent-end-token and mode-switching exits are options (`--exit`).
 The "SFT data baseline" (same data, answers directly, no latent segment) is a second LLM trained
 alongside in the same run from the same stage-0 weights (`--baseline`), so one command prints both.
 
 Usage (CPU defaults; the RL run continues from the stage-1 checkpoint):
     python train.py --method lvr --out runs/lvr
-    python train.py --method lvr --stage rl --init-from runs/lvr/checkpoint.pt --steps 200 --batch-size 8 \
+    python train.py --method lvr --stage rl --init-from runs/lvr/checkpoint.pt --steps 100 --batch-size 8 \
         --lr 1e-4 --warmup-steps 10 --out runs/lvr-rl
 
 Simplified vs. the paper (Qwen2.5-VL 3B/7B, Visual-CoT): a tiny ViT/decoder trained from scratch on the
 synthetic vqa_data task; absolute position embeddings; lr 1e-3 instead of 1e-5 (nothing is pretrained);
-GRPO with one policy update per rollout batch (π_old = π_θ at sampling time, so the ratio starts at 1);
 λ = 1 (paper 0.1): our visual tokens vary by only ~0.07 per dimension, and with 0.1 the latents learned
 nothing beyond the mean token (latent MSE 1.2x the ROI-token variance; with 1.0 and a longer stage 0, 0.7x).
-Our addition: `--latent-pool k` averages the ROI tokens to exactly k targets (the paper uses all N ROI
-tokens, N varying per example, which mismatches the fixed 4/8/16 test budget, reference issue #7).
+Our addition: the ROI tokens are averaged to exactly `latent_steps` targets (`--no-latent-pool`: all N ROI
+tokens as in the paper, N varying per example, which mismatches a fixed test budget, reference issue #7).
 """
 import copy
 import math
@@ -63,12 +67,14 @@ class Config:
     pixel_weight: float = 1.0         # stage 0: weight of the patch-pixel reconstruction (pretrained-encoder proxy)
     grounding_weight: float = 1.0     # stage 0: weight of the "is this patch in the ROI?" loss (pretrained-VLM proxy)
     lvr_weight: float = 1.0           # λ in L = L_NTP + λ·L_LVR (paper: 0.1; see docstring)
-    latent_pool: int = 0              # 0: N = ROI patch count (paper); k > 0: pool ROI targets to k (ours)
+    latent_steps: int = 4             # trained latent budget: pooled ROI targets, RL rollouts and control rows
+    latent_pool: bool = True          # pool the ROI tokens to latent_steps targets (ours); off: all N (paper)
+    teacher_ramp: int = 600           # stage-1 steps over which the answer pass moves from ROI tokens to own latents
     exit: str = "fixed"               # latent exit: fixed | latent_end | mode_switch
     end_threshold: float = 0.02       # latent_end exit: MSE to the end vector below this
     max_latent: int = 16              # step cap for the adaptive exits
     group_size: int = 8               # GRPO group size G
-    rl_latent_steps: int = 8          # latent budget of the GRPO rollouts
+    policy_updates: int = 2           # GRPO optimizer steps per rollout batch (the clip acts from the second)
     temperature: float = 0.9          # rollout sampling temperature
     clip_eps: float = 0.2             # PPO/GRPO clip ε
     kl_beta: float = 0.04             # β of the KL to the frozen reference policy
@@ -80,8 +86,10 @@ class Config:
             raise ValueError(f"exit must be fixed, latent_end or mode_switch, got {self.exit!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
-        if min(self.eval_steps, default=0) < 0 or self.latent_pool < 0 or self.group_size < 2:
-            raise ValueError("eval_steps and latent_pool must be >= 0 and group_size >= 2")
+        if min(self.eval_steps, default=0) < 0 or self.latent_steps < 1 or self.group_size < 2:
+            raise ValueError("eval_steps must be >= 0, latent_steps >= 1 and group_size >= 2")
+        if self.policy_updates < 1 or self.teacher_ramp < 0:
+            raise ValueError("policy_updates must be >= 1 and teacher_ramp >= 0")
 
 
 GPU_CONFIG = dict(d_model=384, n_layer=8, n_head=6, encoder_layers=4, steps=12000, align_steps=4000,
@@ -175,7 +183,7 @@ class LVRModel(nn.Module):
         self.config, self.task = config, task
         grid = task.image_size // task.patch_size
         self.n_patches = grid * grid
-        max_latent = max(config.max_latent, config.rl_latent_steps, self.n_patches, *config.eval_steps)
+        max_latent = max(config.max_latent, config.latent_steps, self.n_patches, *config.eval_steps)
         self.max_len = self.n_patches + task.question_len + max_latent + task.answer_len + 4
         self.encoder = VisionEncoder(config, task.image_size, task.patch_size)
         self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
@@ -260,17 +268,22 @@ def alignment_loss(model, batch):
     return loss, {"L_NTP": l_ntp, "L_pixel": l_pixel, "L_grounding": l_grounding}
 
 
-def lvr_loss(model, visual, batch):
-    """Stage-1 SFT loss, one parallel teacher-forced pass over
-        [question (Lq), v (P), <lvr_start>, v_1..v_N, <lvr_end>, answer (A), <eos>, <pad>...]
-    with the ROI tokens v_i written into the latent positions. L = L_NTP + λ·L_LVR where
-      L_LVR: h(<lvr_start>) -> v_1, h(position holding v_1) -> v_2, ..., h(position holding v_{N-1}) -> v_N
-             (the usual next-position shift), MSE averaged over valid elements, raw last hidden state, no head;
-      L_NTP: shifted cross-entropy predicting <lvr_start>, <lvr_end>, the answer and <eos>; the targets at the
-             latent positions are masked out.
-    Per-example N varies (latent_pool = 0), so the answer sits at a different position in each row."""
+def lvr_loss(model, visual, batch, teacher_prob=0.0):
+    """Stage-1 SFT loss over [question (Lq), v (P), <lvr_start>, x_1..x_N, <lvr_end>, answer (A), <eos>, <pad>...],
+    in two passes that share the prefix [question, v, <lvr_start>] (its KV cache):
+      pass 1, teacher-forced: x_i = v_i, the ROI tokens.
+        L_LVR = 1/T_v Σ_t ||h_t - v_t||²: h(<lvr_start>) -> v_1, h(position holding v_1) -> v_2, ... (the usual
+        next-position shift), mean over valid elements, raw last hidden state, no head;
+        L_NTP on <lvr_start> and <lvr_end> (the latent positions' targets masked out).
+      pass 2, own latents: x_i = the pass-1 hidden state that predicted v_i, detached (scheduled sampling: the
+        true v_i with probability teacher_prob); L_NTP on the answer and <eos>. This realises the paper's
+        L_NTP = -1/T_y Σ_t log p(y_t | y_<t, h_{1:T_v}): the answer conditioned on the model's own latent states
+        h, which is what it reads at test time (not the ROI tokens).
+    L = L_NTP + λ·L_LVR. Without pooling N varies per example, so the answer sits at a different position in
+    each row."""
     config, task, llm = model.config, model.task, model.llm
-    targets, valid = roi_targets(visual, batch["box"], task, config.latent_pool)      # (B, N, D), (B, N)
+    pool = config.latent_steps if config.latent_pool else 0
+    targets, valid = roi_targets(visual, batch["box"], task, pool)                    # (B, N, D), (B, N)
     B, N, D = targets.shape
     count = valid.sum(1, keepdim=True)                                                 # (B, 1)
     A = batch["answer"].shape[1]
@@ -280,21 +293,34 @@ def lvr_loss(model, visual, batch):
                          torch.where((j > count) & (j <= count + A), batch["answer"].gather(1, answer_at),
                                      torch.where(j == count + A + 1, task.eos_id, task.pad_id)))  # (B, R)
     is_latent = j < count                                                              # (B, R)
-    response = torch.where(is_latent[..., None], F.pad(targets, (0, 0, 0, A + 2)).to(visual.dtype),
-                           llm.embed(tokens).to(visual.dtype))                          # (B, R, D)
     start = llm.embed.weight[task.lvr_start_id].expand(B, 1, D).to(visual.dtype)
-    inputs = torch.cat([prompt(llm, visual, batch["question"]), start, response], 1)
-    h, logits, _ = llm(inputs)                                                         # (B, T, D), (B, T, V)
-    s = visual.shape[1] + batch["question"].shape[1]                                  # position of <lvr_start>
-    # L_NTP: position s-1 predicts <lvr_start>, position s+t predicts response token t
+    h_prefix, logits_prefix, cache = llm(torch.cat([prompt(llm, visual, batch["question"]), start], 1))
+    s = h_prefix.shape[1] - 1                                                          # position of <lvr_start>
+
+    def response_pass(latents):  # (B, N, D) in the latent slots -> h, logits over the whole sequence
+        response = torch.where(is_latent[..., None], F.pad(latents, (0, 0, 0, A + 2)).to(visual.dtype),
+                               llm.embed(tokens).to(visual.dtype))                      # (B, R, D)
+        h_response, logits_response, _ = llm(response, cache)
+        return torch.cat([h_prefix, h_response], 1), torch.cat([logits_prefix, logits_response], 1)
+
+    # labels: position s-1 predicts <lvr_start>, position s+t predicts response token t
     labels = torch.cat([torch.full_like(tokens[:, :1], task.lvr_start_id),
                         tokens.masked_fill(is_latent | (tokens == task.pad_id), -100)], 1)  # (B, R+1)
-    l_ntp = F.cross_entropy(logits[:, s - 1:s + N + A + 2].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-    # L_LVR = 1/T_v Σ_t ||h_t - v_t||² (mean over elements): hidden states at positions s .. s+N-1
-    h_latent = h[:, s:s + N].float()                                                   # (B, N, D)
+    is_marker = (labels == task.lvr_start_id) | (labels == task.lvr_end_id)
+
+    def ntp(logits, keep):  # shifted cross-entropy over the kept labels
+        return F.cross_entropy(logits[:, s - 1:s + N + A + 2].flatten(0, 1).float(),
+                               labels.masked_fill(~keep, -100).flatten(), ignore_index=-100)
+
+    h, logits = response_pass(targets)                                                 # pass 1: teacher-forced
+    h_latent = h[:, s:s + N].float()                                                   # (B, N, D): h_t -> v_t
     l_lvr = ((h_latent - targets.float()) ** 2).mean(-1)[valid].mean()
+    teacher = torch.rand(B, N, 1, device=visual.device) < teacher_prob                # scheduled sampling
+    _, own_logits = response_pass(torch.where(teacher, targets, h_latent.detach().to(targets.dtype)))  # pass 2
+    l_answer = ntp(own_logits, ~is_marker)   # same weight on the answer token as direct_loss gives the baseline
+    l_ntp = ntp(logits, is_marker) + l_answer
     loss = l_ntp + config.lvr_weight * l_lvr
-    metrics = {"L_NTP": l_ntp, "L_LVR": l_lvr}
+    metrics = {"L_NTP": l_ntp, "L_LVR": l_lvr, "answer_NTP": l_answer}
     rows = torch.arange(B, device=visual.device)
     if config.exit == "latent_end":  # latent end token: h(position holding v_N) -> the learned end vector
         l_end = ((h[rows, s + count[:, 0]].float() - model.latent_end) ** 2).mean()
@@ -311,12 +337,13 @@ def lvr_loss(model, visual, batch):
 
 
 @torch.no_grad()
-def generate(model, llm, visual, question, budget, temperature=0.0, exit="fixed"):
+def generate(model, llm, visual, question, budget, temperature=0.0, exit="fixed", fed_latents=None):
     """Decode all rows in lockstep with a KV cache. A row in text mode samples a token (greedy when
     temperature = 0); after it emits <lvr_start> it enters latent mode: its last hidden state is the next
     input embedding and no token is sampled, until the exit fires (fixed: `budget` steps; latent_end: MSE
     to the end vector < threshold; mode_switch: sigmoid(<lvr_end> logit) > 0.5; both capped at `budget`),
-    then <lvr_end> is forced and text decoding resumes until <eos>.
+    then <lvr_end> is forced and text decoding resumes until <eos>. fed_latents (B, budget, D), for the control
+    rows: the i-th latent input is fed_latents[:, i] instead of the model's own hidden state.
     Returns dict: tokens (B, R) (pad at latent positions), latents (B, R, D) (the fed-back hidden states),
     is_latent (B, R), sampled (B, R) (tokens drawn from the policy), logprob (B, R) of the sampled tokens."""
     task = model.task
@@ -334,6 +361,9 @@ def generate(model, llm, visual, question, budget, temperature=0.0, exit="fixed"
         elif exit == "mode_switch":
             stop |= logits[:, task.lvr_end_id].float() > 0
         leave, feed = in_latent & stop, in_latent & ~stop                               # (B,), (B,)
+        if fed_latents is not None:  # slot i = budget - latent_left while feeding
+            slot = (budget - latent_left).clamp(0, budget - 1)
+            h = torch.where(feed[:, None], fed_latents[torch.arange(B), slot].to(h.dtype), h)
         scaled = logits.float() / (temperature if temperature > 0 else 1.0)
         token = (torch.multinomial(F.softmax(scaled, -1), 1)[:, 0] if temperature > 0 else scaled.argmax(-1))
         sampled = ~in_latent & ~done
@@ -377,32 +407,58 @@ def answer_correct(rollout, answer, task):
     return (text[:, :answer.shape[1]] == answer).all(1) & (text[:, answer.shape[1]] == task.eos_id)
 
 
-def grpo_latent_loss(model, visual, batch):
-    """GRPO_latent (stage 2). Rewards r = format (both <lvr_start> and <lvr_end> present) + accuracy;
-    advantages Â_i = (r_i − mean_group)/(std_group + 1e-4); per text token the clipped objective
-    min(r_{i,t}·Â_i, clip(r_{i,t}, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref) with
-    r_{i,t}(θ) = π_θ(y_{i,t} | q, I, h̃^latent_i, y_{i,<t}) / π_θold(same), both by replaying the recorded
-    latents. Tokens inside the latent span and forced <lvr_end> are excluded (not sampled)."""
+def format_ok(rollout, task):
+    """Format reward's regex: the response is exactly <lvr_start> (latents) <lvr_end> answer-word(s) <eos>."""
+    tokens = rollout["tokens"]
+    text = tokens.gather(1, torch.sort((tokens == task.pad_id).int(), dim=1, stable=True).indices)  # pads last
+    text = F.pad(text, (0, task.answer_len + 3), value=task.pad_id)
+    words = text[:, 2:2 + task.answer_len]
+    is_word = (words != task.pad_id) & (words != task.eos_id) & (words != task.lvr_start_id) & (words != task.lvr_end_id)
+    return ((text[:, 0] == task.lvr_start_id) & (text[:, 1] == task.lvr_end_id) & is_word.all(1)
+            & (text[:, 2 + task.answer_len] == task.eos_id))
+
+
+def group_advantages(reward):
+    """GRPO advantages Â_i = (r_i − mean_group)/(std_group + 1e-4) for rewards (B, G)."""
+    return (reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)
+
+
+@torch.no_grad()
+def grpo_rollouts(model, visual, batch):
+    """GRPO_latent sampling: G rollouts per question at the trained latent budget, latent states recorded.
+    Rewards r = format (format_ok) + accuracy; group-normalised advantages (group_advantages);
+    log π_θold of the sampled tokens (fixed for all policy updates on this batch) and log π_ref by replay."""
     config, task, G = model.config, model.task, model.config.group_size
     visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
     question, answer = batch["question"].repeat_interleave(G, 0), batch["answer"].repeat_interleave(G, 0)
-    rollout = generate(model, model.llm, visual, question, config.rl_latent_steps, config.temperature)
-    tokens, mask = rollout["tokens"], rollout["sampled"].float()                       # (B*G, R)
-    has_format = (tokens == task.lvr_start_id).any(1) & (tokens == task.lvr_end_id).any(1)
-    correct = answer_correct(rollout, answer, task)
-    reward = (has_format.float() + correct.float()).view(-1, G)                       # (B, G)
-    advantage = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)).view(-1, 1)
-    logp = replay_logprobs(model.llm, visual, question, rollout, config.temperature)  # log π_θ, with grad
-    logp_old = rollout["logprob"]                                                     # log π_θold (sampling time)
-    with torch.no_grad():
-        logp_ref = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
-    ratio = torch.exp(logp - logp_old)
+    rollout = generate(model, model.llm, visual, question, config.latent_steps, config.temperature)
+    has_format, correct = format_ok(rollout, task), answer_correct(rollout, answer, task)
+    reward = (has_format.float() + correct.float()).view(-1, G)                       # (B, G): r = format + accuracy
+    advantage = group_advantages(reward).view(-1, 1)                                  # (B*G, 1)
+    logp_ref = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
+    return dict(visual=visual, question=question, rollout=rollout, reward=reward, advantage=advantage, logp_ref=logp_ref,
+                metrics={"reward": reward.mean(), "reward_sd": reward.std(1).mean(), "accuracy": correct.float().mean(),
+                         "format": has_format.float().mean()})
+
+
+def grpo_latent_loss(llm, batch, config):
+    """GRPO_latent (stage 2) on one rollout batch from grpo_rollouts: per sampled text token the clipped
+    objective min(r_{i,t}·Â_i, clip(r_{i,t}, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref) with
+    r_{i,t}(θ) = π_θ(y_{i,t} | q, I, h̃^latent_i, y_{i,<t}) / π_θold(same), both by replaying the recorded
+    latents. Tokens inside the latent span and the forced <lvr_end> are excluded (not sampled). The ratio
+    moves away from 1 (and the clip acts) from the second policy update on a batch."""
+    rollout, advantage = batch["rollout"], batch["advantage"]
+    mask = rollout["sampled"].float()                                                 # (B*G, R)
+    logp = replay_logprobs(llm, batch["visual"], batch["question"], rollout, config.temperature)  # with grad
+    ratio = torch.exp(logp - rollout["logprob"])                                      # π_θ / π_θold
     objective = torch.minimum(ratio * advantage, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * advantage)
-    kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1                           # k3 estimator of D_KL
+    kl = torch.exp(batch["logp_ref"] - logp) - (batch["logp_ref"] - logp) - 1         # k3 estimator of D_KL
     per_token = -(objective - config.kl_beta * kl)
     loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    return loss, {"reward": reward.mean(), "accuracy": correct.float().mean(), "format": has_format.float().mean(),
-                  "kl": (kl * mask).sum() / mask.sum().clamp(min=1)}
+    tokens = mask.sum().clamp(min=1)
+    clipped = ((ratio - 1).abs() > config.clip_eps).float()
+    return loss, {"kl": (kl * mask).sum() / tokens, "ratio_dev": ((ratio - 1).abs() * mask).sum() / tokens,
+                  "clipped": (clipped * mask).sum() / tokens}
 
 # ----------------------------------------------------------------------------------------------------------
 # Training step (AMP): stage 0, stage 1 (+ baseline), stage 2
@@ -411,6 +467,26 @@ def grpo_latent_loss(model, visual, batch):
 def set_trainable(module, flag):
     for p in module.parameters():
         p.requires_grad_(flag)
+
+
+def teacher_prob(step, config):
+    """Scheduled sampling: the probability that the answer pass reads the true ROI token in a latent slot,
+    falling linearly from 1 at the start of stage 1 to 0 after teacher_ramp steps."""
+    return max(0.0, 1 - (step - config.align_steps) / config.teacher_ramp) if config.teacher_ramp else 0.0
+
+
+def optimizer_step(model, optimizer, scaler, loss):
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    encoder_and_heads = [model.encoder, model.projector, model.grounding_head, model.latent_end]
+    for part in (model.llm, model.baseline_llm, encoder_and_heads):
+        if part is not None:  # clip each trained model on its own so the baseline cannot rescale LVR's step
+            params = part.parameters() if isinstance(part, nn.Module) else \
+                [p for m in part for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
@@ -425,65 +501,87 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
         # frozen reference policy π_ref for the KL term: a plain attribute, not a submodule, so it stays out
         # of the state dict (on --resume it is re-taken from the resumed policy, not the stage-1 one)
         object.__setattr__(model, "reference", copy.deepcopy(model.llm).requires_grad_(False))
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    if config.stage == "rl":  # stage 2: one rollout batch, policy_updates clipped steps on it
+        with autocast:
+            rollouts = grpo_rollouts(model, model.visual_tokens(batch["image"]), batch)
+        for _ in range(config.policy_updates):
+            with autocast:
+                loss, metrics = grpo_latent_loss(model.llm, rollouts, config)
+            optimizer_step(model, optimizer, scaler, loss)
+        return {"loss": loss.detach(), **rollouts["metrics"], **{k: v.detach() for k, v in metrics.items()}}
+    with autocast:
         if not aligned:  # stage 0: alignment on plain VQA, everything trains
             loss, metrics = alignment_loss(model, batch)
         else:
             with torch.no_grad():
                 visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
-            if config.stage == "rl":
-                loss, metrics = grpo_latent_loss(model, visual, batch)
-            else:
-                loss, metrics = lvr_loss(model, visual, batch)
-                if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
-                    baseline, _ = direct_loss(model.baseline_llm, visual, batch, model.task)
-                    loss, metrics["baseline_NTP"] = loss + baseline, baseline
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    encoder_and_heads = [model.encoder, model.projector, model.grounding_head, model.latent_end]
-    for part in (model.llm, model.baseline_llm, encoder_and_heads):
-        if part is not None:  # clip each trained model on its own so the baseline cannot rescale LVR's step
-            params = part.parameters() if isinstance(part, nn.Module) else \
-                [p for m in part for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-    scaler.step(optimizer)
-    scaler.update()
+            loss, metrics = lvr_loss(model, visual, batch, teacher_prob(step, config))
+            if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
+                baseline, _ = direct_loss(model.baseline_llm, visual, batch, model.task)
+                loss, metrics["baseline_NTP"] = loss + baseline, baseline
+    optimizer_step(model, optimizer, scaler, loss)
     return {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: answer accuracy vs. latent steps, baseline row, latent reconstruction MSE
 
 
+CONTROLS = {"oracle": "oracle ROI tokens (a)", "zero": "zero latents (b)", "random": "random latents (c)"}
+
+
+def control_latents(kind, visual, boxes, task, k, roi_tokens, generator=None):
+    """Latents (B, k, D) fed in place of the model's own states in a control row: "oracle" the ROI tokens
+    pooled to k (the ceiling), "zero" zeros, "random" Gaussian with the per-dimension mean and std of
+    roi_tokens (M, D)."""
+    B, D = visual.shape[0], visual.shape[-1]
+    if kind == "oracle":
+        return roi_targets(visual, boxes, task, k)[0]
+    if kind == "zero":
+        return visual.new_zeros(B, k, D)
+    noise = torch.randn(B, k, D, generator=generator, device=visual.device)
+    return (roi_tokens.mean(0) + roi_tokens.std(0) * noise).to(visual.dtype)
+
+
 @torch.no_grad()
 def evaluate(model, task, config, eval_steps, autocast_dtype):
+    """Held-out answer accuracy: the answer prior, the no-latent baseline, LVR at each fixed budget (budget 0:
+    control (d), only the <lvr_start>/<lvr_end> markers, no latent slot), and at the trained budget the
+    controls (a) oracle ROI tokens, (b) zero latents, (c) random latents with the ROI tokens' per-dimension
+    mean and variance fed in the latent positions instead of the model's own states."""
     model.eval()
     device = next(model.parameters()).device
     data = task.test_sets["held-out"]
-    chunks = [{k: v[i:i + config.batch_size].to(device) for k, v in data.items()}
-              for i in range(0, len(data["answer"]), config.batch_size)]
+    size = max(config.batch_size, 256)                        # evaluation chunk (the RL batch is small)
+    chunks = [{k: v[i:i + size].to(device) for k, v in data.items()} for i in range(0, len(data["answer"]), size)]
+    k, pool = config.latent_steps, config.latent_steps if config.latent_pool else 0
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         visuals = [model.visual_tokens(c["image"]) for c in chunks]
         tf_mse = sum(lvr_loss(model, v, c)[1]["L_LVR"].float() * len(v) for v, c in zip(visuals, chunks)).item()
         tf_mse /= len(data["answer"])
         roi = [roi_targets(v, c["box"], task, 0) for v, c in zip(visuals, chunks)]
-        variance = torch.cat([t[m] for t, m in roi]).float().var(0).mean().item()  # MSE of the mean token
-        runs = [("baseline", model.baseline_llm, 0, "fixed")] if model.baseline_llm is not None else []
-        runs += [("lvr", model.llm, k, "fixed") for k in eval_steps]
+        roi_tokens = torch.cat([t[m] for t, m in roi]).float()                          # (all ROI tokens, D)
+        variance = roi_tokens.var(0).mean().item()                                     # MSE of the mean token
+        noise = torch.Generator(device=device).manual_seed(0)
+        runs = [("baseline", model.baseline_llm, 0, "fixed", None)] if model.baseline_llm is not None else []
+        runs += [("lvr, markers only (d)" if n == 0 else "lvr", model.llm, n, "fixed", None) for n in eval_steps]
+        runs += [(f"lvr, {name}", model.llm, k, "fixed", kind) for kind, name in CONTROLS.items()]
         if config.exit != "fixed":
-            runs.append((f"lvr {config.exit}", model.llm, config.max_latent, config.exit))
+            runs.append((f"lvr {config.exit}", model.llm, config.max_latent, config.exit, None))
         rows = [{"test set": "held-out", "model": "answer prior", "latent steps": "-",
                  "accuracy %": task.prior_accuracy(), "entered lvr %": 0.0, "mean steps": 0.0, "latent MSE": "-",
                  "latent MSE/var": "-", "teacher-forced MSE/var": "-"}]  # most frequent answer per question type
-        for name, llm, budget, exit in runs:
+        for name, llm, budget, exit, kind in runs:
             correct, entered, steps, mse_sum, mse_count = 0, 0, 0, 0.0, 0
             for v, c in zip(visuals, chunks):
-                rollout = generate(model, llm, v, c["question"], budget, exit=exit)
+                rollout = generate(model, llm, v, c["question"], budget, exit=exit,
+                                   fed_latents=control_latents(kind, v, c["box"], task, k, roi_tokens, noise)
+                                   if kind else None)
                 correct += answer_correct(rollout, c["answer"], task).sum().item()
                 entered += (rollout["tokens"] == task.lvr_start_id).any(1).sum().item()
                 steps += rollout["is_latent"].sum().item()
-                # free-running reconstruction: the i-th fed-back latent vs v_i, for i <= min(steps taken, N)
-                targets, valid = roi_targets(v, c["box"], task, config.latent_pool)        # (b, N, D), (b, N)
+                # reconstruction: the i-th latent input vs the i-th target, for i <= min(steps taken, N)
+                targets, valid = roi_targets(v, c["box"], task, pool)                      # (b, N, D), (b, N)
                 order = torch.sort((~rollout["is_latent"]).int(), dim=1, stable=True).indices  # latents first
                 latents = rollout["latents"].gather(1, order[..., None].expand(-1, -1, v.shape[-1]))
                 n = min(latents.shape[1], targets.shape[1])
@@ -504,7 +602,8 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
 if __name__ == "__main__":
     torch.manual_seed(0)
     demo_task = vqa_data.VQATask(seed=0, train_size=2000, eval_size=64)
-    demo_config = Config(steps=40, align_steps=20, d_model=32, n_layer=2, encoder_layers=1, eval_steps=(0, 4))
+    demo_config = Config(steps=40, align_steps=20, d_model=32, n_layer=2, encoder_layers=1, eval_steps=(0, 4),
+                         teacher_ramp=10)
     demo_model = build_model(demo_config, demo_task)
     opt = make_optimizer(demo_model, demo_config)
     for s in range(demo_config.steps):

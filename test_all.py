@@ -1193,8 +1193,8 @@ def test_lvr_grpo_step_and_bf16_autocast():
 
 
 def test_lvr_tiny_model_learns_tiny_vqa_set():
-    model, config = lvr_tiny(d_model=48, lr=3e-3, warmup_steps=1, align_steps=60, latent_pool=2, eval_steps=(2,),
-                         baseline=False)
+    model, config = lvr_tiny(d_model=48, lr=3e-3, warmup_steps=1, align_steps=60, latent_steps=2, eval_steps=(2,),
+                         baseline=False, teacher_ramp=30)
     opt = lvr.make_optimizer(model, config)
     batch = LVR_TASK.train_batch(0, 12)
     stage1_losses = []
@@ -1212,9 +1212,299 @@ def test_lvr_tiny_model_learns_tiny_vqa_set():
 def test_lvr_evaluate_rows():
     model, config = lvr_tiny()
     rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
-    assert [r["model"] for r in rows] == ["answer prior", "baseline", "lvr", "lvr"]
-    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2]
+    assert [r["model"] for r in rows] == ["answer prior", "baseline", "lvr, markers only (d)", "lvr",
+                                          "lvr, oracle ROI tokens (a)", "lvr, zero latents (b)", "lvr, random latents (c)"]
+    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2, 4, 4, 4]
     assert model.training
+
+
+
+# ---------------- lvr: controls, own-latent pass, GRPO_latent (issues 11 and 17)
+
+
+class LvrIdentityLLM(torch.nn.Module):
+    """A decoder whose last hidden state is its input embedding, for the shift tests. Logits are zero, except
+    that with end_logit the <lvr_end> logit is the input's first dimension."""
+
+    def __init__(self, embed, vocab_size, end_logit=False):
+        super().__init__()
+        self.embed, self.vocab_size, self.end_logit = embed, vocab_size, end_logit
+
+    def forward(self, inputs, cache=None):
+        logits = inputs.new_zeros(*inputs.shape[:2], self.vocab_size)
+        if self.end_logit:
+            logits[..., LVR_TASK.lvr_end_id] = inputs[..., 0]
+        return inputs, logits, cache
+
+
+def lvr_stage1_inputs(model, n=6):
+    batch = LVR_TASK.train_batch(0, n)
+    with torch.no_grad():
+        visual = model.visual_tokens(batch["image"])
+    return visual, batch
+
+
+def test_lvr_loss_compares_each_target_with_the_hidden_state_one_position_earlier():
+    model, config = lvr_tiny(latent_steps=3)
+    visual, batch = lvr_stage1_inputs(model)
+    model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size)
+    targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)                    # (B, 3, D): v_1..v_3
+    start = model.llm.embed.weight[LVR_TASK.lvr_start_id].expand(len(visual), 1, -1)
+    expected = ((torch.cat([start, targets[:, :-1]], 1) - targets) ** 2).mean()     # [e(<lvr_start>), v_1, v_2] vs v
+    torch.testing.assert_close(lvr.lvr_loss(model, visual, batch)[1]["L_LVR"], expected)
+    assert expected > 1e-3                                                           # the same-position MSE is 0
+
+
+def test_lvr_exit_losses_supervise_the_position_holding_the_last_target():
+    """latent_end: h(position holding v_N) -> the end vector; mode_switch: the <lvr_end> logit at positions
+    <lvr_start>, v_1..v_N is 1 only at the position holding v_N (which predicts <lvr_end>)."""
+    for exit in ("latent_end", "mode_switch"):
+        model, config = lvr_tiny(latent_steps=3, exit=exit)
+        visual, batch = lvr_stage1_inputs(model)
+        model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size, end_logit=True)
+        targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)               # (B, 3, D)
+        metrics = lvr.lvr_loss(model, visual, batch)[1]
+        if exit == "latent_end":
+            torch.testing.assert_close(metrics["L_end"], ((targets[:, -1] - model.latent_end) ** 2).mean())
+        else:
+            start = model.llm.embed.weight[LVR_TASK.lvr_start_id].expand(len(visual), 1, -1)
+            logit = torch.cat([start, targets], 1)[..., 0]                              # (B, 4)
+            want = torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, torch.tensor([0.0, 0.0, 0.0, 1.0]).expand_as(logit))
+            torch.testing.assert_close(metrics["L_switch"], want)
+
+
+def test_lvr_total_loss_is_ntp_plus_lambda_times_lvr():
+    for weight in (0.5, 2.0):
+        model, config = lvr_tiny(lvr_weight=weight)
+        visual, batch = lvr_stage1_inputs(model)
+        loss, metrics = lvr.lvr_loss(model, visual, batch)
+        torch.testing.assert_close(loss, metrics["L_NTP"] + weight * metrics["L_LVR"])
+
+
+def test_lvr_answer_pass_reads_detached_own_latents():
+    """The answer loss equals a reference pass fed the teacher-forced pass's hidden states as constants: same
+    value and same gradients (no gradient flows back through the fed latents), unlike a non-detached feed."""
+    model, config = lvr_tiny(latent_steps=3)
+    visual, batch = lvr_stage1_inputs(model)
+    llm, k = model.llm, 3
+    targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, k)
+    B, D = len(visual), visual.shape[-1]
+    answer = batch["answer"][:, 0]
+    s = visual.shape[1] + batch["question"].shape[1]                                # position of <lvr_start>
+
+    def prefix():  # [question, v, <lvr_start>] embeddings
+        start = llm.embed.weight[LVR_TASK.lvr_start_id].expand(B, 1, D)
+        return torch.cat([lvr.prompt(llm, visual, batch["question"]), start], 1)
+
+    def answer_loss(latents):  # CE of [answer, <eos>] after [prefix, latents, <lvr_end>, answer]
+        tail = llm.embed(torch.stack([torch.full_like(answer, LVR_TASK.lvr_end_id), answer], 1))
+        _, logits, _ = llm(torch.cat([prefix(), latents, tail], 1))
+        labels = torch.stack([answer, torch.full_like(answer, LVR_TASK.eos_id)], 1)
+        return torch.nn.functional.cross_entropy(logits[:, s + k + 1:s + k + 3].flatten(0, 1), labels.flatten())
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in llm.parameters() if p.grad is not None])
+
+    got = lvr.lvr_loss(model, visual, batch, teacher_prob=0.0)[1]["answer_NTP"]
+    got_grad = grads(got)
+    h, _, _ = llm(torch.cat([prefix(), targets], 1))                                # teacher-forced pass
+    own = h[:, s:s + k]                                                              # h_t that predicted v_t
+    want = answer_loss(own.detach())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, grads(want), atol=1e-5, rtol=1e-4)
+    h, _, _ = llm(torch.cat([prefix(), targets], 1))
+    assert not torch.allclose(got_grad, grads(answer_loss(h[:, s:s + k])), atol=1e-5, rtol=1e-4)  # not detached
+    # teacher_prob = 1: the answer pass reads the true ROI tokens instead
+    torch.testing.assert_close(lvr.lvr_loss(model, visual, batch, teacher_prob=1.0)[1]["answer_NTP"],
+                               answer_loss(targets), atol=1e-5, rtol=1e-5)
+
+
+def test_lvr_answer_token_weight_equals_the_baselines():
+    """Same answer labels, same logits -> same loss: the LVR answer pass and direct_loss weigh the answer alike."""
+    model, config = lvr_tiny()
+    visual, batch = lvr_stage1_inputs(model)
+    model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size)                 # logits 0: CE = log V
+    answer_ntp = lvr.lvr_loss(model, visual, batch)[1]["answer_NTP"]
+    baseline, _ = lvr.direct_loss(model.llm, visual, batch, LVR_TASK)
+    torch.testing.assert_close(answer_ntp, baseline)
+    torch.testing.assert_close(answer_ntp, torch.tensor(math.log(LVR_TASK.vocab_size)))
+
+
+def test_lvr_control_rows_change_only_the_latent_inputs():
+    model, config = lvr_tiny()
+    force_lvr_start(model)
+    visual, batch = lvr_stage1_inputs(model)
+    question, k = batch["question"], config.latent_steps
+    free = lvr.generate(model, model.llm, visual, question, k)
+    own = torch.stack([free["latents"][r][free["is_latent"][r]] for r in range(len(visual))])  # (B, k, D)
+    again = lvr.generate(model, model.llm, visual, question, k, fed_latents=own)    # own latents fed: same run
+    assert all(torch.equal(free[key], again[key]) for key in ("tokens", "is_latent", "sampled"))
+    roi_tokens = torch.randn(5000, visual.shape[-1]) * 0.3 + 2.0
+    for kind in lvr.CONTROLS:
+        fed = lvr.control_latents(kind, visual, batch["box"], LVR_TASK, k, roi_tokens)
+        out = lvr.generate(model, model.llm, visual, question, k, fed_latents=fed)
+        assert torch.equal(out["is_latent"], free["is_latent"])                     # same slots, same budget
+        torch.testing.assert_close(out["latents"][out["is_latent"]], fed.flatten(0, 1))  # what is fed, in order
+        first = free["is_latent"].float().argmax(1)[0]
+        assert torch.equal(out["tokens"][:, :first], free["tokens"][:, :first])     # text before: untouched
+    assert torch.equal(lvr.control_latents("oracle", visual, batch["box"], LVR_TASK, k, roi_tokens),
+                       lvr.roi_targets(visual, batch["box"], LVR_TASK, k)[0])
+    assert not lvr.control_latents("zero", visual, batch["box"], LVR_TASK, k, roi_tokens).any()
+    noise = lvr.control_latents("random", visual.repeat(200, 1, 1), None, LVR_TASK, k, roi_tokens).flatten(0, 1)
+    torch.testing.assert_close(noise.mean(0), roi_tokens.mean(0), atol=0.05, rtol=0)
+    torch.testing.assert_close(noise.std(0), roi_tokens.std(0), atol=0.03, rtol=0)
+    markers = lvr.generate(model, model.llm, visual, question, 0)                   # control (d): no latent slot
+    assert not markers["is_latent"].any()
+    assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
+
+
+def test_lvr_stage0_loss_is_ntp_plus_weighted_pixel_and_grounding_terms():
+    batch = LVR_TASK.train_batch(0, 4)
+    for pixel, ground in ((1.0, 1.0), (0.5, 3.0)):
+        model, config = lvr_tiny(pixel_weight=pixel, grounding_weight=ground)
+        loss, metrics = lvr.alignment_loss(model, batch)
+        torch.testing.assert_close(loss, metrics["L_NTP"] + pixel * metrics["L_pixel"] + ground * metrics["L_grounding"])
+        patches = torch.nn.functional.unfold(batch["image"], 8, stride=8).transpose(1, 2)  # (B, 36, 3·8·8)
+        pixels = model.encoder.pixel_head(model.encoder(batch["image"]))
+        torch.testing.assert_close(metrics["L_pixel"], ((pixels - patches) ** 2).mean())
+
+
+def test_lvr_grounding_head_reads_the_llm_state_at_each_visual_token():
+    model, config = lvr_tiny()
+    batch = LVR_TASK.train_batch(0, 4)
+    seen = []
+    model.grounding_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    lvr.alignment_loss(model, batch)
+    with torch.no_grad():
+        h, _, _ = model.llm(lvr.prompt(model.llm, model.visual_tokens(batch["image"]), batch["question"]))
+    torch.testing.assert_close(seen[0], h[:, -model.n_patches:], atol=1e-5, rtol=1e-5)  # prompt = [question, v]
+
+
+def test_lvr_teacher_prob_ramps_from_roi_tokens_to_own_latents():
+    config = lvr.Config(align_steps=100, teacher_ramp=50)
+    assert [lvr.teacher_prob(s, config) for s in (100, 125, 150, 400)] == [1.0, 0.5, 0.0, 0.0]
+    assert lvr.teacher_prob(100, lvr.Config(align_steps=100, teacher_ramp=0)) == 0.0
+    model, config = lvr_tiny(teacher_ramp=10)                  # first stage-1 step: the answer reads ROI tokens
+    visual, batch = lvr_stage1_inputs(model, n=8)
+    with torch.no_grad():
+        want = lvr.lvr_loss(model, visual, batch, teacher_prob=1.0)[1]["answer_NTP"]
+        own = lvr.lvr_loss(model, visual, batch, teacher_prob=0.0)[1]["answer_NTP"]
+    got = lvr.train_step(model, lvr.make_optimizer(model, config), LVR_SCALER, batch, config.align_steps, config, None)
+    torch.testing.assert_close(got["answer_NTP"], want)
+    assert abs(want - own) > 1e-4
+
+
+def test_lvr_baseline_starts_from_the_stage0_llm():
+    model, config = lvr_tiny()
+    opt = lvr.make_optimizer(model, config)
+    stage0 = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    for group in opt.param_groups:
+        group["lr"] = 0.0                                                            # a step that moves nothing
+    lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), config.align_steps, config, None)
+    assert all(torch.equal(stage0[k], v) for k, v in model.baseline_llm.state_dict().items())
+
+
+def test_lvr_baseline_cannot_change_the_lvr_models_step():
+    """Per-model clipping: one stage-1 step moves the LVR LLM identically with and without the baseline."""
+    after = []
+    for baseline in (True, False):
+        model, config = lvr_tiny(baseline=baseline, align_steps=0, lr=1e-2)
+        opt = lvr.make_optimizer(model, config)
+        torch.manual_seed(4)
+        lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), 0, config, None)
+        after.append(torch.cat([p.flatten() for p in model.llm.parameters()]))
+    torch.testing.assert_close(after[0], after[1], atol=1e-6, rtol=0)
+
+
+def lvr_rollout(rows):
+    """A hand-written rollout from token lists (None marks a latent slot)."""
+    width = max(map(len, rows))
+    tokens = torch.full((len(rows), width), LVR_TASK.pad_id)
+    is_latent = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        for t, token in enumerate(row):
+            is_latent[r, t] = token is None
+            tokens[r, t] = LVR_TASK.pad_id if token is None else token
+    return {"tokens": tokens, "is_latent": is_latent}
+
+
+def test_lvr_reward_varies_with_format_and_answer():
+    S, E, eos, yes, no = (LVR_TASK.lvr_start_id, LVR_TASK.lvr_end_id, LVR_TASK.eos_id, LVR_TASK.stoi["yes"],
+                          LVR_TASK.stoi["no"])
+    rollout = lvr_rollout([[S, None, None, E, yes, eos],     # format and answer right
+                           [yes, eos],                       # right answer, no latent segment
+                           [S, None, E, no, eos],            # format right, wrong answer
+                           [S, None, E, yes, yes, eos],      # two answer words
+                           [S, None, None, E, yes]])         # no <eos>
+    answer = torch.full((5, 1), yes)
+    assert lvr.format_ok(rollout, LVR_TASK).tolist() == [True, False, True, False, False]
+    assert lvr.answer_correct(rollout, answer, LVR_TASK).tolist() == [True, True, False, False, False]
+
+
+def lvr_rl_batch(beta=0.04, **kw):
+    model, config = lvr_tiny(stage="rl", kl_beta=beta, **kw)
+    force_lvr_start(model)
+    object.__setattr__(model, "reference", copy.deepcopy(model.llm).requires_grad_(False))
+    batch = LVR_TASK.train_batch(0, 3)
+    torch.manual_seed(2)
+    rollouts = lvr.grpo_rollouts(model, model.visual_tokens(batch["image"]).detach(), batch)
+    return model, config, rollouts
+
+
+def test_lvr_grpo_advantages_are_group_normalised_rewards():
+    reward = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    advantage = lvr.group_advantages(reward)
+    torch.testing.assert_close(advantage[0], torch.tensor([1.0, 0.0, 0.0, -1.0]) / (math.sqrt(2 / 3) + 1e-4))  # sample std
+    assert not advantage[1].any()                                                   # equal rewards: no signal
+    model, config, rollouts = lvr_rl_batch()
+    assert rollouts["reward"].shape == (3, config.group_size)
+    torch.testing.assert_close(rollouts["advantage"], lvr.group_advantages(rollouts["reward"]).view(-1, 1))
+
+
+def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
+    model, config, rollouts = lvr_rl_batch()
+    same = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b))[0] for b in (0.0, 1.0)]
+    torch.testing.assert_close(same[0], same[1])                                    # reference == policy: KL 0
+    with torch.no_grad():
+        for p in model.reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rollouts["logp_ref"] = lvr.replay_logprobs(model.reference, rollouts["visual"], rollouts["question"],
+                                               rollouts["rollout"], config.temperature)
+    losses = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b)) for b in (0.0, 0.1, 1.0)]
+    assert losses[0][0] < losses[1][0] < losses[2][0]
+    kl = losses[2][1]["kl"]
+    torch.testing.assert_close(losses[2][0] - losses[0][0], kl, rtol=0.2, atol=0)  # ≈ β·KL (per-row means)
+    with torch.no_grad():  # the k3 estimator of D_KL(π_θ‖π_ref), over the sampled tokens
+        d = rollouts["logp_ref"] - lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"],
+                                                       rollouts["rollout"], config.temperature)
+    mask = rollouts["rollout"]["sampled"]
+    torch.testing.assert_close(kl, (torch.exp(d) - d - 1)[mask].mean())
+
+
+def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
+    ratio_dev = {}
+    for updates in (1, 2):
+        model, config = lvr_tiny(stage="rl", policy_updates=updates, lr=3e-2, warmup_steps=1)
+        force_lvr_start(model)
+        opt = lvr.make_optimizer(model, config)
+        torch.manual_seed(3)
+        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 4), 0, config, None)
+        ratio_dev[updates] = metrics["ratio_dev"].item()
+    assert ratio_dev[1] < 1e-4 < ratio_dev[2]                                        # one update: ratio is 1
+    # the clip: with every ratio at e > 1 + ε and a positive advantage, the objective is flat in θ (no KL)
+    model, config, rollouts = lvr_rl_batch(beta=0.0)
+    rollouts["advantage"] = torch.ones_like(rollouts["advantage"])
+    logp = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"], 0.9)
+    for shift, flat in ((1.0, True), (0.0, False)):
+        rollouts["rollout"]["logprob"] = logp.detach() - shift
+        loss, metrics = lvr.grpo_latent_loss(model.llm, rollouts, config)
+        model.zero_grad()
+        loss.backward()
+        grad = sum(p.grad.abs().sum() for p in model.llm.parameters() if p.grad is not None)
+        assert (grad == 0) == flat and (metrics["clipped"] == 1.0) == flat
 
 # ============================================================================= lit.py
 class LitFakeTask:
