@@ -29,9 +29,13 @@ What we changed for a CPU-scale reference (all else follows the paper / referenc
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,6 +45,7 @@ import sudoku_data
 
 TASKS = ("sudoku", "text")
 EXIT_CRITERIA = ("none", "kl", "latent-diff")
+ROPE_LAYOUTS = ("halves", "interleaved")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Config:
     n_core: int = 2  # l_R: layers of the recurrent core R
     n_coda: int = 1  # l_C: layers of the coda C
     rope_base: float = 50000.0  # RoPE base (reference value)
+    rope_layout: str = "halves"  # RoPE pairs: halves (j, j + hd/2) | interleaved (2j, 2j+1) as the official code
     grid_embedding: bool = True  # sudoku: add learned row/col/box embeddings (our addition)
     # --- training recurrence (log-normal Poisson sampler, truncated backprop) ---
     mean_recurrence: int = 8  # r_mean: mean of the sampled recurrence count (counts n + k together)
@@ -81,6 +87,13 @@ GPU_CONFIG = dict(
     d_model=384, n_heads=6, d_mlp=1024, n_prelude=2, n_core=4, n_coda=2,
     mean_recurrence=16, backprop_depth=8, eval_steps=(1, 2, 4, 8, 16, 32, 64),
 )  # fmt: skip
+
+# The released Huginn-0125 (3.5B parameters; github.com/seal-rg/recurrent-pretraining, huggingface.co/tomg-group-umd/huginn-0125).
+HUGINN_CONFIG = dict(
+    d_model=5280, n_heads=55, d_mlp=17920, n_prelude=2, n_core=4, n_coda=2, rope_base=50000.0,
+    rope_layout="interleaved", grid_embedding=False, mean_recurrence=32, backprop_depth=8, kl_threshold=5e-4,
+)  # fmt: skip
+HUGINN_VOCAB_SIZE, HUGINN_CONTEXT = 65536, 4096
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -106,8 +119,16 @@ def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor,
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate (B, H, T, hd) by positions given as cos/sin (T, hd/2) (rotate-half layout)."""
+def apply_rope(x, cos, sin, layout: str = "halves"):
+    """Rotate (B, H, T, hd) by positions given as cos/sin (T, hd/2); pair j is rotated by frequency j.
+
+    halves: pair j = dims (j, j + hd/2); interleaved (official code): pair j = dims (2j, 2j+1). The two are
+    the same attention once each head's q/k rows (and q/k bias) are permuted: halves dim j holds
+    interleaved dim 2j, halves dim j + hd/2 holds interleaved dim 2j+1 (`from_official_state_dict`).
+    """
+    if layout == "interleaved":
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 x (B, H, T, hd/2)
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -117,7 +138,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.n_heads, self.head_dim, self.rope_layout = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.rope_layout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, self.n_heads, 1, self.head_dim))
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -126,7 +147,8 @@ class Attention(nn.Module):
         """x (B, T, D); rope = (cos, sin) of x's positions; kv: cache callback (k, v) -> (k, v, mask)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        q, k = apply_rope(q + self.qk_bias[0], *rope), apply_rope(k + self.qk_bias[1], *rope)
+        q = apply_rope(q + self.qk_bias[0], *rope, self.rope_layout)
+        k = apply_rope(k + self.qk_bias[1], *rope, self.rope_layout)
         mask, is_causal = None, causal
         if kv is not None:  # cached decoding: keys/values of all positions so far, (B, H, T_all, hd)
             k, v, mask = kv(k, v)
@@ -417,10 +439,8 @@ class RecurrentDepthModel(nn.Module):
         return torch.cat(tokens, dim=1), mean_steps
 
 
-def build_model(config: Config, task) -> nn.Module:
-    """Validate the config and build the model for `task` (sudoku: bidirectional; text: causal)."""
-    if task.name not in TASKS:
-        raise ValueError(f"recurrent_depth supports tasks {TASKS}, not {task.name!r}")
+def check_config(config: Config):
+    """Raise ValueError naming the first invalid field."""
     if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
         raise ValueError(f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads}) into an even head dim")
     if min(config.n_prelude, config.n_core, config.n_coda) < 1 or min(config.mean_recurrence, config.backprop_depth) < 1:
@@ -431,6 +451,15 @@ def build_model(config: Config, task) -> nn.Module:
         raise ValueError(f"difficulty must be easy|medium|hard, got {config.difficulty!r}")
     if not config.eval_steps or min(config.eval_steps) < 1:
         raise ValueError("eval_steps must be a non-empty tuple of positive ints")
+    if config.rope_layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {config.rope_layout!r}")
+
+
+def build_model(config: Config, task) -> nn.Module:
+    """Validate the config and build the model for `task` (sudoku: bidirectional; text: causal)."""
+    if task.name not in TASKS:
+        raise ValueError(f"recurrent_depth supports tasks {TASKS}, not {task.name!r}")
+    check_config(config)
     grid = task.name == "sudoku" and config.grid_embedding
     return RecurrentDepthModel(config, task.vocab_size, task.seq_len, causal=task.name == "text", grid=grid)
 
@@ -562,6 +591,125 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...], autocast_
         return evaluate_task(model, task, config, eval_steps, autocast_dtype)
     finally:
         model.train()
+
+
+# ----------------------------------------------------------------------------- the official Huginn checkpoint
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+# official name -> ours, applied in order (recpre/raven_modeling_minimal.py: RavenForCausalLM)
+OFFICIAL_KEY_MAP = ((r"^transformer\.", ""), (r"^core_block\.", "core."), (r"\.norm_(\d)\.", r".n\1."),
+                    (r"\.attn\.Wqkv\.", ".attn.qkv."))  # fmt: skip
+OFFICIAL_UNUSED = ("lm_head.weight", "freqs_cis")  # the head is tied to wte; the RoPE table is recomputed
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Tensors of one .safetensors file, read with the standard library and torch.
+
+    Format: an 8-byte little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} (and an optional "__metadata__"), then the raw little-endian bytes,
+    offsets counted from the end of the header. Accepted dtypes: SAFETENSORS_DTYPES (F64, F32, F16, BF16,
+    I64, I32, I16, I8, U8, BOOL); float8 and unsigned 16-64-bit tensors are refused.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: the safetensors header is not JSON") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype_name, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets [begin, end]") from None
+            if dtype_name not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {dtype_name}; accepted: {', '.join(SAFETENSORS_DTYPES)}")
+            dtype = SAFETENSORS_DTYPES[dtype_name]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not 0 <= begin <= end or end - begin != nbytes or 8 + n + end > size:
+                raise ValueError(f"{path}: tensor {name!r} data_offsets [{begin}, {end}] do not match "
+                                 f"its shape {shape} and dtype {dtype_name}, or run past the end of the file")
+            f.seek(8 + n + begin)
+            data = bytearray(f.read(nbytes))
+            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+    return tensors
+
+
+def read_state_dict(directory) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: its *.safetensors shards, else its *.bin / *.pt state dicts."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint folder not found: {directory}")
+    files = sorted(directory.glob("*.safetensors")) or sorted([*directory.glob("*.bin"), *directory.glob("*.pt")])
+    if not files:
+        raise ValueError(f"{directory} has no *.safetensors, *.bin or *.pt files")
+    state = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            state.update(read_safetensors(file))
+            continue
+        try:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{file}: cannot read it as a torch state dict ({str(error).splitlines()[0]})") from None
+        if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
+            raise ValueError(f"{file}: not a state dict of tensors")
+        state.update(part)
+    return state
+
+
+def from_official_state_dict(state: dict, config: Config) -> dict[str, torch.Tensor]:
+    """Official names and layout -> this file's: key map, qk_bias (2, 1, H, hd) -> (2, H, 1, hd), and for
+    rope_layout "halves" each head's q/k rows permuted so that halves RoPE computes the interleaved one."""
+    head_dim = config.d_model // config.n_heads
+    to_halves = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # halves dim j <- this dim
+    local = {}
+    for name, tensor in state.items():
+        if name in OFFICIAL_UNUSED:
+            continue
+        for pattern, replacement in OFFICIAL_KEY_MAP:
+            name = re.sub(pattern, replacement, name)
+        if name.endswith("attn.qk_bias"):
+            tensor = tensor.transpose(1, 2)  # (2, 1, H, hd) -> (2, H, 1, hd)
+            if config.rope_layout == "halves":
+                tensor = tensor[..., to_halves]
+        elif name.endswith("attn.qkv.weight") and config.rope_layout == "halves":
+            rows = tensor.reshape(3, config.n_heads, head_dim, -1)  # (q|k|v, H, hd, D)
+            tensor = torch.cat([rows[:2, :, to_halves], rows[2:]]).reshape(tensor.shape)  # v rows stay
+        local[name] = tensor.contiguous()
+    return local
+
+
+def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGINN_VOCAB_SIZE,
+                max_len: int = HUGINN_CONTEXT) -> RecurrentDepthModel:
+    """The causal model with the official weights of `directory` (default config: the released Huginn-0125).
+
+    Parameters keep the checkpoint's dtype (bfloat16 for the release); call .float() for float32.
+    """
+    config = config or Config(**HUGINN_CONFIG)
+    check_config(config)
+    state = from_official_state_dict(read_state_dict(directory), config)
+    with torch.device("meta"):  # shapes only: no random init of 3.5B parameters that are overwritten anyway
+        model = RecurrentDepthModel(config, vocab_size, max_len, causal=True, grid=False)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise ValueError(f"{directory}: the checkpoint does not fit the config: {detail}") from None
+    model.rope_cos, model.rope_sin = rope_tables(config.d_model // config.n_heads, max_len, config.rope_base)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- demo

@@ -430,6 +430,168 @@ def test_recurrent_depth_exit_statistics_are_kl_from_previous_and_relative_laten
     torch.testing.assert_close(value, torch.tensor([1 / math.sqrt(5)]))  # ||s_i - s_{i-1}|| / ||s_i||, max over T
 
 
+def official_layout(model):
+    """The state dict of a halves-RoPE model in the official naming and layout (recpre/raven_modeling_minimal.py):
+    transformer.* names, core_block, norm_1..4, Wqkv, qk_bias (2, 1, H, hd), interleaved RoPE pairs (2j, 2j+1)
+    = our dims (j, j + hd/2), tied lm_head.weight and the freqs_cis buffer."""
+    heads, width = model.cfg.n_heads, model.cfg.d_model
+    head_dim = width // heads
+    interleaved = torch.arange(head_dim).view(2, head_dim // 2).t().flatten()  # official dim 2j <- j, 2j+1 <- j + hd/2
+    official = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("attn.qkv.weight"):
+            rows = tensor.view(3, heads, head_dim, width).clone()
+            rows[:2] = rows[:2, :, interleaved]
+            tensor = rows.view(3 * width, width)
+        if name.endswith("attn.qk_bias"):
+            tensor = tensor[..., interleaved].transpose(1, 2)  # (2, H, 1, hd) -> (2, 1, H, hd)
+        name = ("core_block." + name[5:] if name.startswith("core.") else name).replace(".qkv.", ".Wqkv.")
+        for i in range(1, 5):
+            name = name.replace(f".n{i}.", f".norm_{i}.")
+        official["transformer." + name] = tensor.contiguous()
+    official["lm_head.weight"] = official["transformer.wte.weight"]
+    official["freqs_cis"] = torch.zeros(1, model.max_len, 1, head_dim // 2, 2)
+    return official
+
+
+def safetensors_bytes(tensors, dtype_names=None):
+    """A .safetensors file per the format: 8-byte little-endian header length, JSON header, raw tensor bytes."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 with spaces
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def reference_logits(official, idx, n_heads, steps, rope_base=50000.0):
+    """The official forward pass written out from the equations with the official state dict and interleaved RoPE:
+    e = P(sqrt(h) wte(x)); s_i = R(adapter([s_{i-1}, e])) from s_0 = 0; logits = lm_head(ln_f(C(ln_f(s_r))))."""
+    B, T = idx.shape
+    linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
+    width = official["transformer.wte.weight"].shape[1]
+    head_dim = width // n_heads
+    angles = torch.outer(torch.arange(T).float(), rope_base ** (-torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (T, 1, hd/2)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def rope(x):  # (B, T, H, hd), pairs (2j, 2j+1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+
+    def block(x, p):
+        q, k, v = linear(norm(x, official[p + "norm_1.weight"]), official[p + "attn.Wqkv.weight"]).split(width, -1)
+        q_bias, k_bias = official[p + "attn.qk_bias"]  # 2 x (1, H, hd)
+        q, k = rope(q.view(B, T, n_heads, head_dim) + q_bias), rope(k.view(B, T, n_heads, head_dim) + k_bias)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.view(B, T, n_heads, head_dim)).reshape(B, T, width)
+        x = norm(x + linear(y, official[p + "attn.proj.weight"]), official[p + "norm_2.weight"])
+        gate, up = linear(norm(x, official[p + "norm_3.weight"]), official[p + "mlp.fc.weight"]).chunk(2, -1)
+        return norm(x + linear(silu(gate) * up, official[p + "mlp.proj.weight"]), official[p + "norm_4.weight"])
+
+    def stack(x, part):
+        count = len({k.split(".")[2] for k in official if k.startswith(f"transformer.{part}.")})
+        for i in range(count):
+            x = block(x, f"transformer.{part}.{i}.")
+        return x
+
+    e = stack(official["transformer.wte.weight"][idx] * math.sqrt(width), "prelude")
+    s = torch.zeros_like(e)
+    for _ in range(steps):
+        s = stack(linear(torch.cat([s, e], -1), official["transformer.adapter.weight"]), "core_block")
+    x = norm(stack(norm(s, official["transformer.ln_f.weight"]), "coda"), official["transformer.ln_f.weight"])
+    return linear(x, official["lm_head.weight"])
+
+
+def test_recurrent_depth_official_safetensors_checkpoint_loads_to_the_same_logits(tmp_path):
+    source = tiny_model(n_prelude=2, n_coda=2).eval()
+    with torch.no_grad():  # non-trivial norms and q/k biases, so a wrong mapping of either shows
+        for name, p in source.named_parameters():
+            if p.dim() < 2 or name.endswith("qk_bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    official = official_layout(source)
+    names = sorted(official)
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[:9]}))
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[9:]}))
+    idx = torch.randint(0, TEXT.vocab_size, (2, 12))
+    zero = torch.zeros(2, 12, source.cfg.d_model)
+    with torch.no_grad():
+        expected = source(idx, (4, 0), state=zero)
+        torch.testing.assert_close(reference_logits(official, idx, source.cfg.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
+        for layout in rd.ROPE_LAYOUTS:  # interleaved as stored, or halves after the q/k row permutation
+            config = dataclasses.replace(source.cfg, rope_layout=layout)
+            loaded = rd.load_huginn(tmp_path, config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+            torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
+            out, _ = loaded.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
+            ref, _ = source.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
+            assert torch.equal(out, ref)  # generation from token ids
+    # a .bin state dict in the same layout loads the same; bfloat16 tensors read back exactly
+    (tmp_path / "pt").mkdir()
+    torch.save(official, tmp_path / "pt" / "pytorch_model.bin")
+    loaded = rd.load_huginn(tmp_path / "pt", dataclasses.replace(source.cfg, rope_layout="interleaved"),
+                            vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+    torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
+    half = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5)}
+    (tmp_path / "half.safetensors").write_bytes(safetensors_bytes(half))
+    back = rd.read_safetensors(tmp_path / "half.safetensors")
+    assert all(torch.equal(back[n], half[n]) and back[n].dtype == half[n].dtype for n in half)
+
+
+def test_recurrent_depth_interleaved_rope_equals_halves_after_the_row_permutation():
+    x = torch.randn(2, 3, 5, 8)  # (B, H, T, hd)
+    cos, sin = rd.rope_tables(8, 5, 50000.0)
+    to_halves = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # halves dim j holds interleaved dim 2j, j + hd/2 holds 2j+1
+    interleaved = rd.apply_rope(x, cos, sin, "interleaved")
+    torch.testing.assert_close(rd.apply_rope(x[..., to_halves], cos, sin, "halves"), interleaved[..., to_halves])
+    assert not torch.allclose(rd.apply_rope(x, cos, sin, "halves"), interleaved)  # the layouts differ unpermuted
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)  # so attention scores agree
+    scores = rd.apply_rope(q, cos, sin, "interleaved") @ rd.apply_rope(k, cos, sin, "interleaved").transpose(-1, -2)
+    permuted = rd.apply_rope(q[..., to_halves], cos, sin) @ rd.apply_rope(k[..., to_halves], cos, sin).transpose(-1, -2)
+    torch.testing.assert_close(permuted, scores)
+
+
+def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
+    with torch.device("meta"):  # shapes only, no memory
+        model = rd.RecurrentDepthModel(rd.Config(**rd.HUGINN_CONFIG), rd.HUGINN_VOCAB_SIZE, rd.HUGINN_CONTEXT,
+                                       causal=True, grid=False)
+    assert sum(p.numel() for p in model.parameters()) == 3_564_976_800
+
+
+def raw_safetensors(header, data=b""):
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x01\x00", "shorter than its 8-byte header length"),
+    ((10**6).to_bytes(8, "little") + b"{}", "exceeds the file size"),
+    ((4).to_bytes(8, "little") + b"{{{{", "header is not JSON"),
+    (raw_safetensors({"x": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]}}, bytes(4)), "has dtype F8_E4M3; accepted"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(16)), "do not match its shape"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(8)), "run past the end"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2]}}), "needs dtype, shape and data_offsets"),
+    ("missing key", "does not fit the config: Missing key\\(s\\)"),
+    ("", "has no \\*.safetensors, \\*.bin or \\*.pt files"),
+])
+def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_path, content, message):
+    if content == "missing key":
+        official = official_layout(tiny_model())
+        del official["transformer.adapter.weight"]
+        content = safetensors_bytes(official)
+    if content:
+        (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        rd.load_huginn(tmp_path, rd.Config(**TINY), vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+    assert "\n" not in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def trained_sudoku():
     """A tiny model trained for 80 steps on a fixed set of 16 easy puzzles (no augmentation)."""
@@ -497,7 +659,8 @@ def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
 
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
-                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=())])
+                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=()),
+                                 dict(rope_layout="rotate")])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):
     with pytest.raises(ValueError):
         rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
