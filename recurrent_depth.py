@@ -206,6 +206,10 @@ class RecurrentKVCache:
         """Open positions [end, end + n_new) for the next forward pass."""
         self.start, self.end = self.end, self.end + n_new
 
+    def rewind(self, position: int):
+        """Forget positions >= position (their entries are overwritten by the next pass)."""
+        self.start = self.end = position
+
     def _mask(self):
         """(T_new, T_all) causal mask of the new queries over all cached keys; None for a single query."""
         if self.end - self.start == 1:
@@ -437,6 +441,46 @@ class RecurrentDepthModel(nn.Module):
                 steps.append(used.float())
         mean_steps = torch.stack(steps).mean().item() if steps else float(max_steps)
         return torch.cat(tokens, dim=1), mean_steps
+
+    @torch.no_grad()
+    def generate_speculative(self, prompt, max_new_tokens: int, draft_steps: int = 4, verify_steps: int | None = None,
+                             lookahead: int = 4, init_scale: float = 0.0):
+        """Self-speculative greedy decoding: the same model drafts with few recurrences and verifies with many.
+
+        Each round drafts `lookahead` tokens one by one with draft_steps recurrences, then runs the pending
+        token and the drafts through verify_steps recurrences in one pass over the shared KV cache (the
+        drafts' entries are overwritten), keeps the longest prefix on which the verifier's greedy choice
+        agrees, plus the verifier's own next token. The output equals generate(max_steps=verify_steps,
+        exit_criterion="none", continuous_cot=False) from the same deterministic s_0 (init_scale 0: zero state).
+        A batch advances by the shortest agreeing prefix of its rows.
+        Returns tokens (B, T_prompt + max_new_tokens) and the fraction of drafted tokens accepted.
+        """
+        if not self.causal:
+            raise ValueError("generate_speculative() needs the causal (text) model")
+        verify_steps = verify_steps or self.cfg.mean_recurrence
+        if not 1 <= draft_steps <= verify_steps or lookahead < 1:
+            raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= verify_steps ({verify_steps}) and lookahead >= 1")
+        if prompt.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt + new tokens must fit in the context length {self.max_len}")
+        cache = RecurrentKVCache(self, prompt.shape[0], prompt.shape[1] + max_new_tokens, verify_steps)
+        logits, _, _ = self._cached_forward(prompt, cache, verify_steps, "none", None, init_scale)
+        tokens = [prompt, logits[:, -1:].argmax(-1)]  # the last token is pending: not yet in the cache
+        new, drafted, accepted = 1, 0, 0
+        while new < max_new_tokens:
+            start, count = cache.end, min(lookahead, max_new_tokens - new)
+            draft = [tokens[-1][:, -1:]]
+            for _ in range(count):  # draft: one token at a time with few recurrences
+                logits, _, _ = self._cached_forward(draft[-1], cache, draft_steps, "none", None, init_scale)
+                draft.append(logits[:, -1:].argmax(-1))
+            cache.rewind(start)  # verify: the pending token and all but the last draft in one pass
+            logits, _, _ = self._cached_forward(torch.cat(draft[:-1], 1), cache, verify_steps, "none", None, init_scale)
+            verified = logits.argmax(-1)  # (B, count): the greedy token after each input
+            agree = int((verified == torch.cat(draft[1:], 1)).cumprod(1).sum(1).min())  # longest agreeing prefix
+            keep = min(agree + 1, count)  # the agreeing drafts, then the verifier's correction
+            tokens.append(verified[:, :keep])
+            cache.rewind(start + keep)  # inputs up to start + keep - 1 were correct; the last kept token is pending
+            new, drafted, accepted = new + keep, drafted + count, accepted + min(agree, count)
+        return torch.cat(tokens, dim=1), accepted / max(drafted, 1)
 
 
 def check_config(config: Config):

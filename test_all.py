@@ -331,6 +331,22 @@ def test_recurrent_depth_adaptive_generation_uses_fewer_steps_and_threshold_zero
     assert early_steps == latent_steps == 1.0
 
 
+def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
+    greedy, _ = model.generate(prompt, 20, max_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
+    rates = []
+    for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
+        out, rate = model.generate_speculative(prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        assert torch.equal(out, greedy), (draft_steps, lookahead)
+        rates.append(rate)
+    assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
+    one_row, _ = model.generate_speculative(prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
+    assert torch.equal(one_row, greedy[:1])
+    with pytest.raises(ValueError, match="draft_steps"):
+        model.generate_speculative(prompt, 4, draft_steps=7, verify_steps=6)
+
+
 def saved_bytes(model, idx, num_steps):
     """Bytes of tensors autograd saves for backward during one forward."""
     total = [0]
