@@ -344,6 +344,16 @@ class RecurrentDepthModel(nn.Module):
         return value.amax(-1)
 
     @torch.no_grad()
+    def latent_trajectory(self, idx, num_steps: int, state=None, generator=None) -> torch.Tensor:
+        """The latent state at every recurrence: (num_steps + 1, B, T, D) holding s_0, s_1, ..., s_r."""
+        rope = self.rope(0, idx.shape[1])
+        e = self.embed(idx, rope)
+        states = [self.init_state(e, generator=generator) if state is None else state]
+        for _ in range(num_steps):
+            states.append(self.core_step(states[-1], e, rope))
+        return torch.stack(states)
+
+    @torch.no_grad()
     def think(self, idx, max_steps: int, exit_criterion: str = "none", record_steps=(), generator=None,
               threshold: float | None = None):
         """Recur up to max_steps with a per-row (per-puzzle) exit below `threshold` (default: the model's config).
@@ -756,27 +766,133 @@ def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGIN
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- analysis: trajectories, speculative speed
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def trajectory_svg(trajectories: torch.Tensor, labels, title: str, columns: int = 2) -> str:
+    """SVG (standard library) of trajectories (S, N, R, D): N tracked vectors over R steps from S starts.
+    One panel per vector, projected on the first two principal components of that vector's S R points;
+    the first start solid, the others dashed; hollow circle = first step, dot = last step."""
+    starts, count = trajectories.shape[:2]
+    size, gap, top = 260, 20, 40
+    rows = -(-count // columns)
+    width, height = columns * (size + gap) + gap, top + rows * (size + gap)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>']  # fmt: skip
+    for n, label in enumerate(labels):
+        points = trajectories[:, n].double()  # (S, R, D)
+        mean = points.flatten(0, 1).mean(0)
+        _, singular, directions = torch.linalg.svd(points.flatten(0, 1) - mean, full_matrices=False)
+        explained = 100 * singular[:2] ** 2 / (singular**2).sum()
+        xy = (points - mean) @ directions[:2].T  # (S, R, 2)
+        lo, hi = xy.flatten(0, 1).amin(0), xy.flatten(0, 1).amax(0)
+        scale = (size - 40) / (hi - lo).clamp(min=1e-12)
+        x0, y0 = gap + (n % columns) * (size + gap), top + (n // columns) * (size + gap)
+        color = PALETTE[n % len(PALETTE)]
+        parts += [f'<rect x="{x0}" y="{y0}" width="{size}" height="{size}" fill="none" stroke="#bbb"/>',
+                  f'<text x="{x0 + 6}" y="{y0 + 15}">{label}</text>',
+                  f'<text x="{x0 + size - 6}" y="{y0 + size - 6}" text-anchor="end" fill="#666">'
+                  f'PC 1 / 2: {explained[0]:.0f} / {explained[1]:.0f} % of variance</text>']  # fmt: skip
+        for start in range(starts):
+            path = [(x0 + 20 + (x - lo[0]) * scale[0], y0 + size - 20 - (y - lo[1]) * scale[1]) for x, y in xy[start].tolist()]
+            line = " ".join(f"{x:.1f},{y:.1f}" for x, y in path)
+            dash = ' stroke-dasharray="4 3"' if start else ""
+            parts += [f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>',
+                      f'<circle cx="{path[0][0]:.1f}" cy="{path[0][1]:.1f}" r="4" fill="white" stroke="{color}"/>',
+                      f'<circle cx="{path[-1][0]:.1f}" cy="{path[-1][1]:.1f}" r="3" fill="{color}"/>']
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def load_run(path) -> RecurrentDepthModel:
+    """The model of a train.py checkpoint (run folder's checkpoint.pt), in eval mode."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    name = state["run"]["task"]
+    seq_len = 81 if name == "sudoku" else state["run"]["context_length"]
+    task = type("Task", (), dict(name=name, vocab_size=state["model"]["wte.weight"].shape[0], seq_len=seq_len))
+    model = build_model(config, task)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def sudoku_trajectory_figure(checkpoint, out, steps: int = 32, cells=(0, 3, 2, 6), seed: int = 1000003):
+    """s_1 .. s_steps of a few cells of one easy puzzle, from two random s_0 (solid, dashed). s_0 itself is left
+    out: the first recurrence jumps far from it and would squash the rest of the plot."""
+    model = load_run(checkpoint)
+    puzzle, solution, _ = sudoku_data.generate_puzzles(1, "easy", seed=seed, workers=1)
+    idx = torch.from_numpy(puzzle).long()  # (1, 81)
+    runs = [model.latent_trajectory(idx, steps, generator=torch.Generator().manual_seed(g))[1:, 0] for g in (0, 1)]
+    paths = torch.stack([run[:, list(cells)].transpose(0, 1) for run in runs])  # (2 starts, cells, R, D)
+    labels = [f"r{c // 9 + 1}c{c % 9 + 1}: " + (f"given {puzzle[0, c]}" if puzzle[0, c] else f"blank, answer {solution[0, c]}")
+              for c in cells]  # fmt: skip
+    Path(out).write_text(trajectory_svg(paths, labels, f"Latent state of {len(cells)} Sudoku cells, recurrences 1-{steps}"))
+
+
+def speculative_benchmark(checkpoint, prompts: int = 8, prompt_len: int = 32, new_tokens: int = 64,
+                          draft_steps: int = 4, verify_steps: int = 32, lookahead: int = 4) -> dict:
+    """Accepted-draft rate and wall time of generate_speculative against plain fixed and adaptive decoding
+    on prompts from the held-out tail (last 10 %) of the run's text file, one prompt at a time."""
+    model = load_run(checkpoint)
+    run = torch.load(checkpoint, map_location="cpu", weights_only=True)["run"]
+    text = Path(run["text_file"]).read_text(encoding="utf-8")
+    characters = sorted(set(text))  # the vocabulary of train.py's text task
+    ids = torch.tensor([characters.index(c) for c in text[int(0.9 * len(text)) :]])
+    starts = torch.linspace(0, len(ids) - prompt_len - 1, prompts).long().tolist()
+    seconds, rates, same_as_fixed, same_as_adaptive = {"fixed": 0.0, "adaptive": 0.0, "speculative": 0.0}, [], 0, 0
+    for start in starts:
+        prompt = ids[start : start + prompt_len][None]
+        t0 = time.perf_counter()
+        fixed, _ = model.generate(prompt, new_tokens, verify_steps, "none", continuous_cot=False, init_scale=0.0)
+        t1 = time.perf_counter()
+        adaptive, _ = model.generate(prompt, new_tokens, verify_steps)  # the config's exit rule and warm start
+        t2 = time.perf_counter()
+        speculative, rate = model.generate_speculative(prompt, new_tokens, draft_steps, verify_steps, lookahead)
+        t3 = time.perf_counter()
+        for name, seconds_taken in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
+            seconds[name] += seconds_taken
+        rates.append(rate)
+        same_as_fixed += int((speculative == fixed).all())
+        same_as_adaptive += (speculative[0, prompt_len:] == adaptive[0, prompt_len:]).sum().item()
+    return {"accepted draft tokens": sum(rates) / len(rates), "identical to fixed greedy": f"{same_as_fixed}/{prompts}",
+            "tokens equal to adaptive": same_as_adaptive / (prompts * new_tokens),
+            "wall fixed / speculative": seconds["fixed"] / seconds["speculative"],
+            "wall adaptive / speculative": seconds["adaptive"] / seconds["speculative"],
+            **{f"seconds {name}": round(value, 2) for name, value in seconds.items()}}
+
+
 # ----------------------------------------------------------------------------- demo
 
 if __name__ == "__main__":
-    # A tiny causal model memorises a short string in seconds, then generates with per-token exit.
-    from types import SimpleNamespace
+    # python recurrent_depth.py [trajectories CHECKPOINT OUT.svg | speculative CHECKPOINT]; no arguments: the demo
+    import sys
 
-    text = "the cat sat on the mat. " * 8
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
-    task = SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64)
-    cfg = Config(d_model=64, d_mlp=128, mean_recurrence=4, backprop_depth=2, lr=3e-3)
-    torch.manual_seed(0)
-    model = build_model(cfg, task)
-    opt = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(enabled=False)
-    t0 = time.time()
-    for step in range(150):
-        starts = torch.randint(0, len(data) - 33, (16,))
-        batch = {"tokens": torch.stack([data[s : s + 33] for s in starts])}
-        loss = train_step(model, opt, scaler, batch, step, cfg, None)["loss"]
-    print(f"loss {loss.item():.3f} after 150 steps ({time.time() - t0:.1f}s)")
-    model.eval()
-    out, mean_steps = model.generate(data[None, :8], 40, max_steps=8)
-    print(repr("".join(chars[i] for i in out[0].tolist())), f"mean recurrences per token {mean_steps:.2f} / 8")
+    if sys.argv[1:2] == ["trajectories"]:
+        sudoku_trajectory_figure(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["speculative"]:
+        for name, value in speculative_benchmark(sys.argv[2]).items():
+            print(f"{name}: {value}")
+    else:
+        # A tiny causal model memorises a short string in seconds, then generates with per-token exit.
+        from types import SimpleNamespace
+
+        text = "the cat sat on the mat. " * 8
+        chars = sorted(set(text))
+        data = torch.tensor([chars.index(c) for c in text])
+        task = SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64)
+        cfg = Config(d_model=64, d_mlp=128, mean_recurrence=4, backprop_depth=2, lr=3e-3)
+        torch.manual_seed(0)
+        model = build_model(cfg, task)
+        opt = make_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler(enabled=False)
+        t0 = time.time()
+        for step in range(150):
+            starts = torch.randint(0, len(data) - 33, (16,))
+            batch = {"tokens": torch.stack([data[s : s + 33] for s in starts])}
+            loss = train_step(model, opt, scaler, batch, step, cfg, None)["loss"]
+        print(f"loss {loss.item():.3f} after 150 steps ({time.time() - t0:.1f}s)")
+        model.eval()
+        out, mean_steps = model.generate(data[None, :8], 40, max_steps=8)
+        print(repr("".join(chars[i] for i in out[0].tolist())), f"mean recurrences per token {mean_steps:.2f} / 8")

@@ -347,6 +347,28 @@ def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
         model.generate_speculative(prompt, 4, draft_steps=7, verify_steps=6)
 
 
+def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
+    import xml.etree.ElementTree as ElementTree
+
+    model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)).eval()
+    idx = torch.randint(0, 10, (2, 81))
+    s0 = model.init_state(torch.zeros(2, 81, model.cfg.d_model))
+    trajectory = model.latent_trajectory(idx, 5, state=s0)  # (r + 1, B, T, D)
+    assert trajectory.shape == (6, 2, 81, model.cfg.d_model) and torch.equal(trajectory[0], s0)
+    with torch.no_grad():
+        for r in (1, 5):  # s_r decodes to the logits of r recurrences from the same s_0
+            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), model(idx, (r, 0), state=s0))
+    paths = trajectory[:, :, :3].permute(1, 2, 0, 3)  # (2 starts, 3 cells, 6 steps, D)
+    root = ElementTree.fromstring(rd.trajectory_svg(paths, ["a", "b", "c"], "test"))
+    lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 6 and all(len(line.get("points").split()) == 6 for line in lines)  # one per start and cell
+    assert [("stroke-dasharray" in line.attrib) for line in lines] == [False, True] * 3  # the second start dashed
+    assert [line.get("stroke") for line in lines[::2]] == [line.get("stroke") for line in lines[1::2]]  # colour per cell
+    # points on a line through the data: PC 1 carries all variance, PC 2 none
+    line = torch.linspace(0, 1, 6)[None, None, :, None] * torch.randn(1, 1, 1, 8)
+    assert "PC 1 / 2: 100 / 0 % of variance" in rd.trajectory_svg(line, ["x"], "line")
+
+
 def saved_bytes(model, idx, num_steps):
     """Bytes of tensors autograd saves for backward during one forward."""
     total = [0]
