@@ -331,6 +331,51 @@ def test_recurrent_depth_adaptive_generation_uses_fewer_steps_and_threshold_zero
     assert early_steps == latent_steps == 1.0
 
 
+def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
+    """Rows that exit early stay frozen and keep their cached steps: a batch decodes as its rows one by one."""
+    model = tiny_model().eval()
+    model.cfg.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
+    tokens = torch.randint(0, TEXT.vocab_size, (4, 16))
+
+    def decode(rows):  # prefill 6 tokens, then feed the next 10 one at a time with per-token exit
+        cache = rd.RecurrentKVCache(model, rows.shape[0], 16, 8)
+        logits, _, _ = model._cached_forward(rows[:, :6], cache, 8, "none", None, 0.0)
+        outputs, steps = [logits], []
+        for t in range(6, 16):
+            logits, _, used = model._cached_forward(rows[:, t : t + 1], cache, 8, "latent-diff", None, 0.0)
+            outputs.append(logits)
+            steps.append(used)
+        return torch.cat(outputs, 1), torch.stack(steps, 1)  # (B, 16, V), (B, 10)
+
+    batch, steps = decode(tokens)
+    assert (steps != steps[:1]).any(dim=0).sum() >= 3  # in at least 3 tokens the rows exit at different steps
+    for i in range(4):
+        logits, row_steps = decode(tokens[i : i + 1])
+        assert torch.equal(row_steps[0], steps[i])
+        torch.testing.assert_close(logits, batch[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_token(monkeypatch):
+    model = tiny_model().eval()
+    model.cfg.kl_threshold = 1e9  # every generated token exits at its first KL check
+    calls, forward = [], model._cached_forward
+
+    def spy(idx, cache, max_steps, exit_criterion, state, init_scale):
+        logits, s, used = forward(idx, cache, max_steps, exit_criterion, state, init_scale)
+        calls.append((state, s, used))
+        return logits, s, used
+
+    monkeypatch.setattr(model, "_cached_forward", spy)
+    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=True)
+    assert calls[0][0] is None and calls[0][2].tolist() == [6, 6]  # the prompt: fresh s_0, all 6 steps, no exit
+    assert all(used.tolist() == [1, 1] for _, _, used in calls[1:])
+    for (_, previous, _), (state, _, _) in zip(calls, calls[1:]):  # continuous CoT: s_0 of a token = last s_r
+        assert torch.equal(state, previous[:, -1:])
+    calls.clear()
+    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=False)
+    assert all(state is None for state, _, _ in calls)
+
+
 def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
     model = tiny_model().eval()
     prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
