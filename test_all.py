@@ -610,6 +610,89 @@ def test_recurrent_depth_adaptive_generation_uses_fewer_steps_and_threshold_zero
     assert early_steps == latent_steps == 1.0
 
 
+def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
+    """Rows that exit early stay frozen and keep their cached steps: a batch decodes as its rows one by one."""
+    model = tiny_model().eval()
+    model.cfg.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
+    tokens = torch.randint(0, TEXT.vocab_size, (4, 16))
+
+    def decode(rows):  # prefill 6 tokens, then feed the next 10 one at a time with per-token exit
+        cache = rd.RecurrentKVCache(model, rows.shape[0], 16, 8)
+        logits, _, _ = model._cached_forward(rows[:, :6], cache, 8, "none", None, 0.0)
+        outputs, steps = [logits], []
+        for t in range(6, 16):
+            logits, _, used = model._cached_forward(rows[:, t : t + 1], cache, 8, "latent-diff", None, 0.0)
+            outputs.append(logits)
+            steps.append(used)
+        return torch.cat(outputs, 1), torch.stack(steps, 1)  # (B, 16, V), (B, 10)
+
+    batch, steps = decode(tokens)
+    assert (steps != steps[:1]).any(dim=0).sum() >= 3  # in at least 3 tokens the rows exit at different steps
+    for i in range(4):
+        logits, row_steps = decode(tokens[i : i + 1])
+        assert torch.equal(row_steps[0], steps[i])
+        torch.testing.assert_close(logits, batch[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_token(monkeypatch):
+    model = tiny_model().eval()
+    model.cfg.kl_threshold = 1e9  # every generated token exits at its first KL check
+    calls, forward = [], model._cached_forward
+
+    def spy(idx, cache, max_steps, exit_criterion, state, init_scale):
+        logits, s, used = forward(idx, cache, max_steps, exit_criterion, state, init_scale)
+        calls.append((state, s, used))
+        return logits, s, used
+
+    monkeypatch.setattr(model, "_cached_forward", spy)
+    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=True)
+    assert calls[0][0] is None and calls[0][2].tolist() == [6, 6]  # the prompt: fresh s_0, all 6 steps, no exit
+    assert all(used.tolist() == [1, 1] for _, _, used in calls[1:])
+    for (_, previous, _), (state, _, _) in zip(calls, calls[1:]):  # continuous CoT: s_0 of a token = last s_r
+        assert torch.equal(state, previous[:, -1:])
+    calls.clear()
+    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=False)
+    assert all(state is None for state, _, _ in calls)
+
+
+def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
+    greedy, _ = model.generate(prompt, 20, max_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
+    rates = []
+    for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
+        out, rate = model.generate_speculative(prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        assert torch.equal(out, greedy), (draft_steps, lookahead)
+        rates.append(rate)
+    assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
+    one_row, _ = model.generate_speculative(prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
+    assert torch.equal(one_row, greedy[:1])
+    with pytest.raises(ValueError, match="draft_steps"):
+        model.generate_speculative(prompt, 4, draft_steps=7, verify_steps=6)
+
+
+def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
+    import xml.etree.ElementTree as ElementTree
+
+    model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)).eval()
+    idx = torch.randint(0, 10, (2, 81))
+    s0 = model.init_state(torch.zeros(2, 81, model.cfg.d_model))
+    trajectory = model.latent_trajectory(idx, 5, state=s0)  # (r + 1, B, T, D)
+    assert trajectory.shape == (6, 2, 81, model.cfg.d_model) and torch.equal(trajectory[0], s0)
+    with torch.no_grad():
+        for r in (1, 5):  # s_r decodes to the logits of r recurrences from the same s_0
+            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), model(idx, (r, 0), state=s0))
+    paths = trajectory[:, :, :3].permute(1, 2, 0, 3)  # (2 starts, 3 cells, 6 steps, D)
+    root = ElementTree.fromstring(rd.trajectory_svg(paths, ["a", "b", "c"], "test"))
+    lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 6 and all(len(line.get("points").split()) == 6 for line in lines)  # one per start and cell
+    assert [("stroke-dasharray" in line.attrib) for line in lines] == [False, True] * 3  # the second start dashed
+    assert [line.get("stroke") for line in lines[::2]] == [line.get("stroke") for line in lines[1::2]]  # colour per cell
+    # points on a line through the data: PC 1 carries all variance, PC 2 none
+    line = torch.linspace(0, 1, 6)[None, None, :, None] * torch.randn(1, 1, 1, 8)
+    assert "PC 1 / 2: 100 / 0 % of variance" in rd.trajectory_svg(line, ["x"], "line")
+
+
 def saved_bytes(model, idx, num_steps):
     """Bytes of tensors autograd saves for backward during one forward."""
     total = [0]
@@ -656,14 +739,219 @@ def test_recurrent_depth_gradient_reaches_only_the_last_k_steps():
     assert any(not torch.allclose(a, p.grad) for a, p in zip(truncated, model.parameters()))
 
 
-def test_recurrent_depth_recurrence_sampler_mean_and_split():
+def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
     cfg = rd.Config(mean_recurrence=8, backprop_depth=4)
     draws = [rd.sample_recurrence(step, cfg) for step in range(4000)]
     totals = torch.tensor([n + k for n, k in draws], dtype=torch.float)
-    # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.4 -> standard error ~ 0.09
+    # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.1 -> standard error of the mean ~ 0.08
     assert abs(totals.mean().item() - (cfg.mean_recurrence + 1)) < 0.4
+    # Var p = E[rate] + Var rate = r + r^2 (exp(sigma^2) - 1): sd 5.12 with sigma 0.5 (3.48 with 0.25, 6.1 with 0.6)
+    assert 4.6 < totals.std().item() < 5.7
     assert all(k == min(4, n + k) and n == max(n + k - 4, 0) for n, k in draws)
     assert rd.sample_recurrence(17, cfg) == rd.sample_recurrence(17, cfg)  # a function of the step
+    # r_mean < k: the reference's mu = log(max(r - k, 0) + k) - sigma^2/2 makes E[rate] = k, not r_mean
+    short = rd.Config(mean_recurrence=2, backprop_depth=4)
+    totals = torch.tensor([sum(rd.sample_recurrence(step, short)) for step in range(4000)], dtype=torch.float)
+    assert abs(totals.mean().item() - (4 + 1)) < 0.3
+
+
+def test_recurrent_depth_initial_state_is_the_truncated_normal_of_std_sqrt_2_over_5():
+    model = tiny_model()
+    s0 = model.init_state(torch.zeros(8, 500, 64), generator=torch.Generator().manual_seed(0))  # 256,000 draws
+    sigma = math.sqrt(2 / 5)
+    # a normal cut at +-3 sigma has std 0.9866 sigma (0.624 here; 2/5 instead of sqrt(2/5) would give 0.395)
+    assert abs(s0.std().item() - 0.9866 * sigma) < 0.005
+    assert s0.abs().max().item() <= 3 * sigma and s0.abs().max().item() > 2.9 * sigma
+    assert abs(s0.mean().item()) < 0.005
+    assert torch.equal(model.init_state(torch.zeros(2, 3, 64), scale=0.0), torch.zeros(2, 3, 64))
+
+
+def test_recurrent_depth_takase_init_scales_output_projections_by_effective_depth():
+    model = tiny_model(d_model=128, d_mlp=256, n_prelude=2, n_core=2, n_coda=2, mean_recurrence=8)
+    std = 0.9866 * math.sqrt(2 / (5 * 128))  # std of the +-3 sigma truncated normal, sqrt(2/(5h)) before the cut
+    l_eff = 2 + 2 + 2 * 8
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            expected = std / math.sqrt(2 * l_eff) if name.endswith("proj.weight") else std
+            assert abs(p.std().item() / expected - 1) < 0.05, name
+        else:
+            assert torch.equal(p, torch.ones_like(p)) or torch.equal(p, torch.zeros_like(p)), name  # norms, q/k bias
+
+
+def test_recurrent_depth_exit_statistics_are_kl_from_previous_and_relative_latent_change():
+    model = tiny_model()
+    log_p_prev = torch.log_softmax(torch.tensor([[[3.0, 0.0, -1.0], [0.0, 0.0, 0.0]]]), -1)  # (B=1, T=2, V=3)
+    log_p_new = torch.log_softmax(torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]), -1)  # KL(new || prev) differs
+    p = log_p_prev.exp()[0, 0]
+    kl_prev_new = (p * (log_p_prev[0, 0] - log_p_new[0, 0])).sum()  # KL(p_{i-1} || p_i) of position 0
+    value = model._exit_value("kl", None, None, log_p_prev, log_p_new)
+    torch.testing.assert_close(value, kl_prev_new[None])  # the largest over positions (position 1 has KL 0)
+    s_prev = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])  # (B=1, T=2, D=2)
+    s_new = torch.tensor([[[1.0, 0.0], [2.0, 1.0]]])
+    value = model._exit_value("latent-diff", s_prev, s_new, None, None)
+    torch.testing.assert_close(value, torch.tensor([1 / math.sqrt(5)]))  # ||s_i - s_{i-1}|| / ||s_i||, max over T
+
+
+def official_layout(model):
+    """The state dict of a halves-RoPE model in the official naming and layout (recpre/raven_modeling_minimal.py):
+    transformer.* names, core_block, norm_1..4, Wqkv, qk_bias (2, 1, H, hd), interleaved RoPE pairs (2j, 2j+1)
+    = our dims (j, j + hd/2), tied lm_head.weight and the freqs_cis buffer."""
+    heads, width = model.cfg.n_heads, model.cfg.d_model
+    head_dim = width // heads
+    interleaved = torch.arange(head_dim).view(2, head_dim // 2).t().flatten()  # official dim 2j <- j, 2j+1 <- j + hd/2
+    official = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("attn.qkv.weight"):
+            rows = tensor.view(3, heads, head_dim, width).clone()
+            rows[:2] = rows[:2, :, interleaved]
+            tensor = rows.view(3 * width, width)
+        if name.endswith("attn.qk_bias"):
+            tensor = tensor[..., interleaved].transpose(1, 2)  # (2, H, 1, hd) -> (2, 1, H, hd)
+        name = ("core_block." + name[5:] if name.startswith("core.") else name).replace(".qkv.", ".Wqkv.")
+        for i in range(1, 5):
+            name = name.replace(f".n{i}.", f".norm_{i}.")
+        official["transformer." + name] = tensor.contiguous()
+    official["lm_head.weight"] = official["transformer.wte.weight"]
+    official["freqs_cis"] = torch.zeros(1, model.max_len, 1, head_dim // 2, 2)
+    return official
+
+
+def safetensors_bytes(tensors, dtype_names=None):
+    """A .safetensors file per the format: 8-byte little-endian header length, JSON header, raw tensor bytes."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 with spaces
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def reference_logits(official, idx, n_heads, steps, rope_base=50000.0):
+    """The official forward pass written out from the equations with the official state dict and interleaved RoPE:
+    e = P(sqrt(h) wte(x)); s_i = R(adapter([s_{i-1}, e])) from s_0 = 0; logits = lm_head(ln_f(C(ln_f(s_r))))."""
+    B, T = idx.shape
+    linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
+    width = official["transformer.wte.weight"].shape[1]
+    head_dim = width // n_heads
+    angles = torch.outer(torch.arange(T).float(), rope_base ** (-torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (T, 1, hd/2)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def rope(x):  # (B, T, H, hd), pairs (2j, 2j+1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+
+    def block(x, p):
+        q, k, v = linear(norm(x, official[p + "norm_1.weight"]), official[p + "attn.Wqkv.weight"]).split(width, -1)
+        q_bias, k_bias = official[p + "attn.qk_bias"]  # 2 x (1, H, hd)
+        q, k = rope(q.view(B, T, n_heads, head_dim) + q_bias), rope(k.view(B, T, n_heads, head_dim) + k_bias)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.view(B, T, n_heads, head_dim)).reshape(B, T, width)
+        x = norm(x + linear(y, official[p + "attn.proj.weight"]), official[p + "norm_2.weight"])
+        gate, up = linear(norm(x, official[p + "norm_3.weight"]), official[p + "mlp.fc.weight"]).chunk(2, -1)
+        return norm(x + linear(silu(gate) * up, official[p + "mlp.proj.weight"]), official[p + "norm_4.weight"])
+
+    def stack(x, part):
+        count = len({k.split(".")[2] for k in official if k.startswith(f"transformer.{part}.")})
+        for i in range(count):
+            x = block(x, f"transformer.{part}.{i}.")
+        return x
+
+    e = stack(official["transformer.wte.weight"][idx] * math.sqrt(width), "prelude")
+    s = torch.zeros_like(e)
+    for _ in range(steps):
+        s = stack(linear(torch.cat([s, e], -1), official["transformer.adapter.weight"]), "core_block")
+    x = norm(stack(norm(s, official["transformer.ln_f.weight"]), "coda"), official["transformer.ln_f.weight"])
+    return linear(x, official["lm_head.weight"])
+
+
+def test_recurrent_depth_official_safetensors_checkpoint_loads_to_the_same_logits(tmp_path):
+    source = tiny_model(n_prelude=2, n_coda=2).eval()
+    with torch.no_grad():  # non-trivial norms and q/k biases, so a wrong mapping of either shows
+        for name, p in source.named_parameters():
+            if p.dim() < 2 or name.endswith("qk_bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    official = official_layout(source)
+    names = sorted(official)
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[:9]}))
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[9:]}))
+    idx = torch.randint(0, TEXT.vocab_size, (2, 12))
+    zero = torch.zeros(2, 12, source.cfg.d_model)
+    with torch.no_grad():
+        expected = source(idx, (4, 0), state=zero)
+        torch.testing.assert_close(reference_logits(official, idx, source.cfg.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
+        for layout in rd.ROPE_LAYOUTS:  # interleaved as stored, or halves after the q/k row permutation
+            config = dataclasses.replace(source.cfg, rope_layout=layout)
+            loaded = rd.load_huginn(tmp_path, config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+            torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
+            out, _ = loaded.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
+            ref, _ = source.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
+            assert torch.equal(out, ref)  # generation from token ids
+    # a .bin state dict in the same layout loads the same; bfloat16 tensors read back exactly
+    (tmp_path / "pt").mkdir()
+    torch.save(official, tmp_path / "pt" / "pytorch_model.bin")
+    loaded = rd.load_huginn(tmp_path / "pt", dataclasses.replace(source.cfg, rope_layout="interleaved"),
+                            vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+    torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
+    half = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5)}
+    (tmp_path / "half.safetensors").write_bytes(safetensors_bytes(half))
+    back = rd.read_safetensors(tmp_path / "half.safetensors")
+    assert all(torch.equal(back[n], half[n]) and back[n].dtype == half[n].dtype for n in half)
+
+
+def test_recurrent_depth_interleaved_rope_equals_halves_after_the_row_permutation():
+    x = torch.randn(2, 3, 5, 8)  # (B, H, T, hd)
+    cos, sin = rd.rope_tables(8, 5, 50000.0)
+    to_halves = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # halves dim j holds interleaved dim 2j, j + hd/2 holds 2j+1
+    interleaved = rd.apply_rope(x, cos, sin, "interleaved")
+    torch.testing.assert_close(rd.apply_rope(x[..., to_halves], cos, sin, "halves"), interleaved[..., to_halves])
+    assert not torch.allclose(rd.apply_rope(x, cos, sin, "halves"), interleaved)  # the layouts differ unpermuted
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)  # so attention scores agree
+    scores = rd.apply_rope(q, cos, sin, "interleaved") @ rd.apply_rope(k, cos, sin, "interleaved").transpose(-1, -2)
+    permuted = rd.apply_rope(q[..., to_halves], cos, sin) @ rd.apply_rope(k[..., to_halves], cos, sin).transpose(-1, -2)
+    torch.testing.assert_close(permuted, scores)
+
+
+def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
+    with torch.device("meta"):  # shapes only, no memory
+        model = rd.RecurrentDepthModel(rd.Config(**rd.HUGINN_CONFIG), rd.HUGINN_VOCAB_SIZE, rd.HUGINN_CONTEXT,
+                                       causal=True, grid=False)
+    assert sum(p.numel() for p in model.parameters()) == 3_564_976_800
+
+
+def raw_safetensors(header, data=b""):
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x01\x00", "shorter than its 8-byte header length"),
+    ((10**6).to_bytes(8, "little") + b"{}", "exceeds the file size"),
+    ((4).to_bytes(8, "little") + b"{{{{", "header is not JSON"),
+    (raw_safetensors({"x": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]}}, bytes(4)), "has dtype F8_E4M3; accepted"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(16)), "do not match its shape"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(8)), "run past the end"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2]}}), "needs dtype, shape and data_offsets"),
+    ("missing key", "does not fit the config: Missing key\\(s\\)"),
+    ("", "has no \\*.safetensors, \\*.bin or \\*.pt files"),
+])
+def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_path, content, message):
+    if content == "missing key":
+        official = official_layout(tiny_model())
+        del official["transformer.adapter.weight"]
+        content = safetensors_bytes(official)
+    if content:
+        (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        rd.load_huginn(tmp_path, rd.Config(**TINY), vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+    assert "\n" not in str(error.value)
 
 
 @pytest.fixture(scope="module")
@@ -713,6 +1001,9 @@ def test_recurrent_depth_adaptive_row_starts_from_the_fixed_rows_initial_state(t
     fixed, adaptive = rows[1], rows[2]
     assert fixed["thinking steps"] == 4 and adaptive["mean steps used"] == 4
     assert (adaptive["exact %"], adaptive["blank-cell %"]) == (fixed["exact %"], fixed["blank-cell %"])
+    # the threshold evaluate() uses is the one in the config it is given, not the model's own
+    always_exit = dataclasses.replace(cfg, kl_threshold=1e9)
+    assert rd.evaluate(model, task, always_exit, (1, 4), None)[2]["mean steps used"] == 1
 
 
 def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
@@ -730,7 +1021,8 @@ def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
 
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
-                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=())])
+                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=()),
+                                 dict(rope_layout="rotate")])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):
     with pytest.raises(ValueError):
         rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
