@@ -556,6 +556,44 @@ TEXT = SimpleNamespace(name="text", vocab_size=13, seq_len=32)
 TINY = dict(d_model=32, n_heads=2, d_mlp=64, mean_recurrence=4, backprop_depth=2)
 
 
+def test_curve_svg_is_well_formed_with_one_polyline_per_line_and_panel(tmp_path):
+    import xml.etree.ElementTree as ElementTree
+    rows = [{"test set": test_set, "model": model, "thinking steps": steps, "exact %": 10.0 * steps}
+            for test_set in ("easy", "hard") for model in ("a <b>", "c") for steps in (1, 2, 4)]
+    rows.append({"test set": "easy", "model": "c", "thinking steps": "adaptive (kl)", "exact %": 99.0})
+    train.write_curve(rows, tmp_path / "curve.svg", "title & more")
+    root = ElementTree.parse(tmp_path / "curve.svg").getroot()
+    polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 4  # 2 panels x 2 lines; the adaptive row is no point on a step axis
+    assert all(len(line.get("points").split()) == 3 for line in polylines)
+    assert {line.find("{http://www.w3.org/2000/svg}title").text for line in polylines} == {"a <b>", "c"}
+    train.write_curve([{"test set": "x", "loss": 1.0}], tmp_path / "none.svg", "no step column")
+    assert not (tmp_path / "none.svg").exists()
+
+
+def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):
+    import xml.etree.ElementTree as ElementTree
+    out = tmp_path / "compare"
+    argv = ["--method", "all", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-steps", "1,2",
+            "--eval-size", "4", "--base-size", "16", "--data-dir", data_dir, "--out", str(out)]
+    assert train.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == [name for name, _, _ in train.COMPARED]
+    for name in results:  # every single-method run writes its own plot
+        assert (out / name.replace(" --", "-").replace(" ", "-") / "curve.svg").exists()
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0] == "| test set | thinking steps | " + " | ".join(results) + " |"
+    assert "| medium | 2 |" in table
+    polylines = ElementTree.parse(out / "curve.svg").getroot().findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 4 * 3 + 1  # lit x3 and recurrent_depth on 3 test sets, ltm on its own one
+    capsys.readouterr()
+    assert train.main(argv) == 0  # a second call reuses the finished runs
+    assert capsys.readouterr().out.count("using the finished run") == len(results)
+    for bad, message in ((["--task", "visual"], "compares the Sudoku methods"), (["--resume", "x"], "one --method")):
+        assert train.main(argv + bad) == 2
+        assert message in capsys.readouterr().err
+
+
 def tiny_model(task=TEXT, **overrides):
     torch.manual_seed(0)
     return rd.build_model(rd.Config(**{**TINY, **overrides}), task)

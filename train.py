@@ -11,6 +11,7 @@ Examples:
   python train.py --method recurrent_depth
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
   python train.py --method ltm --task text --text-file input.txt
+  python train.py --method all        # every Sudoku method on the same puzzles: runs/compare/
 """
 import argparse
 import contextlib
@@ -29,6 +30,7 @@ import tempfile
 import time
 import typing
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
@@ -157,7 +159,7 @@ def build_parser(method=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=None if method else "Use --method NAME --help to list that method's options.")
     run = parser.add_argument_group("run options")
-    run.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    run.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}; all: every Sudoku method, one table and plot")
     tasks = getattr(method, "TASKS", ("sudoku", "visual", "text", "vqa"))
     run.add_argument("--task", choices=tasks, help=f"task (default: {tasks[0]})")
     run.add_argument("--preset", choices=("cpu", "gpu"), help="cpu: the Config defaults; gpu: GPU_CONFIG overrides")
@@ -366,6 +368,84 @@ def lr_factor(step, config):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+# ----------------------------------------------------------------------------- plots (SVG, standard library)
+STEP_COLUMNS = ("thinking steps", "T (fast steps)", "latent steps")
+METRIC_COLUMNS = ("exact %", "student exact %", "accuracy %", "bits/char", "NLL/token")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def curve_panels(rows, panel_column="test set"):
+    """Table rows -> (x name, y name, {panel: {line: [(x, y), ...]}}): x is the method's thinking-step
+    column, y its headline metric; rows whose step is not a number (adaptive exit) are left out. Lines are
+    named by the remaining text columns (e.g. lvr's model)."""
+    if not rows:
+        return None
+    x_name = next((c for c in STEP_COLUMNS if c in rows[0]), None)
+    y_name = next((c for c in METRIC_COLUMNS if c in rows[0]), None)
+    if x_name is None or y_name is None:
+        return None
+    panels = {}
+    for row in rows:
+        x, y = row.get(x_name), row.get(y_name)
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not isinstance(y, (int, float)) or x <= 0:
+            continue  # adaptive rows, and step 0, which a log axis cannot show
+        line = " ".join(str(v) for c, v in row.items() if isinstance(v, str) and c not in (x_name, panel_column))
+        panels.setdefault(str(row.get(panel_column, "")), {}).setdefault(line or y_name, []).append((x, y))
+    return x_name, y_name, panels
+
+
+def curve_svg(x_name, y_name, panels, title):
+    """A line chart per panel, log2 x axis, as SVG text (one <polyline> per line)."""
+    width, height, left, top, bottom = 360, 260, 56, 40, 44
+    names = sorted({line for lines in panels.values() for line in lines})
+    legend = 18 * len(names) + 10
+    points = [p for lines in panels.values() for line in lines.values() for p in line]
+    x_low, x_high = math.log2(min(x for x, _ in points)), math.log2(max(x for x, _ in points))
+    y_low, y_high = min(0.0, min(y for _, y in points)), max(y for _, y in points)
+    if y_name.endswith("%"):
+        y_high = 100.0
+    x_span, y_span = max(x_high - x_low, 1e-9), max(y_high - y_low, 1e-9)
+    plot_w, plot_h = width - left - 16, height - top - bottom
+    total_w, total_h = width * len(panels), height + legend
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{total_h}" '
+           f'viewBox="0 0 {total_w} {total_h}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{total_w}" height="{total_h}" fill="white"/>',
+           f'<text x="{total_w / 2}" y="16" text-anchor="middle" font-size="13">{escape(title)}</text>']
+    for index, (panel, lines) in enumerate(panels.items()):
+        x0 = index * width + left
+
+        def px(x):
+            return x0 + (math.log2(x) - x_low) / x_span * plot_w
+
+        def py(y):
+            return top + plot_h - (y - y_low) / y_span * plot_h
+
+        out.append(f'<text x="{x0 + plot_w / 2}" y="{top - 8}" text-anchor="middle">{escape(panel)}</text>')
+        out.append(f'<rect x="{x0}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
+        for tick in range(math.floor(x_low), math.ceil(x_high) + 1):
+            if x_low - 1e-9 <= tick <= x_high + 1e-9:
+                out.append(f'<text x="{px(2 ** tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{2 ** tick}</text>')
+        for fraction in (0, 0.25, 0.5, 0.75, 1):
+            value = y_low + fraction * y_span
+            out.append(f'<text x="{x0 - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>')
+        out.append(f'<text x="{x0 + plot_w / 2}" y="{top + plot_h + 30}" text-anchor="middle">'
+                   f'{escape(x_name)} (log scale)</text>')
+        out.append(f'<text x="{x0 - 40}" y="{top + plot_h / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 {x0 - 40} {top + plot_h / 2})">{escape(y_name)}</text>')
+        for name, line in sorted(lines.items()):
+            colour = COLOURS[names.index(name) % len(COLOURS)]
+            coordinates = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(line))
+            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coordinates}">'
+                       f'<title>{escape(name)}</title></polyline>')
+    for index, name in enumerate(names):
+        y = height + 8 + 18 * index
+        colour = COLOURS[index % len(COLOURS)]
+        out.append(f'<line x1="{left}" y1="{y}" x2="{left + 24}" y2="{y}" stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<text x="{left + 30}" y="{y + 4}">{escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def print_table(rows, title):
     if not rows:
         return
@@ -450,6 +530,17 @@ def evaluate_and_write(method, model, task, config, options, autocast_dtype, pat
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     print_table(rows, f"{method.__name__} on {options.task}: evaluation")
     write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows})
+    write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
+                f"{method.__name__} on {options.task}")
+
+
+def write_curve(rows, path, title, panel_column="test set"):
+    """The table's metric against thinking steps as an SVG plot (nothing is written for a table without
+    a step column, e.g. a single-row baseline)."""
+    found = curve_panels(rows, panel_column)
+    if found and found[2]:
+        svg = curve_svg(*found, title)
+        write_atomically(path, lambda file: file.write(svg.encode()))
 
 
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
@@ -493,12 +584,11 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
 
 
 def check_evaluation(method, model, task, config, device, autocast_dtype):
-    """Evaluate once on two examples of a test set before training, so that a setting only the evaluation
+    """Evaluate once on two examples of each test set before training, so that a setting only the evaluation
     rejects (an eval batch size of 0, ...) stops the run now, not after all training. The model, its
     gradients and the random state are left as they were."""
     probe = copy.copy(task)
-    name, batch = next(iter(task.test_sets.items()))
-    probe.test_sets = {name: {key: value[:2] for key, value in batch.items()}}
+    probe.test_sets = {name: {key: value[:2] for key, value in batch.items()} for name, batch in task.test_sets.items()}
     steps = tuple(sorted({min(config.eval_steps), max(config.eval_steps)}))  # the smallest and largest are enough
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
@@ -607,9 +697,77 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
     return step
 
 
+# ----------------------------------------------------------------------------- --method all: one benchmark
+# Every Sudoku method with its CPU default (unless the command line says otherwise), trained on the same
+# base set and evaluated on the same test puzzles; (row name, method, its own flags).
+COMPARED = (("recurrent_depth", "recurrent_depth", ()),
+            ("lit", "lit", ()),
+            ("lit --no-imagination", "lit", ("--no-imagination",)),
+            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation")),
+            ("ltm", "ltm", ()))
+
+
+def run_all(argv):
+    """python train.py --method all [options for every method]: runs (or reuses) runs/compare/<row>/ for
+    each COMPARED row, then writes runs/compare/results.json, table.md and curve.svg."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--out", default="runs/compare")
+    first.add_argument("--task", default="sudoku")
+    known, rest = first.parse_known_args(argv)
+    if known.task != "sudoku":
+        raise UsageError(f"--method all compares the Sudoku methods; --task {known.task} is not among them")
+    if any(flag in rest for flag in ("--resume", "--eval-only", "--init-from")):
+        raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one --method")
+    compare = Path(known.out)
+    results = {}
+    for name, method_name, flags in COMPARED:
+        folder = compare / name.replace(" --", "-").replace(" ", "-")
+        if (folder / "results.json").exists() and "--overwrite" not in rest:
+            print(f"{name}: using the finished run in {folder} (--overwrite trains it again)")
+        else:
+            print(f"\n=== {name}: python train.py --method {method_name} {' '.join((*flags, *rest))} --out {folder}")
+            status = run(["--method", method_name, *flags, *rest, "--out", str(folder)])
+            if status:
+                return status
+        results[name] = json.loads((folder / "results.json").read_text())
+    write_json(compare / "results.json", results)
+    points = []  # one record per (run, test set, thinking steps)
+    for name, result in results.items():
+        for row in result["rows"]:
+            steps = next((row[c] for c in STEP_COLUMNS if c in row), None)
+            exact = next((row[c] for c in ("exact %", "student exact %") if c in row), None)
+            if isinstance(steps, int) and not isinstance(steps, bool) and exact is not None:
+                points.append({"difficulty": row["test set"], "method": name, "thinking steps": steps, "exact %": exact})
+    table = compare_table(points, results)
+    write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
+    print("\n" + table)
+    write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
+    print(f"wrote {compare / 'results.json'}, {compare / 'table.md'} and {compare / 'curve.svg'}")
+    return 0
+
+
+def compare_table(points, results):
+    """Markdown: exact % per (test set, thinking steps), one column per compared run."""
+    names = list(results)
+    cells = {(p["method"], p["difficulty"], p["thinking steps"]): p["exact %"] for p in points}
+    lines = ["| test set | thinking steps | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for test_set in dict.fromkeys(p["difficulty"] for p in points):
+        for step in sorted({p["thinking steps"] for p in points}):
+            values = [cells.get((name, test_set, step)) for name in names]
+            if any(v is not None for v in values):
+                lines.append(f"| {test_set} | {step} | " + " | ".join("" if v is None else f"{v:.1f}" for v in values) + " |")
+    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps"
+                           for name, result in results.items())
+    return "\n".join(lines) + f"\n\nTrained on (base set, steps): {trained_on}.\n"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--method")
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        known, rest = first.parse_known_args(argv)
+        return run_all(rest) if known.method == "all" else run(argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
