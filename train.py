@@ -226,7 +226,7 @@ def check_settings(options, config_class, values):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(options, name)} is a file, not a folder")
     types = typing.get_type_hints(config_class)
     for name, value in values.items():
-        kind, flag = types[name], "--" + name.replace("_", "-")
+        kind, flag = types.get(name), "--" + name.replace("_", "-")  # None: not a field (Config() will say so)
         if kind is float and not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}")
         lowest = 1 if name.startswith("n_") else 0  # n_heads, n_layers, ...: a model needs at least one
