@@ -571,6 +571,53 @@ def test_curve_svg_is_well_formed_with_one_polyline_per_line_and_panel(tmp_path)
     assert not (tmp_path / "none.svg").exists()
 
 
+@pytest.mark.parametrize("header", ["quizzes,solutions", "puzzle,solution", "question,answer",
+                                    "source,question,answer,rating", None, "quizzes"])
+def test_csv_reader_accepts_each_public_layout(tmp_path, puzzles, header):
+    puzzle, solution = puzzles["easy"][0][:3], puzzles["easy"][1][:3]
+    text = lambda grid, blank: "".join(str(v) if v else blank for v in grid)
+    rows = {"source,question,answer,rating": [f"gen,{text(p, '.')},{text(s, '')},3" for p, s in zip(puzzle, solution)],
+            "quizzes": [text(p, "0") for p in puzzle]}.get(header, [f"{text(p, '0')},{text(s, '')}" for p, s in zip(puzzle, solution)])
+    path = tmp_path / "public.csv"
+    path.write_text("\n".join(([header] if header else []) + rows) + "\n")
+    read_puzzles, read_solutions = sudoku_data.read_csv(path)  # "quizzes" alone: solved by the project's solver
+    assert (read_puzzles == puzzle).all() and (read_solutions == solution).all()
+
+
+def test_csv_reader_rejects_malformed_rows_with_their_line(tmp_path, puzzles):
+    puzzle, solution = "".join(map(str, puzzles["easy"][0][0])), "".join(map(str, puzzles["easy"][1][0]))
+    blank = puzzle.index("0")
+    wrong_given = puzzle[:blank] + solution[blank - 1 if blank else 1] + puzzle[blank + 1:]
+    swapped = solution[1] + solution[0] + solution[2:]  # two columns now repeat a digit
+    for rows, message in (([f"{wrong_given},{solution}"], "line 3: given"),
+                          ([f"{'.' * 81},{swapped}"], "line 3: the solution breaks"),
+                          ([puzzle[:80] + "x," + solution], "line 3: puzzle contains invalid characters")):
+        path = tmp_path / "bad.csv"
+        path.write_text("question,answer\n" + f"{puzzle},{solution}\n" + "\n".join(rows) + "\n")
+        with pytest.raises(ValueError, match=message):
+            sudoku_data.read_csv(path)
+    path.write_text("quizzes\n" + "0" * 81 + "\n")
+    with pytest.raises(ValueError, match="line 2: the puzzle has more than one solution"):
+        sudoku_data.read_csv(path)
+
+
+def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puzzles, capsys):
+    sudoku_data.write_csv(tmp_path / "public_train.csv", puzzles["easy"][0][:8], puzzles["easy"][1][:8])
+    sudoku_data.write_csv(tmp_path / "extreme.csv", puzzles["easy"][0][8:], puzzles["easy"][1][8:])
+    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999"]
+    assert train.main(run + ["--train-csv", str(tmp_path / "public_train.csv"), "--test-csv", str(tmp_path / "extreme.csv")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {row["test set"] for row in results["rows"]} == {"extreme"}
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(tmp_path / "run" / "checkpoint.pt"),
+                       "--test-csv", f"{tmp_path / 'extreme.csv'},{tmp_path / 'public_train.csv'}"]) == 0
+    evaluated = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert {row["test set"] for row in evaluated["rows"]} == {"extreme", "public_train"}
+    capsys.readouterr()
+    (tmp_path / "broken.csv").write_text("question,answer\n" + "1" * 81 + "," + "1" * 81 + "\n")
+    assert train.main(run + ["--overwrite", "--test-csv", str(tmp_path / "broken.csv")]) == 2
+    assert "broken.csv, line 2" in capsys.readouterr().err
+
+
 def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):
     import xml.etree.ElementTree as ElementTree
     out = tmp_path / "compare"

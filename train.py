@@ -43,7 +43,7 @@ SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128)
+                       text_file=None, context_length=128, train_csv=(), test_csv=())
 
 
 class UsageError(Exception):
@@ -101,10 +101,12 @@ def build_task(name, config, options):
     if name in ("sudoku", "visual"):
         import sudoku_data
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
-                     data_dir=options.data_dir)
+                     data_dir=options.data_dir, train_files=tuple(options.train_csv), test_files=tuple(options.test_csv))
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
         return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir, **sizes)
+    if options.train_csv or options.test_csv:
+        raise UsageError(f"--train-csv and --test-csv hold Sudoku puzzles; --task {name} does not read them")
     if name == "text":
         return TextTask(options.text_file, options.context_length, options.seed, options.eval_size)
     if name == "vqa":
@@ -181,6 +183,10 @@ def build_parser(method=None):
     data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
     data.add_argument("--mnist-dir", help=f"MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")
     data.add_argument("--text-file", help="UTF-8 file for --task text")
+    data.add_argument("--train-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
+                      "generated base set (repeat the flag or separate with commas; columns e.g. question,answer)")
+    data.add_argument("--test-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of "
+                      "the generated test sets, each named after its file (its first --eval-size puzzles)")
     data.add_argument("--context-length", type=int, help="characters per sequence for --task text (default 128)")
     if method is not None:
         group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
@@ -209,6 +215,9 @@ def parse(argv):
     for name in ("steps", "batch_size", "eval_size", "base_size", "log_every", "save_every", "context_length"):
         if name in given and given[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
+    for name in ("train_csv", "test_csv"):
+        if name in given:
+            given[name] = [path for value in given[name] for path in value.split(",") if path]
     if "resume" in given and "eval_only" in given:
         raise UsageError("--resume continues a run and --eval-only evaluates one: give one of them")
     if "init_from" in given and ("resume" in given or "eval_only" in given):
