@@ -23,17 +23,27 @@ At test time only the student runs, for any number of steps; accuracy against st
 Our choices and simplifications (not from the paper):
 - U_T and U_S are two instances of one class (`--shared-update` ties them); encoder and decoder are
   shared. Language and visual forms differ only in E (token embedding vs. a small CNN per cell).
-- Student rollout: from its own belief by default, the recurrence it runs at test time. Measured with
-  the CPU defaults (easy, 1000 steps, 500 test puzzles, 32 steps): student exact 92.0 % own-rollout vs
-  83.6 % world-model style (`--no-student-own-rollout`); medium 41.6 % vs 27.0 %.
+- Student rollout: from its own belief by default, the recurrence it runs at test time (it beat the
+  world-model style `--no-student-own-rollout` in the README's measurement).
 - Attention in U is restricted to Sudoku peers (same row/column/box, as in the recurrent relational
-  network's graph; `--no-peer-attention` for all 81 cells): it learns several times faster on CPU
-  (world-model style, easy, step 200: student CE 0.145 with it, 0.57 without at 4 steps).
-- Truncated backprop: the belief is detached between thinking steps, so each step is one supervised
+  network's graph; `--no-peer-attention` for all 81 cells): it learns several times faster on CPU.
+- Truncated backprop: the state is detached between thinking steps, so each step is one supervised
   segment (as in TRM's deep supervision); memory does not grow with the number of steps.
-- Beliefs are RMS-normalised after each update, so a student rolled for 32 steps stays bounded.
-- `--no-imagination` is the ablation: no teacher, β = 0, the student rolled from its own belief with
-  the same per-step cross-entropy — a plain latent recurrent model.
+- Beliefs are RMS-normalised after each update, so a student rolled for 64 steps stays bounded.
+- Gradients are clipped per model (teacher: U_T and W_h; student: the rest), so the teacher's terms
+  cannot shrink the student's step relative to the ablation's.
+- Baselines, compared at equal training FLOPs (`training_flops`, one step; LIT costs about 2x):
+  `--no-imagination`: no teacher, β = 0, the student rolled from its own belief with the same
+  per-step cross-entropy — a plain latent recurrent model.
+  `--recursion observation` (with `--no-imagination`): the recursive baseline in observation space
+  the paper compares with: between steps only the decoded digit distributions pass, re-embedded
+  (b_{t+1} = U(R·softmax(D(b_t)), E(puzzle)), R a linear read-back; b_0 = R·uniform).
+- Knobs for imagination past the teacher's horizon: `--max-hint-fraction` (the teacher never sees the
+  whole solution), `--imagination-decay-from` (β decays to 0 late in training), `--imagination-share`
+  (the imagination loss binds only the first part of the belief; the rest is the student's own).
+- Diverse solutions (`--stochastic`): evaluate() also samples the student n_samples times on
+  multi-solution versions of each test set (givens removed until the solver finds >= 2 solutions) and
+  reports the share of valid samples and the mean number of distinct valid solutions.
 """
 from __future__ import annotations
 
@@ -445,8 +455,9 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
 
 
 def training_flops(model, batch: dict, config: Config) -> int:
-    """FLOPs of one training step's forward and backward on `batch` (torch's counter: matrix products,
-    attention, convolutions), for comparing variants at equal training compute. Leaves no gradients."""
+    """FLOPs of one training step's forward and backward on `batch`, for comparing variants at equal
+    training compute. torch's counter: matrix products and convolutions (its CPU attention kernel is
+    not counted: the 81x81 products, the same share in every variant). Leaves no gradients."""
     with FlopCounterMode(display=False) as counter:
         lit_loss(model, batch, config)["loss"].backward()
     model.zero_grad(set_to_none=True)
@@ -465,7 +476,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
     first = next(iter(task.test_sets.values()))
     probe = {k: v[:config.batch_size].to(device) for k, v in first.items()}  # a training-sized batch
     with torch.enable_grad():
-        train_pflop = training_flops(model, probe, config) * config.steps / 1e15
+        train_tflop = training_flops(model, probe, config) * config.steps / 1e12
     model.eval()
     n_max, rows = max(eval_steps), []
     for set_name, test_set in task.test_sets.items():
@@ -485,7 +496,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
             row = {"test set": set_name, "thinking steps": int(s),
                    "student exact %": sudoku_data.exact_accuracy(student, test_set["solution"]),
                    "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"]),
-                   "training PFLOP": train_pflop}
+                   "training TFLOP": train_tflop}
             if config.stochastic:
                 row.update(diversity(grids[s - 1], multi["puzzle"]))
             rows.append(row)

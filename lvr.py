@@ -10,27 +10,31 @@ input embedding (Coconut-style, KV cache kept). Training has three stages, as in
           and a grounding loss: the LLM's state at each visual token classifies whether its patch lies in the
           question's ROI, as a pretrained VLM's grounding data would teach (without it the LLM never learned
           to find the region: every answer stayed at the prior);
-  stage 1 (LVR SFT): encoder and projector frozen; one teacher-forced pass with the ROI's visual tokens
-          written into the latent positions;  L = L_NTP + λ·L_LVR,  L_LVR = MSE(h_t, v_t);
+  stage 1 (LVR SFT): encoder and projector frozen;  L = L_NTP + λ·L_LVR,  L_LVR = MSE(h_t, v_t) on a
+          teacher-forced pass with the ROI's visual tokens in the latent positions; the answer's L_NTP on a
+          second pass that feeds the model's own (detached) latent states instead, as the paper's
+          L_NTP = -1/T_y Σ log p(y_t | y_<t, h_{1:T_v}) conditions on them (scheduled sampling from ROI tokens);
   stage 2 (GRPO_latent, `--stage rl`): G sampled rollouts per question, latent states recorded and
-          replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref.
-The test-time-compute axis is the number of latent steps (fixed budget 0/4/8/16, the paper's best exit);
-the latent-end-token and mode-switching exits are options (`--exit`).
+          replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref; several clipped
+          policy updates per rollout batch.
+The test-time-compute axis is the number of latent steps (fixed budget, the paper's best exit); the trained
+budget is `latent_steps` (4), rows at other budgets extrapolate. Control rows at the trained budget feed
+oracle ROI tokens, zeros or random tokens in the latent positions, or use the markers alone (budget 0).
+The latent-end-token and mode-switching exits are options (`--exit`).
 The "SFT data baseline" (same data, answers directly, no latent segment) is a second LLM trained
 alongside in the same run from the same stage-0 weights (`--baseline`), so one command prints both.
 
 Usage (CPU defaults; the RL run continues from the stage-1 checkpoint):
     python train.py --method lvr --out runs/lvr
-    python train.py --method lvr --stage rl --init-from runs/lvr/checkpoint.pt --steps 200 --batch-size 8 \
+    python train.py --method lvr --stage rl --init-from runs/lvr/checkpoint.pt --steps 100 --batch-size 8 \
         --lr 1e-4 --warmup-steps 10 --out runs/lvr-rl
 
 Simplified vs. the paper (Qwen2.5-VL 3B/7B, Visual-CoT): a tiny ViT/decoder trained from scratch on the
 synthetic vqa_data task; absolute position embeddings; lr 1e-3 instead of 1e-5 (nothing is pretrained);
-GRPO with one policy update per rollout batch (π_old = π_θ at sampling time, so the ratio starts at 1);
 λ = 1 (paper 0.1): our visual tokens vary by only ~0.07 per dimension, and with 0.1 the latents learned
 nothing beyond the mean token (latent MSE 1.2x the ROI-token variance; with 1.0 and a longer stage 0, 0.7x).
-Our addition: `--latent-pool k` averages the ROI tokens to exactly k targets (the paper uses all N ROI
-tokens, N varying per example, which mismatches the fixed 4/8/16 test budget, reference issue #7).
+Our addition: the ROI tokens are averaged to exactly `latent_steps` targets (`--no-latent-pool`: all N ROI
+tokens as in the paper, N varying per example, which mismatches a fixed test budget, reference issue #7).
 """
 import copy
 import math
@@ -414,10 +418,15 @@ def format_ok(rollout, task):
             & (text[:, 2 + task.answer_len] == task.eos_id))
 
 
+def group_advantages(reward):
+    """GRPO advantages Â_i = (r_i − mean_group)/(std_group + 1e-4) for rewards (B, G)."""
+    return (reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)
+
+
 @torch.no_grad()
 def grpo_rollouts(model, visual, batch):
     """GRPO_latent sampling: G rollouts per question at the trained latent budget, latent states recorded.
-    Rewards r = format (format_ok) + accuracy; advantages Â_i = (r_i − mean_group)/(std_group + 1e-4);
+    Rewards r = format (format_ok) + accuracy; group-normalised advantages (group_advantages);
     log π_θold of the sampled tokens (fixed for all policy updates on this batch) and log π_ref by replay."""
     config, task, G = model.config, model.task, model.config.group_size
     visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
@@ -425,7 +434,7 @@ def grpo_rollouts(model, visual, batch):
     rollout = generate(model, model.llm, visual, question, config.latent_steps, config.temperature)
     has_format, correct = format_ok(rollout, task), answer_correct(rollout, answer, task)
     reward = (has_format.float() + correct.float()).view(-1, G)                       # (B, G): r = format + accuracy
-    advantage = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)).view(-1, 1)
+    advantage = group_advantages(reward).view(-1, 1)                                  # (B*G, 1)
     logp_ref = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
     return dict(visual=visual, question=question, rollout=rollout, reward=reward, advantage=advantage, logp_ref=logp_ref,
                 metrics={"reward": reward.mean(), "reward_sd": reward.std(1).mean(), "accuracy": correct.float().mean(),
@@ -458,6 +467,12 @@ def grpo_latent_loss(llm, batch, config):
 def set_trainable(module, flag):
     for p in module.parameters():
         p.requires_grad_(flag)
+
+
+def teacher_prob(step, config):
+    """Scheduled sampling: the probability that the answer pass reads the true ROI token in a latent slot,
+    falling linearly from 1 at the start of stage 1 to 0 after teacher_ramp steps."""
+    return max(0.0, 1 - (step - config.align_steps) / config.teacher_ramp) if config.teacher_ramp else 0.0
 
 
 def optimizer_step(model, optimizer, scaler, loss):
@@ -501,9 +516,7 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
         else:
             with torch.no_grad():
                 visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
-            # scheduled sampling: the answer pass reads true ROI tokens with a probability falling 1 -> 0
-            teacher_prob = max(0.0, 1 - (step - config.align_steps) / config.teacher_ramp) if config.teacher_ramp else 0.0
-            loss, metrics = lvr_loss(model, visual, batch, teacher_prob)
+            loss, metrics = lvr_loss(model, visual, batch, teacher_prob(step, config))
             if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
                 baseline, _ = direct_loss(model.baseline_llm, visual, batch, model.task)
                 loss, metrics["baseline_NTP"] = loss + baseline, baseline
@@ -539,8 +552,8 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
     model.eval()
     device = next(model.parameters()).device
     data = task.test_sets["held-out"]
-    chunks = [{k: v[i:i + config.batch_size].to(device) for k, v in data.items()}
-              for i in range(0, len(data["answer"]), config.batch_size)]
+    size = max(config.batch_size, 256)                        # evaluation chunk (the RL batch is small)
+    chunks = [{k: v[i:i + size].to(device) for k, v in data.items()} for i in range(0, len(data["answer"]), size)]
     k, pool = config.latent_steps, config.latent_steps if config.latent_pool else 0
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         visuals = [model.visual_tokens(c["image"]) for c in chunks]

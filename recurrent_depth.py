@@ -29,9 +29,13 @@ What we changed for a CPU-scale reference (all else follows the paper / referenc
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -41,6 +45,7 @@ import sudoku_data
 
 TASKS = ("sudoku", "text")
 EXIT_CRITERIA = ("none", "kl", "latent-diff")
+ROPE_LAYOUTS = ("halves", "interleaved")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Config:
     n_core: int = 2  # l_R: layers of the recurrent core R
     n_coda: int = 1  # l_C: layers of the coda C
     rope_base: float = 50000.0  # RoPE base (reference value)
+    rope_layout: str = "halves"  # RoPE pairs: halves (j, j + hd/2) | interleaved (2j, 2j+1) as the official code
     grid_embedding: bool = True  # sudoku: add learned row/col/box embeddings (our addition)
     # --- training recurrence (log-normal Poisson sampler, truncated backprop) ---
     mean_recurrence: int = 8  # r_mean: mean of the sampled recurrence count (counts n + k together)
@@ -81,6 +87,13 @@ GPU_CONFIG = dict(
     d_model=384, n_heads=6, d_mlp=1024, n_prelude=2, n_core=4, n_coda=2,
     mean_recurrence=16, backprop_depth=8, eval_steps=(1, 2, 4, 8, 16, 32, 64),
 )  # fmt: skip
+
+# The released Huginn-0125 (3.5B parameters; github.com/seal-rg/recurrent-pretraining, huggingface.co/tomg-group-umd/huginn-0125).
+HUGINN_CONFIG = dict(
+    d_model=5280, n_heads=55, d_mlp=17920, n_prelude=2, n_core=4, n_coda=2, rope_base=50000.0,
+    rope_layout="interleaved", grid_embedding=False, mean_recurrence=32, backprop_depth=8, kl_threshold=5e-4,
+)  # fmt: skip
+HUGINN_VOCAB_SIZE, HUGINN_CONTEXT = 65536, 4096
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -106,8 +119,16 @@ def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor,
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate (B, H, T, hd) by positions given as cos/sin (T, hd/2) (rotate-half layout)."""
+def apply_rope(x, cos, sin, layout: str = "halves"):
+    """Rotate (B, H, T, hd) by positions given as cos/sin (T, hd/2); pair j is rotated by frequency j.
+
+    halves: pair j = dims (j, j + hd/2); interleaved (official code): pair j = dims (2j, 2j+1). The two are
+    the same attention once each head's q/k rows (and q/k bias) are permuted: halves dim j holds
+    interleaved dim 2j, halves dim j + hd/2 holds interleaved dim 2j+1 (`from_official_state_dict`).
+    """
+    if layout == "interleaved":
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 x (B, H, T, hd/2)
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -117,7 +138,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.n_heads, self.head_dim, self.rope_layout = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.rope_layout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, self.n_heads, 1, self.head_dim))
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -126,7 +147,8 @@ class Attention(nn.Module):
         """x (B, T, D); rope = (cos, sin) of x's positions; kv: cache callback (k, v) -> (k, v, mask)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        q, k = apply_rope(q + self.qk_bias[0], *rope), apply_rope(k + self.qk_bias[1], *rope)
+        q = apply_rope(q + self.qk_bias[0], *rope, self.rope_layout)
+        k = apply_rope(k + self.qk_bias[1], *rope, self.rope_layout)
         mask, is_causal = None, causal
         if kv is not None:  # cached decoding: keys/values of all positions so far, (B, H, T_all, hd)
             k, v, mask = kv(k, v)
@@ -183,6 +205,10 @@ class RecurrentKVCache:
     def advance(self, n_new: int):
         """Open positions [end, end + n_new) for the next forward pass."""
         self.start, self.end = self.end, self.end + n_new
+
+    def rewind(self, position: int):
+        """Forget positions >= position (their entries are overwritten by the next pass)."""
+        self.start = self.end = position
 
     def _mask(self):
         """(T_new, T_all) causal mask of the new queries over all cached keys; None for a single query."""
@@ -318,6 +344,16 @@ class RecurrentDepthModel(nn.Module):
         return value.amax(-1)
 
     @torch.no_grad()
+    def latent_trajectory(self, idx, num_steps: int, state=None, generator=None) -> torch.Tensor:
+        """The latent state at every recurrence: (num_steps + 1, B, T, D) holding s_0, s_1, ..., s_r."""
+        rope = self.rope(0, idx.shape[1])
+        e = self.embed(idx, rope)
+        states = [self.init_state(e, generator=generator) if state is None else state]
+        for _ in range(num_steps):
+            states.append(self.core_step(states[-1], e, rope))
+        return torch.stack(states)
+
+    @torch.no_grad()
     def think(self, idx, max_steps: int, exit_criterion: str = "none", record_steps=(), generator=None,
               threshold: float | None = None):
         """Recur up to max_steps with a per-row (per-puzzle) exit below `threshold` (default: the model's config).
@@ -416,11 +452,49 @@ class RecurrentDepthModel(nn.Module):
         mean_steps = torch.stack(steps).mean().item() if steps else float(max_steps)
         return torch.cat(tokens, dim=1), mean_steps
 
+    @torch.no_grad()
+    def generate_speculative(self, prompt, max_new_tokens: int, draft_steps: int = 4, verify_steps: int | None = None,
+                             lookahead: int = 4, init_scale: float = 0.0):
+        """Self-speculative greedy decoding: the same model drafts with few recurrences and verifies with many.
 
-def build_model(config: Config, task) -> nn.Module:
-    """Validate the config and build the model for `task` (sudoku: bidirectional; text: causal)."""
-    if task.name not in TASKS:
-        raise ValueError(f"recurrent_depth supports tasks {TASKS}, not {task.name!r}")
+        Each round drafts `lookahead` tokens one by one with draft_steps recurrences, then runs the pending
+        token and the drafts through verify_steps recurrences in one pass over the shared KV cache (the
+        drafts' entries are overwritten), keeps the longest prefix on which the verifier's greedy choice
+        agrees, plus the verifier's own next token. The output equals generate(max_steps=verify_steps,
+        exit_criterion="none", continuous_cot=False) from the same deterministic s_0 (init_scale 0: zero state).
+        A batch advances by the shortest agreeing prefix of its rows.
+        Returns tokens (B, T_prompt + max_new_tokens) and the fraction of drafted tokens accepted.
+        """
+        if not self.causal:
+            raise ValueError("generate_speculative() needs the causal (text) model")
+        verify_steps = verify_steps or self.cfg.mean_recurrence
+        if not 1 <= draft_steps <= verify_steps or lookahead < 1:
+            raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= verify_steps ({verify_steps}) and lookahead >= 1")
+        if prompt.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt + new tokens must fit in the context length {self.max_len}")
+        cache = RecurrentKVCache(self, prompt.shape[0], prompt.shape[1] + max_new_tokens, verify_steps)
+        logits, _, _ = self._cached_forward(prompt, cache, verify_steps, "none", None, init_scale)
+        tokens = [prompt, logits[:, -1:].argmax(-1)]  # the last token is pending: not yet in the cache
+        new, drafted, accepted = 1, 0, 0
+        while new < max_new_tokens:
+            start, count = cache.end, min(lookahead, max_new_tokens - new)
+            draft = [tokens[-1][:, -1:]]
+            for _ in range(count):  # draft: one token at a time with few recurrences
+                logits, _, _ = self._cached_forward(draft[-1], cache, draft_steps, "none", None, init_scale)
+                draft.append(logits[:, -1:].argmax(-1))
+            cache.rewind(start)  # verify: the pending token and all but the last draft in one pass
+            logits, _, _ = self._cached_forward(torch.cat(draft[:-1], 1), cache, verify_steps, "none", None, init_scale)
+            verified = logits.argmax(-1)  # (B, count): the greedy token after each input
+            agree = int((verified == torch.cat(draft[1:], 1)).cumprod(1).sum(1).min())  # longest agreeing prefix
+            keep = min(agree + 1, count)  # the agreeing drafts, then the verifier's correction
+            tokens.append(verified[:, :keep])
+            cache.rewind(start + keep)  # inputs up to start + keep - 1 were correct; the last kept token is pending
+            new, drafted, accepted = new + keep, drafted + count, accepted + min(agree, count)
+        return torch.cat(tokens, dim=1), accepted / max(drafted, 1)
+
+
+def check_config(config: Config):
+    """Raise ValueError naming the first invalid field."""
     if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
         raise ValueError(f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads}) into an even head dim")
     if min(config.n_prelude, config.n_core, config.n_coda) < 1 or min(config.mean_recurrence, config.backprop_depth) < 1:
@@ -431,6 +505,15 @@ def build_model(config: Config, task) -> nn.Module:
         raise ValueError(f"difficulty must be easy|medium|hard, got {config.difficulty!r}")
     if not config.eval_steps or min(config.eval_steps) < 1:
         raise ValueError("eval_steps must be a non-empty tuple of positive ints")
+    if config.rope_layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {config.rope_layout!r}")
+
+
+def build_model(config: Config, task) -> nn.Module:
+    """Validate the config and build the model for `task` (sudoku: bidirectional; text: causal)."""
+    if task.name not in TASKS:
+        raise ValueError(f"recurrent_depth supports tasks {TASKS}, not {task.name!r}")
+    check_config(config)
     grid = task.name == "sudoku" and config.grid_embedding
     return RecurrentDepthModel(config, task.vocab_size, task.seq_len, causal=task.name == "text", grid=grid)
 
@@ -564,27 +647,252 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...], autocast_
         model.train()
 
 
+# ----------------------------------------------------------------------------- the official Huginn checkpoint
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+# official name -> ours, applied in order (recpre/raven_modeling_minimal.py: RavenForCausalLM)
+OFFICIAL_KEY_MAP = ((r"^transformer\.", ""), (r"^core_block\.", "core."), (r"\.norm_(\d)\.", r".n\1."),
+                    (r"\.attn\.Wqkv\.", ".attn.qkv."))  # fmt: skip
+OFFICIAL_UNUSED = ("lm_head.weight", "freqs_cis")  # the head is tied to wte; the RoPE table is recomputed
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Tensors of one .safetensors file, read with the standard library and torch.
+
+    Format: an 8-byte little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} (and an optional "__metadata__"), then the raw little-endian bytes,
+    offsets counted from the end of the header. Accepted dtypes: SAFETENSORS_DTYPES (F64, F32, F16, BF16,
+    I64, I32, I16, I8, U8, BOOL); float8 and unsigned 16-64-bit tensors are refused.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: the safetensors header is not JSON") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype_name, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets [begin, end]") from None
+            if dtype_name not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {dtype_name}; accepted: {', '.join(SAFETENSORS_DTYPES)}")
+            dtype = SAFETENSORS_DTYPES[dtype_name]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not 0 <= begin <= end or end - begin != nbytes or 8 + n + end > size:
+                raise ValueError(f"{path}: tensor {name!r} data_offsets [{begin}, {end}] do not match "
+                                 f"its shape {shape} and dtype {dtype_name}, or run past the end of the file")
+            f.seek(8 + n + begin)
+            data = bytearray(f.read(nbytes))
+            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+    return tensors
+
+
+def read_state_dict(directory) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: its *.safetensors shards, else its *.bin / *.pt state dicts."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint folder not found: {directory}")
+    files = sorted(directory.glob("*.safetensors")) or sorted([*directory.glob("*.bin"), *directory.glob("*.pt")])
+    if not files:
+        raise ValueError(f"{directory} has no *.safetensors, *.bin or *.pt files")
+    state = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            state.update(read_safetensors(file))
+            continue
+        try:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{file}: cannot read it as a torch state dict ({str(error).splitlines()[0]})") from None
+        if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
+            raise ValueError(f"{file}: not a state dict of tensors")
+        state.update(part)
+    return state
+
+
+def from_official_state_dict(state: dict, config: Config) -> dict[str, torch.Tensor]:
+    """Official names and layout -> this file's: key map, qk_bias (2, 1, H, hd) -> (2, H, 1, hd), and for
+    rope_layout "halves" each head's q/k rows permuted so that halves RoPE computes the interleaved one."""
+    head_dim = config.d_model // config.n_heads
+    to_halves = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # halves dim j <- this dim
+    local = {}
+    for name, tensor in state.items():
+        if name in OFFICIAL_UNUSED:
+            continue
+        for pattern, replacement in OFFICIAL_KEY_MAP:
+            name = re.sub(pattern, replacement, name)
+        if name.endswith("attn.qk_bias"):
+            tensor = tensor.transpose(1, 2)  # (2, 1, H, hd) -> (2, H, 1, hd)
+            if config.rope_layout == "halves":
+                tensor = tensor[..., to_halves]
+        elif name.endswith("attn.qkv.weight") and config.rope_layout == "halves":
+            rows = tensor.reshape(3, config.n_heads, head_dim, -1)  # (q|k|v, H, hd, D)
+            tensor = torch.cat([rows[:2, :, to_halves], rows[2:]]).reshape(tensor.shape)  # v rows stay
+        local[name] = tensor.contiguous()
+    return local
+
+
+def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGINN_VOCAB_SIZE,
+                max_len: int = HUGINN_CONTEXT) -> RecurrentDepthModel:
+    """The causal model with the official weights of `directory` (default config: the released Huginn-0125).
+
+    Parameters keep the checkpoint's dtype (bfloat16 for the release); call .float() for float32.
+    """
+    config = config or Config(**HUGINN_CONFIG)
+    check_config(config)
+    state = from_official_state_dict(read_state_dict(directory), config)
+    with torch.device("meta"):  # shapes only: no random init of 3.5B parameters that are overwritten anyway
+        model = RecurrentDepthModel(config, vocab_size, max_len, causal=True, grid=False)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise ValueError(f"{directory}: the checkpoint does not fit the config: {detail}") from None
+    model.rope_cos, model.rope_sin = rope_tables(config.d_model // config.n_heads, max_len, config.rope_base)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- analysis: trajectories, speculative speed
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def trajectory_svg(trajectories: torch.Tensor, labels, title: str, columns: int = 2) -> str:
+    """SVG (standard library) of trajectories (S, N, R, D): N tracked vectors over R steps from S starts.
+    One panel per vector, projected on the first two principal components of that vector's S R points;
+    the first start solid, the others dashed; hollow circle = first step, dot = last step."""
+    starts, count = trajectories.shape[:2]
+    size, gap, top = 260, 20, 40
+    rows = -(-count // columns)
+    width, height = columns * (size + gap) + gap, top + rows * (size + gap)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>']  # fmt: skip
+    for n, label in enumerate(labels):
+        points = trajectories[:, n].double()  # (S, R, D)
+        mean = points.flatten(0, 1).mean(0)
+        _, singular, directions = torch.linalg.svd(points.flatten(0, 1) - mean, full_matrices=False)
+        explained = 100 * singular[:2] ** 2 / (singular**2).sum()
+        xy = (points - mean) @ directions[:2].T  # (S, R, 2)
+        lo, hi = xy.flatten(0, 1).amin(0), xy.flatten(0, 1).amax(0)
+        scale = (size - 40) / (hi - lo).clamp(min=1e-12)
+        x0, y0 = gap + (n % columns) * (size + gap), top + (n // columns) * (size + gap)
+        color = PALETTE[n % len(PALETTE)]
+        parts += [f'<rect x="{x0}" y="{y0}" width="{size}" height="{size}" fill="none" stroke="#bbb"/>',
+                  f'<text x="{x0 + 6}" y="{y0 + 15}">{label}</text>',
+                  f'<text x="{x0 + size - 6}" y="{y0 + size - 6}" text-anchor="end" fill="#666">'
+                  f'PC 1 / 2: {explained[0]:.0f} / {explained[1]:.0f} % of variance</text>']  # fmt: skip
+        for start in range(starts):
+            path = [(x0 + 20 + (x - lo[0]) * scale[0], y0 + size - 20 - (y - lo[1]) * scale[1]) for x, y in xy[start].tolist()]
+            line = " ".join(f"{x:.1f},{y:.1f}" for x, y in path)
+            dash = ' stroke-dasharray="4 3"' if start else ""
+            parts += [f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>',
+                      f'<circle cx="{path[0][0]:.1f}" cy="{path[0][1]:.1f}" r="4" fill="white" stroke="{color}"/>',
+                      f'<circle cx="{path[-1][0]:.1f}" cy="{path[-1][1]:.1f}" r="3" fill="{color}"/>']
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def load_run(path) -> RecurrentDepthModel:
+    """The model of a train.py checkpoint (run folder's checkpoint.pt), in eval mode."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    name = state["run"]["task"]
+    seq_len = 81 if name == "sudoku" else state["run"]["context_length"]
+    task = type("Task", (), dict(name=name, vocab_size=state["model"]["wte.weight"].shape[0], seq_len=seq_len))
+    model = build_model(config, task)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def sudoku_trajectory_figure(checkpoint, out, steps: int = 32, cells=(0, 3, 2, 6), seed: int = 1000003):
+    """s_1 .. s_steps of a few cells of one easy puzzle, from two random s_0 (solid, dashed). s_0 itself is left
+    out: the first recurrence jumps far from it and would squash the rest of the plot."""
+    model = load_run(checkpoint)
+    puzzle, solution, _ = sudoku_data.generate_puzzles(1, "easy", seed=seed, workers=1)
+    idx = torch.from_numpy(puzzle).long()  # (1, 81)
+    runs = [model.latent_trajectory(idx, steps, generator=torch.Generator().manual_seed(g))[1:, 0] for g in (0, 1)]
+    paths = torch.stack([run[:, list(cells)].transpose(0, 1) for run in runs])  # (2 starts, cells, R, D)
+    labels = [f"r{c // 9 + 1}c{c % 9 + 1}: " + (f"given {puzzle[0, c]}" if puzzle[0, c] else f"blank, answer {solution[0, c]}")
+              for c in cells]  # fmt: skip
+    Path(out).write_text(trajectory_svg(paths, labels, f"Latent state of {len(cells)} Sudoku cells, recurrences 1-{steps}"))
+
+
+def speculative_benchmark(checkpoint, prompts: int = 8, prompt_len: int = 32, new_tokens: int = 64,
+                          draft_steps: int = 4, verify_steps: int = 32, lookahead: int = 4) -> dict:
+    """Accepted-draft rate and wall time of generate_speculative against plain fixed and adaptive decoding
+    on prompts from the held-out tail (last 10 %) of the run's text file, one prompt at a time."""
+    model = load_run(checkpoint)
+    run = torch.load(checkpoint, map_location="cpu", weights_only=True)["run"]
+    text = Path(run["text_file"]).read_text(encoding="utf-8")
+    characters = sorted(set(text))  # the vocabulary of train.py's text task
+    ids = torch.tensor([characters.index(c) for c in text[int(0.9 * len(text)) :]])
+    starts = torch.linspace(0, len(ids) - prompt_len - 1, prompts).long().tolist()
+    seconds, rates, same_as_fixed, same_as_adaptive = {"fixed": 0.0, "adaptive": 0.0, "speculative": 0.0}, [], 0, 0
+    for start in starts:
+        prompt = ids[start : start + prompt_len][None]
+        t0 = time.perf_counter()
+        fixed, _ = model.generate(prompt, new_tokens, verify_steps, "none", continuous_cot=False, init_scale=0.0)
+        t1 = time.perf_counter()
+        adaptive, _ = model.generate(prompt, new_tokens, verify_steps)  # the config's exit rule and warm start
+        t2 = time.perf_counter()
+        speculative, rate = model.generate_speculative(prompt, new_tokens, draft_steps, verify_steps, lookahead)
+        t3 = time.perf_counter()
+        for name, seconds_taken in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
+            seconds[name] += seconds_taken
+        rates.append(rate)
+        same_as_fixed += int((speculative == fixed).all())
+        same_as_adaptive += (speculative[0, prompt_len:] == adaptive[0, prompt_len:]).sum().item()
+    return {"accepted draft tokens": sum(rates) / len(rates), "identical to fixed greedy": f"{same_as_fixed}/{prompts}",
+            "tokens equal to adaptive": same_as_adaptive / (prompts * new_tokens),
+            "wall fixed / speculative": seconds["fixed"] / seconds["speculative"],
+            "wall adaptive / speculative": seconds["adaptive"] / seconds["speculative"],
+            **{f"seconds {name}": round(value, 2) for name, value in seconds.items()}}
+
+
 # ----------------------------------------------------------------------------- demo
 
 if __name__ == "__main__":
-    # A tiny causal model memorises a short string in seconds, then generates with per-token exit.
-    from types import SimpleNamespace
+    # python recurrent_depth.py [trajectories CHECKPOINT OUT.svg | speculative CHECKPOINT]; no arguments: the demo
+    import sys
 
-    text = "the cat sat on the mat. " * 8
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
-    task = SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64)
-    cfg = Config(d_model=64, d_mlp=128, mean_recurrence=4, backprop_depth=2, lr=3e-3)
-    torch.manual_seed(0)
-    model = build_model(cfg, task)
-    opt = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(enabled=False)
-    t0 = time.time()
-    for step in range(150):
-        starts = torch.randint(0, len(data) - 33, (16,))
-        batch = {"tokens": torch.stack([data[s : s + 33] for s in starts])}
-        loss = train_step(model, opt, scaler, batch, step, cfg, None)["loss"]
-    print(f"loss {loss.item():.3f} after 150 steps ({time.time() - t0:.1f}s)")
-    model.eval()
-    out, mean_steps = model.generate(data[None, :8], 40, max_steps=8)
-    print(repr("".join(chars[i] for i in out[0].tolist())), f"mean recurrences per token {mean_steps:.2f} / 8")
+    if sys.argv[1:2] == ["trajectories"]:
+        sudoku_trajectory_figure(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["speculative"]:
+        for name, value in speculative_benchmark(sys.argv[2]).items():
+            print(f"{name}: {value}")
+    else:
+        # A tiny causal model memorises a short string in seconds, then generates with per-token exit.
+        from types import SimpleNamespace
+
+        text = "the cat sat on the mat. " * 8
+        chars = sorted(set(text))
+        data = torch.tensor([chars.index(c) for c in text])
+        task = SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64)
+        cfg = Config(d_model=64, d_mlp=128, mean_recurrence=4, backprop_depth=2, lr=3e-3)
+        torch.manual_seed(0)
+        model = build_model(cfg, task)
+        opt = make_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler(enabled=False)
+        t0 = time.time()
+        for step in range(150):
+            starts = torch.randint(0, len(data) - 33, (16,))
+            batch = {"tokens": torch.stack([data[s : s + 33] for s in starts])}
+            loss = train_step(model, opt, scaler, batch, step, cfg, None)["loss"]
+        print(f"loss {loss.item():.3f} after 150 steps ({time.time() - t0:.1f}s)")
+        model.eval()
+        out, mean_steps = model.generate(data[None, :8], 40, max_steps=8)
+        print(repr("".join(chars[i] for i in out[0].tolist())), f"mean recurrences per token {mean_steps:.2f} / 8")

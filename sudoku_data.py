@@ -266,7 +266,8 @@ def read_csv(path, check_unique=False):
     """Read a public-format Sudoku CSV (81-character strings, '.' or '0' for a blank; a header naming
     the columns, e.g. question,answer or source,question,answer,rating). Returns int8 (N, 81) pairs.
     Every solution must be a valid grid agreeing with its givens; check_unique also solves every puzzle
-    and reports those with more than one solution."""
+    and reports those with more than one solution. A file without a solution column (a puzzle column
+    alone) is solved with the solver above, and each puzzle must have exactly one solution."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
@@ -281,19 +282,19 @@ def read_csv(path, check_unique=False):
     puzzle_names, solution_names = ("question", "puzzle", "quizzes", "quiz"), ("answer", "solution", "solutions")
     if any(name in puzzle_names for name in header):
         question = next(i for i, name in enumerate(header) if name in puzzle_names)
-        answers = [i for i, name in enumerate(header) if name in solution_names]
-        if not answers:
-            raise ValueError(f"{path}, line 1: header has no answer/solution column")
-        answer, first = answers[0], 2
+        answer = next((i for i, name in enumerate(header) if name in solution_names), None)
+        first = 2
     else:
-        question, answer, first = 0, 1, 1
+        question, answer, first = 0, (1 if len(rows[0]) > 1 else None), 1
     puzzles, solutions, lines = [], [], []
     for line, row in enumerate(rows[first - 1:], first):
         if not row:
             continue
-        if len(row) <= max(question, answer):
-            raise ValueError(f"{path}, line {line}: expected at least {max(question, answer) + 1} columns, got {len(row)}")
-        puzzle, solution = row[question].strip(), row[answer].strip()
+        columns = max(question, answer or 0) + 1
+        if len(row) < columns:
+            raise ValueError(f"{path}, line {line}: expected at least {columns} columns, got {len(row)}")
+        puzzle = row[question].strip()
+        solution = row[answer].strip() if answer is not None else _solved(puzzle, path, line)
         for name, text, allowed in (("puzzle", puzzle, ".0123456789"), ("solution", solution, "123456789")):
             if len(text) != 81:
                 raise ValueError(f"{path}, line {line}: {name} has {len(text)} characters, expected 81")
@@ -322,6 +323,16 @@ def read_csv(path, check_unique=False):
             shown = ", ".join(map(str, several[:10])) + (", ..." if len(several) > 10 else "")
             raise ValueError(f"{path}: {len(several)} puzzle(s) have more than one solution, on line(s) {shown}")
     return puzzles, solutions
+
+
+def _solved(puzzle, path, line):
+    """The one solution of a puzzle read without its solution, as 81 characters."""
+    if len(puzzle) != 81 or set(puzzle) - set(".0123456789"):
+        return ""  # the caller reports what is wrong with the puzzle
+    count, solution, _ = solve([0 if ch == "." else int(ch) for ch in puzzle])
+    if count != 1:
+        raise ValueError(f"{path}, line {line}: the puzzle has {'no' if count == 0 else 'more than one'} solution")
+    return "".join(map(str, solution))
 
 
 def write_csv(path, puzzles, solutions):
@@ -357,21 +368,33 @@ def broken_constraints(prediction):
 # ----------------------------------------------------------------------------- tasks
 class SudokuTask:
     """Sudoku in language form: train batches are augmentations of a cached base set; test sets of
-    every difficulty are generated from another seed and are disjoint from the base set."""
+    every difficulty are generated from another seed and are disjoint from the base set. Public CSV
+    files (train_files, test_files) replace the generated base set or test sets."""
     name, vocab_size, seq_len = "sudoku", 10, 81
 
-    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data"):
+    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=()):
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
         self.seed = seed
-        self.base_puzzles, self.base_solutions = load_puzzles(difficulty, base_size, seed, data_dir)
+        if train_files:  # public puzzle files replace the generated base set
+            pairs = [read_csv(path) for path in train_files]
+            self.base_puzzles, self.base_solutions = (np.concatenate(column) for column in zip(*pairs))
+        else:
+            self.base_puzzles, self.base_solutions = load_puzzles(difficulty, base_size, seed, data_dir)
+        names = [Path(path).stem for path in test_files]
+        if len(set(names)) < len(names):
+            raise ValueError(f"test files {', '.join(map(str, test_files))} share a name; the table names sets by file")
+        sources = dict(zip(names, test_files)) or dict.fromkeys(DIFFICULTIES)
         seen = {p.tobytes() for p in self.base_puzzles}
         self.test_sets = {}
-        for name in DIFFICULTIES:
-            puzzles, solutions = load_puzzles(name, eval_size, seed + 1_000_003, data_dir)
-            keep = np.array([p.tobytes() not in seen for p in puzzles])  # disjoint from the training base
-            self.test_sets[name] = {"puzzle": torch.from_numpy(puzzles[keep]).long(),
-                                    "solution": torch.from_numpy(solutions[keep]).long()}
+        for name, path in sources.items():
+            if path:  # a public file's first eval_size puzzles, named after the file
+                puzzles, solutions = (column[:eval_size] for column in read_csv(path))
+            else:
+                puzzles, solutions = load_puzzles(name, eval_size, seed + 1_000_003, data_dir)
+                keep = np.array([p.tobytes() not in seen for p in puzzles])  # disjoint from the training base
+                puzzles, solutions = puzzles[keep], solutions[keep]
+            self.test_sets[name] = {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long()}
 
     def _sample(self, step, batch_size):
         rng = np.random.default_rng([self.seed, step])
@@ -460,8 +483,9 @@ class VisualSudokuTask(SudokuTask):
     otherwise 80 % / 20 % of the test split."""
     name = "visual"
 
-    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", mnist_dir="mnist"):
-        super().__init__(difficulty, seed, base_size, eval_size, data_dir)
+    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
+                 mnist_dir="mnist"):
+        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files)
         test_images, test_labels = load_mnist(mnist_dir, "t10k")
         try:
             train_images, train_labels = load_mnist(mnist_dir, "train")

@@ -383,6 +383,10 @@ def test_train_py_never_overwrites_a_run_unless_told(tmp_path, data_dir, capsys)
     assert _checkpoint(out)["step"] == 4
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
     assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]  # no .tmp, no lock left
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # written after the last checkpoint, then killed
+    assert train.main(["--method", "recurrent_depth", "--resume", str(out / "checkpoint.pt"), "--steps", "6"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
 
 
 def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_path, data_dir):
@@ -415,6 +419,21 @@ def test_train_py_refuses_a_folder_locked_by_a_live_run_but_takes_over_a_stale_l
     (out / "lock").write_text(f"{ended.pid} {socket.gethostname()}\n")  # its run crashed without unlocking
     assert train.main(run) == 0
     assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]
+
+
+def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(tmp_path, data_dir, monkeypatch, capsys):
+    original_step = rd.train_step
+
+    def interrupted_after_the_update(model, optimizer, scaler, batch, step, *rest):
+        metrics = original_step(model, optimizer, scaler, batch, step, *rest)
+        if step == 4:
+            raise KeyboardInterrupt  # after optimizer.step(): the weights no longer match the step count
+        return metrics
+
+    monkeypatch.setattr(rd, "train_step", interrupted_after_the_update)
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--save-every", "2"]) == 130
+    assert "not saved" in capsys.readouterr().out and _checkpoint(out)["step"] == 4
 
 
 def _strict_json(line):
@@ -465,7 +484,7 @@ def test_checkpoint_save_failing_with_an_os_error_keeps_the_previous_checkpoint(
     train.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})
 
     def half_written(state, file):
-        Path(file).write_bytes(b"half a check")
+        file.write(b"half a check")
         raise OSError(28, "No space left on device")
 
     def refused(*args):
@@ -491,6 +510,14 @@ TINY_FLAGS = {  # tiny runs of every method, for the Ctrl-C test
     "lvr": ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--encoder-layers", "1", "--align-steps", "5",
             "--no-baseline", "--batch-size", "4", "--eval-steps", "0,2", "--eval-size", "8"],
 }
+
+
+def test_a_setting_only_the_evaluation_rejects_stops_the_run_before_training(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    run = ["--method", "lit", *TINY_FLAGS["lit"], "--eval-batch-size", "0", "--steps", "100000", "--data-dir", data_dir]
+    assert train.main(run + ["--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: the evaluation fails with these settings")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("method", train.METHODS)
@@ -527,6 +554,91 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c(method, tmp_path, data
 # ============================================================================= recurrent_depth.py
 TEXT = SimpleNamespace(name="text", vocab_size=13, seq_len=32)
 TINY = dict(d_model=32, n_heads=2, d_mlp=64, mean_recurrence=4, backprop_depth=2)
+
+
+def test_curve_svg_is_well_formed_with_one_polyline_per_line_and_panel(tmp_path):
+    import xml.etree.ElementTree as ElementTree
+    rows = [{"test set": test_set, "model": model, "thinking steps": steps, "exact %": 10.0 * steps}
+            for test_set in ("easy", "hard") for model in ("a <b>", "c") for steps in (1, 2, 4)]
+    rows.append({"test set": "easy", "model": "c", "thinking steps": "adaptive (kl)", "exact %": 99.0})
+    train.write_curve(rows, tmp_path / "curve.svg", "title & more")
+    root = ElementTree.parse(tmp_path / "curve.svg").getroot()
+    polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 4  # 2 panels x 2 lines; the adaptive row is no point on a step axis
+    assert all(len(line.get("points").split()) == 3 for line in polylines)
+    assert {line.find("{http://www.w3.org/2000/svg}title").text for line in polylines} == {"a <b>", "c"}
+    train.write_curve([{"test set": "x", "loss": 1.0}], tmp_path / "none.svg", "no step column")
+    assert not (tmp_path / "none.svg").exists()
+
+
+@pytest.mark.parametrize("header", ["quizzes,solutions", "puzzle,solution", "question,answer",
+                                    "source,question,answer,rating", None, "quizzes"])
+def test_csv_reader_accepts_each_public_layout(tmp_path, puzzles, header):
+    puzzle, solution = puzzles["easy"][0][:3], puzzles["easy"][1][:3]
+    text = lambda grid, blank: "".join(str(v) if v else blank for v in grid)
+    rows = {"source,question,answer,rating": [f"gen,{text(p, '.')},{text(s, '')},3" for p, s in zip(puzzle, solution)],
+            "quizzes": [text(p, "0") for p in puzzle]}.get(header, [f"{text(p, '0')},{text(s, '')}" for p, s in zip(puzzle, solution)])
+    path = tmp_path / "public.csv"
+    path.write_text("\n".join(([header] if header else []) + rows) + "\n")
+    read_puzzles, read_solutions = sudoku_data.read_csv(path)  # "quizzes" alone: solved by the project's solver
+    assert (read_puzzles == puzzle).all() and (read_solutions == solution).all()
+
+
+def test_csv_reader_rejects_malformed_rows_with_their_line(tmp_path, puzzles):
+    puzzle, solution = "".join(map(str, puzzles["easy"][0][0])), "".join(map(str, puzzles["easy"][1][0]))
+    blank = puzzle.index("0")
+    wrong_given = puzzle[:blank] + solution[blank - 1 if blank else 1] + puzzle[blank + 1:]
+    swapped = solution[1] + solution[0] + solution[2:]  # two columns now repeat a digit
+    for rows, message in (([f"{wrong_given},{solution}"], "line 3: given"),
+                          ([f"{'.' * 81},{swapped}"], "line 3: the solution breaks"),
+                          ([puzzle[:80] + "x," + solution], "line 3: puzzle contains invalid characters")):
+        path = tmp_path / "bad.csv"
+        path.write_text("question,answer\n" + f"{puzzle},{solution}\n" + "\n".join(rows) + "\n")
+        with pytest.raises(ValueError, match=message):
+            sudoku_data.read_csv(path)
+    path.write_text("quizzes\n" + "0" * 81 + "\n")
+    with pytest.raises(ValueError, match="line 2: the puzzle has more than one solution"):
+        sudoku_data.read_csv(path)
+
+
+def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puzzles, capsys):
+    sudoku_data.write_csv(tmp_path / "public_train.csv", puzzles["easy"][0][:8], puzzles["easy"][1][:8])
+    sudoku_data.write_csv(tmp_path / "extreme.csv", puzzles["easy"][0][8:], puzzles["easy"][1][8:])
+    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999"]
+    assert train.main(run + ["--train-csv", str(tmp_path / "public_train.csv"), "--test-csv", str(tmp_path / "extreme.csv")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {row["test set"] for row in results["rows"]} == {"extreme"}
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(tmp_path / "run" / "checkpoint.pt"),
+                       "--test-csv", f"{tmp_path / 'extreme.csv'},{tmp_path / 'public_train.csv'}"]) == 0
+    evaluated = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert {row["test set"] for row in evaluated["rows"]} == {"extreme", "public_train"}
+    capsys.readouterr()
+    (tmp_path / "broken.csv").write_text("question,answer\n" + "1" * 81 + "," + "1" * 81 + "\n")
+    assert train.main(run + ["--overwrite", "--test-csv", str(tmp_path / "broken.csv")]) == 2
+    assert "broken.csv, line 2" in capsys.readouterr().err
+
+
+def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):
+    import xml.etree.ElementTree as ElementTree
+    out = tmp_path / "compare"
+    argv = ["--method", "all", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-steps", "1,2",
+            "--eval-size", "4", "--base-size", "16", "--data-dir", data_dir, "--out", str(out)]
+    assert train.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == [name for name, _, _ in train.COMPARED]
+    for name in results:  # every single-method run writes its own plot
+        assert (out / name.replace(" --", "-").replace(" ", "-") / "curve.svg").exists()
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0] == "| test set | thinking steps | " + " | ".join(results) + " |"
+    assert "| medium | 2 |" in table
+    polylines = ElementTree.parse(out / "curve.svg").getroot().findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 4 * 3 + 1  # lit x3 and recurrent_depth on 3 test sets, ltm on its own one
+    capsys.readouterr()
+    assert train.main(argv) == 0  # a second call reuses the finished runs
+    assert capsys.readouterr().out.count("using the finished run") == len(results)
+    for bad, message in ((["--task", "visual"], "compares the Sudoku methods"), (["--resume", "x"], "one --method")):
+        assert train.main(argv + bad) == 2
+        assert message in capsys.readouterr().err
 
 
 def tiny_model(task=TEXT, **overrides):
@@ -581,6 +693,89 @@ def test_recurrent_depth_adaptive_generation_uses_fewer_steps_and_threshold_zero
     model.cfg.latent_threshold = 1e9
     _, latent_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="latent-diff")
     assert early_steps == latent_steps == 1.0
+
+
+def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
+    """Rows that exit early stay frozen and keep their cached steps: a batch decodes as its rows one by one."""
+    model = tiny_model().eval()
+    model.cfg.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
+    tokens = torch.randint(0, TEXT.vocab_size, (4, 16))
+
+    def decode(rows):  # prefill 6 tokens, then feed the next 10 one at a time with per-token exit
+        cache = rd.RecurrentKVCache(model, rows.shape[0], 16, 8)
+        logits, _, _ = model._cached_forward(rows[:, :6], cache, 8, "none", None, 0.0)
+        outputs, steps = [logits], []
+        for t in range(6, 16):
+            logits, _, used = model._cached_forward(rows[:, t : t + 1], cache, 8, "latent-diff", None, 0.0)
+            outputs.append(logits)
+            steps.append(used)
+        return torch.cat(outputs, 1), torch.stack(steps, 1)  # (B, 16, V), (B, 10)
+
+    batch, steps = decode(tokens)
+    assert (steps != steps[:1]).any(dim=0).sum() >= 3  # in at least 3 tokens the rows exit at different steps
+    for i in range(4):
+        logits, row_steps = decode(tokens[i : i + 1])
+        assert torch.equal(row_steps[0], steps[i])
+        torch.testing.assert_close(logits, batch[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_token(monkeypatch):
+    model = tiny_model().eval()
+    model.cfg.kl_threshold = 1e9  # every generated token exits at its first KL check
+    calls, forward = [], model._cached_forward
+
+    def spy(idx, cache, max_steps, exit_criterion, state, init_scale):
+        logits, s, used = forward(idx, cache, max_steps, exit_criterion, state, init_scale)
+        calls.append((state, s, used))
+        return logits, s, used
+
+    monkeypatch.setattr(model, "_cached_forward", spy)
+    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=True)
+    assert calls[0][0] is None and calls[0][2].tolist() == [6, 6]  # the prompt: fresh s_0, all 6 steps, no exit
+    assert all(used.tolist() == [1, 1] for _, _, used in calls[1:])
+    for (_, previous, _), (state, _, _) in zip(calls, calls[1:]):  # continuous CoT: s_0 of a token = last s_r
+        assert torch.equal(state, previous[:, -1:])
+    calls.clear()
+    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=False)
+    assert all(state is None for state, _, _ in calls)
+
+
+def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
+    greedy, _ = model.generate(prompt, 20, max_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
+    rates = []
+    for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
+        out, rate = model.generate_speculative(prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        assert torch.equal(out, greedy), (draft_steps, lookahead)
+        rates.append(rate)
+    assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
+    one_row, _ = model.generate_speculative(prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
+    assert torch.equal(one_row, greedy[:1])
+    with pytest.raises(ValueError, match="draft_steps"):
+        model.generate_speculative(prompt, 4, draft_steps=7, verify_steps=6)
+
+
+def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
+    import xml.etree.ElementTree as ElementTree
+
+    model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)).eval()
+    idx = torch.randint(0, 10, (2, 81))
+    s0 = model.init_state(torch.zeros(2, 81, model.cfg.d_model))
+    trajectory = model.latent_trajectory(idx, 5, state=s0)  # (r + 1, B, T, D)
+    assert trajectory.shape == (6, 2, 81, model.cfg.d_model) and torch.equal(trajectory[0], s0)
+    with torch.no_grad():
+        for r in (1, 5):  # s_r decodes to the logits of r recurrences from the same s_0
+            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), model(idx, (r, 0), state=s0))
+    paths = trajectory[:, :, :3].permute(1, 2, 0, 3)  # (2 starts, 3 cells, 6 steps, D)
+    root = ElementTree.fromstring(rd.trajectory_svg(paths, ["a", "b", "c"], "test"))
+    lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 6 and all(len(line.get("points").split()) == 6 for line in lines)  # one per start and cell
+    assert [("stroke-dasharray" in line.attrib) for line in lines] == [False, True] * 3  # the second start dashed
+    assert [line.get("stroke") for line in lines[::2]] == [line.get("stroke") for line in lines[1::2]]  # colour per cell
+    # points on a line through the data: PC 1 carries all variance, PC 2 none
+    line = torch.linspace(0, 1, 6)[None, None, :, None] * torch.randn(1, 1, 1, 8)
+    assert "PC 1 / 2: 100 / 0 % of variance" in rd.trajectory_svg(line, ["x"], "line")
 
 
 def saved_bytes(model, idx, num_steps):
@@ -682,6 +877,168 @@ def test_recurrent_depth_exit_statistics_are_kl_from_previous_and_relative_laten
     torch.testing.assert_close(value, torch.tensor([1 / math.sqrt(5)]))  # ||s_i - s_{i-1}|| / ||s_i||, max over T
 
 
+def official_layout(model):
+    """The state dict of a halves-RoPE model in the official naming and layout (recpre/raven_modeling_minimal.py):
+    transformer.* names, core_block, norm_1..4, Wqkv, qk_bias (2, 1, H, hd), interleaved RoPE pairs (2j, 2j+1)
+    = our dims (j, j + hd/2), tied lm_head.weight and the freqs_cis buffer."""
+    heads, width = model.cfg.n_heads, model.cfg.d_model
+    head_dim = width // heads
+    interleaved = torch.arange(head_dim).view(2, head_dim // 2).t().flatten()  # official dim 2j <- j, 2j+1 <- j + hd/2
+    official = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("attn.qkv.weight"):
+            rows = tensor.view(3, heads, head_dim, width).clone()
+            rows[:2] = rows[:2, :, interleaved]
+            tensor = rows.view(3 * width, width)
+        if name.endswith("attn.qk_bias"):
+            tensor = tensor[..., interleaved].transpose(1, 2)  # (2, H, 1, hd) -> (2, 1, H, hd)
+        name = ("core_block." + name[5:] if name.startswith("core.") else name).replace(".qkv.", ".Wqkv.")
+        for i in range(1, 5):
+            name = name.replace(f".n{i}.", f".norm_{i}.")
+        official["transformer." + name] = tensor.contiguous()
+    official["lm_head.weight"] = official["transformer.wte.weight"]
+    official["freqs_cis"] = torch.zeros(1, model.max_len, 1, head_dim // 2, 2)
+    return official
+
+
+def safetensors_bytes(tensors, dtype_names=None):
+    """A .safetensors file per the format: 8-byte little-endian header length, JSON header, raw tensor bytes."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 with spaces
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def reference_logits(official, idx, n_heads, steps, rope_base=50000.0):
+    """The official forward pass written out from the equations with the official state dict and interleaved RoPE:
+    e = P(sqrt(h) wte(x)); s_i = R(adapter([s_{i-1}, e])) from s_0 = 0; logits = lm_head(ln_f(C(ln_f(s_r))))."""
+    B, T = idx.shape
+    linear, silu = torch.nn.functional.linear, torch.nn.functional.silu
+    width = official["transformer.wte.weight"].shape[1]
+    head_dim = width // n_heads
+    angles = torch.outer(torch.arange(T).float(), rope_base ** (-torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (T, 1, hd/2)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    def rope(x):  # (B, T, H, hd), pairs (2j, 2j+1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+
+    def block(x, p):
+        q, k, v = linear(norm(x, official[p + "norm_1.weight"]), official[p + "attn.Wqkv.weight"]).split(width, -1)
+        q_bias, k_bias = official[p + "attn.qk_bias"]  # 2 x (1, H, hd)
+        q, k = rope(q.view(B, T, n_heads, head_dim) + q_bias), rope(k.view(B, T, n_heads, head_dim) + k_bias)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.view(B, T, n_heads, head_dim)).reshape(B, T, width)
+        x = norm(x + linear(y, official[p + "attn.proj.weight"]), official[p + "norm_2.weight"])
+        gate, up = linear(norm(x, official[p + "norm_3.weight"]), official[p + "mlp.fc.weight"]).chunk(2, -1)
+        return norm(x + linear(silu(gate) * up, official[p + "mlp.proj.weight"]), official[p + "norm_4.weight"])
+
+    def stack(x, part):
+        count = len({k.split(".")[2] for k in official if k.startswith(f"transformer.{part}.")})
+        for i in range(count):
+            x = block(x, f"transformer.{part}.{i}.")
+        return x
+
+    e = stack(official["transformer.wte.weight"][idx] * math.sqrt(width), "prelude")
+    s = torch.zeros_like(e)
+    for _ in range(steps):
+        s = stack(linear(torch.cat([s, e], -1), official["transformer.adapter.weight"]), "core_block")
+    x = norm(stack(norm(s, official["transformer.ln_f.weight"]), "coda"), official["transformer.ln_f.weight"])
+    return linear(x, official["lm_head.weight"])
+
+
+def test_recurrent_depth_official_safetensors_checkpoint_loads_to_the_same_logits(tmp_path):
+    source = tiny_model(n_prelude=2, n_coda=2).eval()
+    with torch.no_grad():  # non-trivial norms and q/k biases, so a wrong mapping of either shows
+        for name, p in source.named_parameters():
+            if p.dim() < 2 or name.endswith("qk_bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    official = official_layout(source)
+    names = sorted(official)
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[:9]}))
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[9:]}))
+    idx = torch.randint(0, TEXT.vocab_size, (2, 12))
+    zero = torch.zeros(2, 12, source.cfg.d_model)
+    with torch.no_grad():
+        expected = source(idx, (4, 0), state=zero)
+        torch.testing.assert_close(reference_logits(official, idx, source.cfg.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
+        for layout in rd.ROPE_LAYOUTS:  # interleaved as stored, or halves after the q/k row permutation
+            config = dataclasses.replace(source.cfg, rope_layout=layout)
+            loaded = rd.load_huginn(tmp_path, config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+            torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
+            out, _ = loaded.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
+            ref, _ = source.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
+            assert torch.equal(out, ref)  # generation from token ids
+    # a .bin state dict in the same layout loads the same; bfloat16 tensors read back exactly
+    (tmp_path / "pt").mkdir()
+    torch.save(official, tmp_path / "pt" / "pytorch_model.bin")
+    loaded = rd.load_huginn(tmp_path / "pt", dataclasses.replace(source.cfg, rope_layout="interleaved"),
+                            vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+    torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
+    half = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5)}
+    (tmp_path / "half.safetensors").write_bytes(safetensors_bytes(half))
+    back = rd.read_safetensors(tmp_path / "half.safetensors")
+    assert all(torch.equal(back[n], half[n]) and back[n].dtype == half[n].dtype for n in half)
+
+
+def test_recurrent_depth_interleaved_rope_equals_halves_after_the_row_permutation():
+    x = torch.randn(2, 3, 5, 8)  # (B, H, T, hd)
+    cos, sin = rd.rope_tables(8, 5, 50000.0)
+    to_halves = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # halves dim j holds interleaved dim 2j, j + hd/2 holds 2j+1
+    interleaved = rd.apply_rope(x, cos, sin, "interleaved")
+    torch.testing.assert_close(rd.apply_rope(x[..., to_halves], cos, sin, "halves"), interleaved[..., to_halves])
+    assert not torch.allclose(rd.apply_rope(x, cos, sin, "halves"), interleaved)  # the layouts differ unpermuted
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)  # so attention scores agree
+    scores = rd.apply_rope(q, cos, sin, "interleaved") @ rd.apply_rope(k, cos, sin, "interleaved").transpose(-1, -2)
+    permuted = rd.apply_rope(q[..., to_halves], cos, sin) @ rd.apply_rope(k[..., to_halves], cos, sin).transpose(-1, -2)
+    torch.testing.assert_close(permuted, scores)
+
+
+def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
+    with torch.device("meta"):  # shapes only, no memory
+        model = rd.RecurrentDepthModel(rd.Config(**rd.HUGINN_CONFIG), rd.HUGINN_VOCAB_SIZE, rd.HUGINN_CONTEXT,
+                                       causal=True, grid=False)
+    assert sum(p.numel() for p in model.parameters()) == 3_564_976_800
+
+
+def raw_safetensors(header, data=b""):
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x01\x00", "shorter than its 8-byte header length"),
+    ((10**6).to_bytes(8, "little") + b"{}", "exceeds the file size"),
+    ((4).to_bytes(8, "little") + b"{{{{", "header is not JSON"),
+    (raw_safetensors({"x": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]}}, bytes(4)), "has dtype F8_E4M3; accepted"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(16)), "do not match its shape"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(8)), "run past the end"),
+    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2]}}), "needs dtype, shape and data_offsets"),
+    ("missing key", "does not fit the config: Missing key\\(s\\)"),
+    ("", "has no \\*.safetensors, \\*.bin or \\*.pt files"),
+])
+def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_path, content, message):
+    if content == "missing key":
+        official = official_layout(tiny_model())
+        del official["transformer.adapter.weight"]
+        content = safetensors_bytes(official)
+    if content:
+        (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        rd.load_huginn(tmp_path, rd.Config(**TINY), vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+    assert "\n" not in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def trained_sudoku():
     """A tiny model trained for 80 steps on a fixed set of 16 easy puzzles (no augmentation)."""
@@ -749,7 +1106,8 @@ def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
 
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
-                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=())])
+                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=()),
+                                 dict(rope_layout="rotate")])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):
     with pytest.raises(ValueError):
         rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
@@ -1242,14 +1600,18 @@ def test_lvr_evaluate_rows():
 
 
 class LvrIdentityLLM(torch.nn.Module):
-    """A decoder whose last hidden state is its input embedding (and zero logits), for the L_LVR shift test."""
+    """A decoder whose last hidden state is its input embedding, for the shift tests. Logits are zero, except
+    that with end_logit the <lvr_end> logit is the input's first dimension."""
 
-    def __init__(self, embed, vocab_size):
+    def __init__(self, embed, vocab_size, end_logit=False):
         super().__init__()
-        self.embed, self.vocab_size = embed, vocab_size
+        self.embed, self.vocab_size, self.end_logit = embed, vocab_size, end_logit
 
     def forward(self, inputs, cache=None):
-        return inputs, inputs.new_zeros(*inputs.shape[:2], self.vocab_size), cache
+        logits = inputs.new_zeros(*inputs.shape[:2], self.vocab_size)
+        if self.end_logit:
+            logits[..., LVR_TASK.lvr_end_id] = inputs[..., 0]
+        return inputs, logits, cache
 
 
 def lvr_stage1_inputs(model, n=6):
@@ -1268,6 +1630,25 @@ def test_lvr_loss_compares_each_target_with_the_hidden_state_one_position_earlie
     expected = ((torch.cat([start, targets[:, :-1]], 1) - targets) ** 2).mean()     # [e(<lvr_start>), v_1, v_2] vs v
     torch.testing.assert_close(lvr.lvr_loss(model, visual, batch)[1]["L_LVR"], expected)
     assert expected > 1e-3                                                           # the same-position MSE is 0
+
+
+def test_lvr_exit_losses_supervise_the_position_holding_the_last_target():
+    """latent_end: h(position holding v_N) -> the end vector; mode_switch: the <lvr_end> logit at positions
+    <lvr_start>, v_1..v_N is 1 only at the position holding v_N (which predicts <lvr_end>)."""
+    for exit in ("latent_end", "mode_switch"):
+        model, config = lvr_tiny(latent_steps=3, exit=exit)
+        visual, batch = lvr_stage1_inputs(model)
+        model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size, end_logit=True)
+        targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)               # (B, 3, D)
+        metrics = lvr.lvr_loss(model, visual, batch)[1]
+        if exit == "latent_end":
+            torch.testing.assert_close(metrics["L_end"], ((targets[:, -1] - model.latent_end) ** 2).mean())
+        else:
+            start = model.llm.embed.weight[LVR_TASK.lvr_start_id].expand(len(visual), 1, -1)
+            logit = torch.cat([start, targets], 1)[..., 0]                              # (B, 4)
+            want = torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, torch.tensor([0.0, 0.0, 0.0, 1.0]).expand_as(logit))
+            torch.testing.assert_close(metrics["L_switch"], want)
 
 
 def test_lvr_total_loss_is_ntp_plus_lambda_times_lvr():
@@ -1357,6 +1738,64 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
 
 
+def test_lvr_stage0_loss_is_ntp_plus_weighted_pixel_and_grounding_terms():
+    batch = LVR_TASK.train_batch(0, 4)
+    for pixel, ground in ((1.0, 1.0), (0.5, 3.0)):
+        model, config = lvr_tiny(pixel_weight=pixel, grounding_weight=ground)
+        loss, metrics = lvr.alignment_loss(model, batch)
+        torch.testing.assert_close(loss, metrics["L_NTP"] + pixel * metrics["L_pixel"] + ground * metrics["L_grounding"])
+        patches = torch.nn.functional.unfold(batch["image"], 8, stride=8).transpose(1, 2)  # (B, 36, 3·8·8)
+        pixels = model.encoder.pixel_head(model.encoder(batch["image"]))
+        torch.testing.assert_close(metrics["L_pixel"], ((pixels - patches) ** 2).mean())
+
+
+def test_lvr_grounding_head_reads_the_llm_state_at_each_visual_token():
+    model, config = lvr_tiny()
+    batch = LVR_TASK.train_batch(0, 4)
+    seen = []
+    model.grounding_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    lvr.alignment_loss(model, batch)
+    with torch.no_grad():
+        h, _, _ = model.llm(lvr.prompt(model.llm, model.visual_tokens(batch["image"]), batch["question"]))
+    torch.testing.assert_close(seen[0], h[:, -model.n_patches:], atol=1e-5, rtol=1e-5)  # prompt = [question, v]
+
+
+def test_lvr_teacher_prob_ramps_from_roi_tokens_to_own_latents():
+    config = lvr.Config(align_steps=100, teacher_ramp=50)
+    assert [lvr.teacher_prob(s, config) for s in (100, 125, 150, 400)] == [1.0, 0.5, 0.0, 0.0]
+    assert lvr.teacher_prob(100, lvr.Config(align_steps=100, teacher_ramp=0)) == 0.0
+    model, config = lvr_tiny(teacher_ramp=10)                  # first stage-1 step: the answer reads ROI tokens
+    visual, batch = lvr_stage1_inputs(model, n=8)
+    with torch.no_grad():
+        want = lvr.lvr_loss(model, visual, batch, teacher_prob=1.0)[1]["answer_NTP"]
+        own = lvr.lvr_loss(model, visual, batch, teacher_prob=0.0)[1]["answer_NTP"]
+    got = lvr.train_step(model, lvr.make_optimizer(model, config), LVR_SCALER, batch, config.align_steps, config, None)
+    torch.testing.assert_close(got["answer_NTP"], want)
+    assert abs(want - own) > 1e-4
+
+
+def test_lvr_baseline_starts_from_the_stage0_llm():
+    model, config = lvr_tiny()
+    opt = lvr.make_optimizer(model, config)
+    stage0 = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    for group in opt.param_groups:
+        group["lr"] = 0.0                                                            # a step that moves nothing
+    lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), config.align_steps, config, None)
+    assert all(torch.equal(stage0[k], v) for k, v in model.baseline_llm.state_dict().items())
+
+
+def test_lvr_baseline_cannot_change_the_lvr_models_step():
+    """Per-model clipping: one stage-1 step moves the LVR LLM identically with and without the baseline."""
+    after = []
+    for baseline in (True, False):
+        model, config = lvr_tiny(baseline=baseline, align_steps=0, lr=1e-2)
+        opt = lvr.make_optimizer(model, config)
+        torch.manual_seed(4)
+        lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), 0, config, None)
+        after.append(torch.cat([p.flatten() for p in model.llm.parameters()]))
+    torch.testing.assert_close(after[0], after[1], atol=1e-6, rtol=0)
+
+
 def lvr_rollout(rows):
     """A hand-written rollout from token lists (None marks a latent slot)."""
     width = max(map(len, rows))
@@ -1393,11 +1832,13 @@ def lvr_rl_batch(beta=0.04, **kw):
 
 
 def test_lvr_grpo_advantages_are_group_normalised_rewards():
+    reward = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    advantage = lvr.group_advantages(reward)
+    torch.testing.assert_close(advantage[0], torch.tensor([1.0, 0.0, 0.0, -1.0]) / (math.sqrt(2 / 3) + 1e-4))  # sample std
+    assert not advantage[1].any()                                                   # equal rewards: no signal
     model, config, rollouts = lvr_rl_batch()
-    reward = rollouts["reward"]                                                      # (B, G)
-    assert reward.shape == (3, config.group_size)
-    want = (reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)
-    torch.testing.assert_close(rollouts["advantage"], want.view(-1, 1))
+    assert rollouts["reward"].shape == (3, config.group_size)
+    torch.testing.assert_close(rollouts["advantage"], lvr.group_advantages(rollouts["reward"]).view(-1, 1))
 
 
 def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
@@ -1413,6 +1854,11 @@ def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
     assert losses[0][0] < losses[1][0] < losses[2][0]
     kl = losses[2][1]["kl"]
     torch.testing.assert_close(losses[2][0] - losses[0][0], kl, rtol=0.2, atol=0)  # ≈ β·KL (per-row means)
+    with torch.no_grad():  # the k3 estimator of D_KL(π_θ‖π_ref), over the sampled tokens
+        d = rollouts["logp_ref"] - lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"],
+                                                       rollouts["rollout"], config.temperature)
+    mask = rollouts["rollout"]["sampled"]
+    torch.testing.assert_close(kl, (torch.exp(d) - d - 1)[mask].mean())
 
 
 def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
@@ -1604,7 +2050,7 @@ def test_lit_visual_task_with_real_mnist(tmp_path):
                          task.train_batch(0, 4), 0, config, None)
     assert torch.isfinite(out["loss"])
     rows = lit.evaluate(model, task, config, (1, 2), None)
-    assert len(rows) == 2 * len(task.test_sets) and {"student exact %", "training PFLOP"} <= set(rows[0])
+    assert len(rows) == 2 * len(task.test_sets) and {"student exact %", "training TFLOP"} <= set(rows[0])
     assert "teacher exact %" not in rows[0]  # with hints up to the full solution it measures nothing
 
 

@@ -4,15 +4,18 @@ train.py owns the loop, the learning-rate schedule, logging and checkpoints. Eac
 its model, loss, thinking loop and training step, through five names:
   TASKS, Config (dataclass; every field becomes a flag), GPU_CONFIG (overrides for --preset gpu),
   build_model(config, task), make_optimizer(model, config),
-  train_step(model, optimizer, scaler, batch, step, config, autocast_dtype) -> dict of 0-dim tensors,
+  train_step(model, optimizer, scaler, batch, step, config, autocast_dtype) -> dict of 0-dim tensors
+    (with "loss"; training stops when it is not finite),
   evaluate(model, task, config, eval_steps, autocast_dtype) -> list of table rows.
 Examples:
   python train.py --method recurrent_depth
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
   python train.py --method ltm --task text --text-file input.txt
+  python train.py --method all        # every Sudoku method on the same puzzles: runs/compare/
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -27,6 +30,7 @@ import tempfile
 import time
 import typing
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128)
+                       text_file=None, context_length=128, train_csv=(), test_csv=())
 
 
 class UsageError(Exception):
@@ -97,10 +101,12 @@ def build_task(name, config, options):
     if name in ("sudoku", "visual"):
         import sudoku_data
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
-                     data_dir=options.data_dir)
+                     data_dir=options.data_dir, train_files=tuple(options.train_csv), test_files=tuple(options.test_csv))
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
         return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir, **sizes)
+    if options.train_csv or options.test_csv:
+        raise UsageError(f"--train-csv and --test-csv hold Sudoku puzzles; --task {name} does not read them")
     if name == "text":
         return TextTask(options.text_file, options.context_length, options.seed, options.eval_size)
     if name == "vqa":
@@ -155,7 +161,7 @@ def build_parser(method=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=None if method else "Use --method NAME --help to list that method's options.")
     run = parser.add_argument_group("run options")
-    run.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    run.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}; all: every Sudoku method, one table and plot")
     tasks = getattr(method, "TASKS", ("sudoku", "visual", "text", "vqa"))
     run.add_argument("--task", choices=tasks, help=f"task (default: {tasks[0]})")
     run.add_argument("--preset", choices=("cpu", "gpu"), help="cpu: the Config defaults; gpu: GPU_CONFIG overrides")
@@ -177,6 +183,10 @@ def build_parser(method=None):
     data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
     data.add_argument("--mnist-dir", help=f"MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")
     data.add_argument("--text-file", help="UTF-8 file for --task text")
+    data.add_argument("--train-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
+                      "generated base set (repeat the flag or separate with commas; columns e.g. question,answer)")
+    data.add_argument("--test-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of "
+                      "the generated test sets, each named after its file (its first --eval-size puzzles)")
     data.add_argument("--context-length", type=int, help="characters per sequence for --task text (default 128)")
     if method is not None:
         group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
@@ -205,6 +215,9 @@ def parse(argv):
     for name in ("steps", "batch_size", "eval_size", "base_size", "log_every", "save_every", "context_length"):
         if name in given and given[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
+    for name in ("train_csv", "test_csv"):
+        if name in given:
+            given[name] = [path for value in given[name] for path in value.split(",") if path]
     if "resume" in given and "eval_only" in given:
         raise UsageError("--resume continues a run and --eval-only evaluates one: give one of them")
     if "init_from" in given and ("resume" in given or "eval_only" in given):
@@ -222,7 +235,7 @@ def check_settings(options, config_class, values):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(options, name)} is a file, not a folder")
     types = typing.get_type_hints(config_class)
     for name, value in values.items():
-        kind, flag = types[name], "--" + name.replace("_", "-")
+        kind, flag = types.get(name), "--" + name.replace("_", "-")  # None: not a field (Config() will say so)
         if kind is float and not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}")
         lowest = 1 if name.startswith("n_") else 0  # n_heads, n_layers, ...: a model needs at least one
@@ -236,18 +249,23 @@ def check_settings(options, config_class, values):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, state):
-    """torch.save through a temporary file and a rename, so a crash never leaves half a checkpoint."""
+def write_atomically(path, write):
+    """write(binary file) into a temporary file beside path, then rename it to path: a crash or a full
+    disk never leaves half a file, and the previous one stays until the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(handle)
     try:
-        torch.save(state, temporary)
+        with os.fdopen(handle, "wb") as file:
+            write(file)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path, method_name):
@@ -265,21 +283,9 @@ def load_checkpoint(path, method_name):
     return state
 
 
-def write_text(path, text):
-    """Write through a temporary file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def write_json(path, value):
-    write_text(path, json.dumps(value, indent=1, allow_nan=False))
+    write_atomically(path, lambda file: file.write(json.dumps(value, indent=1, allow_nan=False).encode()))
+
 
 # ----------------------------------------------------------------------------- the run folder
 def _process_alive(pid):
@@ -341,9 +347,11 @@ def prepare_run_folder(out, resume_path, overwrite, step):
         for temporary in out.glob(pattern):
             temporary.unlink()
     log = out / "log.jsonl"
-    if log.exists():  # keep the lines up to the step training starts from (none for a new run)
-        kept = [line for line in log.read_text().splitlines() if step and (_logged_step(line) or step + 1) <= step]
-        write_text(log, "".join(line + "\n" for line in kept))
+    if resuming_here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint
+        kept = [line + "\n" for line in log.read_text().splitlines() if (_logged_step(line) or step + 1) <= step]
+        write_atomically(log, lambda file: file.write("".join(kept).encode()))
+    elif not resuming_here:
+        log.unlink(missing_ok=True)  # a new run, or one continued in another folder, starts its own log
 
 
 # ----------------------------------------------------------------------------- the run
@@ -367,6 +375,84 @@ def lr_factor(step, config):
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------- plots (SVG, standard library)
+STEP_COLUMNS = ("thinking steps", "T (fast steps)", "latent steps")
+METRIC_COLUMNS = ("exact %", "student exact %", "accuracy %", "bits/char", "NLL/token")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def curve_panels(rows, panel_column="test set"):
+    """Table rows -> (x name, y name, {panel: {line: [(x, y), ...]}}): x is the method's thinking-step
+    column, y its headline metric; rows whose step is not a number (adaptive exit) are left out. Lines are
+    named by the remaining text columns (e.g. lvr's model)."""
+    if not rows:
+        return None
+    x_name = next((c for c in STEP_COLUMNS if c in rows[0]), None)
+    y_name = next((c for c in METRIC_COLUMNS if c in rows[0]), None)
+    if x_name is None or y_name is None:
+        return None
+    panels = {}
+    for row in rows:
+        x, y = row.get(x_name), row.get(y_name)
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not isinstance(y, (int, float)) or x <= 0:
+            continue  # adaptive rows, and step 0, which a log axis cannot show
+        line = " ".join(str(v) for c, v in row.items() if isinstance(v, str) and c not in (x_name, panel_column))
+        panels.setdefault(str(row.get(panel_column, "")), {}).setdefault(line or y_name, []).append((x, y))
+    return x_name, y_name, panels
+
+
+def curve_svg(x_name, y_name, panels, title):
+    """A line chart per panel, log2 x axis, as SVG text (one <polyline> per line)."""
+    width, height, left, top, bottom = 360, 260, 56, 40, 44
+    names = sorted({line for lines in panels.values() for line in lines})
+    legend = 18 * len(names) + 10
+    points = [p for lines in panels.values() for line in lines.values() for p in line]
+    x_low, x_high = math.log2(min(x for x, _ in points)), math.log2(max(x for x, _ in points))
+    y_low, y_high = min(0.0, min(y for _, y in points)), max(y for _, y in points)
+    if y_name.endswith("%"):
+        y_high = 100.0
+    x_span, y_span = max(x_high - x_low, 1e-9), max(y_high - y_low, 1e-9)
+    plot_w, plot_h = width - left - 16, height - top - bottom
+    total_w, total_h = width * len(panels), height + legend
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{total_h}" '
+           f'viewBox="0 0 {total_w} {total_h}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{total_w}" height="{total_h}" fill="white"/>',
+           f'<text x="{total_w / 2}" y="16" text-anchor="middle" font-size="13">{escape(title)}</text>']
+    for index, (panel, lines) in enumerate(panels.items()):
+        x0 = index * width + left
+
+        def px(x):
+            return x0 + (math.log2(x) - x_low) / x_span * plot_w
+
+        def py(y):
+            return top + plot_h - (y - y_low) / y_span * plot_h
+
+        out.append(f'<text x="{x0 + plot_w / 2}" y="{top - 8}" text-anchor="middle">{escape(panel)}</text>')
+        out.append(f'<rect x="{x0}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
+        for tick in range(math.floor(x_low), math.ceil(x_high) + 1):
+            if x_low - 1e-9 <= tick <= x_high + 1e-9:
+                out.append(f'<text x="{px(2 ** tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{2 ** tick}</text>')
+        for fraction in (0, 0.25, 0.5, 0.75, 1):
+            value = y_low + fraction * y_span
+            out.append(f'<text x="{x0 - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>')
+        out.append(f'<text x="{x0 + plot_w / 2}" y="{top + plot_h + 30}" text-anchor="middle">'
+                   f'{escape(x_name)} (log scale)</text>')
+        out.append(f'<text x="{x0 - 40}" y="{top + plot_h / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 {x0 - 40} {top + plot_h / 2})">{escape(y_name)}</text>')
+        for name, line in sorted(lines.items()):
+            colour = COLOURS[names.index(name) % len(COLOURS)]
+            coordinates = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(line))
+            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coordinates}">'
+                       f'<title>{escape(name)}</title></polyline>')
+    for index, name in enumerate(names):
+        y = height + 8 + 18 * index
+        colour = COLOURS[index % len(COLOURS)]
+        out.append(f'<line x1="{left}" y1="{y}" x2="{left + 24}" y2="{y}" stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<text x="{left + 30}" y="{y + 4}">{escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def print_table(rows, title):
@@ -432,8 +518,7 @@ def build(method, config, options, device, autocast_dtype, source):
         model = method.build_model(config, task).to(device)
     except (ValueError, FileNotFoundError, ArithmeticError) as error:
         raise UsageError(str(error)) from None
-    vocabulary = getattr(task, "characters", None)
-    if source and "vocabulary" in source and source["vocabulary"] != vocabulary:
+    if source and "vocabulary" in source and source["vocabulary"] != getattr(task, "characters", None):
         raise UsageError(f"--text-file {options.text_file} holds other characters than the text the checkpoint "
                          f"was trained on, so its character ids would mean other characters")
     if source:
@@ -453,14 +538,26 @@ def build(method, config, options, device, autocast_dtype, source):
 def evaluate_and_write(method, model, task, config, options, autocast_dtype, path):
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows})
+    write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
+                f"{method.__name__} on {options.task}")
+
+
+def write_curve(rows, path, title, panel_column="test set"):
+    """The table's metric against thinking steps as an SVG plot (nothing is written for a table without
+    a step column, e.g. a single-row baseline)."""
+    found = curve_panels(rows, panel_column)
+    if found and found[2]:
+        svg = curve_svg(*found, title)
+        write_atomically(path, lambda file: file.write(svg.encode()))
 
 
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
     evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json")
     return 0
+
+
 def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
     """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
     resuming = "resume" in given
@@ -486,12 +583,29 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
             state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
         return state
 
+    check_evaluation(method, model, task, config, device, autocast_dtype)
     step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
                  step, checkpoint_state)
     if step is None:
         return 130
     evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json")
     return 0
+
+
+def check_evaluation(method, model, task, config, device, autocast_dtype):
+    """Evaluate once on two examples of each test set before training, so that a setting only the evaluation
+    rejects (an eval batch size of 0, ...) stops the run now, not after all training. The model, its
+    gradients and the random state are left as they were."""
+    probe = copy.copy(task)
+    probe.test_sets = {name: {key: value[:2] for key, value in batch.items()} for name, batch in task.test_sets.items()}
+    steps = tuple(sorted({min(config.eval_steps), max(config.eval_steps)}))  # the smallest and largest are enough
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            method.evaluate(model, probe, config, steps, autocast_dtype)
+        except (ValueError, ArithmeticError, RuntimeError) as error:
+            raise UsageError(f"the evaluation fails with these settings: {(str(error).splitlines() or [''])[0]}") from None
+    model.train()
+    model.zero_grad(set_to_none=True)
 
 
 def rng_state(device):
@@ -505,67 +619,84 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda_rng"])
 
 
+def set_ctrl_c_handler(handler):
+    """signal.signal for SIGINT, returning the previous handler; None outside the main thread (no change)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+
+
 def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state):
     """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
     or None when interrupted (after saving).
-    Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step, and the
-    checkpoint then holds the random state from the start of that step, which --resume runs again."""
+    Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
+    checkpoint then holds the random state from the start of that step, which --resume runs again, or,
+    when the step had begun to update the weights, nothing is saved and the last checkpoint stays."""
     checkpoint_path = out / "checkpoint.pt"
     saved_step = step if checkpoint_path.exists() else None
-    ctrl_c = []
+    ctrl_c, updating = [], []
+    update_hook = optimizer.register_step_pre_hook(lambda *_: updating.append(True))
 
     def finish_step_then_stop(signum, frame):
         if ctrl_c:
             raise KeyboardInterrupt
         ctrl_c.append(signum)
+        tqdm.write("Ctrl-C: saving after this step (Ctrl-C again to stop at once)")
 
-    try:
-        previous_handler = signal.signal(signal.SIGINT, finish_step_then_stop)
-    except ValueError:  # not the main thread: Ctrl-C stops inside the step
-        previous_handler = None
+    previous_handler = set_ctrl_c_handler(finish_step_then_stop)
     log = open(out / "log.jsonl", "a")
     progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True)
     interrupted, state_at_step_start = False, None
     start, start_step = time.perf_counter(), step
     try:
-        while step < config.steps and not ctrl_c:
-            state_at_step_start = rng_state(device)
-            factor = lr_factor(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            batch = {k: v.to(device, non_blocking=True) for k, v in task.train_batch(step, config.batch_size).items()}
-            metrics = method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                kept = (f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else
-                        "no checkpoint had been saved")
-                raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower --lr; "
-                                    f"stopped, {kept}")
-            state_at_step_start = None
-            step += 1
-            progress.update(1)
-            if step % options.log_every == 0 or step == config.steps:
-                rate = (step - start_step) * config.batch_size / (time.perf_counter() - start)
-                values = {k: float(v) for k, v in metrics.items()}
-                logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
-                log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged,
-                                      "examples_per_s": rate}, allow_nan=False) + "\n")
-                log.flush()
-                progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "ex/s": f"{rate:.0f}"})
-            if step % options.save_every == 0:
-                save_checkpoint(checkpoint_path, checkpoint_state(step))
-                saved_step = step
-    except KeyboardInterrupt:
-        interrupted = True
-        if state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
-            set_rng_state(state_at_step_start, device)
+        try:
+            while step < config.steps and not ctrl_c:
+                state_at_step_start = rng_state(device)
+                factor = lr_factor(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+                batch = {k: v.to(device, non_blocking=True) for k, v in task.train_batch(step, config.batch_size).items()}
+                metrics = method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    kept = (f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else
+                            "no checkpoint had been saved")
+                    raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
+                                        f"--lr; stopped, {kept}")
+                step += 1
+                state_at_step_start = None
+                updating.clear()
+                progress.update(1)
+                if step % options.log_every == 0 or step == config.steps:
+                    rate = (step - start_step) * config.batch_size / (time.perf_counter() - start)
+                    values = {k: float(v) for k, v in metrics.items()}
+                    logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
+                    log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged,
+                                          "examples_per_s": rate}, allow_nan=False) + "\n")
+                    log.flush()
+                    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "ex/s": f"{rate:.0f}"})
+                if step % options.save_every == 0:
+                    save_checkpoint(checkpoint_path, checkpoint_state(step))
+                    saved_step = step
+        except KeyboardInterrupt:
+            interrupted = True
+            if state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
+                set_rng_state(state_at_step_start, device)
+        finally:
+            progress.close()
+            log.close()
+            update_hook.remove()
+        elapsed = time.perf_counter() - start
+        if updating:  # the weights may be half updated: no checkpoint beats an inexact one
+            kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
+            print(f"interrupted while step {step + 1} updated the weights; not saved, {kept}")
+            return None
+        set_ctrl_c_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
+        save_checkpoint(checkpoint_path, checkpoint_state(step))
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
-        progress.close()
-        log.close()
-    elapsed = time.perf_counter() - start
-    save_checkpoint(checkpoint_path, checkpoint_state(step))
     if interrupted or ctrl_c:
         print(f"interrupted at step {step}; checkpoint saved to {checkpoint_path} (continue with --resume)")
         return None
@@ -575,9 +706,77 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
     return step
 
 
+# ----------------------------------------------------------------------------- --method all: one benchmark
+# Every Sudoku method with its CPU default (unless the command line says otherwise), trained on the same
+# base set and evaluated on the same test puzzles; (row name, method, its own flags).
+COMPARED = (("recurrent_depth", "recurrent_depth", ()),
+            ("lit", "lit", ()),
+            ("lit --no-imagination", "lit", ("--no-imagination",)),
+            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation")),
+            ("ltm", "ltm", ()))
+
+
+def run_all(argv):
+    """python train.py --method all [options for every method]: runs (or reuses) runs/compare/<row>/ for
+    each COMPARED row, then writes runs/compare/results.json, table.md and curve.svg."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--out", default="runs/compare")
+    first.add_argument("--task", default="sudoku")
+    known, rest = first.parse_known_args(argv)
+    if known.task != "sudoku":
+        raise UsageError(f"--method all compares the Sudoku methods; --task {known.task} is not among them")
+    if any(flag in rest for flag in ("--resume", "--eval-only", "--init-from")):
+        raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one --method")
+    compare = Path(known.out)
+    results = {}
+    for name, method_name, flags in COMPARED:
+        folder = compare / name.replace(" --", "-").replace(" ", "-")
+        if (folder / "results.json").exists() and "--overwrite" not in rest:
+            print(f"{name}: using the finished run in {folder} (--overwrite trains it again)")
+        else:
+            print(f"\n=== {name}: python train.py --method {method_name} {' '.join((*flags, *rest))} --out {folder}")
+            status = run(["--method", method_name, *flags, *rest, "--out", str(folder)])
+            if status:
+                return status
+        results[name] = json.loads((folder / "results.json").read_text())
+    write_json(compare / "results.json", results)
+    points = []  # one record per (run, test set, thinking steps)
+    for name, result in results.items():
+        for row in result["rows"]:
+            steps = next((row[c] for c in STEP_COLUMNS if c in row), None)
+            exact = next((row[c] for c in ("exact %", "student exact %") if c in row), None)
+            if isinstance(steps, int) and not isinstance(steps, bool) and exact is not None:
+                points.append({"difficulty": row["test set"], "method": name, "thinking steps": steps, "exact %": exact})
+    table = compare_table(points, results)
+    write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
+    print("\n" + table)
+    write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
+    print(f"wrote {compare / 'results.json'}, {compare / 'table.md'} and {compare / 'curve.svg'}")
+    return 0
+
+
+def compare_table(points, results):
+    """Markdown: exact % per (test set, thinking steps), one column per compared run."""
+    names = list(results)
+    cells = {(p["method"], p["difficulty"], p["thinking steps"]): p["exact %"] for p in points}
+    lines = ["| test set | thinking steps | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for test_set in dict.fromkeys(p["difficulty"] for p in points):
+        for step in sorted({p["thinking steps"] for p in points}):
+            values = [cells.get((name, test_set, step)) for name in names]
+            if any(v is not None for v in values):
+                lines.append(f"| {test_set} | {step} | " + " | ".join("" if v is None else f"{v:.1f}" for v in values) + " |")
+    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps"
+                           for name, result in results.items())
+    return "\n".join(lines) + f"\n\nTrained on (base set, steps): {trained_on}.\n"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--method")
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        known, rest = first.parse_known_args(argv)
+        return run_all(rest) if known.method == "all" else run(argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
