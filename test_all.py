@@ -382,7 +382,7 @@ def test_train_py_never_overwrites_a_run_unless_told(tmp_path, data_dir, capsys)
     assert train.main(run + ["--overwrite", "--steps", "4"]) == 0
     assert _checkpoint(out)["step"] == 4
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
-    assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]  # no .tmp, no lock left
+    assert sorted(_files(out)) == ["checkpoint.pt", "curve.svg", "log.jsonl", "results.json"]  # no .tmp, no lock left
     with open(out / "log.jsonl", "a") as log:
         log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # written after the last checkpoint, then killed
     assert train.main(["--method", "recurrent_depth", "--resume", str(out / "checkpoint.pt"), "--steps", "6"]) == 0

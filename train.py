@@ -331,6 +331,9 @@ def _logged_step(line):
         return None  # a line cut short by a crash
 
 
+RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "curve.svg", "eval-curve.svg", "log.jsonl")
+
+
 def prepare_run_folder(out, resume_path, overwrite, step):
     """Refuse to start over a run the user did not name; clear what --overwrite or a crash left behind.
     Called with the folder locked; step is the step training starts from."""
@@ -341,10 +344,10 @@ def prepare_run_folder(out, resume_path, overwrite, step):
         if not overwrite:
             resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
             raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
-        for name in ("checkpoint.pt", "results.json", "eval.json"):
+        for name in RUN_FILES[:-1]:  # the log goes below
             (out / name).unlink(missing_ok=True)
-    for pattern in ("checkpoint.pt.*.tmp", "results.json.*.tmp"):  # left by a run killed while saving
-        for temporary in out.glob(pattern):
+    for name in RUN_FILES:  # temporary files left by a run killed while saving
+        for temporary in out.glob(f"{name}.*.tmp"):
             temporary.unlink()
     log = out / "log.jsonl"
     if resuming_here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint
