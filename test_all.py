@@ -401,7 +401,7 @@ def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_pa
     assert (copied / "eval.json").exists()
     elsewhere = tmp_path / "elsewhere"
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(copied / "checkpoint.pt"), "--out", str(elsewhere)]) == 0
-    assert sorted(_files(elsewhere)) == ["eval.json"]
+    assert sorted(_files(elsewhere)) == ["eval-curve.svg", "eval.json"]
     assert _files(original) == before
 
 
@@ -418,7 +418,7 @@ def test_train_py_refuses_a_folder_locked_by_a_live_run_but_takes_over_a_stale_l
     ended.wait()
     (out / "lock").write_text(f"{ended.pid} {socket.gethostname()}\n")  # its run crashed without unlocking
     assert train.main(run) == 0
-    assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]
+    assert sorted(_files(out)) == ["checkpoint.pt", "curve.svg", "log.jsonl", "results.json"]
 
 
 def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(tmp_path, data_dir, monkeypatch, capsys):
