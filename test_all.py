@@ -255,6 +255,7 @@ def test_text_task(tmp_path):
     (["--method", "recurrent_depth", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
     (["--method", "lvr", "--n-head", "0"], "--n-head must be >= 1, got 0"),
     (["--method", "recurrent_depth", "--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--method", "recurrent_depth", "--ema", "1"], "--ema must be a decay in [0, 1)"),
     (["--method", "recurrent_depth", "--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
     (["--method", "recurrent_depth", "--warmup-steps", "-5"], "--warmup-steps must be >= 0, got -5"),
     (["--method", "lit", "--eval-steps", "0"], "--eval-steps must list thinking steps >= 1, got 0"),
@@ -616,6 +617,37 @@ def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puz
     (tmp_path / "broken.csv").write_text("question,answer\n" + "1" * 81 + "," + "1" * 81 + "\n")
     assert train.main(run + ["--overwrite", "--test-csv", str(tmp_path / "broken.csv")]) == 2
     assert "broken.csv, line 2" in capsys.readouterr().err
+
+
+def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(tmp_path, data_dir, monkeypatch):
+    evaluated = []
+    original_evaluate = rd.evaluate
+
+    def recording_evaluate(model, *rest):
+        evaluated.append({name: value.clone() for name, value in model.state_dict().items()})
+        return original_evaluate(model, *rest)
+
+    monkeypatch.setattr(rd, "evaluate", recording_evaluate)
+    out = tmp_path / "run"
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--ema", "0.9"]
+    assert train.main(run) == 0
+    saved = _checkpoint(out)
+    average, trained = saved["ema"], saved["model"]
+    assert int(average["updates"]) == 6
+    names = [name for name in average if name != "updates"]
+    assert all(not torch.equal(average[name], trained[name]) for name in names if name.endswith("weight"))
+    results_weights = evaluated[-1]  # evaluated[0] is the check before training
+    assert all(torch.equal(results_weights[name], average[name]) for name in names)
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]) == 0
+    assert all(torch.equal(evaluated[-1][name], average[name]) for name in names)
+    assert json.loads((out / "eval.json").read_text())["rows"] == json.loads((out / "results.json").read_text())["rows"]
+    # --resume continues the average exactly
+    monkeypatch.setattr(rd, "train_step", interrupting_at_step_3(rd.train_step))
+    interrupted = tmp_path / "interrupted"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(interrupted), "--ema", "0.9"]) == 130
+    monkeypatch.undo()
+    assert train.main(["--method", "recurrent_depth", "--resume", str(interrupted / "checkpoint.pt")]) == 0
+    assert all(torch.equal(_checkpoint(interrupted)["ema"][name], average[name]) for name in names)
 
 
 def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):

@@ -43,7 +43,7 @@ SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128, train_csv=(), test_csv=())
+                       text_file=None, context_length=128, train_csv=(), test_csv=(), ema=0.0)
 
 
 class UsageError(Exception):
@@ -177,6 +177,8 @@ def build_parser(method=None):
     run.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint and exit (eval.json next to it unless --out)")
     run.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
     run.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
+    run.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights "
+                     "with this decay (TRM: 0.999); default 0: the weights as trained")
     data = parser.add_argument_group("data options")
     data.add_argument("--eval-size", type=int, help="held-out examples per test set (default 500)")
     data.add_argument("--base-size", type=int, help="Sudoku base puzzles that training augments (default 1000)")
@@ -230,6 +232,8 @@ def check_settings(options, config_class, values):
     trained; the first bad one as one line."""
     if not 0 <= options.seed < 2 ** 32:
         raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {options.seed}")
+    if not 0 <= options.ema < 1:
+        raise UsageError(f"--ema must be a decay in [0, 1), got {options.ema}")
     for name in ("data_dir", "mnist_dir"):
         if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
             raise UsageError(f"--{name.replace('_', '-')} {getattr(options, name)} is a file, not a folder")
@@ -557,8 +561,50 @@ def write_curve(rows, path, title, panel_column="test set"):
 
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
+    if "ema" in checkpoint:
+        print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
+        model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
     evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json")
     return 0
+
+
+class WeightAverage:
+    """Exponential moving average of the parameters, updated after every optimizer step:
+    average <- d·average + (1 - d)·weights, d = min(decay, (1 + updates) / (10 + updates)); the warm-up
+    of d (as in TensorFlow's ExponentialMovingAverage) keeps a short run from averaging in its random init."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.weights = dict(model.named_parameters())
+        self.average = {name: weight.detach().clone() for name, weight in self.weights.items()}
+
+    @torch.no_grad()
+    def update(self, *unused):  # called as an optimizer step post-hook
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.average.values()), [w.detach() for w in self.weights.values()], 1 - decay)
+        self.updates += 1
+
+    def state_dict(self):
+        return {**self.average, "updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, state):
+        self.updates = int(state["updates"])
+        for name, value in self.average.items():
+            value.copy_(state[name])
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the average inside the block, its trained weights again after it."""
+        trained = {name: weight.detach().clone() for name, weight in self.weights.items()}
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                weight.copy_(self.average[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, weight in self.weights.items():
+                    weight.copy_(trained[name])
 
 
 def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
@@ -571,12 +617,19 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    average = WeightAverage(model, options.ema) if options.ema else None
+    if average:
+        optimizer.register_step_post_hook(average.update)
     step = 0
     if resuming:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint, device)
         step = checkpoint["step"]
+        if average and "ema" not in checkpoint:
+            raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
+        if average:
+            average.load_state_dict(checkpoint["ema"])
 
     def checkpoint_state(step):
         state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
@@ -584,6 +637,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
                  "scaler": scaler.state_dict(), "step": step, **rng_state(device)}
         if hasattr(task, "characters"):
             state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
+        if average:
+            state["ema"] = average.state_dict()
         return state
 
     check_evaluation(method, model, task, config, device, autocast_dtype)
@@ -591,7 +646,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
                  step, checkpoint_state)
     if step is None:
         return 130
-    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json")
+    with average.applied() if average else contextlib.nullcontext():
+        evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json")
     return 0
 
 
