@@ -56,10 +56,10 @@ SEPARATOR = 10  # sudoku: token between the puzzle and the solution (digits are 
 
 @dataclass
 class Config:
-    steps: int = 300  # slow (decoder) optimizer steps
+    steps: int = 200  # slow (decoder) optimizer steps
     batch_size: int = 8  # sequences per step (each costs fast_steps + 1 decoder passes)
     lr: float = 3e-3  # slow-learning peak lr (paper: 4e-4 at 38M-76M params)
-    warmup_steps: int = 30  # linear warmup of the slow lr (train.py)
+    warmup_steps: int = 20  # linear warmup of the slow lr (train.py)
     difficulty: str = "medium"  # sudoku training base set: easy|medium|hard
     eval_steps: tuple[int, ...] = (0, 1, 2, 4, 8, 16)  # fast steps T at test time; 0 = z from the prior
     d_model: int = 64  # width d; latent thought vectors have the same width
