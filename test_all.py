@@ -1241,6 +1241,16 @@ def test_ltm_rope_scores_depend_only_on_the_relative_position():
     assert torch.allclose(score(5, 2), score(20, 17), atol=1e-5) and not torch.allclose(score(5, 2), score(5, 4))
 
 
+def test_ltm_latent_slots_have_positions():
+    # RoPE on the slot keys: swapping two slots of a layer changes the output (attention without position
+    # codes would be invariant to the order of its keys)
+    task, config, model, _, _ = ltm_setup()
+    tokens, z = task.windows[:1, :16], torch.randn(1, model.n_latents, config.d_model)
+    swapped = z.clone()
+    swapped[:, [0, 1]] = z[:, [1, 0]]
+    assert not torch.allclose(model(tokens, z), model(tokens, swapped), atol=1e-6)
+
+
 def test_ltm_window_limits_what_a_position_can_see():
     # two layers of a 3-token window: position i sees tokens i-4..i (each layer reaches 2 tokens further back)
     task, config, model, _, _ = ltm_setup(window=3)
