@@ -275,10 +275,12 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
         L_LVR = 1/T_v Σ_t ||h_t - v_t||²: h(<lvr_start>) -> v_1, h(position holding v_1) -> v_2, ... (the usual
         next-position shift), mean over valid elements, raw last hidden state, no head;
         L_NTP on <lvr_start> and <lvr_end> (the latent positions' targets masked out).
-      pass 2, own latents: x_i = the pass-1 hidden state that predicted v_i, detached (scheduled sampling: the
-        true v_i with probability teacher_prob); L_NTP on the answer and <eos>. This realises the paper's
-        L_NTP = -1/T_y Σ_t log p(y_t | y_<t, h_{1:T_v}): the answer conditioned on the model's own latent states
-        h, which is what it reads at test time (not the ROI tokens).
+      pass 2, own latents: x_i = the model's own free-running latent states, decoded without gradient from the
+        shared prefix exactly as at test time (x_1 = h(<lvr_start>), x_{i+1} = h(position holding x_i)), detached;
+        scheduled sampling: the true v_i with probability teacher_prob. L_NTP on the answer and <eos>. This
+        realises the paper's L_NTP = -1/T_y Σ_t log p(y_t | y_<t, h_{1:T_v}): the answer conditioned on the
+        model's own latent states h, which is what it reads at test time (not the ROI tokens). (Pass 1's
+        hidden states are no substitute: h(position holding v_i) carries the true v_i it was fed.)
     L = L_NTP + λ·L_LVR. Without pooling N varies per example, so the answer sits at a different position in
     each row."""
     config, task, llm = model.config, model.task, model.llm
@@ -315,8 +317,14 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
     h, logits = response_pass(targets)                                                 # pass 1: teacher-forced
     h_latent = h[:, s:s + N].float()                                                   # (B, N, D): h_t -> v_t
     l_lvr = ((h_latent - targets.float()) ** 2).mean(-1)[valid].mean()
+    with torch.no_grad():  # the model's own latents, free-running from the prefix's (detached) KV cache
+        x, own, own_cache = h_prefix[:, -1:], [], [(k.detach(), v.detach()) for k, v in cache]
+        for _ in range(N):
+            own.append(x)
+            x, _, own_cache = llm(x, own_cache)
+        own = torch.cat(own, 1).to(targets.dtype)                                      # (B, N, D)
     teacher = torch.rand(B, N, 1, device=visual.device) < teacher_prob                # scheduled sampling
-    _, own_logits = response_pass(torch.where(teacher, targets, h_latent.detach().to(targets.dtype)))  # pass 2
+    _, own_logits = response_pass(torch.where(teacher, targets, own))                  # pass 2
     l_answer = ntp(own_logits, ~is_marker)   # same weight on the answer token as direct_loss gives the baseline
     l_ntp = ntp(logits, is_marker) + l_answer
     loss = l_ntp + config.lvr_weight * l_lvr

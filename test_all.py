@@ -1653,7 +1653,7 @@ class LvrIdentityLLM(torch.nn.Module):
         logits = inputs.new_zeros(*inputs.shape[:2], self.vocab_size)
         if self.end_logit:
             logits[..., LVR_TASK.lvr_end_id] = inputs[..., 0]
-        return inputs, logits, cache
+        return inputs, logits, cache or []
 
 
 def lvr_stage1_inputs(model, n=6):
@@ -1702,8 +1702,9 @@ def test_lvr_total_loss_is_ntp_plus_lambda_times_lvr():
 
 
 def test_lvr_answer_pass_reads_detached_own_latents():
-    """The answer loss equals a reference pass fed the teacher-forced pass's hidden states as constants: same
-    value and same gradients (no gradient flows back through the fed latents), unlike a non-detached feed."""
+    """The answer loss equals a reference pass fed the model's free-running latents (decoded here without a
+    cache) as constants: same value and same gradients (no gradient flows back through the fed latents),
+    unlike a non-detached feed."""
     model, config = lvr_tiny(latent_steps=3)
     visual, batch = lvr_stage1_inputs(model)
     llm, k = model.llm, 3
@@ -1729,13 +1730,20 @@ def test_lvr_answer_pass_reads_detached_own_latents():
 
     got = lvr.lvr_loss(model, visual, batch, teacher_prob=0.0)[1]["answer_NTP"]
     got_grad = grads(got)
-    h, _, _ = llm(torch.cat([prefix(), targets], 1))                                # teacher-forced pass
-    own = h[:, s:s + k]                                                              # h_t that predicted v_t
-    want = answer_loss(own.detach())
+
+    def free_running():  # x_1 = h(<lvr_start>), x_{i+1} = h(position holding x_i): full passes, no cache
+        inputs = prefix()
+        for _ in range(k):
+            h, _, _ = llm(inputs)
+            inputs = torch.cat([inputs, h[:, -1:]], 1)
+        return inputs[:, s + 1:]                                                     # (B, k, D)
+
+    want = answer_loss(free_running().detach())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grad, grads(want), atol=1e-5, rtol=1e-4)
-    h, _, _ = llm(torch.cat([prefix(), targets], 1))
-    assert not torch.allclose(got_grad, grads(answer_loss(h[:, s:s + k])), atol=1e-5, rtol=1e-4)  # not detached
+    assert not torch.allclose(got_grad, grads(answer_loss(free_running())), atol=1e-5, rtol=1e-4)  # not detached
+    h, _, _ = llm(torch.cat([prefix(), targets], 1))                                # teacher-forced hidden states
+    assert not torch.allclose(got, answer_loss(h[:, s:s + k].detach()), atol=1e-4)  # are not what pass 2 reads
     # teacher_prob = 1: the answer pass reads the true ROI tokens instead
     torch.testing.assert_close(lvr.lvr_loss(model, visual, batch, teacher_prob=1.0)[1]["answer_NTP"],
                                answer_loss(targets), atol=1e-5, rtol=1e-5)
