@@ -2288,3 +2288,16 @@ def test_lit_peer_mask_and_belief_normalisation():
     assert torch.allclose(first[:, 0], second[:, 0], atol=1e-6) and not torch.allclose(first[:, 8], second[:, 8])
     mean, _ = model.student(3.0 * torch.randn(2, 81, 32), torch.randn(2, 81, 32))
     assert torch.allclose(mean.pow(2).mean(-1), torch.ones(2, 81), atol=1e-3)  # RMS-normalised (weight 1 at init)
+
+
+def test_lit_stochastic_evaluate_reports_diversity_on_multi_solution_sets():
+    puzzles, solutions, _ = sudoku_data.generate_puzzles(6, "easy", seed=3, workers=1)
+    test_set = {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long()}
+    task = SimpleNamespace(name="sudoku", test_sets={"easy": test_set})
+    config = lit_tiny_config(stochastic=True, n_diverse=4, n_samples=3)
+    model = lit.build_model(config, task)
+    rows = lit.evaluate(model, task, config, (1, 3), None)
+    assert [r["thinking steps"] for r in rows] == [1, 3]
+    assert all(0 <= r["valid samples %"] <= 100 and 0 <= r["distinct valid solutions"] <= 3 for r in rows)
+    multi = lit.multi_solution_set(test_set, 4)
+    assert all(sudoku_data.solve(p, limit=2)[0] == 2 for p in multi["puzzle"].numpy())
