@@ -24,7 +24,10 @@ What we changed for a CPU-scale reference (all else follows the paper / referenc
     because 1-D RoPE over the 81 cells hides the grid's constraint structure from a tiny model.
   * Sudoku adaptive exit is per puzzle: the paper's per-token rule applied to every cell, a puzzle
     exits when its largest per-cell KL (or latent change) falls under the threshold.
-  * no self-speculative decoding, no test-time noise injection, no flex-attention masks.
+  * no test-time noise injection, no flex-attention masks; speculative decoding is greedy only.
+
+Also here: the official checkpoint layout (`load_huginn`, `HUGINN_CONFIG`, rope_layout "interleaved"),
+self-speculative decoding (`generate_speculative`) and per-recurrence states (`latent_trajectory`).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ GPU_CONFIG = dict(
     mean_recurrence=16, backprop_depth=8, eval_steps=(1, 2, 4, 8, 16, 32, 64),
 )  # fmt: skip
 
-# The released Huginn-0125 (3.5B parameters; github.com/seal-rg/recurrent-pretraining, huggingface.co/tomg-group-umd/huginn-0125).
+# The released Huginn-0125 (3.5B parameters): github.com/seal-rg/recurrent-pretraining, raven_config_minimal.json
 HUGINN_CONFIG = dict(
     d_model=5280, n_heads=55, d_mlp=17920, n_prelude=2, n_core=4, n_coda=2, rope_base=50000.0,
     rope_layout="interleaved", grid_embedding=False, mean_recurrence=32, backprop_depth=8, kl_threshold=5e-4,
@@ -463,19 +466,20 @@ class RecurrentDepthModel(nn.Module):
         agrees, plus the verifier's own next token. The output equals generate(max_steps=verify_steps,
         exit_criterion="none", continuous_cot=False) from the same deterministic s_0 (init_scale 0: zero state).
         A batch advances by the shortest agreeing prefix of its rows.
-        Returns tokens (B, T_prompt + max_new_tokens) and the fraction of drafted tokens accepted.
+        Returns tokens (B, T_prompt + max_new_tokens) and {"accepted": fraction of drafted tokens accepted,
+        "sequential steps": recurrences run one after another per new token, drafts plus verify passes}.
         """
         if not self.causal:
             raise ValueError("generate_speculative() needs the causal (text) model")
         verify_steps = verify_steps or self.cfg.mean_recurrence
         if not 1 <= draft_steps <= verify_steps or lookahead < 1:
-            raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= verify_steps ({verify_steps}) and lookahead >= 1")
+            raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= verify_steps ({verify_steps}), lookahead >= 1")
         if prompt.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"prompt + new tokens must fit in the context length {self.max_len}")
         cache = RecurrentKVCache(self, prompt.shape[0], prompt.shape[1] + max_new_tokens, verify_steps)
         logits, _, _ = self._cached_forward(prompt, cache, verify_steps, "none", None, init_scale)
         tokens = [prompt, logits[:, -1:].argmax(-1)]  # the last token is pending: not yet in the cache
-        new, drafted, accepted = 1, 0, 0
+        new, drafted, accepted, passes = 1, 0, 0, 0
         while new < max_new_tokens:
             start, count = cache.end, min(lookahead, max_new_tokens - new)
             draft = [tokens[-1][:, -1:]]
@@ -489,8 +493,9 @@ class RecurrentDepthModel(nn.Module):
             keep = min(agree + 1, count)  # the agreeing drafts, then the verifier's correction
             tokens.append(verified[:, :keep])
             cache.rewind(start + keep)  # inputs up to start + keep - 1 were correct; the last kept token is pending
-            new, drafted, accepted = new + keep, drafted + count, accepted + min(agree, count)
-        return torch.cat(tokens, dim=1), accepted / max(drafted, 1)
+            new, drafted, accepted, passes = new + keep, drafted + count, accepted + min(agree, count), passes + 1
+        sequential = (drafted * draft_steps + passes * verify_steps) / max(new - 1, 1)  # token 1 is the prefill's
+        return torch.cat(tokens, dim=1), {"accepted": accepted / max(drafted, 1), "sequential steps": sequential}
 
 
 def check_config(config: Config):
@@ -689,7 +694,8 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets [begin, end]") from None
             if dtype_name not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {dtype_name}; accepted: {', '.join(SAFETENSORS_DTYPES)}")
+                accepted = ", ".join(SAFETENSORS_DTYPES)
+                raise ValueError(f"{path}: tensor {name!r} has dtype {dtype_name}; accepted: {accepted}")
             dtype = SAFETENSORS_DTYPES[dtype_name]
             nbytes = math.prod(shape) * dtype.itemsize
             if not 0 <= begin <= end or end - begin != nbytes or 8 + n + end > size:
@@ -697,7 +703,8 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
                                  f"its shape {shape} and dtype {dtype_name}, or run past the end of the file")
             f.seek(8 + n + begin)
             data = bytearray(f.read(nbytes))
-            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+            empty = torch.empty(shape, dtype=dtype)
+            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else empty
     return tensors
 
 
@@ -766,7 +773,7 @@ def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGIN
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- analysis: trajectories, speculative speed
+# ----------------------------------------------------------------------------- analysis
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
@@ -797,7 +804,8 @@ def trajectory_svg(trajectories: torch.Tensor, labels, title: str, columns: int 
                   f'<text x="{x0 + size - 6}" y="{y0 + size - 6}" text-anchor="end" fill="#666">'
                   f'PC 1 / 2: {explained[0]:.0f} / {explained[1]:.0f} % of variance</text>']  # fmt: skip
         for start in range(starts):
-            path = [(x0 + 20 + (x - lo[0]) * scale[0], y0 + size - 20 - (y - lo[1]) * scale[1]) for x, y in xy[start].tolist()]
+            path = [(x0 + 20 + (x - lo[0]) * scale[0], y0 + size - 20 - (y - lo[1]) * scale[1])
+                    for x, y in xy[start].tolist()]  # fmt: skip
             line = " ".join(f"{x:.1f},{y:.1f}" for x, y in path)
             dash = ' stroke-dasharray="4 3"' if start else ""
             parts += [f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>',
@@ -828,51 +836,57 @@ def sudoku_trajectory_figure(checkpoint, out, steps: int = 32, cells=(0, 3, 2, 6
     paths = torch.stack([run[:, list(cells)].transpose(0, 1) for run in runs])  # (2 starts, cells, R, D)
     labels = [f"r{c // 9 + 1}c{c % 9 + 1}: " + (f"given {puzzle[0, c]}" if puzzle[0, c] else f"blank, answer {solution[0, c]}")
               for c in cells]  # fmt: skip
-    Path(out).write_text(trajectory_svg(paths, labels, f"Latent state of {len(cells)} Sudoku cells, recurrences 1-{steps}"))
+    title = f"Latent state of {len(cells)} Sudoku cells, recurrences 1-{steps}"
+    Path(out).write_text(trajectory_svg(paths, labels, title))
 
 
-def speculative_benchmark(checkpoint, prompts: int = 8, prompt_len: int = 32, new_tokens: int = 64,
-                          draft_steps: int = 4, verify_steps: int = 32, lookahead: int = 4) -> dict:
-    """Accepted-draft rate and wall time of generate_speculative against plain fixed and adaptive decoding
-    on prompts from the held-out tail (last 10 %) of the run's text file, one prompt at a time."""
+def speculative_benchmark(checkpoint, draft_steps: int = 4, lookahead: int = 4, verify_steps: int = 32,
+                          prompts: int = 8, prompt_len: int = 32, new_tokens: int = 64) -> dict:
+    """generate_speculative against plain fixed-step and adaptive decoding (the run's exit rule, warm start and
+    random s_0) with verify_steps as the budget, one prompt at a time from the held-out tail (last 10 %) of the
+    run's text file: accepted drafts, recurrences per token, agreement, wall time."""
     model = load_run(checkpoint)
     run = torch.load(checkpoint, map_location="cpu", weights_only=True)["run"]
     text = Path(run["text_file"]).read_text(encoding="utf-8")
     characters = sorted(set(text))  # the vocabulary of train.py's text task
     ids = torch.tensor([characters.index(c) for c in text[int(0.9 * len(text)) :]])
-    starts = torch.linspace(0, len(ids) - prompt_len - 1, prompts).long().tolist()
-    seconds, rates, same_as_fixed, same_as_adaptive = {"fixed": 0.0, "adaptive": 0.0, "speculative": 0.0}, [], 0, 0
-    for start in starts:
+    seconds = {"fixed": 0.0, "adaptive": 0.0, "speculative": 0.0}
+    accepted, sequential, adaptive_steps, identical, same_as_adaptive = 0.0, 0.0, 0.0, 0, 0
+    for start in torch.linspace(0, len(ids) - prompt_len - 1, prompts).long().tolist():
         prompt = ids[start : start + prompt_len][None]
         t0 = time.perf_counter()
         fixed, _ = model.generate(prompt, new_tokens, verify_steps, "none", continuous_cot=False, init_scale=0.0)
         t1 = time.perf_counter()
-        adaptive, _ = model.generate(prompt, new_tokens, verify_steps)  # the config's exit rule and warm start
+        adaptive, steps = model.generate(prompt, new_tokens, verify_steps)
         t2 = time.perf_counter()
-        speculative, rate = model.generate_speculative(prompt, new_tokens, draft_steps, verify_steps, lookahead)
+        speculative, stats = model.generate_speculative(prompt, new_tokens, draft_steps, verify_steps, lookahead)
         t3 = time.perf_counter()
-        for name, seconds_taken in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
-            seconds[name] += seconds_taken
-        rates.append(rate)
-        same_as_fixed += int((speculative == fixed).all())
+        for name, taken in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
+            seconds[name] += taken
+        accepted, sequential = accepted + stats["accepted"], sequential + stats["sequential steps"]
+        adaptive_steps += steps
+        identical += int(torch.equal(speculative, fixed))
         same_as_adaptive += (speculative[0, prompt_len:] == adaptive[0, prompt_len:]).sum().item()
-    return {"accepted draft tokens": sum(rates) / len(rates), "identical to fixed greedy": f"{same_as_fixed}/{prompts}",
-            "tokens equal to adaptive": same_as_adaptive / (prompts * new_tokens),
-            "wall fixed / speculative": seconds["fixed"] / seconds["speculative"],
-            "wall adaptive / speculative": seconds["adaptive"] / seconds["speculative"],
-            **{f"seconds {name}": round(value, 2) for name, value in seconds.items()}}
+    return {"accepted drafts": round(accepted / prompts, 3), "identical to fixed greedy": f"{identical}/{prompts}",
+            "tokens equal to adaptive": round(same_as_adaptive / (prompts * new_tokens), 3),
+            "recurrences per token (fixed, adaptive, speculative sequential)":
+                (verify_steps, round(adaptive_steps / prompts, 2), round(sequential / prompts, 2)),
+            "wall fixed / speculative": round(seconds["fixed"] / seconds["speculative"], 2),
+            "wall adaptive / speculative": round(seconds["adaptive"] / seconds["speculative"], 2),
+            **{f"seconds {name}": round(value, 2) for name, value in seconds.items()}}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- demo
 
 if __name__ == "__main__":
-    # python recurrent_depth.py [trajectories CHECKPOINT OUT.svg | speculative CHECKPOINT]; no arguments: the demo
+    # python recurrent_depth.py [trajectories CHECKPOINT OUT.svg | speculative CHECKPOINT [DRAFT LOOKAHEAD VERIFY]]
+    # no arguments: the demo
     import sys
 
     if sys.argv[1:2] == ["trajectories"]:
         sudoku_trajectory_figure(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["speculative"]:
-        for name, value in speculative_benchmark(sys.argv[2]).items():
+        for name, value in speculative_benchmark(sys.argv[2], *map(int, sys.argv[3:6])).items():
             print(f"{name}: {value}")
     else:
         # A tiny causal model memorises a short string in seconds, then generates with per-token exit.

@@ -778,10 +778,12 @@ def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
     greedy, _ = model.generate(prompt, 20, max_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
     rates = []
     for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
-        out, rate = model.generate_speculative(prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        out, stats = model.generate_speculative(prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
         assert torch.equal(out, greedy), (draft_steps, lookahead)
-        rates.append(rate)
+        rates.append(stats["accepted"])
     assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
+    # all drafts accepted: 19 tokens after the prefill in rounds of 5, 5, 5, 4 -> (19 * 6 + 4 * 6) / 19 steps per token
+    assert stats["sequential steps"] == pytest.approx((19 * 6 + 4 * 6) / 19)
     one_row, _ = model.generate_speculative(prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
     assert torch.equal(one_row, greedy[:1])
     with pytest.raises(ValueError, match="draft_steps"):
