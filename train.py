@@ -397,7 +397,8 @@ CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cp
 def matmul_peak(device, dtype, seconds=0.2):
     """FLOP/s of the fastest of a few square matmuls on `device` in `dtype`: the peak MFU is measured against."""
     n = 4096 if device.type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    generator = torch.Generator(device).manual_seed(0)  # its own: the run's random state stays untouched
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     fastest, start = math.inf, time.perf_counter()
     for repeat in range(1000):
         if device.type == "cuda":
@@ -418,8 +419,8 @@ class CostMeter:
     real method.train_step sees every matrix product, convolution and attention of every pass (recurrences
     under no_grad, ltm's fast steps, lit's teacher and student, lvr's rollouts), forward and backward;
     elementwise ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
-    on a run's first step and on the step before each log line; a method whose per-step cost varies
-    (recurrent_depth samples its recurrence count per step) is estimated by the mean of the counted steps.
+    on the step before each log line; a method whose per-step cost varies (recurrent_depth samples its
+    recurrence count per step) is estimated by the mean of the counted steps.
     Under torchrun each rank counts its slice and the world's FLOPs are that times the number of ranks."""
 
     def __init__(self, peak, ranks, state=None):
@@ -497,7 +498,8 @@ def average_gradients_over_ranks(model):
     and student share one; lvr's GRPO takes several optimizer steps, one backward each): a pass that adds to
     gradients already averaged adds the mean of the new parts. ltm's fast steps differentiate only the
     per-sequence latents (backward(inputs=[mu, logvar])), which stay per rank. A parameter without a
-    gradient on some rank counts as zero there; one without a gradient on every rank keeps None."""
+    gradient on some rank counts as zero there; one without a gradient on every rank keeps None.
+    Returns the hooks' handles: the loop removes them after training (rank 0's evaluation may differentiate)."""
     parameters = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     queued = []
 
@@ -518,8 +520,7 @@ def average_gradients_over_ranks(model):
             queued.append(True)
             torch.autograd.Variable._execution_engine.queue_callback(all_reduce_gradients)
 
-    for p in parameters:
-        p.register_post_accumulate_grad_hook(queue)
+    return [p.register_post_accumulate_grad_hook(queue) for p in parameters]
 
 
 def average_over_ranks(metrics, stop, device):
@@ -746,7 +747,6 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     if ranks > 1:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
-        average_gradients_over_ranks(model)
         torch.manual_seed(options.seed + 1_000_003 * rank)  # the ranks' own random draws (rank 0: reseeded too)
     optimizer = method.make_optimizer(model, config)
     for group in optimizer.param_groups:
@@ -837,6 +837,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
     saved_step = step if checkpoint_path.exists() else None
     ctrl_c, updating = [], []
     update_hook = optimizer.register_step_pre_hook(lambda *_: updating.append(True))
+    averaging_hooks = average_gradients_over_ranks(model) if ranks > 1 else []
 
     def finish_step_then_stop(signum, frame):
         if ctrl_c:
@@ -864,7 +865,10 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                 whole = task.train_batch(step, config.batch_size)
                 tokens += token_count(whole)
                 batch = {k: v.to(device, non_blocking=True) for k, v in rank_slice(whole).items()}
-                counted = step == start_step or (step + 1) % options.log_every == 0  # FLOPs of this step counted
+                # FLOPs counted on the step before each log line, chosen by step number alone: a counted step's
+                # gradients can differ in the last bit (the counter changes torch's dispatch), so a resumed run
+                # must count the same steps as one that was never stopped
+                counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps
                 metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype), counted)
                 if ranks > 1:
                     metrics, stop = average_over_ranks(metrics, bool(ctrl_c), device)
@@ -901,6 +905,8 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
             progress.close()
             log.close()
             update_hook.remove()
+            for hook in averaging_hooks:
+                hook.remove()
         elapsed = time.perf_counter() - start
         if updating:  # the weights may be half updated: no checkpoint beats an inexact one
             kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
