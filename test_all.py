@@ -552,6 +552,95 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c(method, tmp_path, data
     rows = [json.loads((folder / "results.json").read_text())["rows"] for folder in (straight, split)]
     assert rows[0] == rows[1]
 
+def test_cost_counts_linear_and_cpu_attention_flops_and_every_log_line_has_the_cost_fields(tmp_path, data_dir):
+    layer, x = torch.nn.Linear(64, 32, bias=False), torch.randn(8, 64, requires_grad=True)
+    meter = train.CostMeter(peak=1e9, ranks=2)
+    meter.step(lambda: layer(x).sum().backward(), count=True)
+    assert meter.flops_per_step() == 2 * 6 * 8 * 64 * 32  # forward + two backward products, times 2 ranks
+    q = torch.randn(2, 4, 81, 16, requires_grad=True)
+    meter = train.CostMeter(peak=1e9, ranks=1)
+    meter.step(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward(), count=True)
+    assert meter.flops_per_step() == (4 + 10) * 2 * 4 * 81 * 81 * 16  # torch's CUDA formula: 2 products forward, 5 backward
+    assert meter.step(lambda: "not counted", count=False) == "not counted" and meter.counted_steps == 1
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert line["examples_per_s"] > 0 and line["tokens_per_s"] == pytest.approx(81 * line["examples_per_s"])
+        assert line["flops_per_step"] > 0 and 0 < line["mfu"]
+    cost = json.loads((out / "results.json").read_text())["cost"]
+    assert cost["training_flops"] == pytest.approx(6 * cost["flops_per_step"]) and cost["flops_counted_on_steps"] == 3
+    assert cost["peak_flops_per_s"] > 0 and cost["ranks"] == 1
+
+
+# Each method's GPU_CONFIG shape for two steps on the CPU, shrunk in batch size (1), steps, evaluation sizes
+# and training data (--base-size) only, with bf16 autocast as on a GPU. Two more cuts, each the least that keeps
+# the test to seconds: recurrent_depth and lit evaluate at 1 and 2 thinking steps, not up to 64; ltm takes 2
+# fast steps, not 16 (no tensor changes shape). lvr starts stage 1 at step 1, so both stages run.
+GPU_SHAPE_CUTS = {
+    "recurrent_depth": ["--eval-steps", "1,2", "--base-size", "8"],
+    "ltm": ["--fast-steps", "2", "--eval-steps", "1", "--eval-subset", "2", "--base-size", "8"],
+    "lit": ["--eval-steps", "1,2", "--eval-batch-size", "2", "--base-size", "8"],
+    "lvr": ["--align-steps", "1", "--eval-steps", "0,2"],
+}
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_train_py_gpu_preset_shape_trains_two_steps_on_the_cpu(method, tmp_path, data_dir):
+    run = ["--method", method, "--preset", "gpu", "--dtype", "bfloat16", "--batch-size", "1", "--steps", "2",
+           "--eval-size", "2", "--log-every", "1", "--data-dir", data_dir, "--out", str(tmp_path), *GPU_SHAPE_CUTS[method]]
+    assert train.main(run) == 0
+    config = _checkpoint(tmp_path)["config"]
+    module = train.load_method(method)
+    kept = {k: v for k, v in module.GPU_CONFIG.items() if k not in ("batch_size", "steps", "eval_steps", "fast_steps",
+                                                                     "eval_subset", "eval_batch_size", "align_steps")}
+    assert {k: config[k] for k in kept} == {k: tuple(v) if isinstance(v, list) else v for k, v in kept.items()}
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def _torchrun(args, ranks=2):
+    """python -m torch.distributed.run --standalone --nproc_per_node ranks train.py args (CPU, gloo)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                           "train.py", *args], cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_train_py_torchrun_keeps_ranks_identical_and_resumes_exactly_recurrent_depth(tmp_path, data_dir):
+    # warmup longer than the run: the schedule of steps 1-4 does not depend on --steps, so 2 + 2 resumed = 4
+    run = TINY_RUN + ["--warmup-steps", "10", "--save-every", "1", "--eval-size", "2", "--eval-steps", "1",
+                      "--data-dir", data_dir]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for args in (run + ["--steps", "4", "--out", str(straight)], run + ["--steps", "2", "--out", str(split)],
+                 ["--method", "recurrent_depth", "--resume", str(split / "checkpoint.pt"), "--steps", "4"]):
+        done = _torchrun(args)
+        assert done.returncode == 0, done.stderr[-3000:]  # a checkpoint with the ranks' weights unequal fails
+    expected, resumed = _checkpoint(straight), _checkpoint(split)
+    assert resumed["step"] == expected["step"] == 4 and len(expected["rank_rngs"]) == 2
+    assert not torch.equal(expected["rank_rngs"][0]["rng"], expected["rank_rngs"][1]["rng"])  # the ranks draw apart
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == [2, 4] and all(line["flops_per_step"] > 0 for line in log)
+
+
+def test_train_py_torchrun_equals_one_process_with_the_same_total_batch_lit(tmp_path, data_dir):
+    # --no-imagination: lit then draws no random number that matters (see README: which draws are per batch);
+    # a tight --clip-norm makes the clipping act, so averaging clipped gradients would show
+    run = ["--method", "lit", *TINY_FLAGS["lit"], "--no-imagination", "--clip-norm", "0.05", "--steps", "3",
+           "--eval-size", "2", "--data-dir", data_dir]
+    done = _torchrun(run + ["--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = _torchrun(run + ["--out", str(tmp_path / "two")])  # rank 0's error reaches every rank: none hangs
+    assert refused.returncode != 0 and refused.stderr.count("already holds a run") == 1
+    assert train.main(run + ["--out", str(tmp_path / "one")]) == 0
+    two, one = _checkpoint(tmp_path / "two")["model"], _checkpoint(tmp_path / "one")["model"]
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 # ============================================================================= recurrent_depth.py
 TEXT = SimpleNamespace(name="text", vocab_size=13, seq_len=32)
 TINY = dict(d_model=32, n_heads=2, d_mlp=64, mean_recurrence=4, backprop_depth=2)

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import importlib
 import inspect
 import json
@@ -34,6 +35,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from tqdm import tqdm
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
@@ -384,6 +387,174 @@ def lr_factor(step, config):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+# ----------------------------------------------------------------------------- cost: FLOPs, throughput, MFU
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one: the same formula for it
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops}
+
+
+def matmul_peak(device, dtype, seconds=0.2):
+    """FLOP/s of the fastest of a few square matmuls on `device` in `dtype`: the peak MFU is measured against."""
+    n = 4096 if device.type == "cuda" else 1024
+    generator = torch.Generator(device).manual_seed(0)  # its own: the run's random state stays untouched
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    fastest, start = math.inf, time.perf_counter()
+    for repeat in range(1000):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if repeat:  # the first is a warm-up
+            fastest = min(fastest, time.perf_counter() - began)
+        if repeat >= 3 and time.perf_counter() - start > seconds:
+            break
+    return 2 * n ** 3 / fastest
+
+
+class CostMeter:
+    """Throughput, training FLOPs and MFU. FLOPs are counted, not modelled: torch's FlopCounterMode around a
+    real method.train_step sees every matrix product, convolution and attention of every pass (recurrences
+    under no_grad, ltm's fast steps, lit's teacher and student, lvr's rollouts), forward and backward;
+    elementwise ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
+    on the step before each log line; a method whose per-step cost varies (recurrent_depth samples its
+    recurrence count per step) is estimated by the mean of the counted steps.
+    Under torchrun each rank counts its slice and the world's FLOPs are that times the number of ranks."""
+
+    def __init__(self, peak, ranks, state=None):
+        self.peak, self.ranks = peak, ranks  # FLOP/s of one device
+        self.counted_flops, self.counted_steps = (state or {}).get("counted_flops", 0), (state or {}).get("counted_steps", 0)
+        self.last = {}  # the latest log line's cost fields
+
+    def state(self):
+        return {"counted_flops": self.counted_flops, "counted_steps": self.counted_steps}
+
+    def flops_per_step(self):
+        return self.counted_flops / max(1, self.counted_steps)
+
+    def step(self, train_step, count):
+        """train_step(), counting its FLOPs when count is true."""
+        if not count:
+            return train_step()
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+            metrics = train_step()
+        self.counted_flops += counter.get_total_flops() * self.ranks
+        self.counted_steps += 1
+        return metrics
+
+    def fields(self, steps, examples, tokens, seconds):
+        """The log's cost fields for `steps` steps of `examples` examples (`tokens` tokens) in `seconds`."""
+        return {"examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
+                "flops_per_step": self.flops_per_step(),
+                "mfu": self.flops_per_step() * steps / seconds / (self.peak * self.ranks)}
+
+
+def token_count(batch):
+    """Elements of the batch's first integer tensor: Sudoku cells (81 a puzzle), text characters,
+    VQA question tokens (what tokens_per_s counts)."""
+    return next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)
+
+
+# ----------------------------------------------------------------------------- torchrun: data parallelism
+# torchrun --standalone --nproc_per_node N train.py ...: every rank builds the same model and takes its slice of
+# each step's global batch (--batch-size examples, so the data does not depend on N); gradients are averaged
+# across ranks at the end of every backward pass; rank 0 alone logs, checkpoints and evaluates.
+def world():
+    """(this process's rank, number of ranks): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def agreed(work):
+    """work() on rank 0 while the others wait; a UsageError there is raised on every rank, so none waits forever."""
+    rank, ranks = world()
+    error = None
+    if rank == 0:
+        try:
+            work()
+        except UsageError as caught:
+            error = caught
+    if ranks > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            error = UsageError(message[0])
+    if error:
+        raise error
+
+
+def rank_slice(batch):
+    """This rank's equal share of the global batch (all of it in a single process)."""
+    rank, ranks = world()
+    return {key: value.chunk(ranks)[rank] for key, value in batch.items()} if ranks > 1 else batch
+
+
+def average_gradients_over_ranks(model):
+    """After every backward pass that reaches the model's parameters, replace each gradient by its mean over
+    the ranks (one flat all-reduce at the end of the pass, as DDP does), so the method's own gradient
+    clipping and optimizer step see the gradient of the whole global batch: clipping each rank's gradient
+    before averaging would clip another vector. Exact with several backward passes per step (lit's teacher
+    and student share one; lvr's GRPO takes several optimizer steps, one backward each): a pass that adds to
+    gradients already averaged adds the mean of the new parts. ltm's fast steps differentiate only the
+    per-sequence latents (backward(inputs=[mu, logvar])), which stay per rank. A parameter without a
+    gradient on some rank counts as zero there; one without a gradient on every rank keeps None.
+    Returns the hooks' handles: the loop removes them after training (rank 0's evaluation may differentiate)."""
+    parameters = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+    queued = []
+
+    def all_reduce_gradients():
+        queued.clear()
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=parameters[0].device)
+        flat = torch.cat([present, *(p.grad.float().flatten() if p.grad is not None else
+                                     torch.zeros(p.numel(), device=p.device) for p in parameters)])
+        dist.all_reduce(flat)
+        flat[len(parameters):] /= dist.get_world_size()
+        for p, somewhere, grad in zip(parameters, flat[:len(parameters)].tolist(),
+                                      flat[len(parameters):].split([p.numel() for p in parameters])):
+            if somewhere:
+                p.grad = grad.view_as(p).to(p.dtype)
+
+    def queue(parameter):
+        if not queued:  # once per backward pass, run when the pass has accumulated every gradient
+            queued.append(True)
+            torch.autograd.Variable._execution_engine.queue_callback(all_reduce_gradients)
+
+    return [p.register_post_accumulate_grad_hook(queue) for p in parameters]
+
+
+def average_over_ranks(metrics, stop, device):
+    """The step's metrics averaged over the ranks, and whether any rank was asked to stop (Ctrl-C)."""
+    values = torch.stack([*(v.detach().float().reshape(()).to(device) for v in metrics.values()),
+                          torch.tensor(float(stop), device=device)])
+    dist.all_reduce(values)
+    values[:-1] /= dist.get_world_size()
+    return dict(zip(metrics, values[:-1])), bool(values[-1] > 0)
+
+
+def rank_states(model, device):
+    """Every rank's random state, gathered for a checkpoint (None in a single process), after checking
+    that the ranks hold the same weights."""
+    rank, ranks = world()
+    if ranks == 1:
+        return None
+    fingerprint = torch.stack([t for p in model.parameters() for t in (p.double().sum(), p.double().square().sum())])
+    everyone = [torch.empty_like(fingerprint) for _ in range(ranks)]
+    dist.all_gather(everyone, fingerprint)
+    if not all(torch.equal(other, everyone[0]) for other in everyone):
+        raise TrainingError("the ranks' weights differ: the gradient averaging failed; stopped")
+    states = [None] * ranks
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
 # ----------------------------------------------------------------------------- plots (SVG, standard library)
 STEP_COLUMNS = ("thinking steps", "T (fast steps)", "latent steps")
 METRIC_COLUMNS = ("exact %", "student exact %", "accuracy %", "bits/char", "NLL/token")
@@ -499,20 +670,26 @@ def run(argv):
     if options.task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
+    rank, ranks = world()
+    if config.batch_size % ranks:
+        raise UsageError(f"--batch-size {config.batch_size} does not split evenly over {ranks} ranks")
+    if ranks > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
+        torch.cuda.set_device(device)
     out = Path(options.out or (Path(checkpoint_path).parent if checkpoint_path else f"runs/{method.__name__}-{options.task}"))
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     options.out = str(out)
     if "eval_only" in given:
-        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out)
+        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out) if rank == 0 else 0
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        with run_folder_lock(out):
+        with contextlib.ExitStack() as lock:
+            agreed(lambda: out.mkdir(parents=True, exist_ok=True) or lock.enter_context(run_folder_lock(out)))
             return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
     finally:
-        for folder in created:
-            if not any(folder.iterdir()):
+        for folder in created if rank == 0 else ():
+            if folder.exists() and not any(folder.iterdir()):
                 folder.rmdir()  # the run stopped before it wrote anything
 
 
@@ -542,10 +719,11 @@ def build(method, config, options, device, autocast_dtype, source):
     return task, model
 
 
-def evaluate_and_write(method, model, task, config, options, autocast_dtype, path):
+def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, cost=None):
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows})
+    write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows,
+                      **({"cost": cost} if cost else {})})
     write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
                 f"{method.__name__} on {options.task}")
 
@@ -610,9 +788,15 @@ class WeightAverage:
 def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
     """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
     resuming = "resume" in given
+    rank, ranks = world()
     source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
-    prepare_run_folder(out, given.get("resume"), given.get("overwrite", False), checkpoint["step"] if resuming else 0)
+    agreed(lambda: prepare_run_folder(out, given.get("resume"), given.get("overwrite", False),
+                                      checkpoint["step"] if resuming else 0))
     task, model = build(method, config, options, device, autocast_dtype, source)
+    if ranks > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
+        torch.manual_seed(options.seed + 1_000_003 * rank)  # the ranks' own random draws (rank 0: reseeded too)
     optimizer = method.make_optimizer(model, config)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
@@ -624,17 +808,25 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     if resuming:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint, device)
+        states = checkpoint.get("rank_rngs") or [checkpoint]
+        if len(states) == ranks:
+            set_rng_state(states[rank], device)
+        else:
+            print(f"the checkpoint holds the random state of {len(states)} rank(s), this run has {ranks}: "
+                  f"it continues with fresh random draws, not bit-exactly")
         step = checkpoint["step"]
         if average and "ema" not in checkpoint:
             raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
         if average:
             average.load_state_dict(checkpoint["ema"])
+    peak = matmul_peak(device, autocast_dtype or torch.float32)
+    print(f"matmul probe: {peak / 1e9:.1f} GFLOP/s ({device}, {autocast_dtype or torch.float32}), the peak for MFU")
+    cost = CostMeter(peak, ranks, checkpoint.get("cost") if resuming else None)
 
-    def checkpoint_state(step):
+    def checkpoint_state(step, rank_rngs):
         state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, **rng_state(device)}
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, **rng_state(device), "cost": cost.state(), **({"rank_rngs": rank_rngs} if rank_rngs else {})}
         if hasattr(task, "characters"):
             state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
         if average:
@@ -643,11 +835,17 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
 
     check_evaluation(method, model, task, config, device, autocast_dtype)
     step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
-                 step, checkpoint_state)
+                 step, checkpoint_state, cost)
     if step is None:
         return 130
-    with average.applied() if average else contextlib.nullcontext():
-        evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json")
+    if rank == 0:
+        summary = {"training_flops": cost.flops_per_step() * step, "flops_per_step": cost.flops_per_step(),
+                   "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
+                   "device": str(device), **cost.last}
+        with average.applied() if average else contextlib.nullcontext():
+            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", summary)
+    if ranks > 1:
+        dist.barrier()  # the other ranks wait for the evaluation
     return 0
 
 
@@ -686,16 +884,19 @@ def set_ctrl_c_handler(handler):
         return None
 
 
-def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state):
+def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state, cost):
     """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
     or None when interrupted (after saving).
     Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
     checkpoint then holds the random state from the start of that step, which --resume runs again, or,
-    when the step had begun to update the weights, nothing is saved and the last checkpoint stays."""
+    when the step had begun to update the weights, nothing is saved and the last checkpoint stays.
+    Under torchrun the ranks agree every step on whether to stop, so all stop after the same step."""
+    rank, ranks = world()
     checkpoint_path = out / "checkpoint.pt"
     saved_step = step if checkpoint_path.exists() else None
     ctrl_c, updating = [], []
     update_hook = optimizer.register_step_pre_hook(lambda *_: updating.append(True))
+    averaging_hooks = average_gradients_over_ranks(model) if ranks > 1 else []
 
     def finish_step_then_stop(signum, frame):
         if ctrl_c:
@@ -704,10 +905,15 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         tqdm.write("Ctrl-C: saving after this step (Ctrl-C again to stop at once)")
 
     previous_handler = set_ctrl_c_handler(finish_step_then_stop)
-    log = open(out / "log.jsonl", "a")
-    progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True)
+    log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
+    progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True, disable=rank != 0)
     interrupted, state_at_step_start = False, None
-    start, start_step = time.perf_counter(), step
+    start, start_step, tokens = time.perf_counter(), step, 0
+
+    def save(step):
+        rank_rngs = rank_states(model, device)  # every rank takes part; rank 0 writes
+        if rank == 0:
+            save_checkpoint(checkpoint_path, checkpoint_state(step, rank_rngs))
     try:
         try:
             while step < config.steps and not ctrl_c:
@@ -715,8 +921,18 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                 factor = lr_factor(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
-                batch = {k: v.to(device, non_blocking=True) for k, v in task.train_batch(step, config.batch_size).items()}
-                metrics = method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype)
+                whole = task.train_batch(step, config.batch_size)
+                tokens += token_count(whole)
+                batch = {k: v.to(device, non_blocking=True) for k, v in rank_slice(whole).items()}
+                # FLOPs counted on the step before each log line, chosen by step number alone: a counted step's
+                # gradients can differ in the last bit (the counter changes torch's dispatch), so a resumed run
+                # must count the same steps as one that was never stopped
+                counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps
+                metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype), counted)
+                if ranks > 1:
+                    metrics, stop = average_over_ranks(metrics, bool(ctrl_c), device)
+                    if stop and not ctrl_c:
+                        ctrl_c.append(signal.SIGINT)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     kept = (f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else
@@ -728,15 +944,17 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                 updating.clear()
                 progress.update(1)
                 if step % options.log_every == 0 or step == config.steps:
-                    rate = (step - start_step) * config.batch_size / (time.perf_counter() - start)
+                    cost.last = cost.fields(step - start_step, (step - start_step) * config.batch_size, tokens,
+                                            time.perf_counter() - start)
                     values = {k: float(v) for k, v in metrics.items()}
                     logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
                     log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged,
-                                          "examples_per_s": rate}, allow_nan=False) + "\n")
+                                          **cost.last}, allow_nan=False) + "\n")
                     log.flush()
-                    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "ex/s": f"{rate:.0f}"})
+                    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
+                                          "ex/s": f"{cost.last['examples_per_s']:.0f}", "MFU": f"{cost.last['mfu']:.1%}"})
                 if step % options.save_every == 0:
-                    save_checkpoint(checkpoint_path, checkpoint_state(step))
+                    save(step)
                     saved_step = step
         except KeyboardInterrupt:
             interrupted = True
@@ -746,13 +964,15 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
             progress.close()
             log.close()
             update_hook.remove()
+            for hook in averaging_hooks:
+                hook.remove()
         elapsed = time.perf_counter() - start
         if updating:  # the weights may be half updated: no checkpoint beats an inexact one
             kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
             print(f"interrupted while step {step + 1} updated the weights; not saved, {kept}")
             return None
         set_ctrl_c_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
-        save_checkpoint(checkpoint_path, checkpoint_state(step))
+        save(step)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
@@ -760,8 +980,8 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         print(f"interrupted at step {step}; checkpoint saved to {checkpoint_path} (continue with --resume)")
         return None
     if step > start_step:
-        print(f"trained {step - start_step} steps in {elapsed:.0f} s: "
-              f"{(step - start_step) * config.batch_size / elapsed:.1f} examples/s")
+        print(f"trained {step - start_step} steps in {elapsed:.0f} s: {cost.last['examples_per_s']:.1f} examples/s, "
+              f"{cost.flops_per_step():.3g} FLOPs/step, MFU {cost.last['mfu']:.1%}")
     return step
 
 
@@ -798,6 +1018,8 @@ def run_all(argv):
             if status:
                 return status
         results[name] = json.loads((folder / "results.json").read_text())
+    if world()[0] != 0:
+        return 0  # rank 0 writes the comparison
     write_json(compare / "results.json", results)
     points = []  # one record per (run, test set, thinking steps)
     for name, result in results.items():
@@ -833,15 +1055,23 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--method")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
+        # the other ranks wait while rank 0 evaluates: a long timeout
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(hours=3))
+    rank, ranks = world()
     try:
-        known, rest = first.parse_known_args(argv)
-        return run_all(rest) if known.method == "all" else run(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
+            known, rest = first.parse_known_args(argv)
+            status = run_all(rest) if known.method == "all" else run(argv)
+    except (UsageError, TrainingError) as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        status = 2 if isinstance(error, UsageError) else 1
+    if ranks > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return status
 
 
 if __name__ == "__main__":
