@@ -318,7 +318,7 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
     h_latent = h[:, s:s + N].float()                                                   # (B, N, D): h_t -> v_t
     l_lvr = ((h_latent - targets.float()) ** 2).mean(-1)[valid].mean()
     with torch.no_grad():  # the model's own latents, free-running from the prefix's (detached) KV cache
-        x, own, own_cache = h_prefix[:, -1:], [], [(k.detach(), v.detach()) for k, v in cache]
+        x, own, own_cache = h_prefix[:, -1:].detach(), [], [(k.detach(), v.detach()) for k, v in cache]
         for _ in range(N):
             own.append(x)
             x, _, own_cache = llm(x, own_cache)
