@@ -524,7 +524,7 @@ def build_model(config: Config, task) -> nn.Module:
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on 2-D weights (embeddings, projections)."""
+    """AdamW; weight decay on tensors of 2 or more dims (embeddings, projections, the 4-D q/k bias), none on norms."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -901,6 +901,19 @@ def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
     assert "PC 1 / 2: 100 / 0 % of variance" in rd.trajectory_svg(line, ["x"], "line")
 
 
+def test_recurrent_depth_grid_embedding_groups_and_weight_decay_groups():
+    model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81))
+    row, col, box = model.grid_ids.unbind(-1)  # (81,) each: the row, column and 3x3-box entry of every cell
+    grid = torch.arange(81).view(9, 9)
+    assert torch.equal(row.view(9, 9), grid // 9) and torch.equal(col.view(9, 9), 9 + grid % 9)
+    boxes = box.view(3, 3, 3, 3).permute(0, 2, 1, 3).reshape(9, 9)  # the cells of box b in row b of this view
+    assert all(len(set(cells.tolist())) == 1 for cells in boxes) and sorted(boxes[:, 0].tolist()) == list(range(18, 27))
+    decay, no_decay = rd.make_optimizer(model, model.cfg).param_groups
+    assert decay["weight_decay"] == model.cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])  # norms
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters())) and no_decay["params"]
+
+
 def saved_bytes(model, idx, num_steps):
     """Bytes of tensors autograd saves for backward during one forward."""
     total = [0]
