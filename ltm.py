@@ -68,7 +68,7 @@ class Config:
     n_z_per_layer: int = 4  # latent thought vectors per layer (paper: 8)
     # Self-attention window in tokens, itself included (0 = full causal). Stacked windows reach
     # n_layers · (window - 1) tokens back: 3 · 23 = 69 < 81, so no solution cell can see its own given
-    # (81 tokens earlier) and the puzzle can reach a solution token only through z; 40 (the issue's
+    # (81 tokens earlier) and the puzzle can reach a solution token only through z; 40 (the reference's
     # 1/4 of the sequence) reaches 117 back, and every solution cell could copy its given directly.
     window: int = 24
     fast_steps: int = 16  # T: posterior AdamW steps per training sequence (paper: 16)
@@ -121,8 +121,7 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from the token stream, keys/values from this layer's latent thoughts z_l. RoPE rotates the
     queries by their token position and slot i's key by its own position, spread over the sequence, so
-    a slot can describe one stretch of the sequence (the only route by which a windowed position learns
-    where it is)."""
+    a slot can describe one stretch of the sequence."""
 
     def __init__(self, config):
         super().__init__()
@@ -414,9 +413,10 @@ def plain_nll_per_token(model, tokens, config, autocast_dtype):
 
 
 def evaluate(model, task, config, eval_steps, autocast_dtype):
-    """Rows per (test set, T): the perplexity bound on held-out sequences and, for sudoku, exact-solve
-    accuracy after fitting z on the puzzle. The plain decoder (use_latent=False) reports its exact
-    next-token perplexity on the same sequences with T = 0."""
+    """Rows per (test set, T): NLL/token, KL/token and the perplexity bound on held-out sequences and, for
+    sudoku, blank-cell and exact-solve accuracy after fitting z on the puzzle. T = 0 is the control
+    (z from the prior). The plain decoder (use_latent=False) reports its exact next-token perplexity
+    on the same sequences with T = 0."""
     model.eval()
     device = next(model.parameters()).device
     rows = []
@@ -459,5 +459,5 @@ if __name__ == "__main__":  # tiny demo: a character LM on a repeated sentence, 
         stats = train_step(model, optimizer, scaler, {"tokens": windows[torch.randint(len(windows), (8,))]},
                            step, config, None)
     print(f"train -ELBO/token after 60 steps: {stats['nelbo/token'].item():.3f}")
-    for steps in (1, 4, 16):
+    for steps in (0, 1, 4, 16):
         print(f"T={steps:2d}: ppl ≤ {elbo_bound(model, windows[:16], steps, config)['ppl_bound']:.2f}")

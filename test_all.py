@@ -1502,6 +1502,8 @@ def test_ltm_bad_input_raises_value_error():
         ltm.build_model(ltm_tiny_config(), type("Maze", (), {"name": "maze"})())
     with pytest.raises(ValueError):
         ltm.build_model(ltm_tiny_config(d_model=30, n_heads=4), LtmTinyText())
+    with pytest.raises(ValueError):
+        ltm.build_model(ltm_tiny_config(window=-1), LtmTinyText())
     _, config, sudoku_model, optimizer, scaler = ltm_setup(LtmTinySudoku())
     with pytest.raises(ValueError):
         ltm.train_step(sudoku_model, optimizer, scaler, {"puzzle": torch.zeros(2, 80, dtype=torch.long),
