@@ -389,6 +389,11 @@ def check_config(config: Config):
         raise ValueError(f"think_steps must be >= 1, got {config.think_steps}")
     if config.recursion not in ("latent", "observation"):
         raise ValueError(f"recursion must be 'latent' or 'observation', got {config.recursion!r}")
+    for name in ("n_samples", "n_diverse"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.clip_norm <= 0:
+        raise ValueError(f"clip_norm must be positive, got {config.clip_norm}")
     for name in ("max_hint_fraction", "imagination_decay_from", "imagination_share"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")

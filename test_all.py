@@ -2190,6 +2190,10 @@ def test_lit_bad_input_raises_value_error():
         lit.build_model(lit_tiny_config(d_model=30, n_heads=4), LitFakeTask("sudoku"))
     with pytest.raises(ValueError):
         lit.think(model, good, 2, role="oracle")
+    for bad_field in (dict(recursion="pixels"), dict(max_hint_fraction=1.5), dict(imagination_share=-0.1),
+                      dict(n_samples=0), dict(clip_norm=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad_field))):
+            lit.build_model(lit_tiny_config(**bad_field), LitFakeTask("sudoku"))
 
 
 @pytest.mark.skipif(not MNIST_DIR.exists(), reason=f"MNIST not found at {MNIST_DIR}")
