@@ -677,8 +677,11 @@ def run(argv):
         return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out) if rank == 0 else 0
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
-        with contextlib.ExitStack() as lock:
-            agreed(lambda: out.mkdir(parents=True, exist_ok=True) or lock.enter_context(run_folder_lock(out)))
+        with contextlib.ExitStack() as held:
+            def take_folder():
+                out.mkdir(parents=True, exist_ok=True)
+                held.enter_context(run_folder_lock(out))
+            agreed(take_folder)
             return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
     finally:
         for folder in created if rank == 0 else ():
@@ -987,9 +990,9 @@ def compare_table(points, results):
             values = [cells.get((name, test_set, step)) for name in names]
             if any(v is not None for v in values):
                 lines.append(f"| {test_set} | {step} | " + " | ".join("" if v is None else f"{v:.1f}" for v in values) + " |")
-    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps"
-                           for name, result in results.items())
-    return "\n".join(lines) + f"\n\nTrained on (base set, steps): {trained_on}.\n"
+    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps, "
+                           f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs" for name, result in results.items())
+    return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.\n"
 
 
 def main(argv=None):
