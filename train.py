@@ -367,8 +367,6 @@ def choose_device_and_dtype(device_name, dtype_name):
         if device.type != "cuda":
             return device, None
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype_name == "float16" and device.type != "cuda":
-        raise UsageError("--dtype float16 needs CUDA (its GradScaler); use bfloat16 on the CPU")
     return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
 
 
