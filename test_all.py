@@ -598,6 +598,20 @@ def test_train_py_gpu_preset_shape_trains_two_steps_on_the_cpu(method, tmp_path,
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.parametrize("method", train.METHODS)
+def test_train_py_fp16_with_grad_scaler_runs_on_the_cpu(method, tmp_path, data_dir):
+    # the CUDA default where bf16 is missing: fp16 autocast and a GradScaler, both of which torch runs on the CPU
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    run = ["--method", method, *TINY_FLAGS[method], "--dtype", "float16", "--steps", "3", "--log-every", "1",
+           "--data-dir", data_dir, "--out", str(tmp_path / "run")] + (["--text-file", str(corpus)] if method == "ltm" else [])
+    assert train.main(run) == 0
+    checkpoint = _checkpoint(tmp_path / "run")
+    assert checkpoint["scaler"]["scale"] > 1  # the scaler was on (a disabled one saves no scale)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+
 def _torchrun(args, ranks=2):
     """python -m torch.distributed.run --standalone --nproc_per_node ranks train.py args (CPU, gloo)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),

@@ -374,8 +374,6 @@ def choose_device_and_dtype(device_name, dtype_name):
         if device.type != "cuda":
             return device, None
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype_name == "float16" and device.type != "cuda":
-        raise UsageError("--dtype float16 needs CUDA (its GradScaler); use bfloat16 on the CPU")
     return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
 
 
@@ -684,8 +682,11 @@ def run(argv):
         return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out) if rank == 0 else 0
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
-        with contextlib.ExitStack() as lock:
-            agreed(lambda: out.mkdir(parents=True, exist_ok=True) or lock.enter_context(run_folder_lock(out)))
+        with contextlib.ExitStack() as held:
+            def take_folder():
+                out.mkdir(parents=True, exist_ok=True)
+                held.enter_context(run_folder_lock(out))
+            agreed(take_folder)
             return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
     finally:
         for folder in created if rank == 0 else ():
@@ -1046,9 +1047,9 @@ def compare_table(points, results):
             values = [cells.get((name, test_set, step)) for name in names]
             if any(v is not None for v in values):
                 lines.append(f"| {test_set} | {step} | " + " | ".join("" if v is None else f"{v:.1f}" for v in values) + " |")
-    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps"
-                           for name, result in results.items())
-    return "\n".join(lines) + f"\n\nTrained on (base set, steps): {trained_on}.\n"
+    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps, "
+                           f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs" for name, result in results.items())
+    return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.\n"
 
 
 def main(argv=None):
