@@ -422,8 +422,8 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
     rows = []
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # same posterior inits/noise for every T and every run
-        test_sets = task.test_sets  # sudoku: only the training difficulty's (each row costs Σ eval_steps fits)
-        if model.task_name == "sudoku":
+        test_sets = task.test_sets  # generated sudoku sets: only the training difficulty's (each row costs Σ eval_steps fits)
+        if model.task_name == "sudoku" and config.difficulty in test_sets:  # (files given with --test-csv: all)
             test_sets = {config.difficulty: test_sets[config.difficulty]}
         for set_name, test_set in test_sets.items():
             subset = {key: value[:config.eval_subset].to(device) for key, value in test_set.items()}

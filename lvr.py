@@ -32,7 +32,7 @@ Usage (CPU defaults; the RL run continues from the stage-1 checkpoint):
 Simplified vs. the paper (Qwen2.5-VL 3B/7B, Visual-CoT): a tiny ViT/decoder trained from scratch on the
 synthetic vqa_data task; absolute position embeddings; lr 1e-3 instead of 1e-5 (nothing is pretrained);
 λ = 1 (paper 0.1): our visual tokens vary by only ~0.07 per dimension, and with 0.1 the latents learned
-nothing beyond the mean token (latent MSE 1.2x the ROI-token variance; with 1.0 and a longer stage 0, 0.7x).
+nothing beyond the mean token (README: what was measured).
 Our addition: the ROI tokens are averaged to exactly `latent_steps` targets (`--no-latent-pool`: all N ROI
 tokens as in the paper, N varying per example, which mismatches a fixed test budget, reference issue #7).
 """
