@@ -404,7 +404,7 @@ def matmul_peak(device, dtype, seconds=0.2):
     n = 4096 if device.type == "cuda" else 1024
     generator = torch.Generator(device).manual_seed(0)  # its own: the run's random state stays untouched
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    fastest, start = math.inf, time.perf_counter()
+    times, start = [], time.perf_counter()
     for repeat in range(1000):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -412,11 +412,11 @@ def matmul_peak(device, dtype, seconds=0.2):
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if repeat:  # the first is a warm-up
-            fastest = min(fastest, time.perf_counter() - began)
-        if repeat >= 3 and time.perf_counter() - start > seconds:
+        times.append(time.perf_counter() - began)
+        elapsed = time.perf_counter() - start
+        if len(times) >= 4 and elapsed > seconds or elapsed > 5 * seconds:  # slow dtypes (fp16 on a CPU): one product
             break
-    return 2 * n ** 3 / fastest
+    return 2 * n ** 3 / min(times[1:] or times)  # the first is a warm-up
 
 
 class CostMeter:
