@@ -38,13 +38,36 @@ def _small_and_seeded():
     torch.set_num_threads(1)  # tiny models: one thread is as fast, and steady on a busy machine
 
 
-# ============================================================================= sudoku_data.py
+# ============================================================================= shared helpers and fixtures
+# (every section below uses only these and its own helpers, so a method's section can be copied with its file)
 @pytest.fixture(scope="session")
 def puzzles():
     """A few puzzles of every preset, generated once for the session."""
     return {name: sudoku_data.generate_puzzles(12, name, seed=3, workers=1) for name in sudoku_data.DIFFICULTIES}
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One cache of generated Sudoku sets for every train.py test."""
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def interrupting_at_step_3(train_step):
+    """A method's train_step that behaves like Ctrl-C in the middle of step 3, after the step has drawn
+    random numbers (to test the save and --resume)."""
+    def step_or_interrupt(model, optimizer, scaler, batch, step, *rest):
+        if step == 3:
+            torch.rand(8)  # what the interrupted step drew must be drawn again by --resume
+            raise KeyboardInterrupt
+        return train_step(model, optimizer, scaler, batch, step, *rest)
+    return step_or_interrupt
+
+
+def _checkpoint(folder):
+    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+# ============================================================================= sudoku_data.py
 def test_generated_puzzles_are_unique_and_match_their_preset(puzzles):
     for name, (grid, solution, guesses) in puzzles.items():
         low, high = sudoku_data.DIFFICULTIES[name]
@@ -307,27 +330,6 @@ def test_lr_schedule():
 TINY_RUN = ["--method", "recurrent_depth", "--d-model", "32", "--n-heads", "2", "--d-mlp", "64", "--steps", "6",
             "--batch-size", "8", "--warmup-steps", "2", "--mean-recurrence", "3", "--backprop-depth", "2",
             "--eval-steps", "1,2", "--eval-size", "6", "--base-size", "16", "--log-every", "2"]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """One cache of generated Sudoku sets for every train.py test."""
-    return str(tmp_path_factory.mktemp("data"))
-
-
-def interrupting_at_step_3(train_step):
-    """A method's train_step that behaves like Ctrl-C in the middle of step 3, after the step has drawn
-    random numbers (to test the save and --resume)."""
-    def step_or_interrupt(model, optimizer, scaler, batch, step, *rest):
-        if step == 3:
-            torch.rand(8)  # what the interrupted step drew must be drawn again by --resume
-            raise KeyboardInterrupt
-        return train_step(model, optimizer, scaler, batch, step, *rest)
-    return step_or_interrupt
-
-
-def _checkpoint(folder):
-    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 def test_train_py_resumes_to_the_same_result_after_ctrl_c(tmp_path, data_dir, monkeypatch, capsys):
@@ -1265,14 +1267,14 @@ def test_recurrent_depth_bad_config_values_raise_value_error(bad):
         rd.build_model(rd.Config(**TINY), SimpleNamespace(name="visual", vocab_size=10, seq_len=81))
 
 # ============================================================================= ltm.py
-SENTENCE = "the quick brown fox jumps over the lazy dog "
+LTM_SENTENCE = "the quick brown fox jumps over the lazy dog "
 
 
 class LtmTinyText:
     name, vocab_size, seq_len = "text", 27, 16
 
     def __init__(self):
-        ids = torch.tensor([0 if c == " " else ord(c) - 96 for c in SENTENCE * 3])
+        ids = torch.tensor([0 if c == " " else ord(c) - 96 for c in LTM_SENTENCE * 3])
         self.windows = ids.unfold(0, self.seq_len + 1, 1)  # (N, 17)
         self.test_sets = {"held-out": {"tokens": self.windows[:8]}}
 
@@ -1527,7 +1529,7 @@ def test_ltm_bad_input_raises_value_error():
 
 def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, capsys):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(SENTENCE * 40)
+    corpus.write_text(LTM_SENTENCE * 40)
     run = ["--method", "ltm", "--task", "text", "--text-file", str(corpus), "--context-length", "16",
            "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--n-z-per-layer", "2", "--fast-steps", "2",
            "--steps", "6", "--batch-size", "4", "--warmup-steps", "2", "--eval-steps", "1,2", "--eval-size", "4",
@@ -1755,7 +1757,6 @@ def test_lvr_evaluate_rows():
                                           "lvr, oracle ROI tokens (a)", "lvr, zero latents (b)", "lvr, random latents (c)"]
     assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2, 4, 4, 4]
     assert model.training
-
 
 
 # ---------------- lvr: controls, own-latent pass, GRPO_latent (issues 11 and 17)
