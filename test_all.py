@@ -2143,7 +2143,7 @@ def test_lit_visual_and_language_share_the_belief_network():
 
 
 def test_lit_tiny_model_learns_tiny_sudoku_set():
-    model, config = lit_make(d_model=64, n_heads=4, n_layers=2, think_steps=4, lr=3e-3)
+    model, config = lit_make(d_model=32, n_heads=2, n_layers=2, think_steps=4, lr=3e-3)
     data = lit_tiny_sudoku(8, 6)
     optimizer = lit.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
