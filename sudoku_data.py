@@ -369,15 +369,17 @@ def broken_constraints(prediction):
 class SudokuTask:
     """Sudoku in language form: train batches are augmentations of a cached base set; test sets of
     every difficulty are generated from another seed and are disjoint from the base set. Public CSV
-    files (train_files, test_files) replace the generated base set or test sets."""
+    files (train_files, test_files) replace the generated base set or test sets; check_unique solves each
+    of their puzzles and refuses a file with a puzzle that has several solutions."""
     name, vocab_size, seq_len = "sudoku", 10, 81
 
-    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=()):
+    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
+                 check_unique=False):
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
         self.seed = seed
         if train_files:  # public puzzle files replace the generated base set
-            pairs = [read_csv(path) for path in train_files]
+            pairs = [read_csv(path, check_unique) for path in train_files]
             self.base_puzzles, self.base_solutions = (np.concatenate(column) for column in zip(*pairs))
         else:
             self.base_puzzles, self.base_solutions = load_puzzles(difficulty, base_size, seed, data_dir)
@@ -389,7 +391,7 @@ class SudokuTask:
         self.test_sets = {}
         for name, path in sources.items():
             if path:  # a public file's first eval_size puzzles, named after the file
-                puzzles, solutions = (column[:eval_size] for column in read_csv(path))
+                puzzles, solutions = (column[:eval_size] for column in read_csv(path, check_unique))
             else:
                 puzzles, solutions = load_puzzles(name, eval_size, seed + 1_000_003, data_dir)
                 keep = np.array([p.tobytes() not in seen for p in puzzles])  # disjoint from the training base
@@ -484,8 +486,8 @@ class VisualSudokuTask(SudokuTask):
     name = "visual"
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 mnist_dir="mnist"):
-        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files)
+                 check_unique=False, mnist_dir="mnist"):
+        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique)
         test_images, test_labels = load_mnist(mnist_dir, "t10k")
         try:
             train_images, train_labels = load_mnist(mnist_dir, "train")

@@ -722,6 +722,10 @@ def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puz
     (tmp_path / "broken.csv").write_text("question,answer\n" + "1" * 81 + "," + "1" * 81 + "\n")
     assert train.main(run + ["--overwrite", "--test-csv", str(tmp_path / "broken.csv")]) == 2
     assert "broken.csv, line 2" in capsys.readouterr().err
+    solution = "".join(map(str, puzzles["easy"][1][0]))
+    (tmp_path / "open.csv").write_text(f"question,answer\n{'.' * 81},{solution}\n")  # consistent, but not unique
+    assert train.main(run + ["--overwrite", "--test-csv", str(tmp_path / "open.csv"), "--check-unique"]) == 2
+    assert "more than one solution, on line(s) 2" in capsys.readouterr().err
 
 
 def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(tmp_path, data_dir, monkeypatch):

@@ -46,7 +46,7 @@ SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128, train_csv=(), test_csv=(), ema=0.0)
+                       text_file=None, context_length=128, train_csv=(), test_csv=(), check_unique=False, ema=0.0)
 
 
 class UsageError(Exception):
@@ -104,7 +104,8 @@ def build_task(name, config, options):
     if name in ("sudoku", "visual"):
         import sudoku_data
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
-                     data_dir=options.data_dir, train_files=tuple(options.train_csv), test_files=tuple(options.test_csv))
+                     data_dir=options.data_dir, train_files=tuple(options.train_csv), test_files=tuple(options.test_csv),
+                     check_unique=options.check_unique)
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
         return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir, **sizes)
@@ -192,6 +193,8 @@ def build_parser(method=None):
                       "generated base set (repeat the flag or separate with commas; columns e.g. question,answer)")
     data.add_argument("--test-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of "
                       "the generated test sets, each named after its file (its first --eval-size puzzles)")
+    data.add_argument("--check-unique", action="store_true", help="solve every puzzle of the CSV files and refuse a "
+                      "file in which a puzzle has more than one solution (lines named)")
     data.add_argument("--context-length", type=int, help="characters per sequence for --task text (default 128)")
     if method is not None:
         group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
