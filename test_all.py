@@ -775,8 +775,11 @@ def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tm
     polylines = ElementTree.parse(out / "curve.svg").getroot().findall("{http://www.w3.org/2000/svg}polyline")
     assert len(polylines) == 4 * 3 + 1  # lit x3 and recurrent_depth on 3 test sets, ltm on its own one
     capsys.readouterr()
-    assert train.main(argv) == 0  # a second call reuses the finished runs
-    assert capsys.readouterr().out.count("using the finished run") == len(results)
+    (out / "ltm" / "results.json").unlink()  # as if the benchmark had been stopped during ltm's run
+    assert train.main(argv) == 0  # a second call reuses the finished runs and continues the unfinished one
+    printed = capsys.readouterr().out
+    assert printed.count("using the finished run") == len(results) - 1
+    assert f"--method ltm --resume {out / 'ltm' / 'checkpoint.pt'}" in printed and (out / "ltm" / "results.json").exists()
     for bad, message in ((["--task", "visual"], "compares the Sudoku methods"), (["--resume", "x"], "one --method")):
         assert train.main(argv + bad) == 2
         assert message in capsys.readouterr().err

@@ -994,8 +994,8 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
 # base set and evaluated on the same test puzzles; (row name, method, its own flags).
 COMPARED = (("recurrent_depth", "recurrent_depth", ()),
             ("lit", "lit", ()),
-            ("lit --no-imagination", "lit", ("--no-imagination",)),
-            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation")),
+            ("lit --no-imagination", "lit", ("--no-imagination", "--steps", "408")),  # steps: LIT's training FLOPs
+            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation", "--steps", "406")),
             ("ltm", "ltm", ()))
 
 
@@ -1017,8 +1017,11 @@ def run_all(argv):
         if (folder / "results.json").exists() and "--overwrite" not in rest:
             print(f"{name}: using the finished run in {folder} (--overwrite trains it again)")
         else:
-            print(f"\n=== {name}: python train.py --method {method_name} {' '.join((*flags, *rest))} --out {folder}")
-            status = run(["--method", method_name, *flags, *rest, "--out", str(folder)])
+            arguments = ["--method", method_name, *flags, *rest, "--out", str(folder)]
+            if (folder / "checkpoint.pt").exists() and "--overwrite" not in rest:  # an interrupted run continues
+                arguments = ["--method", method_name, "--resume", str(folder / "checkpoint.pt")]
+            print(f"\n=== {name}: python train.py {' '.join(arguments)}")
+            status = run(arguments)
             if status:
                 return status
         results[name] = json.loads((folder / "results.json").read_text())
