@@ -61,8 +61,8 @@ class Config:
     align_steps: int = 1600           # stage-0 steps (all modules, plain VQA) before LVR SFT
     baseline: bool = True             # also train the SFT data baseline (no latent segment) in the same run
     d_model: int = 128                # width of ViT, projector and LLM
-    n_layer: int = 3                  # LLM decoder blocks
-    n_head: int = 4                   # attention heads
+    n_layers: int = 3                  # LLM decoder blocks
+    n_heads: int = 4                   # attention heads
     encoder_layers: int = 2           # ViT blocks
     pixel_weight: float = 1.0         # stage 0: weight of the patch-pixel reconstruction (pretrained-encoder proxy)
     grounding_weight: float = 1.0     # stage 0: weight of the "is this patch in the ROI?" loss (pretrained-VLM proxy)
@@ -84,15 +84,15 @@ class Config:
             raise ValueError(f"stage must be 'sft' or 'rl', got {self.stage!r}")
         if self.exit not in ("fixed", "latent_end", "mode_switch"):
             raise ValueError(f"exit must be fixed, latent_end or mode_switch, got {self.exit!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if min(self.eval_steps, default=0) < 0 or self.latent_steps < 1 or self.group_size < 2:
             raise ValueError("eval_steps must be >= 0, latent_steps >= 1 and group_size >= 2")
         if self.policy_updates < 1 or self.teacher_ramp < 0:
             raise ValueError("policy_updates must be >= 1 and teacher_ramp >= 0")
 
 
-GPU_CONFIG = dict(d_model=384, n_layer=8, n_head=6, encoder_layers=4, steps=12000, align_steps=4000,
+GPU_CONFIG = dict(d_model=384, n_layers=8, n_heads=6, encoder_layers=4, steps=12000, align_steps=4000,
                   batch_size=256, lr=5e-4)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,13 +100,13 @@ GPU_CONFIG = dict(d_model=384, n_layer=8, n_head=6, encoder_layers=4, steps=1200
 
 
 class Attention(nn.Module):
-    def __init__(self, d, n_head):
+    def __init__(self, d, n_heads):
         super().__init__()
-        self.n_head, self.qkv, self.proj = n_head, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.n_heads, self.qkv, self.proj = n_heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
 
     def forward(self, x, causal, cache=None):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
         if cache is not None:  # append to the KV cache of earlier positions
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
         past = k.shape[2] - T
@@ -118,9 +118,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, n_head):
+    def __init__(self, d, n_heads):
         super().__init__()
-        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, n_head), nn.LayerNorm(d)
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, n_heads), nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x, causal, cache=None):
@@ -137,7 +137,7 @@ class VisionEncoder(nn.Module):
         self.patch_size, n_patches = patch_size, (image_size // patch_size) ** 2
         self.patch = nn.Linear(3 * patch_size ** 2, config.d_model)
         self.pos = nn.Parameter(torch.randn(n_patches, config.d_model) * 0.02)
-        self.blocks = nn.ModuleList(Block(config.d_model, config.n_head) for _ in range(config.encoder_layers))
+        self.blocks = nn.ModuleList(Block(config.d_model, config.n_heads) for _ in range(config.encoder_layers))
         self.ln = nn.LayerNorm(config.d_model)
         self.pixel_head = nn.Linear(config.d_model, 3 * patch_size ** 2)  # stage-0 patch reconstruction only
 
@@ -158,7 +158,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, config.d_model)
         self.pos = nn.Parameter(torch.randn(max_len, config.d_model) * 0.02)
-        self.blocks = nn.ModuleList(Block(config.d_model, config.n_head) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config.d_model, config.n_heads) for _ in range(config.n_layers))
         self.ln = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, vocab_size, bias=False)
 
@@ -610,7 +610,7 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
 if __name__ == "__main__":
     torch.manual_seed(0)
     demo_task = vqa_data.VQATask(seed=0, train_size=2000, eval_size=64)
-    demo_config = Config(steps=40, align_steps=20, d_model=32, n_layer=2, encoder_layers=1, eval_steps=(0, 4),
+    demo_config = Config(steps=40, align_steps=20, d_model=32, n_layers=2, encoder_layers=1, eval_steps=(0, 4),
                          teacher_ramp=10)
     demo_model = build_model(demo_config, demo_task)
     opt = make_optimizer(demo_model, demo_config)

@@ -276,7 +276,7 @@ def test_text_task(tmp_path):
     (["--method", "recurrent_depth", "--steps", "0"], "--steps must be a positive integer"),
     (["--method", "recurrent_depth", "--task", "text"], "--task text needs --text-file"),
     (["--method", "recurrent_depth", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
-    (["--method", "lvr", "--n-head", "0"], "--n-head must be >= 1, got 0"),
+    (["--method", "lvr", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
     (["--method", "recurrent_depth", "--lr", "nan"], "--lr must be a finite number, got nan"),
     (["--method", "recurrent_depth", "--ema", "1"], "--ema must be a decay in [0, 1)"),
     (["--method", "recurrent_depth", "--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
@@ -510,7 +510,7 @@ TINY_FLAGS = {  # tiny runs of every method, for the Ctrl-C test
             "--eval-subset", "4"],
     "lit": ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--think-steps", "2", "--batch-size", "4",
             "--eval-steps", "1", "--eval-size", "6", "--base-size", "16", "--eval-batch-size", "8"],
-    "lvr": ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--encoder-layers", "1", "--align-steps", "5",
+    "lvr": ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--encoder-layers", "1", "--align-steps", "5",
             "--no-baseline", "--batch-size", "4", "--eval-steps", "0,2", "--eval-size", "8"],
 }
 
@@ -1562,7 +1562,7 @@ LVR_SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
 
 def lvr_tiny(**kw):
-    config = lvr.Config(**{**dict(d_model=32, n_layer=2, n_head=2, encoder_layers=1, batch_size=8, align_steps=2,
+    config = lvr.Config(**{**dict(d_model=32, n_layers=2, n_heads=2, encoder_layers=1, batch_size=8, align_steps=2,
                                   group_size=4, max_latent=6, eval_steps=(0, 2)), **kw})
     torch.manual_seed(0)
     return lvr.build_model(config, LVR_TASK), config
@@ -1625,7 +1625,7 @@ def test_lvr_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         lvr.Config(exit="sometimes")
     with pytest.raises(ValueError):
-        lvr.Config(d_model=30, n_head=4)
+        lvr.Config(d_model=30, n_heads=4)
     with pytest.raises(ValueError):
         vqa_data.VQATask(train_size=0)
     with pytest.raises(ValueError):
