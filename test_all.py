@@ -606,7 +606,8 @@ def test_train_py_fp16_with_grad_scaler_runs_on_the_cpu(method, tmp_path, data_d
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
     run = ["--method", method, *TINY_FLAGS[method], "--dtype", "float16", "--steps", "3", "--log-every", "1",
-           "--data-dir", data_dir, "--out", str(tmp_path / "run")] + (["--text-file", str(corpus)] if method == "ltm" else [])
+           "--eval-size", "2", "--eval-steps", "1", "--data-dir", data_dir, "--out", str(tmp_path / "run")]
+    run += ["--text-file", str(corpus)] if method == "ltm" else []  # (a short evaluation: training is what is tested)
     assert train.main(run) == 0
     checkpoint = _checkpoint(tmp_path / "run")
     assert checkpoint["scaler"]["scale"] > 1  # the scaler was on (a disabled one saves no scale)

@@ -406,6 +406,11 @@ def matmul_peak(device, dtype, seconds=0.2):
     """FLOP/s of the fastest of a few square matmuls on `device` in `dtype`: the peak MFU is measured against."""
     n = 4096 if device.type == "cuda" else 1024
     generator = torch.Generator(device).manual_seed(0)  # its own: the run's random state stays untouched
+    if device.type == "cpu":  # a dtype this CPU has no fast kernel for (fp16: seconds per 1024² product): probe at 256²
+        small = torch.randn(256, 256, device=device, dtype=dtype, generator=generator)
+        began = time.perf_counter()
+        small @ small
+        n = 256 if (time.perf_counter() - began) * 64 > seconds else n
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     times, start = [], time.perf_counter()
     for repeat in range(1000):
