@@ -355,7 +355,7 @@ def generate(model, llm, visual, question, budget, temperature=0.0, exit="fixed"
     Returns dict: tokens (B, R) (pad at latent positions), latents (B, R, D) (the fed-back hidden states),
     is_latent (B, R), sampled (B, R) (tokens drawn from the policy), logprob (B, R) of the sampled tokens."""
     task = model.task
-    B, D = visual.shape[0], visual.shape[-1]
+    B = visual.shape[0]
     h, logits, cache = llm(prompt(llm, visual, question))
     h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
     latent_left = torch.full((B,), -1, device=visual.device)  # -1: text mode; >= 0: latent steps still allowed

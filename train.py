@@ -122,7 +122,7 @@ def build_task(name, config, options):
 # ----------------------------------------------------------------------------- command line
 def load_method(name):
     if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, or all (every Sudoku method)")
     if name not in sys.modules and not (HERE / f"{name}.py").exists():
         raise UsageError(f"method {name!r} is not in this checkout ({name}.py missing)")
     return importlib.import_module(name)

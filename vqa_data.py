@@ -18,7 +18,6 @@ so a 20k-scene training pool costs a few MB. Training and held-out scenes come f
 streams and any training scene equal to a held-out one is dropped, so the two sets are disjoint.
 Only numpy, torch and the standard library are imported (no project file).
 """
-import math
 
 import numpy as np
 import torch
