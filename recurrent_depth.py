@@ -246,6 +246,23 @@ class RecurrentKVCache:
         return update
 
 
+def example_generators(batch: dict) -> list | None:
+    """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
+    an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
+    one process draws. None (one global generator) for a batch without seeds."""
+    if "example_seed" not in batch:
+        return None
+    device = batch["example_seed"].device
+    return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
+
+
+def uniform_noise(shape, generator, device) -> torch.Tensor:
+    """U(0, 1) of `shape` from one generator (or the global one if None), or row b from generator[b] for a list."""
+    if isinstance(generator, list):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def exit_threshold(config: Config, criterion: str) -> float:
     """The adaptive-exit threshold of `criterion` in `config`."""
     return config.kl_threshold if criterion == "kl" else config.latent_threshold
@@ -298,11 +315,12 @@ class RecurrentDepthModel(nn.Module):
             x = block(x, rope, self.causal, cache.layer(cache.prelude[j]) if cache else None)
         return x
 
-    def init_state(self, e, scale: float = 1.0, generator: torch.Generator | None = None):
-        """s_0 ~ TruncNormal(0, sqrt(2/5) * scale), cut at 3 std; scale 0 gives the zero state."""
+    def init_state(self, e, scale: float = 1.0, generator: torch.Generator | list | None = None):
+        """s_0 ~ TruncNormal(0, sqrt(2/5) * scale), cut at 3 std; scale 0 gives the zero state. `generator`:
+        one for the batch, or a list with one per example (see uniform_noise)."""
         # inverse-CDF sampling (what nn.init.trunc_normal_ does, but without its graph-breaking .item())
         cdf_lo = 0.5 * (1 + math.erf(-3 / math.sqrt(2)))  # Phi(-3)
-        u = torch.rand(e.shape, generator=generator, device=e.device) * (1 - 2 * cdf_lo) + cdf_lo
+        u = uniform_noise(e.shape, generator, e.device) * (1 - 2 * cdf_lo) + cdf_lo
         return (math.sqrt(2) * torch.erfinv(2 * u - 1) * math.sqrt(2 / 5) * scale).to(e.dtype)  # (B, T, D)
 
     def core_step(self, s, e, rope, cache: RecurrentKVCache | None = None, step: int = 0):
@@ -329,11 +347,12 @@ class RecurrentDepthModel(nn.Module):
             s = self.core_step(s, e, rope)
         return s
 
-    def forward(self, idx, num_steps: tuple[int, int], state=None):
-        """(B, T) tokens -> (B, T, V) logits after n_no_grad + k_grad recurrences from `state` (or noise)."""
+    def forward(self, idx, num_steps: tuple[int, int], state=None, generator=None):
+        """(B, T) tokens -> (B, T, V) logits after n_no_grad + k_grad recurrences from `state` (or noise
+        drawn from `generator`)."""
         rope = self.rope(0, idx.shape[1])
         e = self.embed(idx, rope)
-        s = self.init_state(e) if state is None else state
+        s = self.init_state(e, generator=generator) if state is None else state
         return self.readout(self.recur(s, e, rope, *num_steps), rope)
 
     # ------------------------------------------------------------------------- thinking loop
@@ -560,7 +579,7 @@ def inputs_and_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def recurrent_loss(model, batch: dict, num_steps: tuple[int, int]) -> torch.Tensor:
     """L = CE(head(norm(C(norm(s_r)))), y): plain cross-entropy on the coda output, no intermediate loss."""
     inputs, targets = inputs_and_targets(batch)
-    logits = model(inputs, num_steps)  # (B, T, V)
+    logits = model(inputs, num_steps, generator=example_generators(batch))  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

@@ -622,7 +622,7 @@ def _torchrun(args, ranks=2):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
-def test_train_py_torchrun_keeps_ranks_identical_and_resumes_exactly_recurrent_depth(tmp_path, data_dir):
+def test_train_py_torchrun_equals_one_process_and_resumes_exactly_recurrent_depth(tmp_path, data_dir):
     # warmup longer than the run: the schedule of steps 1-4 does not depend on --steps, so 2 + 2 resumed = 4
     run = TINY_RUN + ["--warmup-steps", "10", "--save-every", "1", "--eval-size", "2", "--eval-steps", "1",
                       "--data-dir", data_dir]
@@ -636,6 +636,10 @@ def test_train_py_torchrun_keeps_ranks_identical_and_resumes_exactly_recurrent_d
     assert not torch.equal(expected["rank_rngs"][0]["rng"], expected["rank_rngs"][1]["rng"])  # the ranks draw apart
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+    # s_0 is drawn per example (batch["example_seed"]): one process with the whole batch takes the same steps
+    assert train.main(run + ["--steps", "4", "--out", str(tmp_path / "one")]) == 0
+    for name, tensor in _checkpoint(tmp_path / "one")["model"].items():
+        torch.testing.assert_close(expected["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log] == [2, 4] and all(line["flops_per_step"] > 0 for line in log)
 

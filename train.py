@@ -464,6 +464,13 @@ class CostMeter:
                 "mfu": self.flops_per_step() * steps / seconds / (self.peak * self.ranks)}
 
 
+def with_example_seeds(batch, seed, step):
+    """The batch plus "example_seed", one int64 per example from (--seed, step, the example's place in the global
+    batch): a method that draws an example's noise from its own seed draws the same under any torchrun split."""
+    count = len(next(iter(batch.values())))
+    return {**batch, "example_seed": torch.from_numpy(np.random.default_rng([seed, step, 1]).integers(2**62, size=count))}
+
+
 def token_count(batch):
     """Elements of the batch's first integer tensor: Sudoku cells (81 a puzzle), text characters,
     VQA question tokens (what tokens_per_s counts)."""
@@ -930,7 +937,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                 factor = lr_factor(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * factor
-                whole = task.train_batch(step, config.batch_size)
+                whole = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
                 tokens += token_count(whole)
                 batch = {k: v.to(device, non_blocking=True) for k, v in rank_slice(whole).items()}
                 # FLOPs counted on the step before each log line, chosen by step number alone: a counted step's
