@@ -525,8 +525,9 @@ def check_config(config: Config):
         raise ValueError("n_prelude, n_core, n_coda, mean_recurrence and backprop_depth must all be >= 1")
     if config.exit_criterion not in EXIT_CRITERIA:
         raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA}, got {config.exit_criterion!r}")
-    if config.difficulty not in ("easy", "medium", "hard"):
-        raise ValueError(f"difficulty must be easy|medium|hard, got {config.difficulty!r}")
+    if config.difficulty not in (*sudoku_data.DIFFICULTIES, *sudoku_data.TRAINING_MIXES):
+        raise ValueError(f"difficulty must be one of {', '.join((*sudoku_data.DIFFICULTIES, *sudoku_data.TRAINING_MIXES))}, "
+                         f"got {config.difficulty!r}")
     if not config.eval_steps or min(config.eval_steps) < 1:
         raise ValueError("eval_steps must be a non-empty tuple of positive ints")
     if config.rope_layout not in ROPE_LAYOUTS:

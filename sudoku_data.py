@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27)}  # givens, inclusive
+TRAINING_MIXES = {"mixed": ("easy", "medium", "hard")}  # a training base set made of equal shares of presets
 
 # ----------------------------------------------------------------------------- the solver
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
@@ -375,14 +376,16 @@ class SudokuTask:
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
                  check_unique=False):
-        if difficulty not in DIFFICULTIES:
-            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
+        if difficulty not in (*DIFFICULTIES, *TRAINING_MIXES):
+            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join((*DIFFICULTIES, *TRAINING_MIXES))}")
         self.seed = seed
         if train_files:  # public puzzle files replace the generated base set
             pairs = [read_csv(path, check_unique) for path in train_files]
-            self.base_puzzles, self.base_solutions = (np.concatenate(column) for column in zip(*pairs))
-        else:
-            self.base_puzzles, self.base_solutions = load_puzzles(difficulty, base_size, seed, data_dir)
+        else:  # a preset's base set, or equal shares of several (the first takes what does not divide)
+            presets = TRAINING_MIXES.get(difficulty, (difficulty,))
+            shares = [base_size // len(presets) + (i == 0) * (base_size % len(presets)) for i in range(len(presets))]
+            pairs = [load_puzzles(preset, share, seed, data_dir) for preset, share in zip(presets, shares)]
+        self.base_puzzles, self.base_solutions = (np.concatenate(column) for column in zip(*pairs))
         names = [Path(path).stem for path in test_files]
         if len(set(names)) < len(names):
             raise ValueError(f"test files {', '.join(map(str, test_files))} share a name; the table names sets by file")

@@ -733,7 +733,7 @@ def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puz
     assert "more than one solution, on line(s) 2" in capsys.readouterr().err
 
 
-def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(tmp_path, data_dir, monkeypatch):
+def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(tmp_path, data_dir, monkeypatch, capsys):
     evaluated = []
     original_evaluate = rd.evaluate
 
@@ -755,6 +755,11 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]) == 0
     assert all(torch.equal(evaluated[-1][name], average[name]) for name in names)
     assert json.loads((out / "eval.json").read_text())["rows"] == json.loads((out / "results.json").read_text())["rows"]
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--trained-weights"]) == 0
+    assert all(torch.equal(evaluated[-1][name], trained[name]) for name in names)  # the raw weights, for comparison
+    capsys.readouterr()
+    assert train.main(run + ["--trained-weights"]) == 2
+    assert "--trained-weights chooses the weights --eval-only evaluates" in capsys.readouterr().err
     # --resume continues the average exactly
     monkeypatch.setattr(rd, "train_step", interrupting_at_step_3(rd.train_step))
     interrupted = tmp_path / "interrupted"
@@ -762,6 +767,16 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
     monkeypatch.undo()
     assert train.main(["--method", "recurrent_depth", "--resume", str(interrupted / "checkpoint.pt")]) == 0
     assert all(torch.equal(_checkpoint(interrupted)["ema"][name], average[name]) for name in names)
+
+
+def test_mixed_training_set_holds_equal_shares_of_every_preset(data_dir):
+    task = sudoku_data.SudokuTask("mixed", base_size=7, eval_size=2, data_dir=data_dir)
+    givens = (task.base_puzzles > 0).sum(1)
+    shares = [(givens >= low) & (givens <= high) for low, high in sudoku_data.DIFFICULTIES.values()]
+    assert [int(share.sum()) for share in shares] == [3, 2, 2] and len(givens) == 7
+    assert set(task.test_sets) == set(sudoku_data.DIFFICULTIES)  # tested on each preset, as always
+    with pytest.raises(ValueError, match="unknown difficulty 'extreme'; choose one of easy, medium, hard, mixed"):
+        sudoku_data.SudokuTask("extreme", data_dir=data_dir)
 
 
 def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):

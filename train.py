@@ -46,7 +46,8 @@ SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128, train_csv=(), test_csv=(), check_unique=False, ema=0.0)
+                       text_file=None, context_length=128, train_csv=(), test_csv=(), check_unique=False, ema=0.0,
+                       trained_weights=False)
 
 
 class UsageError(Exception):
@@ -183,6 +184,8 @@ def build_parser(method=None):
     run.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
     run.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights "
                      "with this decay (TRM: 0.999); default 0: the weights as trained")
+    run.add_argument("--trained-weights", action="store_true", help="with --eval-only: evaluate the weights as "
+                     "trained, not the weight average the checkpoint holds (to measure what --ema gives)")
     data = parser.add_argument_group("data options")
     data.add_argument("--eval-size", type=int, help="held-out examples per test set (default 500)")
     data.add_argument("--base-size", type=int, help="Sudoku base puzzles that training augments (default 1000)")
@@ -230,6 +233,8 @@ def parse(argv):
         raise UsageError("--resume continues a run and --eval-only evaluates one: give one of them")
     if "init_from" in given and ("resume" in given or "eval_only" in given):
         raise UsageError("--init-from starts a new run: it does not go with --resume or --eval-only")
+    if "trained_weights" in given and "eval_only" not in given:
+        raise UsageError("--trained-weights chooses the weights --eval-only evaluates; give it with --eval-only")
     return method, given
 
 
@@ -755,7 +760,7 @@ def write_curve(rows, path, title, panel_column="test set"):
 
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
-    if "ema" in checkpoint:
+    if "ema" in checkpoint and not options.trained_weights:
         print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
         model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
     evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json")
