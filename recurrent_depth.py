@@ -593,7 +593,7 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
     n_no_grad, k_grad = sample_recurrence(step, config)
     device_type = next(iter(batch.values())).device.type
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss = recurrent_loss(model, batch, (n_no_grad, k_grad))
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -622,7 +622,7 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
         for i in range(0, data["puzzle"].shape[0], chunk):
             puzzle = data["puzzle"][i : i + chunk].to(model.rope_cos.device)
             initial_state = g.get_state()  # the adaptive run starts from the same s_0 as the fixed runs
-            with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 _, _, recorded = model.think(puzzle, max_steps, "none", record_steps=eval_steps, generator=g)
                 g.set_state(initial_state)
                 logits, steps_used, _ = model.think(puzzle, max_steps, config.exit_criterion, generator=g,
@@ -651,7 +651,7 @@ def _evaluate_text(model, task, config: Config, eval_steps, autocast_dtype) -> l
             total, count = 0.0, 0
             for i in range(0, data["tokens"].shape[0], config.batch_size):
                 x, y = inputs_and_targets({"tokens": data["tokens"][i : i + config.batch_size].to(device)})
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits, _, _ = model.think(x, r, "none", generator=g)
                 total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
                 count += y.numel()
