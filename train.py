@@ -1013,7 +1013,10 @@ COMPARED = (("recurrent_depth", "recurrent_depth", ()),
             ("lit", "lit", ()),
             ("lit --no-imagination", "lit", ("--no-imagination", "--steps", "408")),  # steps: LIT's training FLOPs
             ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation", "--steps", "406")),
-            ("ltm", "ltm", ()))
+            ("ltm", "ltm", ()),
+            # the hard-puzzle recipe (README): a mixed base set, longer training, TRM's weight average, 128 steps
+            ("lit --no-imagination recipe", "lit", ("--no-imagination", "--difficulty", "mixed", "--base-size", "3000",
+                                                    "--steps", "3400", "--ema", "0.999", "--eval-steps", "1,2,4,8,16,32,64,128")))
 
 
 def run_all(argv):
