@@ -66,7 +66,7 @@ N_CELLS, N_DIGITS = 81, 9
 
 @dataclass
 class Config:
-    steps: int = 200                     # optimizer steps (README: the baselines' counts for equal training FLOPs)
+    steps: int = 377                     # optimizer steps: the training FLOPs of the baselines' --steps 408 / 406
     batch_size: int = 32
     lr: float = 2e-3                     # peak learning rate (AdamW)
     warmup_steps: int = 50
@@ -77,15 +77,15 @@ class Config:
     n_layers: int = 2                    # transformer blocks in U (applied once per thinking step)
     peer_attention: bool = True          # cells attend only to their row/column/box peers (RRN's Sudoku graph)
     think_steps: int = 6                 # thinking steps per training example; hints reach the full solution at the last
-    imagination_weight: float = 1.0      # β in L
+    imagination_weight: float = 0.3      # β in L (1.0 committed the student early: README)
     no_imagination: bool = False         # ablation: no teacher, β = 0, student on the solution loss alone
     recursion: str = "latent"            # latent: the belief passes between steps; observation: only its decoded digit distributions
     max_hint_fraction: float = 1.0       # cap on the share of solution cells the teacher sees (1: all by the last training step)
     imagination_decay_from: float = 1.0  # fraction of training after which β decays linearly to 0 at the last step (1: never)
     imagination_share: float = 1.0       # share of the belief's d channels the imagination loss applies to
-    self_teacher: bool = False           # teacher = the student's own network under no_grad, hints entered as extra givens
-    teacher_start: str = "own"           # own: the teacher rolls its own belief; student: it refines the student's current one
-    teacher_share: float = 1.0           # share of each batch the teacher runs on (its cost)
+    self_teacher: bool = True            # teacher = the student's own network under no_grad, hints entered as extra givens
+    teacher_start: str = "student"       # own: the teacher rolls its own belief; student: it refines the student's current one
+    teacher_share: float = 0.25          # share of each batch the teacher runs on (its cost)
     shared_update: bool = False          # one network U for teacher and student (hint slot empty for the student)
     stochastic: bool = False             # Gaussian beliefs, KL(sg(q_T) || p_S) instead of the squared error
     min_std: float = 0.1                 # floor on the belief std when stochastic
@@ -558,7 +558,8 @@ if __name__ == "__main__":  # tiny demo: a few seconds on CPU
         print(demo_row)
     # training FLOPs per step at the CPU defaults: the ratios set the step counts for equal compute
     demo_batch = demo_task.train_batch(0, Config.batch_size)
-    for demo_name, demo_flags in [("LIT", {}), ("no imagination", dict(no_imagination=True)),
+    for demo_name, demo_flags in [("LIT", {}), ("LIT, trained teacher", dict(self_teacher=False, teacher_start="own", teacher_share=1.0)),
+                                  ("no imagination", dict(no_imagination=True)),
                                   ("observation-space recursion", dict(no_imagination=True, recursion="observation"))]:
         demo_config = Config(**demo_flags)
         print(f"{demo_name}: {training_flops(build_model(demo_config, demo_task), demo_batch, demo_config) / 1e9:.2f} GFLOP per training step")

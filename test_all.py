@@ -2070,6 +2070,9 @@ class LitFakeTask:
         self.name = name
 
 
+LIT_TRAINED_TEACHER = dict(self_teacher=False, teacher_start="own", teacher_share=1.0)  # U_T with W_h and its own CE
+
+
 def lit_tiny_config(**overrides):
     base = dict(d_model=32, n_heads=2, n_layers=1, think_steps=3, batch_size=8, eval_batch_size=8, eval_steps=(1, 3))
     return lit.Config(**{**base, **overrides})
@@ -2110,7 +2113,7 @@ def lit_make(task_name="sudoku", **overrides):
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_lit_imagination_target_carries_no_gradient_into_teacher(stochastic):
-    model, config = lit_make(stochastic=stochastic)
+    model, config = lit_make(stochastic=stochastic, **LIT_TRAINED_TEACHER)
     batch = lit_tiny_sudoku(4, 30)
     losses = lit.lit_loss(model, batch, config)
     losses["imagination"].backward()
@@ -2258,7 +2261,7 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
     """Each step's input state is the previous step's decoded distributions, re-embedded: in the test
     rollout and in training, for the student and the teacher (latent mode passes the belief instead)."""
     for recursion in ("observation", "latent"):
-        model, config = lit_make(recursion=recursion)
+        model, config = lit_make(recursion=recursion, **LIT_TRAINED_TEACHER)
         batch = lit_tiny_sudoku(4, 40)
         seen = {"student": [], "teacher": []}  # (input state, output mean) per update call
         hooks = [getattr(model, role).register_forward_hook(
@@ -2291,7 +2294,7 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
 def test_lit_per_model_clipping_bounds_each_model_separately():
     """With plain SGD (lr 1) the update is the clipped gradient: teacher and student each move by
     exactly clip_norm, which a global clip over both (total clip_norm) would not do."""
-    model, config = lit_make(clip_norm=1e-3)
+    model, config = lit_make(clip_norm=1e-3, **LIT_TRAINED_TEACHER)
     teacher_ids = {id(p) for p in model.teacher_parameters()}
     assert teacher_ids and teacher_ids.isdisjoint(id(p) for p in model.student.parameters())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -2328,7 +2331,7 @@ def test_lit_student_per_step_cross_entropies_are_its_test_rollouts(teacher_star
     student logits (hint-free, so no hint reaches the student in training); likewise the teacher's
     with the same reveal order (so its hints pass through W_h as at test time), whether it steps from
     its own belief or from the student's."""
-    model, config = lit_make(think_steps=4, teacher_start=teacher_start)
+    model, config = lit_make(think_steps=4, **{**LIT_TRAINED_TEACHER, "teacher_start": teacher_start})
     batch = lit_tiny_sudoku(4, 40)
     target = batch["solution"] - 1
 
@@ -2360,7 +2363,7 @@ def test_lit_stochastic_samples_differ_by_seed_and_are_scored_as_valid_solutions
 def test_lit_loss_is_the_sum_of_its_terms_computed_by_hand(stochastic):
     """L = Σ_t [CE_T + CE_S + β·||b^S − sg(b^T)||²] / T (or β·KL(sg(q_T) || p_S), summed over d,
     averaged over cells), the imagination term over the first imagination_share of the channels."""
-    model, config = lit_make(stochastic=stochastic, imagination_weight=0.7, imagination_share=0.5)
+    model, config = lit_make(stochastic=stochastic, imagination_weight=0.7, imagination_share=0.5, **LIT_TRAINED_TEACHER)
     outputs = {"student": [], "teacher": []}  # (mean, std) of every update
     hooks = [getattr(model, role).register_forward_hook(lambda module, args, out, role=role: outputs[role].append(out))
              for role in outputs]
