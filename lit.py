@@ -29,7 +29,7 @@ Our choices and simplifications (not from the paper):
   (b^T_{t+1} = U_T(b^S_t, ...), Dreamer's posterior on the prior's state) instead of rolling its own,
   so it can run on `--teacher-share` of each batch; `--self-teacher`: the teacher is U_S itself under
   no_grad, reading the hints as extra givens (no U_T, no W_h, no teacher CE: a forward pass only).
-  The default is the self teacher from the student's belief on a quarter of each batch with β = 0.3
+  The default is the self teacher from the student's belief on a quarter of each batch with β = 0.1
   (8 % over the ablation's FLOPs); `--no-self-teacher --teacher-start own --teacher-share 1
   --imagination-weight 1` is the posterior/prior pair written above (104 % over).
 - Attention in U is restricted to Sudoku peers (same row/column/box, as in the recurrent relational
@@ -80,7 +80,7 @@ class Config:
     n_layers: int = 2                    # transformer blocks in U (applied once per thinking step)
     peer_attention: bool = True          # cells attend only to their row/column/box peers (RRN's Sudoku graph)
     think_steps: int = 6                 # thinking steps per training example; hints reach the full solution at the last
-    imagination_weight: float = 0.3      # β in L (1.0 committed the student early: README)
+    imagination_weight: float = 0.1      # β in L (larger β commits the student early: README)
     no_imagination: bool = False         # ablation: no teacher, β = 0, student on the solution loss alone
     recursion: str = "latent"            # latent: the belief passes between steps; observation: only its decoded digit distributions
     max_hint_fraction: float = 1.0       # cap on the share of solution cells the teacher sees (1: all by the last training step)
