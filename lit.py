@@ -13,9 +13,8 @@ steps the belief never passes through token or pixel space.
   teacher (posterior):  b^T_{t+1} = U_T(b^T_t, E(puzzle) + W_h E(hints_t))
       hints_t reveals a growing random subset of the solution cells (none at t=0, all at the last
       training step), through the same encoder E.
-  student (prior):      b^S_{t+1} = U_S(b^S_t, E(puzzle))        (multi-step imagination: rolled from
-      its own belief, as at test time; `--no-student-own-rollout` steps it from b^T_t instead, the
-      one-step imagination a world model's prior is trained with)
+  student (prior):      b^S_{t+1} = U_S(b^S_t, E(puzzle))        (rolled from its own belief, as at
+      test time: multi-step imagination)
   L = Σ_t [ CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||² ] / T
       (deep supervision at every step; `--stochastic`: Gaussian beliefs and β·KL(sg(q_T) || p_S))
 At test time only the student runs, for any number of steps; accuracy against steps is the result.
@@ -23,8 +22,16 @@ At test time only the student runs, for any number of steps; accuracy against st
 Our choices and simplifications (not from the paper):
 - U_T and U_S are two instances of one class (`--shared-update` ties them); encoder and decoder are
   shared. Language and visual forms differ only in E (token embedding vs. a small CNN per cell).
-- Student rollout: from its own belief by default, the recurrence it runs at test time (it beat the
-  world-model style `--no-student-own-rollout` in the README's measurement).
+- Student rollout: from its own belief, the recurrence it runs at test time (stepping it from b^T_t,
+  the one-step imagination a world model's prior is trained with, did worse in the README).
+- Cheaper teachers (at equal training compute the teacher's cost is LIT's handicap):
+  `--teacher-start student`: the teacher refines the student's current belief with the hints
+  (b^T_{t+1} = U_T(b^S_t, ...), Dreamer's posterior on the prior's state) instead of rolling its own,
+  so it can run on `--teacher-share` of each batch; `--self-teacher`: the teacher is U_S itself under
+  no_grad, reading the hints as extra givens (no U_T, no W_h, no teacher CE: a forward pass only).
+  The default is the self teacher from the student's belief on a quarter of each batch with β = 0.1
+  (8 % over the ablation's FLOPs); `--no-self-teacher --teacher-start own --teacher-share 1
+  --imagination-weight 1` is the posterior/prior pair written above (104 % over).
 - Attention in U is restricted to Sudoku peers (same row/column/box, as in the recurrent relational
   network's graph; `--no-peer-attention` for all 81 cells): it learns several times faster on CPU.
 - Truncated backprop: the state is detached between thinking steps, so each step is one supervised
@@ -62,7 +69,7 @@ N_CELLS, N_DIGITS = 81, 9
 
 @dataclass
 class Config:
-    steps: int = 200                     # optimizer steps (README: the baselines' counts for equal training FLOPs)
+    steps: int = 377                     # optimizer steps: the training FLOPs of the baselines' --steps 408 / 406
     batch_size: int = 32
     lr: float = 2e-3                     # peak learning rate (AdamW)
     warmup_steps: int = 50
@@ -73,13 +80,15 @@ class Config:
     n_layers: int = 2                    # transformer blocks in U (applied once per thinking step)
     peer_attention: bool = True          # cells attend only to their row/column/box peers (RRN's Sudoku graph)
     think_steps: int = 6                 # thinking steps per training example; hints reach the full solution at the last
-    imagination_weight: float = 1.0      # β in L
+    imagination_weight: float = 0.1      # β in L (larger β commits the student early: README)
     no_imagination: bool = False         # ablation: no teacher, β = 0, student on the solution loss alone
     recursion: str = "latent"            # latent: the belief passes between steps; observation: only its decoded digit distributions
     max_hint_fraction: float = 1.0       # cap on the share of solution cells the teacher sees (1: all by the last training step)
     imagination_decay_from: float = 1.0  # fraction of training after which β decays linearly to 0 at the last step (1: never)
     imagination_share: float = 1.0       # share of the belief's d channels the imagination loss applies to
-    student_own_rollout: bool = True     # student steps from its own belief (multi-step imagination); False: from the teacher's
+    self_teacher: bool = True            # teacher = the student's own network under no_grad, hints entered as extra givens
+    teacher_start: str = "student"       # own: the teacher rolls its own belief; student: it refines the student's current one
+    teacher_share: float = 0.25          # share of each batch the teacher runs on (its cost)
     shared_update: bool = False          # one network U for teacher and student (hint slot empty for the student)
     stochastic: bool = False             # Gaussian beliefs, KL(sg(q_T) || p_S) instead of the squared error
     min_std: float = 0.1                 # floor on the belief std when stochastic
@@ -214,14 +223,17 @@ class LatentImaginationModel(nn.Module):
         self.register_buffer("cell_row", cell // 9, persistent=False)
         self.register_buffer("cell_col", cell % 9, persistent=False)
         self.register_buffer("cell_box", (cell // 27) * 3 + (cell % 9) // 3, persistent=False)
-        self.hint_proj = nn.Linear(d, d, bias=False)  # W_h: the teacher's extra-observation slot
+        # W_h: the trained teacher's extra-observation slot (a self teacher reads hints as givens instead)
+        self.hint_proj = None if config.self_teacher else nn.Linear(d, d, bias=False)
         observation_space = config.recursion == "observation"
         # observation-space recursion: the next step reads only the decoded digit distributions, re-embedded
         # by a linear map (the CNN encoder cannot read a distribution; a token model would embed its tokens)
         self.readback = nn.Linear(N_DIGITS, d, bias=False) if observation_space else None
         self.belief_init = None if observation_space else nn.Parameter(0.02 * torch.randn(d))  # b_0, every cell
-        self.teacher = BeliefUpdate(config)  # U_T, posterior
-        self.student = self.teacher if config.shared_update else BeliefUpdate(config)  # U_S, prior
+        self.teacher = None if config.self_teacher else BeliefUpdate(config)  # U_T, posterior
+        self.student = self.teacher if config.shared_update and self.teacher else BeliefUpdate(config)  # U_S, prior
+        if config.self_teacher:  # U_S itself in the teacher's role, evaluated without gradient
+            self.teacher = self.student
         self.decoder = nn.Linear(d, N_DIGITS)  # D: belief -> logits over digits 1..9
 
     def observe(self, batch: dict, teacher: bool):
@@ -248,7 +260,10 @@ class LatentImaginationModel(nn.Module):
         return self.readback(self.decode(belief).softmax(-1).detach())  # (B, 81, 9) -> (B, 81, D)
 
     def teacher_parameters(self):
-        """Parameters only the teacher uses (U_T and W_h): the teacher model for per-model clipping."""
+        """Parameters only the teacher uses (U_T and W_h; none for a self teacher): the teacher model
+        for per-model clipping."""
+        if self.hint_proj is None:
+            return []
         own = list(self.hint_proj.parameters())
         return own if self.config.shared_update else own + list(self.teacher.parameters())
 
@@ -280,6 +295,17 @@ def hint_embedding(model, solution_emb, blank_emb, reveal_order, t: int):
     return torch.where(revealed[..., None], solution_emb, blank_emb)
 
 
+def teacher_update(model, state, puzzle_emb, solution_emb, blank_emb, puzzle, reveal_order, t: int):
+    """The teacher's step from `state` (b, 81, D) with the hints of step t -> (mean, std) of b^T_{t+1}.
+    Trained teacher: U_T(state, E(puzzle) + W_h E(hints_t)). Self teacher: U_S(state, E(puzzle with
+    hints_t as extra givens)) under no_grad: a target only, trained through the student's own loss."""
+    if model.hint_proj is not None:
+        return model.teacher(state, puzzle_emb + model.hint_proj(hint_embedding(model, solution_emb, blank_emb, reveal_order, t)))
+    revealed = (reveal_order < hint_fraction(t, model.config)) & (puzzle == 0)  # (b, 81) blank cells now given
+    with torch.no_grad():  # E(puzzle + hints) = E(puzzle) + [E(solution) - E(blank)] on the new givens (E is per cell)
+        return model.teacher(state, puzzle_emb + torch.where(revealed[..., None], solution_emb - blank_emb, 0))
+
+
 def sample_belief(mean, std, sample: bool):
     """Reparameterised draw b = μ + σ·ε (stochastic beliefs), else the mean. ε from the global CPU RNG."""
     if std is None or not sample:
@@ -290,37 +316,40 @@ def sample_belief(mean, std, sample: bool):
 # ----------------------------------------------------------------------------- LIT loss
 def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
     """L = Σ_t [CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||²] / T,
-    β = imagination_beta(step) (0 under no_imagination), T = think_steps. The squared error (or KL)
-    covers the first imagination_share of the d channels."""
+    β = imagination_beta(step) (0 under no_imagination), T = think_steps. The teacher runs on the first
+    teacher_share of the batch (its CE and the imagination term average over those examples; a self
+    teacher has no CE). The squared error (or KL) covers the first imagination_share of the d channels."""
     target = batch["solution"] - 1  # (B, 81) digit classes 0..8
-    puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=not config.no_imagination)
     B, T = target.shape[0], config.think_steps
+    n = 0 if config.no_imagination else max(1, round(config.teacher_share * B))  # the teacher's sub-batch
+    puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=n > 0)
     channels = max(1, round(config.imagination_share * config.d_model))  # imagined part of the belief
     reveal_order = torch.rand(B, N_CELLS).to(target.device)  # global RNG -> exact resume
-    teacher_state = student_state = model.initial_belief(B)  # what each role's next step reads
+    student_state = model.initial_belief(B)  # what each role's next step reads, detached by carry():
+    teacher_state = student_state[:n]        # one step per supervised segment (truncated backprop)
     ce_teacher = ce_student = imagination = puzzle_emb.new_zeros((), dtype=torch.float32)
     for t in range(T):
-        previous = teacher_state  # detached by carry(): one step per supervised segment (truncated backprop)
-        if not config.no_imagination:  # teacher (posterior): the puzzle and the hints revealed so far
-            observation = puzzle_emb + model.hint_proj(hint_embedding(model, solution_emb, blank_emb, reveal_order, t))
-            mean_t, std_t = model.teacher(previous, observation)
+        if n:  # teacher (posterior): the puzzle and the hints revealed so far, from its own or the student's belief
+            start = student_state[:n] if config.teacher_start == "student" else teacher_state
+            mean_t, std_t = teacher_update(model, start, puzzle_emb[:n], solution_emb[:n], blank_emb,
+                                           batch["puzzle"][:n], reveal_order[:n], t)
             teacher_belief = sample_belief(mean_t, std_t, sample=True)
             teacher_state = model.carry(teacher_belief)
-            ce_teacher = ce_teacher + F.cross_entropy(model.decode(teacher_belief).transpose(1, 2), target)
-        # student (prior): the puzzle only, from its own previous state (or the teacher's)
-        own = config.student_own_rollout or config.no_imagination
-        mean_s, std_s = model.student(student_state if own else previous, puzzle_emb)
+            if not config.self_teacher:
+                ce_teacher = ce_teacher + F.cross_entropy(model.decode(teacher_belief).transpose(1, 2), target[:n])
+        # student (prior): the puzzle only, from its own previous belief, as at test time
+        mean_s, std_s = model.student(student_state, puzzle_emb)
         student_belief = sample_belief(mean_s, std_s, sample=True)
         student_state = model.carry(student_belief)
         ce_student = ce_student + F.cross_entropy(model.decode(student_belief).transpose(1, 2), target)
-        if config.no_imagination:  # ablation: the same recurrence and deep supervision, no teacher
+        if not n:  # ablation: the same recurrence and deep supervision, no teacher
             continue
         if config.stochastic:  # KL(sg(q_T) || p_S) per cell, summed over d, averaged over cells
             q = torch.distributions.Normal(mean_t[..., :channels].detach().float(), std_t[..., :channels].detach().float())
-            p = torch.distributions.Normal(mean_s[..., :channels].float(), std_s[..., :channels].float())
+            p = torch.distributions.Normal(mean_s[:n, :, :channels].float(), std_s[:n, :, :channels].float())
             imagination = imagination + torch.distributions.kl_divergence(q, p).sum(-1).mean()
         else:  # ||b^S_{t+1} − sg(b^T_{t+1})||², mean over cells and channels
-            gap = student_belief[..., :channels].float() - teacher_belief[..., :channels].detach().float()
+            gap = student_belief[:n, :, :channels].float() - teacher_belief[..., :channels].detach().float()
             imagination = imagination + gap.pow(2).mean()
     loss = (ce_teacher + ce_student + imagination_beta(step, config) * imagination) / T
     return {"loss": loss, "ce_teacher": ce_teacher / T, "ce_student": ce_student / T, "imagination": imagination / T}
@@ -331,21 +360,27 @@ def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
 def think(model, batch: dict, n_steps: int, role: str = "student", sample: bool = False, seed: int = 0):
     """Rolls one role for n_steps from b_0; returns the decoded logits after every step, a list of
     (B, 81, 9). The student sees only the puzzle; the teacher also gets hints on the training schedule
-    (reveal order from `seed`). sample=True draws stochastic beliefs (diverse solutions)."""
+    (reveal order from `seed`), stepping from its own belief or, with teacher_start "student", from the
+    student's rolled alongside. sample=True draws stochastic beliefs (diverse solutions)."""
     if role not in ("student", "teacher"):
         raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=role == "teacher")
     B = puzzle_emb.shape[0]
     reveal_order = torch.rand(B, N_CELLS, generator=torch.Generator().manual_seed(seed)).to(puzzle_emb.device)
-    state, logits = model.initial_belief(B), []
-    update = model.teacher if role == "teacher" else model.student
+    student_state = teacher_state = model.initial_belief(B)
+    logits = []
     for t in range(n_steps):
-        observation = puzzle_emb
         if role == "teacher":
-            observation = puzzle_emb + model.hint_proj(hint_embedding(model, solution_emb, blank_emb, reveal_order, t))
-        belief = sample_belief(*update(state, observation), sample=sample)
-        state = model.carry(belief)
-        logits.append(model.decode(belief))
+            start = student_state if model.config.teacher_start == "student" else teacher_state
+            belief = sample_belief(*teacher_update(model, start, puzzle_emb, solution_emb, blank_emb, batch["puzzle"],
+                                                   reveal_order, t), sample=sample)
+            teacher_state = model.carry(belief)
+            logits.append(model.decode(belief))
+        if role == "student" or model.config.teacher_start == "student":
+            belief = sample_belief(*model.student(student_state, puzzle_emb), sample=sample)
+            student_state = model.carry(belief)
+            if role == "student":
+                logits.append(model.decode(belief))
     return logits
 
 
@@ -394,6 +429,10 @@ def check_config(config: Config):
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.clip_norm <= 0:
         raise ValueError(f"clip_norm must be positive, got {config.clip_norm}")
+    if config.teacher_start not in ("own", "student"):
+        raise ValueError(f"teacher_start must be 'own' or 'student', got {config.teacher_start!r}")
+    if not 0.0 < config.teacher_share <= 1.0:
+        raise ValueError(f"teacher_share must be in (0, 1], got {config.teacher_share}")
     for name in ("max_hint_fraction", "imagination_decay_from", "imagination_share"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
@@ -523,7 +562,8 @@ if __name__ == "__main__":  # tiny demo: a few seconds on CPU
         print(demo_row)
     # training FLOPs per step at the CPU defaults: the ratios set the step counts for equal compute
     demo_batch = demo_task.train_batch(0, Config.batch_size)
-    for demo_name, demo_flags in [("LIT", {}), ("no imagination", dict(no_imagination=True)),
+    for demo_name, demo_flags in [("LIT", {}), ("LIT, trained teacher", dict(self_teacher=False, teacher_start="own", teacher_share=1.0)),
+                                  ("no imagination", dict(no_imagination=True)),
                                   ("observation-space recursion", dict(no_imagination=True, recursion="observation"))]:
         demo_config = Config(**demo_flags)
         print(f"{demo_name}: {training_flops(build_model(demo_config, demo_task), demo_batch, demo_config) / 1e9:.2f} GFLOP per training step")

@@ -2089,6 +2089,9 @@ class LitFakeTask:
         self.name = name
 
 
+LIT_TRAINED_TEACHER = dict(self_teacher=False, teacher_start="own", teacher_share=1.0)  # U_T with W_h and its own CE
+
+
 def lit_tiny_config(**overrides):
     base = dict(d_model=32, n_heads=2, n_layers=1, think_steps=3, batch_size=8, eval_batch_size=8, eval_steps=(1, 3))
     return lit.Config(**{**base, **overrides})
@@ -2129,7 +2132,7 @@ def lit_make(task_name="sudoku", **overrides):
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_lit_imagination_target_carries_no_gradient_into_teacher(stochastic):
-    model, config = lit_make(stochastic=stochastic)
+    model, config = lit_make(stochastic=stochastic, **LIT_TRAINED_TEACHER)
     batch = lit_tiny_sudoku(4, 30)
     losses = lit.lit_loss(model, batch, config)
     losses["imagination"].backward()
@@ -2233,7 +2236,7 @@ def test_lit_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         lit.think(model, good, 2, role="oracle")
     for bad_field in (dict(recursion="pixels"), dict(max_hint_fraction=1.5), dict(imagination_share=-0.1),
-                      dict(n_samples=0), dict(clip_norm=0.0)):
+                      dict(n_samples=0), dict(clip_norm=0.0), dict(teacher_start="teacher"), dict(teacher_share=0.0)):
         with pytest.raises(ValueError, match=next(iter(bad_field))):
             lit.build_model(lit_tiny_config(**bad_field), LitFakeTask("sudoku"))
 
@@ -2277,7 +2280,7 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
     """Each step's input state is the previous step's decoded distributions, re-embedded: in the test
     rollout and in training, for the student and the teacher (latent mode passes the belief instead)."""
     for recursion in ("observation", "latent"):
-        model, config = lit_make(recursion=recursion)
+        model, config = lit_make(recursion=recursion, **LIT_TRAINED_TEACHER)
         batch = lit_tiny_sudoku(4, 40)
         seen = {"student": [], "teacher": []}  # (input state, output mean) per update call
         hooks = [getattr(model, role).register_forward_hook(
@@ -2310,7 +2313,7 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
 def test_lit_per_model_clipping_bounds_each_model_separately():
     """With plain SGD (lr 1) the update is the clipped gradient: teacher and student each move by
     exactly clip_norm, which a global clip over both (total clip_norm) would not do."""
-    model, config = lit_make(clip_norm=1e-3)
+    model, config = lit_make(clip_norm=1e-3, **LIT_TRAINED_TEACHER)
     teacher_ids = {id(p) for p in model.teacher_parameters()}
     assert teacher_ids and teacher_ids.isdisjoint(id(p) for p in model.student.parameters())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -2341,11 +2344,13 @@ def test_lit_multi_solution_generator_gives_puzzles_with_several_solutions():
     assert np.array_equal(multi, sudoku_data.multi_solution_puzzles(puzzles, seed=1))  # deterministic in the seed
 
 
-def test_lit_student_per_step_cross_entropies_are_its_test_rollouts():
+@pytest.mark.parametrize("teacher_start", ["own", "student"])
+def test_lit_student_per_step_cross_entropies_are_its_test_rollouts(teacher_start):
     """Deep supervision: lit_loss's student CE is the mean over all T steps of the CE of think()'s
     student logits (hint-free, so no hint reaches the student in training); likewise the teacher's
-    with the same reveal order (so its hints pass through W_h as at test time)."""
-    model, config = lit_make(think_steps=4)
+    with the same reveal order (so its hints pass through W_h as at test time), whether it steps from
+    its own belief or from the student's."""
+    model, config = lit_make(think_steps=4, **{**LIT_TRAINED_TEACHER, "teacher_start": teacher_start})
     batch = lit_tiny_sudoku(4, 40)
     target = batch["solution"] - 1
 
@@ -2377,7 +2382,7 @@ def test_lit_stochastic_samples_differ_by_seed_and_are_scored_as_valid_solutions
 def test_lit_loss_is_the_sum_of_its_terms_computed_by_hand(stochastic):
     """L = Σ_t [CE_T + CE_S + β·||b^S − sg(b^T)||²] / T (or β·KL(sg(q_T) || p_S), summed over d,
     averaged over cells), the imagination term over the first imagination_share of the channels."""
-    model, config = lit_make(stochastic=stochastic, imagination_weight=0.7, imagination_share=0.5)
+    model, config = lit_make(stochastic=stochastic, imagination_weight=0.7, imagination_share=0.5, **LIT_TRAINED_TEACHER)
     outputs = {"student": [], "teacher": []}  # (mean, std) of every update
     hooks = [getattr(model, role).register_forward_hook(lambda module, args, out, role=role: outputs[role].append(out))
              for role in outputs]
@@ -2453,3 +2458,46 @@ def test_lit_stochastic_evaluate_reports_diversity_on_multi_solution_sets():
     assert all(0 <= r["valid samples %"] <= 100 and 0 <= r["distinct valid solutions"] <= 3 for r in rows)
     multi = lit.multi_solution_set(test_set, 4)
     assert all(sudoku_data.solve(p, limit=2)[0] == 2 for p in multi["puzzle"].numpy())
+
+
+@pytest.mark.parametrize("task_name", ["sudoku", "visual"])
+def test_lit_self_teacher_is_the_student_network_reading_hints_as_givens(task_name):
+    """A self teacher has no network or hint slot of its own: its step is U_S on the puzzle with the
+    revealed solution cells filled in as givens, computed without gradient, and it adds no CE term."""
+    model, config = lit_make(task_name, self_teacher=True, teacher_start="student")
+    assert model.teacher is model.student and model.hint_proj is None and model.teacher_parameters() == []
+    batch = lit_tiny_sudoku(4, 40)
+    batch = lit_with_images(batch) if task_name == "visual" else batch
+    puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=True)
+    order, state = torch.rand(4, 81), torch.randn(4, 81, config.d_model)
+    mean, _ = lit.teacher_update(model, state, puzzle_emb, solution_emb, blank_emb, batch["puzzle"], order, 1)  # half revealed
+    given = torch.where(order < 0.5, batch["solution"], batch["puzzle"])  # (4, 81) the puzzle with the hints as givens
+    assert (given > 0).sum() > (batch["puzzle"] > 0).sum() + 40  # the hints did add givens
+    easier = dict(batch, puzzle=given)
+    if task_name == "visual":
+        easier["puzzle_images"] = batch["solution_images"] * (given > 0)[..., None, None]
+    expected, _ = model.student(state, model.observe(easier, teacher=False)[0])
+    assert torch.allclose(mean, expected, atol=1e-5) and not mean.requires_grad
+    losses = lit.lit_loss(model, batch, config)
+    assert losses["ce_teacher"] == 0 and losses["imagination"] > 0
+
+
+@pytest.mark.parametrize("self_teacher", [False, True])
+def test_lit_teacher_share_and_start_set_what_the_teacher_steps_from(self_teacher):
+    """teacher_share 0.25: the teacher runs on the first quarter of the batch (and costs less);
+    teacher_start "student": it steps from the student's current belief, not its own."""
+    model, config = lit_make(self_teacher=self_teacher, teacher_share=0.25, teacher_start="student")
+    batch = lit_tiny_sudoku(8, 40)
+    calls = {"teacher": [], "student": []}  # input states per update call
+    hooks = [getattr(model, role).register_forward_hook(lambda module, args, out, role=role: calls[role].append(args[0]))
+             for role in ("teacher", "student")]
+    lit.lit_loss(model, batch, config)
+    for hook in hooks:
+        hook.remove()
+    if self_teacher:  # one module in both roles: the calls alternate teacher (2 rows), student (8 rows)
+        calls = {"teacher": calls["student"][0::2], "student": calls["student"][1::2]}
+    assert [s.shape[0] for s in calls["teacher"]] == [2] * config.think_steps
+    assert [s.shape[0] for s in calls["student"]] == [8] * config.think_steps
+    assert all(torch.equal(t, s[:2]) for t, s in zip(calls["teacher"], calls["student"]))
+    full = lit.build_model(dataclasses.replace(config, teacher_share=1.0), LitFakeTask("sudoku"))
+    assert lit.training_flops(model, batch, config) < lit.training_flops(full, batch, dataclasses.replace(config, teacher_share=1.0))
