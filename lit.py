@@ -306,11 +306,29 @@ def teacher_update(model, state, puzzle_emb, solution_emb, blank_emb, puzzle, re
         return model.teacher(state, puzzle_emb + torch.where(revealed[..., None], solution_emb - blank_emb, 0))
 
 
-def sample_belief(mean, std, sample: bool):
-    """Reparameterised draw b = μ + σ·ε (stochastic beliefs), else the mean. ε from the global CPU RNG."""
+def example_generators(batch: dict) -> list | None:
+    """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
+    an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
+    one process draws. None (the global generator) for a batch without seeds."""
+    if "example_seed" not in batch:
+        return None
+    device = batch["example_seed"].device
+    return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
+
+
+def noise(draw, shape, generators, device) -> torch.Tensor:
+    """draw(shape) (torch.rand or torch.randn) on `device`: row b from generators[b], or all from the global
+    generator when generators is None."""
+    if generators is None:
+        return draw(shape, device=device)
+    return torch.stack([draw(shape[1:], generator=g, device=device) for g in generators])
+
+
+def sample_belief(mean, std, sample: bool, generators=None):
+    """Reparameterised draw b = μ + σ·ε (stochastic beliefs), else the mean; ε from `generators` (see noise)."""
     if std is None or not sample:
         return mean
-    return mean + std * torch.randn(mean.shape).to(mean.device, mean.dtype)
+    return mean + std * noise(torch.randn, mean.shape, generators, mean.device).to(mean.dtype)
 
 
 # ----------------------------------------------------------------------------- LIT loss
@@ -324,7 +342,8 @@ def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
     n = 0 if config.no_imagination else max(1, round(config.teacher_share * B))  # the teacher's sub-batch
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=n > 0)
     channels = max(1, round(config.imagination_share * config.d_model))  # imagined part of the belief
-    reveal_order = torch.rand(B, N_CELLS).to(target.device)  # global RNG -> exact resume
+    generators = example_generators(batch)  # per-example noise: the same under any torchrun split
+    reveal_order = noise(torch.rand, (B, N_CELLS), generators, target.device)
     student_state = model.initial_belief(B)  # what each role's next step reads, detached by carry():
     teacher_state = student_state[:n]        # one step per supervised segment (truncated backprop)
     ce_teacher = ce_student = imagination = puzzle_emb.new_zeros((), dtype=torch.float32)
@@ -333,13 +352,13 @@ def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
             start = student_state[:n] if config.teacher_start == "student" else teacher_state
             mean_t, std_t = teacher_update(model, start, puzzle_emb[:n], solution_emb[:n], blank_emb,
                                            batch["puzzle"][:n], reveal_order[:n], t)
-            teacher_belief = sample_belief(mean_t, std_t, sample=True)
+            teacher_belief = sample_belief(mean_t, std_t, sample=True, generators=generators[:n] if generators else None)
             teacher_state = model.carry(teacher_belief)
             if not config.self_teacher:
                 ce_teacher = ce_teacher + F.cross_entropy(model.decode(teacher_belief).transpose(1, 2), target[:n])
         # student (prior): the puzzle only, from its own previous belief, as at test time
         mean_s, std_s = model.student(student_state, puzzle_emb)
-        student_belief = sample_belief(mean_s, std_s, sample=True)
+        student_belief = sample_belief(mean_s, std_s, sample=True, generators=generators)
         student_state = model.carry(student_belief)
         ce_student = ce_student + F.cross_entropy(model.decode(student_belief).transpose(1, 2), target)
         if not n:  # ablation: the same recurrence and deep supervision, no teacher

@@ -644,11 +644,14 @@ def test_train_py_torchrun_equals_one_process_and_resumes_exactly_recurrent_dept
     assert [line["step"] for line in log] == [2, 4] and all(line["flops_per_step"] > 0 for line in log)
 
 
-def test_train_py_torchrun_equals_one_process_with_the_same_total_batch_lit(tmp_path, data_dir):
-    # --no-imagination: lit then draws no random number that matters (see README: which draws are per batch);
-    # a tight --clip-norm makes the clipping act, so averaging clipped gradients would show
-    run = ["--method", "lit", *TINY_FLAGS["lit"], "--no-imagination", "--clip-norm", "0.05", "--steps", "3",
-           "--eval-size", "2", "--data-dir", data_dir]
+@pytest.mark.parametrize("variant", [[], ["--stochastic"]])
+def test_train_py_torchrun_equals_one_process_with_the_same_total_batch_lit(tmp_path, data_dir, variant):
+    # the teacher's reveal order (it matters from 3 thinking steps on) and, stochastic, the beliefs' noise are
+    # drawn per example from its seed; the teacher runs on the whole batch (a --teacher-share below 1 is taken
+    # from each rank's slice: README); a tight --clip-norm makes the clipping act, so averaging clipped
+    # gradients would show
+    run = ["--method", "lit", *TINY_FLAGS["lit"], *variant, "--think-steps", "4", "--teacher-share", "1",
+           "--clip-norm", "0.05", "--steps", "3", "--eval-size", "2", "--data-dir", data_dir]
     done = _torchrun(run + ["--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     refused = _torchrun(run + ["--out", str(tmp_path / "two")])  # rank 0's error reaches every rank: none hangs
