@@ -73,6 +73,7 @@ class Config:
     window: int = 24
     fast_steps: int = 16  # T: posterior AdamW steps per training sequence (paper: 16)
     fast_lr: float = 1.0  # fast-learning peak lr, cosine to fast_lr/10 over the T steps (paper: 0.3; see docstring)
+    kl_weight: float = 1.0  # weight of KL(q || p) in the fast steps' loss (paper: 1); < 1 only as an ablation
     weight_decay: float = 0.1  # slow AdamW weight decay on 2-D weights (paper: 0.1)
     use_latent: bool = True  # False: plain decoder of the same size, no z (the baseline)
     eval_subset: int = 200  # held-out sequences per test set used by evaluate() (it costs Σ eval_steps fits)
@@ -230,6 +231,8 @@ def build_model(config, task):
         raise ValueError("fast_steps and n_z_per_layer must be >= 1, every eval step >= 0")
     if config.window < 0:
         raise ValueError(f"window must be >= 0 (0 = full causal attention), got {config.window}")
+    if config.kl_weight < 0:
+        raise ValueError(f"kl_weight must be >= 0, got {config.kl_weight}")
     vocab_size, seq_len = task_layout(task)
     return LatentThoughtModel(config, task.name, vocab_size, max_len=seq_len - 1)
 
@@ -304,7 +307,8 @@ def fast_lr_at(step, n_steps, peak):
 
 def fit_posterior(model, tokens, steps, config, autocast_dtype):
     """Fast learning: T AdamW steps on q(z|x) = N(μ, diag e^logvar) for every sequence of tokens (B, S),
-    decoder frozen. One noise draw ε per fit, reused by every step (and by the caller's z = μ + σ ε).
+    decoder frozen, minimising Σ NLL + kl_weight · KL (the negative ELBO at weight 1; the reported bound
+    always uses weight 1). One noise draw ε per fit, reused by every step (and by the caller's z = μ + σ ε).
     T = 0 returns the prior (μ = 0, logvar = 0). Returns detached μ, logvar, ε, each (B, n_latents, d)."""
     shape = (tokens.shape[0], model.n_latents, model.d_model)
     eps = torch.randn(shape, device=tokens.device)
@@ -323,7 +327,7 @@ def fit_posterior(model, tokens, steps, config, autocast_dtype):
             optimizer.zero_grad(set_to_none=True)
             # decoder frozen: backward only to (μ, logvar), so no grads reach β. No GradScaler: the summed
             # loss keeps fp16 gradients well above underflow, and Adam ignores the loss scale anyway.
-            (nll + kl).sum().backward(inputs=[mu, logvar])
+            (nll + config.kl_weight * kl).sum().backward(inputs=[mu, logvar])
             optimizer.step()
     return mu.detach(), logvar.detach(), eps
 

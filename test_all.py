@@ -1457,6 +1457,19 @@ def test_ltm_fast_step_touches_only_the_posterior():
     assert (logvar + 5.0).abs().mean() > 0.5  # moved away from its N(-5, 0.1²) init
 
 
+def test_ltm_kl_weight_scales_the_pull_to_the_prior():
+    # the same fit (same init and ε) with the KL left out moves μ further from 0 than the full negative ELBO
+    task, config, model, _, _ = ltm_setup(fast_lr=0.3)
+    mu_norms = []
+    for kl_weight in (1.0, 0.0):
+        torch.manual_seed(1)
+        mu, _, _ = ltm.fit_posterior(model, task.windows[:4], 8, dataclasses.replace(config, kl_weight=kl_weight), None)
+        mu_norms.append(mu.norm().item())
+    assert mu_norms[1] > 1.5 * mu_norms[0], mu_norms
+    with pytest.raises(ValueError, match="kl_weight"):
+        ltm.build_model(dataclasses.replace(config, kl_weight=-1.0), task)
+
+
 def test_ltm_batched_fast_loss_gives_each_sequence_its_own_gradient():
     task, config, model, _, _ = ltm_setup()
     tokens = task.windows[:3]
