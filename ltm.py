@@ -41,7 +41,6 @@ Simplified or changed relative to the reference, and why:
   term is already the regulariser.
 """
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -270,12 +269,6 @@ def to_sequences(batch, model):
     return check_tokens(batch["tokens"], model)
 
 
-def autocast(device, autocast_dtype):
-    if autocast_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=autocast_dtype)
-
-
 # ----------------------------------------------------------------------------- the objective (ELBO)
 def kl_to_prior(mu, logvar):
     """KL(q(z|x) || N(0, I)) = ½ Σ (μ² + σ² - 1 - log σ²), per sequence: (B,)."""
@@ -289,7 +282,7 @@ def sample_z(mu, logvar, eps):
 
 def token_nll(model, tokens, z, autocast_dtype):
     """-log p_β(x|z) summed over the predicted tokens x_2..x_S: (B,)."""
-    with autocast(tokens.device, autocast_dtype):
+    with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(tokens[:, :-1], z)  # (B, S-1, V)
     return F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").sum(dim=1)
 
@@ -305,17 +298,34 @@ def fast_lr_at(step, n_steps, peak):
     return peak / 10 + 0.5 * (1 + math.cos(math.pi * step / n_steps)) * (peak - peak / 10)
 
 
-def fit_posterior(model, tokens, steps, config, autocast_dtype):
+def example_generators(batch: dict) -> list | None:
+    """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
+    an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
+    one process draws. None (the global generator) for a batch without seeds."""
+    if "example_seed" not in batch:
+        return None
+    device = batch["example_seed"].device
+    return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
+
+
+def gaussian_noise(shape, generators, device) -> torch.Tensor:
+    """N(0, 1) of `shape` on `device`: row b from generators[b], or all from the global generator if None."""
+    if generators is None:
+        return torch.randn(shape, device=device)
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generators])
+
+
+def fit_posterior(model, tokens, steps, config, autocast_dtype, generators=None):
     """Fast learning: T AdamW steps on q(z|x) = N(μ, diag e^logvar) for every sequence of tokens (B, S),
     decoder frozen, minimising Σ NLL + kl_weight · KL (the negative ELBO at weight 1; the reported bound
     always uses weight 1). One noise draw ε per fit, reused by every step (and by the caller's z = μ + σ ε).
     T = 0 returns the prior (μ = 0, logvar = 0). Returns detached μ, logvar, ε, each (B, n_latents, d)."""
     shape = (tokens.shape[0], model.n_latents, model.d_model)
-    eps = torch.randn(shape, device=tokens.device)
+    eps = gaussian_noise(shape, generators, tokens.device)
     if steps == 0:
         return torch.zeros(shape, device=tokens.device), torch.zeros(shape, device=tokens.device), eps
-    mu = (0.01 * torch.randn(shape, device=tokens.device)).requires_grad_()  # μ ~ N(0, 0.01²)
-    logvar = (-5.0 + 0.1 * torch.randn(shape, device=tokens.device)).requires_grad_()  # logvar ~ N(-5, 0.1²)
+    mu = (0.01 * gaussian_noise(shape, generators, tokens.device)).requires_grad_()  # μ ~ N(0, 0.01²)
+    logvar = (-5.0 + 0.1 * gaussian_noise(shape, generators, tokens.device)).requires_grad_()  # logvar ~ N(-5, 0.1²)
     # One optimizer over the whole batch: the loss is a sum over sequences and sequence b's (μ_b, logvar_b)
     # only enter its own term, so each gets exactly its own gradient; AdamW normalises per element, so
     # this is identical to running B separate per-sequence optimisers, just vectorised.
@@ -362,7 +372,7 @@ def generate(model, prefix, steps, n_new, config, autocast_dtype=None, temperatu
         z = sample_z(*fit_posterior(model, prefix, steps, config, autocast_dtype))  # (B, n_latents, d)
     cache, tokens, new_tokens = [{} for _ in range(model.n_layers)], prefix, []
     for _ in range(n_new):
-        with autocast(prefix.device, autocast_dtype):
+        with torch.autocast(prefix.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(tokens, z, cache)[:, -1].float()  # (B, V); the first call reads the whole prefix
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
@@ -381,9 +391,10 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     optimizer.zero_grad(set_to_none=True)
     z = mu = logvar = None
     if model.use_latent:
-        mu, logvar, eps = fit_posterior(model, tokens, config.fast_steps, config, autocast_dtype)
+        generators = example_generators(batch)  # per-example ε and init: the same under any torchrun split
+        mu, logvar, eps = fit_posterior(model, tokens, config.fast_steps, config, autocast_dtype, generators)
         z = sample_z(mu, logvar, eps)  # (B, n_latents, d), detached: exactly the z the fast steps fitted
-    with autocast(tokens.device, autocast_dtype):
+    with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(tokens[:, :-1], z)  # (B, S-1, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())  # -log p_β(x|z) per token
     scaler.scale(loss).backward()
