@@ -1620,6 +1620,24 @@ def test_lvr_vqa_data_deterministic_and_disjoint():
     assert vqa_data.roi_patch_mask(batch["box"], 48, 8).any(1).all()
 
 
+def test_vqa_roi_is_one_patch_whose_object_gives_the_answer():
+    task = vqa_data.VQATask(seed=1, train_size=500, eval_size=10)
+    batch = task.train_batch(0, 300)
+    roi = vqa_data.roi_patch_mask(batch["box"], 48, 8)                                    # (B, 36)
+    assert (roi.sum(1) == 1).all()                                                         # exactly one patch
+    label = batch["patch_object"][roi] - 1                                                 # object in the ROI patch
+    assert (label >= 0).all() and (batch["patch_object"] > 0).sum(1).eq(vqa_data.N_OBJECTS).all()
+    shape = torch.tensor([vqa_data.STOI[w] for w in vqa_data.SHAPES])[label % len(vqa_data.SHAPES)]
+    color = torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])[label // len(vqa_data.SHAPES)]
+    asks_color = batch["qtype"] == vqa_data.QUESTION_TYPES.index("near_color")
+    assert torch.equal(batch["answer"][:, 0], torch.where(asks_color, color, shape))     # the box decides the answer
+    scenes = vqa_data.take(task.train_scenes, np.arange(300))
+    dist = np.sort(vqa_data.neighbour_distances(scenes), axis=1)
+    assert (dist[:, 0] < dist[:, 1]).all()                                                 # the nearest is unique
+    for k, name in enumerate(vqa_data.QUESTION_TYPES):                                     # every type is asked
+        assert (batch["qtype"] == k).any(), name
+
+
 def test_lvr_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         lvr.Config(stage="ppo")
@@ -1763,7 +1781,11 @@ def test_lvr_evaluate_rows():
     rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
     assert [r["model"] for r in rows] == ["answer prior", "baseline", "lvr, markers only (d)", "lvr",
                                           "lvr, oracle ROI tokens (a)", "lvr, zero latents (b)", "lvr, random latents (c)"]
-    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2, 4, 4, 4]
+    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2] + [config.latent_steps] * 3
+    for row in rows[1:]:  # accuracy per question type, weighted by the type counts, gives the overall accuracy
+        counts = torch.bincount(LVR_TASK.test_sets["held-out"]["qtype"], minlength=3).float()
+        per_type = torch.tensor([row[f"{q} %"] for q in LVR_TASK.question_types])
+        assert abs((per_type * counts).sum() / counts.sum() - row["accuracy %"]) < 1e-3
     assert model.training
 
 
@@ -1917,15 +1939,15 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
 
 
-def test_lvr_stage0_loss_is_ntp_plus_weighted_pixel_and_grounding_terms():
+def test_lvr_stage0_loss_is_ntp_plus_weighted_object_and_grounding_terms():
     batch = LVR_TASK.train_batch(0, 4)
-    for pixel, ground in ((1.0, 1.0), (0.5, 3.0)):
-        model, config = lvr_tiny(pixel_weight=pixel, grounding_weight=ground)
+    for obj, ground in ((1.0, 1.0), (0.5, 3.0)):
+        model, config = lvr_tiny(object_weight=obj, grounding_weight=ground)
         loss, metrics = lvr.alignment_loss(model, batch)
-        torch.testing.assert_close(loss, metrics["L_NTP"] + pixel * metrics["L_pixel"] + ground * metrics["L_grounding"])
-        patches = torch.nn.functional.unfold(batch["image"], 8, stride=8).transpose(1, 2)  # (B, 36, 3·8·8)
-        pixels = model.encoder.pixel_head(model.encoder(batch["image"]))
-        torch.testing.assert_close(metrics["L_pixel"], ((pixels - patches) ** 2).mean())
+        torch.testing.assert_close(loss, metrics["L_NTP"] + obj * metrics["L_object"] + ground * metrics["L_grounding"])
+        logits = model.encoder.object_head(model.encoder(batch["image"]))                   # (B, 36, classes)
+        torch.testing.assert_close(metrics["L_object"], torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["patch_object"].flatten()))
 
 
 def test_lvr_grounding_head_reads_the_llm_state_at_each_visual_token():
@@ -1988,14 +2010,14 @@ def lvr_rollout(rows):
 
 
 def test_lvr_reward_varies_with_format_and_answer():
-    S, E, eos, yes, no = (LVR_TASK.lvr_start_id, LVR_TASK.lvr_end_id, LVR_TASK.eos_id, LVR_TASK.stoi["yes"],
-                          LVR_TASK.stoi["no"])
-    rollout = lvr_rollout([[S, None, None, E, yes, eos],     # format and answer right
-                           [yes, eos],                       # right answer, no latent segment
-                           [S, None, E, no, eos],            # format right, wrong answer
-                           [S, None, E, yes, yes, eos],      # two answer words
-                           [S, None, None, E, yes]])         # no <eos>
-    answer = torch.full((5, 1), yes)
+    S, E, eos = LVR_TASK.lvr_start_id, LVR_TASK.lvr_end_id, LVR_TASK.eos_id
+    right, wrong = LVR_TASK.stoi["circle"], LVR_TASK.stoi["square"]
+    rollout = lvr_rollout([[S, None, None, E, right, eos],   # format and answer right
+                           [right, eos],                     # right answer, no latent segment
+                           [S, None, E, wrong, eos],         # format right, wrong answer
+                           [S, None, E, right, right, eos],  # two answer words
+                           [S, None, None, E, right]])       # no <eos>
+    answer = torch.full((5, 1), right)
     assert lvr.format_ok(rollout, LVR_TASK).tolist() == [True, False, True, False, False]
     assert lvr.answer_correct(rollout, answer, LVR_TASK).tolist() == [True, True, False, False, False]
 
