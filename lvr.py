@@ -53,14 +53,14 @@ TASKS = ("vqa",)
 
 @dataclass
 class Config:
-    steps: int = 1800                 # optimizer steps (the first align_steps are stage 0)
+    steps: int = 2000                 # optimizer steps (the first align_steps are stage 0)
     batch_size: int = 32              # questions per step (GRPO: questions, each with group_size rollouts)
     lr: float = 1e-3                  # peak lr (paper: 1e-5 SFT / 5e-6 RL on a pretrained 7B)
     warmup_steps: int = 100           # linear warmup steps
     difficulty: str = "medium"        # unused (sudoku only)
     eval_steps: tuple[int, ...] = (0, 1, 2, 4)  # fixed latent budgets in the table
     stage: str = "sft"                # "sft": stage 0 then stage 1; "rl": stage 2 (GRPO_latent)
-    align_steps: int = 600            # stage-0 steps (all modules, plain VQA) before LVR SFT
+    align_steps: int = 800            # stage-0 steps (all modules, plain VQA) before LVR SFT
     baseline: bool = True             # also train the SFT data baseline (no latent segment) in the same run
     d_model: int = 128                # width of ViT, projector and LLM
     n_layers: int = 3                  # LLM decoder blocks

@@ -1620,20 +1620,29 @@ def test_lvr_vqa_data_deterministic_and_disjoint():
     assert vqa_data.roi_patch_mask(batch["box"], 48, 8).any(1).all()
 
 
-def test_vqa_roi_is_one_patch_whose_object_gives_the_answer():
+def test_vqa_roi_is_the_named_object_and_the_answer_is_one_hop_from_it():
     task = vqa_data.VQATask(seed=1, train_size=500, eval_size=10)
     batch = task.train_batch(0, 300)
     roi = vqa_data.roi_patch_mask(batch["box"], 48, 8)                                    # (B, 36)
     assert (roi.sum(1) == 1).all()                                                         # exactly one patch
-    label = batch["patch_object"][roi] - 1                                                 # object in the ROI patch
-    assert (label >= 0).all() and (batch["patch_object"] > 0).sum(1).eq(vqa_data.N_OBJECTS).all()
-    shape = torch.tensor([vqa_data.STOI[w] for w in vqa_data.SHAPES])[label % len(vqa_data.SHAPES)]
-    color = torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])[label // len(vqa_data.SHAPES)]
-    asks_color = batch["qtype"] == vqa_data.QUESTION_TYPES.index("near_color")
-    assert torch.equal(batch["answer"][:, 0], torch.where(asks_color, color, shape))     # the box decides the answer
-    scenes = vqa_data.take(task.train_scenes, np.arange(300))
-    dist = np.sort(vqa_data.neighbour_distances(scenes), axis=1)
-    assert (dist[:, 0] < dist[:, 1]).all()                                                 # the nearest is unique
+    assert (batch["patch_object"] > 0).sum(1).eq(vqa_data.N_OBJECTS).all()
+    named = batch["patch_object"][roi] - 1                                                 # object in the ROI patch
+    named_color = torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])[named // len(vqa_data.SHAPES)]
+    assert (batch["question"] == named_color[:, None]).any(1).all()                       # the box holds the named object
+    shape_words = torch.tensor([vqa_data.STOI[w] for w in vqa_data.SHAPES])
+    asks_shape = batch["qtype"] == vqa_data.QUESTION_TYPES.index("shape")
+    assert torch.equal(batch["answer"][asks_shape, 0], shape_words[named[asks_shape] % len(vqa_data.SHAPES)])
+    # "nearest" answers: the object at the smallest grid distance from the ROI patch (unique by construction)
+    grid = torch.arange(36)
+    where = roi.int().argmax(1)                                                            # (B,) ROI patch
+    dist = ((grid % 6 - (where % 6)[:, None]) ** 2 + (grid // 6 - (where // 6)[:, None]) ** 2).float()
+    dist[(batch["patch_object"] == 0) | roi] = float("inf")
+    nearest = batch["patch_object"].gather(1, dist.argmin(1, keepdim=True))[:, 0] - 1
+    assert (dist.sort(1).values[:, 0] < dist.sort(1).values[:, 1]).all()
+    near_answer = torch.where(batch["qtype"] == vqa_data.QUESTION_TYPES.index("near_color"),
+                              torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])[nearest // len(vqa_data.SHAPES)],
+                              shape_words[nearest % len(vqa_data.SHAPES)])
+    assert torch.equal(batch["answer"][~asks_shape, 0], near_answer[~asks_shape])
     for k, name in enumerate(vqa_data.QUESTION_TYPES):                                     # every type is asked
         assert (batch["qtype"] == k).any(), name
 
@@ -1948,6 +1957,19 @@ def test_lvr_stage0_loss_is_ntp_plus_weighted_object_and_grounding_terms():
         logits = model.encoder.object_head(model.encoder(batch["image"]))                   # (B, 36, classes)
         torch.testing.assert_close(metrics["L_object"], torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), batch["patch_object"].flatten()))
+
+
+def test_lvr_visual_tokens_carry_their_2d_grid_position():
+    code = lvr.grid_position_code(6, 32)                                                   # (36, 32)
+    assert code.shape == (36, 32) and torch.unique(code, dim=0).shape[0] == 36
+    similarity = (code @ code[0]).view(6, 6)                                               # to patch (x=0, y=0)
+    assert (similarity[0].diff() < 0).all() and (similarity[:, 0].diff() < 0).all()       # falls with distance
+    model, _ = lvr_tiny()
+    image = LVR_TASK.train_batch(0, 2)["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual_tokens(image), model.projector(model.encoder(image)) + code)
+    with pytest.raises(ValueError):
+        lvr.grid_position_code(6, 30)
 
 
 def test_lvr_grounding_head_reads_the_llm_state_at_each_visual_token():

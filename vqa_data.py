@@ -2,21 +2,21 @@
 
 Each 48x48 RGB image (a 6x6 grid of 8x8 patches) holds six small objects, each inside its own patch (one of
 4 shapes, 6 colours, 2 sizes, a random tint and position within the patch) over a noisy dark background.
-Every question is about one object, and its ROI box (x0, y0, x1, y1 in pixels, x1 and y1 exclusive) is that
-object's bounding box, so the box touches exactly one patch: reconstructing that patch's visual token is all
-the intermediate work the answer needs, the way Visual-CoT boxes supervise LVR.
+Every question names one object by its colour, and its ROI box (x0, y0, x1, y1 in pixels, x1 and y1 exclusive)
+is that object's bounding box, so the box touches exactly one of the 36 patches (the other objects distract):
 
-  shape        "what shape is the red object ?"               -> square|circle|triangle|cross  box: the red object
-  near_shape   "what shape is nearest to the red object ?"    -> a shape                       box: its neighbour
-  near_color   "which color is nearest to the red object ?"   -> a colour                      box: its neighbour
+  shape        "what shape is the red object ?"               -> square|circle|triangle|cross  (read in the box)
+  near_shape   "what shape is nearest to the red object ?"    -> a shape    (one hop from the box)
+  near_color   "which color is nearest to the red object ?"   -> a colour   (one hop from the box)
 
 Colours are unique within an image, so a colour names one object; "nearest" is by patch-grid distance and
-scenes where it is tied are redrawn. The two "nearest" questions need localisation in two hops (find the named
-object, then its nearest neighbour) before the answer can be read, and a shape answer does not say which of
-the six objects it came from: the box does. Scenes are drawn from a seed with numpy (vectorised over the
-batch; rendering loops over the 6 object slots only) and rendered on the fly, so a 20k-scene training pool
-costs a few MB. Training and held-out scenes come from different seed streams and any training scene equal to
-a held-out one is dropped, so the two sets are disjoint. Only numpy, torch and the standard library are imported.
+scenes where it is tied are redrawn. The "nearest" questions take two hops (find the named object, then its
+nearest neighbour): reconstructing the box's token is the first hop, the way Visual-CoT boxes mark the region
+a question is about, and the second starts from the position that token carries. Scenes are drawn from a seed
+with numpy (vectorised over the batch; rendering loops over the 6 object slots only) and rendered on the fly,
+so a 20k-scene training pool costs a few MB. Training and held-out scenes come from different seed streams and
+any training scene equal to a held-out one is dropped, so the two sets are disjoint. Only numpy, torch and the
+standard library are imported.
 """
 
 import numpy as np
@@ -111,17 +111,17 @@ def sample_scenes(rng, n):
 
 def ask(s):
     """Questions (n, QUESTION_LEN), answers (n, 1) and ROI boxes (n, 4) for scene parameters s."""
-    n, rows = len(s["qtype"]), np.arange(len(s["qtype"]))
+    n, rows, t = len(s["qtype"]), np.arange(len(s["qtype"])), s["target"]
+    r = s["radius"][rows, t]
+    box = np.stack([s["cx"][rows, t] - r, s["cy"][rows, t] - r,
+                    s["cx"][rows, t] + r + 1, s["cy"][rows, t] + r + 1], -1)          # (n, 4): the named object
     near = neighbour_distances(s).argmin(1)                                           # (n,) nearest neighbour
-    about = np.where(s["qtype"] == QUESTION_TYPES.index("shape"), s["target"], near)   # (n,) the ROI's object
-    r = s["radius"][rows, about]
-    box = np.stack([s["cx"][rows, about] - r, s["cy"][rows, about] - r,
-                    s["cx"][rows, about] + r + 1, s["cy"][rows, about] + r + 1], -1)  # (n, 4), inside one patch
+    about = np.where(s["qtype"] == QUESTION_TYPES.index("shape"), t, near)           # (n,) the answer's object
     shape_word = np.array([STOI[w] for w in SHAPES])[s["shapes"][rows, about]]
     color_word = np.array([STOI[w] for w in COLORS])[s["colors"][rows, about]]
     answer = np.where(s["qtype"] == QUESTION_TYPES.index("near_color"), color_word, shape_word)[:, None]
     question = np.full((n, QUESTION_LEN), PAD)
-    named = s["colors"][rows, s["target"]]                                            # (n,) colour index
+    named = s["colors"][rows, t]                                                      # (n,) colour index
     for k, name in enumerate(QUESTION_TYPES):  # 3 types x 6 colours, vectorised within each
         for c, color in enumerate(COLORS):
             ids = [STOI[word] for word in TEMPLATES[name].format(c=color).split()]
