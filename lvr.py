@@ -7,7 +7,7 @@ input embedding (Coconut-style, KV cache kept). Training has three stages, as in
   stage 0 (alignment, our stand-in for a pretrained MLLM): encoder + projector + LLM on plain VQA, plus a
           patch-object loss on the encoder: each patch token classifies the object in its patch (colour x shape
           or background), the content a pretrained encoder's tokens carry (an earlier pixel-reconstruction
-          proxy left shape readable by an MLP probe on only 82 % of ROI tokens after the projector), and a
+          proxy left the shape only partly readable from the projected ROI token; README), and a
           grounding loss: the LLM's state at each visual token classifies whether its patch lies in the
           question's ROI, as a pretrained VLM's grounding data would teach (without it the LLM never learned
           to find the region: every answer stayed at the prior);
@@ -19,7 +19,7 @@ input embedding (Coconut-style, KV cache kept). Training has three stages, as in
           replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref; several clipped
           policy updates per rollout batch.
 The test-time-compute axis is the number of latent steps (fixed budget, the paper's best exit); the trained
-budget is `latent_steps` (4), rows at other budgets extrapolate. Control rows at the trained budget feed
+budget is `latent_steps` (2: a vqa_data ROI is a chain of two one-patch boxes), rows at other budgets extrapolate. Control rows at the trained budget feed
 oracle ROI tokens, zeros or random tokens in the latent positions, or use the markers alone (budget 0).
 The latent-end-token and mode-switching exits are options (`--exit`).
 The "SFT data baseline" (same data, answers directly, no latent segment) is a second LLM trained
@@ -32,11 +32,11 @@ Usage (CPU defaults; the RL run continues from the stage-1 checkpoint):
 
 Simplified vs. the paper (Qwen2.5-VL 3B/7B, Visual-CoT): a tiny ViT/decoder trained from scratch on the
 synthetic vqa_data task; absolute position embeddings; lr 1e-3 instead of 1e-5 (nothing is pretrained);
-λ = 1 (paper 0.1): the answer pass reads detached latents, so L_LVR alone teaches the latent where to look;
-with 0.1 a 2,400-step trial's own latents stayed at 0.69 of the ROI-token variance.
+λ = 1 (paper 0.1): the answer pass reads detached latents, so L_LVR alone teaches the latent where to look,
+and with 0.1 a trial's own latents stayed far from the ROI tokens (README).
 Our addition: the ROI tokens are averaged to exactly `latent_steps` targets (`--no-latent-pool`: all N ROI
 tokens as in the paper, N varying per example, which mismatches a fixed test budget, reference issue #7).
-In vqa_data every ROI is one patch, so N = 1 = the default budget and the pooling is the identity there.
+In vqa_data the ROI is a chain of two one-patch boxes, so N = 2 = the default budget (pooling is the identity).
 """
 import copy
 import math
@@ -69,7 +69,7 @@ class Config:
     object_weight: float = 1.0        # stage 0: weight of the patch-object classification (pretrained-encoder proxy)
     grounding_weight: float = 1.0     # stage 0: weight of the "is this patch in the ROI?" loss (pretrained-VLM proxy)
     lvr_weight: float = 1.0           # λ in L = L_NTP + λ·L_LVR (paper: 0.1; see docstring)
-    latent_steps: int = 1             # trained latent budget: pooled ROI targets, RL rollouts and control rows
+    latent_steps: int = 2             # trained latent budget: pooled ROI targets, RL rollouts and control rows
     latent_pool: bool = True          # pool the ROI tokens to latent_steps targets (ours); off: all N (paper)
     teacher_ramp: int = 500           # stage-1 steps over which the answer pass moves from ROI tokens to own latents
     exit: str = "fixed"               # latent exit: fixed | latent_end | mode_switch
@@ -189,7 +189,7 @@ class LVRModel(nn.Module):
         self.max_len = self.n_patches + task.question_len + max_latent + task.answer_len + 4
         self.encoder = VisionEncoder(config, task.image_size, task.patch_size, task.patch_classes)
         # ends in a LayerNorm (ours): visual tokens get the scale of the LLM's normed last hidden state, which
-        # L_LVR regresses onto them; without it they varied by ~0.07 per dimension around a common mean
+        # L_LVR regresses onto them; without it they varied little around a common mean (README)
         self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
                                        nn.Linear(config.d_model, config.d_model), nn.LayerNorm(config.d_model))
         self.grounding_head = nn.Linear(config.d_model, 1)  # stage-0 ROI-patch classifier only
@@ -241,8 +241,12 @@ def prompt(llm, visual, question):
 
 def roi_targets(visual, boxes, task, pool):
     """Targets v_1..v_N: the visual tokens at the ROI patch indices (row-major), or pooled to `pool`.
-    Returns targets (B, N_max, D) and the valid mask (B, N_max)."""
-    mask = vqa_data.roi_patch_mask(boxes.cpu(), task.image_size, task.patch_size).to(visual.device)  # (B, P)
+    boxes (B, 4), or (B, K, 4) for a chain of K boxes in reasoning order (ours: box k's tokens follow box
+    k-1's). Returns targets (B, N_max, D) and the valid mask (B, N_max)."""
+    chain = boxes.view(len(boxes), -1, 4)                                                              # (B, K, 4)
+    mask = vqa_data.roi_patch_mask(chain.flatten(0, 1).cpu(), task.image_size, task.patch_size)       # (B·K, P)
+    mask = mask.view(len(boxes), -1).to(visual.device)                                  # (B, K·P): box k at k·P + p
+    visual = visual.repeat(1, chain.shape[1], 1)                                        # (B, K·P, D)
     count = mask.sum(1)                                                                               # (B,)
     rank = mask.cumsum(1) - 1                                                                         # (B, P)
     if pool:  # our addition: segment j of the N ROI tokens = ranks [floor(jN/k), max(floor((j+1)N/k), +1))
@@ -276,7 +280,8 @@ def alignment_loss(model, batch):
     encoded = model.encoder(batch["image"])                                                 # (B, P, D)
     l_ntp, h = direct_loss(model.llm, model.projector(encoded) + model.visual_pos, batch, task)  # = visual_tokens
     l_object = F.cross_entropy(model.encoder.object_head(encoded).flatten(0, 1).float(), batch["patch_object"].flatten())
-    in_roi = vqa_data.roi_patch_mask(batch["box"].cpu(), task.image_size, task.patch_size)  # (B, P)
+    in_roi = vqa_data.roi_patch_mask(batch["box"].view(len(batch["box"]), -1, 4)[:, 0].cpu(), task.image_size,
+                                     task.patch_size)                                      # (B, P): the first box
     question_len = batch["question"].shape[1]                                               # visual tokens follow it
     relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
     l_grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(relevance.device).float())

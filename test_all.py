@@ -1617,32 +1617,31 @@ def test_lvr_vqa_data_deterministic_and_disjoint():
     assert batch["image"].shape == (64, 3, 48, 48) and 0 <= batch["image"].min() and batch["image"].max() <= 1
     assert ((batch["question"][:, -1] == vqa_data.PAD) | (batch["question"][:, -1] == vqa_data.STOI["?"])).all()
     # every ROI box touches at least one patch, answers are single vocabulary words
-    assert vqa_data.roi_patch_mask(batch["box"], 48, 8).any(1).all()
+    assert batch["box"].shape == (64, 2, 4) and vqa_data.roi_patch_mask(batch["box"].flatten(0, 1), 48, 8).any(1).all()
 
 
-def test_vqa_roi_is_the_named_object_and_the_answer_is_one_hop_from_it():
+def test_vqa_roi_chain_is_the_named_object_then_the_object_the_answer_is_read_from():
     task = vqa_data.VQATask(seed=1, train_size=500, eval_size=10)
     batch = task.train_batch(0, 300)
-    roi = vqa_data.roi_patch_mask(batch["box"], 48, 8)                                    # (B, 36)
-    assert (roi.sum(1) == 1).all()                                                         # exactly one patch
+    first, second = (vqa_data.roi_patch_mask(batch["box"][:, k], 48, 8) for k in (0, 1))  # (B, 36) each
+    assert (first.sum(1) == 1).all() and (second.sum(1) == 1).all()                       # one patch per box
     assert (batch["patch_object"] > 0).sum(1).eq(vqa_data.N_OBJECTS).all()
-    named = batch["patch_object"][roi] - 1                                                 # object in the ROI patch
-    named_color = torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])[named // len(vqa_data.SHAPES)]
-    assert (batch["question"] == named_color[:, None]).any(1).all()                       # the box holds the named object
-    shape_words = torch.tensor([vqa_data.STOI[w] for w in vqa_data.SHAPES])
+    named, read = batch["patch_object"][first] - 1, batch["patch_object"][second] - 1       # objects in the boxes
+    assert (named >= 0).all() and (read >= 0).all()
+    colors = torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])
+    shapes = torch.tensor([vqa_data.STOI[w] for w in vqa_data.SHAPES])
+    assert (batch["question"] == colors[named // len(vqa_data.SHAPES)][:, None]).any(1).all()  # box 1 is named
+    asks_color = batch["qtype"] == vqa_data.QUESTION_TYPES.index("near_color")
+    answer = torch.where(asks_color, colors[read // len(vqa_data.SHAPES)], shapes[read % len(vqa_data.SHAPES)])
+    assert torch.equal(batch["answer"][:, 0], answer)                                      # read off box 2
     asks_shape = batch["qtype"] == vqa_data.QUESTION_TYPES.index("shape")
-    assert torch.equal(batch["answer"][asks_shape, 0], shape_words[named[asks_shape] % len(vqa_data.SHAPES)])
-    # "nearest" answers: the object at the smallest grid distance from the ROI patch (unique by construction)
-    grid = torch.arange(36)
-    where = roi.int().argmax(1)                                                            # (B,) ROI patch
+    assert torch.equal(first[asks_shape], second[asks_shape]) and not (first & second)[~asks_shape].any()
+    # box 2 of a "nearest" question: the object at the smallest grid distance from box 1 (unique by construction)
+    grid, where = torch.arange(36), first.int().argmax(1)
     dist = ((grid % 6 - (where % 6)[:, None]) ** 2 + (grid // 6 - (where // 6)[:, None]) ** 2).float()
-    dist[(batch["patch_object"] == 0) | roi] = float("inf")
-    nearest = batch["patch_object"].gather(1, dist.argmin(1, keepdim=True))[:, 0] - 1
+    dist[(batch["patch_object"] == 0) | first] = float("inf")
     assert (dist.sort(1).values[:, 0] < dist.sort(1).values[:, 1]).all()
-    near_answer = torch.where(batch["qtype"] == vqa_data.QUESTION_TYPES.index("near_color"),
-                              torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])[nearest // len(vqa_data.SHAPES)],
-                              shape_words[nearest % len(vqa_data.SHAPES)])
-    assert torch.equal(batch["answer"][~asks_shape, 0], near_answer[~asks_shape])
+    assert torch.equal(dist.argmin(1)[~asks_shape], second.int().argmax(1)[~asks_shape])
     for k, name in enumerate(vqa_data.QUESTION_TYPES):                                     # every type is asked
         assert (batch["qtype"] == k).any(), name
 
@@ -1723,6 +1722,12 @@ def test_lvr_pooled_roi_targets_average_segments():
     assert pooled[0, :, 0].tolist() == [0.5, 6.5]
     up, _ = lvr.roi_targets(visual, box, LVR_TASK, 8)                              # fewer tokens than k: repeats
     assert up[0, :, 0].tolist() == [0, 0, 1, 1, 6, 6, 7, 7]
+    chain = torch.tensor([[[40, 40, 48, 48], [0, 0, 16, 8]], [[8, 0, 9, 1], [8, 0, 9, 1]]])  # (B=2, K=2, 4)
+    full, valid = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 0)       # box order, then row-major
+    assert full[0, :, 0].tolist() == [35, 0, 1] and valid.tolist() == [[True] * 3, [True, True, False]]
+    assert full[1, :2, 0].tolist() == [1, 1]
+    pooled, _ = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 2)
+    assert pooled[:, :, 0].tolist() == [[35, 0.5], [1, 1]]
 
 
 # ---------------- lvr: training

@@ -2,21 +2,22 @@
 
 Each 48x48 RGB image (a 6x6 grid of 8x8 patches) holds six small objects, each inside its own patch (one of
 4 shapes, 6 colours, 2 sizes, a random tint and position within the patch) over a noisy dark background.
-Every question names one object by its colour, and its ROI box (x0, y0, x1, y1 in pixels, x1 and y1 exclusive)
-is that object's bounding box, so the box touches exactly one of the 36 patches (the other objects distract):
+Every question names one object by its colour. Its ROI is a chain of two boxes (x0, y0, x1, y1 in pixels, x1
+and y1 exclusive), each an object's bounding box inside one of the 36 patches (the other objects distract):
+first the named object, then the object the answer is read from (the same one for "shape"):
 
-  shape        "what shape is the red object ?"               -> square|circle|triangle|cross  (read in the box)
-  near_shape   "what shape is nearest to the red object ?"    -> a shape    (one hop from the box)
-  near_color   "which color is nearest to the red object ?"   -> a colour   (one hop from the box)
+  shape        "what shape is the red object ?"               -> square|circle|triangle|cross  box: red, red
+  near_shape   "what shape is nearest to the red object ?"    -> a shape                       box: red, neighbour
+  near_color   "which color is nearest to the red object ?"   -> a colour                      box: red, neighbour
 
 Colours are unique within an image, so a colour names one object; "nearest" is by patch-grid distance and
 scenes where it is tied are redrawn. The "nearest" questions take two hops (find the named object, then its
-nearest neighbour): reconstructing the box's token is the first hop, the way Visual-CoT boxes mark the region
-a question is about, and the second starts from the position that token carries. Scenes are drawn from a seed
-with numpy (vectorised over the batch; rendering loops over the 6 object slots only) and rendered on the fly,
-so a 20k-scene training pool costs a few MB. Training and held-out scenes come from different seed streams and
-any training scene equal to a held-out one is dropped, so the two sets are disjoint. Only numpy, torch and the
-standard library are imported.
+nearest neighbour), one per box of the chain: reconstructing the first box's token (which carries its
+position) is the first hop, reconstructing the second box's token from it the second, and the answer is then
+read off that token. Scenes are drawn from a seed with numpy (vectorised over the batch; rendering loops over
+the 6 object slots only) and rendered on the fly, so a 20k-scene training pool costs a few MB. Training and
+held-out scenes come from different seed streams and any training scene equal to a held-out one is dropped, so
+the two sets are disjoint. Only numpy, torch and the standard library are imported.
 """
 
 import numpy as np
@@ -110,13 +111,14 @@ def sample_scenes(rng, n):
 
 
 def ask(s):
-    """Questions (n, QUESTION_LEN), answers (n, 1) and ROI boxes (n, 4) for scene parameters s."""
+    """Questions (n, QUESTION_LEN), answers (n, 1) and ROI box chains (n, 2, 4) for scene parameters s:
+    the named object's box, then the box of the object the answer is read from."""
     n, rows, t = len(s["qtype"]), np.arange(len(s["qtype"])), s["target"]
-    r = s["radius"][rows, t]
-    box = np.stack([s["cx"][rows, t] - r, s["cy"][rows, t] - r,
-                    s["cx"][rows, t] + r + 1, s["cy"][rows, t] + r + 1], -1)          # (n, 4): the named object
     near = neighbour_distances(s).argmin(1)                                           # (n,) nearest neighbour
     about = np.where(s["qtype"] == QUESTION_TYPES.index("shape"), t, near)           # (n,) the answer's object
+    chain = np.stack([t, about], 1)                                                   # (n, 2) object slots
+    r, cx, cy = (s[k][rows[:, None], chain] for k in ("radius", "cx", "cy"))         # (n, 2) each
+    box = np.stack([cx - r, cy - r, cx + r + 1, cy + r + 1], -1)                      # (n, 2, 4), one patch each
     shape_word = np.array([STOI[w] for w in SHAPES])[s["shapes"][rows, about]]
     color_word = np.array([STOI[w] for w in COLORS])[s["colors"][rows, about]]
     answer = np.where(s["qtype"] == QUESTION_TYPES.index("near_color"), color_word, shape_word)[:, None]
@@ -183,7 +185,7 @@ def make_batch(s, rng, patch_size=8):
 class VQATask:
     """Task object for train.py: name, train_batch(step, batch_size), test_sets, plus the vocabulary and
     geometry the model needs. Batches: image float (B, 3, 48, 48), question long (B, QUESTION_LEN),
-    answer long (B, 1), box long (B, 4) pixels, qtype long (B,), patch_object long (B, P) (patch_objects)."""
+    answer long (B, 1), box long (B, 2, 4) pixels (the ROI chain, ask), qtype long (B,), patch_object long (B, P) (patch_objects)."""
     name = "vqa"
     vocab, stoi, vocab_size = VOCAB, STOI, len(VOCAB)
     pad_id, eos_id, lvr_start_id, lvr_end_id = PAD, EOS, LVR_START, LVR_END
@@ -230,5 +232,5 @@ if __name__ == "__main__":
     print(f"10k training samples generated and rendered in {time.perf_counter() - start:.2f} s")
     for i in range(4):
         print(task.decode(batch["question"][i].tolist()), "->", task.decode(batch["answer"][i].tolist()),
-              "box", batch["box"][i].tolist(), "patches",
-              roi_patch_indices(batch["box"][i].tolist(), task.image_size, task.patch_size))
+              "boxes", batch["box"][i].tolist(), "patches",
+              [roi_patch_indices(box, task.image_size, task.patch_size) for box in batch["box"][i].tolist()])
