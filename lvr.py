@@ -5,9 +5,10 @@ Vision encoder (small ViT) -> projector -> causal LLM over
 Between <lvr_start> and <lvr_end> no token is sampled: the LLM's last hidden state becomes the next
 input embedding (Coconut-style, KV cache kept). Training has three stages, as in the paper:
   stage 0 (alignment, our stand-in for a pretrained MLLM): encoder + projector + LLM on plain VQA, plus a
-          patch-pixel reconstruction loss on the encoder so that its tokens carry the patch content (without
-          it the tiny from-scratch ViT collapsed to near-identical tokens and L_LVR had nothing to reconstruct)
-          and a grounding loss: the LLM's state at each visual token classifies whether its patch lies in the
+          patch-object loss on the encoder: each patch token classifies the object in its patch (colour x shape
+          or background), the content a pretrained encoder's tokens carry (an earlier pixel-reconstruction
+          proxy left the shape only partly readable from the projected ROI token; README), and a
+          grounding loss: the LLM's state at each visual token classifies whether its patch lies in the
           question's ROI, as a pretrained VLM's grounding data would teach (without it the LLM never learned
           to find the region: every answer stayed at the prior);
   stage 1 (LVR SFT): encoder and projector frozen;  L = L_NTP + λ·L_LVR,  L_LVR = MSE(h_t, v_t) on a
@@ -18,7 +19,7 @@ input embedding (Coconut-style, KV cache kept). Training has three stages, as in
           replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref; several clipped
           policy updates per rollout batch.
 The test-time-compute axis is the number of latent steps (fixed budget, the paper's best exit); the trained
-budget is `latent_steps` (4), rows at other budgets extrapolate. Control rows at the trained budget feed
+budget is `latent_steps` (2: a vqa_data ROI is a chain of two one-patch boxes), rows at other budgets extrapolate. Control rows at the trained budget feed
 oracle ROI tokens, zeros or random tokens in the latent positions, or use the markers alone (budget 0).
 The latent-end-token and mode-switching exits are options (`--exit`).
 The "SFT data baseline" (same data, answers directly, no latent segment) is a second LLM trained
@@ -31,10 +32,11 @@ Usage (CPU defaults; the RL run continues from the stage-1 checkpoint):
 
 Simplified vs. the paper (Qwen2.5-VL 3B/7B, Visual-CoT): a tiny ViT/decoder trained from scratch on the
 synthetic vqa_data task; absolute position embeddings; lr 1e-3 instead of 1e-5 (nothing is pretrained);
-λ = 1 (paper 0.1): our visual tokens vary by only ~0.07 per dimension, and with 0.1 the latents learned
-nothing beyond the mean token (README: what was measured).
+λ = 1 (paper 0.1): the answer pass reads detached latents, so L_LVR alone teaches the latent where to look,
+and with 0.1 a trial's own latents stayed far from the ROI tokens (README).
 Our addition: the ROI tokens are averaged to exactly `latent_steps` targets (`--no-latent-pool`: all N ROI
 tokens as in the paper, N varying per example, which mismatches a fixed test budget, reference issue #7).
+In vqa_data the ROI is a chain of two one-patch boxes, so N = 2 = the default budget (pooling is the identity).
 """
 import copy
 import math
@@ -51,25 +53,25 @@ TASKS = ("vqa",)
 
 @dataclass
 class Config:
-    steps: int = 4000                 # optimizer steps (the first align_steps are stage 0)
+    steps: int = 2000                 # optimizer steps (the first align_steps are stage 0)
     batch_size: int = 32              # questions per step (GRPO: questions, each with group_size rollouts)
     lr: float = 1e-3                  # peak lr (paper: 1e-5 SFT / 5e-6 RL on a pretrained 7B)
     warmup_steps: int = 100           # linear warmup steps
     difficulty: str = "medium"        # unused (sudoku only)
-    eval_steps: tuple[int, ...] = (0, 4, 8, 16)  # fixed latent budgets in the table
+    eval_steps: tuple[int, ...] = (0, 1, 2, 4)  # fixed latent budgets in the table
     stage: str = "sft"                # "sft": stage 0 then stage 1; "rl": stage 2 (GRPO_latent)
-    align_steps: int = 1600           # stage-0 steps (all modules, plain VQA) before LVR SFT
+    align_steps: int = 800            # stage-0 steps (all modules, plain VQA) before LVR SFT
     baseline: bool = True             # also train the SFT data baseline (no latent segment) in the same run
     d_model: int = 128                # width of ViT, projector and LLM
     n_layers: int = 3                  # LLM decoder blocks
     n_heads: int = 4                   # attention heads
     encoder_layers: int = 2           # ViT blocks
-    pixel_weight: float = 1.0         # stage 0: weight of the patch-pixel reconstruction (pretrained-encoder proxy)
+    object_weight: float = 1.0        # stage 0: weight of the patch-object classification (pretrained-encoder proxy)
     grounding_weight: float = 1.0     # stage 0: weight of the "is this patch in the ROI?" loss (pretrained-VLM proxy)
     lvr_weight: float = 1.0           # λ in L = L_NTP + λ·L_LVR (paper: 0.1; see docstring)
-    latent_steps: int = 4             # trained latent budget: pooled ROI targets, RL rollouts and control rows
+    latent_steps: int = 2             # trained latent budget: pooled ROI targets, RL rollouts and control rows
     latent_pool: bool = True          # pool the ROI tokens to latent_steps targets (ours); off: all N (paper)
-    teacher_ramp: int = 600           # stage-1 steps over which the answer pass moves from ROI tokens to own latents
+    teacher_ramp: int = 500           # stage-1 steps over which the answer pass moves from ROI tokens to own latents
     exit: str = "fixed"               # latent exit: fixed | latent_end | mode_switch
     end_threshold: float = 0.02       # latent_end exit: MSE to the end vector below this
     max_latent: int = 16              # step cap for the adaptive exits
@@ -132,14 +134,14 @@ class Block(nn.Module):
 class VisionEncoder(nn.Module):
     """ViT: non-overlapping patches -> linear -> + position -> bidirectional blocks."""
 
-    def __init__(self, config, image_size, patch_size):
+    def __init__(self, config, image_size, patch_size, patch_classes):
         super().__init__()
         self.patch_size, n_patches = patch_size, (image_size // patch_size) ** 2
         self.patch = nn.Linear(3 * patch_size ** 2, config.d_model)
         self.pos = nn.Parameter(torch.randn(n_patches, config.d_model) * 0.02)
         self.blocks = nn.ModuleList(Block(config.d_model, config.n_heads) for _ in range(config.encoder_layers))
         self.ln = nn.LayerNorm(config.d_model)
-        self.pixel_head = nn.Linear(config.d_model, 3 * patch_size ** 2)  # stage-0 patch reconstruction only
+        self.object_head = nn.Linear(config.d_model, patch_classes)  # stage-0 patch-object classifier only
 
     def patches(self, image):  # (B, 3, H, W) -> (B, P, 3p²), row-major patch order
         return F.unfold(image, self.patch_size, stride=self.patch_size).transpose(1, 2)
@@ -185,9 +187,11 @@ class LVRModel(nn.Module):
         self.n_patches = grid * grid
         max_latent = max(config.max_latent, config.latent_steps, self.n_patches, *config.eval_steps)
         self.max_len = self.n_patches + task.question_len + max_latent + task.answer_len + 4
-        self.encoder = VisionEncoder(config, task.image_size, task.patch_size)
+        self.encoder = VisionEncoder(config, task.image_size, task.patch_size, task.patch_classes)
+        # ends in a LayerNorm (ours): visual tokens get the scale of the LLM's normed last hidden state, which
+        # L_LVR regresses onto them; without it they varied little around a common mean (README)
         self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
-                                       nn.Linear(config.d_model, config.d_model))
+                                       nn.Linear(config.d_model, config.d_model), nn.LayerNorm(config.d_model))
         self.grounding_head = nn.Linear(config.d_model, 1)  # stage-0 ROI-patch classifier only
         self.llm = Decoder(config, task.vocab_size, self.max_len)
         self.baseline_llm = Decoder(config, task.vocab_size, self.max_len) if config.baseline else None
@@ -195,9 +199,21 @@ class LVRModel(nn.Module):
         self.latent_end = nn.Parameter(F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model)
                                        if config.exit == "latent_end" else torch.zeros(0))
         self.register_buffer("baseline_ready", torch.tensor(False))  # baseline LLM copied from stage 0?
+        self.register_buffer("visual_pos", grid_position_code(grid, config.d_model), persistent=False)
 
-    def visual_tokens(self, image):  # (B, 3, H, W) -> (B, P, D): the projector outputs v
-        return self.projector(self.encoder(image))
+    def visual_tokens(self, image):  # (B, 3, H, W) -> (B, P, D): the projector outputs v, with their 2D position
+        return self.projector(self.encoder(image)) + self.visual_pos
+
+
+def grid_position_code(grid, d):
+    """(grid², d) fixed 2D sin-cos code of each patch's (x, y), added to the visual tokens. Ours, in place of
+    Qwen2.5-VL's 2D M-RoPE: the LLM's learned 1D positions alone left "nearest to" questions at chance."""
+    if d % 4:
+        raise ValueError(f"d_model must be a multiple of 4 for the 2D position code, got {d}")
+    freq = grid ** (-torch.arange(d // 4) / (d // 4))                                  # 1 .. 1/grid rad per patch
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angle = torch.cat([x.reshape(-1, 1) * freq, y.reshape(-1, 1) * freq], 1)         # (grid², d/2)
+    return torch.cat([angle.sin(), angle.cos()], 1)                                   # (grid², d), row-major
 
 
 def build_model(config, task):
@@ -225,8 +241,12 @@ def prompt(llm, visual, question):
 
 def roi_targets(visual, boxes, task, pool):
     """Targets v_1..v_N: the visual tokens at the ROI patch indices (row-major), or pooled to `pool`.
-    Returns targets (B, N_max, D) and the valid mask (B, N_max)."""
-    mask = vqa_data.roi_patch_mask(boxes.cpu(), task.image_size, task.patch_size).to(visual.device)  # (B, P)
+    boxes (B, 4), or (B, K, 4) for a chain of K boxes in reasoning order (ours: box k's tokens follow box
+    k-1's). Returns targets (B, N_max, D) and the valid mask (B, N_max)."""
+    chain = boxes.view(len(boxes), -1, 4)                                                              # (B, K, 4)
+    mask = vqa_data.roi_patch_mask(chain.flatten(0, 1).cpu(), task.image_size, task.patch_size)       # (B·K, P)
+    mask = mask.view(len(boxes), -1).to(visual.device)                                  # (B, K·P): box k at k·P + p
+    visual = visual.repeat(1, chain.shape[1], 1)                                        # (B, K·P, D)
     count = mask.sum(1)                                                                               # (B,)
     rank = mask.cumsum(1) - 1                                                                         # (B, P)
     if pool:  # our addition: segment j of the N ROI tokens = ranks [floor(jN/k), max(floor((j+1)N/k), +1))
@@ -252,20 +272,21 @@ def direct_loss(llm, visual, batch, task):
 
 
 def alignment_loss(model, batch):
-    """Stage 0, our stand-in for a pretrained VLM: L = L_NTP + w_pixel·L_pixel + w_ground·L_grounding where
-      L_pixel: each encoder patch token reconstructs its own pixels (a pretrained encoder's content);
+    """Stage 0, our stand-in for a pretrained VLM: L = L_NTP + w_object·L_object + w_ground·L_grounding where
+      L_object: each encoder patch token classifies the object in its patch (a pretrained encoder's content);
       L_grounding: the LLM's state at each visual token (which has read the question before it) classifies
                    whether that patch lies in the question's ROI (BCE), as grounding data would teach."""
     config, task = model.config, model.task
     encoded = model.encoder(batch["image"])                                                 # (B, P, D)
-    l_ntp, h = direct_loss(model.llm, model.projector(encoded), batch, task)
-    l_pixel = F.mse_loss(model.encoder.pixel_head(encoded).float(), model.encoder.patches(batch["image"]))
-    in_roi = vqa_data.roi_patch_mask(batch["box"].cpu(), task.image_size, task.patch_size)  # (B, P)
+    l_ntp, h = direct_loss(model.llm, model.projector(encoded) + model.visual_pos, batch, task)  # = visual_tokens
+    l_object = F.cross_entropy(model.encoder.object_head(encoded).flatten(0, 1).float(), batch["patch_object"].flatten())
+    in_roi = vqa_data.roi_patch_mask(batch["box"].view(len(batch["box"]), -1, 4)[:, 0].cpu(), task.image_size,
+                                     task.patch_size)                                      # (B, P): the first box
     question_len = batch["question"].shape[1]                                               # visual tokens follow it
     relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
     l_grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(relevance.device).float())
-    loss = l_ntp + config.pixel_weight * l_pixel + config.grounding_weight * l_grounding
-    return loss, {"L_NTP": l_ntp, "L_pixel": l_pixel, "L_grounding": l_grounding}
+    loss = l_ntp + config.object_weight * l_object + config.grounding_weight * l_grounding
+    return loss, {"L_NTP": l_ntp, "L_object": l_object, "L_grounding": l_grounding}
 
 
 def lvr_loss(model, visual, batch, teacher_prob=0.0):
@@ -576,16 +597,21 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
         runs += [(f"lvr, {name}", model.llm, k, "fixed", kind) for kind, name in CONTROLS.items()]
         if config.exit != "fixed":
             runs.append((f"lvr {config.exit}", model.llm, config.max_latent, config.exit, None))
+        type_count = torch.bincount(data["qtype"].cpu(), minlength=len(task.question_types)).clamp(min=1)
         rows = [{"test set": "held-out", "model": "answer prior", "latent steps": "-",
                  "accuracy %": task.prior_accuracy(), "entered lvr %": 0.0, "mean steps": 0.0, "latent MSE": "-",
-                 "latent MSE/var": "-", "teacher-forced MSE/var": "-"}]  # most frequent answer per question type
+                 "latent MSE/var": "-", "teacher-forced MSE/var": "-",  # most frequent answer per question type
+                 **{f"{q} %": "-" for q in task.question_types}}]
         for name, llm, budget, exit, kind in runs:
             correct, entered, steps, mse_sum, mse_count = 0, 0, 0, 0.0, 0
+            per_type = torch.zeros(len(task.question_types))                                # correct per type
             for v, c in zip(visuals, chunks):
                 rollout = generate(model, llm, v, c["question"], budget, exit=exit,
                                    fed_latents=control_latents(kind, v, c["box"], task, k, roi_tokens, noise)
                                    if kind else None)
-                correct += answer_correct(rollout, c["answer"], task).sum().item()
+                right = answer_correct(rollout, c["answer"], task)
+                correct += right.sum().item()
+                per_type += torch.zeros_like(per_type).index_add_(0, c["qtype"].cpu(), right.float().cpu())
                 entered += (rollout["tokens"] == task.lvr_start_id).any(1).sum().item()
                 steps += rollout["is_latent"].sum().item()
                 # reconstruction: the i-th latent input vs the i-th target, for i <= min(steps taken, N)
@@ -602,7 +628,8 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
                          "mean steps": steps / total,
                          "latent MSE": mse_sum / mse_count if mse_count else "-",
                          "latent MSE/var": mse_sum / mse_count / variance if mse_count else "-",
-                         "teacher-forced MSE/var": tf_mse / variance if name != "baseline" else "-"})
+                         "teacher-forced MSE/var": tf_mse / variance if name != "baseline" else "-",
+                         **{f"{q} %": 100.0 * (per_type[i] / type_count[i]).item() for i, q in enumerate(task.question_types)}})
     model.train()
     return rows
 

@@ -1652,7 +1652,33 @@ def test_lvr_vqa_data_deterministic_and_disjoint():
     assert batch["image"].shape == (64, 3, 48, 48) and 0 <= batch["image"].min() and batch["image"].max() <= 1
     assert ((batch["question"][:, -1] == vqa_data.PAD) | (batch["question"][:, -1] == vqa_data.STOI["?"])).all()
     # every ROI box touches at least one patch, answers are single vocabulary words
-    assert vqa_data.roi_patch_mask(batch["box"], 48, 8).any(1).all()
+    assert batch["box"].shape == (64, 2, 4) and vqa_data.roi_patch_mask(batch["box"].flatten(0, 1), 48, 8).any(1).all()
+
+
+def test_vqa_roi_chain_is_the_named_object_then_the_object_the_answer_is_read_from():
+    task = vqa_data.VQATask(seed=1, train_size=500, eval_size=10)
+    batch = task.train_batch(0, 300)
+    first, second = (vqa_data.roi_patch_mask(batch["box"][:, k], 48, 8) for k in (0, 1))  # (B, 36) each
+    assert (first.sum(1) == 1).all() and (second.sum(1) == 1).all()                       # one patch per box
+    assert (batch["patch_object"] > 0).sum(1).eq(vqa_data.N_OBJECTS).all()
+    named, read = batch["patch_object"][first] - 1, batch["patch_object"][second] - 1       # objects in the boxes
+    assert (named >= 0).all() and (read >= 0).all()
+    colors = torch.tensor([vqa_data.STOI[w] for w in vqa_data.COLORS])
+    shapes = torch.tensor([vqa_data.STOI[w] for w in vqa_data.SHAPES])
+    assert (batch["question"] == colors[named // len(vqa_data.SHAPES)][:, None]).any(1).all()  # box 1 is named
+    asks_color = batch["qtype"] == vqa_data.QUESTION_TYPES.index("near_color")
+    answer = torch.where(asks_color, colors[read // len(vqa_data.SHAPES)], shapes[read % len(vqa_data.SHAPES)])
+    assert torch.equal(batch["answer"][:, 0], answer)                                      # read off box 2
+    asks_shape = batch["qtype"] == vqa_data.QUESTION_TYPES.index("shape")
+    assert torch.equal(first[asks_shape], second[asks_shape]) and not (first & second)[~asks_shape].any()
+    # box 2 of a "nearest" question: the object at the smallest grid distance from box 1 (unique by construction)
+    grid, where = torch.arange(36), first.int().argmax(1)
+    dist = ((grid % 6 - (where % 6)[:, None]) ** 2 + (grid // 6 - (where // 6)[:, None]) ** 2).float()
+    dist[(batch["patch_object"] == 0) | first] = float("inf")
+    assert (dist.sort(1).values[:, 0] < dist.sort(1).values[:, 1]).all()
+    assert torch.equal(dist.argmin(1)[~asks_shape], second.int().argmax(1)[~asks_shape])
+    for k, name in enumerate(vqa_data.QUESTION_TYPES):                                     # every type is asked
+        assert (batch["qtype"] == k).any(), name
 
 
 def test_lvr_bad_input_raises_value_error():
@@ -1731,6 +1757,12 @@ def test_lvr_pooled_roi_targets_average_segments():
     assert pooled[0, :, 0].tolist() == [0.5, 6.5]
     up, _ = lvr.roi_targets(visual, box, LVR_TASK, 8)                              # fewer tokens than k: repeats
     assert up[0, :, 0].tolist() == [0, 0, 1, 1, 6, 6, 7, 7]
+    chain = torch.tensor([[[40, 40, 48, 48], [0, 0, 16, 8]], [[8, 0, 9, 1], [8, 0, 9, 1]]])  # (B=2, K=2, 4)
+    full, valid = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 0)       # box order, then row-major
+    assert full[0, :, 0].tolist() == [35, 0, 1] and valid.tolist() == [[True] * 3, [True, True, False]]
+    assert full[1, :2, 0].tolist() == [1, 1]
+    pooled, _ = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 2)
+    assert pooled[:, :, 0].tolist() == [[35, 0.5], [1, 1]]
 
 
 # ---------------- lvr: training
@@ -1798,7 +1830,11 @@ def test_lvr_evaluate_rows():
     rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
     assert [r["model"] for r in rows] == ["answer prior", "baseline", "lvr, markers only (d)", "lvr",
                                           "lvr, oracle ROI tokens (a)", "lvr, zero latents (b)", "lvr, random latents (c)"]
-    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2, 4, 4, 4]
+    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2] + [config.latent_steps] * 3
+    for row in rows[1:]:  # accuracy per question type, weighted by the type counts, gives the overall accuracy
+        counts = torch.bincount(LVR_TASK.test_sets["held-out"]["qtype"], minlength=3).float()
+        per_type = torch.tensor([row[f"{q} %"] for q in LVR_TASK.question_types])
+        assert abs((per_type * counts).sum() / counts.sum() - row["accuracy %"]) < 1e-3
     assert model.training
 
 
@@ -1952,15 +1988,28 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
 
 
-def test_lvr_stage0_loss_is_ntp_plus_weighted_pixel_and_grounding_terms():
+def test_lvr_stage0_loss_is_ntp_plus_weighted_object_and_grounding_terms():
     batch = LVR_TASK.train_batch(0, 4)
-    for pixel, ground in ((1.0, 1.0), (0.5, 3.0)):
-        model, config = lvr_tiny(pixel_weight=pixel, grounding_weight=ground)
+    for obj, ground in ((1.0, 1.0), (0.5, 3.0)):
+        model, config = lvr_tiny(object_weight=obj, grounding_weight=ground)
         loss, metrics = lvr.alignment_loss(model, batch)
-        torch.testing.assert_close(loss, metrics["L_NTP"] + pixel * metrics["L_pixel"] + ground * metrics["L_grounding"])
-        patches = torch.nn.functional.unfold(batch["image"], 8, stride=8).transpose(1, 2)  # (B, 36, 3·8·8)
-        pixels = model.encoder.pixel_head(model.encoder(batch["image"]))
-        torch.testing.assert_close(metrics["L_pixel"], ((pixels - patches) ** 2).mean())
+        torch.testing.assert_close(loss, metrics["L_NTP"] + obj * metrics["L_object"] + ground * metrics["L_grounding"])
+        logits = model.encoder.object_head(model.encoder(batch["image"]))                   # (B, 36, classes)
+        torch.testing.assert_close(metrics["L_object"], torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["patch_object"].flatten()))
+
+
+def test_lvr_visual_tokens_carry_their_2d_grid_position():
+    code = lvr.grid_position_code(6, 32)                                                   # (36, 32)
+    assert code.shape == (36, 32) and torch.unique(code, dim=0).shape[0] == 36
+    similarity = (code @ code[0]).view(6, 6)                                               # to patch (x=0, y=0)
+    assert (similarity[0].diff() < 0).all() and (similarity[:, 0].diff() < 0).all()       # falls with distance
+    model, _ = lvr_tiny()
+    image = LVR_TASK.train_batch(0, 2)["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual_tokens(image), model.projector(model.encoder(image)) + code)
+    with pytest.raises(ValueError):
+        lvr.grid_position_code(6, 30)
 
 
 def test_lvr_grounding_head_reads_the_llm_state_at_each_visual_token():
@@ -2023,14 +2072,14 @@ def lvr_rollout(rows):
 
 
 def test_lvr_reward_varies_with_format_and_answer():
-    S, E, eos, yes, no = (LVR_TASK.lvr_start_id, LVR_TASK.lvr_end_id, LVR_TASK.eos_id, LVR_TASK.stoi["yes"],
-                          LVR_TASK.stoi["no"])
-    rollout = lvr_rollout([[S, None, None, E, yes, eos],     # format and answer right
-                           [yes, eos],                       # right answer, no latent segment
-                           [S, None, E, no, eos],            # format right, wrong answer
-                           [S, None, E, yes, yes, eos],      # two answer words
-                           [S, None, None, E, yes]])         # no <eos>
-    answer = torch.full((5, 1), yes)
+    S, E, eos = LVR_TASK.lvr_start_id, LVR_TASK.lvr_end_id, LVR_TASK.eos_id
+    right, wrong = LVR_TASK.stoi["circle"], LVR_TASK.stoi["square"]
+    rollout = lvr_rollout([[S, None, None, E, right, eos],   # format and answer right
+                           [right, eos],                     # right answer, no latent segment
+                           [S, None, E, wrong, eos],         # format right, wrong answer
+                           [S, None, E, right, right, eos],  # two answer words
+                           [S, None, None, E, right]])       # no <eos>
+    answer = torch.full((5, 1), right)
     assert lvr.format_ok(rollout, LVR_TASK).tolist() == [True, False, True, False, False]
     assert lvr.answer_correct(rollout, answer, LVR_TASK).tolist() == [True, True, False, False, False]
 

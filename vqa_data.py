@@ -1,22 +1,23 @@
-"""Synthetic perception-heavy VQA with region boxes, for Latent Visual Reasoning (lvr.py).
+"""Synthetic VQA in which the answer hinges on one small region among distractors, for lvr.py.
 
-Each 48x48 RGB image holds six small objects (one of 4 shapes, 6 colours, 2 sizes, some with a one-pixel
-dark dot at the centre) and one tiny white sign showing a 3x5-pixel digit, each in its own cell of a 4x4
-grid, over a noisy dark background. Every question hinges on one small region, given as the ROI box
-(x0, y0, x1, y1) in pixels (x1, y1 exclusive), the way Visual-CoT boxes supervise LVR:
+Each 48x48 RGB image (a 6x6 grid of 8x8 patches) holds six small objects, each inside its own patch (one of
+4 shapes, 6 colours, 2 sizes, a random tint and position within the patch) over a noisy dark background.
+Every question names one object by its colour. Its ROI is a chain of two boxes (x0, y0, x1, y1 in pixels, x1
+and y1 exclusive), each an object's bounding box inside one of the 36 patches (the other objects distract):
+first the named object, then the object the answer is read from (the same one for "shape"):
 
-  shape    "what shape is the red object ?"                 -> square|circle|triangle|cross   box: that object
-  dot      "does the red object have a dot ?"               -> yes|no                         box: that object
-  nearest  "which color is nearest to the red object ?"     -> a colour                       box: the neighbour
-  bigger   "is the red object bigger than its neighbour ?"  -> yes|no       box: union of both objects' boxes
-  count    "how many objects in the top left ?"             -> 0..4                           box: the quadrant
-  digit    "what digit is on the sign ?"                    -> 0..9                           box: the sign
+  shape        "what shape is the red object ?"               -> square|circle|triangle|cross  box: red, red
+  near_shape   "what shape is nearest to the red object ?"    -> a shape                       box: red, neighbour
+  near_color   "which color is nearest to the red object ?"   -> a colour                      box: red, neighbour
 
-Colours are unique within an image, so a colour names one object. Scenes are drawn from a seed with
-numpy (vectorised over the batch; rendering loops over the 7 object slots only) and rendered on the fly,
-so a 20k-scene training pool costs a few MB. Training and held-out scenes come from different seed
-streams and any training scene equal to a held-out one is dropped, so the two sets are disjoint.
-Only numpy, torch and the standard library are imported (no project file).
+Colours are unique within an image, so a colour names one object; "nearest" is by patch-grid distance and
+scenes where it is tied are redrawn. The "nearest" questions take two hops (find the named object, then its
+nearest neighbour), one per box of the chain: reconstructing the first box's token (which carries its
+position) is the first hop, reconstructing the second box's token from it the second, and the answer is then
+read off that token. Scenes are drawn from a seed with numpy (vectorised over the batch; rendering loops over
+the 6 object slots only) and rendered on the fly, so a 20k-scene training pool costs a few MB. Training and
+held-out scenes come from different seed streams and any training scene equal to a held-out one is dropped, so
+the two sets are disjoint. Only numpy, torch and the standard library are imported.
 """
 
 import numpy as np
@@ -25,34 +26,23 @@ import torch
 SPECIALS = ["<pad>", "<eos>", "<lvr_start>", "<lvr_end>"]
 COLORS = ["red", "green", "blue", "yellow", "magenta", "cyan"]
 SHAPES = ["square", "circle", "triangle", "cross"]
-DIGITS = [str(d) for d in range(10)]
-WORDS = ["what", "shape", "is", "the", "object", "does", "have", "a", "dot", "?", "which", "color", "nearest",
-         "to", "bigger", "than", "its", "neighbour", "how", "many", "objects", "in", "top", "bottom", "left",
-         "right", "digit", "on", "sign", "yes", "no"]
-VOCAB = SPECIALS + COLORS + SHAPES + DIGITS + WORDS
+WORDS = ["what", "shape", "is", "the", "object", "?", "which", "color", "nearest", "to"]
+VOCAB = SPECIALS + COLORS + SHAPES + WORDS
 STOI = {word: i for i, word in enumerate(VOCAB)}
 PAD, EOS, LVR_START, LVR_END = (STOI[s] for s in SPECIALS)
 
-QUESTION_TYPES = ("shape", "dot", "nearest", "bigger", "count", "digit")
-TEMPLATES = {  # {c}: the target object's colour, {v} {h}: a quadrant
+QUESTION_TYPES = ("shape", "near_shape", "near_color")
+TEMPLATES = {  # {c}: the named object's colour
     "shape": "what shape is the {c} object ?",
-    "dot": "does the {c} object have a dot ?",
-    "nearest": "which color is nearest to the {c} object ?",
-    "bigger": "is the {c} object bigger than its neighbour ?",
-    "count": "how many objects in the {v} {h} ?",
-    "digit": "what digit is on the sign ?",
+    "near_shape": "what shape is nearest to the {c} object ?",
+    "near_color": "which color is nearest to the {c} object ?",
 }
 QUESTION_LEN = max(len(t.split()) for t in TEMPLATES.values())  # questions are right-padded with <pad>
 ANSWER_LEN = 1
 
 RGB = np.array([[0.9, 0.15, 0.15], [0.15, 0.8, 0.2], [0.2, 0.35, 0.95],
                 [0.9, 0.85, 0.15], [0.85, 0.2, 0.85], [0.15, 0.85, 0.85]], dtype=np.float32)
-GLYPHS = np.array([[int(c) for c in row] for row in (  # 3x5 digit font, rows top to bottom
-    "111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
-    "111100111001111", "111100111101111", "111001001010010", "111101111101111", "111101111001111")],
-    dtype=bool).reshape(10, 5, 3)
-N_OBJECTS, GRID, RADII = 6, 4, np.array([2, 4])  # objects per image, 4x4 cells, small/large half-width
-SIGN_W, SIGN_H = 5, 7
+N_OBJECTS, GRID, CELL, RADII = 6, 6, 8, np.array([2, 3])  # objects, 6x6 cells of 8 px (= patches), half-widths
 
 
 def roi_patch_mask(boxes, image_size, patch_size):
@@ -85,67 +75,60 @@ def roi_patch_indices(box, image_size, patch_size):
     return roi_patch_mask([list(box)], image_size, patch_size)[0].nonzero().flatten().tolist()
 
 
-def sample_scenes(rng, n):
-    """Scene and question parameters for n samples, as a dict of numpy arrays (vectorised)."""
-    cells = np.argsort(rng.random((n, GRID * GRID)), axis=1)[:, :N_OBJECTS + 1]    # (n, 7) distinct cells
-    cell = 48 // GRID
-    colors = np.argsort(rng.random((n, len(COLORS))), axis=1)[:, :N_OBJECTS]       # (n, 6) unique colours
-    radius = RADII[rng.integers(0, 2, (n, N_OBJECTS))]                              # (n, 6)
-    # centre inside the object's cell with a margin of r+1 pixels
-    span = (cell - 2 * radius - 1)[..., None]                                      # (n, 6, 1) free positions
-    offset = (radius[..., None] + 1 + np.floor(rng.random((n, N_OBJECTS, 2)) * span)).astype(int)  # (n, 6, 2)
-    cx = (cells[:, :N_OBJECTS] % GRID) * cell + offset[..., 0]          # (n, 6)
-    cy = (cells[:, :N_OBJECTS] // GRID) * cell + offset[..., 1]
-    sign_x = (cells[:, -1] % GRID) * cell + rng.integers(1, cell - SIGN_W, n)      # (n,)
-    sign_y = (cells[:, -1] // GRID) * cell + rng.integers(1, cell - SIGN_H, n)
-    return dict(cells=cells, colors=colors, shapes=rng.integers(0, len(SHAPES), (n, N_OBJECTS)), radius=radius,
-                cx=cx, cy=cy, dot=rng.random((n, N_OBJECTS)) < 0.5, digit=rng.integers(0, 10, n),
-                sign_x=sign_x, sign_y=sign_y, qtype=rng.integers(0, len(QUESTION_TYPES), n),
-                target=rng.integers(0, N_OBJECTS, n), quadrant=rng.integers(0, 4, n),
+def _draw(rng, n):
+    """n scenes' parameters, unchecked (the named object's nearest neighbour may be tied)."""
+    radius = RADII[rng.integers(0, 2, (n, N_OBJECTS))]                                # (n, 6)
+    # centre inside the object's patch with the whole object inside it: [r, CELL-1-r]
+    offset = radius[..., None] + np.floor(rng.random((n, N_OBJECTS, 2)) * (CELL - 2 * radius[..., None])).astype(int)
+    cells = np.argsort(rng.random((n, GRID * GRID)), axis=1)[:, :N_OBJECTS]          # (n, 6) distinct patches
+    return dict(cells=cells, colors=np.argsort(rng.random((n, len(COLORS))), axis=1)[:, :N_OBJECTS],
+                shapes=rng.integers(0, len(SHAPES), (n, N_OBJECTS)), radius=radius,
+                cx=(cells % GRID) * CELL + offset[..., 0], cy=(cells // GRID) * CELL + offset[..., 1],
+                qtype=rng.integers(0, len(QUESTION_TYPES), n), target=rng.integers(0, N_OBJECTS, n),
                 tint=rng.uniform(-0.1, 0.1, (n, N_OBJECTS, 3)).astype(np.float32))
 
 
+def neighbour_distances(s):
+    """Squared patch-grid distance (n, 6) of every object to the named one (inf for itself)."""
+    rows, t = np.arange(len(s["qtype"])), s["target"]
+    gx, gy = s["cells"] % GRID, s["cells"] // GRID
+    dist = (gx - gx[rows, t][:, None]) ** 2 + (gy - gy[rows, t][:, None]) ** 2
+    dist[rows, t] = np.iinfo(dist.dtype).max
+    return dist
+
+
+def sample_scenes(rng, n):
+    """Scene and question parameters for n samples, as a dict of numpy arrays (vectorised); scenes whose
+    named object has a tied nearest neighbour are redrawn."""
+    parts, have = [], 0
+    while have < n:
+        s = _draw(rng, 2 * n)
+        dist = np.sort(neighbour_distances(s), axis=1)
+        s = take(s, dist[:, 0] < dist[:, 1])
+        parts.append(s)
+        have += len(s["qtype"])
+    return take({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.arange(n))
+
+
 def ask(s):
-    """Questions (n, QUESTION_LEN), answers (n, 1) and ROI boxes (n, 4) for scene parameters s."""
-    n, rows = len(s["qtype"]), np.arange(len(s["qtype"]))
-    t = s["target"]
-    boxes = np.stack([s["cx"] - s["radius"], s["cy"] - s["radius"],
-                      s["cx"] + s["radius"] + 1, s["cy"] + s["radius"] + 1], -1)    # (n, 6, 4) object boxes
-    dist = np.hypot(s["cx"] - s["cx"][rows, t][:, None], s["cy"] - s["cy"][rows, t][:, None])
-    dist[rows, t] = np.inf
-    near = dist.argmin(1)                                                           # (n,) nearest neighbour
-    quad_x, quad_y = s["quadrant"] % 2, s["quadrant"] // 2
-    in_quad = ((s["cells"][:, :N_OBJECTS] % GRID) // 2 == quad_x[:, None]) & \
-              ((s["cells"][:, :N_OBJECTS] // GRID) // 2 == quad_y[:, None])
-    union = np.concatenate([np.minimum(boxes[rows, t, :2], boxes[rows, near, :2]),
-                            np.maximum(boxes[rows, t, 2:], boxes[rows, near, 2:])], -1)
-    quad_box = np.stack([quad_x * 24, quad_y * 24, quad_x * 24 + 24, quad_y * 24 + 24], -1)
-    sign_box = np.stack([s["sign_x"], s["sign_y"], s["sign_x"] + SIGN_W, s["sign_y"] + SIGN_H], -1)
-    answers = {  # word of the answer per question type, (n,) each
-        "shape": np.array(SHAPES)[s["shapes"][rows, t]],
-        "dot": np.where(s["dot"][rows, t], "yes", "no"),
-        "nearest": np.array(COLORS)[s["colors"][rows, near]],
-        "bigger": np.where(s["radius"][rows, t] > s["radius"][rows, near], "yes", "no"),
-        "count": np.array(DIGITS)[in_quad.sum(1)],
-        "digit": np.array(DIGITS)[s["digit"]],
-    }
-    roi = {"shape": boxes[rows, t], "dot": boxes[rows, t], "nearest": boxes[rows, near], "bigger": union,
-           "count": quad_box, "digit": sign_box}
+    """Questions (n, QUESTION_LEN), answers (n, 1) and ROI box chains (n, 2, 4) for scene parameters s:
+    the named object's box, then the box of the object the answer is read from."""
+    n, rows, t = len(s["qtype"]), np.arange(len(s["qtype"])), s["target"]
+    near = neighbour_distances(s).argmin(1)                                           # (n,) nearest neighbour
+    about = np.where(s["qtype"] == QUESTION_TYPES.index("shape"), t, near)           # (n,) the answer's object
+    chain = np.stack([t, about], 1)                                                   # (n, 2) object slots
+    r, cx, cy = (s[k][rows[:, None], chain] for k in ("radius", "cx", "cy"))         # (n, 2) each
+    box = np.stack([cx - r, cy - r, cx + r + 1, cy + r + 1], -1)                      # (n, 2, 4), one patch each
+    shape_word = np.array([STOI[w] for w in SHAPES])[s["shapes"][rows, about]]
+    color_word = np.array([STOI[w] for w in COLORS])[s["colors"][rows, about]]
+    answer = np.where(s["qtype"] == QUESTION_TYPES.index("near_color"), color_word, shape_word)[:, None]
     question = np.full((n, QUESTION_LEN), PAD)
-    answer, box = np.zeros((n, ANSWER_LEN), dtype=np.int64), np.zeros((n, 4), dtype=np.int64)
-    target_color = np.array(COLORS)[s["colors"][rows, t]]
-    for k, name in enumerate(QUESTION_TYPES):  # loop over 6 question types, vectorised within each
-        sel = s["qtype"] == k
-        for v, h in ((0, 0), (0, 1), (1, 0), (1, 1)) if name == "count" else ((None, None),):
-            part = sel & ((quad_y == v) & (quad_x == h) if name == "count" else True)
-            for color in COLORS if "{c}" in TEMPLATES[name] else (None,):
-                rows_here = part & (target_color == color) if color else part
-                text = TEMPLATES[name].format(c=color, v=("top", "bottom")[v or 0], h=("left", "right")[h or 0])
-                ids = [STOI[word] for word in text.split()]
-                question[rows_here, :len(ids)] = ids
-        answer[sel, 0] = [STOI[word] for word in answers[name][sel]]
-        box[sel] = roi[name][sel]
-    return question, answer, box
+    named = s["colors"][rows, t]                                                      # (n,) colour index
+    for k, name in enumerate(QUESTION_TYPES):  # 3 types x 6 colours, vectorised within each
+        for c, color in enumerate(COLORS):
+            ids = [STOI[word] for word in TEMPLATES[name].format(c=color).split()]
+            question[(s["qtype"] == k) & (named == c), :len(ids)] = ids
+    return question, answer.astype(np.int64), box.astype(np.int64)
 
 
 def render(s, rng):
@@ -153,29 +136,20 @@ def render(s, rng):
     n, rows = len(s["qtype"]), np.arange(len(s["qtype"]))[:, None, None]
     noise = rng.standard_normal((n, 48, 48, 3), dtype=np.float32) * 0.03
     image = np.full((n, 48, 48, 3), 0.05, dtype=np.float32)                        # dark background
-    d = np.arange(-4, 5)
-    dy, dx = d[None, :, None], d[None, None, :]                                     # 9x9 window offsets
+    d = np.arange(-3, 4)
+    dy, dx = d[None, :, None], d[None, None, :]                                     # 7x7 window offsets
     for k in range(N_OBJECTS):  # loop over object slots, vectorised over the batch
         r = s["radius"][:, k][:, None, None]
         masks = np.stack([(abs(dx) <= r) & (abs(dy) <= r),                             # square
                           dx ** 2 + dy ** 2 <= r ** 2 + r,                              # circle
                           (abs(dy) <= r) & (2 * abs(dx) <= dy + r),                     # triangle
                           ((dx == 0) | (dy == 0)) & (abs(dx) <= r) & (abs(dy) <= r)])   # cross
-        mask = masks[s["shapes"][:, k], np.arange(n)]                                   # (n, 9, 9)
+        mask = masks[s["shapes"][:, k], np.arange(n)]                                   # (n, 7, 7)
         ys, xs = s["cy"][:, k][:, None, None] + dy, s["cx"][:, k][:, None, None] + dx
         ys, xs = np.broadcast_to(ys, mask.shape), np.broadcast_to(xs, mask.shape)
         color = np.clip(RGB[s["colors"][:, k]] + s["tint"][:, k], 0, 1)                 # (n, 3)
         b = np.broadcast_to(rows, mask.shape)
         image[b[mask], ys[mask], xs[mask]] = np.broadcast_to(color[:, None, None], (*mask.shape, 3))[mask]
-        dotted = s["dot"][:, k]
-        image[dotted.nonzero()[0], s["cy"][dotted, k], s["cx"][dotted, k]] = 0.05
-    sy = s["sign_y"][:, None, None] + np.arange(SIGN_H)[None, :, None]
-    sx = s["sign_x"][:, None, None] + np.arange(SIGN_W)[None, None, :]
-    image[rows, sy, sx] = 0.95                                                      # white sign
-    glyph = GLYPHS[s["digit"]]                                                      # (n, 5, 3)
-    gy = np.broadcast_to(s["sign_y"][:, None, None] + 1 + np.arange(5)[None, :, None], glyph.shape)
-    gx = np.broadcast_to(s["sign_x"][:, None, None] + 1 + np.arange(3)[None, None, :], glyph.shape)
-    image[np.broadcast_to(rows, glyph.shape)[glyph], gy[glyph], gx[glyph]] = 0.05     # dark digit strokes
     image += noise
     return np.clip(image, 0, 1, out=image).transpose(0, 3, 1, 2)
 
@@ -183,8 +157,7 @@ def render(s, rng):
 def scene_keys(s):
     """One hashable key per sample (scene + question), to keep train and test disjoint."""
     fields = [s[k].reshape(len(s["qtype"]), -1).astype(np.int64) for k in
-              ("cells", "colors", "shapes", "radius", "cx", "cy", "dot", "digit", "sign_x", "sign_y", "qtype",
-               "target", "quadrant")]
+              ("cells", "colors", "shapes", "radius", "cx", "cy", "qtype", "target")]
     return [row.tobytes() for row in np.concatenate(fields, 1)]
 
 
@@ -192,22 +165,33 @@ def take(s, idx):
     return {k: v[idx] for k, v in s.items()}
 
 
-def make_batch(s, rng):
+def patch_objects(s, patch_size):
+    """(n, P) long: per patch of the row-major grid, 0 for background or 1 + colour·4 + shape of the object
+    whose centre lies in it (the labels a pretrained encoder's patch tokens would know)."""
+    w, rows = 48 // patch_size, np.arange(len(s["qtype"]))[:, None]
+    labels = np.zeros((len(s["qtype"]), w * w), dtype=np.int64)
+    labels[rows, (s["cy"] // patch_size) * w + s["cx"] // patch_size] = 1 + s["colors"] * len(SHAPES) + s["shapes"]
+    return labels
+
+
+def make_batch(s, rng, patch_size=8):
     question, answer, box = ask(s)
     return {"image": torch.from_numpy(np.ascontiguousarray(render(s, rng))),
             "question": torch.from_numpy(question).long(), "answer": torch.from_numpy(answer).long(),
-            "box": torch.from_numpy(box).long(), "qtype": torch.from_numpy(s["qtype"]).long()}
+            "box": torch.from_numpy(box).long(), "qtype": torch.from_numpy(s["qtype"]).long(),
+            "patch_object": torch.from_numpy(patch_objects(s, patch_size))}
 
 
 class VQATask:
     """Task object for train.py: name, train_batch(step, batch_size), test_sets, plus the vocabulary and
     geometry the model needs. Batches: image float (B, 3, 48, 48), question long (B, QUESTION_LEN),
-    answer long (B, 1), box long (B, 4) pixels, qtype long (B,)."""
+    answer long (B, 1), box long (B, 2, 4) pixels (the ROI chain, ask), qtype long (B,), patch_object long (B, P) (patch_objects)."""
     name = "vqa"
     vocab, stoi, vocab_size = VOCAB, STOI, len(VOCAB)
     pad_id, eos_id, lvr_start_id, lvr_end_id = PAD, EOS, LVR_START, LVR_END
     image_size, patch_size, question_len, answer_len = 48, 8, QUESTION_LEN, ANSWER_LEN
     question_types = QUESTION_TYPES
+    patch_classes = 1 + len(COLORS) * len(SHAPES)  # background + colour x shape (patch_objects)
 
     def __init__(self, seed=0, train_size=20000, eval_size=500, patch_size=8):
         if train_size < 1 or eval_size < 1:
@@ -219,13 +203,13 @@ class VQATask:
         train = sample_scenes(np.random.default_rng([seed, 1]), train_size)
         held_out = set(scene_keys(test))
         self.train_scenes = take(train, np.array([k not in held_out for k in scene_keys(train)]))
-        self.test_sets = {"held-out": make_batch(test, np.random.default_rng([seed, 3]))}
+        self.test_sets = {"held-out": make_batch(test, np.random.default_rng([seed, 3]), patch_size)}
 
     def train_batch(self, step, batch_size):
         """Deterministic in (seed, step): scenes drawn from the training pool, fresh pixel noise."""
         rng = np.random.default_rng([self.seed, 4, step])
         idx = rng.integers(0, len(self.train_scenes["qtype"]), batch_size)
-        return make_batch(take(self.train_scenes, idx), rng)
+        return make_batch(take(self.train_scenes, idx), rng, self.patch_size)
 
     def prior_accuracy(self):
         """Held-out accuracy (percent) of answering each question type with its most frequent training answer."""
@@ -248,5 +232,5 @@ if __name__ == "__main__":
     print(f"10k training samples generated and rendered in {time.perf_counter() - start:.2f} s")
     for i in range(4):
         print(task.decode(batch["question"][i].tolist()), "->", task.decode(batch["answer"][i].tolist()),
-              "box", batch["box"][i].tolist(), "patches",
-              roi_patch_indices(batch["box"][i].tolist(), task.image_size, task.patch_size))
+              "boxes", batch["box"][i].tolist(), "patches",
+              [roi_patch_indices(box, task.image_size, task.patch_size) for box in batch["box"][i].tolist()])
