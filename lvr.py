@@ -289,6 +289,16 @@ def alignment_loss(model, batch):
     return loss, {"L_NTP": l_ntp, "L_object": l_object, "L_grounding": l_grounding}
 
 
+def per_example_uniform(batch, shape, device) -> torch.Tensor:
+    """U(0, 1) of shape (B, *shape), row b from a generator seeded by batch["example_seed"][b] (train.py draws one
+    per example and step), so an example's draw does not depend on which torchrun rank holds it; from the
+    global generator for a batch without seeds."""
+    if "example_seed" not in batch:
+        return torch.rand(len(next(iter(batch.values()))), *shape, device=device)
+    return torch.stack([torch.rand(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
+                        for seed in batch["example_seed"].tolist()])
+
+
 def lvr_loss(model, visual, batch, teacher_prob=0.0):
     """Stage-1 SFT loss over [question (Lq), v (P), <lvr_start>, x_1..x_N, <lvr_end>, answer (A), <eos>, <pad>...],
     in two passes that share the prefix [question, v, <lvr_start>] (its KV cache):
@@ -344,7 +354,7 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
             own.append(x)
             x, _, own_cache = llm(x, own_cache)
         own = torch.cat(own, 1).to(targets.dtype)                                      # (B, N, D)
-    teacher = torch.rand(B, N, 1, device=visual.device) < teacher_prob                # scheduled sampling
+    teacher = per_example_uniform(batch, (N, 1), visual.device) < teacher_prob        # scheduled sampling
     _, own_logits = response_pass(torch.where(teacher, targets, own))                  # pass 2
     l_answer = ntp(own_logits, ~is_marker)   # same weight on the answer token as direct_loss gives the baseline
     l_ntp = ntp(logits, is_marker) + l_answer
