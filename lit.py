@@ -306,13 +306,13 @@ def teacher_update(model, state, puzzle_emb, solution_emb, blank_emb, puzzle, re
         return model.teacher(state, puzzle_emb + torch.where(revealed[..., None], solution_emb - blank_emb, 0))
 
 
-def example_generators(batch: dict) -> list | None:
+def example_generators(batch: dict, device) -> list | None:
     """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
     an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
-    one process draws. None (the global generator) for a batch without seeds."""
+    one process draws. The seeds stay on the CPU (read without a device sync); the generators live on `device`.
+    None (the global generator) for a batch without seeds."""
     if "example_seed" not in batch:
         return None
-    device = batch["example_seed"].device
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
 
 
@@ -342,7 +342,7 @@ def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
     n = 0 if config.no_imagination else max(1, round(config.teacher_share * B))  # the teacher's sub-batch
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=n > 0)
     channels = max(1, round(config.imagination_share * config.d_model))  # imagined part of the belief
-    generators = example_generators(batch)  # per-example noise: the same under any torchrun split
+    generators = example_generators(batch, target.device)  # per-example noise: the same under any torchrun split
     reveal_order = noise(torch.rand, (B, N_CELLS), generators, target.device)
     student_state = model.initial_belief(B)  # what each role's next step reads, detached by carry():
     teacher_state = student_state[:n]        # one step per supervised segment (truncated backprop)

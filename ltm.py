@@ -298,13 +298,13 @@ def fast_lr_at(step, n_steps, peak):
     return peak / 10 + 0.5 * (1 + math.cos(math.pi * step / n_steps)) * (peak - peak / 10)
 
 
-def example_generators(batch: dict) -> list | None:
+def example_generators(batch: dict, device) -> list | None:
     """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
     an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
-    one process draws. None (the global generator) for a batch without seeds."""
+    one process draws. The seeds stay on the CPU (read without a device sync); the generators live on `device`.
+    None (the global generator) for a batch without seeds."""
     if "example_seed" not in batch:
         return None
-    device = batch["example_seed"].device
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
 
 
@@ -391,7 +391,7 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     optimizer.zero_grad(set_to_none=True)
     z = mu = logvar = None
     if model.use_latent:
-        generators = example_generators(batch)  # per-example ε and init: the same under any torchrun split
+        generators = example_generators(batch, tokens.device)  # per-example ε and init: the same under any torchrun split
         mu, logvar, eps = fit_posterior(model, tokens, config.fast_steps, config, autocast_dtype, generators)
         z = sample_z(mu, logvar, eps)  # (B, n_latents, d), detached: exactly the z the fast steps fitted
     with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

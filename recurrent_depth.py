@@ -246,13 +246,13 @@ class RecurrentKVCache:
         return update
 
 
-def example_generators(batch: dict) -> list | None:
+def example_generators(batch: dict, device) -> list | None:
     """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
     an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
-    one process draws. None (one global generator) for a batch without seeds."""
+    one process draws. The seeds stay on the CPU (read without a device sync); the generators live on `device`.
+    None (one global generator) for a batch without seeds."""
     if "example_seed" not in batch:
         return None
-    device = batch["example_seed"].device
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
 
 
@@ -580,7 +580,7 @@ def inputs_and_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def recurrent_loss(model, batch: dict, num_steps: tuple[int, int]) -> torch.Tensor:
     """L = CE(head(norm(C(norm(s_r)))), y): plain cross-entropy on the coda output, no intermediate loss."""
     inputs, targets = inputs_and_targets(batch)
-    logits = model(inputs, num_steps, generator=example_generators(batch))  # (B, T, V)
+    logits = model(inputs, num_steps, generator=example_generators(batch, inputs.device))  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

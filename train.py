@@ -944,7 +944,9 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                     group["lr"] = group["initial_lr"] * factor
                 whole = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
                 tokens += token_count(whole)
-                batch = {k: v.to(device, non_blocking=True) for k, v in rank_slice(whole).items()}
+                # the example seeds stay on the CPU: methods read them as Python ints, with no device sync
+                batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True)
+                         for k, v in rank_slice(whole).items()}
                 # FLOPs counted on the step before each log line, chosen by step number alone: a counted step's
                 # gradients can differ in the last bit (the counter changes torch's dispatch), so a resumed run
                 # must count the same steps as one that was never stopped
