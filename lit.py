@@ -34,8 +34,9 @@ Our choices and simplifications (not from the paper):
   --imagination-weight 1` is the posterior/prior pair written above (104 % over).
 - Attention in U is restricted to Sudoku peers (same row/column/box, as in the recurrent relational
   network's graph; `--no-peer-attention` for all 81 cells): it learns several times faster on CPU.
-- Truncated backprop: the state is detached between thinking steps, so each step is one supervised
-  segment (as in TRM's deep supervision); memory does not grow with the number of steps.
+- Truncated backprop: the state is detached between supervised segments of `segment_steps` thinking
+  steps (default 1: every step), the cross-entropy taken at each segment's end (TRM's deep supervision:
+  its segment is a whole recursion); memory grows with the segment, not with the number of steps.
 - Beliefs are RMS-normalised after each update, so a student rolled for 64 steps stays bounded.
 - Gradients are clipped per model (teacher: U_T and W_h; student: the rest), so the teacher's terms
   cannot shrink the student's step relative to the ablation's.
@@ -80,6 +81,7 @@ class Config:
     n_layers: int = 2                    # transformer blocks in U (applied once per thinking step)
     peer_attention: bool = True          # cells attend only to their row/column/box peers (RRN's Sudoku graph)
     think_steps: int = 6                 # thinking steps per training example; hints reach the full solution at the last
+    segment_steps: int = 1               # thinking steps per supervised segment: backprop through all, loss at its end
     imagination_weight: float = 0.1      # β in L (larger β commits the student early: README)
     no_imagination: bool = False         # ablation: no teacher, β = 0, student on the solution loss alone
     recursion: str = "latent"            # latent: the belief passes between steps; observation: only its decoded digit distributions
@@ -252,12 +254,13 @@ class LatentImaginationModel(nn.Module):
             return self.readback(self.decoder.weight.new_full((batch_size, N_CELLS, N_DIGITS), 1 / N_DIGITS))
         return self.belief_init.expand(batch_size, N_CELLS, -1)
 
-    def carry(self, belief):
-        """What passes to the next thinking step, detached (truncated backprop): the belief itself
-        (latent recursion), or only its decoded digit distributions, re-embedded (observation space)."""
+    def carry(self, belief, detach: bool = True):
+        """What passes to the next thinking step, detached at a segment's end (truncated backprop): the
+        belief itself (latent recursion), or only its decoded digit distributions, re-embedded (observation space)."""
+        cut = torch.Tensor.detach if detach else (lambda x: x)
         if self.readback is None:
-            return belief.detach()
-        return self.readback(self.decode(belief).softmax(-1).detach())  # (B, 81, 9) -> (B, 81, D)
+            return cut(belief)
+        return self.readback(cut(self.decode(belief).softmax(-1)))  # (B, 81, 9) -> (B, 81, D)
 
     def teacher_parameters(self):
         """Parameters only the teacher uses (U_T and W_h; none for a self teacher): the teacher model
@@ -334,33 +337,36 @@ def sample_belief(mean, std, sample: bool, generators=None):
 # ----------------------------------------------------------------------------- LIT loss
 def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
     """L = Σ_t [CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||²] / T,
-    β = imagination_beta(step) (0 under no_imagination), T = think_steps. The teacher runs on the first
+    β = imagination_beta(step) (0 under no_imagination), T = think_steps; with segment_steps k > 1 the
+    cross-entropies are taken at every k-th step only (averaged over the T / k segments). The teacher runs on the first
     teacher_share of the batch (its CE and the imagination term average over those examples; a self
     teacher has no CE). The squared error (or KL) covers the first imagination_share of the d channels."""
     target = batch["solution"] - 1  # (B, 81) digit classes 0..8
-    B, T = target.shape[0], config.think_steps
+    B, T, k = target.shape[0], config.think_steps, config.segment_steps
     n = 0 if config.no_imagination else max(1, round(config.teacher_share * B))  # the teacher's sub-batch
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=n > 0)
     channels = max(1, round(config.imagination_share * config.d_model))  # imagined part of the belief
     generators = example_generators(batch, target.device)  # per-example noise: the same under any torchrun split
     reveal_order = noise(torch.rand, (B, N_CELLS), generators, target.device)
     student_state = model.initial_belief(B)  # what each role's next step reads, detached by carry():
-    teacher_state = student_state[:n]        # one step per supervised segment (truncated backprop)
+    teacher_state = student_state[:n]        # k steps per supervised segment (truncated backprop)
     ce_teacher = ce_student = imagination = puzzle_emb.new_zeros((), dtype=torch.float32)
     for t in range(T):
+        segment_end = (t + 1) % k == 0
         if n:  # teacher (posterior): the puzzle and the hints revealed so far, from its own or the student's belief
             start = student_state[:n] if config.teacher_start == "student" else teacher_state
             mean_t, std_t = teacher_update(model, start, puzzle_emb[:n], solution_emb[:n], blank_emb,
                                            batch["puzzle"][:n], reveal_order[:n], t)
             teacher_belief = sample_belief(mean_t, std_t, sample=True, generators=generators[:n] if generators else None)
-            teacher_state = model.carry(teacher_belief)
-            if not config.self_teacher:
+            teacher_state = model.carry(teacher_belief, detach=segment_end)
+            if not config.self_teacher and segment_end:
                 ce_teacher = ce_teacher + F.cross_entropy(model.decode(teacher_belief).transpose(1, 2), target[:n])
         # student (prior): the puzzle only, from its own previous belief, as at test time
         mean_s, std_s = model.student(student_state, puzzle_emb)
         student_belief = sample_belief(mean_s, std_s, sample=True, generators=generators)
-        student_state = model.carry(student_belief)
-        ce_student = ce_student + F.cross_entropy(model.decode(student_belief).transpose(1, 2), target)
+        student_state = model.carry(student_belief, detach=segment_end)
+        if segment_end:
+            ce_student = ce_student + F.cross_entropy(model.decode(student_belief).transpose(1, 2), target)
         if not n:  # ablation: the same recurrence and deep supervision, no teacher
             continue
         if config.stochastic:  # KL(sg(q_T) || p_S) per cell, summed over d, averaged over cells
@@ -370,8 +376,9 @@ def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
         else:  # ||b^S_{t+1} − sg(b^T_{t+1})||², mean over cells and channels
             gap = student_belief[:n, :, :channels].float() - teacher_belief[..., :channels].detach().float()
             imagination = imagination + gap.pow(2).mean()
-    loss = (ce_teacher + ce_student + imagination_beta(step, config) * imagination) / T
-    return {"loss": loss, "ce_teacher": ce_teacher / T, "ce_student": ce_student / T, "imagination": imagination / T}
+    ce_teacher, ce_student, imagination = ce_teacher / (T // k), ce_student / (T // k), imagination / T
+    loss = ce_teacher + ce_student + imagination_beta(step, config) * imagination
+    return {"loss": loss, "ce_teacher": ce_teacher, "ce_student": ce_student, "imagination": imagination}
 
 
 # ----------------------------------------------------------------------------- thinking loop
@@ -441,6 +448,9 @@ def check_config(config: Config):
         raise ValueError(f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads})")
     if config.think_steps < 1:
         raise ValueError(f"think_steps must be >= 1, got {config.think_steps}")
+    if config.segment_steps < 1 or config.think_steps % config.segment_steps:
+        raise ValueError(f"segment_steps must be >= 1 and divide think_steps ({config.think_steps}), "
+                         f"got {config.segment_steps}")
     if config.recursion not in ("latent", "observation"):
         raise ValueError(f"recursion must be 'latent' or 'observation', got {config.recursion!r}")
     for name in ("n_samples", "n_diverse"):

@@ -2375,6 +2375,29 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
             assert torch.allclose(seen["student"][1][0], model.readback(logits[0].softmax(-1)), atol=1e-6)
 
 
+def test_lit_segments_backpropagate_through_their_steps_and_supervise_their_ends():
+    """segment_steps k: the state passed inside a segment keeps its graph (the loss at the segment's end
+    reaches the segment's first update), it is detached between segments, and the student's CE is the
+    mean over the T / k segment ends of think()'s logits."""
+    model, config = lit_make(think_steps=4, segment_steps=2, no_imagination=True)
+    batch = lit_tiny_sudoku(4, 40)
+    states = []
+    hook = model.student.register_forward_hook(lambda module, args, out: states.append(args[0]))
+    losses = lit.lit_loss(model, batch, config)
+    hook.remove()
+    assert [state.requires_grad for state in states[1:]] == [True, False, True]  # inside, cut, inside (b_0 is learned)
+    first_update = model.student.blocks[0].mlp.up.weight
+    segment_two_only = torch.autograd.grad(states[3].sum(), first_update, retain_graph=True)[0]
+    assert segment_two_only.abs().sum() > 0  # the second segment's inner state reaches its own first update
+    target = batch["solution"] - 1
+    logits = lit.think(model, batch, 4, "student")
+    ends = torch.stack([torch.nn.functional.cross_entropy(logits[t].transpose(1, 2), target) for t in (1, 3)]).mean()
+    assert losses["ce_student"].item() == pytest.approx(ends.item(), rel=1e-5)
+    for bad in (0, 3):  # must divide think_steps
+        with pytest.raises(ValueError, match="segment_steps"):
+            lit.build_model(lit_tiny_config(think_steps=4, segment_steps=bad), LitFakeTask("sudoku"))
+
+
 def test_lit_per_model_clipping_bounds_each_model_separately():
     """With plain SGD (lr 1) the update is the clipped gradient: teacher and student each move by
     exactly clip_norm, which a global clip over both (total clip_norm) would not do."""
