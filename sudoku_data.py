@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27)}  # givens, inclusive
-TRAINING_MIXES = {"mixed": ("easy", "medium", "hard")}  # a training base set made of equal shares of presets
+# training base sets made of equal shares of presets ("harder": without the easy third that a model masters first)
+TRAINING_MIXES = {"mixed": ("easy", "medium", "hard"), "harder": ("medium", "hard")}
 
 # ----------------------------------------------------------------------------- the solver
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]

@@ -772,13 +772,15 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
     assert all(torch.equal(_checkpoint(interrupted)["ema"][name], average[name]) for name in names)
 
 
-def test_mixed_training_set_holds_equal_shares_of_every_preset(data_dir):
+def test_training_mixes_hold_equal_shares_of_their_presets(data_dir):
     task = sudoku_data.SudokuTask("mixed", base_size=7, eval_size=2, data_dir=data_dir)
     givens = (task.base_puzzles > 0).sum(1)
     shares = [(givens >= low) & (givens <= high) for low, high in sudoku_data.DIFFICULTIES.values()]
     assert [int(share.sum()) for share in shares] == [3, 2, 2] and len(givens) == 7
     assert set(task.test_sets) == set(sudoku_data.DIFFICULTIES)  # tested on each preset, as always
-    with pytest.raises(ValueError, match="unknown difficulty 'extreme'; choose one of easy, medium, hard, mixed"):
+    harder = (sudoku_data.SudokuTask("harder", base_size=5, eval_size=2, data_dir=data_dir).base_puzzles > 0).sum(1)
+    assert [int(((harder >= low) & (harder <= high)).sum()) for low, high in sudoku_data.DIFFICULTIES.values()] == [0, 3, 2]
+    with pytest.raises(ValueError, match="unknown difficulty 'extreme'; choose one of easy, medium, hard, mixed, harder"):
         sudoku_data.SudokuTask("extreme", data_dir=data_dir)
 
 
