@@ -30,7 +30,7 @@ Simplified or changed relative to the reference, and why (numbers: README, "ltm.
   query/key projections have no effect (they do for z_window > 1 or 0). The reference's cross-attention
   over all slots (z_window = 0), or over three (z_window = 3), has to learn which slot to read before any
   slot can carry a cell, and within the CPU budget it does not: z stays unused.
-- narrow latents, d_z = 4 (reference: d_model): 81 slots of width 64 in every layer give 15,552
+- narrow latents, d_z = 8 (reference: d_model): 81 slots of width 64 in every layer give 15,552
   dimensions per sequence, and the unused ones cost KL; the cross-attention projects d_z up to d_model.
 - a fresh noise ε at every fast step and for the sample the slow step trains on (stochastic VI;
   fresh_noise = False is the reference's one ε per fit, AdamVI). With one ε the fit's posterior keeps
@@ -63,14 +63,14 @@ SEPARATOR = 10  # sudoku: token between the puzzle and the solution (digits are 
 
 @dataclass
 class Config:
-    steps: int = 200  # slow (decoder) optimizer steps
+    steps: int = 800  # slow (decoder) optimizer steps
     batch_size: int = 8  # sequences per step (each costs fast_steps + 1 decoder passes)
     lr: float = 3e-3  # slow-learning peak lr (paper: 4e-4 at 38M-76M params)
     warmup_steps: int = 20  # linear warmup of the slow lr (train.py)
     difficulty: str = "medium"  # sudoku training base set: easy|medium|hard
     eval_steps: tuple[int, ...] = (0, 1, 2, 4, 8, 16)  # fast steps T at test time; 0 = z from the prior
     d_model: int = 64  # width d of the decoder
-    d_z: int = 4  # width of a latent thought vector (the reference: d_model; see docstring)
+    d_z: int = 8  # width of a latent thought vector (the reference: d_model; see docstring)
     n_layers: int = 3  # decoder blocks, each with its own latent thoughts
     n_heads: int = 2  # attention heads (self and cross)
     n_z_per_layer: int = 81  # latent thought vectors per layer (paper: 8); sudoku: one per cell (see docstring)
