@@ -29,7 +29,7 @@ Simplified or changed relative to the reference, and why (numbers: README, "ltm.
   a token's cross-attention sees only its own slot, so at z_window 1 it reads that slot's value and the
   query/key projections have no effect (they do for z_window > 1 or 0). The reference's cross-attention
   over all slots (z_window = 0), or over three (z_window = 3), has to learn which slot to read before any
-  slot can carry a cell, and within the CPU budget it does not: z stays unused.
+  slot can carry a cell, and within the CPU budget it does not: z stays (almost) unused.
 - narrow latents, d_z = 8 (reference: d_model): 81 slots of width 64 in every layer give 15,552
   dimensions per sequence, and the unused ones cost KL; the cross-attention projects d_z up to d_model.
 - a fresh noise ε at every fast step and for the sample the slow step trains on (stochastic VI;
