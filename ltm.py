@@ -34,7 +34,7 @@ Simplified or changed relative to the reference, and why (numbers: README, "ltm.
   dimensions per sequence, and the unused ones cost KL; the cross-attention projects d_z up to d_model.
 - a fresh noise ε at every fast step and for the sample the slow step trains on (stochastic VI;
   fresh_noise = False is the reference's one ε per fit, AdamVI). With one ε the fit's posterior keeps
-  σ ≈ 1 in every dimension and μ absorbs that ε: the decoder learns on z values it never sees again, and
+  σ near 1 in almost every dimension and μ absorbs that ε: the decoder learns on z values it never sees again, and
   at a new ε' (the honest bound below) its NLL is far above its training loss.
 - fast_lr 1.0 (paper 0.3): Adam moves each logvar by about the lr per step, so from the logvar = -5
   init (KL ≈ 2 nats per latent dimension) 16 steps at 0.3 leave the bound loose by several nats per
@@ -250,7 +250,7 @@ class LatentThoughtModel(nn.Module):
         h = self.embed(tokens) + self.position.weight[start:start + N]  # (B, N, D)
         z_view = (self.q_cos[start:start + N], self.q_sin[start:start + N], self.z_cos, self.z_sin,
                   self.z_visible[start:start + N])
-        for block, z_layer, layer_cache in zip(self.blocks, z_layers, caches):  # z_layer (B, Z, D)
+        for block, z_layer, layer_cache in zip(self.blocks, z_layers, caches):  # z_layer (B, Z, d_z)
             h = block(h, cos, sin, visible, z_layer, z_view, layer_cache)
         return self.head(self.norm(h))  # (B, N, V)
 
