@@ -5,13 +5,13 @@ Paper: Kong et al., "Latent Thought Models with Variational Bayes Inference-Time
 ICML 2025 (arXiv 2502.01567). Facts checked against the public fork
 ghidav/Latent-Thought-Language-Models (model.py, optimizer.py, config.py, train_ltm.py).
 
-Idea. Each sequence x has latent thoughts z ~ p(z) = N(0, I), shape (n_layers · n_z_per_layer, d);
+Idea. Each sequence x has latent thoughts z ~ p(z) = N(0, I), shape (n_layers · n_z_per_layer, d_z);
 layer l of a causal transformer decoder cross-attends to its own n_z_per_layer vectors, so
 p_β(x|z) = Π_t p_β(x_t | x_<t, z). Learning is "dual rate":
   fast learning (inference-time computation): for every sequence, fit a diagonal Gaussian
       q(z|x) = N(μ, diag(exp(logvar))) by T AdamW steps on the negative ELBO
       -ELBO(x) = E_q[-log p_β(x|z)] + KL(q(z|x) || p(z))               (decoder frozen)
-  slow learning: one AdamW step on the decoder β on -log p_β(x|z) at the fitted z = μ + σ ε, detached.
+  slow learning: one AdamW step on the decoder β on -log p_β(x|z) at a sample z = μ + σ ε of q, detached.
 More fast steps T -> a tighter posterior -> a tighter bound: ppl(x) ≤ exp(-ELBO(x) / n_tokens).
 
 Tasks: "sudoku" is modelled as one sequence [81 puzzle cells, SEP, 81 solution cells] (z is fitted
@@ -20,19 +20,27 @@ on the whole sequence in training, on the puzzle prefix when solving); "text" is
 
 What keeps z in use (posterior collapse otherwise): the decoder's self-attention sees only a sliding
 window of recent tokens (the reference: 256 of 1,024), so information from further back, such as a
-Sudoku cell's given 81 tokens before its solution, can reach a token only through z. The fast loop
-draws one noise ε per fit and reuses it in every fast step and in the slow step (the reference's AdamVI),
-so the decoder learns on exactly the z that was fitted. Evaluation reports a T = 0 row (q = the prior,
-KL = 0) as the control every fitted row is compared with.
+Sudoku cell's given 81 tokens before its solution, can reach a token only through z. Evaluation reports
+a T = 0 row (q = the prior, KL = 0) as the control every fitted row is compared with.
 
-Simplified or changed relative to the reference, and why:
+Simplified or changed relative to the reference, and why (numbers: README, "ltm.py"):
+- one latent slot per Sudoku cell, read only by the tokens of that cell (z_window = 1): slot i of every
+  layer owns a stretch of the predicted tokens, for sudoku cell i of the puzzle and of the solution, and
+  a token's cross-attention sees only its own slot, so at z_window 1 it reads that slot's value and the
+  query/key projections have no effect (they do for z_window > 1 or 0). The reference's cross-attention
+  over all slots (z_window = 0), or over three (z_window = 3), has to learn which slot to read before any
+  slot can carry a cell, and within the CPU budget it does not: z stays (almost) unused.
+- narrow latents, d_z = 8 (reference: d_model): 81 slots of width 64 in every layer give 15,552
+  dimensions per sequence, and the unused ones cost KL; the cross-attention projects d_z up to d_model.
+- a fresh noise ε at every fast step and for the sample the slow step trains on (stochastic VI;
+  fresh_noise = False is the reference's one ε per fit, AdamVI). With one ε the fit's posterior keeps
+  σ near 1 in almost every dimension and μ absorbs that ε: the decoder learns on z values it never sees again, and
+  at a new ε' (the honest bound below) its NLL is far above its training loss.
 - fast_lr 1.0 (paper 0.3): Adam moves each logvar by about the lr per step, so from the logvar = -5
   init (KL ≈ 2 nats per latent dimension) 16 steps at 0.3 leave the bound loose by several nats per
   token; 1.0 lets unused dimensions reach the prior's scale within the training T.
 - a learned absolute position embedding (not in the reference): with a sliding window and relative
-  RoPE a token cannot tell which Sudoku cell it is at, so it could not look that cell up in z.
-- RoPE in the cross-attention places each layer's slots evenly over the sequence (the reference puts
-  slot i at i · max_seq_len / n_latents, so every layer uses the same first few positions).
+  RoPE a token cannot tell which Sudoku cell it is at.
 - no persistent init: the reference starts μ from the z fitted to the same sequence in the previous
   epoch; our training sequences are augmented on the fly and rarely repeat, so every fit starts fresh.
 - the reported bound evaluates the NLL at a fresh ε' (the reference re-uses the fit's ε, which makes
@@ -55,16 +63,19 @@ SEPARATOR = 10  # sudoku: token between the puzzle and the solution (digits are 
 
 @dataclass
 class Config:
-    steps: int = 200  # slow (decoder) optimizer steps
+    steps: int = 800  # slow (decoder) optimizer steps
     batch_size: int = 8  # sequences per step (each costs fast_steps + 1 decoder passes)
     lr: float = 3e-3  # slow-learning peak lr (paper: 4e-4 at 38M-76M params)
     warmup_steps: int = 20  # linear warmup of the slow lr (train.py)
     difficulty: str = "medium"  # sudoku training base set: easy|medium|hard
     eval_steps: tuple[int, ...] = (0, 1, 2, 4, 8, 16)  # fast steps T at test time; 0 = z from the prior
-    d_model: int = 64  # width d; latent thought vectors have the same width
+    d_model: int = 64  # width d of the decoder
+    d_z: int = 8  # width of a latent thought vector (the reference: d_model; see docstring)
     n_layers: int = 3  # decoder blocks, each with its own latent thoughts
     n_heads: int = 2  # attention heads (self and cross)
-    n_z_per_layer: int = 4  # latent thought vectors per layer (paper: 8)
+    n_z_per_layer: int = 81  # latent thought vectors per layer (paper: 8); sudoku: one per cell (see docstring)
+    z_window: int = 1  # slots a token's cross-attention sees: those within z_window - 1 of the slot owning
+    #                    the token it predicts (1 = that slot only); 0 = every slot of the layer (the reference)
     # Self-attention window in tokens, itself included (0 = full causal). Stacked windows reach
     # n_layers · (window - 1) tokens back: 3 · 23 = 69 < 81, so no solution cell can see its own given
     # (81 tokens earlier) and the puzzle can reach a solution token only through z; 40 (the reference's
@@ -72,6 +83,8 @@ class Config:
     window: int = 24
     fast_steps: int = 16  # T: posterior AdamW steps per training sequence (paper: 16)
     fast_lr: float = 1.0  # fast-learning peak lr, cosine to fast_lr/10 over the T steps (paper: 0.3; see docstring)
+    init_logvar: float = -5.0  # the fit starts at logvar ~ N(init_logvar, 0.1²) (paper: -5)
+    fresh_noise: bool = True  # a new ε at every fast step and for the slow step's sample; False: one ε per fit (paper)
     kl_weight: float = 1.0  # weight of KL(q || p) in the fast steps' loss (paper: 1); < 1 only as an ablation
     weight_decay: float = 0.1  # slow AdamW weight decay on 2-D weights (paper: 0.1)
     use_latent: bool = True  # False: plain decoder of the same size, no z (the baseline)
@@ -79,7 +92,7 @@ class Config:
     eval_batch_size: int = 64  # sequences per posterior fit in evaluate() (memory and speed only)
 
 
-GPU_CONFIG = dict(d_model=384, n_layers=6, n_heads=6, n_z_per_layer=8, window=14,  # reach 6 · 13 = 78 < 81
+GPU_CONFIG = dict(d_model=384, n_layers=6, n_heads=6, window=14,  # reach 6 · 13 = 78 < 81
                   fast_steps=16, batch_size=128, steps=20000, lr=4e-4, warmup_steps=1000, eval_subset=500)
 
 
@@ -119,24 +132,33 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from the token stream, keys/values from this layer's latent thoughts z_l. RoPE rotates the
-    queries by their token position and slot i's key by its own position, spread over the sequence, so
-    a slot can describe one stretch of the sequence."""
+    """Queries from the token stream, keys/values from this layer's latent thoughts z_l. Each slot owns a
+    stretch of the sequence (see LatentThoughtModel); RoPE rotates a query by the slot that owns the token
+    it predicts and slot i's key by i, and `visible` limits a query to the slots near its own. With one
+    visible slot (z_window = 1) the softmax puts weight 1 on it: the sublayer reads that slot's value and
+    has no query or key."""
 
     def __init__(self, config):
         super().__init__()
-        self.n_heads = config.n_heads
-        self.q = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.kv = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
+        self.n_heads, self.lookup = config.n_heads, config.z_window == 1
+        if not self.lookup:
+            self.norm = nn.RMSNorm(config.d_model, eps=1e-5)
+            self.q = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.kv = nn.Linear(config.d_z, (1 if self.lookup else 2) * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, z, z_cos, z_sin):
-        B, N, D = x.shape
+    def forward(self, h, z, q_cos, q_sin, z_cos, z_sin, visible):
+        """h (B, N, D) residual stream, z (B, Z, d_z); q_cos, q_sin (N, hd/2); z_cos, z_sin (Z, hd/2);
+        visible (N, Z) bool: the slots each query may attend to."""
+        if self.lookup:
+            v = self.kv(z.to(h.dtype))  # (B, Z, D)
+            return self.out(visible.to(v.dtype) @ v)  # (B, N, D): each token's own slot
+        B, N, D = h.shape
         hd = D // self.n_heads
-        q = apply_rope(self.q(x).view(B, N, self.n_heads, hd).transpose(1, 2), cos, sin)  # (B, H, N, hd)
-        k, v = self.kv(z.to(x.dtype)).view(B, -1, 2, self.n_heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, Z, hd)
+        q = apply_rope(self.q(self.norm(h)).view(B, N, self.n_heads, hd).transpose(1, 2), q_cos, q_sin)  # (B, H, N, hd)
+        k, v = self.kv(z.to(h.dtype)).view(B, -1, 2, self.n_heads, hd).permute(2, 0, 3, 1, 4)  # (B, H, Z, hd)
         k = apply_rope(k, z_cos, z_sin)
-        y = F.scaled_dot_product_attention(q, k, v)  # every token sees all of z_l
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, H, N, hd)
         return self.out(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -153,19 +175,21 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: h += SelfAttn(norm h); h += CrossAttn(norm h, z_l); h += SwiGLU(norm h)."""
+    """Pre-norm block: h += SelfAttn(norm h); h += CrossAttn(norm h, z_l) (at z_window 1: the own slot's value);
+    h += SwiGLU(norm h)."""
 
     def __init__(self, config):
         super().__init__()
         self.attn_norm, self.attn = nn.RMSNorm(config.d_model, eps=1e-5), SelfAttention(config)
         if config.use_latent:
-            self.cross_norm, self.cross = nn.RMSNorm(config.d_model, eps=1e-5), CrossAttention(config)
+            self.cross = CrossAttention(config)  # normalises its own query input
         self.mlp_norm, self.mlp = nn.RMSNorm(config.d_model, eps=1e-5), SwiGLU(config)
 
-    def forward(self, h, cos, sin, visible, z_layer, z_cos, z_sin, cache=None):
+    def forward(self, h, cos, sin, visible, z_layer, z_view, cache=None):
+        """z_view: (q_cos, q_sin, z_cos, z_sin, visible slots) for the cross-attention (see the model)."""
         h = h + self.attn(self.attn_norm(h), cos, sin, visible, cache)
         if z_layer is not None:
-            h = h + self.cross(self.cross_norm(h), cos, sin, z_layer, z_cos, z_sin)
+            h = h + self.cross(h, z_layer, *z_view)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -175,8 +199,8 @@ class LatentThoughtModel(nn.Module):
     def __init__(self, config, task_name, vocab_size, max_len):
         super().__init__()
         self.task_name, self.vocab_size, self.max_len = task_name, vocab_size, max_len
-        self.use_latent, self.n_layers, self.d_model = config.use_latent, config.n_layers, config.d_model
-        self.n_latents = config.n_layers * config.n_z_per_layer  # z is (B, n_latents, d)
+        self.use_latent, self.n_layers, self.d_z = config.use_latent, config.n_layers, config.d_z
+        self.n_latents = config.n_layers * config.n_z_per_layer  # z is (B, n_latents, d_z)
         self.embed = nn.Embedding(vocab_size, config.d_model)
         self.position = nn.Embedding(max_len, config.d_model)  # absolute position (see docstring)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -186,9 +210,24 @@ class LatentThoughtModel(nn.Module):
         cos, sin = rope_tables(config.d_model // config.n_heads, max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        slot_positions = torch.arange(config.n_z_per_layer) * max_len // config.n_z_per_layer  # (Z,)
-        self.register_buffer("z_cos", cos[slot_positions], persistent=False)
-        self.register_buffer("z_sin", sin[slot_positions], persistent=False)
+        # Slot i of every layer owns a stretch of the predicted tokens: the token predicted at position t
+        # is t + 1; for sudoku its cell (puzzle cell t + 1, or solution cell t + 1 - 82; SEP goes with the
+        # last puzzle cell), so a puzzle cell and the same cell of the solution share a slot.
+        target = torch.arange(1, max_len + 1)  # (max_len,) index of the predicted token
+        if task_name == "sudoku":
+            cell, n_cells = torch.where(target < 82, target.clamp(max=80), target - 82), 81
+        else:
+            cell, n_cells = target - 1, max_len
+        slot = cell * config.n_z_per_layer // n_cells  # (max_len,) slot owning each position's target
+        z_cos, z_sin = rope_tables(config.d_model // config.n_heads, config.n_z_per_layer)
+        self.register_buffer("q_cos", z_cos[slot], persistent=False)  # a query sits at its owner slot
+        self.register_buffer("q_sin", z_sin[slot], persistent=False)
+        self.register_buffer("z_cos", z_cos, persistent=False)
+        self.register_buffer("z_sin", z_sin, persistent=False)
+        slots = torch.arange(config.n_z_per_layer)[None]  # (1, Z)
+        # z_window 0: every slot visible (the reference); else the slots within z_window - 1 of the owner
+        z_visible = (slots - slot[:, None]).abs() < (config.z_window or config.n_z_per_layer)  # (max_len, Z)
+        self.register_buffer("z_visible", z_visible, persistent=False)
         query, key = torch.arange(max_len)[:, None], torch.arange(max_len)[None]
         visible = key <= query  # (max_len, max_len): causal
         if config.window:
@@ -200,17 +239,19 @@ class LatentThoughtModel(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, tokens, z=None, cache=None):
-        """tokens (B, N) long, z (B, n_latents, d) or None -> logits (B, N, V).
+        """tokens (B, N) long, z (B, n_latents, d_z) or None -> logits (B, N, V).
         cache: optional list with one dict per block, for token-by-token decoding (see generate)."""
         B, N = tokens.shape
         start = cache[0]["k"].shape[2] if cache and cache[0] else 0  # tokens already in the cache
         cos, sin = self.rope_cos[start:start + N], self.rope_sin[start:start + N]  # (N, hd/2)
         visible = self.visible[start:start + N, :start + N]  # (N, start + N)
-        z_layers = z.view(B, self.n_layers, -1, self.d_model).unbind(1) if z is not None else [None] * self.n_layers
+        z_layers = z.view(B, self.n_layers, -1, self.d_z).unbind(1) if z is not None else [None] * self.n_layers
         caches = cache if cache is not None else [None] * self.n_layers
         h = self.embed(tokens) + self.position.weight[start:start + N]  # (B, N, D)
-        for block, z_layer, layer_cache in zip(self.blocks, z_layers, caches):  # z_layer (B, Z, D)
-            h = block(h, cos, sin, visible, z_layer, self.z_cos, self.z_sin, layer_cache)
+        z_view = (self.q_cos[start:start + N], self.q_sin[start:start + N], self.z_cos, self.z_sin,
+                  self.z_visible[start:start + N])
+        for block, z_layer, layer_cache in zip(self.blocks, z_layers, caches):  # z_layer (B, Z, d_z)
+            h = block(h, cos, sin, visible, z_layer, z_view, layer_cache)
         return self.head(self.norm(h))  # (B, N, V)
 
 
@@ -228,8 +269,8 @@ def build_model(config, task):
         raise ValueError(f"d_model={config.d_model} must split into n_heads={config.n_heads} heads of even size")
     if config.fast_steps < 1 or config.n_z_per_layer < 1 or min(config.eval_steps, default=0) < 0:
         raise ValueError("fast_steps and n_z_per_layer must be >= 1, every eval step >= 0")
-    if config.window < 0:
-        raise ValueError(f"window must be >= 0 (0 = full causal attention), got {config.window}")
+    if config.window < 0 or config.z_window < 0:
+        raise ValueError(f"window and z_window must be >= 0 (0 = see everything), got {config.window}, {config.z_window}")
     if config.kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {config.kl_weight}")
     vocab_size, seq_len = task_layout(task)
@@ -276,7 +317,7 @@ def kl_to_prior(mu, logvar):
 
 
 def sample_z(mu, logvar, eps):
-    """Reparameterised sample z = μ + σ ⊙ ε with the fit's noise ε ~ N(0, I): (B, n_latents, d)."""
+    """Reparameterised sample z = μ + σ ⊙ ε with the fit's noise ε ~ N(0, I): (B, n_latents, d_z)."""
     return mu + eps * torch.exp(0.5 * logvar)
 
 
@@ -318,14 +359,15 @@ def gaussian_noise(shape, generators, device) -> torch.Tensor:
 def fit_posterior(model, tokens, steps, config, autocast_dtype, generators=None):
     """Fast learning: T AdamW steps on q(z|x) = N(μ, diag e^logvar) for every sequence of tokens (B, S),
     decoder frozen, minimising Σ NLL + kl_weight · KL (the negative ELBO at weight 1; the reported bound
-    always uses weight 1). One noise draw ε per fit, reused by every step (and by the caller's z = μ + σ ε).
-    T = 0 returns the prior (μ = 0, logvar = 0). Returns detached μ, logvar, ε, each (B, n_latents, d)."""
-    shape = (tokens.shape[0], model.n_latents, model.d_model)
+    always uses weight 1). fresh_noise: a new ε at every step and for the returned one (the caller's
+    z = μ + σ ε is then a fresh sample of q); else one draw ε, reused by every step and returned.
+    T = 0 returns the prior (μ = 0, logvar = 0). Returns detached μ, logvar, ε, each (B, n_latents, d_z)."""
+    shape = (tokens.shape[0], model.n_latents, model.d_z)
     eps = gaussian_noise(shape, generators, tokens.device)
     if steps == 0:
         return torch.zeros(shape, device=tokens.device), torch.zeros(shape, device=tokens.device), eps
     mu = (0.01 * gaussian_noise(shape, generators, tokens.device)).requires_grad_()  # μ ~ N(0, 0.01²)
-    logvar = (-5.0 + 0.1 * gaussian_noise(shape, generators, tokens.device)).requires_grad_()  # logvar ~ N(-5, 0.1²)
+    logvar = (config.init_logvar + 0.1 * gaussian_noise(shape, generators, tokens.device)).requires_grad_()  # (paper: -5)
     # One optimizer over the whole batch: the loss is a sum over sequences and sequence b's (μ_b, logvar_b)
     # only enter its own term, so each gets exactly its own gradient; AdamW normalises per element, so
     # this is identical to running B separate per-sequence optimisers, just vectorised.
@@ -333,12 +375,16 @@ def fit_posterior(model, tokens, steps, config, autocast_dtype, generators=None)
     with torch.enable_grad():
         for step in range(steps):
             optimizer.param_groups[0]["lr"] = fast_lr_at(step, steps, config.fast_lr)
+            if config.fresh_noise and step:
+                eps = gaussian_noise(shape, generators, tokens.device)
             nll, kl = negative_elbo(model, tokens, mu, logvar, eps, autocast_dtype)  # (B,), (B,)
             optimizer.zero_grad(set_to_none=True)
             # decoder frozen: backward only to (μ, logvar), so no grads reach β. No GradScaler: the summed
             # loss keeps fp16 gradients well above underflow, and Adam ignores the loss scale anyway.
             (nll + config.kl_weight * kl).sum().backward(inputs=[mu, logvar])
             optimizer.step()
+    if config.fresh_noise:
+        eps = gaussian_noise(shape, generators, tokens.device)
     return mu.detach(), logvar.detach(), eps
 
 
@@ -362,14 +408,14 @@ def elbo_bound(model, tokens, steps, config, autocast_dtype=None):
 @torch.no_grad()
 def generate(model, prefix, steps, n_new, config, autocast_dtype=None, temperature=0.0, allowed=None):
     """Conditional generation: fit q(z|prefix) with T = steps (0: z from the prior), then decode n_new
-    tokens with z fixed at the fitted sample μ + σ ε (the z the decoder is trained on) and a key/value cache.
+    tokens with z fixed at a sample μ + σ ε of the fitted q and a key/value cache.
     allowed: optional (V,) bool mask of tokens that may be generated. prefix (B, P) -> (B, P + n_new)."""
     check_tokens(prefix, model)
     if prefix.shape[1] + n_new - 1 > model.max_len:
         raise ValueError(f"prefix length + n_new - 1 = {prefix.shape[1] + n_new - 1} exceeds max_len {model.max_len}")
     z = None
     if model.use_latent:
-        z = sample_z(*fit_posterior(model, prefix, steps, config, autocast_dtype))  # (B, n_latents, d)
+        z = sample_z(*fit_posterior(model, prefix, steps, config, autocast_dtype))  # (B, n_latents, d_z)
     cache, tokens, new_tokens = [{} for _ in range(model.n_layers)], prefix, []
     for _ in range(n_new):
         with torch.autocast(prefix.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -393,7 +439,7 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     if model.use_latent:
         generators = example_generators(batch, tokens.device)  # per-example ε and init: the same under any torchrun split
         mu, logvar, eps = fit_posterior(model, tokens, config.fast_steps, config, autocast_dtype, generators)
-        z = sample_z(mu, logvar, eps)  # (B, n_latents, d), detached: exactly the z the fast steps fitted
+        z = sample_z(mu, logvar, eps)  # (B, n_latents, d_z), detached: a sample of the fitted q
     with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits = model(tokens[:, :-1], z)  # (B, S-1, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())  # -log p_β(x|z) per token

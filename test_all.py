@@ -1366,7 +1366,7 @@ def test_ltm_sample_is_mu_plus_sigma_times_the_given_noise():
 
 def test_ltm_token_nll_is_the_chain_rule_sum_of_next_token_losses():
     task, config, model, _, _ = ltm_setup()
-    tokens, z = task.windows[:2, :9], torch.randn(2, model.n_latents, config.d_model)
+    tokens, z = task.windows[:2, :9], torch.randn(2, model.n_latents, config.d_z)
     cache, log_p = [{} for _ in range(model.n_layers)], torch.zeros(2)
     for t in range(8):  # -log p(x) = -Σ_t log p(x_{t+1} | x_≤t, z), one token at a time through the cache
         log_p += model(tokens[:, t:t + 1], z, cache)[:, -1].log_softmax(-1).gather(1, tokens[:, t + 1:t + 2])[:, 0]
@@ -1397,7 +1397,7 @@ def test_ltm_latent_slots_have_positions():
     # RoPE on the slot keys: swapping two slots of a layer changes the output (attention without position
     # codes would be invariant to the order of its keys)
     task, config, model, _, _ = ltm_setup()
-    tokens, z = task.windows[:1, :16], torch.randn(1, model.n_latents, config.d_model)
+    tokens, z = task.windows[:1, :16], torch.randn(1, model.n_latents, config.d_z)
     swapped = z.clone()
     swapped[:, [0, 1]] = z[:, [1, 0]]
     assert not torch.allclose(model(tokens, z), model(tokens, swapped), atol=1e-6)
@@ -1406,7 +1406,7 @@ def test_ltm_latent_slots_have_positions():
 def test_ltm_window_limits_what_a_position_can_see():
     # two layers of a 3-token window: position i sees tokens i-4..i (each layer reaches 2 tokens further back)
     task, config, model, _, _ = ltm_setup(window=3)
-    tokens, z = task.windows[:1, :16].clone(), torch.randn(1, model.n_latents, config.d_model)
+    tokens, z = task.windows[:1, :16].clone(), torch.randn(1, model.n_latents, config.d_z)
     logits = model(tokens, z)[0, 12]  # (V,)
     for position, seen in ((8, True), (7, False), (0, False), (12, True)):
         changed = tokens.clone()
@@ -1418,15 +1418,41 @@ def test_ltm_window_limits_what_a_position_can_see():
     assert not torch.equal(full(changed, z)[0, 12], full(tokens, z)[0, 12])  # 0 = full causal attention
 
 
+def test_ltm_a_latent_slot_is_read_only_by_the_tokens_it_owns():
+    # sudoku, one slot per cell: slot 5 of the last layer is read by the positions predicting puzzle cell 5
+    # (position 4) and solution cell 5 (position 82 + 5 - 1); the last layer, so self-attention cannot spread it
+    task, config, model, _, _ = ltm_setup(LtmTinySudoku(), n_z_per_layer=81, z_window=1)
+    tokens = ltm.to_sequences(task.test_sets["easy"], model)[:1, :-1]  # (1, 162)
+    z = torch.randn(1, model.n_latents, config.d_z)
+    changed = z.clone()
+    changed[0, model.n_latents - 81 + 5] += 1.0
+    differs = (model(tokens, z) - model(tokens, changed)).abs().amax(dim=-1)[0] > 0  # (162,)
+    assert differs.nonzero().flatten().tolist() == [4, 86]
+    _, _, every_slot, _, _ = ltm_setup(LtmTinySudoku(), n_z_per_layer=81, z_window=0)  # the reference
+    assert ((every_slot(tokens, z) - every_slot(tokens, changed)).abs().amax(dim=-1) > 0).all()
+
+
 def test_ltm_one_noise_draw_serves_every_fast_step_and_the_slow_step():
-    # with a zero fast lr, (μ, logvar) stay at their init, so z only changes if ε is drawn again
-    task, config, model, optimizer, scaler = ltm_setup(fast_lr=0.0, fast_steps=3)
+    # the reference (fresh_noise=False): with a zero fast lr, (μ, logvar) stay at their init, so z only
+    # changes if ε is drawn again
+    task, config, model, optimizer, scaler = ltm_setup(fast_lr=0.0, fast_steps=3, fresh_noise=False)
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
     ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
     assert len(seen) == 4 and all(torch.equal(z, seen[0]) for z in seen)
     ltm.train_step(model, optimizer, scaler, task.train_batch(1, 8), 1, config, None)
     assert not torch.equal(seen[4], seen[0])  # the next fit draws its own ε
+
+
+def test_ltm_fresh_noise_draws_a_new_sample_at_every_step():
+    # fresh_noise (the default): the same frozen (μ, logvar), a new ε at every fast step and for the slow step
+    task, config, model, optimizer, scaler = ltm_setup(fast_lr=0.0, fast_steps=3, fresh_noise=True)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
+    ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
+    assert len(seen) == 4 and all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    spread = torch.stack(seen).std(dim=0).mean()  # the draws differ by σ ε with σ = e^(-5/2) at the init
+    assert spread.item() == pytest.approx(math.exp(-2.5), rel=0.2)
 
 
 def test_ltm_prior_row_has_zero_kl_and_an_exact_bound():
@@ -1441,7 +1467,7 @@ def test_ltm_prior_row_has_zero_kl_and_an_exact_bound():
 
 def test_ltm_decoder_gradient_reaches_every_layers_latents():
     task, config, model, _, _ = ltm_setup()
-    z = torch.randn(2, model.n_latents, config.d_model, requires_grad=True)
+    z = torch.randn(2, model.n_latents, config.d_z, requires_grad=True)
     ltm.token_nll(model, task.windows[:2], z, None).sum().backward()
     per_layer = z.grad.view(2, config.n_layers, -1).abs().sum(dim=-1)  # (B, n_layers)
     assert (per_layer > 0).all()
@@ -1475,7 +1501,7 @@ def test_ltm_kl_weight_scales_the_pull_to_the_prior():
 def test_ltm_batched_fast_loss_gives_each_sequence_its_own_gradient():
     task, config, model, _, _ = ltm_setup()
     tokens = task.windows[:3]
-    mu = torch.randn(3, model.n_latents, config.d_model, requires_grad=True)
+    mu = torch.randn(3, model.n_latents, config.d_z, requires_grad=True)
     logvar = torch.full_like(mu, -5.0)
     z = mu + logvar  # deterministic z so that both losses see the same sample
     nll = ltm.token_nll(model, tokens, z, None) + ltm.kl_to_prior(mu, logvar)
@@ -1530,7 +1556,7 @@ def test_ltm_bf16_autocast_train_step_on_cpu():
 
 def test_ltm_cached_decoding_matches_full_recompute():
     task, config, model, _, _ = ltm_setup()
-    tokens, z = task.windows[:2, :10], torch.randn(2, model.n_latents, config.d_model)
+    tokens, z = task.windows[:2, :10], torch.randn(2, model.n_latents, config.d_z)
     cache = [{} for _ in range(model.n_layers)]
     model(tokens[:, :5], z, cache)
     stepwise = torch.stack([model(tokens[:, i:i + 1], z, cache)[:, -1] for i in range(5, 10)], dim=1)
