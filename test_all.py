@@ -2282,10 +2282,16 @@ def test_lit_bf16_autocast_train_step_on_cpu():
     model, config = lit_make("visual")
     batch = lit_with_images(lit_tiny_sudoku(4, 30))
     optimizer = lit.make_optimizer(model, config)
-    before = copy.deepcopy(model.state_dict())
+    before, full_precision = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
+    torch.manual_seed(0)
     out = lit.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), batch, 0, config, torch.bfloat16)
     assert all(v.dim() == 0 and not v.requires_grad and torch.isfinite(v) for v in out.values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.manual_seed(0)  # the same step in fp32 (the attention runs in fp32 on the CPU either way)
+    reference = lit.train_step(full_precision, lit.make_optimizer(full_precision, config),
+                               torch.amp.GradScaler("cpu", enabled=False), batch, 0, config, None)
+    assert out["loss"].item() == pytest.approx(reference["loss"].item(), rel=2e-2)
+    assert out["loss"].item() != reference["loss"].item()  # the bf16 products did run
 
 
 def test_lit_train_step_randomness_comes_from_the_global_rng():
