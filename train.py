@@ -1017,10 +1017,11 @@ COMPARED = (("recurrent_depth", "recurrent_depth", ()),
             ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation", "--steps", "406")),
             ("ltm", "ltm", ()),
             # the hard-puzzle recipe (README): a mixed base set, two-step supervised segments, longer training
-            # (compiled to fit the CPU budget), TRM's weight average, 128 steps at test time
+            # (compiled, bf16 products: 1.6x the steps per second on a CPU with bf16 units), TRM's weight average,
+            # 128 steps at test time
             ("lit --no-imagination recipe", "lit", ("--no-imagination", "--difficulty", "mixed", "--base-size", "3000",
-                                                    "--steps", "5000", "--segment-steps", "2", "--compile", "--ema", "0.999",
-                                                    "--eval-steps", "1,2,4,8,16,32,64,128")))
+                                                    "--steps", "6500", "--segment-steps", "2", "--compile", "--dtype",
+                                                    "bfloat16", "--ema", "0.999", "--eval-steps", "1,2,4,8,16,32,64,128")))
 
 
 def run_all(argv):
