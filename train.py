@@ -1017,7 +1017,7 @@ COMPARED = (("recurrent_depth", "recurrent_depth", ()),
             ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation", "--steps", "406")),
             ("ltm", "ltm", ()),
             # the hard-puzzle recipe (README): a mixed base set, two-step supervised segments, longer training
-            # (compiled, bf16 products: 1.6x the steps per second on a CPU with bf16 units), TRM's weight average,
+            # (compiled, bf16 products: 1.3-1.6x the steps per second on a CPU with bf16 units), TRM's weight average,
             # 128 steps at test time
             ("lit --no-imagination recipe", "lit", ("--no-imagination", "--difficulty", "mixed", "--base-size", "3000",
                                                     "--steps", "6500", "--segment-steps", "2", "--compile", "--dtype",
