@@ -490,8 +490,11 @@ class VisualSudokuTask(SudokuTask):
     name = "visual"
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, mnist_dir="mnist"):
+                 check_unique=False, mnist_dir="mnist", misread_rate=0.0):
+        if not 0 <= misread_rate < 1:
+            raise ValueError(f"misread_rate is the share of training givens shown as another digit, in [0, 1); got {misread_rate}")
         super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique)
+        self.misread_rate = misread_rate
         test_images, test_labels = load_mnist(mnist_dir, "t10k")
         try:
             train_images, train_labels = load_mnist(mnist_dir, "train")
@@ -505,15 +508,22 @@ class VisualSudokuTask(SudokuTask):
             batch.update(self._images(batch["puzzle"].numpy(), batch["solution"].numpy(), test_pool, rng))
 
     @staticmethod
-    def _images(puzzles, solutions, pool, rng):
+    def _images(puzzles, solutions, pool, rng, misread_rate=0.0):
+        """Cell images (B, 81, 28, 28); with misread_rate, that share of the givens shows the image of
+        another digit while the solution keeps the true one: a model trained so learns to let the
+        Sudoku constraints overrule a given it reads wrong (test givens are misread, training ones rarely)."""
         solution_images = pool.draw(solutions.astype(np.int64), rng)  # (B, 81, 28, 28)
         puzzle_images = solution_images * torch.from_numpy(puzzles != 0)[:, :, None, None]
+        if misread_rate:
+            misread = (puzzles != 0) & (rng.random(puzzles.shape) < misread_rate)  # (B, 81)
+            other = (solutions.astype(np.int64) - 1 + rng.integers(1, 9, puzzles.shape)) % 9 + 1  # never the true digit
+            puzzle_images[torch.from_numpy(misread)] = pool.draw(other[misread], rng)
         return {"puzzle_images": puzzle_images, "solution_images": solution_images}
 
     def train_batch(self, step, batch_size):
         rng, puzzles, solutions = self._sample(step, batch_size)
         return {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long(),
-                **self._images(puzzles, solutions, self.train_pool, rng)}
+                **self._images(puzzles, solutions, self.train_pool, rng, self.misread_rate)}
 
 
 # ----------------------------------------------------------------------------- puzzles with several solutions

@@ -189,6 +189,28 @@ def test_mnist_loads_and_visual_pools_are_disjoint(tmp_path):
     assert not any((image * 255).round().byte().numpy().tobytes() in train_pixels for image in test_images[:50])
 
 
+@needs_mnist
+def test_visual_misread_rate_shows_some_training_givens_as_another_digit(tmp_path):
+    task = sudoku_data.VisualSudokuTask("easy", base_size=8, eval_size=4, data_dir=tmp_path, mnist_dir=MNIST_DIR,
+                                        misread_rate=0.3)
+    pool = task.train_pool
+    label_of = {image.numpy().tobytes(): int(label) for image, label in zip(pool.images[pool.order], np.repeat(
+        np.arange(10), pool.counts))}  # pixels -> digit
+    batch = task.train_batch(0, 16)
+    given = batch["puzzle"] > 0
+    shown = torch.tensor([label_of[(image * 255).round().byte().numpy().tobytes()]
+                          for image in batch["puzzle_images"][given]])
+    misread = shown != batch["puzzle"][given]
+    assert 0.2 < misread.float().mean() < 0.4  # about 30 % of the givens, each showing a digit 1-9 but the true one
+    assert (shown[misread] >= 1).all() and (batch["puzzle_images"][~given] == 0).all()
+    assert torch.equal(batch["puzzle"], task.train_batch(0, 16)["puzzle"])  # targets and givens stay the true digits
+    test_set = task.test_sets["easy"]  # test images are never altered
+    assert torch.equal(test_set["puzzle_images"][test_set["puzzle"] > 0], test_set["solution_images"][test_set["puzzle"] > 0])
+    with pytest.raises(ValueError, match="misread_rate"):
+        sudoku_data.VisualSudokuTask("easy", base_size=8, eval_size=4, data_dir=tmp_path, mnist_dir=MNIST_DIR, misread_rate=1.0)
+    assert train.main(["--method", "lit", "--misread-rate", "0.1", "--steps", "1", "--data-dir", str(tmp_path)]) == 2
+
+
 def test_mnist_checksum_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.setattr(sudoku_data, "_download_mnist", lambda folder, names: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):

@@ -47,7 +47,7 @@ COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", com
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
                        text_file=None, context_length=128, train_csv=(), test_csv=(), check_unique=False, ema=0.0,
-                       trained_weights=False)
+                       trained_weights=False, misread_rate=0.0)
 
 
 class UsageError(Exception):
@@ -109,7 +109,8 @@ def build_task(name, config, options):
                      check_unique=options.check_unique)
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
-        return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir, **sizes)
+        return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir,
+                                            misread_rate=options.misread_rate, **sizes)
     if options.train_csv or options.test_csv:
         raise UsageError(f"--train-csv and --test-csv hold Sudoku puzzles; --task {name} does not read them")
     if name == "text":
@@ -191,6 +192,8 @@ def build_parser(method=None):
     data.add_argument("--base-size", type=int, help="Sudoku base puzzles that training augments (default 1000)")
     data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
     data.add_argument("--mnist-dir", help=f"MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")
+    data.add_argument("--misread-rate", type=float, help="--task visual: share of training givens shown as the image "
+                      "of another digit, the target unchanged, so the constraints learn to overrule a misread (default 0)")
     data.add_argument("--text-file", help="UTF-8 file for --task text")
     data.add_argument("--train-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
                       "generated base set (repeat the flag or separate with commas; columns e.g. question,answer)")
@@ -245,6 +248,8 @@ def check_settings(options, config_class, values):
         raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {options.seed}")
     if not 0 <= options.ema < 1:
         raise UsageError(f"--ema must be a decay in [0, 1), got {options.ema}")
+    if not 0 <= options.misread_rate < 1:
+        raise UsageError(f"--misread-rate must be a share in [0, 1), got {options.misread_rate}")
     for name in ("data_dir", "mnist_dir"):
         if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
             raise UsageError(f"--{name.replace('_', '-')} {getattr(options, name)} is a file, not a folder")
@@ -687,6 +692,8 @@ def run(argv):
     options.task = options.task or method.TASKS[0]
     if options.task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
+    if options.misread_rate and options.task != "visual":
+        raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
     rank, ranks = world()
     if config.batch_size % ranks:
