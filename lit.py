@@ -100,6 +100,7 @@ class Config:
     weight_decay: float = 0.1            # AdamW weight decay on matrices
     eval_batch_size: int = 250           # puzzles per forward pass in evaluate()
     clip_norm: float = 1.0               # gradient-norm clip, per model (teacher; student with encoder and decoder)
+    cnn_channels: int = 8                # visual form: channels of the encoder's first convolution (2x in the second)
 
 
 GPU_CONFIG = dict(d_model=256, n_heads=8, n_layers=4, batch_size=256, steps=20000, lr=5e-4,
@@ -203,10 +204,11 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, config: Config):
         super().__init__()
+        C = config.cnn_channels
         self.cnn = nn.Sequential(
-            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.GELU(),   # (N, 8, 14, 14)
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GELU(),  # (N, 16, 7, 7)
-            nn.Flatten(), nn.Linear(16 * 7 * 7, config.d_model))
+            nn.Conv2d(1, C, 3, stride=2, padding=1), nn.GELU(),      # (N, C, 14, 14)
+            nn.Conv2d(C, 2 * C, 3, stride=2, padding=1), nn.GELU(),  # (N, 2C, 7, 7)
+            nn.Flatten(), nn.Linear(2 * C * 7 * 7, config.d_model))
 
     def forward(self, images):  # (B, 81, 28, 28) float
         B = images.shape[0]
@@ -457,7 +459,7 @@ def check_config(config: Config):
                          f"got {config.segment_steps}")
     if config.recursion not in ("latent", "observation"):
         raise ValueError(f"recursion must be 'latent' or 'observation', got {config.recursion!r}")
-    for name in ("n_samples", "n_diverse"):
+    for name in ("n_samples", "n_diverse", "cnn_channels"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.clip_norm <= 0:

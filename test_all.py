@@ -2285,6 +2285,8 @@ def test_lit_visual_and_language_share_the_belief_network():
         assert type(model.teacher) is lit.BeliefUpdate and type(model.student) is lit.BeliefUpdate
     assert language.teacher.state_dict().keys() == visual.teacher.state_dict().keys()
     assert type(language.encoder) is not type(visual.encoder)  # only the observation encoder differs
+    wide, _ = lit_make("visual", cnn_channels=16)
+    assert [conv.out_channels for conv in wide.encoder.cnn if isinstance(conv, torch.nn.Conv2d)] == [16, 32]
 
 
 def test_lit_tiny_model_learns_tiny_sudoku_set():
@@ -2357,7 +2359,8 @@ def test_lit_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         lit.think(model, good, 2, role="oracle")
     for bad_field in (dict(recursion="pixels"), dict(max_hint_fraction=1.5), dict(imagination_share=-0.1),
-                      dict(n_samples=0), dict(clip_norm=0.0), dict(teacher_start="teacher"), dict(teacher_share=0.0)):
+                      dict(n_samples=0), dict(clip_norm=0.0), dict(teacher_start="teacher"), dict(teacher_share=0.0),
+                      dict(cnn_channels=0)):
         with pytest.raises(ValueError, match=next(iter(bad_field))):
             lit.build_model(lit_tiny_config(**bad_field), LitFakeTask("sudoku"))
 
