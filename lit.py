@@ -204,11 +204,11 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, config: Config):
         super().__init__()
-        C = config.cnn_channels
+        channels = config.cnn_channels  # C
         self.cnn = nn.Sequential(
-            nn.Conv2d(1, C, 3, stride=2, padding=1), nn.GELU(),      # (N, C, 14, 14)
-            nn.Conv2d(C, 2 * C, 3, stride=2, padding=1), nn.GELU(),  # (N, 2C, 7, 7)
-            nn.Flatten(), nn.Linear(2 * C * 7 * 7, config.d_model))
+            nn.Conv2d(1, channels, 3, stride=2, padding=1), nn.GELU(),             # (N, C, 14, 14)
+            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.GELU(),  # (N, 2C, 7, 7)
+            nn.Flatten(), nn.Linear(2 * channels * 7 * 7, config.d_model))
 
     def forward(self, images):  # (B, 81, 28, 28) float
         B = images.shape[0]
