@@ -414,6 +414,45 @@ def test_train_py_never_overwrites_a_run_unless_told(tmp_path, data_dir, capsys)
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_built_and_checked(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2"]
+    assert train.main(run) == 0
+    before = _files(out)
+    capsys.readouterr()
+    for extra, message in ((["--test-csv", str(tmp_path / "typo.csv")], "no such file"),
+                           (["--init-from", str(out / "checkpoint.pt"), "--d-model", "64"], "does not fit"),
+                           (["--task", "text", "--text-file", str(tmp_path / "missing.txt")], "text file not found")):
+        assert train.main(run + ["--overwrite", *extra]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error, error
+        assert _files(out) == before  # the run it would have replaced is intact
+    log_only = tmp_path / "log-only"  # a run that stopped before its first checkpoint
+    log_only.mkdir()
+    (log_only / "log.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(log_only)]) == 2
+    assert "already holds a run (log.jsonl)" in capsys.readouterr().err
+    assert _files(log_only) == {"log.jsonl": b'{"step": 50, "loss": 1.0}\n'}
+
+
+def test_resume_refuses_a_changed_setting_in_one_line_and_applies_more_steps(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2"]) == 0
+    before = _files(out)
+    resume = ["--method", "recurrent_depth", "--resume", str(out / "checkpoint.pt")]
+    capsys.readouterr()
+    for flag, value in (("--lr", "0.5"), ("--seed", "1"), ("--difficulty", "medium"), ("--batch-size", "4"),
+                        ("--base-size", "32"), ("--warmup-steps", "1"), ("--ema", "0.9")):
+        assert train.main(resume + [flag, value]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {flag} {value} differs from the checkpoint's") and error.count("\n") == 1, error
+        assert _files(out) == before
+    assert train.main(resume + ["--lr", "0.002", "--steps", "4", "--eval-steps", "1"]) == 0  # the same lr: not a change
+    assert "the run now ends at step 4" in capsys.readouterr().out
+    checkpoint = _checkpoint(out)
+    assert checkpoint["step"] == 4 and checkpoint["config"]["lr"] == 0.002 and checkpoint["run"]["seed"] == 0
+
+
 def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_path, data_dir):
     original, copied = tmp_path / "original", tmp_path / "copied"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(original), "--steps", "4"]) == 0
@@ -500,7 +539,8 @@ def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
         assert train.main(["--method", "recurrent_depth", use, checkpoint, "--text-file", str(edited), *extra] +
                           (run[2:] if use == "--init-from" else [])) == 2
         error = capsys.readouterr().err
-        assert error.count("\n") == 1 and "holds other characters" in error
+        expected = "differs from the checkpoint's" if use == "--resume" else "holds other characters"  # resume: any change
+        assert error.count("\n") == 1 and expected in error
     assert train.main(["--method", "recurrent_depth", "--eval-only", checkpoint]) == 0
 
 

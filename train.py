@@ -268,6 +268,30 @@ def check_settings(options, config_class, values):
         raise UsageError(f"--eval-steps must list thinking steps >= {lowest}, got {','.join(map(str, values['eval_steps']))}")
 
 
+# What --resume may change: where and how often it writes, the device and precision, how far it trains, and
+# what the final evaluation measures (the run options below and every Config field named eval_*).
+RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every", "device",
+                     "dtype", "compile", "steps", "eval_size", "eval_steps", "test_csv", "check_unique"}
+
+
+def refuse_changed_settings(given, checkpoint):
+    """--resume continues a run exactly: a setting given on the command line that differs from the checkpoint's
+    and would change the training it continues is refused, named in one line."""
+    saved = {**checkpoint["run"], **checkpoint["config"]}
+    for name, value in given.items():
+        if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
+            continue
+        old = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+        new = tuple(value) if isinstance(value, list) else value
+        if new != old:
+            shown = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
+            raise UsageError(f"--{name.replace('_', '-')} {shown(new)} differs from the checkpoint's {shown(old)}: --resume "
+                             f"continues the run as it was set (start a new run, e.g. with --init-from, to change it)")
+    if "steps" in given and given["steps"] != checkpoint["config"]["steps"]:
+        print(f"--steps {given['steps']}: the run now ends at step {given['steps']} (it was set to "
+              f"{checkpoint['config']['steps']}); the learning-rate schedule ends there too")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def write_atomically(path, write):
     """write(binary file) into a temporary file beside path, then rename it to path: a crash or a full
@@ -288,7 +312,7 @@ def save_checkpoint(path, state):
     write_atomically(path, lambda file: torch.save(state, file))
 
 
-def load_checkpoint(path, method_name):
+def load_checkpoint(path, method_name, for_resume=False):
     if not Path(path).is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:
@@ -300,6 +324,11 @@ def load_checkpoint(path, method_name):
         raise UsageError(f"{path} is not a checkpoint written by train.py")
     if state.get("method") != method_name:
         raise UsageError(f"{path} was trained with --method {state.get('method')}, not {method_name}")
+    missing = [key for key in ("run", "config", "step", *(("optimizer", "scaler", "rng") if for_resume else ()))
+               if key not in state]
+    if missing:
+        raise UsageError(f"{path} lacks the {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'} of a train.py "
+                         f"checkpoint{' that --resume needs' if for_resume else ''}")
     return state
 
 
@@ -354,16 +383,26 @@ def _logged_step(line):
 RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "curve.svg", "eval-curve.svg", "log.jsonl")
 
 
-def prepare_run_folder(out, resume_path, overwrite, step):
-    """Refuse to start over a run the user did not name; clear what --overwrite or a crash left behind.
-    Called with the folder locked; step is the step training starts from."""
+def check_run_folder(out, resume_path, overwrite):
+    """Refuse to start over a run the user did not name (a checkpoint, results or a log of one). Nothing is
+    removed here: --overwrite clears the folder only once the new run has been built and checked."""
     checkpoint = out / "checkpoint.pt"
-    resuming_here = resume_path is not None and checkpoint.exists() and os.path.samefile(checkpoint, resume_path)
-    held = [name for name in ("checkpoint.pt", "results.json") if (out / name).exists()]
-    if held and not resuming_here:
-        if not overwrite:
-            resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
-            raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
+    held = [name for name in ("checkpoint.pt", "results.json", "log.jsonl") if (out / name).exists()]
+    if held and not _resuming_here(out, resume_path) and not overwrite:
+        resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
+        raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
+
+
+def _resuming_here(out, resume_path):
+    checkpoint = out / "checkpoint.pt"
+    return resume_path is not None and checkpoint.exists() and os.path.samefile(checkpoint, resume_path)
+
+
+def clear_run_folder(out, resume_path, step):
+    """Just before the first step: remove what --overwrite replaces and what a crash left behind.
+    Called with the folder locked and check_run_folder passed; step is the step training starts from."""
+    resuming_here = _resuming_here(out, resume_path)
+    if not resuming_here:
         for name in RUN_FILES[:-1]:  # the log goes below
             (out / name).unlink(missing_ok=True)
     for name in RUN_FILES:  # temporary files left by a run killed while saving
@@ -672,10 +711,13 @@ def print_table(rows, title):
 def run(argv):
     method, given = parse(argv)
     checkpoint_path = given.get("resume") or given.get("eval_only")
-    checkpoint = load_checkpoint(checkpoint_path, method.__name__) if checkpoint_path else None
+    checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
     # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
     # The checkpoint's --out is not among them: a run continues (or is evaluated) next to its checkpoint.
-    saved = {k: v for k, v in checkpoint["run"].items() if k != "out"} if checkpoint else {}
+    if "resume" in given:
+        refuse_changed_settings(given, checkpoint)
+    # --out and --data-dir are places on this machine, not settings of the run: a checkpoint's never apply
+    saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
     options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
     field_names = {f.name for f in dataclasses.fields(method.Config)}
     config_values = dataclasses.asdict(method.Config())
@@ -818,8 +860,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     resuming = "resume" in given
     rank, ranks = world()
     source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
-    agreed(lambda: prepare_run_folder(out, given.get("resume"), given.get("overwrite", False),
-                                      checkpoint["step"] if resuming else 0))
+    agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
     task, model = build(method, config, options, device, autocast_dtype, source)
     if ranks > 1:
         for tensor in model.state_dict().values():
@@ -862,6 +903,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         return state
 
     check_evaluation(method, model, task, config, device, autocast_dtype)
+    agreed(lambda: clear_run_folder(out, given.get("resume"), step))  # everything is checked: the old run can go
     step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
                  step, checkpoint_state, cost)
     if step is None:
