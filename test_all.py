@@ -500,6 +500,22 @@ def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(
     assert "not saved" in capsys.readouterr().out and _checkpoint(out)["step"] == 4
 
 
+def test_sigterm_saves_like_ctrl_c_and_releases_the_lock(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "100000", "--log-every", "1"]
+    process = subprocess.Popen([sys.executable, "train.py", *run], cwd=Path(train.__file__).parent,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    while process.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)  # what timeout, a job scheduler or docker stop sends
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors[-2000:]
+    stopped = int(re.search(r"interrupted at step (\d+)", output).group(1))
+    assert stopped >= 2 and _checkpoint(out)["step"] == stopped and not (out / "lock").exists()
+
+
 def _strict_json(line):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")

@@ -946,18 +946,27 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda_rng"])
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what timeout, job schedulers and docker stop send
+
+
 def set_ctrl_c_handler(handler):
-    """signal.signal for SIGINT, returning the previous handler; None outside the main thread (no change)."""
+    """signal.signal for Ctrl-C and SIGTERM alike, returning the previous handlers; None outside the main
+    thread (no change)."""
     try:
-        return signal.signal(signal.SIGINT, handler)
+        return {number: signal.signal(number, handler) for number in STOP_SIGNALS}
     except ValueError:
         return None
+
+
+def restore_handlers(previous):
+    for number, handler in (previous or {}).items():
+        signal.signal(number, handler)
 
 
 def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state, cost):
     """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
     or None when interrupted (after saving).
-    Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
+    Ctrl-C (or SIGTERM) lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
     checkpoint then holds the random state from the start of that step, which --resume runs again, or,
     when the step had begun to update the weights, nothing is saved and the last checkpoint stays.
     Under torchrun the ranks agree every step on whether to stop, so all stop after the same step."""
@@ -972,7 +981,8 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         if ctrl_c:
             raise KeyboardInterrupt
         ctrl_c.append(signum)
-        tqdm.write("Ctrl-C: saving after this step (Ctrl-C again to stop at once)")
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        tqdm.write(f"{name}: saving after this step (Ctrl-C again to stop at once)")
 
     previous_handler = set_ctrl_c_handler(finish_step_then_stop)
     log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
@@ -1046,8 +1056,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         set_ctrl_c_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
         save(step)
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        restore_handlers(previous_handler)
     if interrupted or ctrl_c:
         print(f"interrupted at step {step}; checkpoint saved to {checkpoint_path} (continue with --resume)")
         return None
@@ -1132,6 +1141,10 @@ def compare_table(points, results):
     return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.\n"
 
 
+def stop_at_once(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the run folder's lock is released on the way out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     first = argparse.ArgumentParser(add_help=False)
@@ -1141,6 +1154,7 @@ def main(argv=None):
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(hours=3))
     rank, ranks = world()
+    previous = set_ctrl_c_handler(stop_at_once)  # outside the loop (start-up, data, evaluation) a stop is immediate
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
             known, rest = first.parse_known_args(argv)
@@ -1149,6 +1163,12 @@ def main(argv=None):
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
         status = 2 if isinstance(error, UsageError) else 1
+    except KeyboardInterrupt:
+        print("interrupted outside the training steps; checkpoints already written are kept, nothing else was saved",
+              file=sys.stderr)
+        status = 130
+    finally:
+        restore_handlers(previous)
     if ranks > 1:
         dist.barrier()
         dist.destroy_process_group()
