@@ -215,8 +215,10 @@ def invalid_rows(puzzles, solutions):
 
 def load_puzzles(difficulty, n, seed=0, data_dir="data"):
     """The cached set data_dir/sudoku-<difficulty>-<n>-seed<seed>.npz, generated once if absent, checked
-    on every load and generated again if damaged. Returns (puzzles, solutions) as int8 (n, 81)."""
+    on every load (each puzzle agrees with its valid solution and has its preset's number of givens) and
+    generated again if damaged. Returns (puzzles, solutions) as int8 (n, 81)."""
     path = Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
+    low, high = DIFFICULTIES[difficulty]
     if path.exists():
         try:
             with np.load(path) as data:
@@ -225,6 +227,8 @@ def load_puzzles(difficulty, n, seed=0, data_dir="data"):
                 problem = f"holds {puzzles.dtype} {puzzles.shape} and {solutions.dtype} {solutions.shape}, not int8 ({n}, 81)"
             elif invalid_rows(puzzles, solutions).any():
                 problem = f"has {int(invalid_rows(puzzles, solutions).sum())} puzzle(s) with a broken solution"
+            elif not ((givens := (puzzles != 0).sum(1)) >= low).all() or not (givens <= high).all():
+                problem = f"has puzzle(s) with {givens.min()}-{givens.max()} givens, not the {low}-{high} of {difficulty}"
             else:
                 return puzzles, solutions
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as error:

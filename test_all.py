@@ -253,6 +253,19 @@ def test_a_damaged_cached_set_is_generated_again(tmp_path, capsys):
         assert capsys.readouterr().err == ""
 
 
+def test_a_cached_set_with_blanked_or_extra_givens_is_generated_again(tmp_path, capsys):
+    puzzles, solutions = sudoku_data.load_puzzles("medium", 3, seed=1, data_dir=tmp_path)
+    path = tmp_path / "sudoku-medium-3-seed1.npz"
+    blanked = puzzles.copy()
+    blanked[1] = 0  # no givens left, the solutions intact: every given still agrees with its solution
+    for damaged in (blanked, solutions.copy()):  # (a solved grid: 81 givens, not medium's 28-35)
+        np.savez(path, puzzles=damaged, solutions=solutions)
+        again = sudoku_data.load_puzzles("medium", 3, seed=1, data_dir=tmp_path)
+        assert np.array_equal(again[0], puzzles)
+        warning = capsys.readouterr().err
+        assert str(path) in warning and "givens, not the 28-35 of medium" in warning
+
+
 def test_csv_encoding_solutions_and_optional_uniqueness_check(tmp_path, puzzles):
     grid, solution, _ = puzzles["easy"]
     path = tmp_path / "set.csv"
@@ -387,6 +400,32 @@ def test_eval_only_with_other_thinking_steps(tmp_path, data_dir, capsys):
     assert "trained with --method recurrent_depth" in capsys.readouterr().err
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--d-model", "64"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_finite_weights(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2", "--ema", "0.9"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    sizes = {"easy": 6, "medium": 6, "hard": 6}
+    assert results["evaluated"] == {"step": 2, "weights": "weight average (--ema 0.9)", "seed": 0, "eval_size": 6,
+                                    "test_files": [], "eval_steps": [1, 2], "test_sets": sizes}
+    evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]
+    assert train.main(evaluate + ["--eval-size", "2", "--eval-steps", "1"]) == 0
+    assert train.main(evaluate + ["--trained-weights"]) == 0
+    latest = json.loads((out / "eval.json").read_text())
+    assert latest["evaluated"]["weights"] == "as trained" and latest["evaluated"]["eval_size"] == 6
+    (first,) = latest["earlier"]  # the first evaluation is kept, with its own size
+    assert first["evaluated"]["eval_size"] == 2 and first["evaluated"]["test_sets"] == {"easy": 2, "medium": 2, "hard": 2}
+    assert {row["thinking steps"] for row in first["rows"]} == {1, "adaptive (kl)"}
+    checkpoint = _checkpoint(out)
+    name = next(iter(checkpoint["model"]))
+    checkpoint["model"][name][0] = math.nan
+    torch.save(checkpoint, out / "diverged.pt")
+    capsys.readouterr()
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "diverged.pt"), "--trained-weights",
+                       "--out", str(tmp_path / "elsewhere")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"non-finite values ({name})" in error and not (tmp_path / "elsewhere").exists()
 
 
 def _files(folder):

@@ -337,6 +337,15 @@ def write_json(path, value):
 
 
 # ----------------------------------------------------------------------------- the run folder
+def check_writable(out):
+    """Refuse, in one line, a run folder that cannot be created or written (checked before any work)."""
+    existing = next(folder for folder in (out, *out.parents) if folder.exists() or folder == Path(folder.anchor))
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {existing} is not writable")
+
+
 def _process_alive(pid):
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
@@ -359,6 +368,8 @@ def run_folder_lock(out):
                 os.link(mine, lock)  # atomic, and the lock never shows a half-written id
                 break
             except FileExistsError:
+                if lock.is_dir():
+                    raise UsageError(f"{lock} is a folder, not a run's lock: remove it") from None
                 owner = lock.read_text().split() if lock.exists() else []
                 pid = int(owner[0]) if owner and owner[0].isdigit() else 0
                 if pid > 0 and (owner[1:] != [socket.gethostname()] or _process_alive(pid)):
@@ -753,8 +764,12 @@ def run(argv):
     try:
         with contextlib.ExitStack() as held:
             def take_folder():
-                out.mkdir(parents=True, exist_ok=True)
-                held.enter_context(run_folder_lock(out))
+                check_writable(out)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    held.enter_context(run_folder_lock(out))
+                except OSError as error:
+                    raise UsageError(f"--out {out}: {error.strerror or error}") from None
             agreed(take_folder)
             return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
     finally:
@@ -789,11 +804,24 @@ def build(method, config, options, device, autocast_dtype, source):
     return task, model
 
 
-def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, cost=None):
+def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, weights, cost=None):
+    """Evaluate, print the table and write it to path (results.json or eval.json) with what was evaluated:
+    the step, which weights, the seed, the test sets and their sizes. An eval.json already there is kept
+    under "earlier" in the new one."""
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows,
-                      **({"cost": cost} if cost else {})})
+    evaluated = {"step": step, "weights": weights, "seed": options.seed, "eval_size": options.eval_size,
+                 "test_files": list(options.test_csv), "eval_steps": list(config.eval_steps),
+                 "test_sets": {name: len(next(iter(batch.values()))) for name, batch in task.test_sets.items()}}
+    record = {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config),
+              "evaluated": evaluated, "rows": rows, **({"cost": cost} if cost else {})}
+    if path.name == "eval.json" and path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+            record["earlier"] = [*earlier.pop("earlier", []), earlier]
+        except (OSError, ValueError, AttributeError):
+            print(f"warning: {path} cannot be read; the new evaluation replaces it", file=sys.stderr)
+    write_json(path, record)
     write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
                 f"{method.__name__} on {options.task}")
 
@@ -808,11 +836,19 @@ def write_curve(rows, path, title, panel_column="test set"):
 
 
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
+    check_writable(out)
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
+    weights = "as trained"
     if "ema" in checkpoint and not options.trained_weights:
         print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
         model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
-    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json")
+        weights = f"weight average (--ema {options.ema})"
+    broken = next((name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise UsageError(f"the checkpoint's {'weight average' if weights != 'as trained' else 'weights'} hold non-finite "
+                         f"values ({broken}): its run diverged; evaluate an earlier checkpoint")
+    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json", checkpoint["step"], weights)
     return 0
 
 
@@ -913,7 +949,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
                    "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
                    "device": str(device), **cost.last}
         with average.applied() if average else contextlib.nullcontext():
-            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", summary)
+            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
+                               f"weight average (--ema {options.ema})" if average else "as trained", summary)
     if ranks > 1:
         dist.barrier()  # the other ranks wait for the evaluation
     return 0
