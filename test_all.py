@@ -155,6 +155,35 @@ def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
         sudoku_data.read_csv(tmp_path / "missing.csv")
 
 
+def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_any_chunk(tmp_path, puzzles, monkeypatch):
+    grids, solutions = (np.concatenate([puzzles[name][i] for name in sudoku_data.DIFFICULTIES]) for i in (0, 1))
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, len(grids), 20_000)
+    many = sudoku_data.augment(grids[index], solutions[index], rng)
+    path = tmp_path / "many.csv"
+    sudoku_data.write_csv(path, *many)
+    measure = ("import resource, sys, sudoku_data; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+               "p, s = sudoku_data.read_csv(sys.argv[1]); assert p.dtype == s.dtype == 'int8' and len(p) == 20000; "
+               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    done = subprocess.run([sys.executable, "-c", measure, str(path)], cwd=Path(sudoku_data.__file__).parent,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) < 20_000 * 2.5  # KiB: under 2.5 kB a row read (the two int8 grids are 162 bytes)
+    monkeypatch.setattr(sudoku_data, "CSV_CHUNK", 7)  # rows now span many chunks: the same arrays, lines still named
+    small = tmp_path / "small.csv"
+    sudoku_data.write_csv(small, many[0][:30], many[1][:30])
+    read = sudoku_data.read_csv(small)
+    assert np.array_equal(read[0], many[0][:30]) and np.array_equal(read[1], many[1][:30])
+    assert np.array_equal(sudoku_data.read_csv(small, limit=10)[1], many[1][:10])
+    lines = small.read_text().splitlines()
+    question, answer = lines[20].split(",")
+    lines[20] = question + "," + answer[1] + answer[0] + answer[2:]
+    small.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 21: (given|the solution breaks)"):
+        sudoku_data.read_csv(small)
+    assert len(sudoku_data.read_csv(small, limit=19)[0]) == 19  # a test set's first rows: the rest is not read
+
+
 def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(TypeError):
         sudoku_data.write_csv(tmp_path / "out.csv", [[0] * 81], [object()])
@@ -344,6 +373,107 @@ def test_bad_paths_and_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
         error = capsys.readouterr().err
         assert error.startswith("error: ") and message in error and error.count("\n") == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.pt", "file.txt", "folder"]
+
+
+def test_more_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "unreadable.csv").write_text("question,answer\n")
+    (tmp_path / "unreadable.txt").write_text("abc " * 1000)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    for path in (tmp_path / "unreadable.csv", tmp_path / "unreadable.txt"):
+        path.chmod(0)
+    readonly.chmod(0o555)
+    root = os.geteuid() == 0  # root reads and writes whatever the mode says: those cases cannot be made here
+    cases = [(["--train-csv", "folder.csv"], "folder.csv is a folder, not a CSV file"),
+             (["--test-csv", "folder.csv"], "folder.csv is a folder, not a CSV file"),
+             (["--out", "file.txt/run"], "file.txt is a file, not a folder"),
+             (["--beta2", "2"], "--beta2 must be in [0, 1), got 2.0"),
+             (["--lr", "1e39"], "--lr must be in (0, 1]"),
+             (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+             (["--d-model", "1000000", "--n-heads", "1"], "this run needs at least"),
+             (["--batch-size", "100000000"], "this run needs at least"),
+             (["--text-file", "file.txt"], "--text-file sets up --task text; --task sudoku does not use it"),
+             (["--context-length", "64"], "--context-length sets up --task text"),
+             (["--method", "lvr", "--stage", "rl"], "--stage rl fine-tunes a trained model")]
+    unreadable = "/proc/self/mem"  # a file that fails to read (at offset 0) even for root
+    cases += [(["--test-csv", unreadable], "mem: cannot be read (Input/output error)"),
+              (["--task", "text", "--text-file", unreadable], "mem cannot be read: Input/output error")]
+    if not root:
+        cases += [(["--test-csv", "unreadable.csv"], "unreadable.csv: cannot be read (Permission denied)"),
+                  (["--task", "text", "--text-file", "unreadable.txt"], "unreadable.txt cannot be read: Permission denied"),
+                  (["--out", "readonly/run"], "readonly is not writable")]
+    for extra, message in cases:
+        argv = (["--method", "recurrent_depth"] if extra[0] != "--method" else []) + extra
+        assert train.main(argv + ["--base-size", "8", "--eval-size", "2", "--data-dir", data_dir]) == 2, extra
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1, (extra, error)
+    assert train.main(["--method", "all", "--out", "file.txt"]) == 2
+    assert "file.txt is a file, not a folder" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "folder.csv", "locked", "readonly",
+                                                                "unreadable.csv", "unreadable.txt"]
+
+
+def test_checkpoints_without_their_entries_a_lock_folder_and_a_stop_during_start_up_are_one_line(tmp_path, data_dir,
+                                                                                                  monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2"]) == 0
+    checkpoint = _checkpoint(out)
+    for key, use in (("optimizer", "--resume"), ("run", "--eval-only"), ("run", "--resume")):
+        torch.save({k: v for k, v in checkpoint.items() if k != key}, tmp_path / "partial.pt")
+        capsys.readouterr()
+        assert train.main(["--method", "recurrent_depth", use, str(tmp_path / "partial.pt")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"lacks the {key} entry" in error, error
+    other = tmp_path / "other"
+    (other / "lock").mkdir(parents=True)
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(other)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "lock is a folder" in error
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the data is generated
+    monkeypatch.setattr(train, "build_task", ctrl_c)
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(tmp_path / "third")]) == 130
+    error = capsys.readouterr().err
+    assert error.startswith("interrupted") and error.count("\n") == 1 and not (tmp_path / "third").exists()
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_kept_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    saves = []
+
+    def full_disk_at_the_second_save(path, state):
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        torch.save(state, path)
+    monkeypatch.setattr(train, "save_checkpoint", full_disk_at_the_second_save)
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--save-every", "2"]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == f"error: cannot save the checkpoint of step 4: No space left on device; {out / 'checkpoint.pt'} (step 2) is kept"
+    assert _checkpoint(out)["step"] == 2 and not (out / "lock").exists()
+
+
+def test_run_files_and_the_data_cache_take_the_usual_umask_and_eval_only_caches_where_it_is_run(tmp_path, data_dir,
+                                                                                              monkeypatch):
+    previous = os.umask(0o022)
+    try:
+        out, cache = tmp_path / "run", tmp_path / "cache"
+        assert train.main(TINY_RUN + ["--data-dir", str(cache), "--out", str(out), "--steps", "2"]) == 0
+        for path in [*out.iterdir(), *cache.iterdir()]:
+            assert path.stat().st_mode & 0o777 == 0o644, path
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)  # another machine or folder: the checkpoint's --data-dir is not this one's
+        shutil.rmtree(cache)
+        assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]) == 0
+        assert not cache.exists() and any((elsewhere / "data").iterdir())
+    finally:
+        os.umask(previous)
 
 
 def test_boolean_flags_including_fields_named_no_something():

@@ -72,6 +72,8 @@ class TextTask:
             raise UsageError(f"text file not found: {text_file}") from None
         except IsADirectoryError:
             raise UsageError(f"--text-file {text_file} is a folder, not a file") from None
+        except OSError as error:
+            raise UsageError(f"--text-file {text_file} cannot be read: {error.strerror or error}") from None
         except UnicodeDecodeError as error:
             raise UsageError(f"{text_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         self.characters = sorted(set(text))
@@ -261,8 +263,15 @@ def check_settings(options, config_class, values):
         lowest = 1 if name.startswith("n_") else 0  # n_heads, n_layers, ...: a model needs at least one
         if kind is int and value < lowest or typing.get_origin(kind) is tuple and any(v < 0 for v in value):
             raise UsageError(f"{flag} must be >= {lowest}, got {','.join(map(str, value)) if isinstance(value, tuple) else value}")
-    if not values["lr"] > 0:
-        raise UsageError(f"--lr must be positive, got {values['lr']}")
+    if not 0 < values["lr"] <= 1:
+        raise UsageError(f"--lr must be in (0, 1] (AdamW moves every weight by about lr a step), got {values['lr']}")
+    # the optimizer settings every method file names alike
+    for name in ("beta1", "beta2"):
+        if name in values and not 0 <= values[name] < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {values[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if name in values and values[name] < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {values[name]}")
     lowest = min(1, *config_class().eval_steps)  # 0 thinking steps only where the method's own table has them
     if not values["eval_steps"] or min(values["eval_steps"]) < lowest:
         raise UsageError(f"--eval-steps must list thinking steps >= {lowest}, got {','.join(map(str, values['eval_steps']))}")
@@ -300,12 +309,19 @@ def write_atomically(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the run from the user's group
         with os.fdopen(handle, "wb") as file:
             write(file)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def current_umask():
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path, state):
@@ -745,6 +761,12 @@ def run(argv):
     options.task = options.task or method.TASKS[0]
     if options.task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
+    for name in ("text_file", "context_length"):
+        if name in given and options.task != "text":
+            raise UsageError(f"--{name.replace('_', '-')} sets up --task text; --task {options.task} does not use it")
+    if getattr(config, "stage", None) == "rl" and not checkpoint and "init_from" not in given:
+        raise UsageError("--stage rl fine-tunes a trained model with reinforcement learning: give --init-from "
+                         "CHECKPOINT of a supervised run (random weights earn no reward to learn from)")
     if options.misread_rate and options.task != "visual":
         raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
@@ -784,6 +806,7 @@ def build(method, config, options, device, autocast_dtype, source):
     np.random.seed(options.seed)
     try:
         task = build_task(options.task, config, options)
+        check_fits(method, config, task, device)
         model = method.build_model(config, task).to(device)
     except (ValueError, FileNotFoundError, ArithmeticError) as error:
         raise UsageError(str(error)) from None
@@ -802,6 +825,37 @@ def build(method, config, options, device, autocast_dtype, source):
     print(f"{method.__name__} on {options.task}: {parameters / 1e6:.2f}M parameters, device {device}, "
           f"autocast {autocast_dtype or 'off'}, run folder {options.out}")
     return task, model
+
+
+def available_memory(device):
+    """Bytes free for this run: the device's free memory on CUDA, MemAvailable on a CPU (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        text = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def check_fits(method, config, task, device):
+    """Refuse, before anything is allocated, a model or batch that cannot fit: the parameters (counted on the
+    meta device, which allocates nothing) with their gradients and AdamW's two moments, plus one training
+    batch, against the free memory. A lower bound (activations come on top): what passes may still not fit."""
+    free = available_memory(device)
+    if free is None:
+        return
+    try:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
+    except Exception:  # a model that cannot be built on the meta device: no estimate
+        return
+    example = sum(v.element_size() * v[:1].numel() for v in task.train_batch(0, 1).values())
+    needed = 16 * parameters + example * config.batch_size
+    if needed > free:
+        raise UsageError(f"this run needs at least {needed / 2**30:,.1f} GiB ({parameters:,} parameters with their "
+                         f"gradients and optimizer state, and a batch of {config.batch_size:,}), but {device} has "
+                         f"{free / 2**30:,.1f} GiB free")
 
 
 def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, weights, cost=None):
@@ -902,7 +956,10 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
         torch.manual_seed(options.seed + 1_000_003 * rank)  # the ranks' own random draws (rank 0: reseeded too)
-    optimizer = method.make_optimizer(model, config)
+    try:
+        optimizer = method.make_optimizer(model, config)
+    except ValueError as error:  # AdamW's own checks, for a setting the Config does not name
+        raise UsageError(f"invalid optimizer setting: {error}") from None
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
@@ -1030,7 +1087,11 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
     def save(step):
         rank_rngs = rank_states(model, device)  # every rank takes part; rank 0 writes
         if rank == 0:
-            save_checkpoint(checkpoint_path, checkpoint_state(step, rank_rngs))
+            try:
+                save_checkpoint(checkpoint_path, checkpoint_state(step, rank_rngs))
+            except OSError as error:  # a full disk, a folder gone read-only: the previous checkpoint is intact
+                kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
+                raise TrainingError(f"cannot save the checkpoint of step {step}: {error.strerror or error}; {kept}") from None
     try:
         try:
             while step < config.steps and not ctrl_c:
@@ -1131,6 +1192,9 @@ def run_all(argv):
     if any(flag in rest for flag in ("--resume", "--eval-only", "--init-from")):
         raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one --method")
     compare = Path(known.out)
+    check_writable(compare)
+    if compare.exists() and not compare.is_dir():
+        raise UsageError(f"--out {compare} is a file, not a folder")
     results = {}
     for name, method_name, flags in COMPARED:
         folder = compare / name.replace(" --", "-").replace(" ", "-")
