@@ -336,7 +336,7 @@ def test_text_task(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "recurrent_depth", "--eval-only", "missing.pt"], "checkpoint not found: missing.pt"),
-    (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be positive"),
+    (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be in (0, 1]"),
     (["--method", "recurrent_depth", "--steps", "0"], "--steps must be a positive integer"),
     (["--method", "recurrent_depth", "--task", "text"], "--task text needs --text-file"),
     (["--method", "recurrent_depth", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
@@ -809,7 +809,7 @@ def test_cost_counts_linear_and_cpu_attention_flops_and_every_log_line_has_the_c
     q = torch.randn(2, 4, 81, 16, requires_grad=True)
     meter = train.CostMeter(peak=1e9, ranks=1)
     meter.step(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward(), count=True)
-    assert meter.flops_per_step() == (4 + 10) * 2 * 4 * 81 * 81 * 16  # torch's CUDA formula: 2 products forward, 5 backward
+    assert meter.flops_per_step() == (4 + 8) * 2 * 4 * 81 * 81 * 16  # 2 products forward, 4 backward (no recompute)
     assert meter.step(lambda: "not counted", count=False) == "not counted" and meter.counted_steps == 1
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]) == 0
@@ -820,6 +820,26 @@ def test_cost_counts_linear_and_cpu_attention_flops_and_every_log_line_has_the_c
     cost = json.loads((out / "results.json").read_text())["cost"]
     assert cost["training_flops"] == pytest.approx(6 * cost["flops_per_step"]) and cost["flops_counted_on_steps"] == 3
     assert cost["peak_flops_per_s"] > 0 and cost["ranks"] == 1
+
+
+def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explicit_products(puzzles):
+    # the slower direct computation: torch's math attention is plain matrix products, which torch's counter
+    # counts by itself; the meter must give the fused CPU kernel's step the same FLOPs (a count that leaves the
+    # fused kernel out, or counts its recomputed scores, gives another number)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    config = lit.Config(d_model=16, n_heads=2, n_layers=1)
+    batch = {"puzzle": torch.from_numpy(puzzles["easy"][0][:4]).long(), "solution": torch.from_numpy(puzzles["easy"][1][:4]).long()}
+    counts = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        torch.manual_seed(0)
+        model = lit.build_model(config, SimpleNamespace(name="sudoku"))
+        optimizer = lit.make_optimizer(model, config)
+        meter = train.CostMeter(peak=1e9, ranks=1)
+        with sdpa_kernel(backend):
+            meter.step(lambda: lit.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), batch, 0,
+                                              config, None), count=True)
+        counts.append(meter.flops_per_step())
+    assert counts[0] == counts[1] > 0
 
 
 # Each method's GPU_CONFIG shape for two steps on the CPU, shrunk in batch size (1), steps, evaluation sizes
@@ -2604,7 +2624,7 @@ def test_lit_visual_task_with_real_mnist(tmp_path):
                          task.train_batch(0, 4), 0, config, None)
     assert torch.isfinite(out["loss"])
     rows = lit.evaluate(model, task, config, (1, 2), None)
-    assert len(rows) == 2 * len(task.test_sets) and {"student exact %", "training TFLOP"} <= set(rows[0])
+    assert len(rows) == 2 * len(task.test_sets) and "student exact %" in rows[0]
     assert "teacher exact %" not in rows[0]  # with hints up to the full solution it measures nothing
 
 
@@ -2872,4 +2892,10 @@ def test_lit_teacher_share_and_start_set_what_the_teacher_steps_from(self_teache
     assert [s.shape[0] for s in calls["student"]] == [8] * config.think_steps
     assert all(torch.equal(t, s[:2]) for t, s in zip(calls["teacher"], calls["student"]))
     full = lit.build_model(dataclasses.replace(config, teacher_share=1.0), LitFakeTask("sudoku"))
-    assert lit.training_flops(model, batch, config) < lit.training_flops(full, batch, dataclasses.replace(config, teacher_share=1.0))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def loss_flops(model, config):  # one step's forward and backward: the teacher on a share of the batch costs less
+        with FlopCounterMode(display=False) as counter:
+            lit.lit_loss(model, batch, config)["loss"].backward()
+        return counter.get_total_flops()
+    assert loss_flops(model, config) < loss_flops(full, dataclasses.replace(config, teacher_share=1.0))

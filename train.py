@@ -36,7 +36,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
@@ -465,17 +465,24 @@ def lr_factor(step, config):
 
 
 # ----------------------------------------------------------------------------- cost: FLOPs, throughput, MFU
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)  # Q·Kᵀ and P·V: 2 products
 
 
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad_out, query, key, value)
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return 2 * sdpa_flop_count(query, key, value)  # dV, dP, dQ, dK: 4 products, the forward's scores not recomputed
 
 
-# torch's counter knows the CUDA attention kernels but not the CPU one: the same formula for it
-CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops}
+# Attention counted as its mathematics (forward 2 products, backward 4), the model-FLOPs convention of MFU
+# (PaLM, appendix B; nanoGPT's 12·L·H·Q·T): a kernel that recomputes the scores in its backward (flash
+# attention; torch's own formula counts 5 products there) does more work, not more model FLOPs, and the count
+# does not depend on which kernel ran. torch's counter does not know the CPU kernel at all.
+ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+    **{getattr(torch.ops.aten, name): _attention_backward_flops for name in (
+        "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_cudnn_attention_backward") if hasattr(torch.ops.aten, name)}}
 
 
 def matmul_peak(device, dtype, seconds=0.2):
@@ -505,9 +512,9 @@ def matmul_peak(device, dtype, seconds=0.2):
 
 class CostMeter:
     """Throughput, training FLOPs and MFU. FLOPs are counted, not modelled: torch's FlopCounterMode around a
-    real method.train_step sees every matrix product, convolution and attention of every pass (recurrences
-    under no_grad, ltm's fast steps, lit's teacher and student, lvr's rollouts), forward and backward;
-    elementwise ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
+    real method.train_step sees every matrix product, convolution and attention of every pass the step makes
+    (passes under no_grad included), forward and backward, attention as ATTENTION_FLOPS says; elementwise
+    ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
     on the step before each log line; a method whose per-step cost varies (recurrent_depth samples its
     recurrence count per step) is estimated by the mean of the counted steps.
     Under torchrun each rank counts its slice and the world's FLOPs are that times the number of ranks."""
@@ -527,7 +534,7 @@ class CostMeter:
         """train_step(), counting its FLOPs when count is true."""
         if not count:
             return train_step()
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             metrics = train_step()
         self.counted_flops += counter.get_total_flops() * self.ranks
         self.counted_steps += 1
