@@ -81,6 +81,14 @@ def test_generated_puzzles_are_unique_and_match_their_preset(puzzles):
     assert (puzzles["hard"][2] > 0).all()  # hard ones need a guess: singles alone do not solve them
 
 
+def test_generated_presets_reach_both_ends_of_their_given_ranges(puzzles):
+    for name in ("easy", "medium"):  # the target count is drawn uniformly over the range: 12 puzzles span it
+        low, high = sudoku_data.DIFFICULTIES[name]
+        givens = (puzzles[name][0] != 0).sum(1)
+        assert givens.min() <= low + 1 and givens.max() >= high - 1, (name, sorted(givens))
+    assert ((puzzles["hard"][0] != 0).sum(1) < sudoku_data.DIFFICULTIES["medium"][0]).all()
+
+
 def test_solver_counts_several_solutions_and_rejects_clashes():
     empty = np.zeros(81, np.int8)
     assert sudoku_data.solve(empty)[0] == 2
@@ -216,6 +224,21 @@ def test_mnist_loads_and_visual_pools_are_disjoint(tmp_path):
     train_pixels = {image.numpy().tobytes() for image in (task.train_pool.images)}
     test_images = task.test_sets["hard"]["solution_images"].flatten(0, 1)
     assert not any((image * 255).round().byte().numpy().tobytes() in train_pixels for image in test_images[:50])
+
+
+@needs_mnist
+def test_visual_cells_show_an_image_of_their_own_digit_after_augmentation(tmp_path):
+    images, labels = sudoku_data.load_mnist(MNIST_DIR, "t10k")
+    label_of = {image.tobytes(): label for image, label in zip(images, labels)}
+    task = sudoku_data.VisualSudokuTask("easy", base_size=8, eval_size=2, data_dir=tmp_path, mnist_dir=MNIST_DIR)
+    for batch in (task.train_batch(5, 3), task.test_sets["easy"]):  # an augmented training batch, a test set
+        pixels = (batch["solution_images"] * 255).round().byte().flatten(0, 1).numpy()  # (B*81, 28, 28)
+        shown = np.array([label_of[image.tobytes()] for image in pixels])  # each cell's image is an MNIST digit ...
+        assert np.array_equal(shown, batch["solution"].flatten().numpy())  # ... of the cell's own digit
+        givens = batch["puzzle"] != 0
+        assert torch.equal(batch["puzzle_images"][givens], batch["solution_images"][givens])
+        assert (batch["puzzle_images"][~givens] == 0).all()
+        assert ((batch["puzzle"] == 0) | (batch["puzzle"] == batch["solution"])).all()
 
 
 @needs_mnist
@@ -707,6 +730,114 @@ def test_train_py_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_che
     assert _checkpoint(out)["step"] == 4 and not (out / "results.json").exists()
     log = [_strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3, 4] and log[0]["grad_norm"] is None
+
+
+def _recording(train_step, record):
+    """A method's train_step that calls record(model, optimizer, step, when) before and after the real step."""
+    def step_and_record(model, optimizer, scaler, batch, step, *rest):
+        record(model, optimizer, step, "before")
+        metrics = train_step(model, optimizer, scaler, batch, step, *rest)
+        record(model, optimizer, step, "after")
+        return metrics
+    return step_and_record
+
+
+def test_the_learning_rate_applied_at_each_step_and_the_weight_average_match_a_hand_computation(tmp_path, data_dir,
+                                                                                                 monkeypatch):
+    seen = {"lr": [], "weights": []}
+
+    def record(model, optimizer, step, when):
+        if when == "before":
+            seen["lr"].append({group["lr"] for group in optimizer.param_groups})
+            if step == 0:
+                seen["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+        else:
+            seen["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+    monkeypatch.setattr(rd, "train_step", _recording(rd.train_step, record))
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--lr", "0.004", "--ema", "0.5"]) == 0
+    # 2 warmup steps rising linearly, then a cosine from the peak to a tenth over the 4 steps left
+    expected = [0.004 * (step + 1) / 2 for step in range(2)] + \
+               [0.004 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 4))) for k in range(4)]
+    assert [len(lrs) for lrs in seen["lr"]] == [1] * 6  # every parameter group at the same rate
+    assert [lrs.pop() for lrs in seen["lr"]] == pytest.approx(expected, rel=1e-12)
+    average = dict(seen["weights"][0])  # average_n = d_n average_{n-1} + (1 - d_n) weights_n, d_n = min(0.5, (1+n)/(10+n))
+    for n, weights in enumerate(seen["weights"][1:]):
+        decay = min(0.5, (1 + n) / (10 + n))
+        average = {name: decay * average[name] + (1 - decay) * weights[name] for name in average}
+    saved = _checkpoint(out)["ema"]
+    for name, value in average.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(saved[name], seen["weights"][-1][name])
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_gradients_are_clipped_before_the_optimizer_uses_them(method, tmp_path, data_dir, monkeypatch):
+    # after the first AdamW step, exp_avg = (1 - beta1) * the gradient the optimizer saw: with a clip far below
+    # the gradient's norm it must hold the clipped gradient (each model's share at most the clip), not the raw one
+    fields = {field.name for field in dataclasses.fields(train.load_method(method).Config)}
+    flag = next((f for f in ("grad_clip", "clip_norm") if f in fields), None)
+    if flag is None:
+        pytest.skip(f"{method}'s Config names no gradient clip")
+    module, clip, found = train.load_method(method), 1e-4, []
+
+    def record(model, optimizer, step, when):
+        if when == "after" and step == 0:
+            beta1 = optimizer.param_groups[0]["betas"][0]
+            moments = [state["exp_avg"] for state in optimizer.state.values() if "exp_avg" in state]
+            found.append(float(torch.linalg.vector_norm(torch.cat([m.flatten() for m in moments]))) / (1 - beta1))
+    monkeypatch.setattr(module, "train_step", _recording(module.train_step, record))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    run = ["--method", method, *TINY_FLAGS[method], "--steps", "1", "--eval-size", "2", "--data-dir", data_dir,
+           "--out", str(tmp_path / "run"), "--" + flag.replace("_", "-"), str(clip)]
+    assert train.main(run + (["--text-file", str(corpus)] if method == "ltm" else [])) == 0
+    assert 0.99 * clip <= found[0] <= 2 * clip  # raw gradients are 1000s of clips long
+
+
+def test_batches_and_example_seeds_vary_with_step_and_seed_and_test_sets_do_not_vary_with_training_settings(data_dir):
+    batch = {"puzzle": torch.zeros(6, 81, dtype=torch.long)}
+    seeds = {(seed, step): train.with_example_seeds(batch, seed, step)["example_seed"] for seed in (0, 1) for step in (0, 1)}
+    assert torch.equal(seeds[0, 0], train.with_example_seeds(batch, 0, 0)["example_seed"])
+    assert len({s for values in seeds.values() for s in values.tolist()}) == 4 * 6  # all distinct
+    sudoku = sudoku_data.SudokuTask("easy", seed=0, base_size=16, eval_size=4, data_dir=data_dir)
+    tasks = {"sudoku": (sudoku, sudoku_data.SudokuTask("easy", seed=1, base_size=16, eval_size=4, data_dir=data_dir)),
+             "vqa": (vqa_data.VQATask(seed=0, train_size=50, eval_size=4), vqa_data.VQATask(seed=1, train_size=50, eval_size=4))}
+    for name, (task, other_seed) in tasks.items():
+        first = task.train_batch(3, 4)
+        key = next(iter(first))
+        assert all(torch.equal(first[k], task.train_batch(3, 4)[k]) for k in first), name  # (seed, step) decides
+        assert not torch.equal(first[key], task.train_batch(4, 4)[key]), name
+        assert not torch.equal(first[key], other_seed.train_batch(3, 4)[key]), name
+    # what a run is measured on does not move with how it trains
+    other = sudoku_data.SudokuTask("medium", seed=0, base_size=32, eval_size=4, data_dir=data_dir)
+    for name, test_set in sudoku.test_sets.items():
+        assert torch.equal(test_set["puzzle"], other.test_sets[name]["puzzle"]), name
+    vqa = vqa_data.VQATask(seed=0, train_size=80, eval_size=4)
+    assert all(torch.equal(vqa.test_sets["held-out"][k], tasks["vqa"][0].test_sets["held-out"][k]) for k in vqa.test_sets["held-out"])
+
+
+def test_each_log_line_holds_the_step_it_names_and_the_comparison_table_puts_each_value_in_its_cell(tmp_path, data_dir,
+                                                                                                   monkeypatch):
+    original = rd.train_step
+
+    def numbered(model, optimizer, scaler, batch, step, *rest):
+        return {**original(model, optimizer, scaler, batch, step, *rest), "loss": torch.tensor(100.0 + step)}
+    monkeypatch.setattr(rd, "train_step", numbered)
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--log-every", "2", "--lr", "0.004"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["loss"]) for line in log] == [(2, 101.0), (4, 103.0), (6, 105.0)]  # the step's own values
+    assert log[0]["lr"] == pytest.approx(0.004)  # the rate step 2 trained at: the warmup's top (the lr of step index 1)
+    points = [{"difficulty": "easy", "method": "a", "thinking steps": 1, "exact %": 10.0},
+              {"difficulty": "easy", "method": "b", "thinking steps": 4, "exact %": 44.44},
+              {"difficulty": "hard", "method": "a", "thinking steps": 4, "exact %": 3.0}]
+    results = {"a": {"config": {"difficulty": "easy", "steps": 5}, "cost": {"training_flops": 2e12}},
+               "b": {"config": {"difficulty": "mixed", "steps": 7}}}
+    table = train.compare_table(points, results).splitlines()
+    assert table[:5] == ["| test set | thinking steps | a | b |", "|---|---:|---:|---:|", "| easy | 1 | 10.0 |  |",
+                         "| easy | 4 |  | 44.4 |", "| hard | 4 | 3.0 |  |"]
+    assert "a: easy, 5 steps, 2e+12 FLOPs" in table[-1] and "b: mixed, 7 steps, nan FLOPs" in table[-1]
 
 
 def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
@@ -1974,6 +2105,43 @@ def test_vqa_roi_chain_is_the_named_object_then_the_object_the_answer_is_read_fr
     assert torch.equal(dist.argmin(1)[~asks_shape], second.int().argmax(1)[~asks_shape])
     for k, name in enumerate(vqa_data.QUESTION_TYPES):                                     # every type is asked
         assert (batch["qtype"] == k).any(), name
+
+
+def test_vqa_boxes_frame_the_rendered_objects_their_question_and_answer_name():
+    task = vqa_data.VQATask(seed=0, train_size=100, eval_size=4)
+    batch = task.train_batch(0, 24)
+    lit_pixels = batch["image"].amax(1) > 0.4  # (B, 48, 48): objects (a channel >= 0.7) over a dark noisy background
+    colours = torch.from_numpy(vqa_data.RGB)
+    for i in range(24):
+        words = [vqa_data.VOCAB[t] for t in batch["question"][i].tolist()]
+        named = next(w for w in words if w in vqa_data.COLORS)
+        objects = []
+        for x0, y0, x1, y1 in batch["box"][i].tolist():
+            px, py = x0 // 8 * 8, y0 // 8 * 8  # the object's patch holds its box
+            assert (x1 - 1) // 8 * 8 == px and (y1 - 1) // 8 * 8 == py
+            patch = lit_pixels[i, py:py + 8, px:px + 8]
+            ys, xs = patch.nonzero(as_tuple=True)
+            assert (px + xs.min(), py + ys.min(), px + xs.max() + 1, py + ys.max() + 1) == (x0, y0, x1, y1)  # tight box
+            mean = batch["image"][i, :, y0:y1, x0:x1][:, lit_pixels[i, y0:y1, x0:x1]].mean(1)
+            colour = vqa_data.COLORS[int((colours - mean).abs().sum(1).argmin())]
+            count, r = int(patch.sum()), (x1 - x0 - 1) // 2
+            shape = {(2 * r + 1) ** 2: "square", 4 * r + 1: "cross"}.get(count)
+            objects.append((colour, shape, ((px + 4, py + 4))))
+        assert objects[0][0] == named  # the first box frames the object the question names
+        answer, kind = vqa_data.VOCAB[int(batch["answer"][i, 0])], vqa_data.QUESTION_TYPES[int(batch["qtype"][i])]
+        if kind == "shape":
+            assert objects[1] == objects[0]
+        if kind == "near_color":
+            assert objects[1][0] == answer
+        elif answer in ("square", "cross"):
+            assert objects[1][1] == answer
+        else:
+            assert objects[1][1] is None  # a circle or a triangle: neither a square's nor a cross's pixel count
+        if kind != "shape":  # the second box's object is the nearest lit patch to the first (grid distance)
+            centres = {(x // 8 * 8 + 4, y // 8 * 8 + 4) for y, x in lit_pixels[i].nonzero().tolist()}
+            (cx, cy), (nx, ny) = objects[0][2], objects[1][2]
+            distances = sorted((x - cx) ** 2 + (y - cy) ** 2 for x, y in centres - {(cx, cy)})
+            assert (nx - cx) ** 2 + (ny - cy) ** 2 == distances[0] < distances[1]
 
 
 def test_lvr_bad_input_raises_value_error():
