@@ -40,7 +40,7 @@ Our choices and simplifications (not from the paper):
 - Beliefs are RMS-normalised after each update, so a student rolled for 64 steps stays bounded.
 - Gradients are clipped per model (teacher: U_T and W_h; student: the rest), so the teacher's terms
   cannot shrink the student's step relative to the ablation's.
-- Baselines, compared at equal training FLOPs (`training_flops`, one step; LIT costs about 2x):
+- Baselines, compared at equal training FLOPs (train.py's cost meter; LIT costs about 2x):
   `--no-imagination`: no teacher, β = 0, the student rolled from its own belief with the same
   per-step cross-entropy — a plain latent recurrent model.
   `--recursion observation` (with `--no-imagination`): the recursive baseline in observation space
@@ -61,7 +61,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import sudoku_data
 
@@ -533,29 +532,14 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
     return {k: v.detach() for k, v in losses.items()}
 
 
-def training_flops(model, batch: dict, config: Config) -> int:
-    """FLOPs of one training step's forward and backward on `batch`, for comparing variants at equal
-    training compute. torch's counter: matrix products and convolutions (its CPU attention kernel is
-    not counted: the 81x81 products, the same share in every variant). Leaves no gradients."""
-    with FlopCounterMode(display=False) as counter:
-        lit_loss(model, batch, config)["loss"].backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 @torch.no_grad()
 def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
              autocast_dtype: torch.dtype | None) -> list[dict]:
-    """Rows per test set x thinking steps: the student's exact / blank-cell %, and the whole run's
-    training compute (FLOPs of one step x config.steps). The teacher is not evaluated: with hints
-    up to the full solution its accuracy measures nothing."""
+    """Rows per test set x thinking steps: the student's exact / blank-cell %. The teacher is not
+    evaluated: with hints up to the full solution its accuracy measures nothing."""
     if not eval_steps or any(int(s) < 1 for s in eval_steps):
         raise ValueError(f"eval_steps must be positive ints, got {eval_steps}")
     device = next(model.parameters()).device
-    first = next(iter(task.test_sets.values()))
-    probe = {k: v[:config.batch_size].to(device) for k, v in first.items()}  # a training-sized batch
-    with torch.enable_grad():
-        train_tflop = training_flops(model, probe, config) * config.steps / 1e12
     model.eval()
     n_max, rows = max(eval_steps), []
     for set_name, test_set in task.test_sets.items():
@@ -574,8 +558,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
             student = torch.cat(preds[s])
             row = {"test set": set_name, "thinking steps": int(s),
                    "student exact %": sudoku_data.exact_accuracy(student, test_set["solution"]),
-                   "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"]),
-                   "training TFLOP": train_tflop}
+                   "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"])}
             if config.stochastic:
                 row.update(diversity(grids[s - 1], multi["puzzle"]))
             rows.append(row)
@@ -595,10 +578,3 @@ if __name__ == "__main__":  # tiny demo: a few seconds on CPU
     print({k: round(v.item(), 3) for k, v in out.items()})
     for demo_row in evaluate(demo_model, demo_task, demo_config, demo_config.eval_steps, None)[:3]:
         print(demo_row)
-    # training FLOPs per step at the CPU defaults: the ratios set the step counts for equal compute
-    demo_batch = demo_task.train_batch(0, Config.batch_size)
-    for demo_name, demo_flags in [("LIT", {}), ("LIT, trained teacher", dict(self_teacher=False, teacher_start="own", teacher_share=1.0)),
-                                  ("no imagination", dict(no_imagination=True)),
-                                  ("observation-space recursion", dict(no_imagination=True, recursion="observation"))]:
-        demo_config = Config(**demo_flags)
-        print(f"{demo_name}: {training_flops(build_model(demo_config, demo_task), demo_batch, demo_config) / 1e9:.2f} GFLOP per training step")

@@ -20,6 +20,7 @@ Sudoku-Extreme baselines train: about 1k base puzzles, heavily augmented.
 import csv
 import gzip
 import hashlib
+import itertools
 import os
 import sys
 import tempfile
@@ -197,6 +198,9 @@ def _atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)  # the usual permissions, not mkstemp's 0600: the cache is shared
         with os.fdopen(handle, "wb") as file:
             write(file)
         os.replace(temporary, path)
@@ -215,8 +219,10 @@ def invalid_rows(puzzles, solutions):
 
 def load_puzzles(difficulty, n, seed=0, data_dir="data"):
     """The cached set data_dir/sudoku-<difficulty>-<n>-seed<seed>.npz, generated once if absent, checked
-    on every load and generated again if damaged. Returns (puzzles, solutions) as int8 (n, 81)."""
+    on every load (each puzzle agrees with its valid solution and has its preset's number of givens) and
+    generated again if damaged. Returns (puzzles, solutions) as int8 (n, 81)."""
     path = Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
+    low, high = DIFFICULTIES[difficulty]
     if path.exists():
         try:
             with np.load(path) as data:
@@ -225,6 +231,8 @@ def load_puzzles(difficulty, n, seed=0, data_dir="data"):
                 problem = f"holds {puzzles.dtype} {puzzles.shape} and {solutions.dtype} {solutions.shape}, not int8 ({n}, 81)"
             elif invalid_rows(puzzles, solutions).any():
                 problem = f"has {int(invalid_rows(puzzles, solutions).sum())} puzzle(s) with a broken solution"
+            elif not ((givens := (puzzles != 0).sum(1)) >= low).all() or not (givens <= high).all():
+                problem = f"has puzzle(s) with {givens.min()}-{givens.max()} givens, not the {low}-{high} of {difficulty}"
             else:
                 return puzzles, solutions
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as error:
@@ -264,67 +272,121 @@ def augment(puzzles, solutions, rng):
 
 
 # ----------------------------------------------------------------------------- CSV files
-def read_csv(path, check_unique=False):
+CSV_CHUNK = 50_000  # rows read and checked at a time: memory stays flat whatever the file's length
+
+
+def read_csv(path, check_unique=False, limit=None):
     """Read a public-format Sudoku CSV (81-character strings, '.' or '0' for a blank; a header naming
-    the columns, e.g. question,answer or source,question,answer,rating). Returns int8 (N, 81) pairs.
-    Every solution must be a valid grid agreeing with its givens; check_unique also solves every puzzle
-    and reports those with more than one solution. A file without a solution column (a puzzle column
-    alone) is solved with the solver above, and each puzzle must have exactly one solution."""
+    the columns, e.g. question,answer or source,question,answer,rating). Returns int8 (N, 81) pairs
+    (the first `limit` rows with a limit). Every solution must be a valid grid agreeing with its givens; check_unique also
+    solves every puzzle and reports those with more than one solution. A file without a solution column (a
+    puzzle column alone) is solved with the solver above, and each puzzle must have exactly one solution.
+    The file is read and checked in chunks of CSV_CHUNK rows, vectorised, into int8 arrays (a million rows
+    in a few hundred MB)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a CSV file")
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:  # -sig: a byte-order mark is skipped
-            rows = list(csv.reader(file))
+            puzzles, solutions = _read_csv_rows(csv.reader(file), path, check_unique, limit)
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    if not rows:
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a readable CSV file ({error})") from None
+    return puzzles, solutions
+
+
+def _read_csv_rows(reader, path, check_unique, limit):
+    first_row = next(reader, None)
+    if first_row is None:
         raise ValueError(f"{path}: empty file")
-    header = [name.strip().lower() for name in rows[0]]
+    header = [name.strip().lower() for name in first_row]
     puzzle_names, solution_names = ("question", "puzzle", "quizzes", "quiz"), ("answer", "solution", "solutions")
     if any(name in puzzle_names for name in header):
         question = next(i for i, name in enumerate(header) if name in puzzle_names)
         answer = next((i for i, name in enumerate(header) if name in solution_names), None)
-        first = 2
-    else:
-        question, answer, first = 0, (1 if len(rows[0]) > 1 else None), 1
-    puzzles, solutions, lines = [], [], []
-    for line, row in enumerate(rows[first - 1:], first):
-        if not row:
-            continue
-        columns = max(question, answer or 0) + 1
-        if len(row) < columns:
-            raise ValueError(f"{path}, line {line}: expected at least {columns} columns, got {len(row)}")
-        puzzle = row[question].strip()
-        solution = row[answer].strip() if answer is not None else _solved(puzzle, path, line)
-        for name, text, allowed in (("puzzle", puzzle, ".0123456789"), ("solution", solution, "123456789")):
-            if len(text) != 81:
-                raise ValueError(f"{path}, line {line}: {name} has {len(text)} characters, expected 81")
-            bad = sorted(set(text) - set(allowed))
-            if bad:
-                raise ValueError(f"{path}, line {line}: {name} contains invalid characters {''.join(bad)!r}")
-        puzzle_digits = [0 if ch == "." else int(ch) for ch in puzzle]
-        solution_digits = [int(ch) for ch in solution]
-        clash = next((cell for cell in range(81) if puzzle_digits[cell] not in (0, solution_digits[cell])), None)
-        if clash is not None:
-            raise ValueError(f"{path}, line {line}: given {puzzle_digits[clash]} at row {clash // 9 + 1}, column "
-                             f"{clash % 9 + 1} contradicts the solution's {solution_digits[clash]}")
-        puzzles.append(puzzle_digits)
-        solutions.append(solution_digits)
-        lines.append(line)
-    if not puzzles:
+        rows, first = iter(reader), 2
+    else:  # no header: the first row is a puzzle
+        question, answer = 0, (1 if len(first_row) > 1 else None)
+        rows, first = itertools.chain([first_row], reader), 1
+    columns = max(question, answer or 0) + 1
+    puzzle_parts, solution_parts, stored = [], [], 0
+    while limit is None or stored < limit:
+        block = list(itertools.islice(rows, CSV_CHUNK if limit is None else min(CSV_CHUNK, limit - stored)))
+        if not block:
+            break
+        lines = range(first, first + len(block))  # the file line of each row
+        first += len(block)
+        if not all(block):  # blank lines are skipped
+            lines, block = zip(*[(line, row) for line, row in zip(lines, block) if row]) or ((), ())
+            if not block:
+                continue
+        short = next((line for line, row in zip(lines, block) if len(row) < columns), None) if min(map(len, block)) < columns else None
+        if short is not None:
+            raise ValueError(f"{path}, line {short}: expected at least {columns} columns, got {len(block[lines.index(short)])}")
+        puzzles = [row[question].strip() for row in block]
+        solutions = ([row[answer].strip() for row in block] if answer is not None else
+                     [_solved(puzzle, path, line) for puzzle, line in zip(puzzles, lines)])
+        _check_chunk(lines, puzzles, solutions, path, puzzle_parts, solution_parts, check_unique)
+        stored += len(block)
+    if not puzzle_parts:
         raise ValueError(f"{path}: no puzzles")
-    puzzles, solutions = np.array(puzzles, np.int8), np.array(solutions, np.int8)
-    broken = broken_constraints(torch.from_numpy(solutions))
-    if broken.any():
-        index = int(broken.nonzero()[0, 0])
-        raise ValueError(f"{path}, line {lines[index]}: the solution breaks {int(broken[index])} Sudoku rule(s)")
+    return np.concatenate(puzzle_parts), np.concatenate(solution_parts)
+
+
+def _grid_problem(puzzle, solution):
+    """What is wrong with one row's puzzle and solution text (None if nothing), as the error names it."""
+    for name, text, allowed in (("puzzle", puzzle, ".0123456789"), ("solution", solution, "123456789")):
+        if len(text) != 81:
+            return f"{name} has {len(text)} characters, expected 81"
+        bad = sorted(set(text) - set(allowed))
+        if bad:
+            return f"{name} contains invalid characters {''.join(bad)!r}"
+    puzzle_digits = [0 if ch == "." else int(ch) for ch in puzzle]
+    clash = next((cell for cell in range(81) if puzzle_digits[cell] not in (0, int(solution[cell]))), None)
+    if clash is not None:
+        return (f"given {puzzle_digits[clash]} at row {clash // 9 + 1}, column {clash % 9 + 1} contradicts the "
+                f"solution's {solution[clash]}")
+    broken = int(broken_constraints(torch.tensor([[int(ch) for ch in solution]]))[0])
+    return f"the solution breaks {broken} Sudoku rule(s)" if broken else None
+
+
+UNIT_CELLS = np.array(UNITS)  # (27, 9)
+
+
+def _check_chunk(lines, puzzle_texts, solution_texts, path, puzzle_parts, solution_parts, check_unique):
+    """Check a chunk of rows at once and append them as int8 (n, 81) arrays; the first bad row is named with
+    its line (its problem worded by the row-by-row check above)."""
+    count = len(lines)
+    ok = ((np.fromiter(map(len, puzzle_texts), np.int64, count) == 81) &
+          (np.fromiter(map(len, solution_texts), np.int64, count) == 81))
+    fixed = np.flatnonzero(ok)
+    grids = []
+    for texts in (puzzle_texts, solution_texts):
+        text = "".join(texts if ok.all() else [texts[i] for i in fixed])
+        grids.append(np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).reshape(len(fixed), 81))
+    puzzle = np.where(grids[0] == ord("."), 0, grids[0] - np.uint8(ord("0")))  # uint8: '.', '0' -> 0; others wrap above 9
+    solution = grids[1] - np.uint8(ord("0"))
+    bad = (puzzle > 9).any(1) | ((solution < 1) | (solution > 9)).any(1)
+    bad |= ((puzzle != 0) & (puzzle != solution)).any(1)
+    bits = np.left_shift(np.uint16(1), np.clip(solution, 1, 9).astype(np.uint16) - 1)  # (n, 81): one bit per digit
+    bad |= (np.bitwise_or.reduce(bits[:, UNIT_CELLS], axis=2) != ALL_DIGITS).any(1)  # a unit missing a digit repeats one
+    ok[fixed[bad]] = False
+    if not ok.all():
+        index = int(np.argmin(ok))
+        problem = _grid_problem(puzzle_texts[index], solution_texts[index]) or "the row cannot be read"
+        raise ValueError(f"{path}, line {lines[index]}: {problem}")
     if check_unique:
-        several = [line for line, puzzle in zip(lines, puzzles) if solve(puzzle)[0] > 1]
+        several = [line for line, grid in zip(lines, puzzle) if solve(grid)[0] > 1]
         if several:
             shown = ", ".join(map(str, several[:10])) + (", ..." if len(several) > 10 else "")
             raise ValueError(f"{path}: {len(several)} puzzle(s) have more than one solution, on line(s) {shown}")
-    return puzzles, solutions
+    puzzle_parts.append(puzzle.astype(np.int8))
+    solution_parts.append(solution.astype(np.int8))
 
 
 def _solved(puzzle, path, line):
@@ -368,6 +430,14 @@ def broken_constraints(prediction):
 
 
 # ----------------------------------------------------------------------------- tasks
+def _grid_keys(grids, chunk=100_000):
+    """(N,) uint64 hash of each int8 (N, 81) grid, computed a chunk at a time (8 bytes a grid, not 81 in a set
+    of bytes): equal grids have equal keys; a collision (odds about N²/2**64) would only drop a test puzzle."""
+    weights = np.random.default_rng(81).integers(1, 2**63, 81, dtype=np.uint64)
+    return np.concatenate([(grids[start:start + chunk].astype(np.uint64) * weights).sum(1, dtype=np.uint64)
+                           for start in range(0, len(grids), chunk)] or [np.zeros(0, np.uint64)])
+
+
 class SudokuTask:
     """Sudoku in language form: train batches are augmentations of a cached base set; test sets of
     every difficulty are generated from another seed and are disjoint from the base set. Public CSV
@@ -391,14 +461,15 @@ class SudokuTask:
         if len(set(names)) < len(names):
             raise ValueError(f"test files {', '.join(map(str, test_files))} share a name; the table names sets by file")
         sources = dict(zip(names, test_files)) or dict.fromkeys(DIFFICULTIES)
-        seen = {p.tobytes() for p in self.base_puzzles}
+        seen = None
         self.test_sets = {}
         for name, path in sources.items():
             if path:  # a public file's first eval_size puzzles, named after the file
-                puzzles, solutions = (column[:eval_size] for column in read_csv(path, check_unique))
+                puzzles, solutions = read_csv(path, check_unique, limit=eval_size)
             else:
                 puzzles, solutions = load_puzzles(name, eval_size, seed + 1_000_003, data_dir)
-                keep = np.array([p.tobytes() not in seen for p in puzzles])  # disjoint from the training base
+                seen = _grid_keys(self.base_puzzles) if seen is None else seen
+                keep = ~np.isin(_grid_keys(puzzles), seen)  # disjoint from the training base
                 puzzles, solutions = puzzles[keep], solutions[keep]
             self.test_sets[name] = {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long()}
 

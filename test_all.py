@@ -81,6 +81,14 @@ def test_generated_puzzles_are_unique_and_match_their_preset(puzzles):
     assert (puzzles["hard"][2] > 0).all()  # hard ones need a guess: singles alone do not solve them
 
 
+def test_generated_presets_reach_both_ends_of_their_given_ranges(puzzles):
+    for name in ("easy", "medium"):  # the target count is drawn uniformly over the range: 12 puzzles span it
+        low, high = sudoku_data.DIFFICULTIES[name]
+        givens = (puzzles[name][0] != 0).sum(1)
+        assert givens.min() <= low + 1 and givens.max() >= high - 1, (name, sorted(givens))
+    assert ((puzzles["hard"][0] != 0).sum(1) < sudoku_data.DIFFICULTIES["medium"][0]).all()
+
+
 def test_solver_counts_several_solutions_and_rejects_clashes():
     empty = np.zeros(81, np.int8)
     assert sudoku_data.solve(empty)[0] == 2
@@ -155,6 +163,35 @@ def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
         sudoku_data.read_csv(tmp_path / "missing.csv")
 
 
+def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_any_chunk(tmp_path, puzzles, monkeypatch):
+    grids, solutions = (np.concatenate([puzzles[name][i] for name in sudoku_data.DIFFICULTIES]) for i in (0, 1))
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, len(grids), 20_000)
+    many = sudoku_data.augment(grids[index], solutions[index], rng)
+    path = tmp_path / "many.csv"
+    sudoku_data.write_csv(path, *many)
+    measure = ("import resource, sys, sudoku_data; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+               "p, s = sudoku_data.read_csv(sys.argv[1]); assert p.dtype == s.dtype == 'int8' and len(p) == 20000; "
+               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    done = subprocess.run([sys.executable, "-c", measure, str(path)], cwd=Path(sudoku_data.__file__).parent,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) < 20_000 * 2.5  # KiB: under 2.5 kB a row read (the two int8 grids are 162 bytes)
+    monkeypatch.setattr(sudoku_data, "CSV_CHUNK", 7)  # rows now span many chunks: the same arrays, lines still named
+    small = tmp_path / "small.csv"
+    sudoku_data.write_csv(small, many[0][:30], many[1][:30])
+    read = sudoku_data.read_csv(small)
+    assert np.array_equal(read[0], many[0][:30]) and np.array_equal(read[1], many[1][:30])
+    assert np.array_equal(sudoku_data.read_csv(small, limit=10)[1], many[1][:10])
+    lines = small.read_text().splitlines()
+    question, answer = lines[20].split(",")
+    lines[20] = question + "," + answer[1] + answer[0] + answer[2:]
+    small.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 21: (given|the solution breaks)"):
+        sudoku_data.read_csv(small)
+    assert len(sudoku_data.read_csv(small, limit=19)[0]) == 19  # a test set's first rows: the rest is not read
+
+
 def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(TypeError):
         sudoku_data.write_csv(tmp_path / "out.csv", [[0] * 81], [object()])
@@ -187,6 +224,21 @@ def test_mnist_loads_and_visual_pools_are_disjoint(tmp_path):
     train_pixels = {image.numpy().tobytes() for image in (task.train_pool.images)}
     test_images = task.test_sets["hard"]["solution_images"].flatten(0, 1)
     assert not any((image * 255).round().byte().numpy().tobytes() in train_pixels for image in test_images[:50])
+
+
+@needs_mnist
+def test_visual_cells_show_an_image_of_their_own_digit_after_augmentation(tmp_path):
+    images, labels = sudoku_data.load_mnist(MNIST_DIR, "t10k")
+    label_of = {image.tobytes(): label for image, label in zip(images, labels)}
+    task = sudoku_data.VisualSudokuTask("easy", base_size=8, eval_size=2, data_dir=tmp_path, mnist_dir=MNIST_DIR)
+    for batch in (task.train_batch(5, 3), task.test_sets["easy"]):  # an augmented training batch, a test set
+        pixels = (batch["solution_images"] * 255).round().byte().flatten(0, 1).numpy()  # (B*81, 28, 28)
+        shown = np.array([label_of[image.tobytes()] for image in pixels])  # each cell's image is an MNIST digit ...
+        assert np.array_equal(shown, batch["solution"].flatten().numpy())  # ... of the cell's own digit
+        givens = batch["puzzle"] != 0
+        assert torch.equal(batch["puzzle_images"][givens], batch["solution_images"][givens])
+        assert (batch["puzzle_images"][~givens] == 0).all()
+        assert ((batch["puzzle"] == 0) | (batch["puzzle"] == batch["solution"])).all()
 
 
 @needs_mnist
@@ -253,6 +305,19 @@ def test_a_damaged_cached_set_is_generated_again(tmp_path, capsys):
         assert capsys.readouterr().err == ""
 
 
+def test_a_cached_set_with_blanked_or_extra_givens_is_generated_again(tmp_path, capsys):
+    puzzles, solutions = sudoku_data.load_puzzles("medium", 3, seed=1, data_dir=tmp_path)
+    path = tmp_path / "sudoku-medium-3-seed1.npz"
+    blanked = puzzles.copy()
+    blanked[1] = 0  # no givens left, the solutions intact: every given still agrees with its solution
+    for damaged in (blanked, solutions.copy()):  # (a solved grid: 81 givens, not medium's 28-35)
+        np.savez(path, puzzles=damaged, solutions=solutions)
+        again = sudoku_data.load_puzzles("medium", 3, seed=1, data_dir=tmp_path)
+        assert np.array_equal(again[0], puzzles)
+        warning = capsys.readouterr().err
+        assert str(path) in warning and "givens, not the 28-35 of medium" in warning
+
+
 def test_csv_encoding_solutions_and_optional_uniqueness_check(tmp_path, puzzles):
     grid, solution, _ = puzzles["easy"]
     path = tmp_path / "set.csv"
@@ -294,7 +359,7 @@ def test_text_task(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "recurrent_depth", "--eval-only", "missing.pt"], "checkpoint not found: missing.pt"),
-    (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be positive"),
+    (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be in (0, 1]"),
     (["--method", "recurrent_depth", "--steps", "0"], "--steps must be a positive integer"),
     (["--method", "recurrent_depth", "--task", "text"], "--task text needs --text-file"),
     (["--method", "recurrent_depth", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
@@ -331,6 +396,107 @@ def test_bad_paths_and_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
         error = capsys.readouterr().err
         assert error.startswith("error: ") and message in error and error.count("\n") == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.pt", "file.txt", "folder"]
+
+
+def test_more_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "unreadable.csv").write_text("question,answer\n")
+    (tmp_path / "unreadable.txt").write_text("abc " * 1000)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    for path in (tmp_path / "unreadable.csv", tmp_path / "unreadable.txt"):
+        path.chmod(0)
+    readonly.chmod(0o555)
+    root = os.geteuid() == 0  # root reads and writes whatever the mode says: those cases cannot be made here
+    cases = [(["--train-csv", "folder.csv"], "folder.csv is a folder, not a CSV file"),
+             (["--test-csv", "folder.csv"], "folder.csv is a folder, not a CSV file"),
+             (["--out", "file.txt/run"], "file.txt is a file, not a folder"),
+             (["--beta2", "2"], "--beta2 must be in [0, 1), got 2.0"),
+             (["--lr", "1e39"], "--lr must be in (0, 1]"),
+             (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+             (["--d-model", "1000000", "--n-heads", "1"], "this run needs at least"),
+             (["--batch-size", "100000000"], "this run needs at least"),
+             (["--text-file", "file.txt"], "--text-file sets up --task text; --task sudoku does not use it"),
+             (["--context-length", "64"], "--context-length sets up --task text"),
+             (["--method", "lvr", "--stage", "rl"], "--stage rl fine-tunes a trained model")]
+    unreadable = "/proc/self/mem"  # a file that fails to read (at offset 0) even for root
+    cases += [(["--test-csv", unreadable], "mem: cannot be read (Input/output error)"),
+              (["--task", "text", "--text-file", unreadable], "mem cannot be read: Input/output error")]
+    if not root:
+        cases += [(["--test-csv", "unreadable.csv"], "unreadable.csv: cannot be read (Permission denied)"),
+                  (["--task", "text", "--text-file", "unreadable.txt"], "unreadable.txt cannot be read: Permission denied"),
+                  (["--out", "readonly/run"], "readonly is not writable")]
+    for extra, message in cases:
+        argv = (["--method", "recurrent_depth"] if extra[0] != "--method" else []) + extra
+        assert train.main(argv + ["--base-size", "8", "--eval-size", "2", "--data-dir", data_dir]) == 2, extra
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1, (extra, error)
+    assert train.main(["--method", "all", "--out", "file.txt"]) == 2
+    assert "file.txt is a file, not a folder" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "folder.csv", "locked", "readonly",
+                                                                "unreadable.csv", "unreadable.txt"]
+
+
+def test_checkpoints_without_their_entries_a_lock_folder_and_a_stop_during_start_up_are_one_line(tmp_path, data_dir,
+                                                                                                  monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2"]) == 0
+    checkpoint = _checkpoint(out)
+    for key, use in (("optimizer", "--resume"), ("run", "--eval-only"), ("run", "--resume")):
+        torch.save({k: v for k, v in checkpoint.items() if k != key}, tmp_path / "partial.pt")
+        capsys.readouterr()
+        assert train.main(["--method", "recurrent_depth", use, str(tmp_path / "partial.pt")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"lacks the {key} entry" in error, error
+    other = tmp_path / "other"
+    (other / "lock").mkdir(parents=True)
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(other)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "lock is a folder" in error
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the data is generated
+    monkeypatch.setattr(train, "build_task", ctrl_c)
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(tmp_path / "third")]) == 130
+    error = capsys.readouterr().err
+    assert error.startswith("interrupted") and error.count("\n") == 1 and not (tmp_path / "third").exists()
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_kept_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    saves = []
+
+    def full_disk_at_the_second_save(path, state):
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        torch.save(state, path)
+    monkeypatch.setattr(train, "save_checkpoint", full_disk_at_the_second_save)
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--save-every", "2"]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == f"error: cannot save the checkpoint of step 4: No space left on device; {out / 'checkpoint.pt'} (step 2) is kept"
+    assert _checkpoint(out)["step"] == 2 and not (out / "lock").exists()
+
+
+def test_run_files_and_the_data_cache_take_the_usual_umask_and_eval_only_caches_where_it_is_run(tmp_path, data_dir,
+                                                                                              monkeypatch):
+    previous = os.umask(0o022)
+    try:
+        out, cache = tmp_path / "run", tmp_path / "cache"
+        assert train.main(TINY_RUN + ["--data-dir", str(cache), "--out", str(out), "--steps", "2"]) == 0
+        for path in [*out.iterdir(), *cache.iterdir()]:
+            assert path.stat().st_mode & 0o777 == 0o644, path
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)  # another machine or folder: the checkpoint's --data-dir is not this one's
+        shutil.rmtree(cache)
+        assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]) == 0
+        assert not cache.exists() and any((elsewhere / "data").iterdir())
+    finally:
+        os.umask(previous)
 
 
 def test_boolean_flags_including_fields_named_no_something():
@@ -389,6 +555,32 @@ def test_eval_only_with_other_thinking_steps(tmp_path, data_dir, capsys):
     assert "does not fit" in capsys.readouterr().err
 
 
+def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_finite_weights(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2", "--ema", "0.9"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    sizes = {"easy": 6, "medium": 6, "hard": 6}
+    assert results["evaluated"] == {"step": 2, "weights": "weight average (--ema 0.9)", "seed": 0, "eval_size": 6,
+                                    "test_files": [], "eval_steps": [1, 2], "test_sets": sizes}
+    evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]
+    assert train.main(evaluate + ["--eval-size", "2", "--eval-steps", "1"]) == 0
+    assert train.main(evaluate + ["--trained-weights"]) == 0
+    latest = json.loads((out / "eval.json").read_text())
+    assert latest["evaluated"]["weights"] == "as trained" and latest["evaluated"]["eval_size"] == 6
+    (first,) = latest["earlier"]  # the first evaluation is kept, with its own size
+    assert first["evaluated"]["eval_size"] == 2 and first["evaluated"]["test_sets"] == {"easy": 2, "medium": 2, "hard": 2}
+    assert {row["thinking steps"] for row in first["rows"]} == {1, "adaptive (kl)"}
+    checkpoint = _checkpoint(out)
+    name = next(iter(checkpoint["model"]))
+    checkpoint["model"][name][0] = math.nan
+    torch.save(checkpoint, out / "diverged.pt")
+    capsys.readouterr()
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "diverged.pt"), "--trained-weights",
+                       "--out", str(tmp_path / "elsewhere")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"non-finite values ({name})" in error and not (tmp_path / "elsewhere").exists()
+
+
 def _files(folder):
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
@@ -412,6 +604,45 @@ def test_train_py_never_overwrites_a_run_unless_told(tmp_path, data_dir, capsys)
         log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # written after the last checkpoint, then killed
     assert train.main(["--method", "recurrent_depth", "--resume", str(out / "checkpoint.pt"), "--steps", "6"]) == 0
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_built_and_checked(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2"]
+    assert train.main(run) == 0
+    before = _files(out)
+    capsys.readouterr()
+    for extra, message in ((["--test-csv", str(tmp_path / "typo.csv")], "no such file"),
+                           (["--init-from", str(out / "checkpoint.pt"), "--d-model", "64"], "does not fit"),
+                           (["--task", "text", "--text-file", str(tmp_path / "missing.txt")], "text file not found")):
+        assert train.main(run + ["--overwrite", *extra]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and message in error, error
+        assert _files(out) == before  # the run it would have replaced is intact
+    log_only = tmp_path / "log-only"  # a run that stopped before its first checkpoint
+    log_only.mkdir()
+    (log_only / "log.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(log_only)]) == 2
+    assert "already holds a run (log.jsonl)" in capsys.readouterr().err
+    assert _files(log_only) == {"log.jsonl": b'{"step": 50, "loss": 1.0}\n'}
+
+
+def test_resume_refuses_a_changed_setting_in_one_line_and_applies_more_steps(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2"]) == 0
+    before = _files(out)
+    resume = ["--method", "recurrent_depth", "--resume", str(out / "checkpoint.pt")]
+    capsys.readouterr()
+    for flag, value in (("--lr", "0.5"), ("--seed", "1"), ("--difficulty", "medium"), ("--batch-size", "4"),
+                        ("--base-size", "32"), ("--warmup-steps", "1"), ("--ema", "0.9")):
+        assert train.main(resume + [flag, value]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: {flag} {value} differs from the checkpoint's") and error.count("\n") == 1, error
+        assert _files(out) == before
+    assert train.main(resume + ["--lr", "0.002", "--steps", "4", "--eval-steps", "1"]) == 0  # the same lr: not a change
+    assert "the run now ends at step 4" in capsys.readouterr().out
+    checkpoint = _checkpoint(out)
+    assert checkpoint["step"] == 4 and checkpoint["config"]["lr"] == 0.002 and checkpoint["run"]["seed"] == 0
 
 
 def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_path, data_dir):
@@ -461,6 +692,22 @@ def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(
     assert "not saved" in capsys.readouterr().out and _checkpoint(out)["step"] == 4
 
 
+def test_sigterm_saves_like_ctrl_c_and_releases_the_lock(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "100000", "--log-every", "1"]
+    process = subprocess.Popen([sys.executable, "train.py", *run], cwd=Path(train.__file__).parent,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    while process.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)  # what timeout, a job scheduler or docker stop sends
+    output, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors[-2000:]
+    stopped = int(re.search(r"interrupted at step (\d+)", output).group(1))
+    assert stopped >= 2 and _checkpoint(out)["step"] == stopped and not (out / "lock").exists()
+
+
 def _strict_json(line):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
@@ -485,6 +732,114 @@ def test_train_py_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_che
     assert [entry["step"] for entry in log] == [1, 2, 3, 4] and log[0]["grad_norm"] is None
 
 
+def _recording(train_step, record):
+    """A method's train_step that calls record(model, optimizer, step, when) before and after the real step."""
+    def step_and_record(model, optimizer, scaler, batch, step, *rest):
+        record(model, optimizer, step, "before")
+        metrics = train_step(model, optimizer, scaler, batch, step, *rest)
+        record(model, optimizer, step, "after")
+        return metrics
+    return step_and_record
+
+
+def test_the_learning_rate_applied_at_each_step_and_the_weight_average_match_a_hand_computation(tmp_path, data_dir,
+                                                                                                 monkeypatch):
+    seen = {"lr": [], "weights": []}
+
+    def record(model, optimizer, step, when):
+        if when == "before":
+            seen["lr"].append({group["lr"] for group in optimizer.param_groups})
+            if step == 0:
+                seen["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+        else:
+            seen["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+    monkeypatch.setattr(rd, "train_step", _recording(rd.train_step, record))
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--lr", "0.004", "--ema", "0.5"]) == 0
+    # 2 warmup steps rising linearly, then a cosine from the peak to a tenth over the 4 steps left
+    expected = [0.004 * (step + 1) / 2 for step in range(2)] + \
+               [0.004 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 4))) for k in range(4)]
+    assert [len(lrs) for lrs in seen["lr"]] == [1] * 6  # every parameter group at the same rate
+    assert [lrs.pop() for lrs in seen["lr"]] == pytest.approx(expected, rel=1e-12)
+    average = dict(seen["weights"][0])  # average_n = d_n average_{n-1} + (1 - d_n) weights_n, d_n = min(0.5, (1+n)/(10+n))
+    for n, weights in enumerate(seen["weights"][1:]):
+        decay = min(0.5, (1 + n) / (10 + n))
+        average = {name: decay * average[name] + (1 - decay) * weights[name] for name in average}
+    saved = _checkpoint(out)["ema"]
+    for name, value in average.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(saved[name], seen["weights"][-1][name])
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_gradients_are_clipped_before_the_optimizer_uses_them(method, tmp_path, data_dir, monkeypatch):
+    # after the first AdamW step, exp_avg = (1 - beta1) * the gradient the optimizer saw: with a clip far below
+    # the gradient's norm it must hold the clipped gradient (each model's share at most the clip), not the raw one
+    fields = {field.name for field in dataclasses.fields(train.load_method(method).Config)}
+    flag = next((f for f in ("grad_clip", "clip_norm") if f in fields), None)
+    if flag is None:
+        pytest.skip(f"{method}'s Config names no gradient clip")
+    module, clip, found = train.load_method(method), 1e-4, []
+
+    def record(model, optimizer, step, when):
+        if when == "after" and step == 0:
+            beta1 = optimizer.param_groups[0]["betas"][0]
+            moments = [state["exp_avg"] for state in optimizer.state.values() if "exp_avg" in state]
+            found.append(float(torch.linalg.vector_norm(torch.cat([m.flatten() for m in moments]))) / (1 - beta1))
+    monkeypatch.setattr(module, "train_step", _recording(module.train_step, record))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    run = ["--method", method, *TINY_FLAGS[method], "--steps", "1", "--eval-size", "2", "--data-dir", data_dir,
+           "--out", str(tmp_path / "run"), "--" + flag.replace("_", "-"), str(clip)]
+    assert train.main(run + (["--text-file", str(corpus)] if method == "ltm" else [])) == 0
+    assert 0.99 * clip <= found[0] <= 2 * clip  # raw gradients are 1000s of clips long
+
+
+def test_batches_and_example_seeds_vary_with_step_and_seed_and_test_sets_do_not_vary_with_training_settings(data_dir):
+    batch = {"puzzle": torch.zeros(6, 81, dtype=torch.long)}
+    seeds = {(seed, step): train.with_example_seeds(batch, seed, step)["example_seed"] for seed in (0, 1) for step in (0, 1)}
+    assert torch.equal(seeds[0, 0], train.with_example_seeds(batch, 0, 0)["example_seed"])
+    assert len({s for values in seeds.values() for s in values.tolist()}) == 4 * 6  # all distinct
+    sudoku = sudoku_data.SudokuTask("easy", seed=0, base_size=16, eval_size=4, data_dir=data_dir)
+    tasks = {"sudoku": (sudoku, sudoku_data.SudokuTask("easy", seed=1, base_size=16, eval_size=4, data_dir=data_dir)),
+             "vqa": (vqa_data.VQATask(seed=0, train_size=50, eval_size=4), vqa_data.VQATask(seed=1, train_size=50, eval_size=4))}
+    for name, (task, other_seed) in tasks.items():
+        first = task.train_batch(3, 4)
+        key = next(iter(first))
+        assert all(torch.equal(first[k], task.train_batch(3, 4)[k]) for k in first), name  # (seed, step) decides
+        assert not torch.equal(first[key], task.train_batch(4, 4)[key]), name
+        assert not torch.equal(first[key], other_seed.train_batch(3, 4)[key]), name
+    # what a run is measured on does not move with how it trains
+    other = sudoku_data.SudokuTask("medium", seed=0, base_size=32, eval_size=4, data_dir=data_dir)
+    for name, test_set in sudoku.test_sets.items():
+        assert torch.equal(test_set["puzzle"], other.test_sets[name]["puzzle"]), name
+    vqa = vqa_data.VQATask(seed=0, train_size=80, eval_size=4)
+    assert all(torch.equal(vqa.test_sets["held-out"][k], tasks["vqa"][0].test_sets["held-out"][k]) for k in vqa.test_sets["held-out"])
+
+
+def test_each_log_line_holds_the_step_it_names_and_the_comparison_table_puts_each_value_in_its_cell(tmp_path, data_dir,
+                                                                                                   monkeypatch):
+    original = rd.train_step
+
+    def numbered(model, optimizer, scaler, batch, step, *rest):
+        return {**original(model, optimizer, scaler, batch, step, *rest), "loss": torch.tensor(100.0 + step)}
+    monkeypatch.setattr(rd, "train_step", numbered)
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--log-every", "2", "--lr", "0.004"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["loss"]) for line in log] == [(2, 101.0), (4, 103.0), (6, 105.0)]  # the step's own values
+    assert log[0]["lr"] == pytest.approx(0.004)  # the rate step 2 trained at: the warmup's top (the lr of step index 1)
+    points = [{"difficulty": "easy", "method": "a", "thinking steps": 1, "exact %": 10.0},
+              {"difficulty": "easy", "method": "b", "thinking steps": 4, "exact %": 44.44},
+              {"difficulty": "hard", "method": "a", "thinking steps": 4, "exact %": 3.0}]
+    results = {"a": {"config": {"difficulty": "easy", "steps": 5}, "cost": {"training_flops": 2e12}},
+               "b": {"config": {"difficulty": "mixed", "steps": 7}}}
+    table = train.compare_table(points, results).splitlines()
+    assert table[:5] == ["| test set | thinking steps | a | b |", "|---|---:|---:|---:|", "| easy | 1 | 10.0 |  |",
+                         "| easy | 4 |  | 44.4 |", "| hard | 4 | 3.0 |  |"]
+    assert "a: easy, 5 steps, 2e+12 FLOPs" in table[-1] and "b: mixed, 7 steps, nan FLOPs" in table[-1]
+
+
 def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
     trained, edited = tmp_path / "trained.txt", tmp_path / "edited.txt"
     trained.write_text("abcdefgh " * 300)
@@ -500,7 +855,8 @@ def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
         assert train.main(["--method", "recurrent_depth", use, checkpoint, "--text-file", str(edited), *extra] +
                           (run[2:] if use == "--init-from" else [])) == 2
         error = capsys.readouterr().err
-        assert error.count("\n") == 1 and "holds other characters" in error
+        expected = "differs from the checkpoint's" if use == "--resume" else "holds other characters"  # resume: any change
+        assert error.count("\n") == 1 and expected in error
     assert train.main(["--method", "recurrent_depth", "--eval-only", checkpoint]) == 0
 
 
@@ -584,7 +940,7 @@ def test_cost_counts_linear_and_cpu_attention_flops_and_every_log_line_has_the_c
     q = torch.randn(2, 4, 81, 16, requires_grad=True)
     meter = train.CostMeter(peak=1e9, ranks=1)
     meter.step(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward(), count=True)
-    assert meter.flops_per_step() == (4 + 10) * 2 * 4 * 81 * 81 * 16  # torch's CUDA formula: 2 products forward, 5 backward
+    assert meter.flops_per_step() == (4 + 8) * 2 * 4 * 81 * 81 * 16  # 2 products forward, 4 backward (no recompute)
     assert meter.step(lambda: "not counted", count=False) == "not counted" and meter.counted_steps == 1
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]) == 0
@@ -595,6 +951,26 @@ def test_cost_counts_linear_and_cpu_attention_flops_and_every_log_line_has_the_c
     cost = json.loads((out / "results.json").read_text())["cost"]
     assert cost["training_flops"] == pytest.approx(6 * cost["flops_per_step"]) and cost["flops_counted_on_steps"] == 3
     assert cost["peak_flops_per_s"] > 0 and cost["ranks"] == 1
+
+
+def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explicit_products(puzzles):
+    # the slower direct computation: torch's math attention is plain matrix products, which torch's counter
+    # counts by itself; the meter must give the fused CPU kernel's step the same FLOPs (a count that leaves the
+    # fused kernel out, or counts its recomputed scores, gives another number)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    config = lit.Config(d_model=16, n_heads=2, n_layers=1)
+    batch = {"puzzle": torch.from_numpy(puzzles["easy"][0][:4]).long(), "solution": torch.from_numpy(puzzles["easy"][1][:4]).long()}
+    counts = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        torch.manual_seed(0)
+        model = lit.build_model(config, SimpleNamespace(name="sudoku"))
+        optimizer = lit.make_optimizer(model, config)
+        meter = train.CostMeter(peak=1e9, ranks=1)
+        with sdpa_kernel(backend):
+            meter.step(lambda: lit.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), batch, 0,
+                                              config, None), count=True)
+        counts.append(meter.flops_per_step())
+    assert counts[0] == counts[1] > 0
 
 
 # Each method's GPU_CONFIG shape for two steps on the CPU, shrunk in batch size (1), steps, evaluation sizes
@@ -1734,6 +2110,43 @@ def test_vqa_roi_chain_is_the_named_object_then_the_object_the_answer_is_read_fr
         assert (batch["qtype"] == k).any(), name
 
 
+def test_vqa_boxes_frame_the_rendered_objects_their_question_and_answer_name():
+    task = vqa_data.VQATask(seed=0, train_size=100, eval_size=4)
+    batch = task.train_batch(0, 24)
+    lit_pixels = batch["image"].amax(1) > 0.4  # (B, 48, 48): objects (a channel >= 0.7) over a dark noisy background
+    colours = torch.from_numpy(vqa_data.RGB)
+    for i in range(24):
+        words = [vqa_data.VOCAB[t] for t in batch["question"][i].tolist()]
+        named = next(w for w in words if w in vqa_data.COLORS)
+        objects = []
+        for x0, y0, x1, y1 in batch["box"][i].tolist():
+            px, py = x0 // 8 * 8, y0 // 8 * 8  # the object's patch holds its box
+            assert (x1 - 1) // 8 * 8 == px and (y1 - 1) // 8 * 8 == py
+            patch = lit_pixels[i, py:py + 8, px:px + 8]
+            ys, xs = patch.nonzero(as_tuple=True)
+            assert (px + xs.min(), py + ys.min(), px + xs.max() + 1, py + ys.max() + 1) == (x0, y0, x1, y1)  # tight box
+            mean = batch["image"][i, :, y0:y1, x0:x1][:, lit_pixels[i, y0:y1, x0:x1]].mean(1)
+            colour = vqa_data.COLORS[int((colours - mean).abs().sum(1).argmin())]
+            count, r = int(patch.sum()), (x1 - x0 - 1) // 2
+            shape = {(2 * r + 1) ** 2: "square", 4 * r + 1: "cross"}.get(count)
+            objects.append((colour, shape, ((px + 4, py + 4))))
+        assert objects[0][0] == named  # the first box frames the object the question names
+        answer, kind = vqa_data.VOCAB[int(batch["answer"][i, 0])], vqa_data.QUESTION_TYPES[int(batch["qtype"][i])]
+        if kind == "shape":
+            assert objects[1] == objects[0]
+        if kind == "near_color":
+            assert objects[1][0] == answer
+        elif answer in ("square", "cross"):
+            assert objects[1][1] == answer
+        else:
+            assert objects[1][1] is None  # a circle or a triangle: neither a square's nor a cross's pixel count
+        if kind != "shape":  # the second box's object is the nearest lit patch to the first (grid distance)
+            centres = {(x // 8 * 8 + 4, y // 8 * 8 + 4) for y, x in lit_pixels[i].nonzero().tolist()}
+            (cx, cy), (nx, ny) = objects[0][2], objects[1][2]
+            distances = sorted((x - cx) ** 2 + (y - cy) ** 2 for x, y in centres - {(cx, cy)})
+            assert (nx - cx) ** 2 + (ny - cy) ** 2 == distances[0] < distances[1]
+
+
 def test_lvr_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         lvr.Config(stage="ppo")
@@ -2382,7 +2795,7 @@ def test_lit_visual_task_with_real_mnist(tmp_path):
                          task.train_batch(0, 4), 0, config, None)
     assert torch.isfinite(out["loss"])
     rows = lit.evaluate(model, task, config, (1, 2), None)
-    assert len(rows) == 2 * len(task.test_sets) and {"student exact %", "training TFLOP"} <= set(rows[0])
+    assert len(rows) == 2 * len(task.test_sets) and "student exact %" in rows[0]
     assert "teacher exact %" not in rows[0]  # with hints up to the full solution it measures nothing
 
 
@@ -2650,4 +3063,10 @@ def test_lit_teacher_share_and_start_set_what_the_teacher_steps_from(self_teache
     assert [s.shape[0] for s in calls["student"]] == [8] * config.think_steps
     assert all(torch.equal(t, s[:2]) for t, s in zip(calls["teacher"], calls["student"]))
     full = lit.build_model(dataclasses.replace(config, teacher_share=1.0), LitFakeTask("sudoku"))
-    assert lit.training_flops(model, batch, config) < lit.training_flops(full, batch, dataclasses.replace(config, teacher_share=1.0))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def loss_flops(model, config):  # one step's forward and backward: the teacher on a share of the batch costs less
+        with FlopCounterMode(display=False) as counter:
+            lit.lit_loss(model, batch, config)["loss"].backward()
+        return counter.get_total_flops()
+    assert loss_flops(model, config) < loss_flops(full, dataclasses.replace(config, teacher_share=1.0))

@@ -36,7 +36,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
@@ -72,6 +72,8 @@ class TextTask:
             raise UsageError(f"text file not found: {text_file}") from None
         except IsADirectoryError:
             raise UsageError(f"--text-file {text_file} is a folder, not a file") from None
+        except OSError as error:
+            raise UsageError(f"--text-file {text_file} cannot be read: {error.strerror or error}") from None
         except UnicodeDecodeError as error:
             raise UsageError(f"{text_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
         self.characters = sorted(set(text))
@@ -261,11 +263,42 @@ def check_settings(options, config_class, values):
         lowest = 1 if name.startswith("n_") else 0  # n_heads, n_layers, ...: a model needs at least one
         if kind is int and value < lowest or typing.get_origin(kind) is tuple and any(v < 0 for v in value):
             raise UsageError(f"{flag} must be >= {lowest}, got {','.join(map(str, value)) if isinstance(value, tuple) else value}")
-    if not values["lr"] > 0:
-        raise UsageError(f"--lr must be positive, got {values['lr']}")
+    if not 0 < values["lr"] <= 1:
+        raise UsageError(f"--lr must be in (0, 1] (AdamW moves every weight by about lr a step), got {values['lr']}")
+    # the optimizer settings every method file names alike
+    for name in ("beta1", "beta2"):
+        if name in values and not 0 <= values[name] < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {values[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if name in values and values[name] < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {values[name]}")
     lowest = min(1, *config_class().eval_steps)  # 0 thinking steps only where the method's own table has them
     if not values["eval_steps"] or min(values["eval_steps"]) < lowest:
         raise UsageError(f"--eval-steps must list thinking steps >= {lowest}, got {','.join(map(str, values['eval_steps']))}")
+
+
+# What --resume may change: where and how often it writes, the device and precision, how far it trains, and
+# what the final evaluation measures (the run options below and every Config field named eval_*).
+RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every", "device",
+                     "dtype", "compile", "steps", "eval_size", "eval_steps", "test_csv", "check_unique"}
+
+
+def refuse_changed_settings(given, checkpoint):
+    """--resume continues a run exactly: a setting given on the command line that differs from the checkpoint's
+    and would change the training it continues is refused, named in one line."""
+    saved = {**checkpoint["run"], **checkpoint["config"]}
+    for name, value in given.items():
+        if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
+            continue
+        old = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+        new = tuple(value) if isinstance(value, list) else value
+        if new != old:
+            shown = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
+            raise UsageError(f"--{name.replace('_', '-')} {shown(new)} differs from the checkpoint's {shown(old)}: --resume "
+                             f"continues the run as it was set (start a new run, e.g. with --init-from, to change it)")
+    if "steps" in given and given["steps"] != checkpoint["config"]["steps"]:
+        print(f"--steps {given['steps']}: the run now ends at step {given['steps']} (it was set to "
+              f"{checkpoint['config']['steps']}); the learning-rate schedule ends there too")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -276,6 +309,7 @@ def write_atomically(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the run from the user's group
         with os.fdopen(handle, "wb") as file:
             write(file)
         os.replace(temporary, path)
@@ -284,11 +318,17 @@ def write_atomically(path, write):
         raise
 
 
+def current_umask():
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path, state):
     write_atomically(path, lambda file: torch.save(state, file))
 
 
-def load_checkpoint(path, method_name):
+def load_checkpoint(path, method_name, for_resume=False):
     if not Path(path).is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:
@@ -300,6 +340,11 @@ def load_checkpoint(path, method_name):
         raise UsageError(f"{path} is not a checkpoint written by train.py")
     if state.get("method") != method_name:
         raise UsageError(f"{path} was trained with --method {state.get('method')}, not {method_name}")
+    missing = [key for key in ("run", "config", "step", *(("optimizer", "scaler", "rng") if for_resume else ()))
+               if key not in state]
+    if missing:
+        raise UsageError(f"{path} lacks the {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'} of a train.py "
+                         f"checkpoint{' that --resume needs' if for_resume else ''}")
     return state
 
 
@@ -308,6 +353,15 @@ def write_json(path, value):
 
 
 # ----------------------------------------------------------------------------- the run folder
+def check_writable(out):
+    """Refuse, in one line, a run folder that cannot be created or written (checked before any work)."""
+    existing = next(folder for folder in (out, *out.parents) if folder.exists() or folder == Path(folder.anchor))
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {existing} is not writable")
+
+
 def _process_alive(pid):
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
@@ -330,6 +384,8 @@ def run_folder_lock(out):
                 os.link(mine, lock)  # atomic, and the lock never shows a half-written id
                 break
             except FileExistsError:
+                if lock.is_dir():
+                    raise UsageError(f"{lock} is a folder, not a run's lock: remove it") from None
                 owner = lock.read_text().split() if lock.exists() else []
                 pid = int(owner[0]) if owner and owner[0].isdigit() else 0
                 if pid > 0 and (owner[1:] != [socket.gethostname()] or _process_alive(pid)):
@@ -354,16 +410,26 @@ def _logged_step(line):
 RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "curve.svg", "eval-curve.svg", "log.jsonl")
 
 
-def prepare_run_folder(out, resume_path, overwrite, step):
-    """Refuse to start over a run the user did not name; clear what --overwrite or a crash left behind.
-    Called with the folder locked; step is the step training starts from."""
+def check_run_folder(out, resume_path, overwrite):
+    """Refuse to start over a run the user did not name (a checkpoint, results or a log of one). Nothing is
+    removed here: --overwrite clears the folder only once the new run has been built and checked."""
     checkpoint = out / "checkpoint.pt"
-    resuming_here = resume_path is not None and checkpoint.exists() and os.path.samefile(checkpoint, resume_path)
-    held = [name for name in ("checkpoint.pt", "results.json") if (out / name).exists()]
-    if held and not resuming_here:
-        if not overwrite:
-            resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
-            raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
+    held = [name for name in ("checkpoint.pt", "results.json", "log.jsonl") if (out / name).exists()]
+    if held and not _resuming_here(out, resume_path) and not overwrite:
+        resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
+        raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
+
+
+def _resuming_here(out, resume_path):
+    checkpoint = out / "checkpoint.pt"
+    return resume_path is not None and checkpoint.exists() and os.path.samefile(checkpoint, resume_path)
+
+
+def clear_run_folder(out, resume_path, step):
+    """Just before the first step: remove what --overwrite replaces and what a crash left behind.
+    Called with the folder locked and check_run_folder passed; step is the step training starts from."""
+    resuming_here = _resuming_here(out, resume_path)
+    if not resuming_here:
         for name in RUN_FILES[:-1]:  # the log goes below
             (out / name).unlink(missing_ok=True)
     for name in RUN_FILES:  # temporary files left by a run killed while saving
@@ -399,17 +465,24 @@ def lr_factor(step, config):
 
 
 # ----------------------------------------------------------------------------- cost: FLOPs, throughput, MFU
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)  # Q·Kᵀ and P·V: 2 products
 
 
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad_out, query, key, value)
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return 2 * sdpa_flop_count(query, key, value)  # dV, dP, dQ, dK: 4 products, the forward's scores not recomputed
 
 
-# torch's counter knows the CUDA attention kernels but not the CPU one: the same formula for it
-CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops}
+# Attention counted as its mathematics (forward 2 products, backward 4), the model-FLOPs convention of MFU
+# (PaLM, appendix B; nanoGPT's 12·L·H·Q·T): a kernel that recomputes the scores in its backward (flash
+# attention; torch's own formula counts 5 products there) does more work, not more model FLOPs, and the count
+# does not depend on which kernel ran. torch's counter does not know the CPU kernel at all.
+ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+    **{getattr(torch.ops.aten, name): _attention_backward_flops for name in (
+        "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_cudnn_attention_backward") if hasattr(torch.ops.aten, name)}}
 
 
 def matmul_peak(device, dtype, seconds=0.2):
@@ -439,9 +512,9 @@ def matmul_peak(device, dtype, seconds=0.2):
 
 class CostMeter:
     """Throughput, training FLOPs and MFU. FLOPs are counted, not modelled: torch's FlopCounterMode around a
-    real method.train_step sees every matrix product, convolution and attention of every pass (recurrences
-    under no_grad, ltm's fast steps, lit's teacher and student, lvr's rollouts), forward and backward;
-    elementwise ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
+    real method.train_step sees every matrix product, convolution and attention of every pass the step makes
+    (passes under no_grad included), forward and backward, attention as ATTENTION_FLOPS says; elementwise
+    ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
     on the step before each log line; a method whose per-step cost varies (recurrent_depth samples its
     recurrence count per step) is estimated by the mean of the counted steps.
     Under torchrun each rank counts its slice and the world's FLOPs are that times the number of ranks."""
@@ -461,7 +534,7 @@ class CostMeter:
         """train_step(), counting its FLOPs when count is true."""
         if not count:
             return train_step()
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             metrics = train_step()
         self.counted_flops += counter.get_total_flops() * self.ranks
         self.counted_steps += 1
@@ -672,10 +745,13 @@ def print_table(rows, title):
 def run(argv):
     method, given = parse(argv)
     checkpoint_path = given.get("resume") or given.get("eval_only")
-    checkpoint = load_checkpoint(checkpoint_path, method.__name__) if checkpoint_path else None
+    checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
     # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
     # The checkpoint's --out is not among them: a run continues (or is evaluated) next to its checkpoint.
-    saved = {k: v for k, v in checkpoint["run"].items() if k != "out"} if checkpoint else {}
+    if "resume" in given:
+        refuse_changed_settings(given, checkpoint)
+    # --out and --data-dir are places on this machine, not settings of the run: a checkpoint's never apply
+    saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
     options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
     field_names = {f.name for f in dataclasses.fields(method.Config)}
     config_values = dataclasses.asdict(method.Config())
@@ -692,6 +768,12 @@ def run(argv):
     options.task = options.task or method.TASKS[0]
     if options.task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
+    for name in ("text_file", "context_length"):
+        if name in given and options.task != "text":
+            raise UsageError(f"--{name.replace('_', '-')} sets up --task text; --task {options.task} does not use it")
+    if getattr(config, "stage", None) == "rl" and not checkpoint and "init_from" not in given:
+        raise UsageError("--stage rl fine-tunes a trained model with reinforcement learning: give --init-from "
+                         "CHECKPOINT of a supervised run (random weights earn no reward to learn from)")
     if options.misread_rate and options.task != "visual":
         raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
@@ -711,8 +793,12 @@ def run(argv):
     try:
         with contextlib.ExitStack() as held:
             def take_folder():
-                out.mkdir(parents=True, exist_ok=True)
-                held.enter_context(run_folder_lock(out))
+                check_writable(out)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    held.enter_context(run_folder_lock(out))
+                except OSError as error:
+                    raise UsageError(f"--out {out}: {error.strerror or error}") from None
             agreed(take_folder)
             return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
     finally:
@@ -727,6 +813,7 @@ def build(method, config, options, device, autocast_dtype, source):
     np.random.seed(options.seed)
     try:
         task = build_task(options.task, config, options)
+        check_fits(method, config, task, device)
         model = method.build_model(config, task).to(device)
     except (ValueError, FileNotFoundError, ArithmeticError) as error:
         raise UsageError(str(error)) from None
@@ -747,11 +834,55 @@ def build(method, config, options, device, autocast_dtype, source):
     return task, model
 
 
-def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, cost=None):
+def available_memory(device):
+    """Bytes free for this run: the device's free memory on CUDA, MemAvailable on a CPU (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        text = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def check_fits(method, config, task, device):
+    """Refuse, before anything is allocated, a model or batch that cannot fit: the parameters (counted on the
+    meta device, which allocates nothing) with their gradients and AdamW's two moments, plus one training
+    batch, against the free memory. A lower bound (activations come on top): what passes may still not fit."""
+    free = available_memory(device)
+    if free is None:
+        return
+    try:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
+    except Exception:  # a model that cannot be built on the meta device: no estimate
+        return
+    example = sum(v.element_size() * v[:1].numel() for v in task.train_batch(0, 1).values())
+    needed = 16 * parameters + example * config.batch_size
+    if needed > free:
+        raise UsageError(f"this run needs at least {needed / 2**30:,.1f} GiB ({parameters:,} parameters with their "
+                         f"gradients and optimizer state, and a batch of {config.batch_size:,}), but {device} has "
+                         f"{free / 2**30:,.1f} GiB free")
+
+
+def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, weights, cost=None):
+    """Evaluate, print the table and write it to path (results.json or eval.json) with what was evaluated:
+    the step, which weights, the seed, the test sets and their sizes. An eval.json already there is kept
+    under "earlier" in the new one."""
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    write_json(path, {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config), "rows": rows,
-                      **({"cost": cost} if cost else {})})
+    evaluated = {"step": step, "weights": weights, "seed": options.seed, "eval_size": options.eval_size,
+                 "test_files": list(options.test_csv), "eval_steps": list(config.eval_steps),
+                 "test_sets": {name: len(next(iter(batch.values()))) for name, batch in task.test_sets.items()}}
+    record = {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config),
+              "evaluated": evaluated, "rows": rows, **({"cost": cost} if cost else {})}
+    if path.name == "eval.json" and path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+            record["earlier"] = [*earlier.pop("earlier", []), earlier]
+        except (OSError, ValueError, AttributeError):
+            print(f"warning: {path} cannot be read; the new evaluation replaces it", file=sys.stderr)
+    write_json(path, record)
     write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
                 f"{method.__name__} on {options.task}")
 
@@ -766,11 +897,19 @@ def write_curve(rows, path, title, panel_column="test set"):
 
 
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
+    check_writable(out)
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
+    weights = "as trained"
     if "ema" in checkpoint and not options.trained_weights:
         print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
         model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
-    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json")
+        weights = f"weight average (--ema {options.ema})"
+    broken = next((name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise UsageError(f"the checkpoint's {'weight average' if weights != 'as trained' else 'weights'} hold non-finite "
+                         f"values ({broken}): its run diverged; evaluate an earlier checkpoint")
+    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json", checkpoint["step"], weights)
     return 0
 
 
@@ -818,14 +957,16 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     resuming = "resume" in given
     rank, ranks = world()
     source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
-    agreed(lambda: prepare_run_folder(out, given.get("resume"), given.get("overwrite", False),
-                                      checkpoint["step"] if resuming else 0))
+    agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
     task, model = build(method, config, options, device, autocast_dtype, source)
     if ranks > 1:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
         torch.manual_seed(options.seed + 1_000_003 * rank)  # the ranks' own random draws (rank 0: reseeded too)
-    optimizer = method.make_optimizer(model, config)
+    try:
+        optimizer = method.make_optimizer(model, config)
+    except ValueError as error:  # AdamW's own checks, for a setting the Config does not name
+        raise UsageError(f"invalid optimizer setting: {error}") from None
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
@@ -862,6 +1003,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         return state
 
     check_evaluation(method, model, task, config, device, autocast_dtype)
+    agreed(lambda: clear_run_folder(out, given.get("resume"), step))  # everything is checked: the old run can go
     step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
                  step, checkpoint_state, cost)
     if step is None:
@@ -871,7 +1013,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
                    "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
                    "device": str(device), **cost.last}
         with average.applied() if average else contextlib.nullcontext():
-            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", summary)
+            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
+                               f"weight average (--ema {options.ema})" if average else "as trained", summary)
     if ranks > 1:
         dist.barrier()  # the other ranks wait for the evaluation
     return 0
@@ -904,18 +1047,27 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda_rng"])
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what timeout, job schedulers and docker stop send
+
+
 def set_ctrl_c_handler(handler):
-    """signal.signal for SIGINT, returning the previous handler; None outside the main thread (no change)."""
+    """signal.signal for Ctrl-C and SIGTERM alike, returning the previous handlers; None outside the main
+    thread (no change)."""
     try:
-        return signal.signal(signal.SIGINT, handler)
+        return {number: signal.signal(number, handler) for number in STOP_SIGNALS}
     except ValueError:
         return None
+
+
+def restore_handlers(previous):
+    for number, handler in (previous or {}).items():
+        signal.signal(number, handler)
 
 
 def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state, cost):
     """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
     or None when interrupted (after saving).
-    Ctrl-C lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
+    Ctrl-C (or SIGTERM) lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
     checkpoint then holds the random state from the start of that step, which --resume runs again, or,
     when the step had begun to update the weights, nothing is saved and the last checkpoint stays.
     Under torchrun the ranks agree every step on whether to stop, so all stop after the same step."""
@@ -930,7 +1082,8 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         if ctrl_c:
             raise KeyboardInterrupt
         ctrl_c.append(signum)
-        tqdm.write("Ctrl-C: saving after this step (Ctrl-C again to stop at once)")
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        tqdm.write(f"{name}: saving after this step (Ctrl-C again to stop at once)")
 
     previous_handler = set_ctrl_c_handler(finish_step_then_stop)
     log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
@@ -941,7 +1094,11 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
     def save(step):
         rank_rngs = rank_states(model, device)  # every rank takes part; rank 0 writes
         if rank == 0:
-            save_checkpoint(checkpoint_path, checkpoint_state(step, rank_rngs))
+            try:
+                save_checkpoint(checkpoint_path, checkpoint_state(step, rank_rngs))
+            except OSError as error:  # a full disk, a folder gone read-only: the previous checkpoint is intact
+                kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
+                raise TrainingError(f"cannot save the checkpoint of step {step}: {error.strerror or error}; {kept}") from None
     try:
         try:
             while step < config.steps and not ctrl_c:
@@ -1004,8 +1161,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         set_ctrl_c_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
         save(step)
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        restore_handlers(previous_handler)
     if interrupted or ctrl_c:
         print(f"interrupted at step {step}; checkpoint saved to {checkpoint_path} (continue with --resume)")
         return None
@@ -1043,6 +1199,9 @@ def run_all(argv):
     if any(flag in rest for flag in ("--resume", "--eval-only", "--init-from")):
         raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one --method")
     compare = Path(known.out)
+    check_writable(compare)
+    if compare.exists() and not compare.is_dir():
+        raise UsageError(f"--out {compare} is a file, not a folder")
     results = {}
     for name, method_name, flags in COMPARED:
         folder = compare / name.replace(" --", "-").replace(" ", "-")
@@ -1090,6 +1249,10 @@ def compare_table(points, results):
     return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.\n"
 
 
+def stop_at_once(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the run folder's lock is released on the way out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     first = argparse.ArgumentParser(add_help=False)
@@ -1099,6 +1262,7 @@ def main(argv=None):
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(hours=3))
     rank, ranks = world()
+    previous = set_ctrl_c_handler(stop_at_once)  # outside the loop (start-up, data, evaluation) a stop is immediate
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
             known, rest = first.parse_known_args(argv)
@@ -1107,6 +1271,12 @@ def main(argv=None):
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
         status = 2 if isinstance(error, UsageError) else 1
+    except KeyboardInterrupt:
+        print("interrupted outside the training steps; checkpoints already written are kept, nothing else was saved",
+              file=sys.stderr)
+        status = 130
+    finally:
+        restore_handlers(previous)
     if ranks > 1:
         dist.barrier()
         dist.destroy_process_group()
