@@ -1,57 +1,51 @@
 """Latent Imagination Thinking (LIT) on Sudoku, in language and visual (MNIST) form.
 
 Paper: "Latent Imagination Thinking: Beyond Recursive Models for Reasoning", ICLR 2026 Workshop on
-World Models (openreview SYVmt9mFEm). Only the abstract is public (no paper text, no code; a search
-found nothing more), so the details below are our reading of it in world-model terms (Dreamer's
-posterior/prior pair, the "observation" being privileged information about the answer).
+World Models (openreview SYVmt9mFEm). Only the abstract is public (no paper text, no code), so the
+details below are our reading of it in world-model terms (Dreamer's posterior/prior pair, the
+"observation" being privileged information about the answer).
 
 Idea: tokens and pixels are partial observations, not the language of thought. The model keeps a
 latent *belief* b_t, one vector per Sudoku cell (81 x d), and thinks by updating it with a weight-tied
 transformer U (bidirectional over the cells), once per thinking step. An encoder E embeds observations
 (digit tokens, or cell images through a small CNN); a decoder D reads digits out of a belief. Between
-steps the belief never passes through token or pixel space.
+steps the belief never passes through token or pixel space. A teacher (posterior) refines its belief
+with extra observations of the answer; a student (prior) learns to imagine those refinements.
   teacher (posterior):  b^T_{t+1} = U_T(b^T_t, E(puzzle) + W_h E(hints_t))
       hints_t reveals a growing random subset of the solution cells (none at t=0, all at the last
       training step), through the same encoder E.
-  student (prior):      b^S_{t+1} = U_S(b^S_t, E(puzzle))        (rolled from its own belief, as at
-      test time: multi-step imagination)
+  student (prior):      b^S_{t+1} = U_S(b^S_t, E(puzzle))
   L = Σ_t [ CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||² ] / T
       (deep supervision at every step; `--stochastic`: Gaussian beliefs and β·KL(sg(q_T) || p_S))
-At test time only the student runs, for any number of steps; accuracy against steps is the result.
+At test time only the student runs, for any number of thinking steps; accuracy against steps is the result.
 
-Our choices and simplifications (not from the paper):
-- U_T and U_S are two instances of one class (`--shared-update` ties them); encoder and decoder are
-  shared. Language and visual forms differ only in E (token embedding vs. a small CNN per cell).
-- Student rollout: from its own belief, the recurrence it runs at test time (stepping it from b^T_t,
-  the one-step imagination a world model's prior is trained with, did worse in the README).
-- Cheaper teachers (at equal training compute the teacher's cost is LIT's handicap):
-  `--teacher-start student`: the teacher refines the student's current belief with the hints
-  (b^T_{t+1} = U_T(b^S_t, ...), Dreamer's posterior on the prior's state) instead of rolling its own,
-  so it can run on `--teacher-share` of each batch; `--self-teacher`: the teacher is U_S itself under
-  no_grad, reading the hints as extra givens (no U_T, no W_h, no teacher CE: a forward pass only).
-  The default is the self teacher from the student's belief on a quarter of each batch with β = 0.1
-  (8 % over the ablation's FLOPs); `--no-self-teacher --teacher-start own --teacher-share 1
-  --imagination-weight 1` is the posterior/prior pair written above (104 % over).
-- Attention in U is restricted to Sudoku peers (same row/column/box, as in the recurrent relational
-  network's graph; `--no-peer-attention` for all 81 cells): it learns several times faster on CPU.
+Baselines the paper compares with, at equal training FLOPs:
+  `--no-imagination`: no teacher, β = 0, the same student recurrence and per-step cross-entropy.
+  `--recursion observation` (with `--no-imagination`): recursion in observation space; between steps only
+      the decoded digit distributions pass, re-embedded: b_{t+1} = U(R·softmax(D(b_t)), E(puzzle)), b_0 = R·uniform.
+
+Choices the abstract leaves open, and deviations (one line each, with the reason):
+- Default teacher: the student's own network U_S under no_grad, reading the hints as extra givens,
+  stepping from the student's belief on a quarter of each batch (`--self-teacher --teacher-start student
+  --teacher-share 0.25`): at equal training compute the teacher's cost is LIT's handicap (this one is a
+  forward pass on a quarter batch). `--no-self-teacher --teacher-start own --teacher-share 1
+  --imagination-weight 1` is the trained posterior/prior pair written above.
+- β = 0.1, not 1: a large β pulls the student toward beliefs that already hold most of the solution,
+  so it commits early (docs/lit.md).
+- The student rolls from its own belief (multi-step imagination), the recurrence it runs at test time,
+  not from the teacher's (a world model's one-step prior).
+- U_T and U_S are two instances of one class (`--shared-update` ties them); E and D are shared, and the
+  language and visual forms differ only in E.
+- Attention in U only between Sudoku peers (same row, column or box: the recurrent relational network's
+  graph; `--no-peer-attention` for all 81 cells): it learns several times faster.
 - Truncated backprop: the state is detached between supervised segments of `segment_steps` thinking
-  steps (default 1: every step), the cross-entropy taken at each segment's end (TRM's deep supervision:
-  its segment is a whole recursion); memory grows with the segment, not with the number of steps.
-- Beliefs are RMS-normalised after each update, so a student rolled for 64 steps stays bounded.
+  steps (TRM's deep supervision), so memory grows with the segment, not with the number of steps.
+- Beliefs are RMS-normalised after each update, so a student rolled for 64+ steps stays bounded.
 - Gradients are clipped per model (teacher: U_T and W_h; student: the rest), so the teacher's terms
   cannot shrink the student's step relative to the ablation's.
-- Baselines, compared at equal training FLOPs (train.py's cost meter; LIT costs about 2x):
-  `--no-imagination`: no teacher, β = 0, the student rolled from its own belief with the same
-  per-step cross-entropy — a plain latent recurrent model.
-  `--recursion observation` (with `--no-imagination`): the recursive baseline in observation space
-  the paper compares with: between steps only the decoded digit distributions pass, re-embedded
-  (b_{t+1} = U(R·softmax(D(b_t)), E(puzzle)), R a linear read-back; b_0 = R·uniform).
-- Knobs for imagination past the teacher's horizon: `--max-hint-fraction` (the teacher never sees the
-  whole solution), `--imagination-decay-from` (β decays to 0 late in training), `--imagination-share`
-  (the imagination loss binds only the first part of the belief; the rest is the student's own).
 - Diverse solutions (`--stochastic`): evaluate() also samples the student n_samples times on
-  multi-solution versions of each test set (givens removed until the solver finds >= 2 solutions) and
-  reports the share of valid samples and the mean number of distinct valid solutions.
+  multi-solution versions of each test set and reports the share of valid samples and the mean number
+  of distinct valid solutions, the abstract's "diverse solutions" made measurable.
 """
 from __future__ import annotations
 
@@ -74,20 +68,21 @@ class Config:
     batch_size: int = 32
     lr: float = 2e-3                     # peak learning rate (AdamW)
     warmup_steps: int = 50
+    beta1: float = 0.9                   # AdamW betas
+    beta2: float = 0.95
+    weight_decay: float = 0.1            # AdamW weight decay on matrices
+    grad_clip: float = 1.0               # max gradient norm, per model (teacher; student with encoder and decoder)
     difficulty: str = "easy"             # training base set: easy|medium|hard
     eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # test-time thinking steps in the table
     d_model: int = 64                    # belief width d per cell
     n_heads: int = 4                     # attention heads in U
     n_layers: int = 2                    # transformer blocks in U (applied once per thinking step)
     peer_attention: bool = True          # cells attend only to their row/column/box peers (RRN's Sudoku graph)
-    think_steps: int = 6                 # thinking steps per training example; hints reach the full solution at the last
+    train_thinking_steps: int = 6        # T: thinking steps per training example; hints reach the full solution at the last
     segment_steps: int = 1               # thinking steps per supervised segment: backprop through all, loss at its end
-    imagination_weight: float = 0.1      # β in L (larger β commits the student early: README)
+    imagination_weight: float = 0.1      # β in L
     no_imagination: bool = False         # ablation: no teacher, β = 0, student on the solution loss alone
     recursion: str = "latent"            # latent: the belief passes between steps; observation: only its decoded digit distributions
-    max_hint_fraction: float = 1.0       # cap on the share of solution cells the teacher sees (1: all by the last training step)
-    imagination_decay_from: float = 1.0  # fraction of training after which β decays linearly to 0 at the last step (1: never)
-    imagination_share: float = 1.0       # share of the belief's d channels the imagination loss applies to
     self_teacher: bool = True            # teacher = the student's own network under no_grad, hints entered as extra givens
     teacher_start: str = "student"       # own: the teacher rolls its own belief; student: it refines the student's current one
     teacher_share: float = 0.25          # share of each batch the teacher runs on (its cost)
@@ -96,14 +91,12 @@ class Config:
     min_std: float = 0.1                 # floor on the belief std when stochastic
     n_samples: int = 8                   # student samples per multi-solution puzzle in evaluate() when stochastic
     n_diverse: int = 100                 # puzzles per test set made multi-solution for that measurement
-    weight_decay: float = 0.1            # AdamW weight decay on matrices
     eval_batch_size: int = 250           # puzzles per forward pass in evaluate()
-    clip_norm: float = 1.0               # gradient-norm clip, per model (teacher; student with encoder and decoder)
     cnn_channels: int = 8                # visual form: channels of the encoder's first convolution (2x in the second)
 
 
 GPU_CONFIG = dict(d_model=256, n_heads=8, n_layers=4, batch_size=256, steps=20000, lr=5e-4,
-                  warmup_steps=1000, think_steps=16, difficulty="hard", eval_batch_size=1000)
+                  warmup_steps=1000, train_thinking_steps=16, difficulty="hard", eval_batch_size=1000)
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -282,19 +275,8 @@ class LatentImaginationModel(nn.Module):
 # ----------------------------------------------------------------------------- hints and sampling
 def hint_fraction(t: int, config: Config) -> float:
     """Schedule: fraction of solution cells the teacher sees at step t (0 at t=0, rising linearly to
-    max_hint_fraction at the last training step, then constant)."""
-    return config.max_hint_fraction * min(1.0, t / max(1, config.think_steps - 1))
-
-
-def imagination_beta(step: int, config: Config) -> float:
-    """β at a training step: imagination_weight, decaying linearly to 0 at the last step from
-    imagination_decay_from (a fraction of training) on; 0 in the no-imagination ablation."""
-    if config.no_imagination:
-        return 0.0
-    start = config.imagination_decay_from * config.steps
-    if step < start:
-        return config.imagination_weight
-    return config.imagination_weight * max(0.0, (config.steps - step) / max(1.0, config.steps - start))
+    the whole solution at the last training step, then constant)."""
+    return min(1.0, t / max(1, config.train_thinking_steps - 1))
 
 
 def hint_embedding(model, solution_emb, blank_emb, reveal_order, t: int):
@@ -324,7 +306,7 @@ def example_generators(batch: dict, device) -> list | None:
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
 
 
-def noise(draw, shape, generators, device) -> torch.Tensor:
+def example_noise(draw, shape, generators, device) -> torch.Tensor:
     """draw(shape) (torch.rand or torch.randn) on `device`: row b from generators[b], or all from the global
     generator when generators is None."""
     if generators is None:
@@ -333,26 +315,25 @@ def noise(draw, shape, generators, device) -> torch.Tensor:
 
 
 def sample_belief(mean, std, sample: bool, generators=None):
-    """Reparameterised draw b = μ + σ·ε (stochastic beliefs), else the mean; ε from `generators` (see noise)."""
+    """Reparameterised draw b = μ + σ·ε (stochastic beliefs), else the mean; ε from `generators` (see example_noise)."""
     if std is None or not sample:
         return mean
-    return mean + std * noise(torch.randn, mean.shape, generators, mean.device).to(mean.dtype)
+    return mean + std * example_noise(torch.randn, mean.shape, generators, mean.device).to(mean.dtype)
 
 
 # ----------------------------------------------------------------------------- LIT loss
-def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
+def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
     """L = Σ_t [CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||²] / T,
-    β = imagination_beta(step) (0 under no_imagination), T = think_steps; with segment_steps k > 1 the
+    β = imagination_weight (0 under no_imagination), T = train_thinking_steps; with segment_steps k > 1 the
     cross-entropies are taken at every k-th step only (averaged over the T / k segments). The teacher runs on the first
     teacher_share of the batch (its CE and the imagination term average over those examples; a self
-    teacher has no CE). The squared error (or KL) covers the first imagination_share of the d channels."""
+    teacher has no CE). Returns (L, metrics: the three terms, detached)."""
     target = batch["solution"] - 1  # (B, 81) digit classes 0..8
-    B, T, k = target.shape[0], config.think_steps, config.segment_steps
+    B, T, k = target.shape[0], config.train_thinking_steps, config.segment_steps
     n = 0 if config.no_imagination else max(1, round(config.teacher_share * B))  # the teacher's sub-batch
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=n > 0)
-    channels = max(1, round(config.imagination_share * config.d_model))  # imagined part of the belief
     generators = example_generators(batch, target.device)  # per-example noise: the same under any torchrun split
-    reveal_order = noise(torch.rand, (B, N_CELLS), generators, target.device)
+    reveal_order = example_noise(torch.rand, (B, N_CELLS), generators, target.device)
     student_state = model.initial_belief(B)  # what each role's next step reads, detached by carry():
     teacher_state = student_state[:n]        # k steps per supervised segment (truncated backprop)
     ce_teacher = ce_student = imagination = puzzle_emb.new_zeros((), dtype=torch.float32)
@@ -375,21 +356,22 @@ def lit_loss(model, batch: dict, config: Config, step: int = 0) -> dict:
         if not n:  # ablation: the same recurrence and deep supervision, no teacher
             continue
         if config.stochastic:  # KL(sg(q_T) || p_S) per cell, summed over d, averaged over cells
-            q = torch.distributions.Normal(mean_t[..., :channels].detach().float(), std_t[..., :channels].detach().float())
-            p = torch.distributions.Normal(mean_s[:n, :, :channels].float(), std_s[:n, :, :channels].float())
+            q = torch.distributions.Normal(mean_t.detach().float(), std_t.detach().float())
+            p = torch.distributions.Normal(mean_s[:n].float(), std_s[:n].float())
             imagination = imagination + torch.distributions.kl_divergence(q, p).sum(-1).mean()
         else:  # ||b^S_{t+1} − sg(b^T_{t+1})||², mean over cells and channels
-            gap = student_belief[:n, :, :channels].float() - teacher_belief[..., :channels].detach().float()
+            gap = student_belief[:n].float() - teacher_belief.detach().float()
             imagination = imagination + gap.pow(2).mean()
     ce_teacher, ce_student, imagination = ce_teacher / (T // k), ce_student / (T // k), imagination / T
-    loss = ce_teacher + ce_student + imagination_beta(step, config) * imagination
-    return {"loss": loss, "ce_teacher": ce_teacher, "ce_student": ce_student, "imagination": imagination}
+    beta = 0.0 if config.no_imagination else config.imagination_weight
+    loss = ce_teacher + ce_student + beta * imagination
+    return loss, {"ce_teacher": ce_teacher.detach(), "ce_student": ce_student.detach(), "imagination": imagination.detach()}
 
 
 # ----------------------------------------------------------------------------- thinking loop
 @torch.no_grad()
-def think(model, batch: dict, n_steps: int, role: str = "student", sample: bool = False, seed: int = 0):
-    """Rolls one role for n_steps from b_0; returns the decoded logits after every step, a list of
+def think(model, batch: dict, thinking_steps: int, role: str = "student", sample: bool = False, seed: int = 0):
+    """Rolls one role for thinking_steps from b_0; returns the decoded logits after every step, a list of
     (B, 81, 9). The student sees only the puzzle; the teacher also gets hints on the training schedule
     (reveal order from `seed`), stepping from its own belief or, with teacher_start "student", from the
     student's rolled alongside. sample=True draws stochastic beliefs (diverse solutions)."""
@@ -400,7 +382,7 @@ def think(model, batch: dict, n_steps: int, role: str = "student", sample: bool 
     reveal_order = torch.rand(B, N_CELLS, generator=torch.Generator().manual_seed(seed)).to(puzzle_emb.device)
     student_state = teacher_state = model.initial_belief(B)
     logits = []
-    for t in range(n_steps):
+    for t in range(thinking_steps):
         if role == "teacher":
             start = student_state if model.config.teacher_start == "student" else teacher_state
             belief = sample_belief(*teacher_update(model, start, puzzle_emb, solution_emb, blank_emb, batch["puzzle"],
@@ -415,13 +397,13 @@ def think(model, batch: dict, n_steps: int, role: str = "student", sample: bool 
     return logits
 
 
-def sample_grids(model, batch: dict, n_steps: int, n_samples: int, seed: int = 0):
+def sample_grids(model, batch: dict, thinking_steps: int, n_samples: int, seed: int = 0):
     """Draws the stochastic student n_samples times per puzzle (noise from `seed`, the global RNG
     untouched); returns the digit grids after every step, a list of (n_samples, B, 81)."""
     repeated = {k: v.repeat_interleave(n_samples, 0) for k, v in batch.items()}  # (n_samples*B, ...) sample-major per puzzle
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        logits = think(model, repeated, n_steps, "student", sample=True)
+        logits = think(model, repeated, thinking_steps, "student", sample=True)
     B = batch["puzzle"].shape[0]
     return [(x.argmax(-1) + 1).view(B, n_samples, N_CELLS).transpose(0, 1) for x in logits]
 
@@ -451,25 +433,25 @@ def multi_solution_set(test_set: dict, n: int) -> dict:
 def check_config(config: Config):
     if config.d_model % config.n_heads:
         raise ValueError(f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads})")
-    if config.think_steps < 1:
-        raise ValueError(f"think_steps must be >= 1, got {config.think_steps}")
-    if config.segment_steps < 1 or config.think_steps % config.segment_steps:
-        raise ValueError(f"segment_steps must be >= 1 and divide think_steps ({config.think_steps}), "
+    if config.train_thinking_steps < 1:
+        raise ValueError(f"train_thinking_steps must be >= 1, got {config.train_thinking_steps}")
+    if config.segment_steps < 1 or config.train_thinking_steps % config.segment_steps:
+        raise ValueError(f"segment_steps must be >= 1 and divide train_thinking_steps ({config.train_thinking_steps}), "
                          f"got {config.segment_steps}")
     if config.recursion not in ("latent", "observation"):
         raise ValueError(f"recursion must be 'latent' or 'observation', got {config.recursion!r}")
     for name in ("n_samples", "n_diverse", "cnn_channels"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.clip_norm <= 0:
-        raise ValueError(f"clip_norm must be positive, got {config.clip_norm}")
+    if config.grad_clip <= 0:
+        raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
     if config.teacher_start not in ("own", "student"):
         raise ValueError(f"teacher_start must be 'own' or 'student', got {config.teacher_start!r}")
     if not 0.0 < config.teacher_share <= 1.0:
         raise ValueError(f"teacher_share must be in (0, 1], got {config.teacher_share}")
-    for name in ("max_hint_fraction", "imagination_decay_from", "imagination_share"):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
 
 
 def check_batch(batch: dict, task_name: str, need_solution: bool = True):
@@ -503,7 +485,7 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def clip_per_model(model, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,15 +503,15 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
     check_batch(batch, model.task_name)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    device_type = batch["puzzle"].device.type
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        losses = lit_loss(model, batch, config, step)
-    scaler.scale(losses["loss"]).backward()
+    device = batch["puzzle"].device
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss, metrics = lit_loss(model, batch, config)
+    scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    clip_per_model(model, config.clip_norm)
+    clip_per_model(model, config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return {k: v.detach() for k, v in losses.items()}
+    return {"loss": loss.detach(), **metrics}
 
 
 @torch.no_grad()
@@ -541,19 +523,19 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
         raise ValueError(f"eval_steps must be positive ints, got {eval_steps}")
     device = next(model.parameters()).device
     model.eval()
-    n_max, rows = max(eval_steps), []
+    thinking_steps, rows = max(eval_steps), []
     for set_name, test_set in task.test_sets.items():
         check_batch(test_set, model.task_name)
         preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]
         for start in range(0, test_set["puzzle"].shape[0], config.eval_batch_size):
             chunk = {k: v[start:start + config.eval_batch_size].to(device) for k, v in test_set.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = think(model, chunk, n_max, "student")
+                logits = think(model, chunk, thinking_steps, "student")
             for s in eval_steps:
                 preds[s].append(logits[s - 1].argmax(-1).cpu() + 1)
         if config.stochastic:  # sampled student on multi-solution versions of the first n_diverse puzzles
             multi = {k: v.to(device) for k, v in multi_solution_set(test_set, config.n_diverse).items()}
-            grids = sample_grids(model, multi, n_max, config.n_samples)
+            grids = sample_grids(model, multi, thinking_steps, config.n_samples)
         for s in eval_steps:
             student = torch.cat(preds[s])
             row = {"test set": set_name, "thinking steps": int(s),
@@ -569,7 +551,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
 if __name__ == "__main__":  # tiny demo: a few seconds on CPU
     torch.manual_seed(0)
     demo_task = sudoku_data.SudokuTask("easy", base_size=64, eval_size=32)
-    demo_config = Config(steps=30, d_model=64, think_steps=4, eval_steps=(1, 4, 8))
+    demo_config = Config(steps=30, d_model=64, train_thinking_steps=4, eval_steps=(1, 4, 8))
     demo_model = build_model(demo_config, demo_task)
     demo_opt = make_optimizer(demo_model, demo_config)
     demo_scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -886,7 +886,7 @@ TINY_FLAGS = {  # tiny runs of every method, for the Ctrl-C test
     "ltm": ["--task", "text", "--context-length", "16", "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
             "--n-z-per-layer", "2", "--fast-steps", "2", "--batch-size", "4", "--eval-steps", "1", "--eval-size", "4",
             "--eval-subset", "4"],
-    "lit": ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--think-steps", "2", "--batch-size", "4",
+    "lit": ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--train-thinking-steps", "2", "--batch-size", "4",
             "--eval-steps", "1", "--eval-size", "6", "--base-size", "16", "--eval-batch-size", "8"],
     "lvr": ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--encoder-layers", "1", "--align-steps", "5",
             "--no-baseline", "--batch-size", "4", "--eval-steps", "0,2", "--eval-size", "8"],
@@ -1049,10 +1049,10 @@ def test_train_py_torchrun_equals_one_process_and_resumes_exactly_recurrent_dept
 def test_train_py_torchrun_equals_one_process_with_the_same_total_batch_lit(tmp_path, data_dir, variant):
     # the teacher's reveal order (it matters from 3 thinking steps on) and, stochastic, the beliefs' noise are
     # drawn per example from its seed; the teacher runs on the whole batch (a --teacher-share below 1 is taken
-    # from each rank's slice: README); a tight --clip-norm makes the clipping act, so averaging clipped
+    # from each rank's slice: README); a tight --grad-clip makes the clipping act, so averaging clipped
     # gradients would show
-    run = ["--method", "lit", *TINY_FLAGS["lit"], *variant, "--think-steps", "4", "--teacher-share", "1",
-           "--clip-norm", "0.05", "--steps", "3", "--eval-size", "2", "--data-dir", data_dir]
+    run = ["--method", "lit", *TINY_FLAGS["lit"], *variant, "--train-thinking-steps", "4", "--teacher-share", "1",
+           "--grad-clip", "0.05", "--steps", "3", "--eval-size", "2", "--data-dir", data_dir]
     done = _torchrun(run + ["--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     refused = _torchrun(run + ["--out", str(tmp_path / "two")])  # rank 0's error reaches every rank: none hangs
@@ -2624,7 +2624,7 @@ LIT_TRAINED_TEACHER = dict(self_teacher=False, teacher_start="own", teacher_shar
 
 
 def lit_tiny_config(**overrides):
-    base = dict(d_model=32, n_heads=2, n_layers=1, think_steps=3, batch_size=8, eval_batch_size=8, eval_steps=(1, 3))
+    base = dict(d_model=32, n_heads=2, n_layers=1, train_thinking_steps=3, batch_size=8, eval_batch_size=8, eval_steps=(1, 3))
     return lit.Config(**{**base, **overrides})
 
 
@@ -2663,19 +2663,23 @@ def lit_make(task_name="sudoku", **overrides):
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_lit_imagination_target_carries_no_gradient_into_teacher(stochastic):
+    """The imagination term's gradient (L with β = 1 minus L with β = 0, the same draws) is zero on the
+    teacher's parameters and not on the student's; the teacher's own CE does train the teacher."""
     model, config = lit_make(stochastic=stochastic, **LIT_TRAINED_TEACHER)
     batch = lit_tiny_sudoku(4, 30)
-    losses = lit.lit_loss(model, batch, config)
-    losses["imagination"].backward()
     teacher_only = list(model.teacher.parameters()) + list(model.hint_proj.parameters())
-    assert all(p.grad is None or p.grad.abs().max() == 0 for p in teacher_only)
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.student.parameters())
+    grads = []
+    for beta in (1.0, 0.0):
+        model.zero_grad()
+        torch.manual_seed(3)
+        lit.lit_loss(model, batch, dataclasses.replace(config, imagination_weight=beta))[0].backward()
+        grads.append({id(p): p.grad.clone() for p in model.parameters() if p.grad is not None})
+    with_beta, without = grads
+    assert all(torch.equal(with_beta[id(p)], without[id(p)]) for p in teacher_only)
+    assert any(not torch.equal(with_beta[id(p)], without[id(p)]) for p in model.student.parameters())
     # the solution loss does train the teacher (so the check above can fail)
-    model.zero_grad()
-    losses = lit.lit_loss(model, batch, config)
-    losses["ce_teacher"].backward()
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.teacher.parameters())
-    assert model.hint_proj.weight.grad.abs().max() > 0  # the hints reach the teacher through W_h
+    assert any(without[id(p)].abs().max() > 0 for p in model.teacher.parameters())
+    assert without[id(model.hint_proj.weight)].abs().max() > 0  # the hints reach the teacher through W_h
 
 
 @pytest.mark.parametrize("task_name", ["sudoku", "visual"])
@@ -2706,7 +2710,7 @@ def test_lit_visual_and_language_share_the_belief_network():
 
 
 def test_lit_tiny_model_learns_tiny_sudoku_set():
-    model, config = lit_make(d_model=32, n_heads=2, n_layers=2, think_steps=4, lr=3e-3)
+    model, config = lit_make(d_model=32, n_heads=2, n_layers=2, train_thinking_steps=4, lr=3e-3)
     data = lit_tiny_sudoku(8, 6)
     optimizer = lit.make_optimizer(model, config)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -2714,7 +2718,7 @@ def test_lit_tiny_model_learns_tiny_sudoku_set():
     for step in range(1, 150):
         last = lit.train_step(model, optimizer, scaler, data, step, config, None)
     assert last["ce_student"] < 0.3 * first["ce_student"]
-    prediction = lit.think(model, data, config.think_steps)[-1].argmax(-1) + 1  # (8, 81)
+    prediction = lit.think(model, data, config.train_thinking_steps)[-1].argmax(-1) + 1  # (8, 81)
     assert (prediction == data["solution"]).float().mean() > 0.95
 
 
@@ -2748,8 +2752,9 @@ def test_lit_train_step_randomness_comes_from_the_global_rng():
 
 def test_lit_no_imagination_ablation_has_no_teacher_terms():
     model, config = lit_make(no_imagination=True)
-    losses = lit.lit_loss(model, lit_tiny_sudoku(4, 30), config)
-    assert losses["imagination"] == 0 and losses["ce_teacher"] == 0 and losses["ce_student"] > 0
+    loss, metrics = lit.lit_loss(model, lit_tiny_sudoku(4, 30), config)
+    assert metrics["imagination"] == 0 and metrics["ce_teacher"] == 0 and metrics["ce_student"] > 0
+    assert loss == metrics["ce_student"]
 
 
 def test_lit_bad_input_raises_value_error():
@@ -2774,9 +2779,9 @@ def test_lit_bad_input_raises_value_error():
         lit.build_model(lit_tiny_config(d_model=30, n_heads=4), LitFakeTask("sudoku"))
     with pytest.raises(ValueError):
         lit.think(model, good, 2, role="oracle")
-    for bad_field in (dict(recursion="pixels"), dict(max_hint_fraction=1.5), dict(imagination_share=-0.1),
-                      dict(n_samples=0), dict(clip_norm=0.0), dict(teacher_start="teacher"), dict(teacher_share=0.0),
-                      dict(cnn_channels=0)):
+    for bad_field in (dict(recursion="pixels"), dict(beta1=1.0), dict(beta2=-0.1),
+                      dict(n_samples=0), dict(grad_clip=0.0), dict(teacher_start="teacher"), dict(teacher_share=0.0),
+                      dict(cnn_channels=0), dict(train_thinking_steps=0)):
         with pytest.raises(ValueError, match=next(iter(bad_field))):
             lit.build_model(lit_tiny_config(**bad_field), LitFakeTask("sudoku"))
 
@@ -2830,7 +2835,7 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
         lit.lit_loss(model, batch, config)
         for hook in hooks:
             hook.remove()
-        training = {role: calls[-config.think_steps:] for role, calls in seen.items()}
+        training = {role: calls[-config.train_thinking_steps:] for role, calls in seen.items()}
         states = [state for calls in training.values() for state, _ in calls[1:]]
         if recursion == "latent":  # truncated backprop: no gradient path from one step into the previous one
             assert not any(state.requires_grad for state in states)
@@ -2854,11 +2859,11 @@ def test_lit_segments_backpropagate_through_their_steps_and_supervise_their_ends
     """segment_steps k: the state passed inside a segment keeps its graph (the loss at the segment's end
     reaches the segment's first update), it is detached between segments, and the student's CE is the
     mean over the T / k segment ends of think()'s logits."""
-    model, config = lit_make(think_steps=4, segment_steps=2, no_imagination=True)
+    model, config = lit_make(train_thinking_steps=4, segment_steps=2, no_imagination=True)
     batch = lit_tiny_sudoku(4, 40)
     states = []
     hook = model.student.register_forward_hook(lambda module, args, out: states.append(args[0]))
-    losses = lit.lit_loss(model, batch, config)
+    _, losses = lit.lit_loss(model, batch, config)
     hook.remove()
     assert [state.requires_grad for state in states[1:]] == [True, False, True]  # inside, cut, inside (b_0 is learned)
     first_update = model.student.blocks[0].mlp.up.weight
@@ -2868,15 +2873,15 @@ def test_lit_segments_backpropagate_through_their_steps_and_supervise_their_ends
     logits = lit.think(model, batch, 4, "student")
     ends = torch.stack([torch.nn.functional.cross_entropy(logits[t].transpose(1, 2), target) for t in (1, 3)]).mean()
     assert losses["ce_student"].item() == pytest.approx(ends.item(), rel=1e-5)
-    for bad in (0, 3):  # must divide think_steps
+    for bad in (0, 3):  # must divide train_thinking_steps
         with pytest.raises(ValueError, match="segment_steps"):
-            lit.build_model(lit_tiny_config(think_steps=4, segment_steps=bad), LitFakeTask("sudoku"))
+            lit.build_model(lit_tiny_config(train_thinking_steps=4, segment_steps=bad), LitFakeTask("sudoku"))
 
 
 def test_lit_per_model_clipping_bounds_each_model_separately():
     """With plain SGD (lr 1) the update is the clipped gradient: teacher and student each move by
-    exactly clip_norm, which a global clip over both (total clip_norm) would not do."""
-    model, config = lit_make(clip_norm=1e-3, **LIT_TRAINED_TEACHER)
+    exactly grad_clip, which a global clip over both (total grad_clip) would not do."""
+    model, config = lit_make(grad_clip=1e-3, **LIT_TRAINED_TEACHER)
     teacher_ids = {id(p) for p in model.teacher_parameters()}
     assert teacher_ids and teacher_ids.isdisjoint(id(p) for p in model.student.parameters())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -2913,7 +2918,7 @@ def test_lit_student_per_step_cross_entropies_are_its_test_rollouts(teacher_star
     student logits (hint-free, so no hint reaches the student in training); likewise the teacher's
     with the same reveal order (so its hints pass through W_h as at test time), whether it steps from
     its own belief or from the student's."""
-    model, config = lit_make(think_steps=4, **{**LIT_TRAINED_TEACHER, "teacher_start": teacher_start})
+    model, config = lit_make(train_thinking_steps=4, **{**LIT_TRAINED_TEACHER, "teacher_start": teacher_start})
     batch = lit_tiny_sudoku(4, 40)
     target = batch["solution"] - 1
 
@@ -2921,8 +2926,8 @@ def test_lit_student_per_step_cross_entropies_are_its_test_rollouts(teacher_star
         return torch.stack([torch.nn.functional.cross_entropy(x.transpose(1, 2), target) for x in logits]).mean()
 
     torch.manual_seed(7)  # the reveal order lit_loss draws = think's generator seeded with 7
-    losses = lit.lit_loss(model, batch, config)
-    student, teacher = (lit.think(model, batch, config.think_steps, role, seed=7) for role in ("student", "teacher"))
+    _, losses = lit.lit_loss(model, batch, config)
+    student, teacher = (lit.think(model, batch, config.train_thinking_steps, role, seed=7) for role in ("student", "teacher"))
     assert losses["ce_student"].item() == pytest.approx(mean_ce(student).item(), rel=1e-5)
     assert losses["ce_teacher"].item() == pytest.approx(mean_ce(teacher).item(), rel=1e-5)
     assert not torch.allclose(mean_ce(student), mean_ce(student[-1:]))  # the steps differ, so the check has teeth
@@ -2944,50 +2949,47 @@ def test_lit_stochastic_samples_differ_by_seed_and_are_scored_as_valid_solutions
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_lit_loss_is_the_sum_of_its_terms_computed_by_hand(stochastic):
     """L = Σ_t [CE_T + CE_S + β·||b^S − sg(b^T)||²] / T (or β·KL(sg(q_T) || p_S), summed over d,
-    averaged over cells), the imagination term over the first imagination_share of the channels."""
-    model, config = lit_make(stochastic=stochastic, imagination_weight=0.7, imagination_share=0.5, **LIT_TRAINED_TEACHER)
+    averaged over cells)."""
+    model, config = lit_make(stochastic=stochastic, imagination_weight=0.7, **LIT_TRAINED_TEACHER)
     outputs = {"student": [], "teacher": []}  # (mean, std) of every update
     hooks = [getattr(model, role).register_forward_hook(lambda module, args, out, role=role: outputs[role].append(out))
              for role in outputs]
-    losses = lit.lit_loss(model, lit_tiny_sudoku(4, 40), config)
+    loss, losses = lit.lit_loss(model, lit_tiny_sudoku(4, 40), config)
     for hook in hooks:
         hook.remove()
-    k, by_hand = config.d_model // 2, 0.0
+    by_hand = 0.0
     for (mean_s, std_s), (mean_t, std_t) in zip(outputs["student"], outputs["teacher"]):
         if stochastic:
-            var_s, var_t = std_s[..., :k] ** 2, std_t[..., :k] ** 2
-            kl = 0.5 * (var_t / var_s + (mean_t[..., :k] - mean_s[..., :k]) ** 2 / var_s - 1 + torch.log(var_s / var_t))
+            var_s, var_t = std_s ** 2, std_t ** 2
+            kl = 0.5 * (var_t / var_s + (mean_t - mean_s) ** 2 / var_s - 1 + torch.log(var_s / var_t))
             by_hand += kl.sum(-1).mean().item()
         else:
-            by_hand += (mean_s[..., :k] - mean_t[..., :k]).pow(2).mean().item()
-    T = config.think_steps
+            by_hand += (mean_s - mean_t).pow(2).mean().item()
+    T = config.train_thinking_steps
     assert len(outputs["student"]) == T
     assert losses["imagination"].item() == pytest.approx(by_hand / T, rel=1e-4)
     total = losses["ce_teacher"] + losses["ce_student"] + 0.7 * losses["imagination"]
-    assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(total.item(), rel=1e-5)
+    assert all(v.dim() == 0 and not v.requires_grad for v in losses.values()) and loss.requires_grad
 
 
-def test_lit_hint_schedule_beta_schedule_and_sampling():
-    config = lit_tiny_config(think_steps=5, max_hint_fraction=0.6, steps=100, imagination_weight=2.0,
-                             imagination_decay_from=0.5)
+def test_lit_hint_schedule_and_sampling():
+    config = lit_tiny_config(train_thinking_steps=5)
     fractions = [lit.hint_fraction(t, config) for t in range(7)]
-    assert fractions[0] == 0 and fractions[4] == pytest.approx(0.6) and fractions[6] == pytest.approx(0.6)
-    assert fractions == sorted(fractions)
+    assert fractions == pytest.approx([0, 0.25, 0.5, 0.75, 1, 1, 1])  # the whole solution by the last training step
     model = lit.build_model(config, LitFakeTask("sudoku"))
     batch = lit_tiny_sudoku(64, 40)
     _, solution_emb, blank_emb = model.observe(batch, teacher=True)
     order = torch.rand(64, 81)
-    hints = lit.hint_embedding(model, solution_emb, blank_emb, order, 2)  # fraction 0.3
-    revealed = torch.where(order < 0.3, batch["solution"], 0)
+    hints = lit.hint_embedding(model, solution_emb, blank_emb, order, 2)  # fraction 0.5
+    revealed = torch.where(order < 0.5, batch["solution"], 0)
     assert torch.allclose(hints, model.encoder(revealed))  # = E(solution with unrevealed cells blanked)
     visual = lit.build_model(config, LitFakeTask("visual"))
     images = lit_with_images(batch)
     _, solution_emb, blank_emb = visual.observe(images, teacher=True)
     hints = lit.hint_embedding(visual, solution_emb, blank_emb, order, 2)
-    blanked = images["solution_images"] * (order < 0.3)[..., None, None]
+    blanked = images["solution_images"] * (order < 0.5)[..., None, None]
     assert torch.allclose(hints, visual.encoder(blanked), atol=1e-5)
-    assert [lit.imagination_beta(s, config) for s in (0, 49, 50, 75, 100)] == pytest.approx([2, 2, 2, 1, 0])
-    assert lit.imagination_beta(0, dataclasses.replace(config, no_imagination=True)) == 0
     mean, std = torch.randn(3, 81, 4), torch.rand(3, 81, 4) + 0.1
     torch.manual_seed(1)
     drawn = lit.sample_belief(mean, std, sample=True)
@@ -3041,7 +3043,7 @@ def test_lit_self_teacher_is_the_student_network_reading_hints_as_givens(task_na
         easier["puzzle_images"] = batch["solution_images"] * (given > 0)[..., None, None]
     expected, _ = model.student(state, model.observe(easier, teacher=False)[0])
     assert torch.allclose(mean, expected, atol=1e-5) and not mean.requires_grad
-    losses = lit.lit_loss(model, batch, config)
+    _, losses = lit.lit_loss(model, batch, config)
     assert losses["ce_teacher"] == 0 and losses["imagination"] > 0
 
 
@@ -3059,14 +3061,14 @@ def test_lit_teacher_share_and_start_set_what_the_teacher_steps_from(self_teache
         hook.remove()
     if self_teacher:  # one module in both roles: the calls alternate teacher (2 rows), student (8 rows)
         calls = {"teacher": calls["student"][0::2], "student": calls["student"][1::2]}
-    assert [s.shape[0] for s in calls["teacher"]] == [2] * config.think_steps
-    assert [s.shape[0] for s in calls["student"]] == [8] * config.think_steps
+    assert [s.shape[0] for s in calls["teacher"]] == [2] * config.train_thinking_steps
+    assert [s.shape[0] for s in calls["student"]] == [8] * config.train_thinking_steps
     assert all(torch.equal(t, s[:2]) for t, s in zip(calls["teacher"], calls["student"]))
     full = lit.build_model(dataclasses.replace(config, teacher_share=1.0), LitFakeTask("sudoku"))
     from torch.utils.flop_counter import FlopCounterMode
 
     def loss_flops(model, config):  # one step's forward and backward: the teacher on a share of the batch costs less
         with FlopCounterMode(display=False) as counter:
-            lit.lit_loss(model, batch, config)["loss"].backward()
+            lit.lit_loss(model, batch, config)[0].backward()
         return counter.get_total_flops()
     assert loss_flops(model, config) < loss_flops(full, dataclasses.replace(config, teacher_share=1.0))
