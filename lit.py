@@ -30,6 +30,11 @@ Choices the abstract leaves open, and deviations (one line each, with the reason
   --teacher-share 0.25`): at equal training compute the teacher's cost is LIT's handicap (this one is a
   forward pass on a quarter batch). `--no-self-teacher --teacher-start own --teacher-share 1
   --imagination-weight 1` is the trained posterior/prior pair written above.
+- Options for a teacher closer to the abstract's posterior (not defaults): `--ema-teacher d` makes the
+  teacher U_S's weights under an exponential moving average (a mean teacher) rather than a second
+  trained network: averaged, not trained, it adds no backward pass and its target moves slowly;
+  `--hint-order propagation` reveals at step t the cells naked and hidden singles fix in waves 1..t
+  (cells they never reach stay hidden), so every target is a refinement a few deduction steps reach.
 - β = 0.1, not 1: a large β pulls the student toward beliefs that already hold most of the solution,
   so it commits early (docs/lit.md).
 - The student rolls from its own belief (multi-step imagination), the recurrence it runs at test time,
@@ -50,6 +55,7 @@ Choices the abstract leaves open, and deviations (one line each, with the reason
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +90,8 @@ class Config:
     no_imagination: bool = False         # ablation: no teacher, β = 0, student on the solution loss alone
     recursion: str = "latent"            # latent: the belief passes between steps; observation: only its decoded digit distributions
     self_teacher: bool = True            # teacher = the student's own network under no_grad, hints entered as extra givens
+    ema_teacher: float = 0.0             # > 0 (with self_teacher): the teacher is U_S's weights under an EMA of this decay
+    hint_order: str = "random"           # random: a growing random subset of the solution; propagation: the cells singles fix, wave t by step t
     teacher_start: str = "student"       # own: the teacher rolls its own belief; student: it refines the student's current one
     teacher_share: float = 0.25          # share of each batch the teacher runs on (its cost)
     shared_update: bool = False          # one network U for teacher and student (hint slot empty for the student)
@@ -232,8 +240,8 @@ class LatentImaginationModel(nn.Module):
         self.belief_init = None if observation_space else nn.Parameter(0.02 * torch.randn(d))  # b_0, every cell
         self.teacher = None if config.self_teacher else BeliefUpdate(config)  # U_T, posterior
         self.student = self.teacher if config.shared_update and self.teacher else BeliefUpdate(config)  # U_S, prior
-        if config.self_teacher:  # U_S itself in the teacher's role, evaluated without gradient
-            self.teacher = self.student
+        if config.self_teacher:  # U_S itself in the teacher's role, evaluated without gradient, or its weights' EMA
+            self.teacher = copy.deepcopy(self.student).requires_grad_(False) if config.ema_teacher else self.student
         self.decoder = nn.Linear(d, N_DIGITS)  # D: belief -> logits over digits 1..9
 
     def observe(self, batch: dict, teacher: bool):
@@ -268,6 +276,13 @@ class LatentImaginationModel(nn.Module):
         own = list(self.hint_proj.parameters())
         return own if self.config.shared_update else own + list(self.teacher.parameters())
 
+    @torch.no_grad()
+    def update_ema_teacher(self):
+        """EMA teacher, after each optimizer step: θ_T ← d·θ_T + (1 − d)·θ_S (d = ema_teacher), θ_T = θ_S at init."""
+        if self.config.ema_teacher:
+            for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
+                teacher.lerp_(student, 1.0 - self.config.ema_teacher)
+
     def decode(self, belief):  # (B, 81, D) -> (B, 81, 9) float32 logits
         return self.decoder(belief).float()
 
@@ -279,9 +294,47 @@ def hint_fraction(t: int, config: Config) -> float:
     return min(1.0, t / max(1, config.train_thinking_steps - 1))
 
 
+def propagation_waves(puzzle, solution) -> torch.Tensor:
+    """(B, 81) long: the wave in which naked and hidden singles (sudoku_data's solver rules) fix each blank
+    cell, counting from 1; wave w applies both rules at once to the digits fixed before it. Givens, and cells
+    the singles never reach (a puzzle that needs a guess), get N_CELLS + 1: never revealed."""
+    others = (sudoku_peers() & ~torch.eye(N_CELLS, dtype=torch.bool)).float().to(puzzle.device)  # (81, 81)
+    units = torch.zeros(len(sudoku_data.UNITS), N_CELLS, device=puzzle.device)  # (27, 81) cell membership
+    for i, unit in enumerate(sudoku_data.UNITS):
+        units[i, unit] = 1.0
+    grid, waves = puzzle.clone(), torch.full_like(puzzle, N_CELLS + 1)  # (B, 81) digits fixed so far
+    for wave in range(1, N_CELLS + 1):
+        placed = F.one_hot(grid, N_DIGITS + 1)[..., 1:].float()  # (B, 81, 9)
+        candidates = (grid == 0)[..., None] & (others @ placed == 0)  # (B, 81, 9): no peer holds the digit
+        naked = candidates.sum(-1) == 1  # (B, 81) one digit left in the cell
+        once = (units @ candidates.float() == 1).float()  # (B, 27, 9) digits with one place in the unit
+        hidden = ((units.T @ once > 0) & candidates).any(-1)  # (B, 81) that place
+        fixed = naked | hidden
+        if not fixed.any():
+            break
+        waves[fixed], grid = wave, torch.where(fixed, solution, grid)
+    return waves
+
+
+def revealed_cells(reveal_order, t: int, config: Config) -> torch.Tensor:
+    """(B, 81) bool: the solution cells the teacher sees at step t. random: reveal_order (B, 81) uniform,
+    cell i revealed once reveal_order[i] < hint_fraction(t) (nested subsets); propagation: reveal_order
+    holds propagation_waves, the cells of waves 1..t revealed."""
+    if config.hint_order == "propagation":
+        return reveal_order <= t
+    return reveal_order < hint_fraction(t, config)
+
+
+def draw_reveal_order(batch: dict, config: Config, draw) -> torch.Tensor:
+    """(B, 81): the propagation waves of the batch's puzzles, or draw() (uniform noise) for random hints."""
+    if config.hint_order == "propagation":
+        return propagation_waves(batch["puzzle"], batch["solution"])
+    return draw()
+
+
 def hint_embedding(model, solution_emb, blank_emb, reveal_order, t: int):
-    """E(hints_t): (B, 81, D); cell i is revealed once reveal_order[i] < fraction(t) (nested subsets)."""
-    revealed = reveal_order < hint_fraction(t, model.config)  # (B, 81) bool
+    """E(hints_t): (B, 81, D), the solution at revealed_cells(t), blank elsewhere."""
+    revealed = revealed_cells(reveal_order, t, model.config)  # (B, 81) bool
     return torch.where(revealed[..., None], solution_emb, blank_emb)
 
 
@@ -291,7 +344,7 @@ def teacher_update(model, state, puzzle_emb, solution_emb, blank_emb, puzzle, re
     hints_t as extra givens)) under no_grad: a target only, trained through the student's own loss."""
     if model.hint_proj is not None:
         return model.teacher(state, puzzle_emb + model.hint_proj(hint_embedding(model, solution_emb, blank_emb, reveal_order, t)))
-    revealed = (reveal_order < hint_fraction(t, model.config)) & (puzzle == 0)  # (b, 81) blank cells now given
+    revealed = revealed_cells(reveal_order, t, model.config) & (puzzle == 0)  # (b, 81) blank cells now given
     with torch.no_grad():  # E(puzzle + hints) = E(puzzle) + [E(solution) - E(blank)] on the new givens (E is per cell)
         return model.teacher(state, puzzle_emb + torch.where(revealed[..., None], solution_emb - blank_emb, 0))
 
@@ -333,7 +386,8 @@ def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
     n = 0 if config.no_imagination else max(1, round(config.teacher_share * B))  # the teacher's sub-batch
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=n > 0)
     generators = example_generators(batch, target.device)  # per-example noise: the same under any torchrun split
-    reveal_order = example_noise(torch.rand, (B, N_CELLS), generators, target.device)
+    reveal_order = draw_reveal_order({k: v[:n] for k, v in batch.items()}, config,
+                                     lambda: example_noise(torch.rand, (B, N_CELLS), generators, target.device))
     student_state = model.initial_belief(B)  # what each role's next step reads, detached by carry():
     teacher_state = student_state[:n]        # k steps per supervised segment (truncated backprop)
     ce_teacher = ce_student = imagination = puzzle_emb.new_zeros((), dtype=torch.float32)
@@ -379,7 +433,8 @@ def think(model, batch: dict, thinking_steps: int, role: str = "student", sample
         raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=role == "teacher")
     B = puzzle_emb.shape[0]
-    reveal_order = torch.rand(B, N_CELLS, generator=torch.Generator().manual_seed(seed)).to(puzzle_emb.device)
+    reveal_order = draw_reveal_order(batch, model.config, lambda: torch.rand(
+        B, N_CELLS, generator=torch.Generator().manual_seed(seed)).to(puzzle_emb.device)) if role == "teacher" else None
     student_state = teacher_state = model.initial_belief(B)
     logits = []
     for t in range(thinking_steps):
@@ -448,6 +503,12 @@ def check_config(config: Config):
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.hint_order not in ("random", "propagation"):
+        raise ValueError(f"hint_order must be 'random' or 'propagation', got {config.hint_order!r}")
+    if not 0.0 <= config.ema_teacher < 1.0:
+        raise ValueError(f"ema_teacher must be in [0, 1), got {config.ema_teacher}")
+    if config.ema_teacher and not config.self_teacher:
+        raise ValueError("ema_teacher averages the student's network: it needs --self-teacher")
     if config.teacher_start not in ("own", "student"):
         raise ValueError(f"teacher_start must be 'own' or 'student', got {config.teacher_start!r}")
     if not 0.0 < config.teacher_share <= 1.0:
@@ -481,7 +542,7 @@ def build_model(config: Config, task) -> nn.Module:
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only (nanoGPT style)."""
-    params = list({id(p): p for p in model.parameters()}.values())  # shared_update ties modules
+    params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]  # not an EMA teacher
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -511,6 +572,7 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
     clip_per_model(model, config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
+    model.update_ema_teacher()
     return {"loss": loss.detach(), **metrics}
 
 

@@ -3072,3 +3072,96 @@ def test_lit_teacher_share_and_start_set_what_the_teacher_steps_from(self_teache
             lit.lit_loss(model, batch, config)[0].backward()
         return counter.get_total_flops()
     assert loss_flops(model, config) < loss_flops(full, dataclasses.replace(config, teacher_share=1.0))
+
+
+def test_lit_propagation_hints_at_step_t_are_the_cells_singles_fix_by_wave_t():
+    """A hand-checked puzzle: 12 blanks in a valid grid. Wave 1 (givens only): (1,8)=7, (2,8)=6, (8,7)=7
+    are their rows' last blanks; (3,1)=2 and (4,2)=7 their columns'; (4,7) keeps {6} (row 4 lacks 9765,
+    column 7 lacks 67, box 5 holds 7); (4,8) is row 4's only place for 5 (hidden single). (3,0) {3,6},
+    (3,8) {3,6}, (4,0) {6,9}, (5,0) {3,9}, (5,8) {3,9}: every digit keeps two places in each unit.
+    Wave 2: (3,8) keeps {3} (column 8 now holds 6), so (3,0) is row 3's only 6; (4,0) is row 4's last
+    blank; (5,8) is column 8's only 9. Wave 3: (5,0) = 3, row 5's last blank."""
+    solution = torch.tensor([int(d) for d in "549867132136592487278341956624759813987413265351628749"
+                                              "762134598813975624495286371"])
+    expected = {17: 1, 26: 1, 28: 1, 38: 1, 43: 1, 44: 1, 79: 1, 27: 2, 35: 2, 36: 2, 53: 2, 45: 3}
+    puzzle = solution.clone()
+    puzzle[list(expected)] = 0
+    waves = lit.propagation_waves(puzzle[None], solution[None])[0]
+    assert {cell: wave for cell, wave in enumerate(waves.tolist()) if wave <= 81} == expected  # givens: never
+    model, config = lit_make(hint_order="propagation", train_thinking_steps=4)
+    batch = {"puzzle": puzzle[None], "solution": solution[None]}
+    observations = []  # the self teacher is U_S: its calls alternate teacher, student
+    hook = model.student.register_forward_hook(lambda module, args, out: observations.append(args[1]))
+    lit.lit_loss(model, batch, config)
+    hook.remove()
+    for t, seen in enumerate(observations[0::2]):  # the teacher's observation at step t: waves 1..t as givens
+        given = torch.where(torch.tensor([expected.get(c, 99) <= t for c in range(81)]), solution, puzzle)
+        assert torch.allclose(seen, model.observe({"puzzle": given[None]}, teacher=False)[0], atol=1e-6), t
+    assert len(observations) == 8 and not torch.allclose(observations[0], observations[4])
+    # every cell naked and hidden singles fix (sudoku_data's solver run to its fixed point) gets a wave
+    puzzles, solutions, _ = sudoku_data.generate_puzzles(2, "hard", seed=0, workers=1)
+    waves = lit.propagation_waves(torch.from_numpy(puzzles).long(), torch.from_numpy(solutions).long())
+    for grid, wave in zip(puzzles, waves):
+        fixed = torch.tensor([m & (m - 1) == 0 for m in sudoku_data._candidates(grid.tolist())]) & torch.from_numpy(grid == 0)
+        assert torch.equal(wave <= 81, fixed) and 0 < fixed.sum() < (grid == 0).sum()  # hard: singles stop short
+
+
+def test_lit_ema_teacher_is_the_average_of_the_students_past_weights():
+    """θ_T after k steps = d^k θ_S(0) + Σ_i (1 − d) d^(k−i) θ_S(i), θ_S(i) the student after step i; the
+    optimizer never moves the teacher's copy, and the teacher is what steps in the teacher's role."""
+    decay = 0.6
+    model, config = lit_make(ema_teacher=decay)
+    assert model.teacher is not model.student and not any(p.requires_grad for p in model.teacher.parameters())
+    optimizer = lit.make_optimizer(model, config)
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]}.isdisjoint(map(id, model.teacher.parameters()))
+    batch = lit_tiny_sudoku(4, 40)
+    history = [[p.detach().clone() for p in model.student.parameters()]]  # θ_S(0), ..., θ_S(k)
+    for step in range(4):
+        lit.train_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), batch, step, config, None)
+        history.append([p.detach().clone() for p in model.student.parameters()])
+    k = len(history) - 1
+    for i, teacher in enumerate(model.teacher.parameters()):
+        average = decay ** k * history[0][i] + sum((1 - decay) * decay ** (k - s) * history[s][i] for s in range(1, k + 1))
+        assert torch.allclose(teacher, average, atol=1e-6)
+    assert not all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters()))
+    calls = []
+    hook = model.teacher.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    lit.lit_loss(model, batch, config)
+    hook.remove()
+    assert calls == [1] * config.train_thinking_steps  # a quarter of 4 examples, every step
+    with pytest.raises(ValueError, match="ema_teacher"):
+        lit.build_model(lit_tiny_config(ema_teacher=0.9, self_teacher=False), LitFakeTask("sudoku"))
+
+
+@pytest.mark.parametrize("ema_teacher", [0.0, 0.9])
+def test_lit_self_and_ema_teacher_targets_carry_no_gradient_into_the_student(ema_teacher):
+    """The teacher steps from the student's belief through the shared encoder, so a target with a graph
+    would send gradient back into the student along the teacher's path. The imagination term's gradient
+    (L at β = 1 minus L at β = 0, the same draws) equals that of Σ_t ||b^S_{t+1} − c_t||² / T with the
+    teacher's beliefs c_t as constants."""
+    model, config = lit_make(ema_teacher=ema_teacher, teacher_share=1.0, teacher_start="student")
+    batch = lit_tiny_sudoku(4, 40)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads, outputs = [], {"teacher": [], "student": []}
+    for beta in (1.0, 0.0):
+        outputs = {"teacher": [], "student": []}
+        hooks = [model.student.register_forward_hook(lambda module, args, out: outputs["student"].append(out[0]))]
+        if ema_teacher:
+            hooks.append(model.teacher.register_forward_hook(lambda module, args, out: outputs["teacher"].append(out[0])))
+        torch.manual_seed(5)
+        loss, _ = lit.lit_loss(model, batch, dataclasses.replace(config, imagination_weight=beta))
+        for hook in hooks:
+            hook.remove()
+        if not ema_teacher:  # one module in both roles: teacher, student, teacher, ...
+            outputs = {"teacher": outputs["student"][0::2], "student": outputs["student"][1::2]}
+        if beta:
+            T = config.train_thinking_steps
+            by_hand = sum((s - t.detach()).pow(2).mean() for s, t in zip(outputs["student"], outputs["teacher"])) / T
+            expected = torch.autograd.grad(by_hand, params, retain_graph=True, allow_unused=True)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    assert not any(t.requires_grad for t in outputs["teacher"])
+    for with_beta, without, want in zip(*grads, expected):
+        zero = torch.zeros(())
+        got = (with_beta if with_beta is not None else zero) - (without if without is not None else zero)
+        assert torch.allclose(got, want if want is not None else zero, atol=1e-6)
+    assert any(w is not None and w.abs().max() > 0 for w in expected)  # the imagination term does train the student
