@@ -715,11 +715,14 @@ def check_fits(method, config, task, device):
     free = available_memory(device)
     if free is None:
         return
+    numpy_state = np.random.get_state()
     try:
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the real build draws the same numbers
             parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
     except Exception:  # a model that cannot be built on the meta device: no estimate
         return
+    finally:
+        np.random.set_state(numpy_state)
     example = sum(v.element_size() * v[:1].numel() for v in task.train_batch(0, 1).values())
     needed = 16 * parameters + example * config.batch_size
     if needed > free:
