@@ -12,6 +12,8 @@ Examples:
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
   python train.py --method ltm --task text --text-file input.txt
   python train.py --method all        # every Sudoku method on the same puzzles: runs/compare/
+Reading order: the run (settings -> folder -> model -> train -> evaluate), the training loop, tasks, the
+command line, run-folder safety, the cost meter, torchrun, plots and tables, --method all, main.
 """
 import argparse
 import contextlib
@@ -58,7 +60,401 @@ class TrainingError(Exception):
     """Training cannot go on (the loss is no longer finite): printed as one line, exit status 1."""
 
 
-# ----------------------------------------------------------------------------- the text task
+# -------------------------------------------------- the run: settings, the run folder, the model, training, evaluation
+def run(argv):
+    method, given = parse(argv)
+    checkpoint_path = given.get("resume") or given.get("eval_only")
+    checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
+    # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
+    # The checkpoint's --out is not among them: a run continues (or is evaluated) next to its checkpoint.
+    if "resume" in given:
+        refuse_changed_settings(given, checkpoint)
+    # --out and --data-dir are places on this machine, not settings of the run: a checkpoint's never apply
+    saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
+    options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
+    field_names = {f.name for f in dataclasses.fields(method.Config)}
+    config_values = dataclasses.asdict(method.Config())
+    if options.preset == "gpu":
+        config_values.update(method.GPU_CONFIG)
+    config_values.update(checkpoint["config"] if checkpoint else {})
+    config_values.update({k: v for k, v in given.items() if k in field_names})
+    config_values = {k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()}
+    check_settings(options, method.Config, config_values)
+    try:
+        config = method.Config(**config_values)
+    except (TypeError, ValueError, ArithmeticError) as error:
+        raise UsageError(f"invalid configuration: {error}") from None
+    options.task = options.task or method.TASKS[0]
+    if options.task not in method.TASKS:
+        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
+    for name in ("text_file", "context_length"):
+        if name in given and options.task != "text":
+            raise UsageError(f"--{name.replace('_', '-')} sets up --task text; --task {options.task} does not use it")
+    if getattr(config, "stage", None) == "rl" and not checkpoint and "init_from" not in given:
+        raise UsageError("--stage rl fine-tunes a trained model with reinforcement learning: give --init-from "
+                         "CHECKPOINT of a supervised run (random weights earn no reward to learn from)")
+    if options.misread_rate and options.task != "visual":
+        raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
+    device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
+    rank, ranks = world()
+    if config.batch_size % ranks:
+        raise UsageError(f"--batch-size {config.batch_size} does not split evenly over {ranks} ranks")
+    if ranks > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
+        torch.cuda.set_device(device)
+    out = Path(options.out or (Path(checkpoint_path).parent if checkpoint_path else f"runs/{method.__name__}-{options.task}"))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    options.out = str(out)
+    if "eval_only" in given:
+        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out) if rank == 0 else 0
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    try:
+        with contextlib.ExitStack() as held:
+            def take_folder():
+                check_writable(out)
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    held.enter_context(run_folder_lock(out))
+                except OSError as error:
+                    raise UsageError(f"--out {out}: {error.strerror or error}") from None
+            agreed(take_folder)
+            return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
+    finally:
+        for folder in created if rank == 0 else ():
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()  # the run stopped before it wrote anything
+
+
+def build(method, config, options, device, autocast_dtype, source):
+    """The task and the model (with the weights of the checkpoint `source`, if any)."""
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    try:
+        task = build_task(options.task, config, options)
+        check_fits(method, config, task, device)
+        model = method.build_model(config, task).to(device)
+    except (ValueError, FileNotFoundError, ArithmeticError) as error:
+        raise UsageError(str(error)) from None
+    if source and "vocabulary" in source and source["vocabulary"] != getattr(task, "characters", None):
+        raise UsageError(f"--text-file {options.text_file} holds other characters than the text the checkpoint "
+                         f"was trained on, so its character ids would mean other characters")
+    if source:
+        try:
+            model.load_state_dict(source["model"])
+        except RuntimeError as error:
+            detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
+            raise UsageError(f"checkpoint does not fit this configuration: {detail}") from None
+    if options.compile:
+        model.compile()
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{method.__name__} on {options.task}: {parameters / 1e6:.2f}M parameters, device {device}, "
+          f"autocast {autocast_dtype or 'off'}, run folder {options.out}")
+    return task, model
+
+
+def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
+    """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
+    resuming = "resume" in given
+    rank, ranks = world()
+    source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
+    agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
+    task, model = build(method, config, options, device, autocast_dtype, source)
+    if ranks > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
+        torch.manual_seed(options.seed + 1_000_003 * rank)  # the ranks' own random draws (rank 0: reseeded too)
+    try:
+        optimizer = method.make_optimizer(model, config)
+    except ValueError as error:  # AdamW's own checks, for a setting the Config does not name
+        raise UsageError(f"invalid optimizer setting: {error}") from None
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    average = WeightAverage(model, options.ema) if options.ema else None
+    if average:
+        optimizer.register_step_post_hook(average.update)
+    step = 0
+    if resuming:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        states = checkpoint.get("rank_rngs") or [checkpoint]
+        if len(states) == ranks:
+            set_rng_state(states[rank], device)
+        else:
+            print(f"the checkpoint holds the random state of {len(states)} rank(s), this run has {ranks}: "
+                  f"it continues with fresh random draws, not bit-exactly")
+        step = checkpoint["step"]
+        if average and "ema" not in checkpoint:
+            raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
+        if average:
+            average.load_state_dict(checkpoint["ema"])
+    peak = matmul_peak(device, autocast_dtype or torch.float32)
+    print(f"matmul probe: {peak / 1e9:.1f} GFLOP/s ({device}, {autocast_dtype or torch.float32}), the peak for MFU")
+    cost = CostMeter(peak, ranks, checkpoint.get("cost") if resuming else None)
+
+    def checkpoint_state(step, rank_rngs):
+        state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, **rng_state(device), "cost": cost.state(), **({"rank_rngs": rank_rngs} if rank_rngs else {})}
+        if hasattr(task, "characters"):
+            state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
+        if average:
+            state["ema"] = average.state_dict()
+        return state
+
+    check_evaluation(method, model, task, config, device, autocast_dtype)
+    agreed(lambda: clear_run_folder(out, given.get("resume"), step))  # everything is checked: the old run can go
+    step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
+                 step, checkpoint_state, cost)
+    if step is None:
+        return 130
+    if rank == 0:
+        summary = {"training_flops": cost.flops_per_step() * step, "flops_per_step": cost.flops_per_step(),
+                   "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
+                   "device": str(device), **cost.last}
+        with average.applied() if average else contextlib.nullcontext():
+            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
+                               f"weight average (--ema {options.ema})" if average else "as trained", summary)
+    if ranks > 1:
+        dist.barrier()  # the other ranks wait for the evaluation
+    return 0
+
+
+def check_evaluation(method, model, task, config, device, autocast_dtype):
+    """Evaluate once on two examples of each test set before training, so that a setting only the evaluation
+    rejects (an eval batch size of 0, ...) stops the run now, not after all training. The model, its
+    gradients and the random state are left as they were."""
+    probe = copy.copy(task)
+    probe.test_sets = {name: {key: value[:2] for key, value in batch.items()} for name, batch in task.test_sets.items()}
+    steps = tuple(sorted({min(config.eval_steps), max(config.eval_steps)}))  # the smallest and largest are enough
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            method.evaluate(model, probe, config, steps, autocast_dtype)
+        except (ValueError, ArithmeticError, RuntimeError) as error:
+            raise UsageError(f"the evaluation fails with these settings: {(str(error).splitlines() or [''])[0]}") from None
+    model.train()
+    model.zero_grad(set_to_none=True)
+
+
+def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
+    check_writable(out)
+    task, model = build(method, config, options, device, autocast_dtype, checkpoint)
+    weights = "as trained"
+    if "ema" in checkpoint and not options.trained_weights:
+        print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
+        model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
+        weights = f"weight average (--ema {options.ema})"
+    broken = next((name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise UsageError(f"the checkpoint's {'weight average' if weights != 'as trained' else 'weights'} hold non-finite "
+                         f"values ({broken}): its run diverged; evaluate an earlier checkpoint")
+    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json", checkpoint["step"], weights)
+    return 0
+
+
+def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, weights, cost=None):
+    """Evaluate, print the table and write it to path (results.json or eval.json) with what was evaluated:
+    the step, which weights, the seed, the test sets and their sizes. An eval.json already there is kept
+    under "earlier" in the new one."""
+    rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
+    print_table(rows, f"{method.__name__} on {options.task}: evaluation")
+    evaluated = {"step": step, "weights": weights, "seed": options.seed, "eval_size": options.eval_size,
+                 "test_files": list(options.test_csv), "eval_steps": list(config.eval_steps),
+                 "test_sets": {name: len(next(iter(batch.values()))) for name, batch in task.test_sets.items()}}
+    record = {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config),
+              "evaluated": evaluated, "rows": rows, **({"cost": cost} if cost else {})}
+    if path.name == "eval.json" and path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+            record["earlier"] = [*earlier.pop("earlier", []), earlier]
+        except (OSError, ValueError, AttributeError):
+            print(f"warning: {path} cannot be read; the new evaluation replaces it", file=sys.stderr)
+    write_json(path, record)
+    write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
+                f"{method.__name__} on {options.task}")
+
+
+def choose_device_and_dtype(device_name, dtype_name):
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
+                          "cpu" if device_name == "auto" else device_name)
+    if dtype_name == "auto":
+        if device.type != "cuda":
+            return device, None
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
+
+
+# --------------------------------------------------------------------------------------------------- the training loop
+def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state, cost):
+    """The loop: the learning-rate schedule, the method's train_step on each step's batch, log lines and
+    checkpoints. Returns the final step, or None when stopped by Ctrl-C or SIGTERM (see StopRequests)."""
+    ranks = world()[1]
+    checkpoints = Checkpoints(out / "checkpoint.pt", step, lambda: rank_states(model, device), checkpoint_state)
+    averaging_hooks = average_gradients_over_ranks(model) if ranks > 1 else []
+    with StopRequests(optimizer, device) as stop, TrainingLog(out / "log.jsonl", method.__name__, config, options,
+                                                               step, cost) as log:
+        try:
+            while step < config.steps and not stop.requested:
+                stop.step_begins()
+                set_learning_rate(optimizer, lr_factor(step, config))
+                batch = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
+                log.count(batch)
+                # this rank's share on the device (the example seeds stay on the CPU: methods read them as ints)
+                batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True) for k, v in rank_slice(batch).items()}
+                counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps  # by step number: CostMeter
+                metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype),
+                                    counted)
+                metrics = stop.agree_over_ranks(metrics) if ranks > 1 else metrics
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower --lr; "
+                                        f"stopped, {checkpoints.kept()}")
+                step += 1
+                stop.step_ends()
+                log.step_done(step, metrics, optimizer)
+                if step % options.save_every == 0:
+                    checkpoints.save(step)
+        except KeyboardInterrupt:
+            stop.stopped_inside_a_step()
+        finally:
+            for hook in averaging_hooks:
+                hook.remove()
+        if stop.inside_the_update:  # the weights may be half updated: no checkpoint beats an inexact one
+            print(f"interrupted while step {step + 1} updated the weights; not saved, {checkpoints.kept()}")
+            return None
+        stop.ignore()  # no Ctrl-C stops the last save
+        checkpoints.save(step)
+    if stop.requested:
+        print(f"interrupted at step {step}; checkpoint saved to {checkpoints.path} (continue with --resume)")
+        return None
+    log.summary(step)
+    return step
+
+
+def lr_factor(step, config):
+    """Linear warmup, then cosine decay to 10 % of the peak at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_learning_rate(optimizer, factor):
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+
+
+def with_example_seeds(batch, seed, step):
+    """The batch plus "example_seed", one int64 per example from (--seed, step, the example's place in the global
+    batch): a method that draws an example's noise from its own seed draws the same under any torchrun split."""
+    count = len(next(iter(batch.values())))
+    return {**batch, "example_seed": torch.from_numpy(np.random.default_rng([seed, step, 1]).integers(2**62, size=count))}
+
+
+def token_count(batch):
+    """Elements of the batch's first integer tensor: Sudoku cells (81 a puzzle), text characters,
+    VQA question tokens (what tokens_per_s counts)."""
+    return next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)
+
+
+class TrainingLog:
+    """log.jsonl (one JSON line every --log-every steps: the step, the lr, the method's metrics, the cost
+    fields), the progress bar, and the throughput; rank 0 alone writes."""
+
+    def __init__(self, path, name, config, options, step, cost):
+        rank = world()[0]
+        self.file = open(path, "a") if rank == 0 else open(os.devnull, "w")
+        self.progress = tqdm(total=config.steps, initial=step, desc=name, dynamic_ncols=True, disable=rank != 0)
+        self.cost, self.config, self.log_every = cost, config, options.log_every
+        self.start, self.start_step, self.tokens, self.elapsed = time.perf_counter(), step, 0, 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.elapsed = time.perf_counter() - self.start
+        self.progress.close()
+        self.file.close()
+
+    def count(self, batch):
+        self.tokens += token_count(batch)
+
+    def step_done(self, step, metrics, optimizer):
+        """After step `step` (counted from 1): the progress bar, and the log line when one is due."""
+        self.progress.update(1)
+        if step % self.log_every and step != self.config.steps:
+            return
+        steps = step - self.start_step
+        self.cost.last = self.cost.fields(steps, steps * self.config.batch_size, self.tokens, time.perf_counter() - self.start)
+        values = {k: float(v) for k, v in metrics.items()}
+        logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
+        self.file.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged, **self.cost.last},
+                                   allow_nan=False) + "\n")
+        self.file.flush()
+        self.progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
+                                   "ex/s": f"{self.cost.last['examples_per_s']:.0f}", "MFU": f"{self.cost.last['mfu']:.1%}"})
+
+    def summary(self, step):
+        if step > self.start_step:
+            print(f"trained {step - self.start_step} steps in {self.elapsed:.0f} s: {self.cost.last['examples_per_s']:.1f} "
+                  f"examples/s, {self.cost.flops_per_step():.3g} FLOPs/step, MFU {self.cost.last['mfu']:.1%}")
+
+
+class WeightAverage:
+    """Exponential moving average of the parameters, updated after every optimizer step:
+    average <- d·average + (1 - d)·weights, d = min(decay, (1 + updates) / (10 + updates)); the warm-up
+    of d (as in TensorFlow's ExponentialMovingAverage) keeps a short run from averaging in its random init."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.weights = dict(model.named_parameters())
+        self.average = {name: weight.detach().clone() for name, weight in self.weights.items()}
+
+    @torch.no_grad()
+    def update(self, *unused):  # called as an optimizer step post-hook
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.average.values()), [w.detach() for w in self.weights.values()], 1 - decay)
+        self.updates += 1
+
+    def state_dict(self):
+        return {**self.average, "updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, state):
+        self.updates = int(state["updates"])
+        for name, value in self.average.items():
+            value.copy_(state[name])
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the average inside the block, its trained weights again after it."""
+        trained = {name: weight.detach().clone() for name, weight in self.weights.items()}
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                weight.copy_(self.average[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, weight in self.weights.items():
+                    weight.copy_(trained[name])
+
+
+def rng_state(device):
+    """The random generators' state: all that a step draws from besides its seeded batch."""
+    return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"])
+
+
+# ----------------------------------------------------------- tasks (the Sudoku and VQA tasks live in the data scripts)
 class TextTask:
     """Character-level language modelling on any UTF-8 file: the first 90 % trains, the rest is held out."""
     name = "text"
@@ -123,7 +519,7 @@ def build_task(name, config, options):
     raise UsageError(f"unknown task {name!r}")
 
 
-# ----------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------------- command line and settings
 def load_method(name):
     if name not in METHODS:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, or all (every Sudoku method)")
@@ -301,7 +697,41 @@ def refuse_changed_settings(given, checkpoint):
               f"{checkpoint['config']['steps']}); the learning-rate schedule ends there too")
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def available_memory(device):
+    """Bytes free for this run: the device's free memory on CUDA, MemAvailable on a CPU (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        text = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def check_fits(method, config, task, device):
+    """Refuse, before anything is allocated, a model or batch that cannot fit: the parameters (counted on the
+    meta device, which allocates nothing) with their gradients and AdamW's two moments, plus one training
+    batch, against the free memory. A lower bound (activations come on top): what passes may still not fit."""
+    free = available_memory(device)
+    if free is None:
+        return
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the real build draws the same numbers
+            parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
+    except Exception:  # a model that cannot be built on the meta device: no estimate
+        return
+    finally:
+        np.random.set_state(numpy_state)
+    example = sum(v.element_size() * v[:1].numel() for v in task.train_batch(0, 1).values())
+    needed = 16 * parameters + example * config.batch_size
+    if needed > free:
+        raise UsageError(f"this run needs at least {needed / 2**30:,.1f} GiB ({parameters:,} parameters with their "
+                         f"gradients and optimizer state, and a batch of {config.batch_size:,}), but {device} has "
+                         f"{free / 2**30:,.1f} GiB free")
+
+
+# ------------------------------------------ run-folder safety: atomic files, checkpoints, the lock, Ctrl-C and SIGTERM
 def write_atomically(path, write):
     """write(binary file) into a temporary file beside path, then rename it to path: a crash or a full
     disk never leaves half a file, and the previous one stays until the rename."""
@@ -352,7 +782,6 @@ def write_json(path, value):
     write_atomically(path, lambda file: file.write(json.dumps(value, indent=1, allow_nan=False).encode()))
 
 
-# ----------------------------------------------------------------------------- the run folder
 def check_writable(out):
     """Refuse, in one line, a run folder that cannot be created or written (checked before any work)."""
     existing = next(folder for folder in (out, *out.parents) if folder.exists() or folder == Path(folder.anchor))
@@ -443,28 +872,108 @@ def clear_run_folder(out, resume_path, step):
         log.unlink(missing_ok=True)  # a new run, or one continued in another folder, starts its own log
 
 
-# ----------------------------------------------------------------------------- the run
-def choose_device_and_dtype(device_name, dtype_name):
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
-                          "cpu" if device_name == "auto" else device_name)
-    if dtype_name == "auto":
-        if device.type != "cuda":
-            return device, None
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what timeout, job schedulers and docker stop send
 
 
-def lr_factor(step, config):
-    """Linear warmup, then cosine decay to 10 % of the peak at the last step."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def set_ctrl_c_handler(handler):
+    """signal.signal for Ctrl-C and SIGTERM alike, returning the previous handlers; None outside the main
+    thread (no change)."""
+    try:
+        return {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    except ValueError:
+        return None
 
 
-# ----------------------------------------------------------------------------- cost: FLOPs, throughput, MFU
+def restore_handlers(previous):
+    for number, handler in (previous or {}).items():
+        signal.signal(number, handler)
+
+
+def stop_at_once(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the run folder's lock is released on the way out
+
+
+class StopRequests:
+    """Ctrl-C and SIGTERM while training. The first lets the step in flight finish, then the run saves and
+    stops; a second stops inside the step: the checkpoint then holds the random state from the start of that
+    step, which --resume runs again, or, when the step had begun to update the weights (the optimizer's step
+    was entered), nothing is saved and the last checkpoint stays. Under torchrun the ranks agree every step
+    on whether to stop, so all stop after the same step."""
+
+    def __init__(self, optimizer, device):
+        self.device, self.signals, self.stopped_in_step, self.state_at_step_start = device, [], False, None
+        self.updating = []
+        self.hook = optimizer.register_step_pre_hook(lambda *_: self.updating.append(True))
+
+    def __enter__(self):
+        self.previous = set_ctrl_c_handler(self.handle)
+        return self
+
+    def __exit__(self, *exception):
+        self.hook.remove()
+        restore_handlers(self.previous)
+
+    def handle(self, signum, frame):
+        if self.signals:
+            raise KeyboardInterrupt
+        self.signals.append(signum)
+        tqdm.write(f"{'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'}: saving after this step "
+                   f"(Ctrl-C again to stop at once)")
+
+    @property
+    def requested(self):
+        return bool(self.signals) or self.stopped_in_step
+
+    @property
+    def inside_the_update(self):
+        return bool(self.updating)
+
+    def step_begins(self):
+        self.state_at_step_start = rng_state(self.device)
+
+    def step_ends(self):
+        self.state_at_step_start = None
+        self.updating.clear()
+
+    def stopped_inside_a_step(self):
+        self.stopped_in_step = True
+        if self.state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
+            set_rng_state(self.state_at_step_start, self.device)
+
+    def agree_over_ranks(self, metrics):
+        metrics, stop = average_over_ranks(metrics, bool(self.signals), self.device)
+        if stop and not self.signals:
+            self.signals.append(signal.SIGINT)
+        return metrics
+
+    def ignore(self):
+        set_ctrl_c_handler(signal.SIG_IGN)
+
+
+class Checkpoints:
+    """The run's checkpoint.pt: every rank takes part in gathering its state (gather()), rank 0 writes it
+    atomically (state(step, gathered)). A save that fails (a full disk) stops the run in one line; the
+    previous checkpoint stays whole."""
+
+    def __init__(self, path, step, gather, state):
+        self.path, self.gather, self.state = path, gather, state
+        self.saved_step = step if path.exists() else None
+
+    def kept(self):
+        return f"{self.path} (step {self.saved_step}) is kept" if self.saved_step is not None else "nothing was saved"
+
+    def save(self, step):
+        gathered = self.gather()
+        if world()[0] == 0:
+            try:
+                save_checkpoint(self.path, self.state(step, gathered))
+            except OSError as error:  # a full disk, a folder gone read-only: the previous checkpoint is intact
+                raise TrainingError(f"cannot save the checkpoint of step {step}: {error.strerror or error}; "
+                                    f"{self.kept()}") from None
+        self.saved_step = step
+
+
+# ---------------------------------------------------------------------------------- cost meter: FLOPs, throughput, MFU
 def _attention_flops(query, key, value, *args, out_shape=None, **kwargs):
     return sdpa_flop_count(query, key, value)  # Q·Kᵀ and P·V: 2 products
 
@@ -515,8 +1024,8 @@ class CostMeter:
     real method.train_step sees every matrix product, convolution and attention of every pass the step makes
     (passes under no_grad included), forward and backward, attention as ATTENTION_FLOPS says; elementwise
     ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
-    on the step before each log line; a method whose per-step cost varies (recurrent_depth samples its
-    recurrence count per step) is estimated by the mean of the counted steps.
+    on the step before each log line; a method whose per-step cost varies (a thinking depth sampled per
+    step) is estimated by the mean of the counted steps.
     Under torchrun each rank counts its slice and the world's FLOPs are that times the number of ranks."""
 
     def __init__(self, peak, ranks, state=None):
@@ -547,20 +1056,7 @@ class CostMeter:
                 "mfu": self.flops_per_step() * steps / seconds / (self.peak * self.ranks)}
 
 
-def with_example_seeds(batch, seed, step):
-    """The batch plus "example_seed", one int64 per example from (--seed, step, the example's place in the global
-    batch): a method that draws an example's noise from its own seed draws the same under any torchrun split."""
-    count = len(next(iter(batch.values())))
-    return {**batch, "example_seed": torch.from_numpy(np.random.default_rng([seed, step, 1]).integers(2**62, size=count))}
-
-
-def token_count(batch):
-    """Elements of the batch's first integer tensor: Sudoku cells (81 a puzzle), text characters,
-    VQA question tokens (what tokens_per_s counts)."""
-    return next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)
-
-
-# ----------------------------------------------------------------------------- torchrun: data parallelism
+# ------------------------------------------------------------------------------------------ torchrun: data parallelism
 # torchrun --standalone --nproc_per_node N train.py ...: every rank builds the same model and takes its slice of
 # each step's global batch (--batch-size examples, so the data does not depend on N); gradients are averaged
 # across ranks at the end of every backward pass; rank 0 alone logs, checkpoints and evaluates.
@@ -597,10 +1093,10 @@ def average_gradients_over_ranks(model):
     """After every backward pass that reaches the model's parameters, replace each gradient by its mean over
     the ranks (one flat all-reduce at the end of the pass, as DDP does), so the method's own gradient
     clipping and optimizer step see the gradient of the whole global batch: clipping each rank's gradient
-    before averaging would clip another vector. Exact with several backward passes per step (lit's teacher
-    and student share one; lvr's GRPO takes several optimizer steps, one backward each): a pass that adds to
-    gradients already averaged adds the mean of the new parts. ltm's fast steps differentiate only the
-    per-sequence latents (backward(inputs=[mu, logvar])), which stay per rank. A parameter without a
+    before averaging would clip another vector. Exact with several backward passes per step, whether they
+    share one optimizer step or each take their own: a pass that adds to gradients already averaged adds the
+    mean of the new parts. A backward pass that reaches no parameter (one that differentiates only other
+    tensors, backward(inputs=...)) is left alone: those gradients stay per rank. A parameter without a
     gradient on some rank counts as zero there; one without a gradient on every rank keeps None.
     Returns the hooks' handles: the loop removes them after training (rank 0's evaluation may differentiate)."""
     parameters = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
@@ -651,9 +1147,13 @@ def rank_states(model, device):
     return states
 
 
-# ----------------------------------------------------------------------------- plots (SVG, standard library)
+# ---------------------------------------------------------------------------- plots and tables (SVG, standard library)
 STEP_COLUMNS = ("thinking steps", "T (fast steps)", "latent steps")
+
+
 METRIC_COLUMNS = ("exact %", "student exact %", "accuracy %", "bits/char", "NLL/token")
+
+
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -729,6 +1229,15 @@ def curve_svg(x_name, y_name, panels, title):
     return "\n".join(out) + "\n"
 
 
+def write_curve(rows, path, title, panel_column="test set"):
+    """The table's metric against thinking steps as an SVG plot (nothing is written for a table without
+    a step column, e.g. a single-row baseline)."""
+    found = curve_panels(rows, panel_column)
+    if found and found[2]:
+        svg = curve_svg(*found, title)
+        write_atomically(path, lambda file: file.write(svg.encode()))
+
+
 def print_table(rows, title):
     if not rows:
         return
@@ -742,436 +1251,7 @@ def print_table(rows, title):
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
 
 
-def run(argv):
-    method, given = parse(argv)
-    checkpoint_path = given.get("resume") or given.get("eval_only")
-    checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
-    # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
-    # The checkpoint's --out is not among them: a run continues (or is evaluated) next to its checkpoint.
-    if "resume" in given:
-        refuse_changed_settings(given, checkpoint)
-    # --out and --data-dir are places on this machine, not settings of the run: a checkpoint's never apply
-    saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
-    options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
-    field_names = {f.name for f in dataclasses.fields(method.Config)}
-    config_values = dataclasses.asdict(method.Config())
-    if options.preset == "gpu":
-        config_values.update(method.GPU_CONFIG)
-    config_values.update(checkpoint["config"] if checkpoint else {})
-    config_values.update({k: v for k, v in given.items() if k in field_names})
-    config_values = {k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()}
-    check_settings(options, method.Config, config_values)
-    try:
-        config = method.Config(**config_values)
-    except (TypeError, ValueError, ArithmeticError) as error:
-        raise UsageError(f"invalid configuration: {error}") from None
-    options.task = options.task or method.TASKS[0]
-    if options.task not in method.TASKS:
-        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
-    for name in ("text_file", "context_length"):
-        if name in given and options.task != "text":
-            raise UsageError(f"--{name.replace('_', '-')} sets up --task text; --task {options.task} does not use it")
-    if getattr(config, "stage", None) == "rl" and not checkpoint and "init_from" not in given:
-        raise UsageError("--stage rl fine-tunes a trained model with reinforcement learning: give --init-from "
-                         "CHECKPOINT of a supervised run (random weights earn no reward to learn from)")
-    if options.misread_rate and options.task != "visual":
-        raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
-    device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
-    rank, ranks = world()
-    if config.batch_size % ranks:
-        raise UsageError(f"--batch-size {config.batch_size} does not split evenly over {ranks} ranks")
-    if ranks > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
-        torch.cuda.set_device(device)
-    out = Path(options.out or (Path(checkpoint_path).parent if checkpoint_path else f"runs/{method.__name__}-{options.task}"))
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    options.out = str(out)
-    if "eval_only" in given:
-        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out) if rank == 0 else 0
-    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
-    try:
-        with contextlib.ExitStack() as held:
-            def take_folder():
-                check_writable(out)
-                try:
-                    out.mkdir(parents=True, exist_ok=True)
-                    held.enter_context(run_folder_lock(out))
-                except OSError as error:
-                    raise UsageError(f"--out {out}: {error.strerror or error}") from None
-            agreed(take_folder)
-            return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
-    finally:
-        for folder in created if rank == 0 else ():
-            if folder.exists() and not any(folder.iterdir()):
-                folder.rmdir()  # the run stopped before it wrote anything
-
-
-def build(method, config, options, device, autocast_dtype, source):
-    """The task and the model (with the weights of the checkpoint `source`, if any)."""
-    torch.manual_seed(options.seed)
-    np.random.seed(options.seed)
-    try:
-        task = build_task(options.task, config, options)
-        check_fits(method, config, task, device)
-        model = method.build_model(config, task).to(device)
-    except (ValueError, FileNotFoundError, ArithmeticError) as error:
-        raise UsageError(str(error)) from None
-    if source and "vocabulary" in source and source["vocabulary"] != getattr(task, "characters", None):
-        raise UsageError(f"--text-file {options.text_file} holds other characters than the text the checkpoint "
-                         f"was trained on, so its character ids would mean other characters")
-    if source:
-        try:
-            model.load_state_dict(source["model"])
-        except RuntimeError as error:
-            detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
-            raise UsageError(f"checkpoint does not fit this configuration: {detail}") from None
-    if options.compile:
-        model.compile()
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"{method.__name__} on {options.task}: {parameters / 1e6:.2f}M parameters, device {device}, "
-          f"autocast {autocast_dtype or 'off'}, run folder {options.out}")
-    return task, model
-
-
-def available_memory(device):
-    """Bytes free for this run: the device's free memory on CUDA, MemAvailable on a CPU (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        text = Path("/proc/meminfo").read_text()
-        return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
-def check_fits(method, config, task, device):
-    """Refuse, before anything is allocated, a model or batch that cannot fit: the parameters (counted on the
-    meta device, which allocates nothing) with their gradients and AdamW's two moments, plus one training
-    batch, against the free memory. A lower bound (activations come on top): what passes may still not fit."""
-    free = available_memory(device)
-    if free is None:
-        return
-    try:
-        with torch.device("meta"):
-            parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
-    except Exception:  # a model that cannot be built on the meta device: no estimate
-        return
-    example = sum(v.element_size() * v[:1].numel() for v in task.train_batch(0, 1).values())
-    needed = 16 * parameters + example * config.batch_size
-    if needed > free:
-        raise UsageError(f"this run needs at least {needed / 2**30:,.1f} GiB ({parameters:,} parameters with their "
-                         f"gradients and optimizer state, and a batch of {config.batch_size:,}), but {device} has "
-                         f"{free / 2**30:,.1f} GiB free")
-
-
-def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, weights, cost=None):
-    """Evaluate, print the table and write it to path (results.json or eval.json) with what was evaluated:
-    the step, which weights, the seed, the test sets and their sizes. An eval.json already there is kept
-    under "earlier" in the new one."""
-    rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
-    print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    evaluated = {"step": step, "weights": weights, "seed": options.seed, "eval_size": options.eval_size,
-                 "test_files": list(options.test_csv), "eval_steps": list(config.eval_steps),
-                 "test_sets": {name: len(next(iter(batch.values()))) for name, batch in task.test_sets.items()}}
-    record = {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config),
-              "evaluated": evaluated, "rows": rows, **({"cost": cost} if cost else {})}
-    if path.name == "eval.json" and path.exists():
-        try:
-            earlier = json.loads(path.read_text())
-            record["earlier"] = [*earlier.pop("earlier", []), earlier]
-        except (OSError, ValueError, AttributeError):
-            print(f"warning: {path} cannot be read; the new evaluation replaces it", file=sys.stderr)
-    write_json(path, record)
-    write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
-                f"{method.__name__} on {options.task}")
-
-
-def write_curve(rows, path, title, panel_column="test set"):
-    """The table's metric against thinking steps as an SVG plot (nothing is written for a table without
-    a step column, e.g. a single-row baseline)."""
-    found = curve_panels(rows, panel_column)
-    if found and found[2]:
-        svg = curve_svg(*found, title)
-        write_atomically(path, lambda file: file.write(svg.encode()))
-
-
-def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
-    check_writable(out)
-    task, model = build(method, config, options, device, autocast_dtype, checkpoint)
-    weights = "as trained"
-    if "ema" in checkpoint and not options.trained_weights:
-        print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
-        model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
-        weights = f"weight average (--ema {options.ema})"
-    broken = next((name for name, value in model.state_dict().items()
-                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
-    if broken is not None:
-        raise UsageError(f"the checkpoint's {'weight average' if weights != 'as trained' else 'weights'} hold non-finite "
-                         f"values ({broken}): its run diverged; evaluate an earlier checkpoint")
-    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json", checkpoint["step"], weights)
-    return 0
-
-
-class WeightAverage:
-    """Exponential moving average of the parameters, updated after every optimizer step:
-    average <- d·average + (1 - d)·weights, d = min(decay, (1 + updates) / (10 + updates)); the warm-up
-    of d (as in TensorFlow's ExponentialMovingAverage) keeps a short run from averaging in its random init."""
-
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.weights = dict(model.named_parameters())
-        self.average = {name: weight.detach().clone() for name, weight in self.weights.items()}
-
-    @torch.no_grad()
-    def update(self, *unused):  # called as an optimizer step post-hook
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.average.values()), [w.detach() for w in self.weights.values()], 1 - decay)
-        self.updates += 1
-
-    def state_dict(self):
-        return {**self.average, "updates": torch.tensor(self.updates)}
-
-    def load_state_dict(self, state):
-        self.updates = int(state["updates"])
-        for name, value in self.average.items():
-            value.copy_(state[name])
-
-    @contextlib.contextmanager
-    def applied(self):
-        """The model holds the average inside the block, its trained weights again after it."""
-        trained = {name: weight.detach().clone() for name, weight in self.weights.items()}
-        with torch.no_grad():
-            for name, weight in self.weights.items():
-                weight.copy_(self.average[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, weight in self.weights.items():
-                    weight.copy_(trained[name])
-
-
-def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
-    """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
-    resuming = "resume" in given
-    rank, ranks = world()
-    source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
-    agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
-    task, model = build(method, config, options, device, autocast_dtype, source)
-    if ranks > 1:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
-        torch.manual_seed(options.seed + 1_000_003 * rank)  # the ranks' own random draws (rank 0: reseeded too)
-    try:
-        optimizer = method.make_optimizer(model, config)
-    except ValueError as error:  # AdamW's own checks, for a setting the Config does not name
-        raise UsageError(f"invalid optimizer setting: {error}") from None
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    average = WeightAverage(model, options.ema) if options.ema else None
-    if average:
-        optimizer.register_step_post_hook(average.update)
-    step = 0
-    if resuming:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        states = checkpoint.get("rank_rngs") or [checkpoint]
-        if len(states) == ranks:
-            set_rng_state(states[rank], device)
-        else:
-            print(f"the checkpoint holds the random state of {len(states)} rank(s), this run has {ranks}: "
-                  f"it continues with fresh random draws, not bit-exactly")
-        step = checkpoint["step"]
-        if average and "ema" not in checkpoint:
-            raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
-        if average:
-            average.load_state_dict(checkpoint["ema"])
-    peak = matmul_peak(device, autocast_dtype or torch.float32)
-    print(f"matmul probe: {peak / 1e9:.1f} GFLOP/s ({device}, {autocast_dtype or torch.float32}), the peak for MFU")
-    cost = CostMeter(peak, ranks, checkpoint.get("cost") if resuming else None)
-
-    def checkpoint_state(step, rank_rngs):
-        state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, **rng_state(device), "cost": cost.state(), **({"rank_rngs": rank_rngs} if rank_rngs else {})}
-        if hasattr(task, "characters"):
-            state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
-        if average:
-            state["ema"] = average.state_dict()
-        return state
-
-    check_evaluation(method, model, task, config, device, autocast_dtype)
-    agreed(lambda: clear_run_folder(out, given.get("resume"), step))  # everything is checked: the old run can go
-    step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
-                 step, checkpoint_state, cost)
-    if step is None:
-        return 130
-    if rank == 0:
-        summary = {"training_flops": cost.flops_per_step() * step, "flops_per_step": cost.flops_per_step(),
-                   "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
-                   "device": str(device), **cost.last}
-        with average.applied() if average else contextlib.nullcontext():
-            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
-                               f"weight average (--ema {options.ema})" if average else "as trained", summary)
-    if ranks > 1:
-        dist.barrier()  # the other ranks wait for the evaluation
-    return 0
-
-
-def check_evaluation(method, model, task, config, device, autocast_dtype):
-    """Evaluate once on two examples of each test set before training, so that a setting only the evaluation
-    rejects (an eval batch size of 0, ...) stops the run now, not after all training. The model, its
-    gradients and the random state are left as they were."""
-    probe = copy.copy(task)
-    probe.test_sets = {name: {key: value[:2] for key, value in batch.items()} for name, batch in task.test_sets.items()}
-    steps = tuple(sorted({min(config.eval_steps), max(config.eval_steps)}))  # the smallest and largest are enough
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            method.evaluate(model, probe, config, steps, autocast_dtype)
-        except (ValueError, ArithmeticError, RuntimeError) as error:
-            raise UsageError(f"the evaluation fails with these settings: {(str(error).splitlines() or [''])[0]}") from None
-    model.train()
-    model.zero_grad(set_to_none=True)
-
-
-def rng_state(device):
-    """The random generators' state: all that a step draws from besides its seeded batch."""
-    return {"rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"])
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what timeout, job schedulers and docker stop send
-
-
-def set_ctrl_c_handler(handler):
-    """signal.signal for Ctrl-C and SIGTERM alike, returning the previous handlers; None outside the main
-    thread (no change)."""
-    try:
-        return {number: signal.signal(number, handler) for number in STOP_SIGNALS}
-    except ValueError:
-        return None
-
-
-def restore_handlers(previous):
-    for number, handler in (previous or {}).items():
-        signal.signal(number, handler)
-
-
-def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state, cost):
-    """The loop: schedule, train_step, logging, periodic and Ctrl-C checkpoints. Returns the final step,
-    or None when interrupted (after saving).
-    Ctrl-C (or SIGTERM) lets the step in flight finish, then saves; a second Ctrl-C stops inside the step: the
-    checkpoint then holds the random state from the start of that step, which --resume runs again, or,
-    when the step had begun to update the weights, nothing is saved and the last checkpoint stays.
-    Under torchrun the ranks agree every step on whether to stop, so all stop after the same step."""
-    rank, ranks = world()
-    checkpoint_path = out / "checkpoint.pt"
-    saved_step = step if checkpoint_path.exists() else None
-    ctrl_c, updating = [], []
-    update_hook = optimizer.register_step_pre_hook(lambda *_: updating.append(True))
-    averaging_hooks = average_gradients_over_ranks(model) if ranks > 1 else []
-
-    def finish_step_then_stop(signum, frame):
-        if ctrl_c:
-            raise KeyboardInterrupt
-        ctrl_c.append(signum)
-        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-        tqdm.write(f"{name}: saving after this step (Ctrl-C again to stop at once)")
-
-    previous_handler = set_ctrl_c_handler(finish_step_then_stop)
-    log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
-    progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True, disable=rank != 0)
-    interrupted, state_at_step_start = False, None
-    start, start_step, tokens = time.perf_counter(), step, 0
-
-    def save(step):
-        rank_rngs = rank_states(model, device)  # every rank takes part; rank 0 writes
-        if rank == 0:
-            try:
-                save_checkpoint(checkpoint_path, checkpoint_state(step, rank_rngs))
-            except OSError as error:  # a full disk, a folder gone read-only: the previous checkpoint is intact
-                kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
-                raise TrainingError(f"cannot save the checkpoint of step {step}: {error.strerror or error}; {kept}") from None
-    try:
-        try:
-            while step < config.steps and not ctrl_c:
-                state_at_step_start = rng_state(device)
-                factor = lr_factor(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] * factor
-                whole = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
-                tokens += token_count(whole)
-                # the example seeds stay on the CPU: methods read them as Python ints, with no device sync
-                batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True)
-                         for k, v in rank_slice(whole).items()}
-                # FLOPs counted on the step before each log line, chosen by step number alone: a counted step's
-                # gradients can differ in the last bit (the counter changes torch's dispatch), so a resumed run
-                # must count the same steps as one that was never stopped
-                counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps
-                metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype), counted)
-                if ranks > 1:
-                    metrics, stop = average_over_ranks(metrics, bool(ctrl_c), device)
-                    if stop and not ctrl_c:
-                        ctrl_c.append(signal.SIGINT)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    kept = (f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else
-                            "no checkpoint had been saved")
-                    raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
-                                        f"--lr; stopped, {kept}")
-                step += 1
-                state_at_step_start = None
-                updating.clear()
-                progress.update(1)
-                if step % options.log_every == 0 or step == config.steps:
-                    cost.last = cost.fields(step - start_step, (step - start_step) * config.batch_size, tokens,
-                                            time.perf_counter() - start)
-                    values = {k: float(v) for k, v in metrics.items()}
-                    logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
-                    log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged,
-                                          **cost.last}, allow_nan=False) + "\n")
-                    log.flush()
-                    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
-                                          "ex/s": f"{cost.last['examples_per_s']:.0f}", "MFU": f"{cost.last['mfu']:.1%}"})
-                if step % options.save_every == 0:
-                    save(step)
-                    saved_step = step
-        except KeyboardInterrupt:
-            interrupted = True
-            if state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
-                set_rng_state(state_at_step_start, device)
-        finally:
-            progress.close()
-            log.close()
-            update_hook.remove()
-            for hook in averaging_hooks:
-                hook.remove()
-        elapsed = time.perf_counter() - start
-        if updating:  # the weights may be half updated: no checkpoint beats an inexact one
-            kept = f"{checkpoint_path} (step {saved_step}) is kept" if saved_step is not None else "nothing was saved"
-            print(f"interrupted while step {step + 1} updated the weights; not saved, {kept}")
-            return None
-        set_ctrl_c_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
-        save(step)
-    finally:
-        restore_handlers(previous_handler)
-    if interrupted or ctrl_c:
-        print(f"interrupted at step {step}; checkpoint saved to {checkpoint_path} (continue with --resume)")
-        return None
-    if step > start_step:
-        print(f"trained {step - start_step} steps in {elapsed:.0f} s: {cost.last['examples_per_s']:.1f} examples/s, "
-              f"{cost.flops_per_step():.3g} FLOPs/step, MFU {cost.last['mfu']:.1%}")
-    return step
-
-
-# ----------------------------------------------------------------------------- --method all: one benchmark
+# ----------------------------------------------------------------------------------------- --method all: one benchmark
 # Every Sudoku method with its CPU default (unless the command line says otherwise), trained on the same
 # base set and evaluated on the same test puzzles; (row name, method, its own flags).
 COMPARED = (("recurrent_depth", "recurrent_depth", ()),
@@ -1249,10 +1329,7 @@ def compare_table(points, results):
     return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.\n"
 
 
-def stop_at_once(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the run folder's lock is released on the way out
-
-
+# --------------------------------------------------------------------------------------------------------- entry point
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     first = argparse.ArgumentParser(add_help=False)
