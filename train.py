@@ -66,10 +66,10 @@ def run(argv):
     checkpoint_path = given.get("resume") or given.get("eval_only")
     checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
     # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
-    # The checkpoint's --out is not among them: a run continues (or is evaluated) next to its checkpoint.
+    # The checkpoint's --out and --data-dir are not among them: places on this machine, not settings of the run
+    # (a run continues, or is evaluated, next to its checkpoint).
     if "resume" in given:
         refuse_changed_settings(given, checkpoint)
-    # --out and --data-dir are places on this machine, not settings of the run: a checkpoint's never apply
     saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
     options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
     field_names = {f.name for f in dataclasses.fields(method.Config)}
