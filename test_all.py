@@ -1065,6 +1065,58 @@ def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
     assert abs(totals.mean().item() - (4 + 1)) < 0.3
 
 
+SUDOKU_SHAPE = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)
+
+
+def core_passes_per_step(config, steps):
+    """Recurrences each train_step runs, counted by a hook on the first core block."""
+    torch.manual_seed(0)
+    model = rd.build_model(config, SUDOKU_SHAPE)
+    optimizer = rd.make_optimizer(model, config)
+    passes = []
+    model.core[0].register_forward_hook(lambda *unused: passes.append(1))
+    batch = {"puzzle": torch.randint(0, 10, (2, 81)), "solution": torch.randint(1, 10, (2, 81))}
+    counts, reported = [], []
+    for step in range(steps):
+        before = len(passes)
+        metrics = rd.train_step(model, optimizer, torch.amp.GradScaler(enabled=False), batch, step, config, None)
+        counts.append(len(passes) - before)
+        reported.append(int(metrics["recurrence"]))
+    return counts, reported
+
+
+def test_recurrent_depth_fixed_depth_control_draws_the_same_recurrence_count_every_step():
+    counts, reported = core_passes_per_step(rd.Config(**TINY, fixed_recurrence=True), 8)
+    assert counts == reported == [TINY["mean_recurrence"]] * 8  # r_mean every step: n = r - k without, k with grad
+    fixed = rd.Config(**TINY, fixed_recurrence=True)
+    assert {rd.sample_recurrence(step, fixed) for step in range(100)} == {(2, 2)}
+    counts, reported = core_passes_per_step(rd.Config(**TINY), 8)  # the default samples: the counts vary
+    assert counts == reported and len(set(counts)) > 2
+
+
+def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_point():
+    config = rd.Config(**TINY, plain_transformer=True)  # 1 + 2 * 4 + 1 = 10 layers
+    torch.manual_seed(0)
+    model = rd.build_model(config, SUDOKU_SHAPE)
+    assert len(model.layers) == 10 and not hasattr(model, "core") and not hasattr(model, "adapter")
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    assert sum(p.numel() for p in model.parameters()) == 10 * block + (10 + 27 + 1) * config.d_model  # wte, grid, ln_f
+    assert len({p.data_ptr() for p in model.parameters()}) == len(list(model.parameters()))  # no tying
+    idx = torch.randint(0, 10, (2, 81))
+    loss, _ = rd.recurrent_loss(model, {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}, (3, 2))
+    loss.backward()
+    grads = [layer.attn.qkv.weight.grad for layer in model.layers]
+    assert all(g.abs().sum() > 0 for g in grads) and not any(torch.equal(grads[0], g) for g in grads[1:])
+    with torch.no_grad():  # test-time recurrences do not apply: the same logits whatever is asked
+        torch.testing.assert_close(model(idx, (0, 1)), model(idx, (30, 4)))
+    task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))},
+                                                            "b": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
+    rows = rd.evaluate(model, task, config, (1, 2, 8, 16), None)
+    assert [(r["test set"], r["thinking steps"]) for r in rows] == [("a", 4), ("b", 4)]  # one point, at r_mean
+    with pytest.raises(ValueError, match="Sudoku task only"):
+        rd.build_model(config, TEXT)
+
+
 def test_recurrent_depth_initial_state_is_the_truncated_normal_of_std_sqrt_2_over_5():
     model = tiny_model()
     s0 = model.init_state(torch.zeros(8, 500, 64), generator=torch.Generator().manual_seed(0))  # 256,000 draws
@@ -1385,7 +1437,8 @@ def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
                                  dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=()),
-                                 dict(rope_layout="rotate")])
+                                 dict(rope_layout="rotate"), dict(fixed_recurrence=True, plain_transformer=True),
+                                 dict(stable_steps=0), dict(min_steps=-1)])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):
     with pytest.raises(ValueError):
         rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
