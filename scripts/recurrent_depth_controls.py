@@ -5,10 +5,10 @@
         (deterministic: seeded by the step), and the steps at which the fixed-recurrence and plain-transformer
         controls spend the same; FLOPs counted as train.py's cost meter counts them (FlopCounterMode on
         train_step, batch_size Sudoku puzzles)
-    python scripts/recurrent_depth_controls.py plot OUT.svg NAME=RUN_FOLDER[,RUN_FOLDER...] ...
-        exact % against test-time recurrences per test set, mean +- sd over the run folders (seeds) of each
-        name; a run with one row per test set (the plain transformer) is one point. Prints a markdown table.
-        Standard library only.
+    python scripts/recurrent_depth_controls.py plot OUT.svg [--metric "blank-cell %"] NAME=RUN_FOLDER[,RUN_FOLDER...] ...
+        the metric (default exact %) against test-time recurrences per test set, mean +- sd over the run folders
+        (seeds) of each name; a run with one row per test set (the plain transformer) is one point. Prints a
+        markdown table. Standard library only.
 """
 
 import json
@@ -76,14 +76,14 @@ def load_rows(folder):
     return json.loads((Path(folder) / "results.json").read_text())["rows"]
 
 
-def curves(named_folders):
-    """{name: {test set: {steps: [exact % per seed]}}} from the integer-step rows of each run."""
+def curves(named_folders, metric="exact %"):
+    """{name: {test set: {steps: [metric per seed]}}} from the integer-step rows of each run."""
     found = {}
     for name, folders in named_folders.items():
         for folder in folders:
             for row in load_rows(folder):
                 if isinstance(row["thinking steps"], int):
-                    found.setdefault(name, {}).setdefault(row["test set"], {}).setdefault(row["thinking steps"], []).append(row["exact %"])
+                    found.setdefault(name, {}).setdefault(row["test set"], {}).setdefault(row["thinking steps"], []).append(row[metric])
     return found
 
 
@@ -156,12 +156,14 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["flops"] and len(sys.argv) >= 3:
         equal_flops(int(sys.argv[2]), sys.argv[3:])
     elif sys.argv[1:2] == ["plot"] and len(sys.argv) >= 4:
-        named = {}
-        for item in sys.argv[3:]:
+        named, rest, metric = {}, sys.argv[3:], "exact %"
+        if rest[0] == "--metric":
+            metric, rest = rest[1], rest[2:]
+        for item in rest:
             name, folders = item.split("=", 1)
             named[name] = folders.split(",")
-        found = curves(named)
-        Path(sys.argv[2]).write_text(svg(found, "exact % against recurrences at test time (equal training FLOPs)"))
+        found = curves(named, metric)
+        Path(sys.argv[2]).write_text(svg(found, f"{metric} against recurrences at test time (equal training FLOPs)"))
         print(table(found))
     else:
         sys.exit(__doc__)
