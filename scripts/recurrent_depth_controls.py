@@ -160,7 +160,7 @@ if __name__ == "__main__":
         if rest[0] == "--metric":
             metric, rest = rest[1], rest[2:]
         for item in rest:
-            name, folders = item.split("=", 1)
+            name, folders = item.rsplit("=", 1)
             named[name] = folders.split(",")
         found = curves(named, metric)
         Path(sys.argv[2]).write_text(svg(found, f"{metric} against recurrences at test time (equal training FLOPs)"))
