@@ -1222,29 +1222,29 @@ def test_recurrent_depth_cached_generation_equals_uncached_forward():
     idx = torch.randint(0, TEXT.vocab_size, (3, 20))
     steps = 5
     with torch.no_grad():
-        zero = torch.zeros(3, 20, model.cfg.d_model)
+        zero = torch.zeros(3, 20, model.config.d_model)
         full = model(idx, (steps, 0), state=zero)  # (B, T, V)
         cache = rd.RecurrentKVCache(model, 3, 20, steps)
-        parts = [model._cached_forward(idx[:, :12], cache, steps, "none", None, init_scale=0.0)[0]]
+        parts = [rd.cached_forward(model, idx[:, :12], cache, steps, "none", None, init_scale=0.0)[0]]
         for t in range(12, 20):
-            parts.append(model._cached_forward(idx[:, t : t + 1], cache, steps, "none", None, init_scale=0.0)[0])
+            parts.append(rd.cached_forward(model, idx[:, t : t + 1], cache, steps, "none", None, init_scale=0.0)[0])
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
     # generate() (greedy, fixed steps, no warm start) continues exactly as the uncached model would
-    out, mean_steps = model.generate(idx[:, :8], 10, max_steps=steps, exit_criterion="none", continuous_cot=False,
+    out, stats = rd.generate(model, idx[:, :8], 10, thinking_steps=steps, exit_criterion="none", continuous_cot=False,
                                      init_scale=0.0)
-    logits = model(out[:, :-1], (steps, 0), state=torch.zeros(3, 17, model.cfg.d_model))
-    assert torch.equal(out[:, 8:], logits[:, 7:].argmax(-1)) and mean_steps == steps
+    logits = model(out[:, :-1], (steps, 0), state=torch.zeros(3, 17, model.config.d_model))
+    assert torch.equal(out[:, 8:], logits[:, 7:].argmax(-1)) and stats["mean steps"] == steps
 
 
 def test_recurrent_depth_latest_m4_lookup_reads_latest_step_of_early_exited_tokens():
     model = tiny_model()
-    cache = rd.RecurrentKVCache(model, 1, 4, max_steps=6)
+    cache = rd.RecurrentKVCache(model, 1, 4, thinking_steps=6)
     for step in range(6):  # mark the (k) cache entry of step s for every token with value s
         cache.core[step, 0, 0] = step
     cache.steps_done[0] = torch.tensor([6, 2, 4, 6])  # token 1 exited after 2 steps, token 2 after 4; 3 is new
     cache.start, cache.end = 3, 4
-    head_dim = model.cfg.d_model // model.cfg.n_heads
-    new = torch.full((1, model.cfg.n_heads, 1, head_dim), 7.0)
+    head_dim = model.config.d_model // model.config.n_heads
+    new = torch.full((1, model.config.n_heads, 1, head_dim), 7.0)
     keys, _, _ = cache.core_layer(0, 5)(new, new)  # a query at step 5
     assert keys[0, 0, :, 0].tolist() == [5.0, 1.0, 3.0, 7.0]  # slot min(5, steps_done - 1); the new key itself
 
@@ -1253,30 +1253,45 @@ def test_recurrent_depth_adaptive_generation_uses_fewer_steps_and_threshold_zero
     model = tiny_model().eval()
     prompt = torch.randint(0, TEXT.vocab_size, (2, 6))
     torch.manual_seed(1)
-    fixed, fixed_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="none", continuous_cot=True)
-    model.cfg.kl_threshold = 0.0  # never exits: the adaptive path must reproduce the fixed one
+    fixed, fixed_steps = rd.generate(model, prompt, 10, thinking_steps=6, exit_criterion="none", continuous_cot=True)
+    model.config.kl_threshold = 0.0  # never exits: the adaptive path must reproduce the fixed one
     torch.manual_seed(1)
-    never, never_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="kl", continuous_cot=True)
-    assert torch.equal(fixed, never) and fixed_steps == never_steps == 6
-    model.cfg.kl_threshold = 1e9  # exits after the first step whose KL is measured
-    _, early_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="kl")
-    model.cfg.latent_threshold = 1e9
-    _, latent_steps = model.generate(prompt, 10, max_steps=6, exit_criterion="latent-diff")
-    assert early_steps == latent_steps == 1.0
+    never, never_steps = rd.generate(model, prompt, 10, thinking_steps=6, exit_criterion="kl", continuous_cot=True)
+    assert torch.equal(fixed, never) and fixed_steps["mean steps"] == never_steps["mean steps"] == 6
+    model.config.kl_threshold = 1e9  # exits after the first step whose KL is measured
+    _, early_steps = rd.generate(model, prompt, 10, thinking_steps=6, exit_criterion="kl")
+    model.config.latent_threshold = 1e9
+    _, latent_steps = rd.generate(model, prompt, 10, thinking_steps=6, exit_criterion="latent-diff")
+    assert early_steps["mean steps"] == latent_steps["mean steps"] == 1.0
+
+
+def test_recurrent_depth_batched_generation_reports_the_recurrences_the_batch_ran():
+    """Exited rows wait frozen for the batch's slowest row: "batch steps" is the core passes actually run per
+    token (counted by a hook), "mean steps" the rows' own exit steps, smaller when rows exit at different steps."""
+    model = tiny_model().eval()
+    model.config.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
+    passes = []
+    model.core[0].register_forward_hook(lambda *unused: passes.append(1))
+    prompt = torch.randint(0, TEXT.vocab_size, (4, 6))
+    rd.generate(model, prompt, 1, thinking_steps=8, exit_criterion="latent-diff")  # the prefill alone
+    prefill = len(passes)
+    _, stats = rd.generate(model, prompt, 11, thinking_steps=8, exit_criterion="latent-diff")
+    assert stats["batch steps"] == pytest.approx((len(passes) - 2 * prefill) / 10)  # 10 tokens after the prefill
+    assert 1 <= stats["mean steps"] < stats["batch steps"] <= 8
 
 
 def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
     """Rows that exit early stay frozen and keep their cached steps: a batch decodes as its rows one by one."""
     model = tiny_model().eval()
-    model.cfg.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
+    model.config.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
     tokens = torch.randint(0, TEXT.vocab_size, (4, 16))
 
     def decode(rows):  # prefill 6 tokens, then feed the next 10 one at a time with per-token exit
         cache = rd.RecurrentKVCache(model, rows.shape[0], 16, 8)
-        logits, _, _ = model._cached_forward(rows[:, :6], cache, 8, "none", None, 0.0)
+        logits, _, _ = rd.cached_forward(model, rows[:, :6], cache, 8, "none", None, 0.0)
         outputs, steps = [logits], []
         for t in range(6, 16):
-            logits, _, used = model._cached_forward(rows[:, t : t + 1], cache, 8, "latent-diff", None, 0.0)
+            logits, _, used = rd.cached_forward(model, rows[:, t : t + 1], cache, 8, "latent-diff", None, 0.0)
             outputs.append(logits)
             steps.append(used)
         return torch.cat(outputs, 1), torch.stack(steps, 1)  # (B, 16, V), (B, 10)
@@ -1291,41 +1306,41 @@ def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
 
 def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_token(monkeypatch):
     model = tiny_model().eval()
-    model.cfg.kl_threshold = 1e9  # every generated token exits at its first KL check
-    calls, forward = [], model._cached_forward
+    model.config.kl_threshold = 1e9  # every generated token exits at its first KL check
+    calls, forward = [], rd.cached_forward
 
-    def spy(idx, cache, max_steps, exit_criterion, state, init_scale):
-        logits, s, used = forward(idx, cache, max_steps, exit_criterion, state, init_scale)
+    def spy(model, idx, cache, thinking_steps, exit_criterion, state, init_scale):
+        logits, s, used = forward(model, idx, cache, thinking_steps, exit_criterion, state, init_scale)
         calls.append((state, s, used))
         return logits, s, used
 
-    monkeypatch.setattr(model, "_cached_forward", spy)
-    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=True)
+    monkeypatch.setattr(rd, "cached_forward", spy)
+    rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl", continuous_cot=True)
     assert calls[0][0] is None and calls[0][2].tolist() == [6, 6]  # the prompt: fresh s_0, all 6 steps, no exit
     assert all(used.tolist() == [1, 1] for _, _, used in calls[1:])
     for (_, previous, _), (state, _, _) in zip(calls, calls[1:]):  # continuous CoT: s_0 of a token = last s_r
         assert torch.equal(state, previous[:, -1:])
     calls.clear()
-    model.generate(torch.randint(0, TEXT.vocab_size, (2, 6)), 5, max_steps=6, exit_criterion="kl", continuous_cot=False)
+    rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl", continuous_cot=False)
     assert all(state is None for state, _, _ in calls)
 
 
 def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
     model = tiny_model().eval()
     prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
-    greedy, _ = model.generate(prompt, 20, max_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
+    greedy, _ = rd.generate(model, prompt, 20, thinking_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
     rates = []
     for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
-        out, stats = model.generate_speculative(prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        out, stats = rd.generate_speculative(model, prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
         assert torch.equal(out, greedy), (draft_steps, lookahead)
         rates.append(stats["accepted"])
     assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
     # all drafts accepted: 19 tokens after the prefill in rounds of 5, 5, 5, 4 -> (19 * 6 + 4 * 6) / 19 steps per token
     assert stats["sequential steps"] == pytest.approx((19 * 6 + 4 * 6) / 19)
-    one_row, _ = model.generate_speculative(prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
+    one_row, _ = rd.generate_speculative(model, prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
     assert torch.equal(one_row, greedy[:1])
     with pytest.raises(ValueError, match="draft_steps"):
-        model.generate_speculative(prompt, 4, draft_steps=7, verify_steps=6)
+        rd.generate_speculative(model, prompt, 4, draft_steps=7, verify_steps=6)
 
 
 def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
@@ -1333,21 +1348,22 @@ def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
 
     model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)).eval()
     idx = torch.randint(0, 10, (2, 81))
-    s0 = model.init_state(torch.zeros(2, 81, model.cfg.d_model))
+    s0 = model.init_state(torch.zeros(2, 81, model.config.d_model))
     trajectory = model.latent_trajectory(idx, 5, state=s0)  # (r + 1, B, T, D)
-    assert trajectory.shape == (6, 2, 81, model.cfg.d_model) and torch.equal(trajectory[0], s0)
+    assert trajectory.shape == (6, 2, 81, model.config.d_model) and torch.equal(trajectory[0], s0)
     with torch.no_grad():
         for r in (1, 5):  # s_r decodes to the logits of r recurrences from the same s_0
             torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), model(idx, (r, 0), state=s0))
     paths = trajectory[:, :, :3].permute(1, 2, 0, 3)  # (2 starts, 3 cells, 6 steps, D)
-    root = ElementTree.fromstring(rd.trajectory_svg(paths, ["a", "b", "c"], "test"))
+    from scripts.recurrent_depth_trajectories import trajectory_svg
+    root = ElementTree.fromstring(trajectory_svg(paths, ["a", "b", "c"], "test"))
     lines = root.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 6 and all(len(line.get("points").split()) == 6 for line in lines)  # one per start and cell
     assert [("stroke-dasharray" in line.attrib) for line in lines] == [False, True] * 3  # the second start dashed
     assert [line.get("stroke") for line in lines[::2]] == [line.get("stroke") for line in lines[1::2]]  # colour per cell
     # points on a line through the data: PC 1 carries all variance, PC 2 none
     line = torch.linspace(0, 1, 6)[None, None, :, None] * torch.randn(1, 1, 1, 8)
-    assert "PC 1 / 2: 100 / 0 % of variance" in rd.trajectory_svg(line, ["x"], "line")
+    assert "PC 1 / 2: 100 / 0 % of variance" in trajectory_svg(line, ["x"], "line")
 
 
 def test_recurrent_depth_grid_embedding_groups_and_weight_decay_groups():
@@ -1357,8 +1373,8 @@ def test_recurrent_depth_grid_embedding_groups_and_weight_decay_groups():
     assert torch.equal(row.view(9, 9), grid // 9) and torch.equal(col.view(9, 9), 9 + grid % 9)
     boxes = box.view(3, 3, 3, 3).permute(0, 2, 1, 3).reshape(9, 9)  # the cells of box b in row b of this view
     assert all(len(set(cells.tolist())) == 1 for cells in boxes) and sorted(boxes[:, 0].tolist()) == list(range(18, 27))
-    decay, no_decay = rd.make_optimizer(model, model.cfg).param_groups
-    assert decay["weight_decay"] == model.cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    decay, no_decay = rd.make_optimizer(model, model.config).param_groups
+    assert decay["weight_decay"] == model.config.weight_decay and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])  # norms
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters())) and no_decay["params"]
 
@@ -1410,19 +1426,71 @@ def test_recurrent_depth_gradient_reaches_only_the_last_k_steps():
 
 
 def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
-    cfg = rd.Config(mean_recurrence=8, backprop_depth=4)
-    draws = [rd.sample_recurrence(step, cfg) for step in range(4000)]
+    config = rd.Config(mean_recurrence=8, backprop_depth=4)
+    draws = [rd.sample_recurrence(step, config) for step in range(4000)]
     totals = torch.tensor([n + k for n, k in draws], dtype=torch.float)
     # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.1 -> standard error of the mean ~ 0.08
-    assert abs(totals.mean().item() - (cfg.mean_recurrence + 1)) < 0.4
+    assert abs(totals.mean().item() - (config.mean_recurrence + 1)) < 0.4
     # Var p = E[rate] + Var rate = r + r^2 (exp(sigma^2) - 1): sd 5.12 with sigma 0.5 (3.48 with 0.25, 6.1 with 0.6)
     assert 4.6 < totals.std().item() < 5.7
     assert all(k == min(4, n + k) and n == max(n + k - 4, 0) for n, k in draws)
-    assert rd.sample_recurrence(17, cfg) == rd.sample_recurrence(17, cfg)  # a function of the step
+    assert rd.sample_recurrence(17, config) == rd.sample_recurrence(17, config)  # a function of the step
     # r_mean < k: the reference's mu = log(max(r - k, 0) + k) - sigma^2/2 makes E[rate] = k, not r_mean
     short = rd.Config(mean_recurrence=2, backprop_depth=4)
     totals = torch.tensor([sum(rd.sample_recurrence(step, short)) for step in range(4000)], dtype=torch.float)
     assert abs(totals.mean().item() - (4 + 1)) < 0.3
+
+
+SUDOKU_SHAPE = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)
+
+
+def core_passes_per_step(config, steps):
+    """Recurrences each train_step runs, counted by a hook on the first core block."""
+    torch.manual_seed(0)
+    model = rd.build_model(config, SUDOKU_SHAPE)
+    optimizer = rd.make_optimizer(model, config)
+    passes = []
+    model.core[0].register_forward_hook(lambda *unused: passes.append(1))
+    batch = {"puzzle": torch.randint(0, 10, (2, 81)), "solution": torch.randint(1, 10, (2, 81))}
+    counts, reported = [], []
+    for step in range(steps):
+        before = len(passes)
+        metrics = rd.train_step(model, optimizer, torch.amp.GradScaler(enabled=False), batch, step, config, None)
+        counts.append(len(passes) - before)
+        reported.append(int(metrics["recurrence"]))
+    return counts, reported
+
+
+def test_recurrent_depth_fixed_depth_control_draws_the_same_recurrence_count_every_step():
+    counts, reported = core_passes_per_step(rd.Config(**TINY, fixed_recurrence=True), 8)
+    assert counts == reported == [TINY["mean_recurrence"]] * 8  # r_mean every step: n = r - k without, k with grad
+    fixed = rd.Config(**TINY, fixed_recurrence=True)
+    assert {rd.sample_recurrence(step, fixed) for step in range(100)} == {(2, 2)}
+    counts, reported = core_passes_per_step(rd.Config(**TINY), 8)  # the default samples: the counts vary
+    assert counts == reported and len(set(counts)) > 2
+
+
+def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_point():
+    config = rd.Config(**TINY, plain_transformer=True)  # 1 + 2 * 4 + 1 = 10 layers
+    torch.manual_seed(0)
+    model = rd.build_model(config, SUDOKU_SHAPE)
+    assert len(model.layers) == 10 and not hasattr(model, "core") and not hasattr(model, "adapter")
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    assert sum(p.numel() for p in model.parameters()) == 10 * block + (10 + 27 + 1) * config.d_model  # wte, grid, ln_f
+    assert len({p.data_ptr() for p in model.parameters()}) == len(list(model.parameters()))  # no tying
+    idx = torch.randint(0, 10, (2, 81))
+    loss, _ = rd.recurrent_loss(model, {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}, (3, 2))
+    loss.backward()
+    grads = [layer.attn.qkv.weight.grad for layer in model.layers]
+    assert all(g.abs().sum() > 0 for g in grads) and not any(torch.equal(grads[0], g) for g in grads[1:])
+    with torch.no_grad():  # test-time recurrences do not apply: the same logits whatever is asked
+        torch.testing.assert_close(model(idx, (0, 1)), model(idx, (30, 4)))
+    task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))},
+                                                            "b": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
+    rows = rd.evaluate(model, task, config, (1, 2, 8, 16), None)
+    assert [(r["test set"], r["thinking steps"]) for r in rows] == [("a", 4), ("b", 4)]  # one point, at r_mean
+    with pytest.raises(ValueError, match="Sudoku task only"):
+        rd.build_model(config, TEXT)
 
 
 def test_recurrent_depth_initial_state_is_the_truncated_normal_of_std_sqrt_2_over_5():
@@ -1448,25 +1516,76 @@ def test_recurrent_depth_takase_init_scales_output_projections_by_effective_dept
             assert torch.equal(p, torch.ones_like(p)) or torch.equal(p, torch.zeros_like(p)), name  # norms, q/k bias
 
 
-def test_recurrent_depth_exit_statistics_are_kl_from_previous_and_relative_latent_change():
-    model = tiny_model()
-    log_p_prev = torch.log_softmax(torch.tensor([[[3.0, 0.0, -1.0], [0.0, 0.0, 0.0]]]), -1)  # (B=1, T=2, V=3)
-    log_p_new = torch.log_softmax(torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]), -1)  # KL(new || prev) differs
-    p = log_p_prev.exp()[0, 0]
-    kl_prev_new = (p * (log_p_prev[0, 0] - log_p_new[0, 0])).sum()  # KL(p_{i-1} || p_i) of position 0
-    value = model._exit_value("kl", None, None, log_p_prev, log_p_new)
-    torch.testing.assert_close(value, kl_prev_new[None])  # the largest over positions (position 1 has KL 0)
-    s_prev = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])  # (B=1, T=2, D=2)
-    s_new = torch.tensor([[[1.0, 0.0], [2.0, 1.0]]])
-    value = model._exit_value("latent-diff", s_prev, s_new, None, None)
-    torch.testing.assert_close(value, torch.tensor([1 / math.sqrt(5)]))  # ||s_i - s_{i-1}|| / ||s_i||, max over T
+def first_exits(criterion, threshold, log_ps=None, states=None, min_steps=0):
+    """The recurrence at which ExitRule stops each row of a hand-made sequence (None: never): log_ps (R, B, T, V)
+    are log p_1 .. log p_R, states (R + 1, B, T, D) are s_0 .. s_R."""
+    R, B, T = (log_ps.shape[:3] if log_ps is not None else (states.shape[0] - 1, *states.shape[1:3]))
+    rule = rd.ExitRule(criterion, threshold, min_steps, (B, T), log_ps.shape[-1] if log_ps is not None else 3, "cpu")
+    first = [None] * B
+    for i in range(R):
+        done = rule(i + 1, torch.arange(B), None if states is None else states[i], None if states is None else states[i + 1],
+                    None if log_ps is None else log_ps[i])
+        first = [f if f is not None or not d else i + 1 for f, d in zip(first, done.tolist())]
+    return first
+
+
+def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequences():
+    # kl: KL(p_{i-1} || p_i) from a uniform p_0, the largest over positions (position 1 stays uniform: KL 0)
+    log_p1 = torch.log_softmax(torch.tensor([[[3.0, 0.0, -1.0], [0.0, 0.0, 0.0]]]), -1)  # (B=1, T=2, V=3)
+    log_p2 = torch.log_softmax(torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]), -1)
+    p1 = log_p1.exp()[0, 0]
+    kl_1_2 = (p1 * (log_p1[0, 0] - log_p2[0, 0])).sum().item()  # 1.24; KL(p_2 || p_1) = 1.67, KL(p_0 || p_1) = 1.30
+    sequence = torch.stack([log_p1, log_p2])
+    assert first_exits("kl", 1.01 * kl_1_2, sequence) == [2] and first_exits("kl", 0.99 * kl_1_2, sequence) == [None]
+    assert first_exits("kl", 1.01 * kl_1_2, sequence, min_steps=3) == [None]
+    # latent-diff: ||s_i - s_{i-1}|| / ||s_i||, the largest over positions: 1 at step 1 (from 0), 1/sqrt(5) at step 2
+    states = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, 0.0], [1.0, 1.0]]], [[[1.0, 0.0], [2.0, 1.0]]]])
+    assert first_exits("latent-diff", 0.45, states=states) == [2] and first_exits("latent-diff", 0.44, states=states) == [None]
+    # entropy-diff: p = (a, (1-a)/2, (1-a)/2) with a = .4, .6, .8, .9, .9, .9 beside a uniform position; H_0 = 100
+    shares = torch.tensor([0.4, 0.6, 0.8, 0.9, 0.9, 0.9])
+    changing = torch.stack([shares, (1 - shares) / 2, (1 - shares) / 2], -1)  # (6, 3)
+    sequence = torch.stack([changing, torch.full((6, 3), 1 / 3)], 1).log()[:, None]  # (R=6, B=1, T=2, V=3)
+    assert first_exits("entropy-diff", 1e-3, sequence) == [5]  # |H(.9) - H(.8)| = 0.26 at step 4, 0 at step 5
+    assert first_exits("entropy-diff", 1e-3, sequence, min_steps=6) == [6]
+    constant = torch.full((3, 1, 1, 3), 1 / 3).log()
+    assert first_exits("entropy-diff", 1e-3, constant) == [2]  # H_0 = 100: never at step 1
+    # argmax-stability: row 0 answers [0,1] [2,1] [2,1] [2,1] [2,1] ...; row 1 [0,0] x3 then [0,2] from step 4
+    answers = torch.tensor([[[0, 1], [0, 0]], [[2, 1], [0, 0]], [[2, 1], [0, 0]], [[2, 1], [0, 2]]]
+                           + [[[2, 1], [0, 2]]] * 4)  # (R=8, B=2, T=2)
+    sequence = torch.log_softmax(5.0 * torch.nn.functional.one_hot(answers, 3) + 0.1 * torch.randn(8, 2, 2, 3), -1)
+    assert first_exits("argmax-stability", 3, sequence) == [5, 7]  # unchanged 3 times: steps 3-5; 5-7
+    assert first_exits("argmax-stability", 1, sequence) == [3, 2]
+    assert first_exits("argmax-stability", 3, sequence, min_steps=6) == [6, 7]
+    assert first_exits("none", 0, sequence) == [None, None]
+
+
+def test_recurrent_depth_evaluate_adaptive_rows_equal_think_stopping_each_puzzle(trained_sudoku):
+    """Every adaptive row of the table is what think() gives when it stops each puzzle by that rule (rows drop
+    out of its batch): the same answers and the same recurrences used, from the same s_0."""
+    model, task, config, _ = trained_sudoku
+    config = dataclasses.replace(config, latent_threshold=0.1)  # so that latent-diff exits within 16 steps here
+    rows = {r["thinking steps"]: r for r in rd.evaluate(model, task, config, (1, 16), None)}
+    data = task.test_sets["train"]
+    names = {name for name in rows if isinstance(name, str)}
+    assert names == {"adaptive (kl)", "adaptive (latent-diff)", "adaptive (entropy-diff)",
+                     "adaptive (argmax-stability)", "adaptive (kl, min_steps 4)"}
+    model.eval()
+    for name, criterion, min_steps in rd.adaptive_rows(config):
+        logits, used, _ = rd.think(model, data["puzzle"], 16, criterion, generator=torch.Generator().manual_seed(0),
+                                   threshold=rd.exit_threshold(config, criterion), min_steps=min_steps)
+        answer = logits[..., 1:].argmax(-1) + 1
+        assert rows[name]["mean steps used"] == round(used.float().mean().item(), 2), name
+        assert rows[name]["exact %"] == sudoku_data.exact_accuracy(answer, data["solution"]), name
+        assert (used >= min_steps).all()
+    assert 1 < rows["adaptive (kl)"]["mean steps used"] < 16  # the rules do stop puzzles at different steps here
+    assert len({rows[name]["mean steps used"] for name in names}) >= 3
 
 
 def official_layout(model):
     """The state dict of a halves-RoPE model in the official naming and layout (recpre/raven_modeling_minimal.py):
     transformer.* names, core_block, norm_1..4, Wqkv, qk_bias (2, 1, H, hd), interleaved RoPE pairs (2j, 2j+1)
     = our dims (j, j + hd/2), tied lm_head.weight and the freqs_cis buffer."""
-    heads, width = model.cfg.n_heads, model.cfg.d_model
+    heads, width = model.config.n_heads, model.config.d_model
     head_dim = width // heads
     interleaved = torch.arange(head_dim).view(2, head_dim // 2).t().flatten()  # official dim 2j <- j, 2j+1 <- j + hd/2
     official = {}
@@ -1553,21 +1672,21 @@ def test_recurrent_depth_official_safetensors_checkpoint_loads_to_the_same_logit
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[:9]}))
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[9:]}))
     idx = torch.randint(0, TEXT.vocab_size, (2, 12))
-    zero = torch.zeros(2, 12, source.cfg.d_model)
+    zero = torch.zeros(2, 12, source.config.d_model)
     with torch.no_grad():
         expected = source(idx, (4, 0), state=zero)
-        torch.testing.assert_close(reference_logits(official, idx, source.cfg.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(reference_logits(official, idx, source.config.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
         for layout in rd.ROPE_LAYOUTS:  # interleaved as stored, or halves after the q/k row permutation
-            config = dataclasses.replace(source.cfg, rope_layout=layout)
+            config = dataclasses.replace(source.config, rope_layout=layout)
             loaded = rd.load_huginn(tmp_path, config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
             torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
-            out, _ = loaded.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
-            ref, _ = source.generate(idx[:, :5], 6, max_steps=4, exit_criterion="none", init_scale=0.0)
+            out, _ = rd.generate(loaded, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
+            ref, _ = rd.generate(source, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
             assert torch.equal(out, ref)  # generation from token ids
     # a .bin state dict in the same layout loads the same; bfloat16 tensors read back exactly
     (tmp_path / "pt").mkdir()
     torch.save(official, tmp_path / "pt" / "pytorch_model.bin")
-    loaded = rd.load_huginn(tmp_path / "pt", dataclasses.replace(source.cfg, rope_layout="interleaved"),
+    loaded = rd.load_huginn(tmp_path / "pt", dataclasses.replace(source.config, rope_layout="interleaved"),
                             vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
     torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
     half = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5)}
@@ -1631,68 +1750,71 @@ def trained_sudoku():
     puzzle, solution = torch.from_numpy(puzzles).long(), torch.from_numpy(solutions).long()
     task = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81,
                            test_sets={"train": {"puzzle": puzzle, "solution": solution}})
-    cfg = rd.Config(**TINY, lr=3e-3, warmup_steps=1, eval_steps=(1, 4, 8, 16))
+    config = rd.Config(**TINY, lr=3e-3, warmup_steps=1, eval_steps=(1, 4, 8, 16))
     torch.manual_seed(0)
-    model = rd.build_model(cfg, task)
-    opt = rd.make_optimizer(model, cfg)
+    model = rd.build_model(config, task)
+    opt = rd.make_optimizer(model, config)
     scaler = torch.amp.GradScaler(enabled=False)
     batch = {"puzzle": puzzle, "solution": solution}
-    losses = [rd.train_step(model, opt, scaler, batch, step, cfg, None)["loss"].item() for step in range(80)]
-    return model, task, cfg, losses
+    losses = [rd.train_step(model, opt, scaler, batch, step, config, None)["loss"].item() for step in range(80)]
+    return model, task, config, losses
 
 
 def test_recurrent_depth_tiny_model_learns_tiny_sudoku_set(trained_sudoku):
-    model, task, cfg, losses = trained_sudoku
+    model, task, config, losses = trained_sudoku
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
-    rows = rd.evaluate(model, task, cfg, cfg.eval_steps, None)
+    rows = rd.evaluate(model, task, config, config.eval_steps, None)
     at_mean = next(r for r in rows if r["thinking steps"] == 4)
     assert at_mean["blank-cell %"] > 60  # chance is 11 %
 
 
 def test_recurrent_depth_more_thinking_does_not_collapse(trained_sudoku):
-    model, task, cfg, _ = trained_sudoku
-    rows = {r["thinking steps"]: r for r in rd.evaluate(model, task, cfg, cfg.eval_steps, None)}
+    model, task, config, _ = trained_sudoku
+    rows = {r["thinking steps"]: r for r in rd.evaluate(model, task, config, config.eval_steps, None)}
     assert rows[16]["blank-cell %"] >= rows[4]["blank-cell %"] - 5  # 4x the training mean
     assert rows[4]["blank-cell %"] > rows[1]["blank-cell %"]
 
 
 def test_recurrent_depth_evaluate_rows_and_train_mode_restored(trained_sudoku):
-    model, task, cfg, _ = trained_sudoku
-    rows = rd.evaluate(model, task, cfg, (1, 2), None)
-    assert [r["thinking steps"] for r in rows] == [1, 2, "adaptive (kl)"]
+    model, task, config, _ = trained_sudoku
+    rows = rd.evaluate(model, task, config, (1, 2), None)
+    assert [r["thinking steps"] for r in rows] == [1, 2, "adaptive (kl)", "adaptive (latent-diff)", "adaptive (entropy-diff)",
+                                                   "adaptive (argmax-stability)", "adaptive (kl, min_steps 4)"]
+    assert all(1 <= r["mean steps used"] <= 2 for r in rows[2:6]) and rows[-1]["mean steps used"] == 2  # capped at 2
     assert 1 <= rows[-1]["mean steps used"] <= 2 and model.training
     assert set(rows[0]) == {"test set", "thinking steps", "mean steps used", "exact %", "blank-cell %"}
 
 
 def test_recurrent_depth_adaptive_row_starts_from_the_fixed_rows_initial_state(trained_sudoku):
-    model, task, cfg, _ = trained_sudoku
-    never_exit = dataclasses.replace(cfg, kl_threshold=0.0)  # adaptive then runs all steps: must equal the last row
+    model, task, config, _ = trained_sudoku
+    never_exit = dataclasses.replace(config, kl_threshold=0.0)  # adaptive then runs all steps: must equal the last row
     rows = rd.evaluate(model, task, never_exit, (1, 4), None)
     fixed, adaptive = rows[1], rows[2]
     assert fixed["thinking steps"] == 4 and adaptive["mean steps used"] == 4
     assert (adaptive["exact %"], adaptive["blank-cell %"]) == (fixed["exact %"], fixed["blank-cell %"])
     # the threshold evaluate() uses is the one in the config it is given, not the model's own
-    always_exit = dataclasses.replace(cfg, kl_threshold=1e9)
+    always_exit = dataclasses.replace(config, kl_threshold=1e9)
     assert rd.evaluate(model, task, always_exit, (1, 4), None)[2]["mean steps used"] == 1
 
 
 def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
     model = tiny_model()
-    cfg = model.cfg
-    opt = rd.make_optimizer(model, cfg)
+    config = model.config
+    opt = rd.make_optimizer(model, config)
     batch = {"tokens": torch.randint(0, TEXT.vocab_size, (4, 17))}
     before = [p.detach().clone() for p in model.parameters()]
-    out = rd.train_step(model, opt, torch.amp.GradScaler(enabled=False), batch, 0, cfg, torch.bfloat16)
+    out = rd.train_step(model, opt, torch.amp.GradScaler(enabled=False), batch, 0, config, torch.bfloat16)
     assert math.isfinite(out["loss"].item()) and not out["loss"].requires_grad
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     task = SimpleNamespace(**vars(TEXT), test_sets={"held-out": batch})
-    rows = rd.evaluate(model, task, cfg, (1, 3), torch.bfloat16)
+    rows = rd.evaluate(model, task, config, (1, 3), torch.bfloat16)
     assert [r["thinking steps"] for r in rows] == [1, 3] and all(r["bits/char"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
                                  dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=()),
-                                 dict(rope_layout="rotate")])
+                                 dict(rope_layout="rotate"), dict(fixed_recurrence=True, plain_transformer=True),
+                                 dict(stable_steps=0), dict(min_steps=-1)])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):
     with pytest.raises(ValueError):
         rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
