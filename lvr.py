@@ -1,42 +1,39 @@
 """Latent Visual Reasoning (LVR, ICLR 2026): the LLM "thinks" by reconstructing visual tokens.
 
-Vision encoder (small ViT) -> projector -> causal LLM over
-    [question, visual tokens v, <lvr_start>, latent x N, <lvr_end>, answer, <eos>].
-Between <lvr_start> and <lvr_end> no token is sampled: the LLM's last hidden state becomes the next
-input embedding (Coconut-style, KV cache kept). Training has three stages, as in the paper:
-  stage 0 (alignment, our stand-in for a pretrained MLLM): encoder + projector + LLM on plain VQA, plus a
-          patch-object loss on the encoder: each patch token classifies the object in its patch (colour x shape
-          or background), the content a pretrained encoder's tokens carry (an earlier pixel-reconstruction
-          proxy left the shape only partly readable from the projected ROI token; README), and a
-          grounding loss: the LLM's state at each visual token classifies whether its patch lies in the
-          question's ROI, as a pretrained VLM's grounding data would teach (without it the LLM never learned
-          to find the region: every answer stayed at the prior);
-  stage 1 (LVR SFT): encoder and projector frozen;  L = L_NTP + λ·L_LVR,  L_LVR = MSE(h_t, v_t) on a
-          teacher-forced pass with the ROI's visual tokens in the latent positions; the answer's L_NTP on a
-          second pass that feeds the model's own (detached) latent states instead, as the paper's
-          L_NTP = -1/T_y Σ log p(y_t | y_<t, h_{1:T_v}) conditions on them (scheduled sampling from ROI tokens);
-  stage 2 (GRPO_latent, `--stage rl`): G sampled rollouts per question, latent states recorded and
-          replayed at the latent positions to get text log-probs under π_θ / π_old / π_ref; several clipped
-          policy updates per rollout batch.
-The test-time-compute axis is the number of latent steps (fixed budget, the paper's best exit); the trained
-budget is `latent_steps` (2: a vqa_data ROI is a chain of two one-patch boxes), rows at other budgets extrapolate. Control rows at the trained budget feed
-oracle ROI tokens, zeros or random tokens in the latent positions, or use the markers alone (budget 0).
-The latent-end-token and mode-switching exits are options (`--exit`).
-The "SFT data baseline" (same data, answers directly, no latent segment) is a second LLM trained
-alongside in the same run from the same stage-0 weights (`--baseline`), so one command prints both.
+A vision encoder (small ViT) and a projector turn the image into visual tokens v; a causal LLM reads
+    [question, v, <lvr_start>, x_1 .. x_N, <lvr_end>, answer, <eos>].
+Between <lvr_start> and <lvr_end> no token is sampled: the LLM's last hidden state is the next input embedding
+(Coconut-style, KV cache kept), x_{t+1} = h_t. The thinking budget is the number of latent steps.
 
-Usage (CPU defaults; the RL run continues from the stage-1 checkpoint):
-    python train.py --method lvr --out runs/lvr
-    python train.py --method lvr --stage rl --init-from runs/lvr/checkpoint.pt --steps 100 --batch-size 8 \
-        --lr 1e-4 --warmup-steps 10 --out runs/lvr-rl
+Stage 0 (alignment, our stand-in for a pretrained VLM): plain VQA with
+    L = L_NTP + w_obj·L_object + w_ground·L_grounding   (alignment_loss)
+Stage 1 (LVR SFT; encoder and projector frozen):
+    L = L_NTP + λ·L_LVR,   L_LVR = 1/T_v Σ_t ||h_t − v_t||²   (lvr_loss)
+  h_t is the hidden state one position before the slot holding the ROI token v_t (teacher-forced pass);
+  L_NTP = −1/T_y Σ_t log p(y_t | y_<t, h_{1:T_v}) on the answer, which reads the model's own latent states.
+  The two exits learned alongside (weight λ_ms): a latent end vector e, ||h_N − e||², and mode switching,
+  BCE on the <lvr_end> logit at the latent positions (1 only after the last latent).
+Stage 2 (GRPO_latent, `--stage rl`): for each question G rollouts, rewards r = r_format + r_accuracy,
+    Â_i = (r_i − mean(r)) / (std(r) + 1e-4),
+    J = E[ min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β·D_KL(π_θ‖π_ref) ],   ρ_t = π_θ(a_t | s_t) / π_θold(a_t | s_t)
+  (grpo_latent_loss), where an action a_t is a text token, or in the latent segment the choice to continue or
+  end it and the latent itself: x_{t+1} = h_t + σε, log π = log N(x_{t+1}; h_t, σ²I) + log(1 − p_end(h_t)).
+Baselines trained in the same run from the same stage-0 LLM on the same batches: the SFT data baseline
+(answers directly) and the text chain-of-thought baseline (writes the chain's hops as position words, then
+answers).
 
-Simplified vs. the paper (Qwen2.5-VL 3B/7B, Visual-CoT): a tiny ViT/decoder trained from scratch on the
-synthetic vqa_data task; absolute position embeddings; lr 1e-3 instead of 1e-5 (nothing is pretrained);
-λ = 1 (paper 0.1): the answer pass reads detached latents, so L_LVR alone teaches the latent where to look,
-and with 0.1 a trial's own latents stayed far from the ROI tokens (README).
-Our addition: the ROI tokens are averaged to exactly `latent_steps` targets (`--no-latent-pool`: all N ROI
-tokens as in the paper, N varying per example, which mismatches a fixed test budget, reference issue #7).
-In vqa_data the ROI is a chain of two one-patch boxes, so N = 2 = the default budget (pooling is the identity).
+Deviations from the paper (Qwen2.5-VL 3B/7B on Visual-CoT):
+- a tiny ViT and decoder trained from scratch on the synthetic vqa_data task, lr 1e-3 (paper 1e-5): nothing is pretrained;
+- stage 0 with an object and a grounding loss: stands in for the pretrained encoder's content and grounding data;
+- a fixed 2D sin-cos position code on the visual tokens: stands in for Qwen2.5-VL's 2D M-RoPE;
+- the projector ends in a LayerNorm: visual tokens get the scale of the normed hidden state L_LVR regresses on them;
+- λ = 1 (paper 0.1): the answer pass reads detached own latents, so L_LVR alone teaches the latent where to look;
+- the answer's L_NTP on a second pass fed the model's own (detached) latents, with scheduled sampling from the
+  ROI tokens: the paper's L_NTP conditions on h_{1:T_v};
+- ROI tokens averaged to exactly latent_steps targets (ours, reference issue #7; `--no-latent-pool`: all N);
+- GRPO_latent samples the latents (σ > 0) and the exit (mode switching), where the official code replays fixed
+  latents as constants: with deterministic latents RL has no signal for them;
+- RL trains on fresh questions (vqa_data's fresh scenes), not on the SFT pool.
 """
 import copy
 import math
@@ -57,41 +54,48 @@ class Config:
     batch_size: int = 32              # questions per step (GRPO: questions, each with group_size rollouts)
     lr: float = 1e-3                  # peak lr (paper: 1e-5 SFT / 5e-6 RL on a pretrained 7B)
     warmup_steps: int = 100           # linear warmup steps
+    grad_clip: float = 1.0            # max global grad norm, applied to each trained model on its own
+    beta1: float = 0.9                # AdamW β1
+    beta2: float = 0.98               # AdamW β2
+    weight_decay: float = 0.01        # AdamW weight decay (matrices only)
     difficulty: str = "medium"        # unused (sudoku only)
     eval_steps: tuple[int, ...] = (0, 1, 2, 4)  # fixed latent budgets in the table
     stage: str = "sft"                # "sft": stage 0 then stage 1; "rl": stage 2 (GRPO_latent)
     align_steps: int = 800            # stage-0 steps (all modules, plain VQA) before LVR SFT
     baseline: bool = True             # also train the SFT data baseline (no latent segment) in the same run
+    cot: bool = True                  # also train the text chain-of-thought baseline in the same run
     d_model: int = 128                # width of ViT, projector and LLM
-    n_layers: int = 3                  # LLM decoder blocks
-    n_heads: int = 4                   # attention heads
+    n_layers: int = 3                 # LLM decoder blocks
+    n_heads: int = 4                  # attention heads
     encoder_layers: int = 2           # ViT blocks
     object_weight: float = 1.0        # stage 0: weight of the patch-object classification (pretrained-encoder proxy)
     grounding_weight: float = 1.0     # stage 0: weight of the "is this patch in the ROI?" loss (pretrained-VLM proxy)
     lvr_weight: float = 1.0           # λ in L = L_NTP + λ·L_LVR (paper: 0.1; see docstring)
-    latent_steps: int = 2             # trained latent budget: pooled ROI targets, RL rollouts and control rows
+    exit_weight: float = 0.1          # λ_ms: weight of the latent-end-vector and mode-switching losses (paper 0.1)
+    latent_steps: int = 2             # trained latent budget: pooled ROI targets and control rows
     latent_pool: bool = True          # pool the ROI tokens to latent_steps targets (ours); off: all N (paper)
     teacher_ramp: int = 500           # stage-1 steps over which the answer pass moves from ROI tokens to own latents
-    exit: str = "fixed"               # latent exit: fixed | latent_end | mode_switch
-    end_threshold: float = 0.02       # latent_end exit: MSE to the end vector below this
-    max_latent: int = 16              # step cap for the adaptive exits
-    group_size: int = 8               # GRPO group size G
+    end_threshold: float = 0.02       # latent-end exit: MSE to the end vector below this
+    max_latent: int = 16              # step cap of the adaptive exits (latent end, mode switching, RL rollouts)
+    group_size: int = 8               # GRPO group size G (and k of the validation pass@k)
     policy_updates: int = 2           # GRPO optimizer steps per rollout batch (the clip acts from the second)
-    temperature: float = 0.9          # rollout sampling temperature
+    temperature: float = 0.9          # rollout sampling temperature of the text tokens
+    latent_sigma: float = 0.5         # σ of the RL latent policy x_{t+1} = h_t + σε (validation rows: 0, σ/2, σ, 2σ)
     clip_eps: float = 0.2             # PPO/GRPO clip ε
     kl_beta: float = 0.04             # β of the KL to the frozen reference policy
+    validation_size: int = 256        # validation questions (fresh scenes) for the sampled policy's pass@1 / pass@G
 
     def __post_init__(self):
         if self.stage not in ("sft", "rl"):
             raise ValueError(f"stage must be 'sft' or 'rl', got {self.stage!r}")
-        if self.exit not in ("fixed", "latent_end", "mode_switch"):
-            raise ValueError(f"exit must be fixed, latent_end or mode_switch, got {self.exit!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if min(self.eval_steps, default=0) < 0 or self.latent_steps < 1 or self.group_size < 2:
             raise ValueError("eval_steps must be >= 0, latent_steps >= 1 and group_size >= 2")
         if self.policy_updates < 1 or self.teacher_ramp < 0:
             raise ValueError("policy_updates must be >= 1 and teacher_ramp >= 0")
+        if self.latent_sigma < 0 or self.temperature < 0 or self.grad_clip <= 0:
+            raise ValueError("latent_sigma and temperature must be >= 0 and grad_clip > 0")
 
 
 GPU_CONFIG = dict(d_model=384, n_layers=8, n_heads=6, encoder_layers=4, steps=12000, align_steps=4000,
@@ -178,7 +182,7 @@ class Decoder(nn.Module):
 
 
 class LVRModel(nn.Module):
-    """Vision encoder -> projector -> LLM, plus the optional baseline LLM and exit parameters."""
+    """Vision encoder -> projector -> LLM, plus the optional baseline LLMs and the latent end vector."""
 
     def __init__(self, config, task):
         super().__init__()
@@ -186,19 +190,19 @@ class LVRModel(nn.Module):
         grid = task.image_size // task.patch_size
         self.n_patches = grid * grid
         max_latent = max(config.max_latent, config.latent_steps, self.n_patches, *config.eval_steps)
-        self.max_len = self.n_patches + task.question_len + max_latent + task.answer_len + 4
+        self.max_len = self.n_patches + task.question_len + max_latent + task.hop_len + task.answer_len + 4
         self.encoder = VisionEncoder(config, task.image_size, task.patch_size, task.patch_classes)
         # ends in a LayerNorm (ours): visual tokens get the scale of the LLM's normed last hidden state, which
-        # L_LVR regresses onto them; without it they varied little around a common mean (README)
+        # L_LVR regresses onto them
         self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
                                        nn.Linear(config.d_model, config.d_model), nn.LayerNorm(config.d_model))
         self.grounding_head = nn.Linear(config.d_model, 1)  # stage-0 ROI-patch classifier only
         self.llm = Decoder(config, task.vocab_size, self.max_len)
         self.baseline_llm = Decoder(config, task.vocab_size, self.max_len) if config.baseline else None
-        # latent end token: a learned vector with norm √H (paper), only for --exit latent_end
-        self.latent_end = nn.Parameter(F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model)
-                                       if config.exit == "latent_end" else torch.zeros(0))
-        self.register_buffer("baseline_ready", torch.tensor(False))  # baseline LLM copied from stage 0?
+        self.cot_llm = Decoder(config, task.vocab_size, self.max_len) if config.cot else None
+        # latent end token: a learned vector with norm √H (paper), for the latent-end exit
+        self.latent_end = nn.Parameter(F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model))
+        self.register_buffer("baseline_ready", torch.tensor(False))  # baseline LLMs copied from stage 0?
         self.register_buffer("visual_pos", grid_position_code(grid, config.d_model), persistent=False)
 
     def visual_tokens(self, image):  # (B, 3, H, W) -> (B, P, D): the projector outputs v, with their 2D position
@@ -207,7 +211,7 @@ class LVRModel(nn.Module):
 
 def grid_position_code(grid, d):
     """(grid², d) fixed 2D sin-cos code of each patch's (x, y), added to the visual tokens. Ours, in place of
-    Qwen2.5-VL's 2D M-RoPE: the LLM's learned 1D positions alone left "nearest to" questions at chance."""
+    Qwen2.5-VL's 2D M-RoPE: "nearest to" questions need each token's 2D position."""
     if d % 4:
         raise ValueError(f"d_model must be a multiple of 4 for the 2D position code, got {d}")
     freq = grid ** (-torch.arange(d // 4) / (d // 4))                                  # 1 .. 1/grid rad per patch
@@ -219,17 +223,19 @@ def grid_position_code(grid, d):
 def build_model(config, task):
     if not hasattr(task, "lvr_start_id"):
         raise ValueError("lvr needs the vqa task (vqa_data.VQATask)")
+    if config.stage == "rl":
+        task.train_on_fresh_scenes()  # GRPO trains on questions the SFT stage never saw
     return LVRModel(config, task)
 
 
 def make_optimizer(model, config):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=config.lr, betas=(0.9, 0.98))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(config.beta1, config.beta2))
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses: stage-0 alignment, and the LVR loss (stage 1) in one teacher-forced pass
+# Losses: stage-0 alignment, the LVR loss (stage 1) with its exit losses, the two baselines
 
 
 def prompt(llm, visual, question):
@@ -237,6 +243,7 @@ def prompt(llm, visual, question):
     LLM each visual token can already condition on the question (our choice for a tiny from-scratch model;
     Qwen2.5-VL chat prompts usually put the image first)."""
     return torch.cat([llm.embed(question).to(visual.dtype), visual], 1)
+
 
 
 def roi_targets(visual, boxes, task, pool):
@@ -262,13 +269,41 @@ def roi_targets(visual, boxes, task, pool):
     return targets, torch.arange(n_max, device=visual.device)[None] < count[:, None]
 
 
-def direct_loss(llm, visual, batch, task):
-    """L_NTP for plain VQA [question, v] -> answer <eos> (stage 0 and the SFT data baseline).
-    Returns the loss and the last hidden states (B, T, D)."""
-    answer = torch.cat([batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)  # (B, A+1)
-    inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(answer[:, :-1]).to(visual.dtype)], 1)
+def answer_pass(llm, visual, batch, task, before=None):
+    """One teacher-forced pass over [question, v, before, answer, <eos>]; `before` (B, W) are text tokens
+    written ahead of the answer (none for plain VQA, the hop words for chain-of-thought).
+    Returns the targets (B, W + A + 1), their logits (B, W + A + 1, V) and the last hidden states (B, T, D)."""
+    before = batch["answer"][:, :0] if before is None else before
+    targets = torch.cat([before, batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)
+    inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(targets[:, :-1]).to(visual.dtype)], 1)
     h, logits, _ = llm(inputs)
-    return F.cross_entropy(logits[:, -answer.shape[1]:].flatten(0, 1).float(), answer.flatten()), h
+    return targets, logits[:, -targets.shape[1]:], h
+
+
+def direct_loss(llm, visual, batch, task):
+    """L_NTP for plain VQA [question, v] -> answer <eos> (stage 0 and the SFT data baseline)."""
+    targets, logits, _ = answer_pass(llm, visual, batch, task)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss, {"L_NTP": loss.detach()}
+
+
+def cot_targets(batch, task):
+    """The chain-of-thought baseline's response before <eos>: the ROI chain's hops as words (the named object's
+    patch column and row, then those of the object the answer is read from: vqa_data.hop_words), then the
+    answer. (B, hop_len + A)."""
+    return torch.cat([vqa_data.hop_words(batch["box"].cpu(), task.patch_size).to(batch["answer"].device),
+                      batch["answer"]], 1)
+
+
+def cot_loss(llm, visual, batch, task):
+    """Text chain-of-thought baseline: L = L_NTP(hop words) + L_NTP(answer, <eos>) on one teacher-forced pass over
+    [question, v, hops, answer, <eos>], so the answer is predicted after reading the written hops; the answer
+    keeps the weight it has in direct_loss and in lvr_loss."""
+    hops = cot_targets(batch, task)[:, :task.hop_len]
+    targets, logits, _ = answer_pass(llm, visual, batch, task, before=hops)
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+    l_hops, l_answer = per_token[:, :task.hop_len].mean(), per_token[:, task.hop_len:].mean()
+    return l_hops + l_answer, {"L_hops": l_hops.detach(), "answer_NTP": l_answer.detach()}
 
 
 def alignment_loss(model, batch):
@@ -278,7 +313,8 @@ def alignment_loss(model, batch):
                    whether that patch lies in the question's ROI (BCE), as grounding data would teach."""
     config, task = model.config, model.task
     encoded = model.encoder(batch["image"])                                                 # (B, P, D)
-    l_ntp, h = direct_loss(model.llm, model.projector(encoded) + model.visual_pos, batch, task)  # = visual_tokens
+    targets, logits, h = answer_pass(model.llm, model.projector(encoded) + model.visual_pos, batch, task)  # = visual_tokens
+    l_ntp = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     l_object = F.cross_entropy(model.encoder.object_head(encoded).flatten(0, 1).float(), batch["patch_object"].flatten())
     in_roi = vqa_data.roi_patch_mask(batch["box"].view(len(batch["box"]), -1, 4)[:, 0].cpu(), task.image_size,
                                      task.patch_size)                                      # (B, P): the first box
@@ -286,17 +322,24 @@ def alignment_loss(model, batch):
     relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
     l_grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(relevance.device).float())
     loss = l_ntp + config.object_weight * l_object + config.grounding_weight * l_grounding
-    return loss, {"L_NTP": l_ntp, "L_object": l_object, "L_grounding": l_grounding}
+    return loss, {"L_NTP": l_ntp.detach(), "L_object": l_object.detach(), "L_grounding": l_grounding.detach()}
 
 
-def per_example_uniform(batch, shape, device) -> torch.Tensor:
-    """U(0, 1) of shape (B, *shape), row b from a generator seeded by batch["example_seed"][b] (train.py draws one
-    per example and step), so an example's draw does not depend on which torchrun rank holds it; from the
-    global generator for a batch without seeds."""
+def example_generators(batch, device):
+    """One torch.Generator per example, seeded by batch["example_seed"][b] (train.py draws one per example and
+    step), so an example's draw does not depend on which torchrun rank holds it; None for a batch without seeds."""
     if "example_seed" not in batch:
+        return None
+    return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
+
+
+def example_noise(batch, shape, device) -> torch.Tensor:
+    """U(0, 1) of shape (B, *shape), row b from example b's generator (example_generators); from the global
+    generator for a batch without seeds."""
+    generators = example_generators(batch, device)
+    if generators is None:
         return torch.rand(len(next(iter(batch.values()))), *shape, device=device)
-    return torch.stack([torch.rand(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
-                        for seed in batch["example_seed"].tolist()])
+    return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
 
 
 def lvr_loss(model, visual, batch, teacher_prob=0.0):
@@ -305,15 +348,17 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
       pass 1, teacher-forced: x_i = v_i, the ROI tokens.
         L_LVR = 1/T_v Σ_t ||h_t - v_t||²: h(<lvr_start>) -> v_1, h(position holding v_1) -> v_2, ... (the usual
         next-position shift), mean over valid elements, raw last hidden state, no head;
-        L_NTP on <lvr_start> and <lvr_end> (the latent positions' targets masked out).
+        L_NTP on <lvr_start> and <lvr_end> (the latent positions' targets masked out);
+        the exits' losses: L_end = ||h(position holding v_N) − e||² (latent end vector e) and
+        L_switch = BCE of the <lvr_end> logit at positions <lvr_start>, v_1..v_N, target 1 only at v_N's.
       pass 2, own latents: x_i = the model's own free-running latent states, decoded without gradient from the
         shared prefix exactly as at test time (x_1 = h(<lvr_start>), x_{i+1} = h(position holding x_i)), detached;
         scheduled sampling: the true v_i with probability teacher_prob. L_NTP on the answer and <eos>. This
         realises the paper's L_NTP = -1/T_y Σ_t log p(y_t | y_<t, h_{1:T_v}): the answer conditioned on the
         model's own latent states h, which is what it reads at test time (not the ROI tokens). (Pass 1's
         hidden states are no substitute: h(position holding v_i) carries the true v_i it was fed.)
-    L = L_NTP + λ·L_LVR. Without pooling N varies per example, so the answer sits at a different position in
-    each row."""
+    L = L_NTP + λ·L_LVR + λ_ms·(L_end + L_switch). Without pooling N varies per example, so the answer sits at a
+    different position in each row."""
     config, task, llm = model.config, model.task, model.llm
     pool = config.latent_steps if config.latent_pool else 0
     targets, valid = roi_targets(visual, batch["box"], task, pool)                    # (B, N, D), (B, N)
@@ -354,107 +399,154 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
             own.append(x)
             x, _, own_cache = llm(x, own_cache)
         own = torch.cat(own, 1).to(targets.dtype)                                      # (B, N, D)
-    teacher = per_example_uniform(batch, (N, 1), visual.device) < teacher_prob        # scheduled sampling
+    teacher = example_noise(batch, (N, 1), visual.device) < teacher_prob              # scheduled sampling
     _, own_logits = response_pass(torch.where(teacher, targets, own))                  # pass 2
     l_answer = ntp(own_logits, ~is_marker)   # same weight on the answer token as direct_loss gives the baseline
     l_ntp = ntp(logits, is_marker) + l_answer
-    loss = l_ntp + config.lvr_weight * l_lvr
-    metrics = {"L_NTP": l_ntp, "L_LVR": l_lvr, "answer_NTP": l_answer}
+    # exits: latent end vector at h(position holding v_N); mode switching: <lvr_end> logit at s..s+N
     rows = torch.arange(B, device=visual.device)
-    if config.exit == "latent_end":  # latent end token: h(position holding v_N) -> the learned end vector
-        l_end = ((h[rows, s + count[:, 0]].float() - model.latent_end) ** 2).mean()
-        loss, metrics["L_end"] = loss + config.lvr_weight * l_end, l_end
-    if config.exit == "mode_switch":  # BCE on the <lvr_end> logit at positions s..s+N: 1 only at the last
-        end_logit = logits[:, s:s + N + 1, task.lvr_end_id].float()                    # (B, N+1)
-        at = torch.arange(N + 1, device=visual.device)[None]
-        l_switch = F.binary_cross_entropy_with_logits(end_logit[at <= count], (at == count)[at <= count].float())
-        loss, metrics["L_switch"] = loss + l_switch, l_switch
-    return loss, metrics
+    l_end = ((h[rows, s + count[:, 0]].float() - model.latent_end) ** 2).mean()
+    end_logit = logits[:, s:s + N + 1, task.lvr_end_id].float()                        # (B, N+1)
+    at = torch.arange(N + 1, device=visual.device)[None]
+    l_switch = F.binary_cross_entropy_with_logits(end_logit[at <= count], (at == count)[at <= count].float())
+    loss = l_ntp + config.lvr_weight * l_lvr + config.exit_weight * (l_end + l_switch)
+    metrics = {"L_NTP": l_ntp, "L_LVR": l_lvr, "answer_NTP": l_answer, "L_end": l_end, "L_switch": l_switch}
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
 
 # ----------------------------------------------------------------------------------------------------------
-# Inference: text mode until <lvr_start>, then latent mode (hidden state -> next input), then <lvr_end>
+# The thinking loop: text mode until <lvr_start>, then latent mode (hidden state -> next input), then <lvr_end>
+
+EXITS = ("fixed", "latent_end", "mode_switch")
 
 
 @torch.no_grad()
-def generate(model, llm, visual, question, budget, temperature=0.0, exit="fixed", fed_latents=None):
+def generate(model, llm, visual, question, thinking_steps, temperature=0.0, exit="fixed", fed_latents=None,
+             sigma=0.0):
     """Decode all rows in lockstep with a KV cache. A row in text mode samples a token (greedy when
-    temperature = 0); after it emits <lvr_start> it enters latent mode: its last hidden state is the next
-    input embedding and no token is sampled, until the exit fires (fixed: `budget` steps; latent_end: MSE
-    to the end vector < threshold; mode_switch: sigmoid(<lvr_end> logit) > 0.5; both capped at `budget`),
-    then <lvr_end> is forced and text decoding resumes until <eos>. fed_latents (B, budget, D), for the control
-    rows: the i-th latent input is fed_latents[:, i] instead of the model's own hidden state.
-    Returns dict: tokens (B, R) (pad at latent positions), latents (B, R, D) (the fed-back hidden states),
-    is_latent (B, R), sampled (B, R) (tokens drawn from the policy), logprob (B, R) of the sampled tokens."""
-    task = model.task
-    B = visual.shape[0]
+    temperature = 0); after it emits <lvr_start> it enters latent mode: no token is sampled and the next input
+    embedding is x_{t+1} = h_t (+ σε when sigma > 0: the stochastic latent policy of GRPO_latent), until the exit
+    fires, then <lvr_end> and text decoding resumes until <eos>. Exits (`thinking_steps` caps all three):
+      fixed:       after exactly thinking_steps latent steps;
+      latent_end:  when the MSE of h_t to the learned end vector falls below end_threshold;
+      mode_switch: when <lvr_end> is chosen: p_end = sigmoid(<lvr_end> logit) > 0.5, or drawn with probability
+                   p_end when temperature > 0 (the model ends its own segment).
+    fed_latents (B, thinking_steps, D), for the control rows: the i-th latent input is fed_latents[:, i].
+    Returns dict: tokens (B, R) (pad at latent positions), latents (B, R, D) (the latent inputs x), is_latent,
+    sampled (text tokens drawn from the softmax), acted (every choice of the policy: sampled text tokens, latent
+    steps drawn with sigma > 0 or continued by a drawn exit decision, a drawn <lvr_end>), logprob (B, R): log π of
+    each acted choice, capped (B, R): <lvr_end> forced by the cap of an adaptive exit; and sigma, stochastic_exit."""
+    task, config = model.task, model.config
+    B, device = visual.shape[0], visual.device
+    stochastic_exit = exit == "mode_switch" and temperature > 0
     h, logits, cache = llm(prompt(llm, visual, question))
     h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
-    latent_left = torch.full((B,), -1, device=visual.device)  # -1: text mode; >= 0: latent steps still allowed
-    done = torch.zeros(B, dtype=torch.bool, device=visual.device)
-    out = {k: [] for k in ("tokens", "latents", "is_latent", "sampled", "logprob")}
-    for _ in range(budget + task.answer_len + 3):
-        in_latent = latent_left >= 0
-        stop = latent_left == 0
+    latent_left = torch.full((B,), -1, device=device)  # -1: text mode; >= 0: latent steps still allowed
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = {k: [] for k in ("tokens", "latents", "is_latent", "sampled", "acted", "logprob", "capped")}
+    for _ in range(thinking_steps + task.hop_len + task.answer_len + 3):
+        in_latent, cap = latent_left >= 0, latent_left == 0
+        end_logit = logits[:, task.lvr_end_id].float()                                 # mode switching's exit
         if exit == "latent_end":
-            stop |= ((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
+            chose_end = ((h.float() - model.latent_end) ** 2).mean(-1) < config.end_threshold
         elif exit == "mode_switch":
-            stop |= logits[:, task.lvr_end_id].float() > 0
-        leave, feed = in_latent & stop, in_latent & ~stop                               # (B,), (B,)
-        if fed_latents is not None:  # slot i = budget - latent_left while feeding
-            slot = (budget - latent_left).clamp(0, budget - 1)
-            h = torch.where(feed[:, None], fed_latents[torch.arange(B), slot].to(h.dtype), h)
+            chose_end = (torch.rand(B, device=device) < torch.sigmoid(end_logit)) if stochastic_exit else end_logit > 0
+        else:
+            chose_end = torch.zeros(B, dtype=torch.bool, device=device)
+        leave, feed = in_latent & (cap | chose_end), in_latent & ~(cap | chose_end)     # (B,), (B,)
+        x = h.float()                                                                   # x_{t+1} = h_t
+        if fed_latents is not None:  # slot i = thinking_steps - latent_left while feeding
+            slot = (thinking_steps - latent_left).clamp(0, thinking_steps - 1)
+            x = torch.where(feed[:, None], fed_latents[torch.arange(B), slot].float(), x)
+        elif sigma > 0:
+            x = x + sigma * torch.randn_like(x)                                         # x_{t+1} = h_t + σε
+        log_latent = (torch.distributions.Normal(h.float(), sigma).log_prob(x).sum(-1)
+                      if sigma > 0 and fed_latents is None else torch.zeros(B, device=device))
+        if stochastic_exit:
+            log_latent = log_latent + F.logsigmoid(-end_logit)                          # chose to continue
         scaled = logits.float() / (temperature if temperature > 0 else 1.0)
         token = (torch.multinomial(F.softmax(scaled, -1), 1)[:, 0] if temperature > 0 else scaled.argmax(-1))
         sampled = ~in_latent & ~done
         token = torch.where(leave, task.lvr_end_id, torch.where(feed | done, task.pad_id, token))
+        drawn_end = leave & ~cap & stochastic_exit
+        latent_acts = feed & (stochastic_exit or (sigma > 0 and fed_latents is None))
+        logprob = torch.where(sampled, F.log_softmax(scaled, -1).gather(1, token[:, None])[:, 0],
+                              torch.where(drawn_end, F.logsigmoid(end_logit), log_latent))
         out["tokens"].append(token)
-        out["latents"].append(torch.where(feed[:, None], h, 0))
+        out["latents"].append(torch.where(feed[:, None], x, 0).to(h.dtype))
         out["is_latent"].append(feed)
         out["sampled"].append(sampled)
-        out["logprob"].append(F.log_softmax(scaled, -1).gather(1, token[:, None])[:, 0])
+        out["acted"].append(sampled | drawn_end | latent_acts)
+        out["logprob"].append(logprob)
+        out["capped"].append(leave & cap & (exit != "fixed"))
         entering = sampled & (token == task.lvr_start_id) & (latent_left == -1)
-        latent_left = torch.where(entering, budget, torch.where(feed, latent_left - 1,
-                                                                torch.where(leave, -2, latent_left)))
+        latent_left = torch.where(entering, thinking_steps, torch.where(feed, latent_left - 1,
+                                                                        torch.where(leave, -2, latent_left)))
         done |= sampled & (token == task.eos_id)
         if bool(done.all()):
             break
-        x = torch.where(feed[:, None], h, llm.embed(token).to(h.dtype))[:, None]          # (B, 1, D)
-        h, logits, cache = llm(x, cache)
+        inputs = torch.where(feed[:, None], x.to(h.dtype), llm.embed(token).to(h.dtype))[:, None]  # (B, 1, D)
+        h, logits, cache = llm(inputs, cache)
         h, logits = h[:, -1], logits[:, -1]
-    return {k: torch.stack(v, 1) for k, v in out.items()}
+    return {**{k: torch.stack(v, 1) for k, v in out.items()}, "sigma": sigma if fed_latents is None else 0.0,
+            "stochastic_exit": stochastic_exit, "end_id": task.lvr_end_id}
 
 
 def replay_logprobs(llm, visual, question, rollout, temperature):
-    """GRPO_latent replay: one teacher-forced pass over [question, v, response] where the response inputs
-    are the rollout's tokens, with the recorded latent hidden states h̃^latent patched in at the latent
-    positions, so π_θ sees exactly the rollout's context. Returns log π(y_t | q, I, h̃^latent, y_<t) (B, R)."""
-    tokens = rollout["tokens"]
-    response = torch.where(rollout["is_latent"][..., None], rollout["latents"].to(visual.dtype),
+    """GRPO_latent replay: one teacher-forced pass over [question, v, response] where the response inputs are the
+    rollout's tokens, with its latent inputs x patched in at the latent positions, so π_θ sees exactly the
+    rollout's context. Returns dict: logp (B, R) log π_θ of every acted choice (0 elsewhere):
+      text token y_t:        log softmax(logits / T)[y_t]
+      latent step x_{t+1}:   log N(x_{t+1}; h_t, σ²I) (σ > 0) + log(1 − p_end(h_t)) (drawn exit)
+      drawn <lvr_end>:       log p_end(h_t),   p_end = sigmoid(<lvr_end> logit);
+    discrete (B, R): logp without the Gaussian term; h (B, R, D): the hidden state before each response slot."""
+    tokens, is_latent, sigma = rollout["tokens"], rollout["is_latent"], rollout["sigma"]
+    response = torch.where(is_latent[..., None], rollout["latents"].to(visual.dtype),
                            llm.embed(tokens).to(visual.dtype))                          # (B, R, D)
     inputs = torch.cat([prompt(llm, visual, question), response[:, :-1]], 1)
-    _, logits, _ = llm(inputs)
-    logits = logits[:, -tokens.shape[1]:].float() / (temperature if temperature > 0 else 1.0)  # before each y_t
-    return F.log_softmax(logits, -1).gather(2, tokens[..., None])[..., 0]              # (B, R)
+    h, logits, _ = llm(inputs)
+    h, logits = h[:, -tokens.shape[1]:].float(), logits[:, -tokens.shape[1]:].float()  # before each slot
+    text = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1).gather(2, tokens[..., None])[..., 0]
+    end_logit = logits[..., rollout["end_id"]]
+    drawn_end = rollout["acted"] & ~rollout["sampled"] & ~is_latent
+    keep = rollout["stochastic_exit"]
+    discrete = torch.where(rollout["sampled"], text, torch.where(drawn_end, F.logsigmoid(end_logit),
+                                                                 F.logsigmoid(-end_logit) * is_latent * keep))
+    gauss = (torch.distributions.Normal(h, sigma).log_prob(rollout["latents"].float()).sum(-1) * is_latent
+             if sigma > 0 else torch.zeros_like(discrete))
+    acted = rollout["acted"]
+    return {"logp": (discrete + gauss) * acted, "discrete": discrete * acted, "h": h}
 
 
-def answer_correct(rollout, answer, task):
-    """Accuracy: the response's text tokens (specials and pads removed) are the answer followed by <eos>."""
+def answer_correct(rollout, answer, task, skip=()):
+    """Accuracy: the response's text tokens (specials, pads and the `skip` ids removed) are the answer followed by
+    <eos>."""
     tokens = rollout["tokens"]
     special = (tokens == task.pad_id) | (tokens == task.lvr_start_id) | (tokens == task.lvr_end_id)  # (B, R)
+    for token in skip:
+        special |= tokens == token
     text = tokens.gather(1, torch.sort(special.int(), dim=1, stable=True).indices)      # text tokens first
     text = F.pad(text, (0, answer.shape[1] + 1), value=task.pad_id)
     return (text[:, :answer.shape[1]] == answer).all(1) & (text[:, answer.shape[1]] == task.eos_id)
 
 
 def format_ok(rollout, task):
-    """Format reward's regex: the response is exactly <lvr_start> (latents) <lvr_end> answer-word(s) <eos>."""
+    """Format reward's regex: the response is exactly <lvr_start> (latents) <lvr_end> answer-word(s) <eos>, and
+    the model ended its latent segment itself (not the step cap of an adaptive exit)."""
     tokens = rollout["tokens"]
     text = tokens.gather(1, torch.sort((tokens == task.pad_id).int(), dim=1, stable=True).indices)  # pads last
     text = F.pad(text, (0, task.answer_len + 3), value=task.pad_id)
     words = text[:, 2:2 + task.answer_len]
     is_word = (words != task.pad_id) & (words != task.eos_id) & (words != task.lvr_start_id) & (words != task.lvr_end_id)
+    capped = rollout["capped"].any(1) if "capped" in rollout else torch.zeros_like(is_word[:, 0])
     return ((text[:, 0] == task.lvr_start_id) & (text[:, 1] == task.lvr_end_id) & is_word.all(1)
-            & (text[:, 2 + task.answer_len] == task.eos_id))
+            & (text[:, 2 + task.answer_len] == task.eos_id) & ~capped)
+
+
+def rewards(rollout, answer, task):
+    """r = r_format + r_accuracy (each 0 or 1): format_ok and answer_correct. Returns r, format, accuracy (B,)."""
+    has_format, correct = format_ok(rollout, task).float(), answer_correct(rollout, answer, task).float()
+    return has_format + correct, has_format, correct
 
 
 def group_advantages(reward):
@@ -464,43 +556,53 @@ def group_advantages(reward):
 
 @torch.no_grad()
 def grpo_rollouts(model, visual, batch):
-    """GRPO_latent sampling: G rollouts per question at the trained latent budget, latent states recorded.
-    Rewards r = format (format_ok) + accuracy; group-normalised advantages (group_advantages);
-    log π_θold of the sampled tokens (fixed for all policy updates on this batch) and log π_ref by replay."""
+    """GRPO_latent sampling: G rollouts per question with the stochastic latent policy (x_{t+1} = h_t + σε) and
+    the drawn mode-switching exit (capped at max_latent), rewards (rewards), group-normalised advantages
+    (group_advantages), log π_θold of each choice (fixed for all policy updates on this batch) and π_ref's replay."""
     config, task, G = model.config, model.task, model.config.group_size
     visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
     question, answer = batch["question"].repeat_interleave(G, 0), batch["answer"].repeat_interleave(G, 0)
-    rollout = generate(model, model.llm, visual, question, config.latent_steps, config.temperature)
-    has_format, correct = format_ok(rollout, task), answer_correct(rollout, answer, task)
-    reward = (has_format.float() + correct.float()).view(-1, G)                       # (B, G): r = format + accuracy
+    rollout = generate(model, model.llm, visual, question, config.max_latent, config.temperature, exit="mode_switch",
+                       sigma=config.latent_sigma)
+    reward, has_format, correct = rewards(rollout, answer, task)
+    reward = reward.view(-1, G)                                                       # (B, G)
     advantage = group_advantages(reward).view(-1, 1)                                  # (B*G, 1)
-    logp_ref = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
-    return dict(visual=visual, question=question, rollout=rollout, reward=reward, advantage=advantage, logp_ref=logp_ref,
-                metrics={"reward": reward.mean(), "reward_sd": reward.std(1).mean(), "accuracy": correct.float().mean(),
-                         "format": has_format.float().mean()})
+    reference = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
+    metrics = {"reward": reward.mean(), "reward_sd": reward.std(1).mean(),
+               "spread_groups": (reward.std(1) > 0).float().mean(),                   # groups with a signal
+               "accuracy": correct.mean(), f"pass@{G}": correct.view(-1, G).amax(1).mean(),
+               "format": has_format.mean(), "latent_steps": rollout["is_latent"].sum(1).float().mean()}
+    return dict(visual=visual, question=question, rollout=rollout, reward=reward, advantage=advantage,
+                reference=reference, metrics=metrics)
 
 
 def grpo_latent_loss(llm, batch, config):
-    """GRPO_latent (stage 2) on one rollout batch from grpo_rollouts: per sampled text token the clipped
-    objective min(r_{i,t}·Â_i, clip(r_{i,t}, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref) with
-    r_{i,t}(θ) = π_θ(y_{i,t} | q, I, h̃^latent_i, y_{i,<t}) / π_θold(same), both by replaying the recorded
-    latents. Tokens inside the latent span and the forced <lvr_end> are excluded (not sampled). The ratio
-    moves away from 1 (and the clip acts) from the second policy update on a batch."""
-    rollout, advantage = batch["rollout"], batch["advantage"]
-    mask = rollout["sampled"].float()                                                 # (B*G, R)
-    logp = replay_logprobs(llm, batch["visual"], batch["question"], rollout, config.temperature)  # with grad
-    ratio = torch.exp(logp - rollout["logprob"])                                      # π_θ / π_θold
+    """GRPO_latent (stage 2) on one rollout batch from grpo_rollouts: per choice a_t of rollout i the clipped
+    objective min(ρ_t·Â_i, clip(ρ_t, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref), ρ_t = π_θ(a_t | s_t) / π_θold(a_t | s_t)
+    by replaying the rollout (replay_logprobs); the choices are the sampled text tokens, the latent steps and the
+    drawn exit, so the latents get the RL signal. D_KL: the k3 estimator e^d − d − 1, d = log π_ref − log π_θ,
+    on the discrete choices, plus the exact ||h_θ − h_ref||² / (2σ²) of the two Gaussians at each latent step.
+    Mean over a rollout's choices, then over rollouts. ρ moves away from 1 (and the clip acts) from the second
+    policy update on a batch."""
+    rollout, advantage, reference = batch["rollout"], batch["advantage"], batch["reference"]
+    mask = rollout["acted"].float()                                                   # (B*G, R)
+    replay = replay_logprobs(llm, batch["visual"], batch["question"], rollout, config.temperature)  # with grad
+    ratio = torch.exp(replay["logp"] - rollout["logprob"] * mask)                     # π_θ / π_θold
     objective = torch.minimum(ratio * advantage, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * advantage)
-    kl = torch.exp(batch["logp_ref"] - logp) - (batch["logp_ref"] - logp) - 1         # k3 estimator of D_KL
+    d = reference["discrete"] - replay["discrete"]
+    kl = torch.exp(d) - d - 1                                                          # k3 estimator of D_KL
+    if rollout["sigma"] > 0:
+        gauss = ((replay["h"] - reference["h"]) ** 2).sum(-1) / (2 * rollout["sigma"] ** 2)
+        kl = kl + gauss * rollout["is_latent"]
     per_token = -(objective - config.kl_beta * kl)
     loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     tokens = mask.sum().clamp(min=1)
     clipped = ((ratio - 1).abs() > config.clip_eps).float()
-    return loss, {"kl": (kl * mask).sum() / tokens, "ratio_dev": ((ratio - 1).abs() * mask).sum() / tokens,
-                  "clipped": (clipped * mask).sum() / tokens}
+    return loss, {"kl": ((kl * mask).sum() / tokens).detach(), "ratio_dev": (((ratio - 1).abs() * mask).sum() / tokens).detach(),
+                  "clipped": ((clipped * mask).sum() / tokens).detach()}
 
 # ----------------------------------------------------------------------------------------------------------
-# Training step (AMP): stage 0, stage 1 (+ baseline), stage 2
+# Training step (AMP): stage 0, stage 1 (+ the two baselines), stage 2
 
 
 def set_trainable(module, flag):
@@ -514,16 +616,16 @@ def teacher_prob(step, config):
     return max(0.0, 1 - (step - config.align_steps) / config.teacher_ramp) if config.teacher_ramp else 0.0
 
 
-def optimizer_step(model, optimizer, scaler, loss):
+def optimizer_step(model, optimizer, scaler, loss, config):
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     encoder_and_heads = [model.encoder, model.projector, model.grounding_head, model.latent_end]
-    for part in (model.llm, model.baseline_llm, encoder_and_heads):
-        if part is not None:  # clip each trained model on its own so the baseline cannot rescale LVR's step
+    for part in (model.llm, model.baseline_llm, model.cot_llm, encoder_and_heads):
+        if part is not None:  # clip each trained model on its own so a baseline cannot rescale LVR's step
             params = part.parameters() if isinstance(part, nn.Module) else \
                 [p for m in part for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
 
@@ -531,8 +633,10 @@ def optimizer_step(model, optimizer, scaler, loss):
 def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     device = batch["image"].device
     aligned = config.stage == "rl" or step >= config.align_steps
-    if aligned and model.baseline_llm is not None and not bool(model.baseline_ready):
-        model.baseline_llm.load_state_dict(model.llm.state_dict())  # baseline starts from the stage-0 LLM
+    if aligned and not bool(model.baseline_ready):  # the baselines start from the stage-0 LLM
+        for copy_llm in (model.baseline_llm, model.cot_llm):
+            if copy_llm is not None:
+                copy_llm.load_state_dict(model.llm.state_dict())
         model.baseline_ready.fill_(True)
     set_trainable(model.encoder, not aligned)     # stage 1 and 2: vision encoder and projector frozen
     set_trainable(model.projector, not aligned)
@@ -540,16 +644,15 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
         # frozen reference policy π_ref for the KL term: a plain attribute, not a submodule, so it stays out
         # of the state dict (on --resume it is re-taken from the resumed policy, not the stage-1 one)
         object.__setattr__(model, "reference", copy.deepcopy(model.llm).requires_grad_(False))
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     if config.stage == "rl":  # stage 2: one rollout batch, policy_updates clipped steps on it
-        with autocast:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             rollouts = grpo_rollouts(model, model.visual_tokens(batch["image"]), batch)
         for _ in range(config.policy_updates):
-            with autocast:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss, metrics = grpo_latent_loss(model.llm, rollouts, config)
-            optimizer_step(model, optimizer, scaler, loss)
-        return {"loss": loss.detach(), **rollouts["metrics"], **{k: v.detach() for k, v in metrics.items()}}
-    with autocast:
+            optimizer_step(model, optimizer, scaler, loss, config)
+        return {"loss": loss.detach(), **rollouts["metrics"], **metrics}
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if not aligned:  # stage 0: alignment on plain VQA, everything trains
             loss, metrics = alignment_loss(model, batch)
         else:
@@ -558,12 +661,15 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
             loss, metrics = lvr_loss(model, visual, batch, teacher_prob(step, config))
             if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
                 baseline, _ = direct_loss(model.baseline_llm, visual, batch, model.task)
-                loss, metrics["baseline_NTP"] = loss + baseline, baseline
-    optimizer_step(model, optimizer, scaler, loss)
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
+                loss, metrics["baseline_NTP"] = loss + baseline, baseline.detach()
+            if model.cot_llm is not None:  # text chain-of-thought baseline: same batch, hops in words, then answer
+                cot, cot_metrics = cot_loss(model.cot_llm, visual, batch, model.task)
+                loss, metrics["cot_hops_NTP"], metrics["cot_answer_NTP"] = loss + cot, cot_metrics["L_hops"], cot_metrics["answer_NTP"]
+    optimizer_step(model, optimizer, scaler, loss, config)
+    return {"loss": loss.detach(), **metrics}
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: answer accuracy vs. latent steps, baseline row, latent reconstruction MSE
+# Evaluation: answer accuracy vs. latent steps, the baselines, the controls, the exits; the sampled policy
 
 
 CONTROLS = {"oracle": "oracle ROI tokens (a)", "zero": "zero latents (b)", "random": "random latents (c)"}
@@ -584,46 +690,56 @@ def control_latents(kind, visual, boxes, task, k, roi_tokens, generator=None):
 
 @torch.no_grad()
 def evaluate(model, task, config, eval_steps, autocast_dtype):
-    """Held-out answer accuracy: the answer prior, the no-latent baseline, LVR at each fixed budget (budget 0:
-    control (d), only the <lvr_start>/<lvr_end> markers, no latent slot), and at the trained budget the
-    controls (a) oracle ROI tokens, (b) zero latents, (c) random latents with the ROI tokens' per-dimension
-    mean and variance fed in the latent positions instead of the model's own states."""
+    """Held-out answer accuracy: the answer prior, the no-latent and the text chain-of-thought baselines, LVR at
+    each fixed budget in eval_steps (0: control (d), only the <lvr_start>/<lvr_end> markers), the controls at the
+    trained budget ((a) oracle ROI tokens, (b) zero latents, (c) random latents with the ROI tokens'
+    per-dimension mean and variance fed instead of the model's own states), and the two adaptive exits (latent
+    end vector, mode switching; capped at max_latent). Then, on validation questions (fresh scenes, not the test
+    set), the sampled policy of GRPO_latent (text at temperature, latents x = h + σε, drawn exit) at σ = 0, σ/2,
+    σ, 2σ: pass@1 (mean accuracy of one sample) and pass@G (any of G samples right)."""
     model.eval()
     device = next(model.parameters()).device
     data = task.test_sets["held-out"]
     size = max(config.batch_size, 256)                        # evaluation chunk (the RL batch is small)
     chunks = [{k: v[i:i + size].to(device) for k, v in data.items()} for i in range(0, len(data["answer"]), size)]
-    k, pool = config.latent_steps, config.latent_steps if config.latent_pool else 0
+    k, pool, G = config.latent_steps, config.latent_steps if config.latent_pool else 0, config.group_size
+    total = len(data["answer"])
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         visuals = [model.visual_tokens(c["image"]) for c in chunks]
-        tf_mse = sum(lvr_loss(model, v, c)[1]["L_LVR"].float() * len(v) for v, c in zip(visuals, chunks)).item()
-        tf_mse /= len(data["answer"])
+        tf_mse = sum(lvr_loss(model, v, c)[1]["L_LVR"].float() * len(v) for v, c in zip(visuals, chunks)).item() / total
         roi = [roi_targets(v, c["box"], task, 0) for v, c in zip(visuals, chunks)]
         roi_tokens = torch.cat([t[m] for t, m in roi]).float()                          # (all ROI tokens, D)
         variance = roi_tokens.var(0).mean().item()                                     # MSE of the mean token
         noise = torch.Generator(device=device).manual_seed(0)
         runs = [("baseline", model.baseline_llm, 0, "fixed", None)] if model.baseline_llm is not None else []
+        runs += [("text chain-of-thought", model.cot_llm, 0, "fixed", None)] if model.cot_llm is not None else []
         runs += [("lvr, markers only (d)" if n == 0 else "lvr", model.llm, n, "fixed", None) for n in eval_steps]
         runs += [(f"lvr, {name}", model.llm, k, "fixed", kind) for kind, name in CONTROLS.items()]
-        if config.exit != "fixed":
-            runs.append((f"lvr {config.exit}", model.llm, config.max_latent, config.exit, None))
+        runs += [("lvr, latent end exit", model.llm, config.max_latent, "latent_end", None),
+                 ("lvr, mode switch exit", model.llm, config.max_latent, "mode_switch", None)]
         type_count = torch.bincount(data["qtype"].cpu(), minlength=len(task.question_types)).clamp(min=1)
-        rows = [{"test set": "held-out", "model": "answer prior", "latent steps": "-",
-                 "accuracy %": task.prior_accuracy(), "entered lvr %": 0.0, "mean steps": 0.0, "latent MSE": "-",
-                 "latent MSE/var": "-", "teacher-forced MSE/var": "-",  # most frequent answer per question type
+        empty = {"latent MSE/var": "-", "teacher-forced MSE/var": "-", "hops right %": "-"}
+        rows = [{"test set": "held-out", "model": "answer prior", "thinking steps": "-", "accuracy %": task.prior_accuracy(),
+                 f"pass@{G} %": "-", "entered lvr %": 0.0, "mean steps": 0.0, **empty,  # majority answer per type
                  **{f"{q} %": "-" for q in task.question_types}}]
-        for name, llm, budget, exit, kind in runs:
-            correct, entered, steps, mse_sum, mse_count = 0, 0, 0, 0.0, 0
+        for name, llm, thinking_steps, exit, kind in runs:
+            cot = llm is model.cot_llm
+            correct, entered, steps, hops, mse_sum, mse_count = 0, 0, 0, 0, 0.0, 0
             per_type = torch.zeros(len(task.question_types))                                # correct per type
             for v, c in zip(visuals, chunks):
-                rollout = generate(model, llm, v, c["question"], budget, exit=exit,
+                rollout = generate(model, llm, v, c["question"], thinking_steps, exit=exit,
                                    fed_latents=control_latents(kind, v, c["box"], task, k, roi_tokens, noise)
                                    if kind else None)
-                right = answer_correct(rollout, c["answer"], task)
+                right = answer_correct(rollout, c["answer"], task, skip=task.position_ids if cot else ())
                 correct += right.sum().item()
                 per_type += torch.zeros_like(per_type).index_add_(0, c["qtype"].cpu(), right.float().cpu())
                 entered += (rollout["tokens"] == task.lvr_start_id).any(1).sum().item()
                 steps += rollout["is_latent"].sum().item()
+                if cot:  # the written hops: the first hop_len tokens against the chain's hop words
+                    written = F.pad(rollout["tokens"], (0, task.hop_len), value=task.pad_id)[:, :task.hop_len]
+                    hops += (written == cot_targets(c, task)[:, :task.hop_len]).all(1).sum().item()
+                    steps += torch.isin(rollout["tokens"], torch.tensor(task.position_ids, device=device)).sum().item()
+                    continue
                 # reconstruction: the i-th latent input vs the i-th target, for i <= min(steps taken, N)
                 targets, valid = roi_targets(v, c["box"], task, pool)                      # (b, N, D), (b, N)
                 order = torch.sort((~rollout["is_latent"]).int(), dim=1, stable=True).indices  # latents first
@@ -632,15 +748,43 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
                 both = valid[:, :n] & (torch.arange(n, device=device) < rollout["is_latent"].sum(1, keepdim=True))
                 err = ((latents[:, :n].float() - targets[:, :n].float()) ** 2).mean(-1)    # (b, n)
                 mse_sum, mse_count = mse_sum + err[both].sum().item(), mse_count + both.sum().item()
-            total = len(data["answer"])
-            rows.append({"test set": "held-out", "model": name, "latent steps": budget if exit == "fixed" else "adaptive",
-                         "accuracy %": 100.0 * correct / total, "entered lvr %": 100.0 * entered / total,
+            rows.append({"test set": "held-out", "model": name,
+                         "thinking steps": "text" if cot else thinking_steps if exit == "fixed" else "adaptive",
+                         "accuracy %": 100.0 * correct / total, f"pass@{G} %": "-", "entered lvr %": 100.0 * entered / total,
                          "mean steps": steps / total,
-                         "latent MSE": mse_sum / mse_count if mse_count else "-",
                          "latent MSE/var": mse_sum / mse_count / variance if mse_count else "-",
-                         "teacher-forced MSE/var": tf_mse / variance if name != "baseline" else "-",
+                         "teacher-forced MSE/var": tf_mse / variance if llm is model.llm else "-",
+                         "hops right %": 100.0 * hops / total if cot else "-",
                          **{f"{q} %": 100.0 * (per_type[i] / type_count[i]).item() for i, q in enumerate(task.question_types)}})
+        rows += validation_rows(model, task, config, min(config.validation_size, total))
     model.train()
+    return rows
+
+
+def validation_rows(model, task, config, n):
+    """pass@1 and pass@G of the sampled policy on n validation questions (fresh scenes) at σ = 0, σ/2, σ, 2σ:
+    the rows σ for GRPO_latent is chosen on."""
+    if not hasattr(task, "fresh_batch"):
+        return []
+    G, device = config.group_size, next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in task.fresh_batch(6, 0, n).items()}
+    visual = model.visual_tokens(batch["image"])
+    rows = []
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)  # the same draws for every σ and every checkpoint
+    for sigma in (0.0, config.latent_sigma / 2, config.latent_sigma, 2 * config.latent_sigma):
+        correct, steps = [], 0
+        for i in range(0, n, 64):  # 64 questions x G rollouts at a time
+            question, answer = (batch[key][i:i + 64].repeat_interleave(G, 0) for key in ("question", "answer"))
+            rollout = generate(model, model.llm, visual[i:i + 64].repeat_interleave(G, 0), question, config.max_latent,
+                               config.temperature, exit="mode_switch", sigma=sigma)
+            correct.append(answer_correct(rollout, answer, task).float().view(-1, G))
+            steps += rollout["is_latent"].sum().item()
+        correct = torch.cat(correct)                                                     # (n, G)
+        rows.append({"test set": "validation", "model": f"sampled policy σ={sigma:g} T={config.temperature:g}",
+                     "thinking steps": "adaptive", "accuracy %": 100.0 * correct.mean().item(),
+                     f"pass@{G} %": 100.0 * correct.amax(1).mean().item(), "mean steps": steps / (n * G)})
+    torch.set_rng_state(generator_state)
     return rows
 
 

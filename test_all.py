@@ -2152,17 +2152,18 @@ def lvr_tiny(**kw):
     config = lvr.Config(**{**dict(d_model=32, n_layers=2, n_heads=2, encoder_layers=1, batch_size=8, align_steps=2,
                                   group_size=4, max_latent=6, eval_steps=(0, 2)), **kw})
     torch.manual_seed(0)
-    return lvr.build_model(config, LVR_TASK), config
+    task = copy.copy(LVR_TASK) if config.stage == "rl" else LVR_TASK  # the RL stage switches its task to fresh scenes
+    return lvr.build_model(config, task), config
 
 
-def rollout_of(model, temperature=1.0, budget=3, n=6):
+def rollout_of(model, temperature=1.0, budget=3, n=6, sigma=0.0):
     batch = LVR_TASK.train_batch(0, n)
     with torch.no_grad():
         visual = model.visual_tokens(batch["image"])
     question = batch["question"]
     # make every row enter latent mode: bias the head towards <lvr_start> at the first text step
     torch.manual_seed(1)
-    return visual, question, lvr.generate(model, model.llm, visual, question, budget, temperature)
+    return visual, question, lvr.generate(model, model.llm, visual, question, budget, temperature, sigma=sigma)
 
 
 def force_lvr_start(model):
@@ -2273,7 +2274,7 @@ def test_lvr_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         lvr.Config(stage="ppo")
     with pytest.raises(ValueError):
-        lvr.Config(exit="sometimes")
+        lvr.Config(latent_sigma=-0.1)
     with pytest.raises(ValueError):
         lvr.Config(d_model=30, n_heads=4)
     with pytest.raises(ValueError):
@@ -2317,16 +2318,16 @@ def test_lvr_cached_decoding_equals_uncached_and_ratio_is_one():
     model, _ = lvr_tiny()
     force_lvr_start(model)
     visual, question, out = rollout_of(model, temperature=0.9, budget=4)
-    replay = lvr.replay_logprobs(model.llm, visual, question, out, 0.9)      # uncached, teacher-forced replay
-    mask = out["sampled"]
-    assert out["is_latent"].any() and mask.sum() > 6
+    replay = lvr.replay_logprobs(model.llm, visual, question, out, 0.9)["logp"]  # uncached, teacher-forced replay
+    mask = out["acted"]
+    assert out["is_latent"].any() and mask.sum() > 6 and torch.equal(mask, out["sampled"])  # σ = 0: text only
     torch.testing.assert_close(replay[mask], out["logprob"][mask], atol=1e-5, rtol=1e-5)
     assert torch.allclose(torch.exp(replay - out["logprob"])[mask], torch.ones(int(mask.sum())), atol=1e-4)
 
 
 def test_lvr_adaptive_exits_run_and_respect_cap():
     for exit in ("latent_end", "mode_switch"):
-        model, config = lvr_tiny(exit=exit)
+        model, config = lvr_tiny()
         force_lvr_start(model)
         batch = LVR_TASK.train_batch(0, 4)
         with torch.no_grad():
@@ -2398,7 +2399,7 @@ def test_lvr_grpo_step_and_bf16_autocast():
 
 def test_lvr_tiny_model_learns_tiny_vqa_set():
     model, config = lvr_tiny(d_model=48, lr=3e-3, warmup_steps=1, align_steps=60, latent_steps=2, eval_steps=(2,),
-                         baseline=False, teacher_ramp=30)
+                             baseline=False, cot=False, teacher_ramp=30)
     opt = lvr.make_optimizer(model, config)
     batch = LVR_TASK.train_batch(0, 12)
     stage1_losses = []
@@ -2416,10 +2417,15 @@ def test_lvr_tiny_model_learns_tiny_vqa_set():
 def test_lvr_evaluate_rows():
     model, config = lvr_tiny()
     rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
-    assert [r["model"] for r in rows] == ["answer prior", "baseline", "lvr, markers only (d)", "lvr",
-                                          "lvr, oracle ROI tokens (a)", "lvr, zero latents (b)", "lvr, random latents (c)"]
-    assert [r["latent steps"] for r in rows] == ["-", 0, 0, 2] + [config.latent_steps] * 3
-    for row in rows[1:]:  # accuracy per question type, weighted by the type counts, gives the overall accuracy
+    held_out = [r for r in rows if r["test set"] == "held-out"]
+    assert [r["model"] for r in held_out] == [
+        "answer prior", "baseline", "text chain-of-thought", "lvr, markers only (d)", "lvr", "lvr, oracle ROI tokens (a)",
+        "lvr, zero latents (b)", "lvr, random latents (c)", "lvr, latent end exit", "lvr, mode switch exit"]
+    assert [r["thinking steps"] for r in held_out] == ["-", 0, "text", 0, 2] + [config.latent_steps] * 3 + ["adaptive"] * 2
+    assert all(r["mean steps"] <= config.max_latent for r in held_out)
+    validation = [r for r in rows if r["test set"] == "validation"]
+    assert len(validation) == 4 and all(r["pass@4 %"] >= r["accuracy %"] for r in validation)
+    for row in held_out[1:]:  # accuracy per question type, weighted by the type counts, gives the overall accuracy
         counts = torch.bincount(LVR_TASK.test_sets["held-out"]["qtype"], minlength=3).float()
         per_type = torch.tensor([row[f"{q} %"] for q in LVR_TASK.question_types])
         assert abs((per_type * counts).sum() / counts.sum() - row["accuracy %"]) < 1e-3
@@ -2466,7 +2472,7 @@ def test_lvr_exit_losses_supervise_the_position_holding_the_last_target():
     """latent_end: h(position holding v_N) -> the end vector; mode_switch: the <lvr_end> logit at positions
     <lvr_start>, v_1..v_N is 1 only at the position holding v_N (which predicts <lvr_end>)."""
     for exit in ("latent_end", "mode_switch"):
-        model, config = lvr_tiny(latent_steps=3, exit=exit)
+        model, config = lvr_tiny(latent_steps=3)
         visual, batch = lvr_stage1_inputs(model)
         model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size, end_logit=True)
         targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)               # (B, 3, D)
@@ -2481,19 +2487,22 @@ def test_lvr_exit_losses_supervise_the_position_holding_the_last_target():
             torch.testing.assert_close(metrics["L_switch"], want)
 
 
-def test_lvr_total_loss_is_ntp_plus_lambda_times_lvr():
-    for weight in (0.5, 2.0):
-        model, config = lvr_tiny(lvr_weight=weight)
+def test_lvr_total_loss_is_ntp_plus_lambda_times_lvr_plus_the_exit_losses():
+    for weight, exit_weight in ((0.5, 0.1), (2.0, 0.0), (1.0, 3.0)):
+        model, config = lvr_tiny(lvr_weight=weight, exit_weight=exit_weight)
         visual, batch = lvr_stage1_inputs(model)
         loss, metrics = lvr.lvr_loss(model, visual, batch)
-        torch.testing.assert_close(loss, metrics["L_NTP"] + weight * metrics["L_LVR"])
+        torch.testing.assert_close(loss, metrics["L_NTP"] + weight * metrics["L_LVR"]
+                                   + exit_weight * (metrics["L_end"] + metrics["L_switch"]))
+        assert not any(value.requires_grad for value in metrics.values())
 
 
 def test_lvr_answer_pass_reads_detached_own_latents():
     """The answer loss equals a reference pass fed the model's free-running latents (decoded here without a
     cache) as constants: same value and same gradients (no gradient flows back through the fed latents),
-    unlike a non-detached feed."""
-    model, config = lvr_tiny(latent_steps=3)
+    unlike a non-detached feed. (Gradients of the whole loss with λ = λ_ms = 0: the markers' NTP, whose
+    reference is the teacher-forced pass, plus the answer's.)"""
+    model, config = lvr_tiny(latent_steps=3, lvr_weight=0.0, exit_weight=0.0)
     visual, batch = lvr_stage1_inputs(model)
     llm, k = model.llm, 3
     targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, k)
@@ -2516,8 +2525,14 @@ def test_lvr_answer_pass_reads_detached_own_latents():
         loss.backward()
         return torch.cat([p.grad.flatten() for p in llm.parameters() if p.grad is not None])
 
-    got = lvr.lvr_loss(model, visual, batch, teacher_prob=0.0)[1]["answer_NTP"]
-    got_grad = grads(got)
+    loss, metrics = lvr.lvr_loss(model, visual, batch, teacher_prob=0.0)
+    got, got_grad = metrics["answer_NTP"], grads(loss)
+
+    def markers_loss():  # CE of <lvr_start> (at s - 1) and <lvr_end> (at s + k) on the teacher-forced pass
+        end = llm.embed.weight[LVR_TASK.lvr_end_id].expand(B, 1, D)
+        _, logits, _ = llm(torch.cat([prefix(), targets, end], 1))
+        labels = torch.tensor([LVR_TASK.lvr_start_id, LVR_TASK.lvr_end_id]).expand(B, 2)
+        return torch.nn.functional.cross_entropy(logits[:, [s - 1, s + k]].flatten(0, 1), labels.flatten())
 
     def free_running():  # x_1 = h(<lvr_start>), x_{i+1} = h(position holding x_i): full passes, no cache
         inputs = prefix()
@@ -2528,8 +2543,8 @@ def test_lvr_answer_pass_reads_detached_own_latents():
 
     want = answer_loss(free_running().detach())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_grad, grads(want), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(got_grad, grads(answer_loss(free_running())), atol=1e-5, rtol=1e-4)  # not detached
+    torch.testing.assert_close(got_grad, grads(markers_loss() + want), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got_grad, grads(markers_loss() + answer_loss(free_running())), atol=1e-5, rtol=1e-4)
     h, _, _ = llm(torch.cat([prefix(), targets], 1))                                # teacher-forced hidden states
     assert not torch.allclose(got, answer_loss(h[:, s:s + k].detach()), atol=1e-4)  # are not what pass 2 reads
     # teacher_prob = 1: the answer pass reads the true ROI tokens instead
@@ -2640,6 +2655,8 @@ def test_lvr_baseline_cannot_change_the_lvr_models_step():
     after = []
     for baseline in (True, False):
         model, config = lvr_tiny(baseline=baseline, align_steps=0, lr=1e-2)
+        with torch.no_grad():  # the same end vector in both (drawn after the baseline LLMs)
+            model.latent_end.copy_(torch.linspace(-2, 2, config.d_model))
         opt = lvr.make_optimizer(model, config)
         torch.manual_seed(4)
         lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), 0, config, None)
@@ -2699,17 +2716,21 @@ def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
     with torch.no_grad():
         for p in model.reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    rollouts["logp_ref"] = lvr.replay_logprobs(model.reference, rollouts["visual"], rollouts["question"],
-                                               rollouts["rollout"], config.temperature)
+    rollouts["reference"] = lvr.replay_logprobs(model.reference, rollouts["visual"], rollouts["question"],
+                                                rollouts["rollout"], config.temperature)
     losses = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b)) for b in (0.0, 0.1, 1.0)]
     assert losses[0][0] < losses[1][0] < losses[2][0]
     kl = losses[2][1]["kl"]
     torch.testing.assert_close(losses[2][0] - losses[0][0], kl, rtol=0.2, atol=0)  # ≈ β·KL (per-row means)
-    with torch.no_grad():  # the k3 estimator of D_KL(π_θ‖π_ref), over the sampled tokens
-        d = rollouts["logp_ref"] - lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"],
-                                                       rollouts["rollout"], config.temperature)
-    mask = rollouts["rollout"]["sampled"]
-    torch.testing.assert_close(kl, (torch.exp(d) - d - 1)[mask].mean())
+    with torch.no_grad():  # the k3 estimator of D_KL(π_θ‖π_ref) over the discrete choices, exact for the Gaussians
+        policy = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"],
+                                     config.temperature)
+    d = rollouts["reference"]["discrete"] - policy["discrete"]
+    sigma, latent = rollouts["rollout"]["sigma"], rollouts["rollout"]["is_latent"]
+    gauss = ((policy["h"] - rollouts["reference"]["h"]) ** 2).sum(-1) / (2 * sigma ** 2) * latent
+    mask = rollouts["rollout"]["acted"]
+    assert latent.any() and (mask & latent).any() and sigma > 0
+    torch.testing.assert_close(kl, (torch.exp(d) - d - 1 + gauss)[mask].mean())
 
 
 def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
@@ -2725,7 +2746,7 @@ def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
     # the clip: with every ratio at e > 1 + ε and a positive advantage, the objective is flat in θ (no KL)
     model, config, rollouts = lvr_rl_batch(beta=0.0)
     rollouts["advantage"] = torch.ones_like(rollouts["advantage"])
-    logp = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"], 0.9)
+    logp = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"], 0.9)["logp"]
     for shift, flat in ((1.0, True), (0.0, False)):
         rollouts["rollout"]["logprob"] = logp.detach() - shift
         loss, metrics = lvr.grpo_latent_loss(model.llm, rollouts, config)
@@ -2733,6 +2754,173 @@ def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
         loss.backward()
         grad = sum(p.grad.abs().sum() for p in model.llm.parameters() if p.grad is not None)
         assert (grad == 0) == flat and (metrics["clipped"] == 1.0) == flat
+
+
+# ---------------- lvr: text chain-of-thought baseline, exits, stochastic latent policy
+
+
+def test_lvr_cot_targets_hold_the_hops_and_the_answer_pass_reads_them():
+    batch = LVR_TASK.train_batch(0, 40)
+    targets = lvr.cot_targets(batch, LVR_TASK)                                          # (B, 4 + 1)
+    for hop in (0, 1):  # the patch of each box of the chain, as column and row words
+        patch = vqa_data.roi_patch_mask(batch["box"][:, hop], 48, 8).int().argmax(1)       # (B,), one patch per box
+        assert [LVR_TASK.vocab[t] for t in targets[:, 2 * hop].tolist()] == [f"x{p}" for p in (patch % 6).tolist()]
+        assert [LVR_TASK.vocab[t] for t in targets[:, 2 * hop + 1].tolist()] == [f"y{p}" for p in (patch // 6).tolist()]
+    assert torch.equal(targets[:, 4:], batch["answer"])
+    model, config = lvr_tiny()
+    llm, visual = model.cot_llm, model.visual_tokens(batch["image"][:6]).detach()
+    small = {k: v[:6] for k, v in batch.items()}
+    hops = targets[:6, :4]
+    seq, logits, _ = lvr.answer_pass(llm, visual, small, LVR_TASK, before=hops)
+    assert torch.equal(seq, torch.cat([hops, small["answer"], torch.full((6, 1), LVR_TASK.eos_id)], 1))
+    other = hops.clone()
+    other[:, 1] = LVR_TASK.stoi["y5"] + LVR_TASK.stoi["y0"] - other[:, 1]                  # another row word
+    _, logits_other, _ = lvr.answer_pass(llm, visual, small, LVR_TASK, before=other)
+    assert torch.equal(logits[:, :2], logits_other[:, :2])                              # before the change: causal
+    assert (logits[:, 4] - logits_other[:, 4]).abs().amax() > 1e-4                      # the answer reads the hops
+    loss, metrics = lvr.cot_loss(llm, visual, small, LVR_TASK)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq.flatten(), reduction="none").view(6, 6)
+    torch.testing.assert_close(metrics["L_hops"], ce[:, :4].mean())
+    torch.testing.assert_close(metrics["answer_NTP"], ce[:, 4:].mean())
+    torch.testing.assert_close(loss, ce[:, :4].mean() + ce[:, 4:].mean())
+
+
+def test_lvr_cot_baseline_starts_from_the_stage0_llm_and_is_scored_on_its_answer():
+    model, config = lvr_tiny()
+    opt = lvr.make_optimizer(model, config)
+    stage0 = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), config.align_steps, config, None)
+    assert all(torch.equal(stage0[k], v) for k, v in model.cot_llm.state_dict().items())
+    assert model.cot_llm.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and "cot_hops_NTP" in metrics
+    x, y, right, eos = LVR_TASK.stoi["x2"], LVR_TASK.stoi["y4"], LVR_TASK.stoi["circle"], LVR_TASK.eos_id
+    rollout = lvr_rollout([[x, y, x, y, right, eos], [x, y, x, y, LVR_TASK.stoi["square"], eos], [right, eos]])
+    answer = torch.full((3, 1), right)
+    assert lvr.answer_correct(rollout, answer, LVR_TASK, skip=LVR_TASK.position_ids).tolist() == [True, False, True]
+    assert lvr.answer_correct(rollout, answer, LVR_TASK).tolist() == [False, False, True]
+
+
+class LvrScriptedLLM(torch.nn.Module):
+    """A decoder whose call c returns the scripted hidden state hs[c] and <lvr_end> logit ends[c] at its last
+    position; call 0 (the prompt) picks <lvr_start>, text after the latent segment picks <eos>."""
+
+    def __init__(self, embed, hs, ends):
+        super().__init__()
+        self.embed, self.hs, self.ends, self.calls = embed, hs, ends, 0
+
+    def forward(self, inputs, cache=None):
+        c = min(self.calls, len(self.hs) - 1)
+        self.calls += 1
+        logits = inputs.new_zeros(*inputs.shape[:2], LVR_TASK.vocab_size)
+        logits[..., LVR_TASK.lvr_start_id if c == 0 else LVR_TASK.eos_id] = 50.0
+        logits[..., LVR_TASK.lvr_end_id] = self.ends[c]
+        h = self.hs[c].expand(*inputs.shape[:2], -1)
+        return h, logits, cache or []
+
+
+def test_lvr_each_exit_stops_where_it_should_on_a_scripted_decoder():
+    model, config = lvr_tiny(end_threshold=0.02)
+    D, far = config.d_model, torch.full((config.d_model,), 3.0)
+    visual, question = torch.zeros(2, 36, D), LVR_TASK.train_batch(0, 2)["question"]
+    # calls 1.. are the states after <lvr_start>, x_1, x_2, ...: the end vector is reached at call 3, the
+    # <lvr_end> logit turns positive at call 2
+    hs = [far, far, far, model.latent_end.detach().clone(), far, far, far, far, far]
+    ends = [-9.0, -9.0, 9.0, -9.0, -9.0, -9.0, -9.0, -9.0, -9.0]
+
+    def steps(exit, cap, temperature=0.0, end_logits=ends):
+        llm = LvrScriptedLLM(model.llm.embed, hs, end_logits)
+        out = lvr.generate(model, llm, visual, question, cap, temperature=temperature, exit=exit)
+        assert (out["tokens"] == LVR_TASK.lvr_end_id).sum(1).eq(1).all()
+        return out["is_latent"].sum(1).tolist(), out["capped"].any(1).tolist()
+
+    assert steps("fixed", 4) == ([4, 4], [False, False])                 # exactly the budget
+    assert steps("fixed", 1) == ([1, 1], [False, False])
+    assert steps("latent_end", 6) == ([2, 2], [False, False])            # x_1, x_2 fed, then h = e: stop
+    assert steps("latent_end", 1) == ([1, 1], [True, True])              # the cap comes first
+    assert steps("mode_switch", 6) == ([1, 1], [False, False])           # logit > 0 after x_1
+    assert steps("mode_switch", 6, 1.0, [-30.0] * 9) == ([6, 6], [True, True])   # drawn: never ends itself
+    assert steps("mode_switch", 6, 1.0, [-30.0, 30.0] + [-30.0] * 7) == ([0, 0], [False, False])
+
+
+def test_lvr_stochastic_latent_policy_is_gaussian_and_enters_the_ratio():
+    model, config = lvr_tiny(stage="rl", latent_sigma=0.3, kl_beta=0.0)
+    force_lvr_start(model)
+    sigma = 0.3
+    visual, question, out = rollout_of(model, temperature=0.9, budget=3, n=8, sigma=sigma)
+    lat = out["is_latent"]
+    assert lat.sum(1).eq(3).sum() >= 4 and torch.isin(lat.sum(1), torch.tensor([0, 3])).all()  # rows that entered: 3 steps
+    assert (out["acted"] & lat).sum() == lat.sum()                                   # every latent step is a choice
+    # h_t, the hidden state before each latent slot, from a plain uncached pass over the recorded inputs
+    response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
+    with torch.no_grad():
+        h, _, _ = model.llm(torch.cat([lvr.prompt(model.llm, visual, question), response], 1))
+    p = visual.shape[1] + question.shape[1]
+    h_before = h[:, p - 1:p - 1 + lat.shape[1]][lat]                                   # (M, D)
+    x = out["latents"][lat]
+    noise = (x - h_before) / sigma
+    assert abs(noise.std().item() - 1) < 0.1 and abs(noise.mean().item()) < 0.1        # x = h + σε, ε ~ N(0, I)
+    want = torch.distributions.Normal(h_before, sigma).log_prob(x).sum(-1)
+    torch.testing.assert_close(out["logprob"][lat], want, atol=1e-3, rtol=1e-5)
+    replay = lvr.replay_logprobs(model.llm, visual, question, out, 0.9)
+    torch.testing.assert_close(replay["logp"][lat], want, atol=1e-3, rtol=1e-5)
+    # in the ratio: with only the latent steps as choices, old log π lowered by 0.1 and Â = 1, the loss is −e^0.1
+    # per row with latent steps (0 for the others), and it pulls h_t towards the sampled x_{t+1}
+    out["acted"] = lat.clone()
+    out["logprob"] = replay["logp"].detach() - 0.1
+    reference = {key: value.detach() for key, value in replay.items()}
+    batch = {"rollout": out, "visual": visual, "question": question, "reference": reference,
+             "advantage": torch.ones(len(visual), 1)}
+    loss, metrics = lvr.grpo_latent_loss(model.llm, batch, config)
+    torch.testing.assert_close(loss, -math.exp(0.1) * lat.any(1).float().mean(), atol=1e-4, rtol=0)
+    loss.backward()
+    assert model.llm.head.weight.grad is None or model.llm.head.weight.grad.abs().sum() == 0  # no text term
+    assert model.llm.blocks[0].mlp[0].weight.grad.abs().sum() > 0
+    out["latents"] = out["latents"] + 0.05 * lat[..., None]                           # other sampled latents
+    moved, _ = lvr.grpo_latent_loss(model.llm, batch, config)
+    assert abs(moved.item() - loss.item()) > 1e-3
+
+
+def test_lvr_reference_policy_stays_frozen_and_rl_trains_on_fresh_scenes():
+    model, config = lvr_tiny(stage="rl", lr=3e-2, warmup_steps=1)
+    force_lvr_start(model)
+    opt = lvr.make_optimizer(model, config)
+    batch = model.task.train_batch(0, 4)
+    lvr.train_step(model, opt, LVR_SCALER, batch, 0, config, None)
+    reference = {k: v.clone() for k, v in model.reference.state_dict().items()}
+    policy = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    metrics = lvr.train_step(model, opt, LVR_SCALER, model.task.train_batch(1, 4), 1, config, None)
+    assert all(torch.equal(reference[k], v) for k, v in model.reference.state_dict().items())
+    assert not any(p.requires_grad for p in model.reference.parameters())
+    assert any(not torch.equal(policy[k], v) for k, v in model.llm.state_dict().items())
+    assert {"spread_groups", "pass@4", "latent_steps"} <= metrics.keys() and 0 <= metrics["spread_groups"] <= 1
+    # the RL questions: fresh scenes, deterministic in the step, never one of the SFT pool or the held-out set
+    assert LVR_TASK.fresh_stream is None and model.task.fresh_stream is not None
+    assert torch.equal(model.task.fresh_batch(5, 0, 4)["image"], batch["image"])
+    assert not torch.equal(batch["image"], LVR_TASK.train_batch(0, 4)["image"])
+    held_out = vqa_data.sample_scenes(np.random.default_rng([0, 2]), len(LVR_TASK.test_sets["held-out"]["answer"]))
+    assert model.task._seen == set(vqa_data.scene_keys(LVR_TASK.train_scenes)) | set(vqa_data.scene_keys(held_out))
+    task = copy.copy(LVR_TASK)
+    task._seen = set()
+    first = vqa_data.sample_scenes(np.random.default_rng([0, 5, 0]), 8)                # what the stream draws first
+    assert torch.equal(task.fresh_batch(5, 0, 8)["question"], torch.from_numpy(vqa_data.ask(first)[0]))
+    task._seen = set(vqa_data.scene_keys(first))                                       # now all of them are seen
+    assert not (task.fresh_batch(5, 0, 8)["box"] == torch.from_numpy(vqa_data.ask(first)[2])).all((1, 2)).any()
+
+
+def test_lvr_rewards_add_format_and_accuracy_by_hand():
+    S, E, eos = LVR_TASK.lvr_start_id, LVR_TASK.lvr_end_id, LVR_TASK.eos_id
+    right, wrong = LVR_TASK.stoi["circle"], LVR_TASK.stoi["square"]
+    rollout = lvr_rollout([[S, None, E, right, eos],          # r = 1 + 1
+                           [S, None, None, E, right, eos],    # ended by the cap: r = 0 + 1
+                           [S, None, E, wrong, eos],          # r = 1 + 0
+                           [right, eos],                      # no latent segment: r = 0 + 1
+                           [S, None, E, wrong]])              # r = 0 + 0
+    rollout["capped"] = torch.zeros_like(rollout["is_latent"])
+    rollout["capped"][1, 3] = True
+    reward, has_format, correct = lvr.rewards(rollout, torch.full((5, 1), right), LVR_TASK)
+    assert reward.tolist() == [2.0, 1.0, 1.0, 1.0, 0.0]
+    assert has_format.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0] and correct.tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]
 
 # ============================================================================= lit.py
 class LitFakeTask:

@@ -27,7 +27,8 @@ SPECIALS = ["<pad>", "<eos>", "<lvr_start>", "<lvr_end>"]
 COLORS = ["red", "green", "blue", "yellow", "magenta", "cyan"]
 SHAPES = ["square", "circle", "triangle", "cross"]
 WORDS = ["what", "shape", "is", "the", "object", "?", "which", "color", "nearest", "to"]
-VOCAB = SPECIALS + COLORS + SHAPES + WORDS
+POSITION_WORDS = [f"x{i}" for i in range(6)] + [f"y{i}" for i in range(6)]  # a patch's column and row, for hop_words
+VOCAB = SPECIALS + COLORS + SHAPES + WORDS + POSITION_WORDS
 STOI = {word: i for i, word in enumerate(VOCAB)}
 PAD, EOS, LVR_START, LVR_END = (STOI[s] for s in SPECIALS)
 
@@ -131,6 +132,16 @@ def ask(s):
     return question, answer.astype(np.int64), box.astype(np.int64)
 
 
+def hop_words(box, patch_size=8):
+    """(n, K, 4) ROI chains -> (n, 2K) long: per box, the words of its centre's patch column and row
+    ("x3", "y1"), the hops of the chain written as text (the chain-of-thought targets of lvr.py)."""
+    box = torch.as_tensor(box)
+    column = (box[..., 0] + box[..., 2] - 1) // 2 // patch_size                      # (n, K), x1 exclusive
+    row = (box[..., 1] + box[..., 3] - 1) // 2 // patch_size
+    xs, ys = (torch.tensor([STOI[f"{axis}{i}"] for i in range(48 // patch_size)]) for axis in "xy")
+    return torch.stack([xs[column], ys[row]], -1).flatten(1)
+
+
 def render(s, rng):
     """Images (n, 3, 48, 48) float32 in [0, 1] for scene parameters s; rng draws the pixel noise."""
     n, rows = len(s["qtype"]), np.arange(len(s["qtype"]))[:, None, None]
@@ -190,7 +201,8 @@ class VQATask:
     vocab, stoi, vocab_size = VOCAB, STOI, len(VOCAB)
     pad_id, eos_id, lvr_start_id, lvr_end_id = PAD, EOS, LVR_START, LVR_END
     image_size, patch_size, question_len, answer_len = 48, 8, QUESTION_LEN, ANSWER_LEN
-    question_types = QUESTION_TYPES
+    question_types, position_ids = QUESTION_TYPES, [STOI[w] for w in POSITION_WORDS]
+    hop_len = 4  # hop_words of the two-box chain
     patch_classes = 1 + len(COLORS) * len(SHAPES)  # background + colour x shape (patch_objects)
 
     def __init__(self, seed=0, train_size=20000, eval_size=500, patch_size=8):
@@ -204,9 +216,33 @@ class VQATask:
         held_out = set(scene_keys(test))
         self.train_scenes = take(train, np.array([k not in held_out for k in scene_keys(train)]))
         self.test_sets = {"held-out": make_batch(test, np.random.default_rng([seed, 3]), patch_size)}
+        self.fresh_stream, self._seen = None, None
+
+    def train_on_fresh_scenes(self):
+        """From now on train_batch draws scenes outside the training pool and the held-out set (lvr's RL stage
+        trains on questions its SFT stage never saw)."""
+        self.fresh_stream = 5
+
+    def fresh_batch(self, stream, index, batch_size):
+        """Deterministic in (seed, stream, index): new scenes, none in the training pool or the held-out set
+        (stream 5: fresh training scenes, stream 6: the validation questions)."""
+        if self._seen is None:
+            self._seen = set(scene_keys(self.train_scenes)) | set(scene_keys(sample_scenes(
+                np.random.default_rng([self.seed, 2]), len(self.test_sets["held-out"]["answer"]))))
+        rng, parts, have = np.random.default_rng([self.seed, stream, index]), [], 0
+        while have < batch_size:
+            s = sample_scenes(rng, batch_size)
+            s = take(s, np.array([k not in self._seen for k in scene_keys(s)]))
+            parts.append(s)
+            have += len(s["qtype"])
+        scenes = take({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.arange(batch_size))
+        return make_batch(scenes, rng, self.patch_size)
 
     def train_batch(self, step, batch_size):
-        """Deterministic in (seed, step): scenes drawn from the training pool, fresh pixel noise."""
+        """Deterministic in (seed, step): scenes drawn from the training pool (or fresh ones, see
+        train_on_fresh_scenes), fresh pixel noise."""
+        if self.fresh_stream is not None:
+            return self.fresh_batch(self.fresh_stream, step, batch_size)
         rng = np.random.default_rng([self.seed, 4, step])
         idx = rng.integers(0, len(self.train_scenes["qtype"]), batch_size)
         return make_batch(take(self.train_scenes, idx), rng, self.patch_size)
