@@ -166,17 +166,17 @@ def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
 def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_any_chunk(tmp_path, puzzles, monkeypatch):
     grids, solutions = (np.concatenate([puzzles[name][i] for name in sudoku_data.DIFFICULTIES]) for i in (0, 1))
     rng = np.random.default_rng(0)
-    index = rng.integers(0, len(grids), 20_000)
+    index = rng.integers(0, len(grids), 10_000)
     many = sudoku_data.augment(grids[index], solutions[index], rng)
     path = tmp_path / "many.csv"
     sudoku_data.write_csv(path, *many)
     measure = ("import resource, sys, sudoku_data; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-               "p, s = sudoku_data.read_csv(sys.argv[1]); assert p.dtype == s.dtype == 'int8' and len(p) == 20000; "
+               "p, s = sudoku_data.read_csv(sys.argv[1]); assert p.dtype == s.dtype == 'int8' and len(p) == 10000; "
                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
     done = subprocess.run([sys.executable, "-c", measure, str(path)], cwd=Path(sudoku_data.__file__).parent,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout) < 20_000 * 2.5  # KiB: under 2.5 kB a row read (the two int8 grids are 162 bytes)
+    assert int(done.stdout) < 10_000 * 2.5  # KiB: under 2.5 kB a row read (the two int8 grids are 162 bytes)
     monkeypatch.setattr(sudoku_data, "CSV_CHUNK", 7)  # rows now span many chunks: the same arrays, lines still named
     small = tmp_path / "small.csv"
     sudoku_data.write_csv(small, many[0][:30], many[1][:30])
