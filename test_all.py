@@ -1036,8 +1036,8 @@ def test_train_py_torchrun_equals_one_process_and_resumes_exactly_recurrent_dept
         assert torch.equal(tensor, resumed["model"][name]), name
     # s_0 is drawn per example (batch["example_seed"]): one process with the whole batch takes the same steps
     assert train.main(run + ["--steps", "4", "--out", str(tmp_path / "one")]) == 0
-    # Adam divides by sqrt(v): on a near-zero gradient (the coda's q/k bias) the roundoff of another reduction
-    # order becomes up to ~1e-6 of weight; a batch split or averaged wrongly moves weights by about one step, lr
+    # the key bias's gradient is zero in exact arithmetic (a per-query shift of the scores); Adam divides by
+    # sqrt(v), so the roundoff of another reduction order becomes up to ~1e-6 of weight there; a batch split or averaged wrongly moves weights by about one step, lr
     # 2e-4 to 8e-4 here (warm-up), so agreement to 1e-5 (under 5 % of the smallest step) still catches it
     for name, tensor in _checkpoint(tmp_path / "one")["model"].items():
         torch.testing.assert_close(expected["model"][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
