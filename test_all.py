@@ -356,12 +356,31 @@ def test_text_task(tmp_path):
         train.TextTask(tmp_path / "latin1.txt", 16)
 
 
+def test_text_task_splits_documents_and_no_window_crosses_one(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    letters = "abcdefghijklmnopqrst"
+    for i, letter in enumerate(letters):  # document i: one letter, repeated (i + 1) * 40 times
+        (folder / ("sub" if i % 2 else "") / f"{letter}.txt").write_text(letter * (i + 1) * 40)
+    task = train.TextTask(folder, context_length=16, seed=0)
+    sets = {name: {task.characters[t] for t in test_set["tokens"].flatten().tolist()} for name, test_set in task.test_sets.items()}
+    trained = {task.characters[t] for step in range(50) for t in task.train_batch(step, 8)["tokens"].flatten().tolist()}
+    assert set(sets) == {"validation", "test"} and sets["validation"] and sets["test"]
+    assert not sets["validation"] & sets["test"] and not trained & (sets["validation"] | sets["test"])  # by document
+    for tokens in [task.train_batch(step, 8)["tokens"] for step in range(20)] + [t["tokens"] for t in task.test_sets.values()]:
+        assert (tokens == tokens[:, :1]).all()  # every window lies inside one document
+    held_out = sum(len(t["tokens"].flatten()) for t in task.test_sets.values())
+    assert 0.1 < held_out / sum(40 * (i + 1) for i in range(20)) < 0.35
+    default = train.TextTask(None, context_length=64, seed=0, eval_size=16)  # Python's documentation topics
+    assert set(default.test_sets) == {"validation", "test"} and default.test_sets["test"]["tokens"].shape == (16, 65)
+    assert "e" in default.characters and default.starts[-1] > 100_000
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "recurrent_depth", "--eval-only", "missing.pt"], "checkpoint not found: missing.pt"),
     (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be in (0, 1]"),
     (["--method", "recurrent_depth", "--steps", "0"], "--steps must be a positive integer"),
-    (["--method", "recurrent_depth", "--task", "text"], "--task text needs --text-file"),
     (["--method", "recurrent_depth", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
     (["--method", "lvr", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
     (["--method", "recurrent_depth", "--lr", "nan"], "--lr must be a finite number, got nan"),
@@ -388,7 +407,7 @@ def test_bad_paths_and_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "folder").mkdir()
     cases = [(["--out", "file.txt"], "--out file.txt is a file, not a folder"),
              (["--data-dir", "file.txt"], "--data-dir file.txt is a file, not a folder"),
-             (["--task", "text", "--text-file", "folder"], "--text-file folder is a folder, not a file"),
+             (["--task", "text", "--text-file", "folder"], "--text-file folder is a folder without files"),
              (["--resume", "empty.pt"], "cannot read checkpoint empty.pt: the file is empty or cut short"),
              (["--eval-only", "empty.pt"], "cannot read checkpoint empty.pt: the file is empty or cut short")]
     for extra, message in cases:
