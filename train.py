@@ -792,11 +792,12 @@ def run(argv):
         refuse_changed_settings(given, checkpoint)
     # --out and --data-dir are places on this machine, not settings of the run: a checkpoint's never apply
     saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
-    options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
+    preset = method.GPU_CONFIG if {**COMMON_DEFAULTS, **saved, **given}["preset"] == "gpu" else {}  # may set run options
+    options = argparse.Namespace(**{**COMMON_DEFAULTS, **{k: v for k, v in preset.items() if k in COMMON_DEFAULTS}, **saved,
+                                    **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
     field_names = {f.name for f in dataclasses.fields(method.Config)}
     config_values = dataclasses.asdict(method.Config())
-    if options.preset == "gpu":
-        config_values.update(method.GPU_CONFIG)
+    config_values.update({k: v for k, v in preset.items() if k not in COMMON_DEFAULTS})
     config_values.update(checkpoint["config"] if checkpoint else {})
     config_values.update({k: v for k, v in given.items() if k in field_names})
     config_values = {k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()}
