@@ -356,12 +356,31 @@ def test_text_task(tmp_path):
         train.TextTask(tmp_path / "latin1.txt", 16)
 
 
+def test_text_task_splits_documents_and_no_window_crosses_one(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    letters = "abcdefghijklmnopqrst"
+    for i, letter in enumerate(letters):  # document i: one letter, repeated (i + 1) * 40 times
+        (folder / ("sub" if i % 2 else "") / f"{letter}.txt").write_text(letter * (i + 1) * 40)
+    task = train.TextTask(folder, context_length=16, seed=0)
+    sets = {name: {task.characters[t] for t in test_set["tokens"].flatten().tolist()} for name, test_set in task.test_sets.items()}
+    trained = {task.characters[t] for step in range(50) for t in task.train_batch(step, 8)["tokens"].flatten().tolist()}
+    assert set(sets) == {"validation", "test"} and sets["validation"] and sets["test"]
+    assert not sets["validation"] & sets["test"] and not trained & (sets["validation"] | sets["test"])  # by document
+    for tokens in [task.train_batch(step, 8)["tokens"] for step in range(20)] + [t["tokens"] for t in task.test_sets.values()]:
+        assert (tokens == tokens[:, :1]).all()  # every window lies inside one document
+    held_out = sum(len(t["tokens"].flatten()) for t in task.test_sets.values())
+    assert 0.1 < held_out / sum(40 * (i + 1) for i in range(20)) < 0.35
+    default = train.TextTask(None, context_length=64, seed=0, eval_size=16)  # Python's documentation topics
+    assert set(default.test_sets) == {"validation", "test"} and default.test_sets["test"]["tokens"].shape == (16, 65)
+    assert "e" in default.characters and default.starts[-1] > 100_000
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope"], "unknown method 'nope'"),
     (["--method", "recurrent_depth", "--eval-only", "missing.pt"], "checkpoint not found: missing.pt"),
     (["--method", "recurrent_depth", "--lr", "-1"], "--lr must be in (0, 1]"),
     (["--method", "recurrent_depth", "--steps", "0"], "--steps must be a positive integer"),
-    (["--method", "recurrent_depth", "--task", "text"], "--task text needs --text-file"),
     (["--method", "recurrent_depth", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
     (["--method", "lvr", "--n-heads", "0"], "--n-heads must be >= 1, got 0"),
     (["--method", "recurrent_depth", "--lr", "nan"], "--lr must be a finite number, got nan"),
@@ -388,7 +407,7 @@ def test_bad_paths_and_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "folder").mkdir()
     cases = [(["--out", "file.txt"], "--out file.txt is a file, not a folder"),
              (["--data-dir", "file.txt"], "--data-dir file.txt is a file, not a folder"),
-             (["--task", "text", "--text-file", "folder"], "--text-file folder is a folder, not a file"),
+             (["--task", "text", "--text-file", "folder"], "--text-file folder is a folder without files"),
              (["--resume", "empty.pt"], "cannot read checkpoint empty.pt: the file is empty or cut short"),
              (["--eval-only", "empty.pt"], "cannot read checkpoint empty.pt: the file is empty or cut short")]
     for extra, message in cases:
@@ -929,7 +948,8 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c(method, tmp_path, data
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, SIGINT_STEPS + 1))
-    rows = [json.loads((folder / "results.json").read_text())["rows"] for folder in (straight, split)]
+    rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((folder / "results.json").read_text())["rows"]]
+            for folder in (straight, split)]  # (ltm's rows carry their wall time)
     assert rows[0] == rows[1]
 
 def test_cost_counts_linear_and_cpu_attention_flops_and_every_log_line_has_the_cost_fields(tmp_path, data_dir):
@@ -976,10 +996,10 @@ def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explici
 # Each method's GPU_CONFIG shape for two steps on the CPU, shrunk in batch size (1), steps, evaluation sizes
 # and training data (--base-size) only, with bf16 autocast as on a GPU. Two more cuts, each the least that keeps
 # the test to seconds: recurrent_depth and lit evaluate at 1 and 2 thinking steps, not up to 64; ltm takes 2
-# fast steps, not 16 (no tensor changes shape). lvr starts stage 1 at step 1, so both stages run.
+# fast steps, not 16 (no tensor changes shape), on 16-token windows, not 1,024 (its weights keep their shapes). lvr starts stage 1 at step 1, so both stages run.
 GPU_SHAPE_CUTS = {
     "recurrent_depth": ["--eval-steps", "1,2", "--base-size", "8"],
-    "ltm": ["--fast-steps", "2", "--eval-steps", "1", "--eval-subset", "2", "--base-size", "8"],
+    "ltm": ["--fast-steps", "2", "--eval-steps", "1", "--eval-subset", "2", "--context-length", "16"],
     "lit": ["--eval-steps", "1,2", "--eval-batch-size", "2", "--base-size", "8"],
     "lvr": ["--align-steps", "1", "--eval-steps", "0,2"],
 }
@@ -993,7 +1013,8 @@ def test_train_py_gpu_preset_shape_trains_two_steps_on_the_cpu(method, tmp_path,
     config = _checkpoint(tmp_path)["config"]
     module = train.load_method(method)
     kept = {k: v for k, v in module.GPU_CONFIG.items() if k not in ("batch_size", "steps", "eval_steps", "fast_steps",
-                                                                     "eval_subset", "eval_batch_size", "align_steps")}
+                                                                     "eval_subset", "eval_batch_size", "align_steps",
+                                                                     "context_length")}  # (a run option, not a field)
     assert {k: config[k] for k in kept} == {k: tuple(v) if isinstance(v, list) else v for k, v in kept.items()}
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
 
@@ -1831,28 +1852,15 @@ class LtmTinyText:
     def __init__(self):
         ids = torch.tensor([0 if c == " " else ord(c) - 96 for c in LTM_SENTENCE * 3])
         self.windows = ids.unfold(0, self.seq_len + 1, 1)  # (N, 17)
-        self.test_sets = {"held-out": {"tokens": self.windows[:8]}}
+        self.test_sets = {"validation": {"tokens": self.windows[:8]}, "test": {"tokens": self.windows[8:16]}}
 
     def train_batch(self, step, batch_size):
         index = torch.randint(len(self.windows), (batch_size,), generator=torch.Generator().manual_seed(step))
         return {"tokens": self.windows[index]}
 
 
-class LtmTinySudoku:
-    name, vocab_size, seq_len = "sudoku", 10, 81
-
-    def __init__(self):
-        rows = [[(3 * (r % 3) + r // 3 + c) % 9 + 1 for c in range(9)] for r in range(9)]  # a valid grid
-        solution = torch.tensor(rows).flatten().repeat(4, 1)  # (4, 81)
-        puzzle = solution.masked_fill(torch.rand(4, 81, generator=torch.Generator().manual_seed(0)) < 0.5, 0)
-        self.test_sets = {"easy": {"puzzle": puzzle, "solution": solution}}
-
-    def train_batch(self, step, batch_size):
-        return {key: value[:batch_size] for key, value in self.test_sets["easy"].items()}
-
-
 def ltm_tiny_config(**overrides):
-    fields = dict(d_model=32, n_layers=2, n_heads=2, n_z_per_layer=2, window=6, fast_steps=2, batch_size=8,
+    fields = dict(d_model=32, d_z=8, n_layers=2, n_heads=2, n_z_per_layer=2, window=6, fast_steps=2, batch_size=8,
                   lr=3e-3, eval_subset=8)
     return ltm.Config(**{**fields, **overrides})
 
@@ -1916,14 +1924,28 @@ def test_ltm_rope_scores_depend_only_on_the_relative_position():
     assert torch.allclose(score(5, 2), score(20, 17), atol=1e-5) and not torch.allclose(score(5, 2), score(5, 4))
 
 
-def test_ltm_latent_slots_have_positions():
-    # RoPE on the slot keys: swapping two slots of a layer changes the output (attention without position
-    # codes would be invariant to the order of its keys)
-    task, config, model, _, _ = ltm_setup()
+def test_ltm_every_token_reads_every_latent_of_its_layer():
+    # the last layer (self-attention cannot spread a change there): each of its latents changes the logits at
+    # every position; a latent of the first layer changes a late position's logits
+    task, config, model, _, _ = ltm_setup(n_z_per_layer=4)
     tokens, z = task.windows[:1, :16], torch.randn(1, model.n_latents, config.d_z)
-    swapped = z.clone()
-    swapped[:, [0, 1]] = z[:, [1, 0]]
-    assert not torch.allclose(model(tokens, z), model(tokens, swapped), atol=1e-6)
+    logits = model(tokens, z)
+    for latent in range(model.n_latents):
+        changed = z.clone()
+        changed[0, latent] += 1.0
+        differs = (model(tokens, changed) - logits).abs().amax(dim=-1)[0] > 0  # (16,)
+        assert differs[-1], latent
+        if latent >= model.n_latents - 4:
+            assert differs.all(), latent
+
+
+def test_ltm_latents_have_no_order():
+    # no position codes on the latents: permuting a layer's latent vectors leaves every logit unchanged
+    task, config, model, _, _ = ltm_setup(n_z_per_layer=3)
+    tokens, z = task.windows[:1, :16], torch.randn(1, model.n_latents, config.d_z)
+    permuted = z.clone()
+    permuted[:, [0, 1, 2]] = z[:, [2, 0, 1]]
+    assert torch.allclose(model(tokens, z), model(tokens, permuted), atol=1e-5)
 
 
 def test_ltm_window_limits_what_a_position_can_see():
@@ -1939,20 +1961,6 @@ def test_ltm_window_limits_what_a_position_can_see():
     changed = tokens.clone()
     changed[0, 0] = (changed[0, 0] + 1) % task.vocab_size
     assert not torch.equal(full(changed, z)[0, 12], full(tokens, z)[0, 12])  # 0 = full causal attention
-
-
-def test_ltm_a_latent_slot_is_read_only_by_the_tokens_it_owns():
-    # sudoku, one slot per cell: slot 5 of the last layer is read by the positions predicting puzzle cell 5
-    # (position 4) and solution cell 5 (position 82 + 5 - 1); the last layer, so self-attention cannot spread it
-    task, config, model, _, _ = ltm_setup(LtmTinySudoku(), n_z_per_layer=81, z_window=1)
-    tokens = ltm.to_sequences(task.test_sets["easy"], model)[:1, :-1]  # (1, 162)
-    z = torch.randn(1, model.n_latents, config.d_z)
-    changed = z.clone()
-    changed[0, model.n_latents - 81 + 5] += 1.0
-    differs = (model(tokens, z) - model(tokens, changed)).abs().amax(dim=-1)[0] > 0  # (162,)
-    assert differs.nonzero().flatten().tolist() == [4, 86]
-    _, _, every_slot, _, _ = ltm_setup(LtmTinySudoku(), n_z_per_layer=81, z_window=0)  # the reference
-    assert ((every_slot(tokens, z) - every_slot(tokens, changed)).abs().amax(dim=-1) > 0).all()
 
 
 def test_ltm_one_noise_draw_serves_every_fast_step_and_the_slow_step():
@@ -1978,14 +1986,51 @@ def test_ltm_fresh_noise_draws_a_new_sample_at_every_step():
     assert spread.item() == pytest.approx(math.exp(-2.5), rel=0.2)
 
 
-def test_ltm_prior_row_has_zero_kl_and_an_exact_bound():
-    task, config, model, _, _ = ltm_setup(LtmTinySudoku(), difficulty="easy")
-    prior, fitted = ltm.evaluate(model, task, config, (0, 2), None)
-    assert prior["T (fast steps)"] == 0 and prior["KL/token"] == 0.0
-    assert prior["ppl ≤ (ELBO bound)"] == pytest.approx(math.exp(prior["NLL/token"]))
-    assert fitted["KL/token"] > 0
-    assert fitted["ppl ≤ (ELBO bound)"] == pytest.approx(math.exp(fitted["NLL/token"] + fitted["KL/token"]))
-    assert 0 <= prior["blank-cell %"] <= 100
+def test_ltm_prior_row_has_zero_kl_and_fitted_rows_add_their_kl():
+    task, config, model, _, _ = ltm_setup()
+    rows = ltm.evaluate(model, task, config, (0, 2), None)
+    assert [(row["test set"], row["thinking steps"]) for row in rows] == [
+        ("validation", 0), ("validation", 2), ("test", 0), ("test", 2)]
+    prior, fitted = rows[:2]
+    assert prior["KL/char"] == 0.0 and prior["bound/char"] == prior["NLL/char"]
+    assert fitted["KL/char"] > 0 and fitted["bound/char"] == pytest.approx(fitted["NLL/char"] + fitted["KL/char"])
+    assert all(row["seconds"] > 0 for row in rows) and model.training
+    _, _, plain, _, _ = ltm_setup(use_latent=False)
+    assert not any("cross" in name for name, _ in plain.named_parameters())
+    rows = ltm.evaluate(plain, task, config, (0, 2), None)
+    assert [row["thinking steps"] for row in rows] == [0, 0] and "KL/char" not in rows[0]
+    windows = task.test_sets["validation"]["tokens"]
+    assert rows[0]["NLL/char"] == pytest.approx(ltm.token_nll(plain, windows, None, None).sum().item() / windows[:, 1:].numel())
+
+
+def test_ltm_fitting_on_a_prefix_moves_the_latents_and_lowers_the_prefix_nll():
+    task, config, model, optimizer, scaler = ltm_setup()
+    ltm_train_steps(task, config, model, optimizer, scaler, 30)
+    prefix = task.windows[20:28, :9]
+    torch.manual_seed(1)
+    mu, _, _ = ltm.fit_posterior(model, prefix, 16, config, None)
+    assert mu.abs().mean() > 0.05  # moved from the N(0, 0.01²) init
+    with torch.no_grad():
+        fitted, prior = ltm.token_nll(model, prefix, mu, None), ltm.token_nll(model, prefix, torch.zeros_like(mu), None)
+    assert (fitted < prior).all() and fitted.sum() < 0.99 * prior.sum(), (fitted, prior)  # every prefix
+
+
+def test_ltm_conditional_nll_scores_only_tokens_the_fit_never_saw(monkeypatch):
+    task, config, model, _, _ = ltm_setup()
+    tokens = task.windows[:4]  # (4, 17): the fit reads the first 8 tokens, the NLL scores tokens 8..16
+    fits, original = [], ltm.fit_posterior
+    monkeypatch.setattr(ltm, "fit_posterior", lambda *args, **kw: fits.append((args[1], original(*args, **kw))) or fits[-1][1])
+    torch.manual_seed(0)
+    total = ltm.conditional_nll(model, tokens, 3, config)
+    seen, (mu, _, _) = fits[0]
+    assert torch.equal(seen, tokens[:, :8])
+    log_p = model(tokens[:, :-1], mu).log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]  # (4, 16)
+    assert total == pytest.approx(-log_p[:, 7:].sum().item(), rel=1e-5)  # targets x_8..x_16
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % task.vocab_size
+    torch.manual_seed(0)
+    assert ltm.conditional_nll(model, changed, 3, config) != pytest.approx(total)
+    assert torch.equal(fits[1][1][0], mu)  # the same fit: the second half never reached it
 
 
 def test_ltm_decoder_gradient_reaches_every_layers_latents():
@@ -2006,19 +2051,6 @@ def test_ltm_fast_step_touches_only_the_posterior():
         assert torch.equal(p, before[name]), name
     assert not mu.requires_grad and not logvar.requires_grad and not eps.requires_grad
     assert (logvar + 5.0).abs().mean() > 0.5  # moved away from its N(-5, 0.1²) init
-
-
-def test_ltm_kl_weight_scales_the_pull_to_the_prior():
-    # the same fit (same init and ε) with the KL left out moves μ further from 0 than the full negative ELBO
-    task, config, model, _, _ = ltm_setup(fast_lr=0.3)
-    mu_norms = []
-    for kl_weight in (1.0, 0.0):
-        torch.manual_seed(1)
-        mu, _, _ = ltm.fit_posterior(model, task.windows[:4], 8, dataclasses.replace(config, kl_weight=kl_weight), None)
-        mu_norms.append(mu.norm().item())
-    assert mu_norms[1] > 1.5 * mu_norms[0], mu_norms
-    with pytest.raises(ValueError, match="kl_weight"):
-        ltm.build_model(dataclasses.replace(config, kl_weight=-1.0), task)
 
 
 def test_ltm_batched_fast_loss_gives_each_sequence_its_own_gradient():
@@ -2059,9 +2091,10 @@ def test_ltm_bound_does_not_get_worse_with_more_fast_steps():
     bounds = []
     for steps in (1, 2, 4, 8, 16):
         torch.manual_seed(0)
-        bounds.append(ltm.elbo_bound(model, task.windows[:8], steps, config)["ppl_bound"])
+        bound = ltm.elbo_bound(model, task.windows[:8], steps, config)
+        bounds.append(bound["nll"] + bound["kl"])
     assert all(later <= earlier for earlier, later in zip(bounds, bounds[1:])), bounds
-    assert bounds[-1] < 0.5 * bounds[0]
+    assert (bounds[0] - bounds[-1]) / (8 * 16) > math.log(2), bounds  # the perplexity bound at least halves
 
 
 def test_ltm_tiny_model_fits_a_tiny_corpus():
@@ -2089,17 +2122,6 @@ def test_ltm_cached_decoding_matches_full_recompute():
     assert generated.shape == (2, 9) and torch.equal(generated[:, :5], tokens[:, :5])
 
 
-def test_ltm_sudoku_evaluate_rows_and_plain_baseline():
-    task, config, model, _, _ = ltm_setup(LtmTinySudoku(), difficulty="easy")
-    rows = ltm.evaluate(model, task, config, (1, 2), None)
-    assert [row["T (fast steps)"] for row in rows] == [1, 2]
-    assert "ppl ≤ (ELBO bound)" in rows[0] and 0 <= rows[0]["exact %"] <= 100 and model.training
-    task, config, plain, _, _ = ltm_setup(LtmTinySudoku(), difficulty="easy", use_latent=False)
-    assert not any("cross" in name for name, _ in plain.named_parameters())
-    rows = ltm.evaluate(plain, task, config, (1, 2), None)
-    assert len(rows) == 1 and rows[0]["T (fast steps)"] == 0 and rows[0]["ppl (next-token, exact)"] > 1
-
-
 def test_ltm_bad_input_raises_value_error():
     task, config, model, optimizer, scaler = ltm_setup()
     with pytest.raises(ValueError):
@@ -2114,11 +2136,10 @@ def test_ltm_bad_input_raises_value_error():
         ltm.build_model(ltm_tiny_config(d_model=30, n_heads=4), LtmTinyText())
     with pytest.raises(ValueError):
         ltm.build_model(ltm_tiny_config(window=-1), LtmTinyText())
-    _, config, sudoku_model, optimizer, scaler = ltm_setup(LtmTinySudoku())
     with pytest.raises(ValueError):
-        ltm.train_step(sudoku_model, optimizer, scaler, {"puzzle": torch.zeros(2, 80, dtype=torch.long),
-                                                         "solution": torch.ones(2, 80, dtype=torch.long)},
-                       0, config, None)
+        ltm.build_model(ltm_tiny_config(), type("Sudoku", (), {"name": "sudoku", "vocab_size": 10, "seq_len": 163})())
+    with pytest.raises(ValueError):
+        ltm.train_step(model, optimizer, scaler, {"puzzle": torch.zeros(2, 81, dtype=torch.long)}, 0, config, None)
 
 
 def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, capsys):
@@ -2140,8 +2161,9 @@ def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, 
     assert resumed["step"] == straight["step"] == 6
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    rows = [json.loads((tmp_path / name / "results.json").read_text())["rows"] for name in ("straight", "split")]
-    assert rows[0] == rows[1] and [row["T (fast steps)"] for row in rows[0]] == [1, 2]
+    rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((tmp_path / name / "results.json").read_text())["rows"]]
+            for name in ("straight", "split")]  # every column but the wall time
+    assert rows[0] == rows[1] and [row["thinking steps"] for row in rows[0]] == [1, 2]  # one file: one held-out set
 
 # ============================================================================= lvr.py
 LVR_TASK = vqa_data.VQATask(seed=0, train_size=300, eval_size=16)

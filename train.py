@@ -10,7 +10,7 @@ its model, loss, thinking loop and training step, through five names:
 Examples:
   python train.py --method recurrent_depth
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
-  python train.py --method ltm --task text --text-file input.txt
+  python train.py --method ltm --text-file input.txt
   python train.py --method all        # every Sudoku method on the same puzzles: runs/compare/
 Reading order: the run (settings -> folder -> model -> train -> evaluate), the training loop, tasks, the
 command line, run-folder safety, the cost meter, torchrun, plots and tables, --method all, main.
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import typing
+import zlib
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -71,11 +72,12 @@ def run(argv):
     if "resume" in given:
         refuse_changed_settings(given, checkpoint)
     saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
-    options = argparse.Namespace(**{**COMMON_DEFAULTS, **saved, **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
+    preset = method.GPU_CONFIG if {**COMMON_DEFAULTS, **saved, **given}["preset"] == "gpu" else {}  # may set run options
+    options = argparse.Namespace(**{**COMMON_DEFAULTS, **{k: v for k, v in preset.items() if k in COMMON_DEFAULTS}, **saved,
+                                    **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
     field_names = {f.name for f in dataclasses.fields(method.Config)}
     config_values = dataclasses.asdict(method.Config())
-    if options.preset == "gpu":
-        config_values.update(method.GPU_CONFIG)
+    config_values.update({k: v for k, v in preset.items() if k not in COMMON_DEFAULTS})
     config_values.update(checkpoint["config"] if checkpoint else {})
     config_values.update({k: v for k, v in given.items() if k in field_names})
     config_values = {k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()}
@@ -456,34 +458,66 @@ def set_rng_state(state, device):
 
 # ----------------------------------------------------------- tasks (the Sudoku and VQA tasks live in the data scripts)
 class TextTask:
-    """Character-level language modelling on any UTF-8 file: the first 90 % trains, the rest is held out."""
+    """Character-level language modelling on UTF-8 text. Documents (the default: the English documentation
+    topics that ship with Python, pydoc_data.topics; or every file of a --text-file folder) are split by
+    document into training, validation and test (about 80/10/10 % of the characters, the same split for
+    every seed); a window never crosses a document's end. A single --text-file: its first 90 % trains, the
+    rest is held out."""
     name = "text"
 
     def __init__(self, text_file, context_length, seed=0, eval_size=500):
-        if not text_file:
-            raise UsageError("--task text needs --text-file FILE")
-        try:
-            text = Path(text_file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"text file not found: {text_file}") from None
-        except IsADirectoryError:
-            raise UsageError(f"--text-file {text_file} is a folder, not a file") from None
-        except OSError as error:
-            raise UsageError(f"--text-file {text_file} cannot be read: {error.strerror or error}") from None
-        except UnicodeDecodeError as error:
-            raise UsageError(f"{text_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-        self.characters = sorted(set(text))
+        documents = self.read_documents(text_file)
+        self.characters = sorted(set("".join(documents.values())))
         self.vocab_size, self.seq_len, self.seed = len(self.characters), context_length, seed
         self.index = {ch: i for i, ch in enumerate(self.characters)}
-        data = np.array(self.encode(text), np.int64)
-        split = int(0.9 * len(data))
-        self.train_data, held_out = data[:split], data[split:]
         window = context_length + 1
-        if len(self.train_data) < 2 * window or len(held_out) < window:
-            raise UsageError(f"{text_file} has {len(text)} characters; --context-length {context_length} "
-                             f"needs at least {20 * window}")
-        count = min(len(held_out) // window, eval_size)
-        self.test_sets = {"held-out": {"tokens": torch.from_numpy(held_out[:count * window].reshape(count, window))}}
+        if len(documents) == 1:  # one file: split by position
+            data = np.array(self.encode(next(iter(documents.values()))), np.int64)
+            split = int(0.9 * len(data))
+            train_parts, held_out = [data[:split]], {"held-out": [data[split:]]}
+        else:  # split by document, in an order fixed by the names
+            order = sorted(documents, key=lambda name: hash_name(name))
+            parts = {"test": [], "validation": [], "train": []}
+            total, taken = sum(map(len, documents.values())), 0
+            for name in order:
+                part = "test" if taken < 0.1 * total else "validation" if taken < 0.2 * total else "train"
+                parts[part].append(np.array(self.encode(documents[name]), np.int64))
+                taken += len(documents[name])
+            train_parts, held_out = parts["train"], {"validation": parts["validation"], "test": parts["test"]}
+        self.train_parts = [part for part in train_parts if len(part) > window]
+        self.test_sets = {}
+        for set_name, set_parts in held_out.items():
+            # windows taken round-robin over the documents, so that the first few cover many of them
+            columns = [part[:len(part) // window * window].reshape(-1, window) for part in set_parts]
+            rows = [column[i] for i in range(max((len(c) for c in columns), default=0)) for column in columns if i < len(column)]
+            if rows:
+                self.test_sets[set_name] = {"tokens": torch.from_numpy(np.stack(rows[:eval_size]))}
+        if not self.train_parts or len(self.test_sets) < len(held_out):
+            raise UsageError(f"{text_file or 'the text'} has {sum(map(len, documents.values()))} characters; --context-length "
+                             f"{context_length} needs at least {20 * window}")
+        self.starts = np.cumsum([0] + [len(part) - window for part in self.train_parts])  # window starts per document
+
+    @staticmethod
+    def read_documents(text_file):
+        """{name: text}: pydoc_data.topics without a file, every file under a folder, or the one file."""
+        if not text_file:
+            from pydoc_data.topics import topics
+            return dict(topics)
+        path = Path(text_file)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        documents = {}
+        for file in files:
+            try:
+                documents[str(file.relative_to(path)) if path.is_dir() else file.name] = file.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise UsageError(f"text file not found: {text_file}") from None
+            except OSError as error:
+                raise UsageError(f"--text-file {file} cannot be read: {error.strerror or error}") from None
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        if not documents:
+            raise UsageError(f"--text-file {text_file} is a folder without files")
+        return documents
 
     def encode(self, text):
         return [self.index[ch] for ch in text]
@@ -493,9 +527,15 @@ class TextTask:
 
     def train_batch(self, step, batch_size):
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.train_data) - self.seq_len - 1, batch_size)
-        windows = starts[:, None] + np.arange(self.seq_len + 1)  # (B, T + 1)
-        return {"tokens": torch.from_numpy(self.train_data[windows])}
+        picks = rng.integers(0, self.starts[-1], batch_size)  # a window start, uniform over every document's
+        documents = np.searchsorted(self.starts, picks, side="right") - 1
+        return {"tokens": torch.from_numpy(np.stack([self.train_parts[d][p - self.starts[d]:p - self.starts[d] + self.seq_len + 1]
+                                                     for d, p in zip(documents, picks)]))}
+
+
+def hash_name(name):
+    """A document's place in the split order: a fixed hash of its name (Python's hash() varies per run)."""
+    return zlib.crc32(name.encode())
 
 
 def build_task(name, config, options):
@@ -592,7 +632,8 @@ def build_parser(method=None):
     data.add_argument("--mnist-dir", help=f"MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")
     data.add_argument("--misread-rate", type=float, help="--task visual: share of training givens shown as the image "
                       "of another digit, the target unchanged, so the constraints learn to overrule a misread (default 0)")
-    data.add_argument("--text-file", help="UTF-8 file for --task text")
+    data.add_argument("--text-file", help="--task text: a UTF-8 file, or a folder whose files are the documents "
+                      "(default: the documentation topics that ship with Python)")
     data.add_argument("--train-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
                       "generated base set (repeat the flag or separate with commas; columns e.g. question,answer)")
     data.add_argument("--test-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of "
