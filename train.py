@@ -1189,10 +1189,10 @@ def rank_states(model, device):
 
 
 # ---------------------------------------------------------------------------- plots and tables (SVG, standard library)
-STEP_COLUMNS = ("thinking steps", "T (fast steps)", "latent steps")
+STEP_COLUMNS = ("thinking steps",)
 
 
-METRIC_COLUMNS = ("exact %", "student exact %", "accuracy %", "bits/char", "NLL/token")
+METRIC_COLUMNS = ("exact %", "student exact %", "accuracy %", "cond NLL/char", "bits/char", "NLL/token")
 
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -1299,7 +1299,6 @@ COMPARED = (("recurrent_depth", "recurrent_depth", ()),
             ("lit", "lit", ()),
             ("lit --no-imagination", "lit", ("--no-imagination", "--steps", "408")),  # steps: LIT's training FLOPs
             ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation", "--steps", "406")),
-            ("ltm", "ltm", ()),
             # the hard-puzzle recipe (README): a mixed base set, two-step supervised segments, longer training
             # (compiled, bf16 products: 1.3-1.6x the steps per second on a CPU with bf16 units), TRM's weight average,
             # 128 steps at test time
