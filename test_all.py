@@ -588,7 +588,8 @@ def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_
     assert latest["evaluated"]["weights"] == "as trained" and latest["evaluated"]["eval_size"] == 6
     (first,) = latest["earlier"]  # the first evaluation is kept, with its own size
     assert first["evaluated"]["eval_size"] == 2 and first["evaluated"]["test_sets"] == {"easy": 2, "medium": 2, "hard": 2}
-    assert {row["thinking steps"] for row in first["rows"]} == {1, "adaptive (kl)"}
+    assert {row["thinking steps"] for row in first["rows"] if isinstance(row["thinking steps"], int)} == {1}
+    assert "adaptive (kl)" in {row["thinking steps"] for row in first["rows"]}
     checkpoint = _checkpoint(out)
     name = next(iter(checkpoint["model"]))
     checkpoint["model"][name][0] = math.nan
