@@ -1221,13 +1221,13 @@ def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tm
     assert table.splitlines()[0] == "| test set | thinking steps | " + " | ".join(results) + " |"
     assert "| medium | 2 |" in table
     polylines = ElementTree.parse(out / "curve.svg").getroot().findall("{http://www.w3.org/2000/svg}polyline")
-    assert len(polylines) == 5 * 3 + 1  # lit x4 and recurrent_depth on 3 test sets, ltm on its own one
+    assert len(polylines) == 5 * 3  # lit x4 and recurrent_depth, on 3 test sets
     capsys.readouterr()
-    (out / "ltm" / "results.json").unlink()  # as if the benchmark had been stopped during ltm's run
+    (out / "lit" / "results.json").unlink()  # as if the benchmark had been stopped during lit's run
     assert train.main(argv) == 0  # a second call reuses the finished runs and continues the unfinished one
     printed = capsys.readouterr().out
     assert printed.count("using the finished run") == len(results) - 1
-    assert f"--method ltm --resume {out / 'ltm' / 'checkpoint.pt'}" in printed and (out / "ltm" / "results.json").exists()
+    assert f"--method lit --resume {out / 'lit' / 'checkpoint.pt'}" in printed and (out / "lit" / "results.json").exists()
     for bad, message in ((["--task", "visual"], "compares the Sudoku methods"), (["--resume", "x"], "one --method")):
         assert train.main(argv + bad) == 2
         assert message in capsys.readouterr().err
