@@ -18,6 +18,11 @@ with extra observations of the answer; a student (prior) learns to imagine those
   L = Σ_t [ CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||² ] / T
       (deep supervision at every step; `--stochastic`: Gaussian beliefs and β·KL(sg(q_T) || p_S))
 At test time only the student runs, for any number of thinking steps; accuracy against steps is the result.
+Test-time restarts (`--restarts K --restart-noise σ`; not in the abstract, after PTRM/EqR's noisy recursions):
+  K trajectories per puzzle in one batch, b^{(k)}_t ← b^{(k)}_t + σ·std(b^{(k)}_t)·ε before every step (k ≥ 2;
+  trajectory 1 is the noiseless student), answer = the trajectory k maximising the model's own confidence
+  Σ_{i blank} max_d log softmax(D(b^{(k)}_T))_{i,d}; no rule of Sudoku is checked. evaluate() also reports an
+  oracle verifier (a trajectory whose grid breaks no rule): the ceiling of the K, not the method.
 
 Baselines the paper compares with, at equal training FLOPs:
   `--no-imagination`: no teacher, β = 0, the same student recurrence and per-step cross-entropy.
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +105,9 @@ class Config:
     min_std: float = 0.1                 # floor on the belief std when stochastic
     n_samples: int = 8                   # student samples per multi-solution puzzle in evaluate() when stochastic
     n_diverse: int = 100                 # puzzles per test set made multi-solution for that measurement
-    eval_batch_size: int = 250           # puzzles per forward pass in evaluate()
+    eval_batch_size: int = 250           # trajectories per forward pass in evaluate() (puzzles x restarts)
+    restarts: int = 1                    # K: trajectories per puzzle at test time, the pick by the model's own confidence
+    restart_noise: float = 0.0           # σ: noise σ·std(b) on the carried belief before every step, trajectories 2..K
     cnn_channels: int = 8                # visual form: channels of the encoder's first convolution (2x in the second)
 
 
@@ -424,11 +432,13 @@ def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
 
 # ----------------------------------------------------------------------------- thinking loop
 @torch.no_grad()
-def think(model, batch: dict, thinking_steps: int, role: str = "student", sample: bool = False, seed: int = 0):
+def think(model, batch: dict, thinking_steps: int, role: str = "student", sample: bool = False, seed: int = 0,
+          perturb=None):
     """Rolls one role for thinking_steps from b_0; returns the decoded logits after every step, a list of
     (B, 81, 9). The student sees only the puzzle; the teacher also gets hints on the training schedule
     (reveal order from `seed`), stepping from its own belief or, with teacher_start "student", from the
-    student's rolled alongside. sample=True draws stochastic beliefs (diverse solutions)."""
+    student's rolled alongside. sample=True draws stochastic beliefs (diverse solutions). perturb(state), if
+    given, replaces the student's carried state before every step (test-time noise, b_0 included)."""
     if role not in ("student", "teacher"):
         raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
     puzzle_emb, solution_emb, blank_emb = model.observe(batch, teacher=role == "teacher")
@@ -445,6 +455,7 @@ def think(model, batch: dict, thinking_steps: int, role: str = "student", sample
             teacher_state = model.carry(belief)
             logits.append(model.decode(belief))
         if role == "student" or model.config.teacher_start == "student":
+            student_state = perturb(student_state) if perturb is not None else student_state
             belief = sample_belief(*model.student(student_state, puzzle_emb), sample=sample)
             student_state = model.carry(belief)
             if role == "student":
@@ -484,6 +495,68 @@ def multi_solution_set(test_set: dict, n: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- test-time restarts
+PUZZLE_KEYS = ("puzzle", "puzzle_images")  # what the student sees; restarts never pass it the solution
+
+
+def restart_trajectories(model, batch: dict, thinking_steps: int, restarts: int, noise: float, seed: int = 0):
+    """K = restarts trajectories per puzzle, run as one batch (the puzzles repeated K times, trajectory-major).
+    Trajectory 0 is the student's own noiseless rollout; trajectories 1..K-1 add ε·σ·std(b) to the carried
+    belief b before every step (b_0 included; std over each cell's d channels, ε ~ N(0, 1) from a generator
+    seeded by `seed`, the global RNG untouched). Returns the logits after every step, a list of (K, B, 81, 9)."""
+    B = batch["puzzle"].shape[0]
+    repeated = {k: v.repeat(restarts, *[1] * (v.dim() - 1)) for k, v in batch.items() if k in PUZZLE_KEYS}
+    device = batch["puzzle"].device
+    generator = torch.Generator(device).manual_seed(seed)
+    noisy = (torch.arange(restarts * B, device=device) >= B)[:, None, None]  # (K*B, 1, 1): all but trajectory 0
+
+    def perturb(state):  # (K*B, 81, D) -> b + σ·std(b)·ε on the noisy trajectories
+        eps = torch.randn(state.shape, generator=generator, device=device)
+        kick = noise * state.float().std(-1, keepdim=True) * eps
+        return torch.where(noisy, state + kick.to(state.dtype), state)
+
+    logits = think(model, repeated, thinking_steps, "student", perturb=perturb if noise and restarts > 1 else None)
+    return [x.view(restarts, B, N_CELLS, N_DIGITS) for x in logits]
+
+
+def confidence(logits, puzzle) -> torch.Tensor:
+    """The model's own signal: log p(argmax grid) over the blank cells, Σ_{i blank} max_d log softmax(logits_i)_d.
+    logits (..., B, 81, 9), puzzle (B, 81) -> (..., B). Uses no rule of Sudoku and no solution."""
+    return (logits.float().log_softmax(-1).amax(-1) * (puzzle == 0)).sum(-1)
+
+
+def pick_by_confidence(logits, puzzle) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per puzzle the trajectory the model is most confident in (the first on ties: the noiseless one).
+    logits (K, B, 81, 9) -> the picked grids (B, 81) digits 1..9 and the picked trajectory (B,)."""
+    best = confidence(logits, puzzle).argmax(0)  # (B,)
+    return logits[best, torch.arange(best.shape[0], device=best.device)].argmax(-1) + 1, best
+
+
+def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
+    """ORACLE VERIFIER, not the method: it checks Sudoku's rules, which the model never does. grids (K, B, 81),
+    puzzle (B, 81), fallback (B,) -> (B,) the first trajectory whose grid keeps the givens and breaks no rule,
+    else fallback (the model's pick). Its exact % is the ceiling of the K trajectories."""
+    K, B, _ = grids.shape
+    valid = ((grids == puzzle) | (puzzle == 0)).all(-1)  # (K, B) givens kept
+    valid &= (sudoku_data.broken_constraints(grids.reshape(K * B, N_CELLS)).view(K, B) == 0)
+    return torch.where(valid.any(0), valid.int().argmax(0), fallback)
+
+
+def test_time_flops(config: Config, task_name: str, thinking_steps: int, restarts: int = 1) -> int:
+    """Matrix-product FLOPs per puzzle of evaluate's student (elementwise ops and norms left out, attention as
+    its two products over all 81 cells, train.py's convention): per trajectory the encoder once, then per
+    thinking step U (n_layers blocks), the decoder, the std head (stochastic) or the readback (observation
+    space); times K = restarts."""
+    d, cells, c = config.d_model, N_CELLS, config.cnn_channels
+    encoder = 0 if task_name != "visual" else 2 * cells * (9 * c * 14 * 14 + 9 * c * 2 * c * 7 * 7 + 2 * c * 7 * 7 * d)
+    block = 2 * cells * d * (3 * d + d + 8 * d) + 2 * 2 * cells * cells * d  # qkv, out, MLP; Q·Kᵀ and P·V
+    step = config.n_layers * block + 2 * cells * d * N_DIGITS  # U, then D
+    step += 2 * cells * d * d if config.stochastic else 0  # std head
+    readback = 2 * cells * N_DIGITS * d if config.recursion == "observation" else 0
+    step += readback + (2 * cells * d * N_DIGITS if readback else 0)  # carry: D again, then the readback
+    return restarts * (encoder + readback + thinking_steps * step)  # readback: b_0 = R·uniform
+
+
 # ----------------------------------------------------------------------------- API
 def check_config(config: Config):
     if config.d_model % config.n_heads:
@@ -495,9 +568,11 @@ def check_config(config: Config):
                          f"got {config.segment_steps}")
     if config.recursion not in ("latent", "observation"):
         raise ValueError(f"recursion must be 'latent' or 'observation', got {config.recursion!r}")
-    for name in ("n_samples", "n_diverse", "cnn_channels"):
+    for name in ("n_samples", "n_diverse", "cnn_channels", "restarts"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not (config.restart_noise >= 0.0 and math.isfinite(config.restart_noise)):
+        raise ValueError(f"restart_noise must be a finite number >= 0, got {config.restart_noise}")
     if config.grad_clip <= 0:
         raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
     for name in ("beta1", "beta2"):
@@ -580,32 +655,52 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
 def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
              autocast_dtype: torch.dtype | None) -> list[dict]:
     """Rows per test set x thinking steps: the student's exact / blank-cell %. The teacher is not
-    evaluated: with hints up to the full solution its accuracy measures nothing."""
+    evaluated: with hints up to the full solution its accuracy measures nothing. With restarts K > 1, two
+    rows per test set x steps: the trajectory picked by the model's confidence (the method) and the one an
+    oracle verifier picks by checking the rules (the ceiling, not the method), each with the test-time
+    MFLOP per puzzle (K trajectories of that many steps)."""
     if not eval_steps or any(int(s) < 1 for s in eval_steps):
         raise ValueError(f"eval_steps must be positive ints, got {eval_steps}")
     device = next(model.parameters()).device
     model.eval()
-    thinking_steps, rows = max(eval_steps), []
+    thinking_steps, rows, K = max(eval_steps), [], config.restarts
+    per_chunk = max(1, config.eval_batch_size // K)  # puzzles per forward pass: K trajectories each
     for set_name, test_set in task.test_sets.items():
         check_batch(test_set, model.task_name)
-        preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]
-        for start in range(0, test_set["puzzle"].shape[0], config.eval_batch_size):
-            chunk = {k: v[start:start + config.eval_batch_size].to(device) for k, v in test_set.items()}
+        preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the single trajectory, or the confidence pick
+        oracle = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the oracle verifier's pick (K > 1)
+        for start in range(0, test_set["puzzle"].shape[0], per_chunk):
+            chunk = {k: v[start:start + per_chunk].to(device) for k, v in test_set.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = think(model, chunk, thinking_steps, "student")
+                if K == 1:
+                    logits = think(model, chunk, thinking_steps, "student")
+                else:
+                    logits = restart_trajectories(model, chunk, thinking_steps, K, config.restart_noise, seed=start)
             for s in eval_steps:
-                preds[s].append(logits[s - 1].argmax(-1).cpu() + 1)
+                if K == 1:
+                    preds[s].append(logits[s - 1].argmax(-1).cpu() + 1)
+                    continue
+                picked, best = pick_by_confidence(logits[s - 1], chunk["puzzle"])
+                trajectories = logits[s - 1].argmax(-1) + 1  # (K, b, 81)
+                checked = oracle_verifier_pick(trajectories, chunk["puzzle"], best)
+                preds[s].append(picked.cpu())
+                oracle[s].append(trajectories[checked, torch.arange(checked.shape[0], device=device)].cpu())
         if config.stochastic:  # sampled student on multi-solution versions of the first n_diverse puzzles
             multi = {k: v.to(device) for k, v in multi_solution_set(test_set, config.n_diverse).items()}
             grids = sample_grids(model, multi, thinking_steps, config.n_samples)
         for s in eval_steps:
-            student = torch.cat(preds[s])
-            row = {"test set": set_name, "thinking steps": int(s),
-                   "student exact %": sudoku_data.exact_accuracy(student, test_set["solution"]),
-                   "student blank-cell %": sudoku_data.blank_accuracy(student, test_set["puzzle"], test_set["solution"])}
-            if config.stochastic:
-                row.update(diversity(grids[s - 1], multi["puzzle"]))
-            rows.append(row)
+            choices = [(None, preds[s])] if K == 1 else [("confidence", preds[s]), ("oracle verifier", oracle[s])]
+            for picked_by, found in choices:
+                found = torch.cat(found)
+                row = {"test set": set_name, "thinking steps": int(s)}
+                if K > 1:
+                    row.update({"restarts": K, "picked by": picked_by,
+                                "test-time MFLOP per puzzle": test_time_flops(config, model.task_name, s, K) / 1e6})
+                row.update({"student exact %": sudoku_data.exact_accuracy(found, test_set["solution"]),
+                            "student blank-cell %": sudoku_data.blank_accuracy(found, test_set["puzzle"], test_set["solution"])})
+                if config.stochastic:
+                    row.update(diversity(grids[s - 1], multi["puzzle"]))
+                rows.append(row)
     model.train()
     return rows
 

@@ -3115,7 +3115,7 @@ def test_lit_bad_input_raises_value_error():
         lit.think(model, good, 2, role="oracle")
     for bad_field in (dict(recursion="pixels"), dict(beta1=1.0), dict(beta2=-0.1),
                       dict(n_samples=0), dict(grad_clip=0.0), dict(teacher_start="teacher"), dict(teacher_share=0.0),
-                      dict(cnn_channels=0), dict(train_thinking_steps=0)):
+                      dict(cnn_channels=0), dict(train_thinking_steps=0), dict(restarts=0), dict(restart_noise=-0.1)):
         with pytest.raises(ValueError, match=next(iter(bad_field))):
             lit.build_model(lit_tiny_config(**bad_field), LitFakeTask("sudoku"))
 
@@ -3499,3 +3499,118 @@ def test_lit_self_and_ema_teacher_targets_carry_no_gradient_into_the_student(ema
         got = (with_beta if with_beta is not None else zero) - (without if without is not None else zero)
         assert torch.allclose(got, want if want is not None else zero, atol=1e-6)
     assert any(w is not None and w.abs().max() > 0 for w in expected)  # the imagination term does train the student
+
+
+def lit_tiny_restart_task(n=4, blanks=30):
+    return SimpleNamespace(name="sudoku", test_sets={"tiny": lit_tiny_sudoku(n, blanks, seed=7)})
+
+
+def test_lit_one_restart_is_the_single_trajectory_and_noiseless_restarts_are_copies_of_it():
+    model, config = lit_make()
+    batch = lit_tiny_sudoku(3, 40)
+    single = lit.think(model, batch, 4, "student")
+    one = lit.restart_trajectories(model, batch, 4, restarts=1, noise=0.5)  # K = 1: the noise never applies
+    assert all(torch.equal(a[0], b) for a, b in zip(one, single))
+    copies = lit.restart_trajectories(model, batch, 4, restarts=3, noise=0.0)
+    assert all(torch.equal(x[k], x[0]) for x in copies for k in (1, 2))
+    assert all(torch.allclose(x[0], b, atol=1e-5) for x, b in zip(copies, single))
+    noisy = lit.restart_trajectories(model, batch, 4, restarts=3, noise=0.3)
+    assert torch.allclose(noisy[-1][0], single[-1], atol=1e-5)  # trajectory 0 stays the student's own
+    assert not torch.allclose(noisy[-1][1], noisy[-1][0], atol=1e-3)  # the others are pushed off it
+    assert not torch.allclose(noisy[-1][2], noisy[-1][1], atol=1e-3)  # each by its own noise
+    again = lit.restart_trajectories(model, batch, 4, restarts=3, noise=0.3)
+    assert torch.equal(again[-1], noisy[-1])  # the noise comes from its seed, not the global RNG
+    # evaluate at K = 1 is today's table, whatever the noise
+    task = lit_tiny_restart_task()
+    assert lit.evaluate(model, task, dataclasses.replace(config, restart_noise=0.3), (1, 3), None) == \
+        lit.evaluate(model, task, config, (1, 3), None)
+
+
+def test_lit_confidence_pick_is_the_argmax_of_a_direct_computation():
+    """log p(argmax grid) over the blank cells, computed cell by cell with math.log; given cells do not count."""
+    g = torch.Generator().manual_seed(1)
+    K, B = 4, 3
+    logits = torch.randn(K, B, 81, 9, generator=g) * 2
+    puzzle = lit_tiny_sudoku(B, 30)["puzzle"]
+    logits[3] = 0.99 * logits[0]  # trajectory 3: a little less sure than 0 of the blank cells ...
+    logits[3, :, :, 0] += 50 * (puzzle != 0)  # ... and very sure of the given cells, which must not count
+    direct = torch.zeros(K, B)
+    for k in range(K):
+        for b in range(B):
+            for i in range(81):
+                if puzzle[b, i] == 0:
+                    row = [math.exp(v) for v in logits[k, b, i].tolist()]
+                    direct[k, b] += math.log(max(row) / sum(row))
+    assert torch.allclose(lit.confidence(logits, puzzle), direct, atol=1e-4)
+    grids, best = lit.pick_by_confidence(logits, puzzle)
+    assert torch.equal(best, direct.argmax(0)) and (best != 3).all()
+    assert torch.equal(grids, logits[best, torch.arange(B)].argmax(-1) + 1)
+
+
+def test_lit_confidence_pick_needs_neither_the_rules_nor_the_solution(monkeypatch):
+    model, config = lit_make()
+    batch = lit_tiny_sudoku(4, 40)
+    logits = lit.restart_trajectories(model, batch, 3, restarts=4, noise=0.5)
+    expected = lit.pick_by_confidence(logits[-1], batch["puzzle"])
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("the rules' checker is unavailable")
+    monkeypatch.setattr(sudoku_data, "broken_constraints", unavailable)
+    puzzle_only = {"puzzle": batch["puzzle"]}  # no solution either
+    logits = lit.restart_trajectories(model, puzzle_only, 3, restarts=4, noise=0.5)
+    got = lit.pick_by_confidence(logits[-1], batch["puzzle"])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    with pytest.raises(RuntimeError, match="unavailable"):  # the oracle row does check the rules
+        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5), (3,), None)
+
+
+def test_lit_oracle_verifier_picks_a_grid_that_keeps_the_givens_and_breaks_no_rule():
+    sudoku = lit_tiny_sudoku(3, 30)
+    puzzle, solution = sudoku["puzzle"], sudoku["solution"]
+    other = lit_tiny_sudoku(3, 30, seed=5)["solution"]  # valid grids, other givens
+    broken = solution.clone()
+    broken[:, [0, 1]] = broken[:, [1, 0]]  # two cells swapped: breaks columns
+    grids = torch.stack([broken, other, solution])  # (K=3, B=3, 81)
+    grids[2, 1] = broken[1]  # puzzle 1: no valid trajectory
+    fallback = torch.tensor([0, 1, 0])
+    assert lit.oracle_verifier_pick(grids, puzzle, fallback).tolist() == [2, 1, 2]
+
+
+def test_lit_restart_rows_report_the_confidence_pick_the_oracle_and_the_flops(monkeypatch):
+    """Hand-built trajectories: puzzle 0's right grid is the less confident one (the model misses it, the
+    oracle finds it); puzzle 1's right grid is the most confident one. Expected: 50 % and 100 % exact."""
+    task = lit_tiny_restart_task(n=2)
+    test_set = task.test_sets["tiny"]
+    wrong = test_set["solution"] % 9 + 1  # every cell wrong
+    model, config = lit_make()
+    config = dataclasses.replace(config, restarts=2, restart_noise=0.1)
+    grids = torch.stack([torch.stack([wrong[0], test_set["solution"][1]]),
+                         torch.stack([test_set["solution"][0], wrong[1]])])  # (K, B, 81)
+    logits = torch.nn.functional.one_hot(grids - 1, 9).float() * torch.tensor([[4.0, 4.0], [2.0, 2.0]])[..., None, None]
+    seen = []
+
+    def fake(model, batch, thinking_steps, restarts, noise, seed=0):
+        seen.append((restarts, noise, batch["puzzle"].shape[0]))
+        return [logits[:, :batch["puzzle"].shape[0]]] * thinking_steps
+    monkeypatch.setattr(lit, "restart_trajectories", fake)
+    rows = lit.evaluate(model, task, config, (1, 2), None)
+    assert seen == [(2, 0.1, 2)]
+    assert [(r["thinking steps"], r["picked by"], r["student exact %"]) for r in rows] == [
+        (1, "confidence", 50.0), (1, "oracle verifier", 100.0), (2, "confidence", 50.0), (2, "oracle verifier", 100.0)]
+    assert [r["test-time MFLOP per puzzle"] for r in rows[::2]] == [lit.test_time_flops(config, "sudoku", s, 2) / 1e6
+                                                                     for s in (1, 2)]
+    assert all(r["restarts"] == 2 for r in rows)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(stochastic=True), dict(recursion="observation", no_imagination=True),
+                                     dict(task="visual")])
+def test_lit_test_time_flops_are_what_the_flop_counter_sees(variant):
+    from torch.utils.flop_counter import FlopCounterMode
+    variant = dict(variant)
+    task_name = variant.pop("task", "sudoku")
+    model, config = lit_make(task_name, **variant)
+    batch = lit_tiny_sudoku(2, 40)
+    batch = lit_with_images(batch) if task_name == "visual" else batch
+    with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
+        lit.restart_trajectories(model, batch, 3, restarts=2, noise=0.1)
+    assert counter.get_total_flops() == 2 * lit.test_time_flops(config, task_name, 3, restarts=2)
