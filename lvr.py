@@ -30,7 +30,7 @@ Deviations from the paper (Qwen2.5-VL 3B/7B on Visual-CoT):
 - λ = 1 (paper 0.1): the answer pass reads detached own latents, so L_LVR alone teaches the latent where to look;
 - the answer's L_NTP on a second pass fed the model's own (detached) latents, with scheduled sampling from the
   ROI tokens: the paper's L_NTP conditions on h_{1:T_v};
-- ROI tokens averaged to exactly latent_steps targets (ours, reference issue #7; `--no-latent-pool`: all N);
+- ROI tokens averaged to exactly latent_steps targets (ours, for the train/test mismatch reported on the reference repository; `--no-latent-pool`: all N);
 - GRPO_latent samples the latents (σ > 0) and the exit (mode switching), where the official code replays fixed
   latents as constants: with deterministic latents RL has no signal for them;
 - RL trains on fresh questions (vqa_data's fresh scenes), not on the SFT pool.
