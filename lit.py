@@ -664,7 +664,9 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
     device = next(model.parameters()).device
     model.eval()
     thinking_steps, rows, K = max(eval_steps), [], config.restarts
-    per_chunk = max(1, config.eval_batch_size // K)  # puzzles per forward pass: K trajectories each
+    per_chunk = config.eval_batch_size // K  # puzzles per forward pass: K trajectories each
+    if per_chunk < 1:
+        raise ValueError(f"eval_batch_size ({config.eval_batch_size}) must hold one puzzle's {K} restart trajectories")
     for set_name, test_set in task.test_sets.items():
         check_batch(test_set, model.task_name)
         preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the single trajectory, or the confidence pick
@@ -696,8 +698,8 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
                 if K > 1:
                     row.update({"restarts": K, "picked by": picked_by,
                                 "test-time MFLOP per puzzle": test_time_flops(config, model.task_name, s, K) / 1e6})
-                row.update({"student exact %": sudoku_data.exact_accuracy(found, test_set["solution"]),
-                            "student blank-cell %": sudoku_data.blank_accuracy(found, test_set["puzzle"], test_set["solution"])})
+                row.update({"exact %": sudoku_data.exact_accuracy(found, test_set["solution"]),
+                            "blank-cell %": sudoku_data.blank_accuracy(found, test_set["puzzle"], test_set["solution"])})
                 if config.stochastic:
                     row.update(diversity(grids[s - 1], multi["puzzle"]))
                 rows.append(row)

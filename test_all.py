@@ -3134,7 +3134,7 @@ def test_lit_visual_task_with_real_mnist(tmp_path):
                          task.train_batch(0, 4), 0, config, None)
     assert torch.isfinite(out["loss"])
     rows = lit.evaluate(model, task, config, (1, 2), None)
-    assert len(rows) == 2 * len(task.test_sets) and "student exact %" in rows[0]
+    assert len(rows) == 2 * len(task.test_sets) and "exact %" in rows[0]
     assert "teacher exact %" not in rows[0]  # with hints up to the full solution it measures nothing
 
 
@@ -3595,7 +3595,7 @@ def test_lit_restart_rows_report_the_confidence_pick_the_oracle_and_the_flops(mo
     monkeypatch.setattr(lit, "restart_trajectories", fake)
     rows = lit.evaluate(model, task, config, (1, 2), None)
     assert seen == [(2, 0.1, 2)]
-    assert [(r["thinking steps"], r["picked by"], r["student exact %"]) for r in rows] == [
+    assert [(r["thinking steps"], r["picked by"], r["exact %"]) for r in rows] == [
         (1, "confidence", 50.0), (1, "oracle verifier", 100.0), (2, "confidence", 50.0), (2, "oracle verifier", 100.0)]
     assert [r["test-time MFLOP per puzzle"] for r in rows[::2]] == [lit.test_time_flops(config, "sudoku", s, 2) / 1e6
                                                                      for s in (1, 2)]

@@ -1192,7 +1192,7 @@ def rank_states(model, device):
 STEP_COLUMNS = ("thinking steps",)
 
 
-METRIC_COLUMNS = ("exact %", "student exact %", "accuracy %", "cond NLL/char", "bits/char", "NLL/token")
+METRIC_COLUMNS = ("exact %", "accuracy %", "cond NLL/char", "bits/char", "NLL/token")
 
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -1343,7 +1343,7 @@ def run_all(argv):
     for name, result in results.items():
         for row in result["rows"]:
             steps = next((row[c] for c in STEP_COLUMNS if c in row), None)
-            exact = next((row[c] for c in ("exact %", "student exact %") if c in row), None)
+            exact = row.get("exact %")
             if isinstance(steps, int) and not isinstance(steps, bool) and exact is not None:
                 points.append({"difficulty": row["test set"], "method": name, "thinking steps": steps, "exact %": exact})
     table = compare_table(points, results)
