@@ -998,12 +998,13 @@ def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explici
 # and training data (--base-size) only, with bf16 autocast as on a GPU. Two more cuts, each the least that keeps
 # the test to seconds: recurrent_depth and lit evaluate at 1 and 2 thinking steps, not up to 64; ltm takes 1
 # fast step in training, not 16 (no tensor changes shape), evaluates its prior row only, on 16-token windows, not
-# 1,024 (its weights keep their shapes). lvr starts stage 1 at step 1, so both stages run.
+# 1,024 (its weights keep their shapes). lvr starts stage 1 at step 1, so both stages run, and its adaptive exits
+# and sampled validation rows take 2 latent steps, 2 samples and 1 question at most (no tensor changes shape).
 GPU_SHAPE_CUTS = {
     "recurrent_depth": ["--eval-steps", "1,2", "--base-size", "8"],
     "ltm": ["--fast-steps", "1", "--eval-steps", "0", "--eval-subset", "1", "--context-length", "16"],
     "lit": ["--eval-steps", "1,2", "--eval-batch-size", "2", "--base-size", "8"],
-    "lvr": ["--align-steps", "1", "--eval-steps", "0,2"],
+    "lvr": ["--align-steps", "1", "--eval-steps", "0,2", "--group-size", "2", "--max-latent", "2", "--validation-size", "1"],
 }
 
 
