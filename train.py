@@ -1299,7 +1299,7 @@ COMPARED = (("recurrent_depth", "recurrent_depth", ()),
             ("lit", "lit", ()),
             ("lit --no-imagination", "lit", ("--no-imagination", "--steps", "408")),  # steps: LIT's training FLOPs
             ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation", "--steps", "406")),
-            # the hard-puzzle recipe (README): a mixed base set, two-step supervised segments, longer training
+            # the hard-puzzle recipe (docs/benchmark.md): a mixed base set, two-step supervised segments, longer training
             # (compiled, bf16 products: 1.3-1.6x the steps per second on a CPU with bf16 units), TRM's weight average,
             # 128 steps at test time
             ("lit --no-imagination recipe", "lit", ("--no-imagination", "--difficulty", "mixed", "--base-size", "3000",
