@@ -506,11 +506,10 @@ def _read_idx(path, name):
 
 
 def _download_mnist(folder, names):
-    folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         with urllib.request.urlopen(MNIST_URL + name + ".gz", timeout=20) as response:
             content = response.read()
-        _atomic_write(folder / (name + ".gz"), lambda f: f.write(content))
+        _atomic_write(folder / (name + ".gz"), lambda f: f.write(content))  # makes the folder, once a file is here
 
 
 def load_mnist(mnist_dir, split):

@@ -81,6 +81,16 @@ def test_generated_puzzles_are_unique_and_match_their_preset(puzzles):
     assert (puzzles["hard"][2] > 0).all()  # hard ones need a guess: singles alone do not solve them
 
 
+def test_missing_mnist_files_offline_are_one_error_and_leave_no_folder_behind(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(sudoku_data.urllib.request, "urlopen", offline)
+    folder = tmp_path / "not-here" / "mnist"
+    with pytest.raises(FileNotFoundError, match="no download possible"):
+        sudoku_data.load_mnist(folder, "t10k")
+    assert not (tmp_path / "not-here").exists()
+
+
 def test_generated_presets_reach_both_ends_of_their_given_ranges(puzzles):
     for name in ("easy", "medium"):  # the target count is drawn uniformly over the range: 12 puzzles span it
         low, high = sudoku_data.DIFFICULTIES[name]
