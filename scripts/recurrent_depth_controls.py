@@ -38,7 +38,7 @@ def step_flops(config, n_no_grad, k_grad):
     original = recurrent_depth.sample_recurrence
     recurrent_depth.sample_recurrence = lambda step, config: (n_no_grad, k_grad)
     try:
-        with FlopCounterMode(display=False, custom_mapping=train.CPU_ATTENTION_FLOPS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
             recurrent_depth.train_step(model, optimizer, torch.amp.GradScaler(enabled=False), batch, 0, config, None)
     finally:
         recurrent_depth.sample_recurrence = original
