@@ -1527,6 +1527,35 @@ def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_p
         rd.build_model(config, TEXT)
 
 
+def test_recurrent_depth_controls_script_sums_the_metered_flops_of_the_steps_it_draws(capsys):
+    """The equal-FLOPs budget of the controls: the default's total equals the FLOPs train.py's meter counts around
+    each real train_step (the sampler's own draws), summed; the fixed control's per-step FLOPs equal its meter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.recurrent_depth_controls import equal_flops
+
+    flags = ["--batch-size", "2", "--d-model", "32", "--n-heads", "2", "--d-mlp", "64", "--mean-recurrence", "3"]
+    equal_flops(3, flags)
+    out = capsys.readouterr().out
+    total = float(re.search(r"mean recurrence drawn [0-9.]+, ([0-9.e+]+) training FLOPs", out).group(1))
+    fixed_step = float(re.search(r"fixed recurrence \d+: ([0-9.e+]+) FLOPs per step", out).group(1))
+    config = rd.Config(batch_size=2, d_model=32, n_heads=2, d_mlp=64, mean_recurrence=3)
+    task = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)
+
+    def metered(config, step):
+        torch.manual_seed(0)
+        model = rd.build_model(config, task)
+        optimizer = rd.make_optimizer(model, config)
+        batch = {"puzzle": torch.randint(0, 10, (2, 81)), "solution": torch.randint(1, 10, (2, 81))}
+        with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
+            rd.train_step(model, optimizer, torch.amp.GradScaler(enabled=False), batch, step, config, None)
+        return counter.get_total_flops()
+
+    assert total == pytest.approx(sum(metered(config, step) for step in range(3)), rel=1e-3)  # printed to 4 digits
+    fixed = dataclasses.replace(config, fixed_recurrence=True)
+    assert fixed_step == pytest.approx(metered(fixed, 5), rel=1e-3)
+
+
 def test_recurrent_depth_initial_state_is_the_truncated_normal_of_std_sqrt_2_over_5():
     model = tiny_model()
     s0 = model.init_state(torch.zeros(8, 500, 64), generator=torch.Generator().manual_seed(0))  # 256,000 draws
@@ -2467,7 +2496,7 @@ def test_lvr_evaluate_rows():
     assert model.training
 
 
-# ---------------- lvr: controls, own-latent pass, GRPO_latent (issues 11 and 17)
+# ---------------- lvr: controls, own-latent pass, GRPO_latent
 
 
 class LvrIdentityLLM(torch.nn.Module):
