@@ -23,6 +23,10 @@ Test-time restarts (`--restarts K --restart-noise σ`; not in the abstract, afte
   trajectory 1 is the noiseless student), answer = the trajectory k maximising the model's own confidence
   Σ_{i blank} max_d log softmax(D(b^{(k)}_T))_{i,d}; no rule of Sudoku is checked. evaluate() also reports an
   oracle verifier (a trajectory whose grid breaks no rule): the ceiling of the K, not the method.
+Halting head (`--halt-weight w`, after TRM's Q-halt head): h_t = σ(w_h · mean_i b^S_{t,i} + c_h), trained with
+  w · BCE(h_t, 1[argmax D(b^S_t) = y in all 81 cells]) at the student's supervised steps (the target detached).
+  At test time it can pick among the K restarts (`--pick halting`: the trajectory with the highest h_T) and stop
+  each trajectory at the first step t with h_t > τ (`--halt-threshold τ`), its rows leaving the batch.
 
 Baselines the paper compares with, at equal training FLOPs:
   `--no-imagination`: no teacher, β = 0, the same student recurrence and per-step cross-entropy.
@@ -53,6 +57,9 @@ Choices the abstract leaves open, and deviations (one line each, with the reason
 - Beliefs are RMS-normalised after each update, so a student rolled for 64+ steps stays bounded.
 - Gradients are clipped per model (teacher: U_T and W_h; student: the rest), so the teacher's terms
   cannot shrink the student's step relative to the ablation's.
+- Halting head: a linear readout of the cell-mean belief (TRM reads the state of its one puzzle token; the belief
+  has no such token); trained at the fixed train_thinking_steps with the plain BCE, without TRM's ACT (halting
+  during training) or Q-continue target; its gradient reaches the student through the belief, as in TRM.
 - Diverse solutions (`--stochastic`): evaluate() also samples the student n_samples times on
   multi-solution versions of each test set and reports the share of valid samples and the mean number
   of distinct valid solutions, the abstract's "diverse solutions" made measurable.
@@ -108,6 +115,9 @@ class Config:
     eval_batch_size: int = 250           # trajectories per forward pass in evaluate() (puzzles x restarts)
     restarts: int = 1                    # K: trajectories per puzzle at test time, the pick by the model's own confidence
     restart_noise: float = 0.0           # σ: noise σ·std(b) on the carried belief before every step, trajectories 2..K
+    pick: str = "confidence"             # the answer among K restarts: confidence (log p of the argmax grid) | halting (the head's h_T)
+    halt_weight: float = 0.0             # w: weight of the halting head's BCE in L; > 0 builds the head, 0: no head
+    halt_threshold: float = 0.0          # τ in (0, 1): a trajectory stops at the first step with h_t > τ; 0: every trajectory runs all steps
     cnn_channels: int = 8                # visual form: channels of the encoder's first convolution (2x in the second)
 
 
@@ -251,6 +261,8 @@ class LatentImaginationModel(nn.Module):
         if config.self_teacher:  # U_S itself in the teacher's role, evaluated without gradient, or its weights' EMA
             self.teacher = copy.deepcopy(self.student).requires_grad_(False) if config.ema_teacher else self.student
         self.decoder = nn.Linear(d, N_DIGITS)  # D: belief -> logits over digits 1..9
+        # halting head (w_h, c_h), built last so every other piece starts from the same weights as without it
+        self.halt_head = nn.Linear(d, 1) if config.halt_weight > 0 else None
 
     def observe(self, batch: dict, teacher: bool):
         """Embeds what a role may see: the puzzle (B, 81, D) with cell positions; for the teacher also
@@ -293,6 +305,9 @@ class LatentImaginationModel(nn.Module):
 
     def decode(self, belief):  # (B, 81, D) -> (B, 81, 9) float32 logits
         return self.decoder(belief).float()
+
+    def halt_logit(self, belief):  # (B, 81, D) -> (B,) float32: logit of "my current answer is the solution"
+        return self.halt_head(belief.mean(1)).float().squeeze(-1)  # w_h · mean_i b_i + c_h
 
 
 # ----------------------------------------------------------------------------- hints and sampling
@@ -383,12 +398,20 @@ def sample_belief(mean, std, sample: bool, generators=None):
 
 
 # ----------------------------------------------------------------------------- LIT loss
+def halting_target(logits, solution) -> torch.Tensor:
+    """The halting head's target: 1 where the current answer, the argmax of the student's logits in all 81 cells
+    (givens included: the grid exact % scores), equals the solution, else 0. logits (B, 81, 9), solution (B, 81)
+    digits 1..9 -> (B,) float32, detached: the head learns to read the student, never to move its answer."""
+    return (logits.detach().argmax(-1) + 1 == solution).all(-1).float()
+
+
 def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
     """L = Σ_t [CE(D(b^T_{t+1}), y) + CE(D(b^S_{t+1}), y) + β·||b^S_{t+1} − sg(b^T_{t+1})||²] / T,
     β = imagination_weight (0 under no_imagination), T = train_thinking_steps; with segment_steps k > 1 the
     cross-entropies are taken at every k-th step only (averaged over the T / k segments). The teacher runs on the first
     teacher_share of the batch (its CE and the imagination term average over those examples; a self
-    teacher has no CE). Returns (L, metrics: the three terms, detached)."""
+    teacher has no CE). With a halting head (halt_weight w > 0), L gains w·BCE(h, halting_target) at the student's
+    supervised steps (averaged over them). Returns (L, metrics: the terms, detached)."""
     target = batch["solution"] - 1  # (B, 81) digit classes 0..8
     B, T, k = target.shape[0], config.train_thinking_steps, config.segment_steps
     n = 0 if config.no_imagination else max(1, round(config.teacher_share * B))  # the teacher's sub-batch
@@ -398,7 +421,9 @@ def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
                                      lambda: example_noise(torch.rand, (B, N_CELLS), generators, target.device))
     student_state = model.initial_belief(B)  # what each role's next step reads, detached by carry():
     teacher_state = student_state[:n]        # k steps per supervised segment (truncated backprop)
-    ce_teacher = ce_student = imagination = puzzle_emb.new_zeros((), dtype=torch.float32)
+    ce_teacher = ce_student = imagination = halt_bce = puzzle_emb.new_zeros((), dtype=torch.float32)
+    halt_right = halt_positive = 0.0  # the head's accuracy at 0.5 and the share of right answers (metrics only)
+    halting = model.halt_head is not None and config.halt_weight > 0
     for t in range(T):
         segment_end = (t + 1) % k == 0
         if n:  # teacher (posterior): the puzzle and the hints revealed so far, from its own or the student's belief
@@ -414,7 +439,13 @@ def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
         student_belief = sample_belief(mean_s, std_s, sample=True, generators=generators)
         student_state = model.carry(student_belief, detach=segment_end)
         if segment_end:
-            ce_student = ce_student + F.cross_entropy(model.decode(student_belief).transpose(1, 2), target)
+            student_logits = model.decode(student_belief)  # (B, 81, 9)
+            ce_student = ce_student + F.cross_entropy(student_logits.transpose(1, 2), target)
+            if halting:  # BCE(h_t, 1[current answer = solution]); the head reads the belief, the target is detached
+                halt_logit, answer_right = model.halt_logit(student_belief), halting_target(student_logits, batch["solution"])
+                halt_bce = halt_bce + F.binary_cross_entropy_with_logits(halt_logit, answer_right)
+                halt_right = halt_right + ((halt_logit.detach() > 0).float() == answer_right).float().mean()
+                halt_positive = halt_positive + answer_right.mean()
         if not n:  # ablation: the same recurrence and deep supervision, no teacher
             continue
         if config.stochastic:  # KL(sg(q_T) || p_S) per cell, summed over d, averaged over cells
@@ -427,7 +458,13 @@ def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
     ce_teacher, ce_student, imagination = ce_teacher / (T // k), ce_student / (T // k), imagination / T
     beta = 0.0 if config.no_imagination else config.imagination_weight
     loss = ce_teacher + ce_student + beta * imagination
-    return loss, {"ce_teacher": ce_teacher.detach(), "ce_student": ce_student.detach(), "imagination": imagination.detach()}
+    metrics = {"ce_teacher": ce_teacher.detach(), "ce_student": ce_student.detach(), "imagination": imagination.detach()}
+    if halting:
+        halt_bce = halt_bce / (T // k)
+        loss = loss + config.halt_weight * halt_bce
+        metrics.update({"halt_bce": halt_bce.detach(), "halt_accuracy": halt_right / (T // k),
+                        "answers_right": halt_positive / (T // k)})
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------- thinking loop
@@ -519,6 +556,50 @@ def restart_trajectories(model, batch: dict, thinking_steps: int, restarts: int,
     return [x.view(restarts, B, N_CELLS, N_DIGITS) for x in logits]
 
 
+def halting_trajectories(model, batch: dict, thinking_steps: int, restarts: int, noise: float, threshold: float = 0.0,
+                         seed: int = 0):
+    """restart_trajectories' K trajectories, each also read by the halting head after every step, h_t = σ(halt_logit).
+    With threshold τ > 0 a trajectory stops at the first step with h_t > τ: its rows leave the batch, so it computes
+    nothing more, and its logits and h stay those of that step. τ = 0: every trajectory runs all thinking_steps
+    (the same logits as restart_trajectories). Returns the logits after every step, a list of (K, B, 81, 9), the
+    head's h after every step, a list of (K, B), and the steps each trajectory ran, (K, B) long: at a budget of
+    s steps a trajectory runs min(steps, s)."""
+    B, K = batch["puzzle"].shape[0], restarts
+    repeated = {k: v.repeat(K, *[1] * (v.dim() - 1)) for k, v in batch.items() if k in PUZZLE_KEYS}
+    device = batch["puzzle"].device
+    generator = torch.Generator(device).manual_seed(seed)
+    puzzle_emb, _, _ = model.observe(repeated, teacher=False)  # (K*B, 81, D)
+    state = model.initial_belief(K * B)
+    rows = torch.arange(K * B, device=device)  # the trajectories still thinking (trajectory-major: k*B + b)
+    logits = torch.zeros(K * B, N_CELLS, N_DIGITS, device=device)
+    halt = torch.zeros(K * B, device=device)
+    steps = torch.full((K * B,), thinking_steps, dtype=torch.long, device=device)
+    all_logits, all_halt = [], []
+    for t in range(thinking_steps):
+        if rows.numel():
+            if noise and K > 1:  # b + σ·std(b)·ε on all but trajectory 0, as in restart_trajectories
+                eps = torch.randn(state.shape, generator=generator, device=device)
+                kick = noise * state.float().std(-1, keepdim=True) * eps
+                state = torch.where((rows >= B)[:, None, None], state + kick.to(state.dtype), state)
+            belief = sample_belief(*model.student(state, puzzle_emb[rows]), sample=False)
+            state = model.carry(belief)
+            logits, halt = logits.index_put((rows,), model.decode(belief)), halt.index_put((rows,), torch.sigmoid(model.halt_logit(belief)))
+            if threshold:  # stop where h_t > τ, first time: those rows leave the batch
+                stop = halt[rows] > threshold
+                steps[rows[stop]] = t + 1
+                rows, state = rows[~stop], state[~stop]
+        all_logits.append(logits.view(K, B, N_CELLS, N_DIGITS))
+        all_halt.append(halt.view(K, B))
+    return all_logits, all_halt, steps.view(K, B)
+
+
+def pick_by_halting(logits, halt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per puzzle the trajectory whose halting head is surest its answer is the solution (the first on ties).
+    logits (K, B, 81, 9), halt (K, B) -> the picked grids (B, 81) digits 1..9 and the picked trajectory (B,)."""
+    best = halt.argmax(0)  # (B,)
+    return logits[best, torch.arange(best.shape[0], device=best.device)].argmax(-1) + 1, best
+
+
 def confidence(logits, puzzle) -> torch.Tensor:
     """The model's own signal: log p(argmax grid) over the blank cells, Σ_{i blank} max_d log softmax(logits_i)_d.
     logits (..., B, 81, 9), puzzle (B, 81) -> (..., B). Uses no rule of Sudoku and no solution."""
@@ -542,16 +623,18 @@ def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
     return torch.where(valid.any(0), valid.int().argmax(0), fallback)
 
 
-def test_time_flops(config: Config, task_name: str, thinking_steps: int, restarts: int = 1) -> int:
+def test_time_flops(config: Config, task_name: str, thinking_steps: float, restarts: int = 1) -> float:
     """Matrix-product FLOPs per puzzle of evaluate's student (elementwise ops and norms left out, attention as
     its two products over all 81 cells, train.py's convention): per trajectory the encoder once, then per
     thinking step U (n_layers blocks), the decoder, the std head (stochastic) or the readback (observation
-    space); times K = restarts."""
+    space), the halting head (halt_weight > 0); times K = restarts. thinking_steps may be a mean over the
+    trajectories (adaptive stopping): the cost is linear in it."""
     d, cells, c = config.d_model, N_CELLS, config.cnn_channels
     encoder = 0 if task_name != "visual" else 2 * cells * (9 * c * 14 * 14 + 9 * c * 2 * c * 7 * 7 + 2 * c * 7 * 7 * d)
     block = 2 * cells * d * (3 * d + d + 8 * d) + 2 * 2 * cells * cells * d  # qkv, out, MLP; Q·Kᵀ and P·V
     step = config.n_layers * block + 2 * cells * d * N_DIGITS  # U, then D
     step += 2 * cells * d * d if config.stochastic else 0  # std head
+    step += 2 * d if config.halt_weight > 0 else 0  # halting head, on the cell-mean belief
     readback = 2 * cells * N_DIGITS * d if config.recursion == "observation" else 0
     step += readback + (2 * cells * d * N_DIGITS if readback else 0)  # carry: D again, then the readback
     return restarts * (encoder + readback + thinking_steps * step)  # readback: b_0 = R·uniform
@@ -573,6 +656,15 @@ def check_config(config: Config):
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not (config.restart_noise >= 0.0 and math.isfinite(config.restart_noise)):
         raise ValueError(f"restart_noise must be a finite number >= 0, got {config.restart_noise}")
+    if config.pick not in ("confidence", "halting"):
+        raise ValueError(f"pick must be 'confidence' or 'halting', got {config.pick!r}")
+    if not (config.halt_weight >= 0.0 and math.isfinite(config.halt_weight)):
+        raise ValueError(f"halt_weight must be a finite number >= 0, got {config.halt_weight}")
+    if not (config.halt_threshold == 0.0 or 0.0 < config.halt_threshold < 1.0):
+        raise ValueError(f"halt_threshold must be in (0, 1), or 0 for no adaptive stopping, got {config.halt_threshold}")
+    if config.halt_weight == 0.0 and (config.pick == "halting" or config.halt_threshold):
+        which = "pick 'halting'" if config.pick == "halting" else f"halt_threshold {config.halt_threshold}"
+        raise ValueError(f"{which} reads the halting head, which only a model trained with halt_weight > 0 has")
     if config.grad_clip <= 0:
         raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
     for name in ("beta1", "beta2"):
@@ -656,33 +748,50 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
              autocast_dtype: torch.dtype | None) -> list[dict]:
     """Rows per test set x thinking steps: the student's exact / blank-cell %. The teacher is not
     evaluated: with hints up to the full solution its accuracy measures nothing. With restarts K > 1, two
-    rows per test set x steps: the trajectory picked by the model's confidence (the method) and the one an
-    oracle verifier picks by checking the rules (the ceiling, not the method), each with the test-time
-    MFLOP per puzzle (K trajectories of that many steps)."""
+    rows per test set x steps: the trajectory picked by the model's own signal (the method: its confidence, or
+    its halting head under pick "halting") and the one an oracle verifier picks by checking the rules (the
+    ceiling, not the method), each with the test-time MFLOP per puzzle (K trajectories of that many steps).
+    With a halting head the rows also give the head's accuracy (h > 0.5 against "the answer is the solution",
+    over all trajectories); with halt_threshold > 0 the thinking steps are a budget, each trajectory stopping
+    where its head says, and the rows give the mean thinking steps used and the MFLOP of the steps used."""
     if not eval_steps or any(int(s) < 1 for s in eval_steps):
         raise ValueError(f"eval_steps must be positive ints, got {eval_steps}")
     device = next(model.parameters()).device
     model.eval()
     thinking_steps, rows, K = max(eval_steps), [], config.restarts
+    halting = model.halt_head is not None  # the head read at every step (and trajectories stopped by it)
+    adaptive = halting and config.halt_threshold > 0
     per_chunk = config.eval_batch_size // K  # puzzles per forward pass: K trajectories each
     if per_chunk < 1:
         raise ValueError(f"eval_batch_size ({config.eval_batch_size}) must hold one puzzle's {K} restart trajectories")
     for set_name, test_set in task.test_sets.items():
         check_batch(test_set, model.task_name)
-        preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the single trajectory, or the confidence pick
+        preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the single trajectory, or the model's pick
         oracle = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the oracle verifier's pick (K > 1)
+        used = {s: [] for s in eval_steps}  # steps -> [(K, b)]: thinking steps each trajectory ran (halting head)
+        head_right = {s: [] for s in eval_steps}  # steps -> [(K, b)]: (h > 0.5) == (the answer is the solution)
         for start in range(0, test_set["puzzle"].shape[0], per_chunk):
             chunk = {k: v[start:start + per_chunk].to(device) for k, v in test_set.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                if K == 1:
+                if halting:
+                    logits, halt, steps = halting_trajectories(model, chunk, thinking_steps, K, config.restart_noise,
+                                                               config.halt_threshold if adaptive else 0.0, seed=start)
+                elif K == 1:
                     logits = think(model, chunk, thinking_steps, "student")
                 else:
                     logits = restart_trajectories(model, chunk, thinking_steps, K, config.restart_noise, seed=start)
             for s in eval_steps:
+                if halting:
+                    used[s].append(steps.clamp(max=s).cpu())
+                    right = (logits[s - 1].argmax(-1) + 1 == chunk["solution"]).all(-1)  # (K, b)
+                    head_right[s].append(((halt[s - 1] > 0.5) == right).cpu())
                 if K == 1:
-                    preds[s].append(logits[s - 1].argmax(-1).cpu() + 1)
+                    preds[s].append(logits[s - 1].view(-1, N_CELLS, N_DIGITS).argmax(-1).cpu() + 1)
                     continue
-                picked, best = pick_by_confidence(logits[s - 1], chunk["puzzle"])
+                if config.pick == "halting":
+                    picked, best = pick_by_halting(logits[s - 1], halt[s - 1])
+                else:
+                    picked, best = pick_by_confidence(logits[s - 1], chunk["puzzle"])
                 trajectories = logits[s - 1].argmax(-1) + 1  # (K, b, 81)
                 checked = oracle_verifier_pick(trajectories, chunk["puzzle"], best)
                 preds[s].append(picked.cpu())
@@ -691,15 +800,22 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
             multi = {k: v.to(device) for k, v in multi_solution_set(test_set, config.n_diverse).items()}
             grids = sample_grids(model, multi, thinking_steps, config.n_samples)
         for s in eval_steps:
-            choices = [(None, preds[s])] if K == 1 else [("confidence", preds[s]), ("oracle verifier", oracle[s])]
+            pick = "halting head" if config.pick == "halting" else "confidence"
+            choices = [(None, preds[s])] if K == 1 else [(pick, preds[s]), ("oracle verifier", oracle[s])]
+            mean_used = torch.cat(used[s], 1).float().mean().item() if adaptive else s
             for picked_by, found in choices:
                 found = torch.cat(found)
                 row = {"test set": set_name, "thinking steps": int(s)}
                 if K > 1:
-                    row.update({"restarts": K, "picked by": picked_by,
-                                "test-time MFLOP per puzzle": test_time_flops(config, model.task_name, s, K) / 1e6})
+                    row.update({"restarts": K, "picked by": picked_by})
+                if adaptive:
+                    row.update({"halt threshold": config.halt_threshold, "mean thinking steps used": mean_used})
+                if K > 1 or adaptive:
+                    row["test-time MFLOP per puzzle"] = test_time_flops(config, model.task_name, mean_used, K) / 1e6
                 row.update({"exact %": sudoku_data.exact_accuracy(found, test_set["solution"]),
                             "blank-cell %": sudoku_data.blank_accuracy(found, test_set["puzzle"], test_set["solution"])})
+                if halting:
+                    row["halting head accuracy %"] = 100.0 * torch.cat(head_right[s], 1).float().mean().item()
                 if config.stochastic:
                     row.update(diversity(grids[s - 1], multi["puzzle"]))
                 rows.append(row)
