@@ -556,6 +556,7 @@ def restart_trajectories(model, batch: dict, thinking_steps: int, restarts: int,
     return [x.view(restarts, B, N_CELLS, N_DIGITS) for x in logits]
 
 
+@torch.no_grad()
 def halting_trajectories(model, batch: dict, thinking_steps: int, restarts: int, noise: float, threshold: float = 0.0,
                          seed: int = 0):
     """restart_trajectories' K trajectories, each also read by the halting head after every step, h_t = σ(halt_logit).

@@ -3654,3 +3654,208 @@ def test_lit_test_time_flops_are_what_the_flop_counter_sees(variant):
     with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
         lit.restart_trajectories(model, batch, 3, restarts=2, noise=0.1)
     assert counter.get_total_flops() == 2 * lit.test_time_flops(config, task_name, 3, restarts=2)
+
+
+# ---------------- lit: the halting head
+def lit_flip(grid, cell):
+    """grid (81,) with one cell's digit changed."""
+    grid = grid.clone()
+    grid[cell] = grid[cell] % 9 + 1
+    return grid
+
+
+def test_lit_halting_target_is_whether_the_current_answer_equals_the_solution():
+    """Hand-made answers: all 81 cells right -> 1; one blank cell wrong -> 0; one given cell wrong -> 0 (the full
+    grid, as exact % scores). lit_loss trains the head on it: with a bias-only head c = 0.3 and solutions set to
+    the student's own step-1 answers on puzzles 0 and 1, the BCE is [2·softplus(−c) + 2·softplus(c)] / 4."""
+    sudoku = lit_tiny_sudoku(3, 30)
+    solution, puzzle = sudoku["solution"], sudoku["puzzle"]
+    blank, given = (puzzle[1] == 0).nonzero()[0, 0], (puzzle[2] != 0).nonzero()[0, 0]
+    answers = torch.stack([solution[0], lit_flip(solution[1], blank), lit_flip(solution[2], given)])
+    logits = 3 * torch.nn.functional.one_hot(answers - 1, 9).float() + 0.1 * torch.randn(3, 81, 9)  # argmax: answers
+    assert lit.halting_target(logits, solution).tolist() == [1.0, 0.0, 0.0]
+
+    model, config = lit_make(train_thinking_steps=1, halt_weight=0.5)
+    batch = lit_tiny_sudoku(4, 40)
+    own = lit.think(model, batch, 1)[0].argmax(-1) + 1  # (4, 81) the student's answers after one step
+    assert not (own[2:] == batch["solution"][2:]).all(-1).any()
+    batch["solution"][:2] = own[:2]
+    with torch.no_grad():
+        model.halt_head.weight.zero_()
+        model.halt_head.bias.fill_(0.3)
+    torch.manual_seed(0)
+    loss, metrics = lit.lit_loss(model, batch, config)
+    by_hand = (2 * math.log1p(math.exp(-0.3)) + 2 * math.log1p(math.exp(0.3))) / 4
+    assert metrics["halt_bce"].item() == pytest.approx(by_hand, rel=1e-5)
+    assert metrics["answers_right"].item() == 0.5 and metrics["halt_accuracy"].item() == 0.5  # h > 0.5 on all four
+    torch.manual_seed(0)
+    without, _ = lit.lit_loss(model, batch, dataclasses.replace(config, halt_weight=0.0))
+    assert (loss - without).item() == pytest.approx(0.5 * by_hand, rel=1e-4)
+
+
+def test_lit_halting_target_carries_no_gradient_into_the_student():
+    """The halting term's gradient (L with w = 1 minus L with w = 0, the same draws) reaches the head and, through
+    the belief the head reads, the student's U; never the decoder D, which only the target reads (a target that
+    carried gradient, e.g. the probability of the argmax grid, would train D)."""
+    model, config = lit_make(halt_weight=1.0, train_thinking_steps=2)
+    batch = lit_tiny_sudoku(4, 40)
+    names, params = zip(*model.named_parameters())
+    grads = []
+    for weight in (1.0, 0.0):
+        torch.manual_seed(0)
+        loss, _ = lit.lit_loss(model, batch, dataclasses.replace(config, halt_weight=weight))
+        grads.append([g if g is not None else torch.zeros_like(p)
+                      for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
+    halt_term = {n: a - b for n, a, b in zip(names, *grads)}
+    assert all(torch.equal(g, torch.zeros_like(g)) for n, g in halt_term.items() if n.startswith("decoder."))
+    assert halt_term["halt_head.weight"].abs().max() > 0
+    assert any(g.abs().max() > 0 for n, g in halt_term.items() if n.startswith("student."))
+
+
+def test_lit_halting_trajectories_are_the_restarts_and_one_with_the_halting_pick_is_the_single_trajectory():
+    model, config = lit_make(halt_weight=0.5)
+    batch = lit_tiny_sudoku(3, 40)
+    single = lit.think(model, batch, 4, "student")
+    logits, halt, steps = lit.halting_trajectories(model, batch, 4, restarts=1, noise=0.5)
+    assert all(torch.equal(a[0], b) for a, b in zip(logits, single)) and (steps == 4).all()
+    grids, best = lit.pick_by_halting(logits[-1], halt[-1])
+    assert (best == 0).all() and torch.equal(grids, single[-1].argmax(-1) + 1)
+    noisy = lit.restart_trajectories(model, batch, 4, restarts=3, noise=0.3)  # the same K trajectories, noise included
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(lit.halting_trajectories(model, batch, 4, 3, 0.3)[0], noisy))
+    task = lit_tiny_restart_task()
+    rows = lit.evaluate(model, task, dataclasses.replace(config, pick="halting", restart_noise=0.3), (1, 3), None)
+    assert rows == lit.evaluate(model, task, config, (1, 3), None)
+    test_set = task.test_sets["tiny"]
+    answers = lit.think(model, test_set, 3)
+    assert [r["blank-cell %"] for r in rows] == [sudoku_data.blank_accuracy(answers[s - 1].argmax(-1) + 1, test_set["puzzle"],
+                                                                          test_set["solution"]) for s in (1, 3)]
+
+
+def test_lit_halting_pick_is_the_argmax_of_the_heads_probability_and_needs_no_rules(monkeypatch):
+    """h is σ(head(mean belief)) of each step, computed here puzzle by puzzle with the student's own pieces; the
+    pick is the first trajectory of highest h (a double loop); unchanged when the rules' checker is unavailable."""
+    model, config = lit_make(halt_weight=0.5)
+    with torch.no_grad():
+        model.halt_head.weight.mul_(30)  # spread h, so that the trajectories differ in it
+    batch = lit_tiny_sudoku(4, 40)
+    _, halt, _ = lit.halting_trajectories(model, batch, 3, restarts=2, noise=0.0)
+    with torch.no_grad():
+        for b in range(4):
+            emb, _, _ = model.observe({"puzzle": batch["puzzle"][b:b + 1]}, teacher=False)
+            state = model.initial_belief(1)
+            for t in range(3):
+                state, _ = model.student(state, emb)
+                h = torch.sigmoid(state.mean(1) @ model.halt_head.weight.T + model.halt_head.bias).item()
+                assert halt[t][0, b].item() == pytest.approx(h, abs=1e-5) and halt[t][1, b].item() == pytest.approx(h, abs=1e-5)
+
+    def slow_pick(h):
+        best = []
+        for b in range(h.shape[1]):
+            top = 0
+            for k in range(1, h.shape[0]):
+                top = k if h[k, b] > h[top, b] else top
+            best.append(top)
+        return best
+    hand = torch.tensor([[0.2, 0.9, 0.5], [0.7, 0.9, 0.1], [0.7, 0.3, 0.6]])  # (K=3, B=3), ties -> the first
+    assert lit.pick_by_halting(torch.randn(3, 3, 81, 9), hand)[1].tolist() == slow_pick(hand) == [1, 0, 2]
+    logits, halt, _ = lit.halting_trajectories(model, batch, 3, restarts=4, noise=0.5)
+    expected = lit.pick_by_halting(logits[-1], halt[-1])
+    assert expected[1].tolist() == slow_pick(halt[-1]) and len(set(expected[1].tolist())) > 1
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("the rules' checker is unavailable")
+    monkeypatch.setattr(sudoku_data, "broken_constraints", unavailable)
+    logits, halt, _ = lit.halting_trajectories(model, {"puzzle": batch["puzzle"]}, 3, restarts=4, noise=0.5)  # no solution
+    assert all(torch.equal(a, b) for a, b in zip(lit.pick_by_halting(logits[-1], halt[-1]), expected))
+    with pytest.raises(RuntimeError, match="unavailable"):  # the oracle row does check the rules
+        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5,
+                                                                          pick="halting"), (3,), None)
+
+
+LIT_HALT_SCHEDULE = [[0.1, 0.7, 0.95, 0.2],  # trajectory 0 of puzzle 0: h_t per step; τ = 0.8 -> stops after step 3
+                     [0.9, 0.1, 0.1, 0.1],   # 1
+                     [0.1, 0.1, 0.1, 0.1],   # never: all 4
+                     [0.5, 0.79, 0.81, 0.9],  # trajectory 1 of puzzle 0: 3
+                     [0.2, 0.85, 0.1, 0.1],  # 2
+                     [0.3, 0.3, 0.3, 0.99]]  # 4 (crosses at the last step)
+LIT_HALT_STEPS = [[3, 1, 4], [3, 2, 4]]
+
+
+def lit_scheduled_head(threshold):
+    """A stand-in for model.halt_logit giving LIT_HALT_SCHEDULE's h to the rows still thinking (in order), and
+    checking that only those rows are computed: a stopped trajectory must leave the batch."""
+    probs, thinking, step = torch.tensor(LIT_HALT_SCHEDULE), list(range(6)), [0]
+
+    def halt_logit(belief):
+        assert belief.shape[0] == len(thinking)
+        h = probs[thinking, step[0]]
+        thinking[:] = [row for row, p in zip(thinking, h.tolist()) if not (threshold and p > threshold)]
+        step[0] += 1
+        return torch.logit(h)
+    return halt_logit
+
+
+def test_lit_adaptive_stopping_stops_each_trajectory_where_its_head_first_crosses_the_threshold(monkeypatch):
+    model, config = lit_make(halt_weight=0.5)
+    batch = lit_tiny_sudoku(3, 40)
+    monkeypatch.setattr(model, "halt_logit", lit_scheduled_head(0.0))
+    free, free_halt, _ = lit.halting_trajectories(model, batch, 4, restarts=2, noise=0.0)
+    monkeypatch.setattr(model, "halt_logit", lit_scheduled_head(0.8))
+    logits, halt, steps = lit.halting_trajectories(model, batch, 4, restarts=2, noise=0.0, threshold=0.8)
+    assert steps.tolist() == LIT_HALT_STEPS
+    for t in range(4):
+        for k in range(2):
+            for b in range(3):
+                stop = min(LIT_HALT_STEPS[k][b], t + 1) - 1  # a stopped trajectory keeps the answer and h of its last step
+                assert torch.allclose(logits[t][k, b], free[stop][k, b], atol=1e-6)
+                assert halt[t][k, b].item() == pytest.approx(LIT_HALT_SCHEDULE[3 * k + b][stop], abs=1e-6)
+    assert not torch.allclose(free[0], free[3])  # the answers move with the steps, so freezing them is visible
+    # evaluate: the mean steps used at a budget s is the mean of min(stop, s); the MFLOP are those of the steps used
+    config = dataclasses.replace(config, restarts=2, pick="halting", halt_threshold=0.8)
+    monkeypatch.setattr(model, "halt_logit", lit_scheduled_head(0.8))
+    task = SimpleNamespace(name="sudoku", test_sets={"tiny": batch})
+    rows = lit.evaluate(model, task, config, (1, 2, 4), None)
+    means = [sum(min(h, s) for h in LIT_HALT_STEPS[0] + LIT_HALT_STEPS[1]) / 6 for s in (1, 2, 4)]
+    assert [r["mean thinking steps used"] for r in rows[::2]] == pytest.approx(means)
+    assert [r["test-time MFLOP per puzzle"] for r in rows[::2]] == pytest.approx(
+        [lit.test_time_flops(config, "sudoku", m, 2) / 1e6 for m in means])
+    assert [r["picked by"] for r in rows] == ["halting head", "oracle verifier"] * 3
+
+
+def test_lit_adaptive_stopping_computes_only_the_steps_it_reports():
+    """The flop counter sees exactly B × test_time_flops at the mean steps used: stopped trajectories compute nothing."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, config = lit_make(halt_weight=0.5)
+    with torch.no_grad():
+        model.halt_head.weight.mul_(30)
+    batch = lit_tiny_sudoku(4, 40)
+    _, halt, _ = lit.halting_trajectories(model, batch, 5, restarts=2, noise=0.3)
+    threshold = halt[0].median().item()  # about half the trajectories stop after one step
+    with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
+        _, _, steps = lit.halting_trajectories(model, batch, 5, restarts=2, noise=0.3, threshold=threshold)
+    assert steps.min() < steps.max()
+    assert counter.get_total_flops() == pytest.approx(4 * lit.test_time_flops(config, "sudoku", steps.float().mean().item(), 2))
+
+
+def test_lit_halting_head_trains_under_bf16_autocast_on_cpu():
+    model, config = lit_make(halt_weight=0.5, lr=3e-3)
+    data = lit_tiny_sudoku(8, 6)
+    optimizer = lit.make_optimizer(model, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    outs = [lit.train_step(model, optimizer, scaler, data, step, config, torch.bfloat16) for step in range(30)]
+    assert all(v.dim() == 0 and torch.isfinite(v) for out in outs for v in out.values())
+    assert outs[0]["halt_bce"].item() == pytest.approx(math.log(2), abs=0.05)  # h ≈ 0.5 at the start
+    assert sum(out["halt_bce"] for out in outs[-5:]) / 5 < 0.5 * outs[0]["halt_bce"]
+
+
+def test_lit_halting_settings_raise_one_line_value_errors():
+    for bad, match in ((dict(pick="oracle"), "pick"), (dict(halt_weight=-1.0), "halt_weight"),
+                       (dict(halt_weight=float("nan")), "halt_weight"), (dict(halt_weight=0.5, halt_threshold=1.0), "halt_threshold"),
+                       (dict(halt_weight=0.5, halt_threshold=-0.1), "halt_threshold"),
+                       (dict(halt_weight=0.5, halt_threshold=float("nan")), "halt_threshold"),
+                       (dict(pick="halting"), "halt_weight > 0"), (dict(halt_threshold=0.5), "halt_weight > 0")):
+        with pytest.raises(ValueError, match=match) as error:
+            lit.build_model(lit_tiny_config(**bad), LitFakeTask("sudoku"))
+        assert "\n" not in str(error.value)
+    model = lit.build_model(lit_tiny_config(pick="halting", halt_weight=0.5, halt_threshold=0.5), LitFakeTask("sudoku"))
+    assert model.halt_head is not None and lit.build_model(lit_tiny_config(), LitFakeTask("sudoku")).halt_head is None
