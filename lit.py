@@ -113,11 +113,11 @@ class Config:
     n_samples: int = 8                   # student samples per multi-solution puzzle in evaluate() when stochastic
     n_diverse: int = 100                 # puzzles per test set made multi-solution for that measurement
     eval_batch_size: int = 250           # trajectories per forward pass in evaluate() (puzzles x restarts)
-    restarts: int = 1                    # K: trajectories per puzzle at test time, the pick by the model's own confidence
+    restarts: int = 1                    # K: trajectories per puzzle at test time, the pick by the model's own signal
     restart_noise: float = 0.0           # σ: noise σ·std(b) on the carried belief before every step, trajectories 2..K
-    pick: str = "confidence"             # the answer among K restarts: confidence (log p of the argmax grid) | halting (the head's h_T)
+    pick: str = "confidence"             # the answer among K restarts: confidence (log p of its argmax grid) | halting (its h)
     halt_weight: float = 0.0             # w: weight of the halting head's BCE in L; > 0 builds the head, 0: no head
-    halt_threshold: float = 0.0          # τ in (0, 1): a trajectory stops at the first step with h_t > τ; 0: every trajectory runs all steps
+    halt_threshold: float = 0.0          # τ in (0, 1): a trajectory stops at the first step with h_t > τ; 0: never
     cnn_channels: int = 8                # visual form: channels of the encoder's first convolution (2x in the second)
 
 
@@ -442,7 +442,8 @@ def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
             student_logits = model.decode(student_belief)  # (B, 81, 9)
             ce_student = ce_student + F.cross_entropy(student_logits.transpose(1, 2), target)
             if halting:  # BCE(h_t, 1[current answer = solution]); the head reads the belief, the target is detached
-                halt_logit, answer_right = model.halt_logit(student_belief), halting_target(student_logits, batch["solution"])
+                halt_logit = model.halt_logit(student_belief)  # (B,)
+                answer_right = halting_target(student_logits, batch["solution"])  # (B,) 0 or 1
                 halt_bce = halt_bce + F.binary_cross_entropy_with_logits(halt_logit, answer_right)
                 halt_right = halt_right + ((halt_logit.detach() > 0).float() == answer_right).float().mean()
                 halt_positive = halt_positive + answer_right.mean()
@@ -584,7 +585,8 @@ def halting_trajectories(model, batch: dict, thinking_steps: int, restarts: int,
                 state = torch.where((rows >= B)[:, None, None], state + kick.to(state.dtype), state)
             belief = sample_belief(*model.student(state, puzzle_emb[rows]), sample=False)
             state = model.carry(belief)
-            logits, halt = logits.index_put((rows,), model.decode(belief)), halt.index_put((rows,), torch.sigmoid(model.halt_logit(belief)))
+            logits = logits.index_put((rows,), model.decode(belief))  # out of place: earlier steps' tensors stay
+            halt = halt.index_put((rows,), torch.sigmoid(model.halt_logit(belief)))
             if threshold:  # stop where h_t > τ, first time: those rows leave the batch
                 stop = halt[rows] > threshold
                 steps[rows[stop]] = t + 1

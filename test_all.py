@@ -3721,14 +3721,16 @@ def test_lit_halting_trajectories_are_the_restarts_and_one_with_the_halting_pick
     grids, best = lit.pick_by_halting(logits[-1], halt[-1])
     assert (best == 0).all() and torch.equal(grids, single[-1].argmax(-1) + 1)
     noisy = lit.restart_trajectories(model, batch, 4, restarts=3, noise=0.3)  # the same K trajectories, noise included
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(lit.halting_trajectories(model, batch, 4, 3, 0.3)[0], noisy))
+    again = lit.halting_trajectories(model, batch, 4, restarts=3, noise=0.3)[0]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again, noisy))
     task = lit_tiny_restart_task()
     rows = lit.evaluate(model, task, dataclasses.replace(config, pick="halting", restart_noise=0.3), (1, 3), None)
     assert rows == lit.evaluate(model, task, config, (1, 3), None)
     test_set = task.test_sets["tiny"]
     answers = lit.think(model, test_set, 3)
-    assert [r["blank-cell %"] for r in rows] == [sudoku_data.blank_accuracy(answers[s - 1].argmax(-1) + 1, test_set["puzzle"],
-                                                                          test_set["solution"]) for s in (1, 3)]
+    expected = [sudoku_data.blank_accuracy(answers[s - 1].argmax(-1) + 1, test_set["puzzle"], test_set["solution"])
+                for s in (1, 3)]
+    assert [r["blank-cell %"] for r in rows] == expected
 
 
 def test_lit_halting_pick_is_the_argmax_of_the_heads_probability_and_needs_no_rules(monkeypatch):
@@ -3746,7 +3748,7 @@ def test_lit_halting_pick_is_the_argmax_of_the_heads_probability_and_needs_no_ru
             for t in range(3):
                 state, _ = model.student(state, emb)
                 h = torch.sigmoid(state.mean(1) @ model.halt_head.weight.T + model.halt_head.bias).item()
-                assert halt[t][0, b].item() == pytest.approx(h, abs=1e-5) and halt[t][1, b].item() == pytest.approx(h, abs=1e-5)
+                assert halt[t][:, b].tolist() == pytest.approx([h, h], abs=1e-5)
 
     def slow_pick(h):
         best = []
@@ -3834,7 +3836,8 @@ def test_lit_adaptive_stopping_computes_only_the_steps_it_reports():
     with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
         _, _, steps = lit.halting_trajectories(model, batch, 5, restarts=2, noise=0.3, threshold=threshold)
     assert steps.min() < steps.max()
-    assert counter.get_total_flops() == pytest.approx(4 * lit.test_time_flops(config, "sudoku", steps.float().mean().item(), 2))
+    mean_steps = steps.float().mean().item()
+    assert counter.get_total_flops() == pytest.approx(4 * lit.test_time_flops(config, "sudoku", mean_steps, 2))
 
 
 def test_lit_halting_head_trains_under_bf16_autocast_on_cpu():
@@ -3850,7 +3853,8 @@ def test_lit_halting_head_trains_under_bf16_autocast_on_cpu():
 
 def test_lit_halting_settings_raise_one_line_value_errors():
     for bad, match in ((dict(pick="oracle"), "pick"), (dict(halt_weight=-1.0), "halt_weight"),
-                       (dict(halt_weight=float("nan")), "halt_weight"), (dict(halt_weight=0.5, halt_threshold=1.0), "halt_threshold"),
+                       (dict(halt_weight=float("nan")), "halt_weight"),
+                       (dict(halt_weight=0.5, halt_threshold=1.0), "halt_threshold"),
                        (dict(halt_weight=0.5, halt_threshold=-0.1), "halt_threshold"),
                        (dict(halt_weight=0.5, halt_threshold=float("nan")), "halt_threshold"),
                        (dict(pick="halting"), "halt_weight > 0"), (dict(halt_threshold=0.5), "halt_weight > 0")):
