@@ -3863,3 +3863,18 @@ def test_lit_halting_settings_raise_one_line_value_errors():
         assert "\n" not in str(error.value)
     model = lit.build_model(lit_tiny_config(pick="halting", halt_weight=0.5, halt_threshold=0.5), LitFakeTask("sudoku"))
     assert model.halt_head is not None and lit.build_model(lit_tiny_config(), LitFakeTask("sudoku")).halt_head is None
+
+
+def test_lit_halting_flags_through_train_py_and_a_checkpoint_without_a_head_is_one_line(tmp_path, data_dir, capsys):
+    tiny = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "2", "--data-dir", data_dir]
+    assert train.main(tiny + ["--halt-weight", "0.5", "--out", str(tmp_path / "halt")]) == 0
+    assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "halt" / "checkpoint.pt"), "--restarts", "2",
+                       "--pick", "halting", "--halt-threshold", "0.5", "--eval-steps", "1,3"]) == 0
+    rows = json.loads((tmp_path / "halt" / "eval.json").read_text())["rows"]
+    assert {row["picked by"] for row in rows} == {"halting head", "oracle verifier"}
+    assert all(1 <= row["mean thinking steps used"] <= row["thinking steps"] for row in rows)
+    assert train.main(tiny + ["--out", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "plain" / "checkpoint.pt"), "--pick", "halting"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "halt_weight > 0" in error and error.count("\n") == 1
