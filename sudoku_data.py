@@ -441,17 +441,30 @@ def _grid_keys(grids, chunk=100_000):
 class SudokuTask:
     """Sudoku in language form: train batches are augmentations of a cached base set; test sets of
     every difficulty are generated from another seed and are disjoint from the base set. Public CSV
-    files (train_files, test_files) replace the generated base set or test sets; check_unique solves each
-    of their puzzles and refuses a file with a puzzle that has several solutions."""
+    files (train_files, test_files) replace the generated base set or test sets (base_size sizes the generated
+    set only); train_size takes the first train_size puzzles of the train files, in order, reading no further
+    (TRM's Sudoku-Extreme protocol: the first 1,000, augmented on the fly), and refuses files that hold fewer;
+    check_unique solves each of their puzzles and refuses a file with a puzzle that has several solutions."""
     name, vocab_size, seq_len = "sudoku", 10, 81
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False):
+                 check_unique=False, train_size=None):
+        if train_size is not None and (train_size < 1 or not train_files):
+            raise ValueError(f"train_size must be a positive number of puzzles, got {train_size}" if train_size < 1
+                             else f"train_size {train_size} takes the first puzzles of train files, and none are given")
         if difficulty not in (*DIFFICULTIES, *TRAINING_MIXES):
             raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join((*DIFFICULTIES, *TRAINING_MIXES))}")
         self.seed = seed
         if train_files:  # public puzzle files replace the generated base set
-            pairs = [read_csv(path, check_unique) for path in train_files]
+            pairs, wanted = [], train_size
+            for path in train_files:
+                if wanted is not None and wanted <= 0:
+                    break  # the files after it are not read
+                pairs.append(read_csv(path, check_unique, limit=wanted))
+                wanted = None if wanted is None else wanted - len(pairs[-1][0])
+            if wanted:
+                raise ValueError(f"train_size {train_size} is more puzzles than {', '.join(map(str, train_files))} "
+                                 f"hold ({train_size - wanted})")
         else:  # a preset's base set, or equal shares of several (the first takes what does not divide)
             presets = TRAINING_MIXES.get(difficulty, (difficulty,))
             shares = [base_size // len(presets) + (i == 0) * (base_size % len(presets)) for i in range(len(presets))]
@@ -560,10 +573,10 @@ class VisualSudokuTask(SudokuTask):
     name = "visual"
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, mnist_dir="mnist", misread_rate=0.0):
+                 check_unique=False, mnist_dir="mnist", misread_rate=0.0, train_size=None):
         if not 0 <= misread_rate < 1:
             raise ValueError(f"misread_rate is the share of training givens shown as another digit, in [0, 1); got {misread_rate}")
-        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique)
+        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique, train_size)
         self.misread_rate = misread_rate
         test_images, test_labels = load_mnist(mnist_dir, "t10k")
         try:

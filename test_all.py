@@ -1171,6 +1171,50 @@ def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puz
     assert "more than one solution, on line(s) 2" in capsys.readouterr().err
 
 
+def test_train_size_takes_the_first_rows_of_the_train_files_and_reads_no_further(tmp_path, puzzles):
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    sudoku_data.write_csv(first, puzzles["hard"][0][:5], puzzles["hard"][1][:5])
+    sudoku_data.write_csv(second, puzzles["easy"][0][:7], puzzles["easy"][1][:7])
+    with open(first, "a") as file:
+        file.write("not,a puzzle\n")  # a broken row after the first 5: read only if the reader goes too far
+    task = sudoku_data.SudokuTask("easy", eval_size=2, train_files=(first,), test_files=(second,), train_size=3)
+    assert np.array_equal(task.base_puzzles, puzzles["hard"][0][:3]) and np.array_equal(task.base_solutions, puzzles["hard"][1][:3])
+    batch = task.train_batch(0, 16)  # augmented on the fly: valid grids with the givens' counts of the 3, not copies
+    assert (sudoku_data.broken_constraints(batch["solution"]) == 0).all()
+    assert set((batch["puzzle"] > 0).sum(1).tolist()) <= set((task.base_puzzles > 0).sum(1).tolist())
+    assert not any(np.array_equal(p, q) for p in batch["puzzle"].numpy() for q in task.base_puzzles)
+    task = sudoku_data.SudokuTask("easy", eval_size=2, train_files=(second, first), test_files=(second,), train_size=9)
+    assert np.array_equal(task.base_puzzles, np.concatenate([puzzles["easy"][0][:7], puzzles["hard"][0][:2]]))
+    with pytest.raises(ValueError, match="line 7"):
+        sudoku_data.SudokuTask("easy", eval_size=2, train_files=(first,), test_files=(second,), train_size=6)
+    with pytest.raises(ValueError, match=r"train_size 13 is more puzzles than .*second.csv hold \(7\)"):
+        sudoku_data.SudokuTask("easy", eval_size=2, train_files=(second,), test_files=(second,), train_size=13)
+
+
+def test_train_size_through_train_py_is_recorded_refused_on_resume_and_bad_values_are_one_line(tmp_path, puzzles, capsys):
+    public = tmp_path / "public.csv"
+    sudoku_data.write_csv(public, puzzles["medium"][0], puzzles["medium"][1])  # 12 puzzles
+    run = TINY_RUN[:TINY_RUN.index("--base-size")] + ["--log-every", "2", "--out", str(tmp_path / "run"),
+                                                       "--train-csv", str(public), "--test-csv", str(public)]
+    assert train.main(run + ["--train-size", "4", "--steps", "2"]) == 0
+    assert _checkpoint(tmp_path / "run")["run"]["train_size"] == 4
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["run"]["train_size"] == 4
+    capsys.readouterr()
+    resume = ["--method", "recurrent_depth", "--resume", str(tmp_path / "run" / "checkpoint.pt")]
+    cases = [(resume + ["--train-size", "5"], "--train-size 5 differs from the checkpoint's 4"),
+             (run + ["--overwrite", "--train-size", "0"], "--train-size must be a positive integer, got 0"),
+             (run + ["--overwrite", "--train-size", "13"], "train_size 13 is more puzzles than"),
+             (run + ["--overwrite", "--train-size", "13"], "hold (12)"),
+             (run + ["--overwrite", "--train-size", "4", "--base-size", "8"], "give one of them"),
+             (TINY_RUN + ["--out", str(tmp_path / "other"), "--train-size", "4"], "--train-size 4 takes the first puzzles of "
+                                                                                   "--train-csv file(s)")]
+    for argv, message in cases:
+        assert train.main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1, (argv, error)
+    assert _checkpoint(tmp_path / "run")["step"] == 2 and not (tmp_path / "other").exists()
+
+
 def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(tmp_path, data_dir, monkeypatch, capsys):
     evaluated = []
     original_evaluate = rd.evaluate

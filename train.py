@@ -49,7 +49,7 @@ SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128, train_csv=(), test_csv=(), check_unique=False, ema=0.0,
+                       text_file=None, context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False, ema=0.0,
                        trained_weights=False, misread_rate=0.0)
 
 
@@ -95,6 +95,12 @@ def run(argv):
     if getattr(config, "stage", None) == "rl" and not checkpoint and "init_from" not in given:
         raise UsageError("--stage rl fine-tunes a trained model with reinforcement learning: give --init-from "
                          "CHECKPOINT of a supervised run (random weights earn no reward to learn from)")
+    if options.train_size is not None and not options.train_csv:
+        raise UsageError(f"--train-size {options.train_size} takes the first puzzles of --train-csv file(s); the generated "
+                         f"base set's size is --base-size")
+    if "train_size" in given and "base_size" in given:
+        raise UsageError("--base-size sizes the generated base set; with --train-csv the files' puzzles are the base "
+                         "set and --train-size chooses how many: give one of them")
     if options.misread_rate and options.task != "visual":
         raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
@@ -265,7 +271,7 @@ def evaluate_and_write(method, model, task, config, options, autocast_dtype, pat
     evaluated = {"step": step, "weights": weights, "seed": options.seed, "eval_size": options.eval_size,
                  "test_files": list(options.test_csv), "eval_steps": list(config.eval_steps),
                  "test_sets": {name: len(next(iter(batch.values()))) for name, batch in task.test_sets.items()}}
-    record = {"method": method.__name__, "task": options.task, "config": dataclasses.asdict(config),
+    record = {"method": method.__name__, "task": options.task, "run": vars(options), "config": dataclasses.asdict(config),
               "evaluated": evaluated, "rows": rows, **({"cost": cost} if cost else {})}
     if path.name == "eval.json" and path.exists():
         try:
@@ -543,8 +549,8 @@ def build_task(name, config, options):
     if name in ("sudoku", "visual"):
         import sudoku_data
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
-                     data_dir=options.data_dir, train_files=tuple(options.train_csv), test_files=tuple(options.test_csv),
-                     check_unique=options.check_unique)
+                     data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
+                     test_files=tuple(options.test_csv), check_unique=options.check_unique)
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
         return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir,
@@ -627,7 +633,8 @@ def build_parser(method=None):
                      "trained, not the weight average the checkpoint holds (to measure what --ema gives)")
     data = parser.add_argument_group("data options")
     data.add_argument("--eval-size", type=int, help="held-out examples per test set (default 500)")
-    data.add_argument("--base-size", type=int, help="Sudoku base puzzles that training augments (default 1000)")
+    data.add_argument("--base-size", type=int, help="generated Sudoku base puzzles that training augments (default 1000; "
+                      "with --train-csv the files' puzzles are the base set instead)")
     data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
     data.add_argument("--mnist-dir", help=f"MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")
     data.add_argument("--misread-rate", type=float, help="--task visual: share of training givens shown as the image "
@@ -636,6 +643,9 @@ def build_parser(method=None):
                       "(default: the documentation topics that ship with Python)")
     data.add_argument("--train-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
                       "generated base set (repeat the flag or separate with commas; columns e.g. question,answer)")
+    data.add_argument("--train-size", type=int, metavar="N", help="with --train-csv: train on the first N puzzles of the "
+                      "file(s), in file order, augmented on the fly (TRM's Sudoku-Extreme protocol: 1000); only those rows "
+                      "are read (default: every puzzle of the files)")
     data.add_argument("--test-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of "
                       "the generated test sets, each named after its file (its first --eval-size puzzles)")
     data.add_argument("--check-unique", action="store_true", help="solve every puzzle of the CSV files and refuse a "
@@ -665,7 +675,7 @@ def parse(argv):
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # keep only what the user typed; defaults are filled in later
     given = vars(parser.parse_args(argv))
-    for name in ("steps", "batch_size", "eval_size", "base_size", "log_every", "save_every", "context_length"):
+    for name in ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every", "context_length"):
         if name in given and given[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
     for name in ("train_csv", "test_csv"):
