@@ -984,6 +984,23 @@ def test_cost_counts_linear_and_cpu_attention_flops_and_every_log_line_has_the_c
     assert cost["peak_flops_per_s"] > 0 and cost["ranks"] == 1
 
 
+def test_peak_gpu_memory_is_in_the_end_of_training_line_and_the_results_only_on_cuda(tmp_path, data_dir, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30 + 2**29)
+    assert train.peak_memory(torch.device("cuda", 0)) == {"peak_memory_bytes": 3 * 2**30 + 2**29}
+    assert train.peak_memory(torch.device("cpu")) == {}
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]) == 0  # the CPU: no memory figure
+    assert "peak GPU memory" not in capsys.readouterr().out
+    assert "peak_memory_bytes" not in json.loads((out / "results.json").read_text())["cost"]
+    real = train.peak_memory
+    monkeypatch.setattr(train, "peak_memory", lambda device: real(torch.device("cuda", 0)))  # as a CUDA run reports it
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--overwrite"]) == 0
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trained 6 steps")]
+    assert len(trained) == 1 and trained[0].endswith(", peak GPU memory 3.50 GiB"), trained
+    assert json.loads((out / "results.json").read_text())["cost"]["peak_memory_bytes"] == 3 * 2**30 + 2**29
+
+
 def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explicit_products(puzzles):
     # the slower direct computation: torch's math attention is plain matrix products, which torch's counter
     # counts by itself; the meter must give the fused CPU kernel's step the same FLOPs (a count that leaves the

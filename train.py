@@ -220,7 +220,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     if rank == 0:
         summary = {"training_flops": cost.flops_per_step() * step, "flops_per_step": cost.flops_per_step(),
                    "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
-                   "device": str(device), **cost.last}
+                   "device": str(device), **cost.last, **peak_memory(device)}
         with average.applied() if average else contextlib.nullcontext():
             evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
                                f"weight average (--ema {options.ema})" if average else "as trained", summary)
@@ -339,7 +339,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
     if stop.requested:
         print(f"interrupted at step {step}; checkpoint saved to {checkpoints.path} (continue with --resume)")
         return None
-    log.summary(step)
+    log.summary(step, peak_memory(device))
     return step
 
 
@@ -406,10 +406,17 @@ class TrainingLog:
         self.progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
                                    "ex/s": f"{self.cost.last['examples_per_s']:.0f}", "MFU": f"{self.cost.last['mfu']:.1%}"})
 
-    def summary(self, step):
+    def summary(self, step, memory):
         if step > self.start_step:
+            peak = f", peak GPU memory {memory['peak_memory_bytes'] / 2**30:.2f} GiB" if memory else ""
             print(f"trained {step - self.start_step} steps in {self.elapsed:.0f} s: {self.cost.last['examples_per_s']:.1f} "
-                  f"examples/s, {self.cost.flops_per_step():.3g} FLOPs/step, MFU {self.cost.last['mfu']:.1%}")
+                  f"examples/s, {self.cost.flops_per_step():.3g} FLOPs/step, MFU {self.cost.last['mfu']:.1%}{peak}")
+
+
+def peak_memory(device):
+    """{"peak_memory_bytes": the most memory the run's tensors held on the CUDA device at once} ({} off CUDA): in the
+    end-of-training line and results.json's cost."""
+    return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
 
 
 class WeightAverage:
