@@ -1049,6 +1049,96 @@ def test_train_py_gpu_preset_shape_trains_two_steps_on_the_cpu(method, tmp_path,
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+GPU_CHECK = Path(train.__file__).parent / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses_and_refuses_in_one_line_without_cuda(tmp_path):
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    done = subprocess.run(["bash", str(GPU_CHECK), "--out", str(tmp_path / "check")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and done.stdout == "", done
+    assert done.stderr.startswith("gpu_check: no CUDA device is visible") and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "check").exists()
+    done = subprocess.run(["bash", str(GPU_CHECK), "--methods", "lit,nope", "--dry-run"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown method nope" in done.stderr and done.stdout == ""
+
+
+def test_gpu_check_commands_pass_train_py_settings_checks_and_fit_its_table(tmp_path, monkeypatch):
+    import shlex
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--out", str(tmp_path / "a check")], capture_output=True,
+                          text=True, check=True)
+    commands = [shlex.split(line) for line in done.stdout.splitlines()]
+    assert [command[:4] for command in commands] == [["python", "train.py", "--method", m]
+                                                     for m in ("recurrent_depth", "lit", "ltm", "lvr")]
+
+    class SettingsChecked(Exception):
+        pass
+
+    checked = []
+    real_check = train.check_settings
+    monkeypatch.setattr(train, "check_settings", lambda options, kind, values: checked.append((options, values))
+                        or real_check(options, kind, values))
+
+    def stop(device, dtype):  # every setting has passed; the device is chosen next
+        raise SettingsChecked(device, dtype)
+
+    monkeypatch.setattr(train, "choose_device_and_dtype", stop)
+    for command in commands:
+        with pytest.raises(SettingsChecked, match="cuda.*bfloat16"):
+            train.run(command[2:])
+        options, values = checked[-1]
+        method = train.load_method(command[3])
+        assert options.preset == "gpu" and options.compile and options.out == str(tmp_path / "a check" / command[3])
+        assert all(values[k] == (tuple(v) if isinstance(v, list) else v) for k, v in method.GPU_CONFIG.items()
+                   if k not in train.COMMON_DEFAULTS and "--" + k.replace("_", "-") not in command)
+        # the table's rates are taken between the last two log lines: at least two, the last at the last step
+        assert values["steps"] % options.log_every == 0 and values["steps"] >= 2 * options.log_every
+        if command[3] == "lvr":  # every counted step (log_every, 2 log_every, ...) is past stage 0
+            assert values["align_steps"] < options.log_every
+    assert not (tmp_path / "a check").exists()
+
+
+def test_gpu_check_runs_the_methods_and_prints_their_table_or_names_the_method_that_fails(tmp_path, data_dir):
+    # a stand-in python that says a GPU is there and runs each command on the CPU with the tiny runs' sizes (later
+    # flags win), so that the script's loop, refusals and table are exercised here
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"""#!{sys.executable}
+import os, sys
+argv = sys.argv[1:]
+if argv[0] == "-c":
+    print("stand-in GPU")
+    sys.exit(0)
+if argv[0] == "train.py":
+    argv = ["cpu" if a == "cuda" else a for a in argv if a != "--compile"]
+    method = argv[argv.index("--method") + 1]
+    argv += [*{TINY_FLAGS!r}[method], "--steps", "4", "--log-every", "2", "--data-dir", {data_dir!r},
+             *(["--align-steps", "1"] if method == "lvr" else []), *os.environ.get("BREAK_" + method, "").split()]
+os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
+""")
+    stand_in.chmod(0o755)
+    environment = {**os.environ, "PYTHON": str(stand_in), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", str(GPU_CHECK), "--out", str(out), "--methods", "lvr,lit"], capture_output=True,
+                          text=True, timeout=240, env=environment)  # (two of the four: a test of seconds)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout[done.stdout.index("\nmethod ") + 1:].splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["lvr", "lit", "gpu_check:"] and table[-1].startswith("gpu_check: done")
+    for line in table[1:3]:
+        steps, examples, mfu, peak, memory, loss = line.split()[1:7]
+        assert steps == "4" and float(examples) > 0 and float(mfu.rstrip("%")) > 0 and float(peak) > 0
+        assert memory == "n/a" and math.isfinite(float(loss)) and line.endswith("steps 2-4")  # (no CUDA memory here)
+        method = line.split()[0]
+        assert float(loss) == pytest.approx(json.loads((out / method / "log.jsonl").read_text().splitlines()[-1])["loss"], abs=1e-4)
+    again = subprocess.run(["bash", str(GPU_CHECK), "--out", str(out), "--methods", "lit"], capture_output=True, text=True,
+                           env=environment)
+    assert again.returncode == 1 and again.stderr == f"gpu_check: {out}/lit already holds a run; give --overwrite to " \
+                                                     f"replace it, or another --out\n"
+    broken = subprocess.run(["bash", str(GPU_CHECK), "--out", str(out), "--methods", "lvr", "--overwrite"],
+                            capture_output=True, text=True, timeout=120, env={**environment, "BREAK_lvr": "--lr -1"})
+    assert broken.returncode == 1 and broken.stderr.splitlines()[-1].startswith("gpu_check: lvr failed with exit status 2")
+    assert "\nmethod " not in broken.stdout  # no table after a failure
+
+
 @pytest.mark.parametrize("method", train.METHODS)
 def test_train_py_fp16_with_grad_scaler_runs_on_the_cpu(method, tmp_path, data_dir):
     # the CUDA default where bf16 is missing: fp16 autocast and a GradScaler, both of which torch runs on the CPU
