@@ -1030,7 +1030,7 @@ def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explici
 GPU_SHAPE_CUTS = {
     "recurrent_depth": ["--eval-steps", "1,2", "--base-size", "8"],
     "ltm": ["--fast-steps", "1", "--eval-steps", "0", "--eval-subset", "1", "--context-length", "16"],
-    "lit": ["--eval-steps", "1,2", "--eval-batch-size", "2", "--base-size", "8"],
+    "lit": ["--eval-steps", "1,2", "--eval-batch-size", "16", "--base-size", "8"],  # (16: 2 puzzles of 8 restarts)
     "lvr": ["--align-steps", "1", "--eval-steps", "0,2", "--group-size", "2", "--max-latent", "2", "--validation-size", "1"],
 }
 
@@ -1043,10 +1043,45 @@ def test_train_py_gpu_preset_shape_trains_two_steps_on_the_cpu(method, tmp_path,
     config = _checkpoint(tmp_path)["config"]
     module = train.load_method(method)
     kept = {k: v for k, v in module.GPU_CONFIG.items() if k not in ("batch_size", "steps", "eval_steps", "fast_steps",
-                                                                     "eval_subset", "eval_batch_size", "align_steps",
-                                                                     "context_length")}  # (a run option, not a field)
+                                                                     "eval_subset", "eval_batch_size", "align_steps")
+            and k not in train.COMMON_DEFAULTS}  # (run options, not fields: context_length, ema, base_size)
     assert {k: config[k] for k in kept} == {k: tuple(v) if isinstance(v, list) else v for k, v in kept.items()}
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_protocol(tmp_path, puzzles, monkeypatch):
+    # the recipe's flags as --method all runs them; the preset must agree wherever the recipe sets something
+    recipe = next(flags for name, _, flags in train.COMPARED if name.endswith("recipe"))
+    _, recipe = train.parse(["--method", "lit", *recipe])
+    public = tmp_path / "public.csv"
+    sudoku_data.write_csv(public, puzzles["hard"][0], puzzles["hard"][1])
+
+    class SettingsChecked(Exception):
+        pass
+
+    checked = []
+    real_check = train.check_settings
+    monkeypatch.setattr(train, "check_settings", lambda options, kind, values: checked.append((options, values))
+                        or real_check(options, kind, values))
+    monkeypatch.setattr(train, "choose_device_and_dtype", lambda *unused: (_ for _ in ()).throw(SettingsChecked()))
+    with pytest.raises(SettingsChecked):
+        train.run(["--method", "lit", "--preset", "gpu", "--train-csv", str(public), "--train-size", "10",
+                   "--test-csv", str(public), "--out", str(tmp_path / "run")])
+    options, values = checked[-1]
+    settings = {**vars(options), **values}
+    for name in ("no_imagination", "segment_steps", "difficulty", "base_size", "ema"):
+        assert settings[name] == recipe[name], name
+    assert set(recipe["eval_steps"]) < set(settings["eval_steps"]) and options.train_size == 10
+    assert settings["restarts"] > 1 and settings["restart_noise"] > 0 and settings["pick"] == "confidence"
+    assert settings["eval_batch_size"] % settings["restarts"] == 0
+    with pytest.raises(SettingsChecked):
+        train.run(["--method", "lit", "--preset", "gpu", "--ema", "0", "--out", str(tmp_path / "run")])
+    assert checked[-1][0].ema == 0  # the command line still wins over the preset's run options
+    config = lit.Config(**values)
+    with torch.device("meta"):
+        gpu, cpu = (sum(p.numel() for p in lit.build_model(c, SimpleNamespace(name="sudoku")).parameters())
+                    for c in (config, lit.Config(**{k: v for k, v in recipe.items() if k in values})))
+    assert 20 < gpu / cpu < 40 and gpu < 5e6  # scaled up, still below TRM's 5M
 
 
 GPU_CHECK = Path(train.__file__).parent / "scripts" / "gpu_check.sh"
