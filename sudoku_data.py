@@ -443,7 +443,7 @@ class SudokuTask:
     every difficulty are generated from another seed and are disjoint from the base set. Public CSV
     files (train_files, test_files) replace the generated base set or test sets (base_size sizes the generated
     set only); train_size takes the first train_size puzzles of the train files, in order, reading no further
-    (TRM's Sudoku-Extreme protocol: the first 1,000, augmented on the fly), and refuses files that hold fewer;
+    (TRM's Sudoku-Extreme protocol trains on 1,000, augmented), and refuses files that hold fewer;
     check_unique solves each of their puzzles and refuses a file with a puzzle that has several solutions."""
     name, vocab_size, seq_len = "sudoku", 10, 81
 

@@ -1347,7 +1347,6 @@ def test_train_size_through_train_py_is_recorded_refused_on_resume_and_bad_value
              (run + ["--overwrite", "--train-size", "0"], "--train-size must be a positive integer, got 0"),
              (run + ["--overwrite", "--train-size", "13"], "train_size 13 is more puzzles than"),
              (run + ["--overwrite", "--train-size", "13"], "hold (12)"),
-             (run + ["--overwrite", "--train-size", "4", "--base-size", "8"], "give one of them"),
              (TINY_RUN + ["--out", str(tmp_path / "other"), "--train-size", "4"], "--train-size 4 takes the first puzzles of "
                                                                                    "--train-csv file(s)")]
     for argv, message in cases:

@@ -98,9 +98,6 @@ def run(argv):
     if options.train_size is not None and not options.train_csv:
         raise UsageError(f"--train-size {options.train_size} takes the first puzzles of --train-csv file(s); the generated "
                          f"base set's size is --base-size")
-    if "train_size" in given and "base_size" in given:
-        raise UsageError("--base-size sizes the generated base set; with --train-csv the files' puzzles are the base "
-                         "set and --train-size chooses how many: give one of them")
     if options.misread_rate and options.task != "visual":
         raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
