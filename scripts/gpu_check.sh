@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A short run of every method's GPU preset on a CUDA machine (bf16 autocast, compiled), then one table:
 # examples/s, MFU against the device's matmul peak (train.py's probe), peak GPU memory, and the loss after the
-# last step. Each method has a time limit (the four add up to 9 minutes); any failure stops the check with the
-# method named and a non-zero exit status.
+# last step. Each method has a time limit (the four add up to 8 min 40 s, 10 s to stop each included); any
+# failure stops the check with the method named and a non-zero exit status.
 #   scripts/gpu_check.sh [--out DIR] [--overwrite] [--methods a,b] [--dry-run]
 # --out: where the runs go (default runs/gpu_check; one folder per method, the puzzles cached in DIR/data);
 # a folder that already holds a check is refused unless --overwrite. --dry-run prints the train.py commands.
@@ -27,12 +27,12 @@ done
 # Per method: seconds allowed (start-up, data, compilation, training and the short evaluation together) and the
 # flags that shorten its preset: enough steps that the last log window is past compilation and warm-up.
 declare -A limit flags
-limit[recurrent_depth]=120 flags[recurrent_depth]="--steps 200 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,8"
-limit[lit]=120 flags[lit]="--steps 200 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,16"
+limit[recurrent_depth]=115 flags[recurrent_depth]="--steps 200 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,8"
+limit[lit]=115 flags[lit]="--steps 200 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,16"
 # ltm: 1,024-character windows, 16 posterior steps per sequence (17 passes a step)
-limit[ltm]=150 flags[ltm]="--steps 60 --log-every 20 --eval-size 8 --eval-subset 4 --eval-steps 0,4"
+limit[ltm]=145 flags[ltm]="--steps 60 --log-every 20 --eval-size 8 --eval-subset 4 --eval-steps 0,4"
 # lvr: stage 0 (alignment) for 20 steps, then stage 1: every counted step (40, 80, ...) is a stage-1 step
-limit[lvr]=150 flags[lvr]="--steps 160 --align-steps 20 --log-every 40 --eval-size 32 --eval-steps 0,2 --validation-size 8"
+limit[lvr]=145 flags[lvr]="--steps 160 --align-steps 20 --log-every 40 --eval-size 32 --eval-steps 0,2 --validation-size 8"
 
 IFS=, read -ra chosen <<< "$methods"
 for method in "${chosen[@]}"; do
@@ -76,7 +76,7 @@ for method in "${chosen[@]}"; do
     command_for "$method"
     echo "=== $method (at most ${limit[$method]} s): ${command[*]}"
     status=0
-    timeout --kill-after=20 "${limit[$method]}" "${command[@]}" 2>&1 | tee "$out/$method.log" || status=$?
+    timeout --kill-after=10 "${limit[$method]}" "${command[@]}" 2>&1 | tee "$out/$method.log" || status=$?
     if ((status == 124 || status == 137)); then
         echo "gpu_check: $method ran past its ${limit[$method]} s (see $out/$method.log)" >&2
         exit 1
