@@ -1162,8 +1162,8 @@ os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
         steps, examples, mfu, peak, memory, loss = line.split()[1:7]
         assert steps == "4" and float(examples) > 0 and float(mfu.rstrip("%")) > 0 and float(peak) > 0
         assert memory == "n/a" and math.isfinite(float(loss)) and line.endswith("steps 2-4")  # (no CUDA memory here)
-        method = line.split()[0]
-        assert float(loss) == pytest.approx(json.loads((out / method / "log.jsonl").read_text().splitlines()[-1])["loss"], abs=1e-4)
+        logged = json.loads((out / line.split()[0] / "log.jsonl").read_text().splitlines()[-1])
+        assert float(loss) == pytest.approx(logged["loss"], abs=1e-4)
     again = subprocess.run(["bash", str(GPU_CHECK), "--out", str(out), "--methods", "lit"], capture_output=True, text=True,
                            env=environment)
     assert again.returncode == 1 and again.stderr == f"gpu_check: {out}/lit already holds a run; give --overwrite to " \
@@ -1320,7 +1320,8 @@ def test_train_size_takes_the_first_rows_of_the_train_files_and_reads_no_further
     with open(first, "a") as file:
         file.write("not,a puzzle\n")  # a broken row after the first 5: read only if the reader goes too far
     task = sudoku_data.SudokuTask("easy", eval_size=2, train_files=(first,), test_files=(second,), train_size=3)
-    assert np.array_equal(task.base_puzzles, puzzles["hard"][0][:3]) and np.array_equal(task.base_solutions, puzzles["hard"][1][:3])
+    assert np.array_equal(task.base_puzzles, puzzles["hard"][0][:3])
+    assert np.array_equal(task.base_solutions, puzzles["hard"][1][:3])
     batch = task.train_batch(0, 16)  # augmented on the fly: valid grids with the givens' counts of the 3, not copies
     assert (sudoku_data.broken_constraints(batch["solution"]) == 0).all()
     assert set((batch["puzzle"] > 0).sum(1).tolist()) <= set((task.base_puzzles > 0).sum(1).tolist())

@@ -49,8 +49,8 @@ SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False, ema=0.0,
-                       trained_weights=False, misread_rate=0.0)
+                       text_file=None, context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False,
+                       ema=0.0, trained_weights=False, misread_rate=0.0)
 
 
 class UsageError(Exception):

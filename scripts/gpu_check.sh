@@ -36,7 +36,10 @@ limit[lvr]=145 flags[lvr]="--steps 160 --align-steps 20 --log-every 40 --eval-si
 
 IFS=, read -ra chosen <<< "$methods"
 for method in "${chosen[@]}"; do
-    [[ -n ${limit[$method]:-} ]] || { echo "gpu_check: unknown method $method (choose from recurrent_depth,lit,ltm,lvr)" >&2; exit 2; }
+    if [[ -z ${limit[$method]:-} ]]; then
+        echo "gpu_check: unknown method $method (choose from recurrent_depth,lit,ltm,lvr)" >&2
+        exit 2
+    fi
 done
 
 command_for() {  # the train.py command of one method, as an array in $command
