@@ -1028,9 +1028,10 @@ def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explici
 # 1,024 (its weights keep their shapes). lvr starts stage 1 at step 1, so both stages run, and its adaptive exits
 # and sampled validation rows take 2 latent steps, 2 samples and 1 question at most (no tensor changes shape).
 GPU_SHAPE_CUTS = {
-    "recurrent_depth": ["--eval-steps", "1,2", "--base-size", "8"],
+    "recurrent_depth": ["--eval-steps", "1,2", "--base-size", "8", "--mean-recurrence", "2", "--backprop-depth", "1"],
     "ltm": ["--fast-steps", "1", "--eval-steps", "0", "--eval-subset", "1", "--context-length", "16"],
-    "lit": ["--eval-steps", "1,2", "--eval-batch-size", "16", "--base-size", "8"],  # (16: 2 puzzles of 8 restarts)
+    "lit": ["--eval-steps", "1,2", "--eval-batch-size", "4", "--base-size", "8", "--train-thinking-steps", "2",
+            "--restarts", "2"],  # (4: 2 puzzles of 2 restarts; bf16 matmuls are slow on the CPU)
     "lvr": ["--align-steps", "1", "--eval-steps", "0,2", "--group-size", "2", "--max-latent", "2", "--validation-size", "1"],
 }
 
@@ -1043,7 +1044,9 @@ def test_train_py_gpu_preset_shape_trains_two_steps_on_the_cpu(method, tmp_path,
     config = _checkpoint(tmp_path)["config"]
     module = train.load_method(method)
     kept = {k: v for k, v in module.GPU_CONFIG.items() if k not in ("batch_size", "steps", "eval_steps", "fast_steps",
-                                                                     "eval_subset", "eval_batch_size", "align_steps")
+                                                                     "eval_subset", "eval_batch_size", "align_steps",
+                                                                     "train_thinking_steps", "restarts",
+                                                                     "mean_recurrence", "backprop_depth")
             and k not in train.COMMON_DEFAULTS}  # (run options, not fields: context_length, ema, base_size)
     assert {k: config[k] for k in kept} == {k: tuple(v) if isinstance(v, list) else v for k, v in kept.items()}
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
