@@ -1052,6 +1052,25 @@ def test_train_py_gpu_preset_shape_trains_two_steps_on_the_cpu(method, tmp_path,
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+class SettingsChecked(Exception):
+    """Raised in place of choosing the device: every setting of the run has passed train.py's checks."""
+
+
+def stop_once_settings_are_checked(monkeypatch):
+    """train.run stops with SettingsChecked(device, dtype) where it would choose the device; returns the exception
+    and the list of (options, config values) train.check_settings was called with."""
+    checked = []
+    real_check = train.check_settings
+    monkeypatch.setattr(train, "check_settings", lambda options, kind, values: checked.append((options, values))
+                        or real_check(options, kind, values))
+
+    def stop(device, dtype):
+        raise SettingsChecked(device, dtype)
+
+    monkeypatch.setattr(train, "choose_device_and_dtype", stop)
+    return SettingsChecked, checked
+
+
 def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_protocol(tmp_path, puzzles, monkeypatch):
     # the recipe's flags as --method all runs them; the preset must agree wherever the recipe sets something
     recipe = next(flags for name, _, flags in train.COMPARED if name.endswith("recipe"))
@@ -1059,14 +1078,7 @@ def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_pr
     public = tmp_path / "public.csv"
     sudoku_data.write_csv(public, puzzles["hard"][0], puzzles["hard"][1])
 
-    class SettingsChecked(Exception):
-        pass
-
-    checked = []
-    real_check = train.check_settings
-    monkeypatch.setattr(train, "check_settings", lambda options, kind, values: checked.append((options, values))
-                        or real_check(options, kind, values))
-    monkeypatch.setattr(train, "choose_device_and_dtype", lambda *unused: (_ for _ in ()).throw(SettingsChecked()))
+    SettingsChecked, checked = stop_once_settings_are_checked(monkeypatch)
     with pytest.raises(SettingsChecked):
         train.run(["--method", "lit", "--preset", "gpu", "--train-csv", str(public), "--train-size", "10",
                    "--test-csv", str(public), "--out", str(tmp_path / "run")])
@@ -1109,18 +1121,7 @@ def test_gpu_check_commands_pass_train_py_settings_checks_and_fit_its_table(tmp_
     assert [command[:4] for command in commands] == [["python", "train.py", "--method", m]
                                                      for m in ("recurrent_depth", "lit", "ltm", "lvr")]
 
-    class SettingsChecked(Exception):
-        pass
-
-    checked = []
-    real_check = train.check_settings
-    monkeypatch.setattr(train, "check_settings", lambda options, kind, values: checked.append((options, values))
-                        or real_check(options, kind, values))
-
-    def stop(device, dtype):  # every setting has passed; the device is chosen next
-        raise SettingsChecked(device, dtype)
-
-    monkeypatch.setattr(train, "choose_device_and_dtype", stop)
+    SettingsChecked, checked = stop_once_settings_are_checked(monkeypatch)
     for command in commands:
         with pytest.raises(SettingsChecked, match="cuda.*bfloat16"):
             train.run(command[2:])
