@@ -27,7 +27,12 @@ Deviations from the paper and the reference code:
     1-D RoPE over the 81 cells hides the grid's constraint structure from a tiny model.
   * Sudoku adaptive exit is per puzzle: the reference's per-token statistic taken over every cell (the
     largest), so a puzzle exits once all its cells have converged.
-  * no test-time noise injection, no flex-attention masks; speculative decoding is greedy only.
+  * Sudoku test-time restarts (`--restarts K --restart-noise σ`; not in the paper, after EqR/PTRM's noisy
+    recursions): K trajectories per puzzle from K draws of s_0, noise σ·std(s)·ε on the state before every
+    recurrence of trajectories 2..K (trajectory 1 is the plain one), the answer from the trajectory with the
+    highest confidence Σ_{blank cells} max_d log p_d; no rule of Sudoku is checked. An "oracle verifier" row
+    (a trajectory whose grid breaks no rule) shows the ceiling of the K, not the method.
+  * no flex-attention masks; speculative decoding is greedy only.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ class Config:
     entropy_threshold: float = 1e-3  # entropy-diff: exit when |H(p_i) - H(p_{i-1})| < this (reference: 1e-3)
     stable_steps: int = 5  # argmax-stability: exit when the argmax is unchanged for this many steps (reference: 5)
     min_steps: int = 0  # no adaptive exit before this recurrence (reference option)
+    # --- test-time restarts (sudoku) ---
+    restarts: int = 1  # K: trajectories per puzzle, each from its own s_0, the answer picked by the model's confidence
+    restart_noise: float = 0.0  # σ: s <- s + σ·std(s)·ε before every recurrence of trajectories 2..K
     continuous_cot: bool = True  # text generation: warm-start each token's state from the previous one
 
 
@@ -370,6 +378,11 @@ def check_config(config: Config):
         raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {config.rope_layout!r}")
     if config.fixed_recurrence and config.plain_transformer:
         raise ValueError("fixed_recurrence and plain_transformer are two different controls: choose one")
+    if config.restarts < 1 or not (config.restart_noise >= 0.0 and math.isfinite(config.restart_noise)):
+        raise ValueError(f"restarts must be >= 1 and restart_noise a finite number >= 0, got {config.restarts} and "
+                         f"{config.restart_noise}")
+    if config.restarts > 1 and config.plain_transformer:
+        raise ValueError("restarts draw new initial states of the recurrence: the plain transformer has none")
 
 
 def build_model(config: Config, task) -> nn.Module:
@@ -527,6 +540,46 @@ def think(model, idx, thinking_steps: int, exit_criterion: str = "none", record_
     return model.readout(s, rope).float(), steps_used, recorded
 
 
+@torch.no_grad()
+def restart_trajectories(model, idx, thinking_steps: int, restarts: int, noise: float, record_steps, generator):
+    """K = restarts trajectories per puzzle in one batch (trajectory-major: row k*B + b), each from its own draw of
+    s_0 (from `generator`); with noise σ > 0, s <- s + σ·std(s)·ε before every recurrence of trajectories 2..K (std
+    over each position's D channels, ε ~ N(0, 1) from the same generator). idx (B, T) -> {step: log p (K, B, T, V)}
+    for the steps in record_steps."""
+    B, T = idx.shape
+    repeated = idx.repeat(restarts, 1)  # (K*B, T)
+    rope = model.rope(0, T)
+    e = model.embed(repeated, rope)
+    s = model.init_state(e, generator=generator)
+    noisy = (torch.arange(restarts * B, device=idx.device) >= B)[:, None, None]  # (K*B, 1, 1): all but trajectory 1
+    recorded = {}
+    for step in range(1, thinking_steps + 1):
+        if noise:
+            kick = noise * s.float().std(-1, keepdim=True) * torch.randn(s.shape, generator=generator, device=s.device)
+            s = torch.where(noisy, s + kick.to(s.dtype), s)
+        s = model.core_step(s, e, rope)
+        if step in record_steps:
+            recorded[step] = F.log_softmax(model.readout(s, rope).float(), -1).view(restarts, B, T, -1)
+    return recorded
+
+
+def pick_by_confidence(log_p, puzzle) -> torch.Tensor:
+    """The model's own signal: per puzzle the trajectory whose argmax grid it gives the highest log-probability over
+    the blank cells, Σ_{i blank} max_{d in 1..9} log p_{i,d} (the first on ties). No rule of Sudoku, no solution.
+    log_p (K, B, 81, V), puzzle (B, 81) -> (B,) the picked trajectory."""
+    return (log_p[..., 1:].amax(-1) * (puzzle == 0)).sum(-1).argmax(0)
+
+
+def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
+    """ORACLE VERIFIER, not the method: it checks Sudoku's rules, which the model never does. grids (K, B, 81),
+    puzzle (B, 81), fallback (B,) -> (B,) the first trajectory whose grid keeps the givens and breaks no rule, else
+    fallback (the model's pick). Its exact % is the ceiling of the K trajectories."""
+    K, B, cells = grids.shape
+    valid = ((grids == puzzle) | (puzzle == 0)).all(-1)  # (K, B) givens kept
+    valid &= sudoku_data.broken_constraints(grids.reshape(K * B, cells)).view(K, B) == 0
+    return torch.where(valid.any(0), valid.int().argmax(0), fallback)
+
+
 # ----------------------------------------------------------------------------- training step
 
 
@@ -571,15 +624,19 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
     """Fixed rows from one pass of max(eval_steps) recurrences; every adaptive row from that same pass: each exit
     rule sees the pass's states and distributions and takes a puzzle's answer at the step the rule exits it, the
     step think() with that rule stops the puzzle at (rows drop out there, so "mean steps used" is the compute
-    think() spends)."""
+    think() spends). With restarts K > 1, two more rows per test set and step: the trajectory the model's
+    confidence picks among K (the method) and the one an oracle verifier picks by the rules (the ceiling)."""
     device = model.rope_cos.device
     thinking_steps, chunk = max(eval_steps), 4 * config.batch_size
     plain = isinstance(model, PlainTransformer)
     rules = [] if plain else adaptive_rows(config)
+    K = 1 if plain else config.restarts
     rows = []
     for set_name, data in task.test_sets.items():
         g = torch.Generator(device).manual_seed(0)  # s_0 of the pass
+        g_restarts = torch.Generator(device).manual_seed(1)  # s_0 and noise of the K restarts
         fixed = {r: [] for r in ([config.mean_recurrence] if plain else eval_steps)}
+        picked = {r: ([], []) for r in (eval_steps if K > 1 else ())}  # step -> (confidence's pick, oracle's pick)
         adaptive = {name: ([], []) for name, _, _ in rules}  # name -> (answers, steps used)
         for i in range(0, data["puzzle"].shape[0], chunk):
             idx = data["puzzle"][i : i + chunk].to(device)
@@ -604,6 +661,14 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
                         now = still & (rule(step, every, s_prev, s, log_p) | (step == thinking_steps))
                         answer[now], used[now] = _digits(log_p[now]), step
                         still &= ~now
+                if K > 1:
+                    every_step = restart_trajectories(model, idx, thinking_steps, K, config.restart_noise, eval_steps,
+                                                      g_restarts)
+                    for step, log_p in every_step.items():
+                        grids, best = _digits(log_p), pick_by_confidence(log_p, idx)  # (K, B, 81), (B,)
+                        checked = oracle_verifier_pick(grids, idx, best)
+                        picked[step][0].append(grids[best, every].cpu())
+                        picked[step][1].append(grids[checked, every].cpu())
             for (name, _, _), answer, used in zip(rules, answers, steps):
                 adaptive[name][0].append(answer.cpu())
                 adaptive[name][1].append(used.float().cpu())
@@ -616,6 +681,9 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
 
         rows += [row(r, float(r), torch.cat(answers)) for r, answers in fixed.items()]
         rows += [row(name, torch.cat(adaptive[name][1]).mean().item(), torch.cat(adaptive[name][0])) for name, _, _ in rules]
+        for r, (by_confidence, by_oracle) in picked.items():
+            for picked_by, answers in (("confidence", by_confidence), ("oracle verifier", by_oracle)):
+                rows.append({**row(r, float(r), torch.cat(answers)), "restarts": K, "picked by": picked_by})
     return rows
 
 

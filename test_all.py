@@ -2064,10 +2064,67 @@ def test_recurrent_depth_text_evaluate_and_bf16_autocast_train_step():
     assert [r["thinking steps"] for r in rows] == [1, 3] and all(r["bits/char"] > 0 for r in rows)
 
 
+def test_recurrent_depth_restarts_first_trajectory_is_the_plain_one_and_the_rest_differ(trained_sudoku):
+    """K = 1 restart is think() from the same generator, noise or not; with K = 3 and noise, trajectory 1 is still
+    that noiseless pass (its s_0 the first rows of the generator's draw) and trajectories 2, 3 are other passes."""
+    model, task, _, _ = trained_sudoku
+    model.eval()
+    puzzle = task.test_sets["train"]["puzzle"][:6]
+    logits, _, _ = rd.think(model, puzzle, 5, "none", generator=torch.Generator().manual_seed(3))
+    plain = torch.log_softmax(logits, -1)
+    one = rd.restart_trajectories(model, puzzle, 5, 1, 0.5, (5,), torch.Generator().manual_seed(3))[5]
+    assert one.shape == (1, 6, 81, 10) and torch.allclose(one[0], plain, atol=1e-5)
+    three = rd.restart_trajectories(model, puzzle, 5, 3, 0.5, (2, 5), torch.Generator().manual_seed(3))
+    assert set(three) == {2, 5} and torch.allclose(three[5][0], plain, atol=1e-5)
+    assert not torch.allclose(three[5][1], plain, atol=1e-3) and not torch.allclose(three[5][2], three[5][1], atol=1e-3)
+    model.train()
+
+
+def test_recurrent_depth_confidence_pick_by_hand_and_without_the_rules_checker(monkeypatch):
+    """The pick is the trajectory with the largest Σ over blank cells of max_d log p (given cells ignored, the
+    first on ties), computed without Sudoku's rules: it is the same with the rules' checker unavailable."""
+    puzzle = torch.zeros(2, 81, dtype=torch.long)
+    puzzle[:, 0] = 5  # cell 0 given
+    log_p = torch.full((3, 2, 81, 10), -5.0)
+    log_p[:, :, :, 1] = -1.0  # every trajectory: max log p = -1 on every cell -> confidence -80 (80 blank cells)
+    log_p[1, 0, 7, 1] = -0.5  # puzzle 0: trajectory 1 surer on a blank cell -> -79.5
+    log_p[2, 0, 0, 1] = 0.0  # a given cell: does not count
+    log_p[2, 1, :, 1] = -1.0  # puzzle 1: all tie -> the first
+    log_p[0, 1, 3, 0] = 0.0  # token 0 (blank) is never a digit: does not count
+    assert rd.pick_by_confidence(log_p, puzzle).tolist() == [1, 0]
+    monkeypatch.setattr(sudoku_data, "broken_constraints", lambda *a: (_ for _ in ()).throw(AssertionError("rules used")))
+    assert rd.pick_by_confidence(log_p, puzzle).tolist() == [1, 0]
+
+
+def test_recurrent_depth_oracle_verifier_takes_the_first_valid_grid_that_keeps_the_givens():
+    puzzles, solutions, _ = sudoku_data.generate_puzzles(2, "easy", seed=0, workers=1)
+    puzzle, solution = torch.from_numpy(puzzles).long(), torch.from_numpy(solutions).long()
+    broken = solution.clone()
+    broken[:, [0, 1]] = broken[:, [1, 0]]  # two cells of a row swapped: breaks the columns (and maybe a given)
+    relabelled = solution % 9 + 1  # a valid grid, but not the givens
+    grids = torch.stack([broken, relabelled, solution])  # (3, 2, 81)
+    assert rd.oracle_verifier_pick(grids, puzzle, torch.tensor([1, 1])).tolist() == [2, 2]
+    assert rd.oracle_verifier_pick(grids[:2], puzzle, torch.tensor([0, 1])).tolist() == [0, 1]  # none valid: fallback
+
+
+def test_recurrent_depth_evaluate_restart_rows(trained_sudoku):
+    """With K restarts, a confidence row and an oracle-verifier row per step; the fixed rows do not change; the
+    oracle is never below the confidence pick (a grid that keeps the givens and breaks no rule is the solution)."""
+    model, task, config, _ = trained_sudoku
+    single = rd.evaluate(model, task, config, (2, 8), None)
+    rows = rd.evaluate(model, task, dataclasses.replace(config, restarts=4, restart_noise=0.3), (2, 8), None)
+    assert rows[: len(single)] == single
+    extra = rows[len(single):]
+    assert [(r["thinking steps"], r["picked by"], r["restarts"]) for r in extra] == [
+        (2, "confidence", 4), (2, "oracle verifier", 4), (8, "confidence", 4), (8, "oracle verifier", 4)]
+    assert all(o["exact %"] >= c["exact %"] for c, o in zip(extra[::2], extra[1::2]))
+
+
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
                                  dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=()),
                                  dict(rope_layout="rotate"), dict(fixed_recurrence=True, plain_transformer=True),
-                                 dict(stable_steps=0), dict(min_steps=-1)])
+                                 dict(stable_steps=0), dict(min_steps=-1), dict(restarts=0), dict(restart_noise=-0.1),
+                                 dict(restart_noise=float("nan")), dict(restarts=2, plain_transformer=True)])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):
     with pytest.raises(ValueError):
         rd.build_model(dataclasses.replace(rd.Config(**TINY), **bad), TEXT)
