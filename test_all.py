@@ -148,6 +148,40 @@ def test_base_set_is_cached_atomically_and_tasks_are_deterministic(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_validation_split_is_disjoint_from_the_test_sets_and_the_base_set_and_named_as_validation(data_dir):
+    def keys(grids):
+        return {bytes(grid.numpy().astype(np.int8)) if torch.is_tensor(grid) else bytes(grid) for grid in grids}
+
+    for seed in (0, 1):
+        test = sudoku_data.SudokuTask("mixed", seed=seed, base_size=30, eval_size=8, data_dir=data_dir)
+        validation = sudoku_data.SudokuTask("mixed", seed=seed, base_size=30, eval_size=8, data_dir=data_dir,
+                                            eval_split="validation")
+        assert list(validation.test_sets) == ["validation easy", "validation medium", "validation hard"]
+        assert validation.eval_split == "validation" and test.eval_split == "test"
+        assert np.array_equal(validation.base_puzzles, test.base_puzzles)  # the split changes what is evaluated only
+        held_out = keys(p for batch in test.test_sets.values() for p in batch["puzzle"])
+        base = keys(test.base_puzzles)
+        for name, batch in validation.test_sets.items():
+            assert len(batch["puzzle"]) == 8, name
+            assert (sudoku_data.broken_constraints(batch["solution"]) == 0).all(), name
+            assert ((batch["puzzle"] == 0) | (batch["puzzle"] == batch["solution"])).all(), name
+            assert not keys(batch["puzzle"]) & held_out and not keys(batch["puzzle"]) & base, name
+        # another difficulty and base size train differently; the validation puzzles stay the same
+        other = sudoku_data.SudokuTask("easy", seed=seed, base_size=12, eval_size=8, data_dir=data_dir,
+                                       eval_split="validation")
+        assert all(torch.equal(other.test_sets[name]["puzzle"], batch["puzzle"])
+                   for name, batch in validation.test_sets.items())
+        hard = keys(validation.test_sets["validation hard"]["puzzle"])
+        if seed == 0:
+            seed_0_hard = hard
+    assert not seed_0_hard & hard  # each seed has its own validation puzzles
+    with pytest.raises(ValueError, match="generated puzzles only"):
+        sudoku_data.SudokuTask("easy", base_size=12, eval_size=4, data_dir=data_dir, test_files=("x.csv",),
+                               eval_split="validation")
+    with pytest.raises(ValueError, match="unknown eval_split 'train'"):
+        sudoku_data.SudokuTask("easy", base_size=12, eval_size=4, data_dir=data_dir, eval_split="train")
+
+
 def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
     grid, solution, _ = puzzles["easy"]
     path = tmp_path / "set.csv"
@@ -589,8 +623,8 @@ def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2", "--ema", "0.9"]) == 0
     results = json.loads((out / "results.json").read_text())
     sizes = {"easy": 6, "medium": 6, "hard": 6}
-    assert results["evaluated"] == {"step": 2, "weights": "weight average (--ema 0.9)", "seed": 0, "eval_size": 6,
-                                    "test_files": [], "eval_steps": [1, 2], "test_sets": sizes}
+    assert results["evaluated"] == {"step": 2, "weights": "weight average (--ema 0.9)", "seed": 0, "split": "test",
+                                    "eval_size": 6, "test_files": [], "eval_steps": [1, 2], "test_sets": sizes}
     evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]
     assert train.main(evaluate + ["--eval-size", "2", "--eval-steps", "1"]) == 0
     assert train.main(evaluate + ["--trained-weights"]) == 0
@@ -1315,6 +1349,38 @@ def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puz
     (tmp_path / "open.csv").write_text(f"question,answer\n{'.' * 81},{solution}\n")  # consistent, but not unique
     assert train.main(run + ["--overwrite", "--test-csv", str(tmp_path / "open.csv"), "--check-unique"]) == 2
     assert "more than one solution, on line(s) 2" in capsys.readouterr().err
+
+
+def test_eval_split_validation_through_train_py_labels_and_records_its_rows_and_refuses_test_files(tmp_path, data_dir,
+                                                                                                   puzzles, capsys):
+    tiny = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "2", "--data-dir", data_dir]
+    assert train.main(tiny + ["--eval-split", "validation", "--out", str(tmp_path / "val")]) == 0
+    assert "evaluation on the validation split" in capsys.readouterr().out
+    results = json.loads((tmp_path / "val" / "results.json").read_text())
+    names = ["validation easy", "validation medium", "validation hard"]
+    assert results["run"]["eval_split"] == "validation" and results["evaluated"]["split"] == "validation"
+    assert list(results["evaluated"]["test_sets"]) == names
+    assert list(dict.fromkeys(row["test set"] for row in results["rows"])) == names
+    # the checkpoint's evaluation keeps its split unless told; --eval-split test measures the test sets
+    evaluate = ["--method", "lit", "--eval-only", str(tmp_path / "val" / "checkpoint.pt")]
+    assert train.main(evaluate) == 0
+    assert list(json.loads((tmp_path / "val" / "eval.json").read_text())["evaluated"]["test_sets"]) == names
+    assert train.main(evaluate + ["--eval-split", "test"]) == 0
+    evaluated = json.loads((tmp_path / "val" / "eval.json").read_text())
+    assert evaluated["evaluated"]["split"] == "test"
+    assert {row["test set"] for row in evaluated["rows"]} == {"easy", "medium", "hard"}
+    public = tmp_path / "public.csv"
+    sudoku_data.write_csv(public, puzzles["easy"][0], puzzles["easy"][1])
+    capsys.readouterr()
+    for refused, message in ((tiny + ["--eval-split", "validation", "--test-csv", str(public)],
+                              "--test-csv files are test sets"),
+                             (evaluate + ["--test-csv", str(public)], "--eval-split validation evaluates generated"),
+                             (["--method", "recurrent_depth", "--task", "text", "--eval-split", "validation"],
+                              "--task text has its own held-out parts")):
+        assert train.main(refused + ["--out", str(tmp_path / "refused")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "refused").exists()
 
 
 def test_train_size_takes_the_first_rows_of_the_train_files_and_reads_no_further(tmp_path, puzzles):
