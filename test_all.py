@@ -3799,6 +3799,98 @@ def test_lit_self_and_ema_teacher_targets_carry_no_gradient_into_the_student(ema
     assert any(w is not None and w.abs().max() > 0 for w in expected)  # the imagination term does train the student
 
 
+def lit_select_record(path, cells, split="validation", seed=0):
+    """A results.json as train.py writes it, with {(test set, thinking steps): exact %} as its rows (split None: as
+    train.py wrote it before it recorded the split)."""
+    rows = [{"test set": name, "thinking steps": steps, "exact %": value} for (name, steps), value in cells.items()]
+    recorded = {"split": split} if split else {}
+    record = {"method": "lit", "run": {"seed": seed, **({"eval_split": split} if split else {})}, "config": {},
+              "rows": rows, "evaluated": {**recorded, "test_sets": {name: 4 for name, _ in cells}},
+              "cost": {"training_flops": 1e9}}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(record))
+    return path
+
+
+def test_lit_select_score_is_the_mean_of_hard_at_128_and_medium_at_8_and_32_and_the_best_is_chosen(tmp_path, capsys):
+    from scripts import lit_select
+
+    cells = {("validation hard", 128): 20.0, ("validation medium", 8): 50.0, ("validation medium", 32): 71.0,
+             ("validation hard", 8): 99.0, ("validation medium", 128): 99.0, ("validation easy", 128): 99.0}
+    rows = [{"test set": name, "thinking steps": steps, "exact %": value} for (name, steps), value in cells.items()]
+    rows.append({"test set": "validation hard", "thinking steps": 128, "picked by": "oracle verifier", "exact %": 99.0})
+    value, parts = lit_select.score(rows)
+    assert value == pytest.approx((20.0 + 50.0 + 71.0) / 3)
+    assert parts == {("hard", 128): 20.0, ("medium", 8): 50.0, ("medium", 32): 71.0}
+    with pytest.raises(ValueError, match="no row for 'validation medium' at 32"):
+        lit_select.score([row for row in rows if row["thinking steps"] != 32])
+    low = lit_select_record(tmp_path / "low", {**cells, ("validation hard", 128): 5.0})  # score 42
+    high = [lit_select_record(tmp_path / f"high{seed}", {**cells, ("validation hard", 128): value}, seed=seed)
+            for seed, value in ((0, 26.0), (1, 32.0))]  # scores 49 and 51: mean 50
+    same = lit_select_record(tmp_path / "same", {**cells, ("validation medium", 8): 78.0})  # 20 + 78 + 71: 56.33
+    tie = lit_select_record(tmp_path / "tie", {**cells, ("validation medium", 8): 78.0})
+    assert lit_select.main(["score", f"low={low}", f"high={high[0]},{high[1]}", f"same={same}", f"tie={tie}"]) == 0
+    out = capsys.readouterr().out
+    assert "| high | 2 (0, 1) | 1e+09 | 29.0 | 50.0 | 71.0 | 50.00 |" in out
+    assert "| low | 1 (0) |" in out and "| 42.00 |" in out
+    assert out.strip().endswith("chosen: same (score 56.33)")  # the higher score; on a tie, the first listed
+
+
+def test_lit_select_reads_only_the_validation_split_and_refuses_test_split_runs(tmp_path, data_dir, monkeypatch, capsys):
+    from scripts import lit_select
+
+    real_load = sudoku_data.load_puzzles
+
+    def load_without_test_sets(difficulty, n, seed=0, data_dir="data"):
+        if seed >= sudoku_data.EVAL_SPLITS["test"] and seed < sudoku_data.EVAL_SPLITS["validation"]:
+            raise AssertionError(f"the test set {difficulty} of seed {seed} was read")
+        return real_load(difficulty, n, seed, data_dir)
+
+    monkeypatch.setattr(sudoku_data, "load_puzzles", load_without_test_sets)
+    with pytest.raises(AssertionError, match="test set easy"):  # the test sets are out of reach
+        sudoku_data.SudokuTask("easy", base_size=16, eval_size=4, data_dir=data_dir)
+    out = tmp_path / "select"
+    shared = [*TINY_FLAGS["lit"], "--steps", "2", "--eval-size", "4", "--data-dir", data_dir, "--eval-steps", "8,32,128"]
+    candidates = ["--candidate", "beta0.03=--imagination-weight 0.03",
+                  "--candidate", "propagation=--hint-order propagation"]
+    assert lit_select.main(["train", "--out", str(out), *candidates, "--", *shared]) == 0
+    printed = capsys.readouterr().out
+    scores = {}
+    for name in ("beta0.03", "propagation"):
+        record = json.loads((out / name / "results.json").read_text())
+        assert record["run"]["eval_split"] == "validation" and all(row["test set"].startswith("validation ")
+                                                                    for row in record["rows"])
+        exact = {(row["test set"], row["thinking steps"]): row["exact %"] for row in record["rows"]}
+        scores[name] = (exact["validation hard", 128] + exact["validation medium", 8] + exact["validation medium", 32]) / 3
+        assert f"| {name} | 1 (0) |" in printed
+    assert json.loads((out / "propagation" / "results.json").read_text())["config"]["hint_order"] == "propagation"
+    best = max(scores, key=lambda name: (scores[name], name == "beta0.03"))
+    assert f"chosen: {best} (score {scores[best]:.2f})" in printed
+    # a finished run is scored as it stands, and only if it was run with the candidate's settings
+    assert lit_select.main(["train", "--out", str(out), *candidates, "--", *shared]) == 0
+    assert "beta0.03: using the finished run" in capsys.readouterr().out
+    changed = ["--candidate", "beta0.03=--imagination-weight 0.1"]
+    assert lit_select.main(["train", "--out", str(out), *changed, "--", *shared]) == 2
+    assert "--imagination-weight 0.03, not 0.1" in capsys.readouterr().err
+    # a command line the score cannot read is refused before any run
+    for flags, message in ((["--eval-steps", "8,32"], "--eval-steps with them"), (["--eval-split", "test"], "leave it out"),
+                           (["--no-such-flag"], "cannot parse")):
+        assert lit_select.main(["train", "--out", str(tmp_path / "never"), "--candidate", "x=", "--", *shared, *flags]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "never").exists()
+    # a run evaluated on the test split is refused, whether scored or found in a candidate's folder
+    monkeypatch.undo()
+    assert train.main(["--method", "lit", *shared, "--out", str(out / "tested")]) == 0
+    capsys.readouterr()
+    for argv in (["score", f"tested={out / 'tested'}"],
+                 ["train", "--out", str(out), "--candidate", "tested=", "--", *shared],
+                 ["score", f"older={lit_select_record(tmp_path / 'older', {('hard', 128): 1.0}, split=None)}"]):
+        assert lit_select.main(argv) == 2
+        error = capsys.readouterr().err
+        assert "was evaluated on the test split" in error and error.count("\n") == 1
+
+
 def lit_tiny_restart_task(n=4, blanks=30):
     return SimpleNamespace(name="sudoku", test_sets={"tiny": lit_tiny_sudoku(n, blanks, seed=7)})
 
