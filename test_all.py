@@ -3872,6 +3872,13 @@ def test_lit_select_reads_only_the_validation_split_and_refuses_test_split_runs(
     changed = ["--candidate", "beta0.03=--imagination-weight 0.1"]
     assert lit_select.main(["train", "--out", str(out), *changed, "--", *shared]) == 2
     assert "--imagination-weight 0.03, not 0.1" in capsys.readouterr().err
+    # an unfinished run (a checkpoint, no results) continues on the validation split, if it has the candidate's settings
+    (out / "beta0.03" / "results.json").unlink()
+    assert lit_select.main(["train", "--out", str(out), *changed, "--", *shared]) == 2
+    assert "holds an unfinished run with --imagination-weight 0.03, not 0.1" in capsys.readouterr().err
+    assert lit_select.main(["train", "--out", str(out), *candidates, "--", *shared]) == 0
+    assert "=== beta0.03: python train.py --method lit --resume" in capsys.readouterr().out
+    assert json.loads((out / "beta0.03" / "results.json").read_text())["evaluated"]["split"] == "validation"
     # a command line the score cannot read is refused before any run
     for flags, message in ((["--eval-steps", "8,32"], "--eval-steps with them"), (["--eval-split", "test"], "leave it out"),
                            (["--no-such-flag"], "cannot parse")):

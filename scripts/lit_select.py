@@ -3,9 +3,9 @@
     python scripts/lit_select.py train --out DIR --candidate "NAME=FLAGS" [--candidate ...] [-- SHARED FLAGS]
         trains each candidate in DIR/NAME, one after another, as
             python train.py --method lit SHARED FLAGS --eval-split validation --out DIR/NAME
-        (a folder that already holds results.json is scored as it stands, after checking that it was run with these
-        settings, unless --overwrite is among the flags; one that holds only a checkpoint is resumed), then scores
-        them as below. Every command line is
+        (a folder that already holds results.json is scored as it stands, and one that holds only a checkpoint is
+        resumed, each after checking that its run has these settings; --overwrite among the flags trains again),
+        then scores them as below. Every command line is
         checked before the first run starts.
     python scripts/lit_select.py score NAME=RUN_FOLDER[,RUN_FOLDER...] ...
         scores finished runs (each folder's results.json, or a .json file train.py wrote); several folders under one
@@ -147,17 +147,18 @@ def candidate_runs(out, candidates, shared):
     return runs
 
 
-def same_settings(folder, record, given):
-    """Refuse a finished run whose recorded settings differ from the candidate's command line."""
+def same_settings(folder, record, given, kind="a finished run"):
+    """Refuse a run (its results.json or checkpoint) whose recorded settings differ from the candidate's command
+    line; where files live and how often the run logs are not settings."""
     saved = {**record["run"], **record["config"]}
     for key, value in given.items():
-        if key in ("method", "out", "overwrite"):
+        if key in ("method", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every"):
             continue
         old = tuple(saved.get(key)) if isinstance(saved.get(key), list) else saved.get(key)
         new = tuple(value) if isinstance(value, list) else value
         if old != new:
-            raise ValueError(f"{folder} holds a finished run with --{key.replace('_', '-')} {old}, not {new}: remove it "
-                             f"or choose another --out")
+            raise ValueError(f"{folder} holds {kind} with --{key.replace('_', '-')} {old}, not {new}: remove it or "
+                             f"choose another --out")
 
 
 def train_and_score(out, candidates, shared):
@@ -169,7 +170,12 @@ def train_and_score(out, candidates, shared):
             same_settings(folder, load_validation_record(folder), given)
             print(f"{name}: using the finished run in {folder}")
             continue
-        if (folder / "checkpoint.pt").exists():  # an interrupted run continues
+        if (folder / "checkpoint.pt").exists() and not given.get("overwrite"):  # an interrupted run continues
+            try:
+                state = train.load_checkpoint(folder / "checkpoint.pt", "lit")
+            except train.UsageError as error:
+                raise ValueError(str(error)) from None
+            same_settings(folder, state, given, "an unfinished run")
             arguments = ["--method", "lit", "--resume", str(folder / "checkpoint.pt")]
         print(f"\n=== {name}: python train.py {shlex.join(arguments)}")
         status = train.main(arguments)
