@@ -5,8 +5,7 @@
             python train.py --method lit SHARED FLAGS --eval-split validation --out DIR/NAME
         (a folder that already holds results.json is scored as it stands, and one that holds only a checkpoint is
         resumed, each after checking that its run has these settings; --overwrite among the flags trains again),
-        then scores them as below. Every command line is
-        checked before the first run starts.
+        then scores them as below. Every command line is checked before the first run starts.
     python scripts/lit_select.py score NAME=RUN_FOLDER[,RUN_FOLDER...] ...
         scores finished runs (each folder's results.json, or a .json file train.py wrote); several folders under one
         name score as the mean of their scores.
