@@ -36,6 +36,10 @@ import torch
 DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27)}  # givens, inclusive
 # training base sets made of equal shares of presets ("harder": without the easy third that a model masters first)
 TRAINING_MIXES = {"mixed": ("easy", "medium", "hard"), "harder": ("medium", "hard")}
+# the generated held-out sets of a run with seed s come from seed s + offset: the test sets, and a validation split
+# for choosing settings; the validation offset is above every training (s < 2**32) and test seed, so no run's
+# training or test stream is another run's validation stream
+EVAL_SPLITS = {"test": 1_000_003, "validation": 2**33}
 
 # ----------------------------------------------------------------------------- the solver
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
@@ -440,7 +444,9 @@ def _grid_keys(grids, chunk=100_000):
 
 class SudokuTask:
     """Sudoku in language form: train batches are augmentations of a cached base set; test sets of
-    every difficulty are generated from another seed and are disjoint from the base set. Public CSV
+    every difficulty are generated from another seed and are disjoint from the base set. eval_split
+    "validation" evaluates instead on sets generated from a third seed stream (EVAL_SPLITS), named
+    "validation easy", ... so that settings are chosen without the test sets, which are then not built. Public CSV
     files (train_files, test_files) replace the generated base set or test sets (base_size sizes the generated
     set only); train_size takes the first train_size puzzles of the train files, in order, reading no further
     (TRM's Sudoku-Extreme protocol trains on 1,000, augmented), and refuses files that hold fewer;
@@ -448,7 +454,11 @@ class SudokuTask:
     name, vocab_size, seq_len = "sudoku", 10, 81
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, train_size=None):
+                 check_unique=False, train_size=None, eval_split="test"):
+        if eval_split not in EVAL_SPLITS:
+            raise ValueError(f"unknown eval_split {eval_split!r}; choose one of {', '.join(EVAL_SPLITS)}")
+        if eval_split != "test" and test_files:
+            raise ValueError(f"test files replace the generated test sets; the {eval_split} split is generated puzzles only")
         if train_size is not None and (train_size < 1 or not train_files):
             raise ValueError(f"train_size must be a positive number of puzzles, got {train_size}" if train_size < 1
                              else f"train_size {train_size} takes the first puzzles of train files, and none are given")
@@ -475,15 +485,16 @@ class SudokuTask:
             raise ValueError(f"test files {', '.join(map(str, test_files))} share a name; the table names sets by file")
         sources = dict(zip(names, test_files)) or dict.fromkeys(DIFFICULTIES)
         seen = None
-        self.test_sets = {}
+        self.eval_split, self.test_sets = eval_split, {}
         for name, path in sources.items():
             if path:  # a public file's first eval_size puzzles, named after the file
                 puzzles, solutions = read_csv(path, check_unique, limit=eval_size)
             else:
-                puzzles, solutions = load_puzzles(name, eval_size, seed + 1_000_003, data_dir)
+                puzzles, solutions = load_puzzles(name, eval_size, seed + EVAL_SPLITS[eval_split], data_dir)
                 seen = _grid_keys(self.base_puzzles) if seen is None else seen
                 keep = ~np.isin(_grid_keys(puzzles), seen)  # disjoint from the training base
                 puzzles, solutions = puzzles[keep], solutions[keep]
+                name = name if eval_split == "test" else f"{eval_split} {name}"
             self.test_sets[name] = {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long()}
 
     def _sample(self, step, batch_size):
@@ -569,14 +580,16 @@ class _DigitPool:
 class VisualSudokuTask(SudokuTask):
     """Sudoku whose cells are MNIST images (blank = an empty image). Train and test puzzles draw
     digit images from disjoint pools: the MNIST train split vs the test split when both are present,
-    otherwise 80 % / 20 % of the test split."""
+    otherwise 80 % / 20 % of the test split. Validation puzzles (eval_split) draw from the held-out pool too: that
+    split holds other puzzles, not other digit images."""
     name = "visual"
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, mnist_dir="mnist", misread_rate=0.0, train_size=None):
+                 check_unique=False, mnist_dir="mnist", misread_rate=0.0, train_size=None, eval_split="test"):
         if not 0 <= misread_rate < 1:
             raise ValueError(f"misread_rate is the share of training givens shown as another digit, in [0, 1); got {misread_rate}")
-        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique, train_size)
+        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique, train_size,
+                         eval_split)
         self.misread_rate = misread_rate
         test_images, test_labels = load_mnist(mnist_dir, "t10k")
         try:

@@ -148,6 +148,40 @@ def test_base_set_is_cached_atomically_and_tasks_are_deterministic(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_validation_split_is_disjoint_from_the_test_sets_and_the_base_set_and_named_as_validation(data_dir):
+    def keys(grids):
+        return {bytes(grid.numpy().astype(np.int8)) if torch.is_tensor(grid) else bytes(grid) for grid in grids}
+
+    for seed in (0, 1):
+        test = sudoku_data.SudokuTask("mixed", seed=seed, base_size=30, eval_size=8, data_dir=data_dir)
+        validation = sudoku_data.SudokuTask("mixed", seed=seed, base_size=30, eval_size=8, data_dir=data_dir,
+                                            eval_split="validation")
+        assert list(validation.test_sets) == ["validation easy", "validation medium", "validation hard"]
+        assert validation.eval_split == "validation" and test.eval_split == "test"
+        assert np.array_equal(validation.base_puzzles, test.base_puzzles)  # the split changes what is evaluated only
+        held_out = keys(p for batch in test.test_sets.values() for p in batch["puzzle"])
+        base = keys(test.base_puzzles)
+        for name, batch in validation.test_sets.items():
+            assert len(batch["puzzle"]) == 8, name
+            assert (sudoku_data.broken_constraints(batch["solution"]) == 0).all(), name
+            assert ((batch["puzzle"] == 0) | (batch["puzzle"] == batch["solution"])).all(), name
+            assert not keys(batch["puzzle"]) & held_out and not keys(batch["puzzle"]) & base, name
+        # another difficulty and base size train differently; the validation puzzles stay the same
+        other = sudoku_data.SudokuTask("easy", seed=seed, base_size=12, eval_size=8, data_dir=data_dir,
+                                       eval_split="validation")
+        assert all(torch.equal(other.test_sets[name]["puzzle"], batch["puzzle"])
+                   for name, batch in validation.test_sets.items())
+        hard = keys(validation.test_sets["validation hard"]["puzzle"])
+        if seed == 0:
+            seed_0_hard = hard
+    assert not seed_0_hard & hard  # each seed has its own validation puzzles
+    with pytest.raises(ValueError, match="generated puzzles only"):
+        sudoku_data.SudokuTask("easy", base_size=12, eval_size=4, data_dir=data_dir, test_files=("x.csv",),
+                               eval_split="validation")
+    with pytest.raises(ValueError, match="unknown eval_split 'train'"):
+        sudoku_data.SudokuTask("easy", base_size=12, eval_size=4, data_dir=data_dir, eval_split="train")
+
+
 def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
     grid, solution, _ = puzzles["easy"]
     path = tmp_path / "set.csv"
@@ -589,8 +623,8 @@ def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2", "--ema", "0.9"]) == 0
     results = json.loads((out / "results.json").read_text())
     sizes = {"easy": 6, "medium": 6, "hard": 6}
-    assert results["evaluated"] == {"step": 2, "weights": "weight average (--ema 0.9)", "seed": 0, "eval_size": 6,
-                                    "test_files": [], "eval_steps": [1, 2], "test_sets": sizes}
+    assert results["evaluated"] == {"step": 2, "weights": "weight average (--ema 0.9)", "seed": 0, "split": "test",
+                                    "eval_size": 6, "test_files": [], "eval_steps": [1, 2], "test_sets": sizes}
     evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]
     assert train.main(evaluate + ["--eval-size", "2", "--eval-steps", "1"]) == 0
     assert train.main(evaluate + ["--trained-weights"]) == 0
@@ -1315,6 +1349,38 @@ def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puz
     (tmp_path / "open.csv").write_text(f"question,answer\n{'.' * 81},{solution}\n")  # consistent, but not unique
     assert train.main(run + ["--overwrite", "--test-csv", str(tmp_path / "open.csv"), "--check-unique"]) == 2
     assert "more than one solution, on line(s) 2" in capsys.readouterr().err
+
+
+def test_eval_split_validation_through_train_py_labels_and_records_its_rows_and_refuses_test_files(tmp_path, data_dir,
+                                                                                                   puzzles, capsys):
+    tiny = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "2", "--data-dir", data_dir]
+    assert train.main(tiny + ["--eval-split", "validation", "--out", str(tmp_path / "val")]) == 0
+    assert "evaluation on the validation split" in capsys.readouterr().out
+    results = json.loads((tmp_path / "val" / "results.json").read_text())
+    names = ["validation easy", "validation medium", "validation hard"]
+    assert results["run"]["eval_split"] == "validation" and results["evaluated"]["split"] == "validation"
+    assert list(results["evaluated"]["test_sets"]) == names
+    assert list(dict.fromkeys(row["test set"] for row in results["rows"])) == names
+    # the checkpoint's evaluation keeps its split unless told; --eval-split test measures the test sets
+    evaluate = ["--method", "lit", "--eval-only", str(tmp_path / "val" / "checkpoint.pt")]
+    assert train.main(evaluate) == 0
+    assert list(json.loads((tmp_path / "val" / "eval.json").read_text())["evaluated"]["test_sets"]) == names
+    assert train.main(evaluate + ["--eval-split", "test"]) == 0
+    evaluated = json.loads((tmp_path / "val" / "eval.json").read_text())
+    assert evaluated["evaluated"]["split"] == "test"
+    assert {row["test set"] for row in evaluated["rows"]} == {"easy", "medium", "hard"}
+    public = tmp_path / "public.csv"
+    sudoku_data.write_csv(public, puzzles["easy"][0], puzzles["easy"][1])
+    capsys.readouterr()
+    for refused, message in ((tiny + ["--eval-split", "validation", "--test-csv", str(public)],
+                              "--test-csv files are test sets"),
+                             (evaluate + ["--test-csv", str(public)], "--eval-split validation evaluates generated"),
+                             (["--method", "recurrent_depth", "--task", "text", "--eval-split", "validation"],
+                              "--task text has its own held-out parts")):
+        assert train.main(refused + ["--out", str(tmp_path / "refused")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "refused").exists()
 
 
 def test_train_size_takes_the_first_rows_of_the_train_files_and_reads_no_further(tmp_path, puzzles):
@@ -3788,6 +3854,105 @@ def test_lit_self_and_ema_teacher_targets_carry_no_gradient_into_the_student(ema
         got = (with_beta if with_beta is not None else zero) - (without if without is not None else zero)
         assert torch.allclose(got, want if want is not None else zero, atol=1e-6)
     assert any(w is not None and w.abs().max() > 0 for w in expected)  # the imagination term does train the student
+
+
+def lit_select_record(path, cells, split="validation", seed=0):
+    """A results.json as train.py writes it, with {(test set, thinking steps): exact %} as its rows (split None: as
+    train.py wrote it before it recorded the split)."""
+    rows = [{"test set": name, "thinking steps": steps, "exact %": value} for (name, steps), value in cells.items()]
+    recorded = {"split": split} if split else {}
+    record = {"method": "lit", "run": {"seed": seed, **({"eval_split": split} if split else {})}, "config": {},
+              "rows": rows, "evaluated": {**recorded, "test_sets": {name: 4 for name, _ in cells}},
+              "cost": {"training_flops": 1e9}}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(record))
+    return path
+
+
+def test_lit_select_score_is_the_mean_of_hard_at_128_and_medium_at_8_and_32_and_the_best_is_chosen(tmp_path, capsys):
+    from scripts import lit_select
+
+    cells = {("validation hard", 128): 20.0, ("validation medium", 8): 50.0, ("validation medium", 32): 71.0,
+             ("validation hard", 8): 99.0, ("validation medium", 128): 99.0, ("validation easy", 128): 99.0}
+    rows = [{"test set": name, "thinking steps": steps, "exact %": value} for (name, steps), value in cells.items()]
+    rows.append({"test set": "validation hard", "thinking steps": 128, "picked by": "oracle verifier", "exact %": 99.0})
+    value, parts = lit_select.score(rows)
+    assert value == pytest.approx((20.0 + 50.0 + 71.0) / 3)
+    assert parts == {("hard", 128): 20.0, ("medium", 8): 50.0, ("medium", 32): 71.0}
+    with pytest.raises(ValueError, match="no row for 'validation medium' at 32"):
+        lit_select.score([row for row in rows if row["thinking steps"] != 32])
+    low = lit_select_record(tmp_path / "low", {**cells, ("validation hard", 128): 5.0})  # score 42
+    high = [lit_select_record(tmp_path / f"high{seed}", {**cells, ("validation hard", 128): value}, seed=seed)
+            for seed, value in ((0, 26.0), (1, 32.0))]  # scores 49 and 51: mean 50
+    same = lit_select_record(tmp_path / "same", {**cells, ("validation medium", 8): 78.0})  # 20 + 78 + 71: 56.33
+    tie = lit_select_record(tmp_path / "tie", {**cells, ("validation medium", 8): 78.0})
+    assert lit_select.main(["score", f"low={low}", f"high={high[0]},{high[1]}", f"same={same}", f"tie={tie}"]) == 0
+    out = capsys.readouterr().out
+    assert "| high | 2 (0, 1) | 1e+09 | 29.0 | 50.0 | 71.0 | 50.00 |" in out
+    assert "| low | 1 (0) |" in out and "| 42.00 |" in out
+    assert out.strip().endswith("chosen: same (score 56.33)")  # the higher score; on a tie, the first listed
+
+
+def test_lit_select_reads_only_the_validation_split_and_refuses_test_split_runs(tmp_path, data_dir, monkeypatch, capsys):
+    from scripts import lit_select
+
+    real_load = sudoku_data.load_puzzles
+
+    def load_without_test_sets(difficulty, n, seed=0, data_dir="data"):
+        if seed >= sudoku_data.EVAL_SPLITS["test"] and seed < sudoku_data.EVAL_SPLITS["validation"]:
+            raise AssertionError(f"the test set {difficulty} of seed {seed} was read")
+        return real_load(difficulty, n, seed, data_dir)
+
+    monkeypatch.setattr(sudoku_data, "load_puzzles", load_without_test_sets)
+    with pytest.raises(AssertionError, match="test set easy"):  # the test sets are out of reach
+        sudoku_data.SudokuTask("easy", base_size=16, eval_size=4, data_dir=data_dir)
+    out = tmp_path / "select"
+    shared = [*TINY_FLAGS["lit"], "--steps", "2", "--eval-size", "4", "--data-dir", data_dir, "--eval-steps", "8,32,128"]
+    candidates = ["--candidate", "beta0.03=--imagination-weight 0.03",
+                  "--candidate", "propagation=--hint-order propagation"]
+    assert lit_select.main(["train", "--out", str(out), *candidates, "--", *shared]) == 0
+    printed = capsys.readouterr().out
+    scores = {}
+    for name in ("beta0.03", "propagation"):
+        record = json.loads((out / name / "results.json").read_text())
+        assert record["run"]["eval_split"] == "validation" and all(row["test set"].startswith("validation ")
+                                                                    for row in record["rows"])
+        exact = {(row["test set"], row["thinking steps"]): row["exact %"] for row in record["rows"]}
+        scores[name] = (exact["validation hard", 128] + exact["validation medium", 8] + exact["validation medium", 32]) / 3
+        assert f"| {name} | 1 (0) |" in printed
+    assert json.loads((out / "propagation" / "results.json").read_text())["config"]["hint_order"] == "propagation"
+    best = max(scores, key=lambda name: (scores[name], name == "beta0.03"))
+    assert f"chosen: {best} (score {scores[best]:.2f})" in printed
+    # a finished run is scored as it stands, and only if it was run with the candidate's settings
+    assert lit_select.main(["train", "--out", str(out), *candidates, "--", *shared]) == 0
+    assert "beta0.03: using the finished run" in capsys.readouterr().out
+    changed = ["--candidate", "beta0.03=--imagination-weight 0.1"]
+    assert lit_select.main(["train", "--out", str(out), *changed, "--", *shared]) == 2
+    assert "--imagination-weight 0.03, not 0.1" in capsys.readouterr().err
+    # an unfinished run (a checkpoint, no results) continues on the validation split, if it has the candidate's settings
+    (out / "beta0.03" / "results.json").unlink()
+    assert lit_select.main(["train", "--out", str(out), *changed, "--", *shared]) == 2
+    assert "holds an unfinished run with --imagination-weight 0.03, not 0.1" in capsys.readouterr().err
+    assert lit_select.main(["train", "--out", str(out), *candidates, "--", *shared]) == 0
+    assert "=== beta0.03: python train.py --method lit --resume" in capsys.readouterr().out
+    assert json.loads((out / "beta0.03" / "results.json").read_text())["evaluated"]["split"] == "validation"
+    # a command line the score cannot read is refused before any run
+    for flags, message in ((["--eval-steps", "8,32"], "--eval-steps with them"), (["--eval-split", "test"], "leave it out"),
+                           (["--no-such-flag"], "cannot parse")):
+        assert lit_select.main(["train", "--out", str(tmp_path / "never"), "--candidate", "x=", "--", *shared, *flags]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "never").exists()
+    # a run evaluated on the test split is refused, whether scored or found in a candidate's folder
+    monkeypatch.undo()
+    assert train.main(["--method", "lit", *shared, "--out", str(out / "tested")]) == 0
+    capsys.readouterr()
+    for argv in (["score", f"tested={out / 'tested'}"],
+                 ["train", "--out", str(out), "--candidate", "tested=", "--", *shared],
+                 ["score", f"older={lit_select_record(tmp_path / 'older', {('hard', 128): 1.0}, split=None)}"]):
+        assert lit_select.main(argv) == 2
+        error = capsys.readouterr().err
+        assert "was evaluated on the test split" in error and error.count("\n") == 1
 
 
 def lit_tiny_restart_task(n=4, blanks=30):

@@ -50,7 +50,7 @@ COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", com
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
                        text_file=None, context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False,
-                       ema=0.0, trained_weights=False, misread_rate=0.0)
+                       ema=0.0, trained_weights=False, misread_rate=0.0, eval_split="test")
 
 
 class UsageError(Exception):
@@ -89,6 +89,12 @@ def run(argv):
     options.task = options.task or method.TASKS[0]
     if options.task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
+    if options.eval_split != "test" and options.task not in ("sudoku", "visual"):
+        raise UsageError(f"--eval-split chooses among generated Sudoku puzzles; --task {options.task} has its own "
+                         f"held-out parts")
+    if options.eval_split != "test" and options.test_csv:
+        raise UsageError(f"--test-csv files are test sets and --eval-split {options.eval_split} evaluates generated "
+                         f"{options.eval_split} puzzles instead: give one of them (--eval-split test with --test-csv)")
     for name in ("text_file", "context_length"):
         if name in given and options.task != "text":
             raise UsageError(f"--{name.replace('_', '-')} sets up --task text; --task {options.task} does not use it")
@@ -264,8 +270,10 @@ def evaluate_and_write(method, model, task, config, options, autocast_dtype, pat
     the step, which weights, the seed, the test sets and their sizes. An eval.json already there is kept
     under "earlier" in the new one."""
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
-    print_table(rows, f"{method.__name__} on {options.task}: evaluation")
-    evaluated = {"step": step, "weights": weights, "seed": options.seed, "eval_size": options.eval_size,
+    split = getattr(task, "eval_split", None)  # the generated Sudoku sets' split
+    print_table(rows, f"{method.__name__} on {options.task}: evaluation" + (f" on the {split} split" if split else ""))
+    evaluated = {"step": step, "weights": weights, "seed": options.seed, **({"split": split} if split else {}),
+                 "eval_size": options.eval_size,
                  "test_files": list(options.test_csv), "eval_steps": list(config.eval_steps),
                  "test_sets": {name: len(next(iter(batch.values()))) for name, batch in task.test_sets.items()}}
     record = {"method": method.__name__, "task": options.task, "run": vars(options), "config": dataclasses.asdict(config),
@@ -554,7 +562,7 @@ def build_task(name, config, options):
         import sudoku_data
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
                      data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
-                     test_files=tuple(options.test_csv), check_unique=options.check_unique)
+                     test_files=tuple(options.test_csv), check_unique=options.check_unique, eval_split=options.eval_split)
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
         return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir,
@@ -637,6 +645,9 @@ def build_parser(method=None):
                      "trained, not the weight average the checkpoint holds (to measure what --ema gives)")
     data = parser.add_argument_group("data options")
     data.add_argument("--eval-size", type=int, help="held-out examples per test set (default 500)")
+    data.add_argument("--eval-split", choices=("test", "validation"), help="Sudoku: evaluate on the generated test sets "
+                      "(default) or on validation sets from another seed stream, named 'validation easy', ..., to choose "
+                      "settings without the test sets")
     data.add_argument("--base-size", type=int, help="generated Sudoku base puzzles that training augments (default 1000; "
                       "with --train-csv the files' puzzles are the base set instead)")
     data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
@@ -731,7 +742,7 @@ def check_settings(options, config_class, values):
 # What --resume may change: where and how often it writes, the device and precision, how far it trains, and
 # what the final evaluation measures (the run options below and every Config field named eval_*).
 RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every", "device",
-                     "dtype", "compile", "steps", "eval_size", "eval_steps", "test_csv", "check_unique"}
+                     "dtype", "compile", "steps", "eval_size", "eval_steps", "eval_split", "test_csv", "check_unique"}
 
 
 def refuse_changed_settings(given, checkpoint):
