@@ -10,6 +10,9 @@ Difficulty presets (every generated puzzle has exactly one solution):
   hard    22-27 givens: every cell is tried for removal (the result is minimal: no given can be
           removed without losing uniqueness); kept only if it has 22-27 givens AND needs at least
           one guess, i.e. naked and hidden singles alone do not solve it.
+  extreme 17-24 givens: made as hard (minimal), kept only if it has at most 24 givens AND is rated at least
+          10 guesses: it needs search, with ten or more branch points, as the hardest public sets do.
+          Not among the default test sets (EVAL_SETS): a run evaluates on it when asked (eval_sets).
 Rating ("guesses"): the number of branch points the solver below visits while it proves the solution
 unique (propagation with naked + hidden singles, branching on a minimum-remaining-values cell).
 
@@ -33,7 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27)}  # givens, inclusive
+DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27), "extreme": (17, 24)}  # givens, inclusive
+# the minimal presets (every cell tried for removal), each kept only with at least this many guesses
+FEWEST_GUESSES = {"hard": 1, "extreme": 10}
+# the generated test sets of a run unless it names others (extreme is left out: it is slow to generate)
+EVAL_SETS = ("easy", "medium", "hard")
 # training base sets made of equal shares of presets ("harder": without the easy third that a model masters first)
 TRAINING_MIXES = {"mixed": ("easy", "medium", "hard"), "harder": ("medium", "hard")}
 # the generated held-out sets of a run with seed s come from seed s + offset: the test sets, and a validation split
@@ -152,9 +159,10 @@ def _has_other_solution(puzzle, cell, digit):
 def _generate_one(difficulty, rng):
     """One puzzle of the preset: (puzzle, solution, guesses) as lists of 81 ints."""
     low, high = DIFFICULTIES[difficulty]
+    minimal = difficulty in FEWEST_GUESSES
     while True:
         solution = _to_digits(_search([ALL_DIGITS] * 81, 1, [0], rng)[0])  # a random full grid
-        target = low if difficulty == "hard" else int(rng.integers(low, high + 1))
+        target = low if minimal else int(rng.integers(low, high + 1))
         puzzle, givens = solution[:], 81
         for cell in rng.permutation(81):
             if givens <= target:
@@ -166,7 +174,7 @@ def _generate_one(difficulty, rng):
                 givens -= 1
         count, _, guesses = solve(puzzle)
         assert count == 1
-        if difficulty != "hard" or (givens <= high and guesses > 0):
+        if not minimal or (givens <= high and guesses >= FEWEST_GUESSES[difficulty]):
             return puzzle, solution, guesses
 
 
@@ -444,7 +452,8 @@ def _grid_keys(grids, chunk=100_000):
 
 class SudokuTask:
     """Sudoku in language form: train batches are augmentations of a cached base set; test sets of
-    every difficulty are generated from another seed and are disjoint from the base set. eval_split
+    the presets eval_sets (easy, medium, hard unless it names others, e.g. extreme) are generated from another
+    seed and are disjoint from the base set (test files replace them). eval_split
     "validation" evaluates instead on sets generated from a third seed stream (EVAL_SPLITS), named
     "validation easy", ... so that settings are chosen without the test sets, which are then not built. Public CSV
     files (train_files, test_files) replace the generated base set or test sets (base_size sizes the generated
@@ -454,7 +463,7 @@ class SudokuTask:
     name, vocab_size, seq_len = "sudoku", 10, 81
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, train_size=None, eval_split="test"):
+                 check_unique=False, train_size=None, eval_split="test", eval_sets=EVAL_SETS):
         if eval_split not in EVAL_SPLITS:
             raise ValueError(f"unknown eval_split {eval_split!r}; choose one of {', '.join(EVAL_SPLITS)}")
         if eval_split != "test" and test_files:
@@ -464,6 +473,10 @@ class SudokuTask:
                              else f"train_size {train_size} takes the first puzzles of train files, and none are given")
         if difficulty not in (*DIFFICULTIES, *TRAINING_MIXES):
             raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join((*DIFFICULTIES, *TRAINING_MIXES))}")
+        unknown = [name for name in eval_sets if name not in DIFFICULTIES]
+        if unknown or not eval_sets or len(set(eval_sets)) < len(eval_sets):
+            raise ValueError(f"eval sets must be distinct presets among {', '.join(DIFFICULTIES)}, "
+                             f"got {', '.join(eval_sets) or 'none'}")
         self.seed = seed
         if train_files:  # public puzzle files replace the generated base set
             pairs, wanted = [], train_size
@@ -483,7 +496,7 @@ class SudokuTask:
         names = [Path(path).stem for path in test_files]
         if len(set(names)) < len(names):
             raise ValueError(f"test files {', '.join(map(str, test_files))} share a name; the table names sets by file")
-        sources = dict(zip(names, test_files)) or dict.fromkeys(DIFFICULTIES)
+        sources = dict(zip(names, test_files)) or dict.fromkeys(eval_sets)
         seen = None
         self.eval_split, self.test_sets = eval_split, {}
         for name, path in sources.items():
@@ -585,11 +598,12 @@ class VisualSudokuTask(SudokuTask):
     name = "visual"
 
     def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, mnist_dir="mnist", misread_rate=0.0, train_size=None, eval_split="test"):
+                 check_unique=False, mnist_dir="mnist", misread_rate=0.0, train_size=None, eval_split="test",
+                 eval_sets=EVAL_SETS):
         if not 0 <= misread_rate < 1:
             raise ValueError(f"misread_rate is the share of training givens shown as another digit, in [0, 1); got {misread_rate}")
         super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique, train_size,
-                         eval_split)
+                         eval_split, eval_sets)
         self.misread_rate = misread_rate
         test_images, test_labels = load_mnist(mnist_dir, "t10k")
         try:

@@ -42,8 +42,8 @@ def _small_and_seeded():
 # (every section below uses only these and its own helpers, so a method's section can be copied with its file)
 @pytest.fixture(scope="session")
 def puzzles():
-    """A few puzzles of every preset, generated once for the session."""
-    return {name: sudoku_data.generate_puzzles(12, name, seed=3, workers=1) for name in sudoku_data.DIFFICULTIES}
+    """A few puzzles of every preset a run is tested on by default, generated once for the session."""
+    return {name: sudoku_data.generate_puzzles(12, name, seed=3, workers=1) for name in sudoku_data.EVAL_SETS}
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +116,21 @@ def test_generation_is_deterministic_whatever_the_worker_count():
     assert all(np.array_equal(a, b) for a, b in zip(one, two))
     assert not np.array_equal(one[0], other[0])
     with pytest.raises(ValueError, match="unknown difficulty"):
-        sudoku_data.generate_puzzles(3, "extreme")
+        sudoku_data.generate_puzzles(3, "impossible")
+
+
+def test_extreme_puzzles_are_minimal_need_search_and_are_rated_at_least_their_threshold(data_dir):
+    puzzles, solutions = sudoku_data.load_puzzles("extreme", 2, 7 + 1_000_003, data_dir)  # seed 7's first test puzzles
+    low, high = sudoku_data.DIFFICULTIES["extreme"]
+    assert high <= 24 and sudoku_data.FEWEST_GUESSES["extreme"] >= 10
+    for puzzle, solution in zip(puzzles.tolist(), solutions.tolist()):
+        assert low <= sum(map(bool, puzzle)) <= high
+        count, found, guesses = sudoku_data.solve(puzzle)
+        assert count == 1 and found == solution and guesses >= sudoku_data.FEWEST_GUESSES["extreme"]
+        singles = sudoku_data._candidates(puzzle)  # naked and hidden singles alone leave cells open
+        assert singles is not None and any(mask & (mask - 1) for mask in singles)
+        for cell in (c for c in range(81) if puzzle[c]):  # minimal: without any one given, two solutions
+            assert sudoku_data.solve(puzzle[:cell] + [0] + puzzle[cell + 1:])[0] == 2
 
 
 def test_augmentation_preserves_validity_and_uniqueness(puzzles):
@@ -208,7 +222,7 @@ def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
 
 
 def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_any_chunk(tmp_path, puzzles, monkeypatch):
-    grids, solutions = (np.concatenate([puzzles[name][i] for name in sudoku_data.DIFFICULTIES]) for i in (0, 1))
+    grids, solutions = (np.concatenate([puzzles[name][i] for name in sudoku_data.EVAL_SETS]) for i in (0, 1))
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(grids), 10_000)
     many = sudoku_data.augment(grids[index], solutions[index], rng)
@@ -1463,16 +1477,48 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
     assert all(torch.equal(_checkpoint(interrupted)["ema"][name], average[name]) for name in names)
 
 
+def test_eval_sets_name_the_generated_test_sets_and_add_extreme_to_a_task_and_to_a_checkpoint(tmp_path, data_dir,
+                                                                                             capsys):
+    sizes = dict(seed=7, base_size=12, eval_size=2, data_dir=data_dir)  # seed 7: its extreme puzzles come quickly
+    task = sudoku_data.SudokuTask("easy", **sizes, eval_sets=("hard", "extreme"))
+    assert list(task.test_sets) == ["hard", "extreme"]
+    assert ((task.test_sets["extreme"]["puzzle"] > 0).sum(1) <= sudoku_data.DIFFICULTIES["extreme"][1]).all()
+    default = sudoku_data.SudokuTask("easy", **sizes)
+    assert list(default.test_sets) == ["easy", "medium", "hard"]
+    for bad in (("hard", "impossible"), (), ("hard", "hard")):
+        with pytest.raises(ValueError, match="eval sets must be distinct presets among easy, medium, hard, extreme"):
+            sudoku_data.SudokuTask("easy", **sizes, eval_sets=bad)
+    # train.py: a run evaluates the three default sets; --eval-sets evaluates its checkpoint on extreme too
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--steps", "2", "--seed", "7", "--data-dir", data_dir, "--out", str(out)]) == 0
+    assert {row["test set"] for row in json.loads((out / "results.json").read_text())["rows"]} == {"easy", "medium", "hard"}
+    evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--eval-size", "2"]
+    assert train.main(evaluate + ["--eval-sets", "easy,extreme"]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert list(evaluated["evaluated"]["test_sets"]) == ["easy", "extreme"]
+    assert list(dict.fromkeys(row["test set"] for row in evaluated["rows"])) == ["easy", "extreme"]
+    capsys.readouterr()
+    for refused, message in ((evaluate + ["--eval-sets", "easy,impossible"], "eval sets must be distinct presets"),
+                             (evaluate + ["--eval-sets", "extreme", "--test-csv", "x.csv"], "--test-csv files replace them"),
+                             (["--method", "recurrent_depth", "--task", "text", "--eval-sets", "extreme",
+                               "--out", str(tmp_path / "refused")], "--task text has its own held-out parts")):
+        assert train.main(refused) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
 def test_training_mixes_hold_equal_shares_of_their_presets(data_dir):
     task = sudoku_data.SudokuTask("mixed", base_size=7, eval_size=2, data_dir=data_dir)
     givens = (task.base_puzzles > 0).sum(1)
-    shares = [(givens >= low) & (givens <= high) for low, high in sudoku_data.DIFFICULTIES.values()]
+    ranges = [sudoku_data.DIFFICULTIES[name] for name in ("easy", "medium", "hard")]
+    shares = [(givens >= low) & (givens <= high) for low, high in ranges]
     assert [int(share.sum()) for share in shares] == [3, 2, 2] and len(givens) == 7
-    assert set(task.test_sets) == set(sudoku_data.DIFFICULTIES)  # tested on each preset, as always
+    assert set(task.test_sets) == set(sudoku_data.EVAL_SETS)  # tested on each default preset, as always
     harder = (sudoku_data.SudokuTask("harder", base_size=5, eval_size=2, data_dir=data_dir).base_puzzles > 0).sum(1)
-    assert [int(((harder >= low) & (harder <= high)).sum()) for low, high in sudoku_data.DIFFICULTIES.values()] == [0, 3, 2]
-    with pytest.raises(ValueError, match="unknown difficulty 'extreme'; choose one of easy, medium, hard, mixed, harder"):
-        sudoku_data.SudokuTask("extreme", data_dir=data_dir)
+    assert [int(((harder >= low) & (harder <= high)).sum()) for low, high in ranges] == [0, 3, 2]
+    with pytest.raises(ValueError, match="unknown difficulty 'impossible'; choose one of easy, medium, hard, extreme, "
+                                         "mixed, harder"):
+        sudoku_data.SudokuTask("impossible", data_dir=data_dir)
 
 
 def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):
@@ -2187,7 +2233,7 @@ def test_recurrent_depth_evaluate_restart_rows(trained_sudoku):
 
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
-                                 dict(backprop_depth=0), dict(difficulty="extreme"), dict(eval_steps=()),
+                                 dict(backprop_depth=0), dict(difficulty="impossible"), dict(eval_steps=()),
                                  dict(rope_layout="rotate"), dict(fixed_recurrence=True, plain_transformer=True),
                                  dict(stable_steps=0), dict(min_steps=-1), dict(restarts=0), dict(restart_noise=-0.1),
                                  dict(restart_noise=float("nan")), dict(restarts=2, plain_transformer=True)])
