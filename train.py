@@ -50,7 +50,8 @@ COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", com
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
                        mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
                        text_file=None, context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False,
-                       ema=0.0, trained_weights=False, misread_rate=0.0, eval_split="test")
+                       ema=0.0, trained_weights=False, misread_rate=0.0, eval_split="test",
+                       eval_sets=("easy", "medium", "hard"))
 
 
 class UsageError(Exception):
@@ -95,6 +96,10 @@ def run(argv):
     if options.eval_split != "test" and options.test_csv:
         raise UsageError(f"--test-csv files are test sets and --eval-split {options.eval_split} evaluates generated "
                          f"{options.eval_split} puzzles instead: give one of them (--eval-split test with --test-csv)")
+    if "eval_sets" in given and options.task not in ("sudoku", "visual"):
+        raise UsageError(f"--eval-sets names generated Sudoku sets; --task {options.task} has its own held-out parts")
+    if "eval_sets" in given and options.test_csv:
+        raise UsageError("--eval-sets names generated Sudoku test sets and --test-csv files replace them: give one of them")
     for name in ("text_file", "context_length"):
         if name in given and options.task != "text":
             raise UsageError(f"--{name.replace('_', '-')} sets up --task text; --task {options.task} does not use it")
@@ -562,7 +567,8 @@ def build_task(name, config, options):
         import sudoku_data
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
                      data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
-                     test_files=tuple(options.test_csv), check_unique=options.check_unique, eval_split=options.eval_split)
+                     test_files=tuple(options.test_csv), check_unique=options.check_unique, eval_split=options.eval_split,
+                     eval_sets=tuple(options.eval_sets))
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
         return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir,
@@ -648,6 +654,9 @@ def build_parser(method=None):
     data.add_argument("--eval-split", choices=("test", "validation"), help="Sudoku: evaluate on the generated test sets "
                       "(default) or on validation sets from another seed stream, named 'validation easy', ..., to choose "
                       "settings without the test sets")
+    data.add_argument("--eval-sets", metavar="PRESETS", help="Sudoku: the generated sets evaluated on, comma-separated "
+                      "(default easy,medium,hard; extreme is opt-in: its puzzles take minutes to generate, once; "
+                      "docs/benchmark.md)")
     data.add_argument("--base-size", type=int, help="generated Sudoku base puzzles that training augments (default 1000; "
                       "with --train-csv the files' puzzles are the base set instead)")
     data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
@@ -696,6 +705,8 @@ def parse(argv):
     for name in ("train_csv", "test_csv"):
         if name in given:
             given[name] = [path for value in given[name] for path in value.split(",") if path]
+    if "eval_sets" in given:
+        given["eval_sets"] = [name.strip() for name in given["eval_sets"].split(",") if name.strip()]
     if "resume" in given and "eval_only" in given:
         raise UsageError("--resume continues a run and --eval-only evaluates one: give one of them")
     if "init_from" in given and ("resume" in given or "eval_only" in given):
@@ -742,7 +753,8 @@ def check_settings(options, config_class, values):
 # What --resume may change: where and how often it writes, the device and precision, how far it trains, and
 # what the final evaluation measures (the run options below and every Config field named eval_*).
 RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every", "device",
-                     "dtype", "compile", "steps", "eval_size", "eval_steps", "eval_split", "test_csv", "check_unique"}
+                     "dtype", "compile", "steps", "eval_size", "eval_steps", "eval_split", "eval_sets", "test_csv",
+                     "check_unique"}
 
 
 def refuse_changed_settings(given, checkpoint):
