@@ -91,7 +91,7 @@ class Config:
     beta2: float = 0.95
     weight_decay: float = 0.1            # AdamW weight decay on matrices
     grad_clip: float = 1.0               # max gradient norm, per model (teacher; student with encoder and decoder)
-    difficulty: str = "easy"             # training base set: easy|medium|hard
+    difficulty: str = "easy"             # training base set: easy|medium|hard|extreme, or a mix: mixed|harder
     eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # test-time thinking steps in the table
     d_model: int = 64                    # belief width d per cell
     n_heads: int = 4                     # attention heads in U

@@ -62,7 +62,7 @@ class Config:
     batch_size: int = 32  # puzzles (or text windows) per step
     lr: float = 2e-3  # peak learning rate (AdamW)
     warmup_steps: int = 100  # linear warmup steps
-    difficulty: str = "easy"  # sudoku preset of the training base set: easy|medium|hard
+    difficulty: str = "easy"  # sudoku training base set: easy|medium|hard|extreme, or a mix: mixed|harder
     eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # recurrences r for the evaluation table
     # --- model sizes ---
     d_model: int = 96  # h: width of every block and of the latent state s
