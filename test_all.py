@@ -632,6 +632,14 @@ def test_eval_only_with_other_thinking_steps(tmp_path, data_dir, capsys):
     assert "does not fit" in capsys.readouterr().err
 
 
+def test_printed_table_shows_the_columns_that_only_later_rows_have(capsys):
+    train.print_table([{"thinking steps": 8, "exact %": 50.0},
+                       {"thinking steps": 8, "exact %": 62.5, "restarts": 4, "picked by": "oracle verifier"}], "title")
+    header, first, second = capsys.readouterr().out.strip().splitlines()[1:]
+    assert header.split() == ["thinking", "steps", "exact", "%", "restarts", "picked", "by"]
+    assert first.split() == ["8", "50.00"] and second.split() == ["8", "62.50", "4", "oracle", "verifier"]
+
+
 def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_finite_weights(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2", "--ema", "0.9"]) == 0

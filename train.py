@@ -1319,7 +1319,7 @@ def write_curve(rows, path, title, panel_column="test set"):
 def print_table(rows, title):
     if not rows:
         return
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for row in rows for c in row))  # every row's columns (restart rows add some)
     cells = [[f"{row.get(c, ''):.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
              for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
