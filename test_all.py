@@ -321,6 +321,20 @@ def test_visual_misread_rate_shows_some_training_givens_as_another_digit(tmp_pat
     assert train.main(["--method", "lit", "--misread-rate", "0.1", "--steps", "1", "--data-dir", str(tmp_path)]) == 2
 
 
+@needs_mnist
+def test_visual_defaults_are_misread_training_and_the_wide_cnn(tmp_path, data_dir):
+    """--task visual trains with 5 % misread givens and 16 channels unless told otherwise; --task sudoku without."""
+    def run(name, *flags):
+        argv = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "1", "--data-dir", data_dir, "--mnist-dir", str(MNIST_DIR),
+                "--out", str(tmp_path / name), *flags]
+        assert train.main(argv) == 0
+        record = json.loads((tmp_path / name / "results.json").read_text())
+        return record["run"]["misread_rate"], record["config"]["cnn_channels"]
+    assert run("visual", "--task", "visual") == (0.05, 16)
+    assert run("off", "--task", "visual", "--misread-rate", "0", "--cnn-channels", "8") == (0.0, 8)
+    assert run("language", "--task", "sudoku")[0] == 0.0
+
+
 def test_mnist_checksum_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.setattr(sudoku_data, "_download_mnist", lambda folder, names: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
