@@ -204,15 +204,17 @@ def generate_puzzles(n, difficulty, seed=0, workers=None):
 
 
 # ----------------------------------------------------------------------------- caching
-def _atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+def write_atomically(path, write):
+    """write(binary file) into a temporary file beside path, then rename it to path: a crash or a full
+    disk never leaves half a file, and the previous one stays until the rename (train.py writes its run
+    folder with it too)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        mask = os.umask(0o022)
+        mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
         os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)  # the usual permissions, not mkstemp's 0600: the cache is shared
+        os.chmod(temporary, 0o666 & ~mask)  # the usual permissions, not mkstemp's 0600: caches and runs are shared
         with os.fdopen(handle, "wb") as file:
             write(file)
         os.replace(temporary, path)
@@ -251,7 +253,7 @@ def load_puzzles(difficulty, n, seed=0, data_dir="data"):
             problem = f"cannot be read ({type(error).__name__}: {error})"
         print(f"warning: {path} {problem}; generating it again", file=sys.stderr)
     puzzles, solutions, guesses = generate_puzzles(n, difficulty, seed)
-    _atomic_write(path, lambda f: np.savez(f, puzzles=puzzles, solutions=solutions, guesses=guesses))
+    write_atomically(path, lambda f: np.savez(f, puzzles=puzzles, solutions=solutions, guesses=guesses))
     return puzzles, solutions
 
 
@@ -416,7 +418,7 @@ def write_csv(path, puzzles, solutions):
     lines = ["question,answer"] + [
         "".join(str(v) if v else "." for v in p) + "," + "".join(map(str, s))
         for p, s in zip(np.asarray(puzzles).tolist(), np.asarray(solutions).tolist())]
-    _atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -546,7 +548,7 @@ def _download_mnist(folder, names):
     for name in names:
         with urllib.request.urlopen(MNIST_URL + name + ".gz", timeout=20) as response:
             content = response.read()
-        _atomic_write(folder / (name + ".gz"), lambda f: f.write(content))  # makes the folder, once a file is here
+        write_atomically(folder / (name + ".gz"), lambda f: f.write(content))  # makes the folder, once a file is here
 
 
 def load_mnist(mnist_dir, split):

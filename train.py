@@ -29,7 +29,6 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 import time
 import typing
 import zlib
@@ -41,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
+
+from sudoku_data import write_atomically  # a temporary file, then a rename: never half a file
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
 HERE = Path(__file__).resolve().parent
@@ -813,28 +814,6 @@ def check_fits(method, config, task, device):
 
 
 # ------------------------------------------ run-folder safety: atomic files, checkpoints, the lock, Ctrl-C and SIGTERM
-def write_atomically(path, write):
-    """write(binary file) into a temporary file beside path, then rename it to path: a crash or a full
-    disk never leaves half a file, and the previous one stays until the rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the run from the user's group
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def current_umask():
-    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(path, state):
     write_atomically(path, lambda file: torch.save(state, file))
 
