@@ -758,7 +758,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
     evaluated: with hints up to the full solution its accuracy measures nothing. With restarts K > 1, two
     rows per test set x steps: the trajectory picked by the model's own signal (the method: its confidence, or
     its halting head under pick "halting") and the one an oracle verifier picks by checking the rules (the
-    ceiling, not the method), each with the test-time MFLOP per puzzle (K trajectories of that many steps).
+    ceiling, not the method). Every row gives the test-time MFLOP per puzzle (K trajectories of that many steps).
     With a halting head the rows also give the head's accuracy (h > 0.5 against "the answer is the solution",
     over all trajectories); with halt_threshold > 0 the thinking steps are a budget, each trajectory stopping
     where its head says, and the rows give the mean thinking steps used and the MFLOP of the steps used."""
@@ -818,8 +818,7 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
                     row.update({"restarts": K, "picked by": picked_by})
                 if adaptive:
                     row.update({"halt threshold": config.halt_threshold, "mean thinking steps used": mean_used})
-                if K > 1 or adaptive:
-                    row["test-time MFLOP per puzzle"] = test_time_flops(config, model.task_name, mean_used, K) / 1e6
+                row["test-time MFLOP per puzzle"] = test_time_flops(config, model.task_name, mean_used, K) / 1e6
                 row.update({"exact %": sudoku_data.exact_accuracy(found, test_set["solution"]),
                             "blank-cell %": sudoku_data.blank_accuracy(found, test_set["puzzle"], test_set["solution"])})
                 if halting:

@@ -52,6 +52,7 @@ import sudoku_data
 
 TASKS = ("sudoku", "text")
 EXIT_CRITERIA = ("none", "kl", "latent-diff", "entropy-diff", "argmax-stability")
+READS_DISTRIBUTION = ("kl", "entropy-diff", "argmax-stability")  # exit rules that read p_i out after every recurrence
 ROPE_LAYOUTS = ("halves", "interleaved")
 
 
@@ -469,7 +470,7 @@ class ExitRule:
         if criterion not in EXIT_CRITERIA:
             raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA}, got {criterion!r}")
         self.criterion, self.threshold, self.min_steps = criterion, threshold, min_steps
-        self.needs_distribution = criterion in ("kl", "entropy-diff", "argmax-stability")
+        self.needs_distribution = criterion in READS_DISTRIBUTION
         B, T = shape
         if criterion == "kl":
             self.log_p = torch.full((B, T, vocab_size), -math.log(vocab_size), device=device)  # p_0 uniform
@@ -620,6 +621,23 @@ def adaptive_rows(config: Config) -> list[tuple[str, str, int]]:
     return rows
 
 
+def test_time_flops(config: Config, vocab_size: int, recurrences: float, restarts: int = 1, readouts: float = 1,
+                    cells: int = 81) -> float:
+    """Matrix-product FLOPs per puzzle at test time (norms and elementwise ops left out, attention as its two
+    products over all cells, train.py's convention): per trajectory the prelude once, r recurrences of A and the
+    core, and `readouts` passes of the coda and the tied head (1 for a fixed count; about r for an exit rule that
+    reads p_i after every recurrence); times K = restarts. The plain transformer: its
+    l_P + l_R·r_mean + l_C blocks and the head once, whatever r. r may be a mean (adaptive exit): linear in it."""
+    h, m, T = config.d_model, config.d_mlp, cells
+    block = 2 * T * h * (3 * h + h + 2 * m) + 2 * T * m * h + 2 * 2 * T * T * h  # qkv, out, MLP in/out; Q·Kᵀ, P·V
+    head = 2 * T * h * vocab_size
+    if config.plain_transformer:
+        return (config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda) * block + head
+    core_step = 2 * T * (2 * h) * h + config.n_core * block  # A([s, e]), then l_R blocks
+    readout = config.n_coda * block + head
+    return restarts * (config.n_prelude * block + recurrences * core_step + readouts * readout)
+
+
 def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) -> list[dict]:
     """Fixed rows from one pass of max(eval_steps) recurrences; every adaptive row from that same pass: each exit
     rule sees the pass's states and distributions and takes a puzzle's answer at the step the rule exits it, the
@@ -674,16 +692,21 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
                 adaptive[name][1].append(used.float().cpu())
         puzzle, solution = data["puzzle"], data["solution"]
 
-        def row(steps, mean_steps, pred):
+        def row(steps, mean_steps, pred, restarts=1, readouts=1):
+            flops = test_time_flops(config, model.vocab_size, mean_steps, restarts, readouts, puzzle.shape[1])
             return {"test set": set_name, "thinking steps": steps, "mean steps used": round(mean_steps, 2),
                     "exact %": sudoku_data.exact_accuracy(pred, solution),
-                    "blank-cell %": sudoku_data.blank_accuracy(pred, puzzle, solution)}
+                    "blank-cell %": sudoku_data.blank_accuracy(pred, puzzle, solution),
+                    "test-time MFLOP per puzzle": flops / 1e6}
 
         rows += [row(r, float(r), torch.cat(answers)) for r, answers in fixed.items()]
-        rows += [row(name, torch.cat(adaptive[name][1]).mean().item(), torch.cat(adaptive[name][0])) for name, _, _ in rules]
+        for name, criterion, _ in rules:
+            mean_used = torch.cat(adaptive[name][1]).mean().item()
+            readouts = mean_used if criterion in READS_DISTRIBUTION else 1
+            rows.append(row(name, mean_used, torch.cat(adaptive[name][0]), readouts=readouts))
         for r, (by_confidence, by_oracle) in picked.items():
             for picked_by, answers in (("confidence", by_confidence), ("oracle verifier", by_oracle)):
-                rows.append({**row(r, float(r), torch.cat(answers)), "restarts": K, "picked by": picked_by})
+                rows.append({**row(r, float(r), torch.cat(answers), restarts=K), "restarts": K, "picked by": picked_by})
     return rows
 
 

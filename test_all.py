@@ -1558,6 +1558,15 @@ def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tm
     assert "| medium | 2 |" in table
     polylines = ElementTree.parse(out / "curve.svg").getroot().findall("{http://www.w3.org/2000/svg}polyline")
     assert len(polylines) == 5 * 3  # lit x4 and recurrent_depth, on 3 test sets
+    svg = ElementTree.parse(out / "curve-flops.svg").getroot()  # the same lines against test-time compute
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 5 * 3 and "test-time MFLOP per puzzle (log scale)" in ElementTree.tostring(svg, "unicode")
+    for line in lines:  # 2 thinking steps cost more than 1: every line runs left to right
+        (x1, _), (x2, _) = [map(float, point.split(",")) for point in line.get("points").split()]
+        assert x2 > x1
+    cost_line = table.splitlines()[-1]
+    assert cost_line.startswith("Test-time MFLOP per puzzle (thinking steps): ")
+    assert all(f"{name}: " in cost_line for name in results)
     capsys.readouterr()
     (out / "lit" / "results.json").unlink()  # as if the benchmark had been stopped during lit's run
     assert train.main(argv) == 0  # a second call reuses the finished runs and continues the unfinished one
@@ -1567,6 +1576,41 @@ def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tm
     for bad, message in ((["--task", "visual"], "compares the Sudoku methods"), (["--resume", "x"], "one --method")):
         assert train.main(argv + bad) == 2
         assert message in capsys.readouterr().err
+
+
+def test_method_all_table_keeps_restart_picks_apart_and_gives_each_line_its_cost():
+    """A run evaluated with restarts: its single trajectory and its K-restart picks are separate lines at the same
+    thinking steps, each with its own cost, never one overwriting the other."""
+    def row(steps, exact, flops, **restarts):
+        return {"test set": "easy", "thinking steps": steps, "exact %": exact, "test-time MFLOP per puzzle": flops,
+                **restarts}
+    rows = [row(1, 10.0, 2.0), row(8, 50.0, 9.0), row(1, 12.0, 8.0, restarts=4, **{"picked by": "confidence"}),
+            row(8, 60.0, 36.0, restarts=4, **{"picked by": "confidence"}),
+            row(8, 70.0, 36.0, restarts=4, **{"picked by": "oracle verifier"})]
+    rows.append({**row("adaptive (kl)", 40.0, 5.0), "mean steps used": 4.2})  # not a point: no thinking-step count
+    results = {"rd": {"rows": rows, "config": {"difficulty": "easy", "steps": 5}, "cost": {}}}
+    table = train.compare_table(train.benchmark_points(results), results).splitlines()
+    assert table[0] == ("| test set | thinking steps | rd | rd, 4 restarts picked by confidence | rd, 4 restarts picked "
+                        "by oracle verifier |")
+    assert table[2:4] == ["| easy | 1 | 10.0 | 12.0 |  |", "| easy | 8 | 50.0 | 60.0 | 70.0 |"]
+    assert table[-1] == ("Test-time MFLOP per puzzle (thinking steps): rd: 2 at 1, 9 at 8; rd, 4 restarts picked by "
+                         "confidence: 8 at 1, 36 at 8; rd, 4 restarts picked by oracle verifier: 36 at 8, 36 at 8.")
+
+
+def test_benchmark_figures_script_reads_the_table_and_costs_each_row_by_its_flags(tmp_path):
+    from scripts import benchmark_figures
+    markdown = ("text\n\n| test set | thinking steps | recurrent_depth | lit observation-space recursion |\n|---|---:|---:|---:|\n"
+                "| easy | 4 | 33.6 | 34.8 |\n| hard | 16 |  | 0.6 |\n\nafter")
+    points = benchmark_figures.read_table(markdown)
+    assert [(p["difficulty"], p["method"], p["thinking steps"], p["exact %"]) for p in points] == [
+        ("easy", "recurrent_depth", 4, 33.6), ("easy", "lit observation-space recursion", 4, 34.8),
+        ("hard", "lit observation-space recursion", 16, 0.6)]  # a blank cell is no point
+    assert benchmark_figures.cost_per_puzzle("recurrent_depth", 4) == rd.test_time_flops(rd.Config(), 10, 4) / 1e6
+    observation = lit.Config(recursion="observation", no_imagination=True)
+    assert benchmark_figures.cost_per_puzzle("lit observation-space recursion", 4) == \
+        lit.test_time_flops(observation, "sudoku", 4) / 1e6 > lit.test_time_flops(lit.Config(), "sudoku", 4) / 1e6
+    with pytest.raises(ValueError, match="no table"):
+        benchmark_figures.read_table("no table here")
 
 
 def tiny_model(task=TEXT, **overrides):
@@ -2169,7 +2213,8 @@ def test_recurrent_depth_evaluate_rows_and_train_mode_restored(trained_sudoku):
                                                    "adaptive (argmax-stability)", "adaptive (kl, min_steps 4)"]
     assert all(1 <= r["mean steps used"] <= 2 for r in rows[2:6]) and rows[-1]["mean steps used"] == 2  # capped at 2
     assert 1 <= rows[-1]["mean steps used"] <= 2 and model.training
-    assert set(rows[0]) == {"test set", "thinking steps", "mean steps used", "exact %", "blank-cell %"}
+    assert set(rows[0]) == {"test set", "thinking steps", "mean steps used", "exact %", "blank-cell %",
+                            "test-time MFLOP per puzzle"}
 
 
 def test_recurrent_depth_adaptive_row_starts_from_the_fixed_rows_initial_state(trained_sudoku):
@@ -2252,6 +2297,34 @@ def test_recurrent_depth_evaluate_restart_rows(trained_sudoku):
     assert [(r["thinking steps"], r["picked by"], r["restarts"]) for r in extra] == [
         (2, "confidence", 4), (2, "oracle verifier", 4), (8, "confidence", 4), (8, "oracle verifier", 4)]
     assert all(o["exact %"] >= c["exact %"] for c, o in zip(extra[::2], extra[1::2]))
+
+
+def test_recurrent_depth_test_time_flops_are_what_the_flop_counter_sees():
+    """B puzzles: r recurrences and one readout, K restarts of them, and the plain transformer's single pass each
+    cost B x test_time_flops by torch's flop counter; the rows report it, in MFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(run):
+        with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter, torch.no_grad():
+            run()
+        return counter.get_total_flops()
+    config, idx = rd.Config(**TINY), torch.randint(0, 10, (2, 81))
+    torch.manual_seed(0)
+    model = rd.build_model(config, SUDOKU_SHAPE).eval()
+    assert counted(lambda: rd.think(model, idx, 3)) == 2 * rd.test_time_flops(config, 10, 3)
+    assert counted(lambda: rd.restart_trajectories(model, idx, 3, 4, 0.1, {3}, torch.Generator().manual_seed(0))) == \
+        2 * rd.test_time_flops(config, 10, 3, restarts=4)
+    assert rd.test_time_flops(config, 10, 6) > rd.test_time_flops(config, 10, 3)  # linear in r, more is dearer
+    plain_config = dataclasses.replace(config, plain_transformer=True)
+    plain = rd.build_model(plain_config, SUDOKU_SHAPE).eval()
+    assert counted(lambda: plain(idx)) == 2 * rd.test_time_flops(plain_config, 10, 1) == \
+        2 * rd.test_time_flops(plain_config, 10, 64)  # its depth is fixed
+    task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
+    rows = rd.evaluate(model, task, dataclasses.replace(config, restarts=2), (1, 3), None)
+    fixed = {r["thinking steps"]: r for r in rows if "restarts" not in r}
+    assert fixed[3]["test-time MFLOP per puzzle"] == rd.test_time_flops(config, 10, 3) / 1e6
+    assert [r["test-time MFLOP per puzzle"] for r in rows if r.get("picked by") == "confidence"] == [
+        rd.test_time_flops(config, 10, r, restarts=2) / 1e6 for r in (1, 3)]
 
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),

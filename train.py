@@ -1209,21 +1209,20 @@ def rank_states(model, device):
 
 # ---------------------------------------------------------------------------- plots and tables (SVG, standard library)
 STEP_COLUMNS = ("thinking steps",)
-
-
+FLOPS_COLUMN = "test-time MFLOP per puzzle"  # Sudoku rows: the compute a puzzle's answer cost
 METRIC_COLUMNS = ("exact %", "accuracy %", "cond NLL/char", "bits/char", "NLL/token")
 
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
-def curve_panels(rows, panel_column="test set"):
+def curve_panels(rows, panel_column="test set", x_name=None):
     """Table rows -> (x name, y name, {panel: {line: [(x, y), ...]}}): x is the method's thinking-step
-    column, y its headline metric; rows whose step is not a number (adaptive exit) are left out. Lines are
-    named by the remaining text columns (e.g. lvr's model)."""
+    column (or the column x_name), y its headline metric; rows whose x is not a number (adaptive exit) are
+    left out. Lines are named by the remaining text columns (e.g. lvr's model)."""
     if not rows:
         return None
-    x_name = next((c for c in STEP_COLUMNS if c in rows[0]), None)
+    x_name = x_name or next((c for c in STEP_COLUMNS if c in rows[0]), None)
     y_name = next((c for c in METRIC_COLUMNS if c in rows[0]), None)
     if x_name is None or y_name is None:
         return None
@@ -1265,9 +1264,10 @@ def curve_svg(x_name, y_name, panels, title):
 
         out.append(f'<text x="{x0 + plot_w / 2}" y="{top - 8}" text-anchor="middle">{escape(panel)}</text>')
         out.append(f'<rect x="{x0}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
+        stride = max(1, math.ceil((x_high - x_low + 1) / 8))  # at most about 8 labels on the axis
         for tick in range(math.floor(x_low), math.ceil(x_high) + 1):
-            if x_low - 1e-9 <= tick <= x_high + 1e-9:
-                out.append(f'<text x="{px(2 ** tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{2 ** tick}</text>')
+            if x_low - 1e-9 <= tick <= x_high + 1e-9 and tick % stride == 0:
+                out.append(f'<text x="{px(2 ** tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{2 ** tick:g}</text>')
         for fraction in (0, 0.25, 0.5, 0.75, 1):
             value = y_low + fraction * y_span
             out.append(f'<text x="{x0 - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>')
@@ -1289,10 +1289,10 @@ def curve_svg(x_name, y_name, panels, title):
     return "\n".join(out) + "\n"
 
 
-def write_curve(rows, path, title, panel_column="test set"):
-    """The table's metric against thinking steps as an SVG plot (nothing is written for a table without
-    a step column, e.g. a single-row baseline)."""
-    found = curve_panels(rows, panel_column)
+def write_curve(rows, path, title, panel_column="test set", x_name=None):
+    """The table's metric against thinking steps (or the column x_name) as an SVG plot (nothing is written
+    for a table without that column, e.g. a single-row baseline)."""
+    found = curve_panels(rows, panel_column, x_name)
     if found and found[2]:
         svg = curve_svg(*found, title)
         write_atomically(path, lambda file: file.write(svg.encode()))
@@ -1358,24 +1358,38 @@ def run_all(argv):
     if world()[0] != 0:
         return 0  # rank 0 writes the comparison
     write_json(compare / "results.json", results)
-    points = []  # one record per (run, test set, thinking steps)
+    points = benchmark_points(results)
+    table = compare_table(points, results)
+    write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
+    print("\n" + table)
+    write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
+    costed = [p for p in points if p[FLOPS_COLUMN] is not None]
+    write_curve(costed, compare / "curve-flops.svg", "exact % against test-time compute", panel_column="difficulty",
+                x_name=FLOPS_COLUMN)
+    print(f"wrote {compare / 'results.json'}, {compare / 'table.md'}, {compare / 'curve.svg'} and "
+          f"{compare / 'curve-flops.svg'}")
+    return 0
+
+
+def benchmark_points(results):
+    """{run name: its results.json} -> one record per (line, test set, thinking steps), adaptive rows left out;
+    a line is a run, or its K restarts' pick ("NAME, K restarts picked by confidence"; the oracle verifier's apart)."""
+    points = []
     for name, result in results.items():
         for row in result["rows"]:
             steps = next((row[c] for c in STEP_COLUMNS if c in row), None)
             exact = row.get("exact %")
             if isinstance(steps, int) and not isinstance(steps, bool) and exact is not None:
-                points.append({"difficulty": row["test set"], "method": name, "thinking steps": steps, "exact %": exact})
-    table = compare_table(points, results)
-    write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
-    print("\n" + table)
-    write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
-    print(f"wrote {compare / 'results.json'}, {compare / 'table.md'} and {compare / 'curve.svg'}")
-    return 0
+                line = name + (f", {row['restarts']} restarts picked by {row['picked by']}" if "restarts" in row else "")
+                points.append({"difficulty": row["test set"], "method": line, "thinking steps": steps, "exact %": exact,
+                               FLOPS_COLUMN: row.get(FLOPS_COLUMN)})
+    return points
 
 
 def compare_table(points, results):
-    """Markdown: exact % per (test set, thinking steps), one column per compared run."""
-    names = list(results)
+    """Markdown: exact % per (test set, thinking steps), one column per line (a compared run, or its restarts'
+    pick), then each line's test-time MFLOP per puzzle at its fewest and most thinking steps."""
+    names = list(dict.fromkeys(p["method"] for p in points))
     cells = {(p["method"], p["difficulty"], p["thinking steps"]): p["exact %"] for p in points}
     lines = ["| test set | thinking steps | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for test_set in dict.fromkeys(p["difficulty"] for p in points):
@@ -1385,7 +1399,14 @@ def compare_table(points, results):
                 lines.append(f"| {test_set} | {step} | " + " | ".join("" if v is None else f"{v:.1f}" for v in values) + " |")
     trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps, "
                            f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs" for name, result in results.items())
-    return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.\n"
+    costs = []
+    for name in names:
+        costed = sorted((p["thinking steps"], p[FLOPS_COLUMN]) for p in points if p["method"] == name and p[FLOPS_COLUMN])
+        if costed:
+            (few, low), (most, high) = costed[0], costed[-1]
+            costs.append(f"{name}: {low:.3g} at {few}, {high:.3g} at {most}")
+    cost_line = f"\n\nTest-time MFLOP per puzzle (thinking steps): {'; '.join(costs)}." if costs else ""
+    return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.{cost_line}\n"
 
 
 # --------------------------------------------------------------------------------------------------------- entry point
