@@ -960,6 +960,21 @@ def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
     assert train.main(["--method", "recurrent_depth", "--eval-only", checkpoint]) == 0
 
 
+def test_a_cpu_slow_at_the_asked_dtype_gets_one_warning_line(tmp_path, data_dir, monkeypatch, capsys):
+    """bf16 autocast on a CPU without bf16 units is many times slower than fp32: the run says so, once."""
+    speeds = {torch.bfloat16: 1e9, torch.float32: 2e10}
+    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype, seconds=0.2: speeds[dtype])
+    run = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "1", "--data-dir", data_dir]
+    assert train.main(run + ["--dtype", "bfloat16", "--out", str(tmp_path / "slow")]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: this CPU multiplies torch.bfloat16 matrices at 1.0 GFLOP/s and float32 ones at 20.0 "
+                        "(no bfloat16 units): --dtype float32 trains faster here"]
+    speeds[torch.bfloat16] = 3e10  # a CPU with bf16 units, and fp32 itself: no warning
+    for name, dtype in (("fast", "bfloat16"), ("fp32", "float32")):
+        assert train.main(run + ["--dtype", dtype, "--out", str(tmp_path / name)]) == 0
+        assert "warning:" not in capsys.readouterr().out
+
+
 def test_checkpoint_save_failing_with_an_os_error_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     train.save_checkpoint(path, {"step": 1, "weights": torch.ones(3)})

@@ -211,6 +211,9 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
             average.load_state_dict(checkpoint["ema"])
     peak = matmul_peak(device, autocast_dtype or torch.float32)
     print(f"matmul probe: {peak / 1e9:.1f} GFLOP/s ({device}, {autocast_dtype or torch.float32}), the peak for MFU")
+    if device.type == "cpu" and autocast_dtype is not None and (fp32 := matmul_peak(device, torch.float32)) > 2 * peak:
+        print(f"warning: this CPU multiplies {autocast_dtype} matrices at {peak / 1e9:.1f} GFLOP/s and float32 ones at "
+              f"{fp32 / 1e9:.1f} (no {str(autocast_dtype).removeprefix('torch.')} units): --dtype float32 trains faster here")
     cost = CostMeter(peak, ranks, checkpoint.get("cost") if resuming else None)
 
     def checkpoint_state(step, rank_rngs):
