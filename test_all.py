@@ -4049,6 +4049,59 @@ def test_lit_select_score_is_the_mean_of_hard_at_128_and_medium_at_8_and_32_and_
     assert out.strip().endswith("chosen: same (score 56.33)")  # the higher score; on a tie, the first listed
 
 
+def test_lit_declared_test_chooses_on_validation_then_reports_paired_differences(tmp_path, capsys):
+    """Fake runs (no training): prop-b0.1 has the best validation score, so the test runs take its flags; the
+    paired differences per seed give a lead, a level and a loss, each checked by hand."""
+    from types import SimpleNamespace as Done
+
+    from scripts import lit_declared_test as declared
+    started = []
+    differences = {("hard", 128): [2, 4, 3, 5, 6], ("medium", 8): [1, -1, 0, 2, -2], ("medium", 32): [-3, -4, -3, -5, -5]}
+
+    def fake_start(arguments, folder):
+        _, given = train.parse(arguments)
+        started.append((folder.name, arguments))
+        split, seed, lit_run = given.get("eval_split", "test"), given["seed"], not given.get("no_imagination")
+        if split == "validation":
+            rows = [{"test set": f"validation {d}", "thinking steps": steps,
+                     "exact %": 30.0 if folder.name == "prop-b0.1" else 20.0} for d, steps in declared.lit_select.METRIC]
+        else:
+            rows = [{"test set": d, "thinking steps": steps, "exact %": 50.0 + (differences[d, steps][seed] if lit_run else 0)}
+                    for d, steps in declared.lit_select.METRIC]
+        record = {"rows": rows, "evaluated": {"split": split}, "run": {}, "config": dict(given), "cost": {}}
+        (folder / "results.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(record))
+        return Done(poll=lambda: 0, returncode=0)
+    out = tmp_path / "declared"
+    assert declared.main(["--out", str(out), "--jobs", "3"], start=fake_start) == 0
+    names = [name for name, _ in started]
+    assert names[:9] == list(declared.CANDIDATES) and len(names) == 19
+    assert all("--eval-split" in arguments and "validation" in arguments for _, arguments in started[:9])
+    for name, arguments in started[9:]:  # the test split, every seed 0-4 once per kind
+        assert "--eval-split" not in arguments
+        chosen = arguments[arguments.index("--steps"):][:2] + arguments[arguments.index("--imagination-weight"):][:2] \
+            if name.startswith("lit") else arguments[arguments.index("--steps"):][:2]
+        assert chosen == (["--steps", "6001", "--imagination-weight", "0.1"] if name.startswith("lit") else ["--steps", "6500"])
+        assert ("--hint-order" in arguments) == name.startswith("lit") and ("--no-imagination" in arguments) != name.startswith("lit")
+    assert sorted(names[9:]) == sorted(f"{kind}-s{s}" for kind in ("lit", "ablation") for s in range(5))
+    table = (out / "summary.md").read_text()
+    assert "Chosen on the validation split: **prop-b0.1**" in table
+    # mean ± sd and mean ± 2.776·sd/√5 by hand: (4, 1.58) -> 2.0..6.0; (0, 1.58) -> -2.0..2.0; (-4, 1.0) -> -5.2..-2.8
+    assert "| hard at 128 | +2.0, +4.0, +3.0, +5.0, +6.0 | +4.0 ± 1.6 | +2.0 to +6.0 | lead |" in table
+    assert "| medium at 8 | +1.0, -1.0, +0.0, +2.0, -2.0 | +0.0 ± 1.6 | -2.0 to +2.0 | level |" in table
+    assert "| medium at 32 | -3.0, -4.0, -3.0, -5.0, -5.0 | -4.0 ± 1.0 | -5.2 to -2.8 | loss |" in table
+    capsys.readouterr()
+    assert declared.main(["--out", str(out)], start=fake_start) == 0 and len(started) == 19  # all finished: nothing runs
+
+    def failing(arguments, folder):
+        return Done(poll=lambda: 1, returncode=1)
+    for argv, message in (([], "9 run(s) failed"), (["--jobs", "0"], "--jobs must be at least 1"),
+                          (["--", "--seed", "3"], "--seed is set by the declared test")):
+        assert declared.main(["--out", str(tmp_path / "other"), *argv], start=failing) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
 def test_lit_select_reads_only_the_validation_split_and_refuses_test_split_runs(tmp_path, data_dir, monkeypatch, capsys):
     from scripts import lit_select
 
