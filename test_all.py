@@ -4092,6 +4092,12 @@ def test_lit_declared_test_chooses_on_validation_then_reports_paired_differences
     assert "| medium at 32 | -3.0, -4.0, -3.0, -5.0, -5.0 | -4.0 ± 1.0 | -5.2 to -2.8 | loss |" in table
     capsys.readouterr()
     assert declared.main(["--out", str(out)], start=fake_start) == 0 and len(started) == 19  # all finished: nothing runs
+    stale = json.loads((out / "test" / "lit-s3" / "results.json").read_text())  # a run of other settings in its folder
+    stale["config"]["imagination_weight"] = 0.3
+    (out / "test" / "lit-s3" / "results.json").write_text(json.dumps(stale))
+    capsys.readouterr()
+    assert declared.main(["--out", str(out)], start=fake_start) == 2 and len(started) == 19
+    assert "lit-s3 holds a finished run with --imagination-weight 0.3, not 0.1" in capsys.readouterr().err
 
     def failing(arguments, folder):
         return Done(poll=lambda: 1, returncode=1)

@@ -11,7 +11,8 @@ its --no-imagination ablation on five paired seeds of the test split, at the har
    reading: a lead (or a loss) where the interval excludes 0, level otherwise. Printed and written to OUT/summary.md.
 Runs go N at a time, each a `python train.py` process with its log in its folder (on one GPU several of these
 small runs share the device; on a CPU give each a thread: OMP_NUM_THREADS=1). A folder that holds results.json is
-used as it stands, so a stopped test continues where it was.
+used as it stands and one that holds only a checkpoint is resumed, each after checking that its run has these
+settings, so a stopped test continues where it was.
 """
 
 import argparse
@@ -65,6 +66,27 @@ def run_all(todo, jobs, start=start_train):
             if process.returncode or not (folder / "results.json").exists():
                 failed.append(folder)
     return failed
+
+
+def prepared(todo):
+    """todo with each folder checked: a finished run (results.json) or an unfinished one (a checkpoint, resumed)
+    must have been started with the same settings, else the test would mix runs; ValueError names the first."""
+    import train
+
+    ready = []
+    for folder, arguments in todo:
+        _, given = train.parse(arguments)
+        if (folder / "results.json").exists():
+            lit_select.same_settings(folder, json.loads((folder / "results.json").read_text()), given)
+        elif (folder / "checkpoint.pt").exists():
+            try:
+                state = train.load_checkpoint(folder / "checkpoint.pt", "lit")
+            except train.UsageError as error:
+                raise ValueError(str(error)) from None
+            lit_select.same_settings(folder, state, given, "an unfinished run")
+            arguments = ["--method", "lit", "--resume", str(folder / "checkpoint.pt")]
+        ready.append((folder, arguments))
+    return ready
 
 
 def test_runs(out, chosen_flags, shared):
@@ -121,16 +143,13 @@ def main(argv=None, start=start_train):
                 raise ValueError(f"{flag.split('=')[0]} is set by the declared test; leave it out")
         candidates = lit_select.candidate_runs(out / "select", [f"{name}={' '.join(flags)}" for name, flags in CANDIDATES.items()],
                                                [*RECIPE, "--steps", LIT_STEPS, "--seed", "0", *shared])
-        for name, folder, _, given in candidates:  # a finished folder must hold this candidate's run
-            if (folder / "results.json").exists():
-                lit_select.same_settings(folder, lit_select.load_validation_record(folder), given)
-        failed = run_all([(folder, arguments) for _, folder, arguments, _ in candidates], options.jobs, start)
+        failed = run_all(prepared([(folder, arguments) for _, folder, arguments, _ in candidates]), options.jobs, start)
         if failed:
             raise ValueError(f"{len(failed)} run(s) failed: see train.log in {', '.join(map(str, failed))}")
         table = lit_select.scored({name: [folder] for name, folder, _, _ in candidates})
         chosen = lit_select.choose(table)
         print(f"chosen on the validation split: {chosen} ({' '.join(CANDIDATES[chosen])})")
-        failed = run_all(test_runs(out, CANDIDATES[chosen], shared), options.jobs, start)
+        failed = run_all(prepared(test_runs(out, CANDIDATES[chosen], shared)), options.jobs, start)
         if failed:
             raise ValueError(f"{len(failed)} run(s) failed: see train.log in {', '.join(map(str, failed))}")
         text = summary(out, chosen, lit_select.markdown(table))
