@@ -1366,7 +1366,7 @@ def run_all(argv):
     write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
     print("\n" + table)
     write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
-    costed = [p for p in points if p[FLOPS_COLUMN] is not None]
+    costed = [p for p in points if p.get(FLOPS_COLUMN) is not None]
     write_curve(costed, compare / "curve-flops.svg", "exact % against test-time compute", panel_column="difficulty",
                 x_name=FLOPS_COLUMN)
     print(f"wrote {compare / 'results.json'}, {compare / 'table.md'}, {compare / 'curve.svg'} and "
@@ -1404,7 +1404,7 @@ def compare_table(points, results):
                            f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs" for name, result in results.items())
     costs = []
     for name in names:
-        costed = sorted((p["thinking steps"], p[FLOPS_COLUMN]) for p in points if p["method"] == name and p[FLOPS_COLUMN])
+        costed = sorted((p["thinking steps"], p[FLOPS_COLUMN]) for p in points if p["method"] == name and p.get(FLOPS_COLUMN))
         if costed:
             (few, low), (most, high) = costed[0], costed[-1]
             costs.append(f"{name}: {low:.3g} at {few}, {high:.3g} at {most}")
