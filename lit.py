@@ -25,8 +25,9 @@ Test-time restarts (`--restarts K --restart-noise σ`; not in the abstract, afte
   oracle verifier (a trajectory whose grid breaks no rule): the ceiling of the K, not the method.
 Halting head (`--halt-weight w`, after TRM's Q-halt head): h_t = σ(w_h · mean_i b^S_{t,i} + c_h), trained with
   w · BCE(h_t, 1[argmax D(b^S_t) = y in all 81 cells]) at the student's supervised steps (the target detached).
-  At test time it can pick among the K restarts (`--pick halting`: the trajectory with the highest h_T) and stop
-  each trajectory at the first step t with h_t > τ (`--halt-threshold τ`), its rows leaving the batch.
+  At test time it gives a second pick among the K restarts, beside the confidence pick (the trajectory with the
+  highest h_T), and can stop each trajectory at the first step t with h_t > τ (`--halt-threshold τ`), its rows
+  leaving the batch.
 
 Baselines the paper compares with, at equal training FLOPs:
   `--no-imagination`: no teacher, β = 0, the same student recurrence and per-step cross-entropy.
@@ -115,7 +116,6 @@ class Config:
     eval_batch_size: int = 250           # trajectories per forward pass in evaluate() (puzzles x restarts)
     restarts: int = 1                    # K: trajectories per puzzle at test time, the pick by the model's own signal
     restart_noise: float = 0.0           # σ: noise σ·std(b) on the carried belief before every step, trajectories 2..K
-    pick: str = "confidence"             # the answer among K restarts: confidence (log p of its argmax grid) | halting (its h)
     halt_weight: float = 0.0             # w: weight of the halting head's BCE in L; > 0 builds the head, 0: no head
     halt_threshold: float = 0.0          # τ in (0, 1): a trajectory stops at the first step with h_t > τ; 0: never
     cnn_channels: int = 16               # visual form: channels of the first convolution (2x in the second); 16 measured best
@@ -664,15 +664,13 @@ def check_config(config: Config):
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not (config.restart_noise >= 0.0 and math.isfinite(config.restart_noise)):
         raise ValueError(f"restart_noise must be a finite number >= 0, got {config.restart_noise}")
-    if config.pick not in ("confidence", "halting"):
-        raise ValueError(f"pick must be 'confidence' or 'halting', got {config.pick!r}")
     if not (config.halt_weight >= 0.0 and math.isfinite(config.halt_weight)):
         raise ValueError(f"halt_weight must be a finite number >= 0, got {config.halt_weight}")
     if not (config.halt_threshold == 0.0 or 0.0 < config.halt_threshold < 1.0):
         raise ValueError(f"halt_threshold must be in (0, 1), or 0 for no adaptive stopping, got {config.halt_threshold}")
-    if config.halt_weight == 0.0 and (config.pick == "halting" or config.halt_threshold):
-        which = "pick 'halting'" if config.pick == "halting" else f"halt_threshold {config.halt_threshold}"
-        raise ValueError(f"{which} reads the halting head, which only a model trained with halt_weight > 0 has")
+    if config.halt_weight == 0.0 and config.halt_threshold:
+        raise ValueError(f"halt_threshold {config.halt_threshold} reads the halting head, which only a model trained "
+                         f"with halt_weight > 0 has")
     if config.grad_clip <= 0:
         raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
     for name in ("beta1", "beta2"):
@@ -755,10 +753,10 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
 def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
              autocast_dtype: torch.dtype | None) -> list[dict]:
     """Rows per test set x thinking steps: the student's exact / blank-cell %. The teacher is not
-    evaluated: with hints up to the full solution its accuracy measures nothing. With restarts K > 1, two
-    rows per test set x steps: the trajectory picked by the model's own signal (the method: its confidence, or
-    its halting head under pick "halting") and the one an oracle verifier picks by checking the rules (the
-    ceiling, not the method). Every row gives the test-time MFLOP per puzzle (K trajectories of that many steps).
+    evaluated: with hints up to the full solution its accuracy measures nothing. With restarts K > 1, rows per
+    test set x steps for each pick: by the model's own signals (the method: its confidence, and with a halting
+    head the head's h as well, both on the same trajectories) and by an oracle verifier that checks the rules
+    (the ceiling, not the method). Every row gives the test-time MFLOP per puzzle (K trajectories of that many steps).
     With a halting head the rows also give the head's accuracy (h > 0.5 against "the answer is the solution",
     over all trajectories); with halt_threshold > 0 the thinking steps are a budget, each trajectory stopping
     where its head says, and the rows give the mean thinking steps used and the MFLOP of the steps used."""
@@ -774,8 +772,8 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
         raise ValueError(f"eval_batch_size ({config.eval_batch_size}) must hold one puzzle's {K} restart trajectories")
     for set_name, test_set in task.test_sets.items():
         check_batch(test_set, model.task_name)
-        preds = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the single trajectory, or the model's pick
-        oracle = {s: [] for s in eval_steps}  # steps -> [(b, 81)]: the oracle verifier's pick (K > 1)
+        picks = (None,) if K == 1 else ("confidence", *(("halting head",) if halting else ()), "oracle verifier")
+        preds = {p: {s: [] for s in eval_steps} for p in picks}  # pick -> steps -> [(b, 81)]; None: the one trajectory
         used = {s: [] for s in eval_steps}  # steps -> [(K, b)]: thinking steps each trajectory ran (halting head)
         head_right = {s: [] for s in eval_steps}  # steps -> [(K, b)]: (h > 0.5) == (the answer is the solution)
         for start in range(0, test_set["puzzle"].shape[0], per_chunk):
@@ -794,25 +792,22 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
                     right = (logits[s - 1].argmax(-1) + 1 == chunk["solution"]).all(-1)  # (K, b)
                     head_right[s].append(((halt[s - 1] > 0.5) == right).cpu())
                 if K == 1:
-                    preds[s].append(logits[s - 1].view(-1, N_CELLS, N_DIGITS).argmax(-1).cpu() + 1)
+                    preds[None][s].append(logits[s - 1].view(-1, N_CELLS, N_DIGITS).argmax(-1).cpu() + 1)
                     continue
-                if config.pick == "halting":
-                    picked, best = pick_by_halting(logits[s - 1], halt[s - 1])
-                else:
-                    picked, best = pick_by_confidence(logits[s - 1], chunk["puzzle"])
+                picked, best = pick_by_confidence(logits[s - 1], chunk["puzzle"])
+                preds["confidence"][s].append(picked.cpu())
+                if halting:
+                    preds["halting head"][s].append(pick_by_halting(logits[s - 1], halt[s - 1])[0].cpu())
                 trajectories = logits[s - 1].argmax(-1) + 1  # (K, b, 81)
                 checked = oracle_verifier_pick(trajectories, chunk["puzzle"], best)
-                preds[s].append(picked.cpu())
-                oracle[s].append(trajectories[checked, torch.arange(checked.shape[0], device=device)].cpu())
+                preds["oracle verifier"][s].append(trajectories[checked, torch.arange(checked.shape[0], device=device)].cpu())
         if config.stochastic:  # sampled student on multi-solution versions of the first n_diverse puzzles
             multi = {k: v.to(device) for k, v in multi_solution_set(test_set, config.n_diverse).items()}
             grids = sample_grids(model, multi, thinking_steps, config.n_samples)
         for s in eval_steps:
-            pick = "halting head" if config.pick == "halting" else "confidence"
-            choices = [(None, preds[s])] if K == 1 else [(pick, preds[s]), ("oracle verifier", oracle[s])]
             mean_used = torch.cat(used[s], 1).float().mean().item() if adaptive else s
-            for picked_by, found in choices:
-                found = torch.cat(found)
+            for picked_by in picks:
+                found = torch.cat(preds[picked_by][s])
                 row = {"test set": set_name, "thinking steps": int(s)}
                 if K > 1:
                     row.update({"restarts": K, "picked by": picked_by})

@@ -1172,7 +1172,7 @@ def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_pr
     for name in ("no_imagination", "segment_steps", "difficulty", "base_size", "ema"):
         assert settings[name] == recipe[name], name
     assert set(recipe["eval_steps"]) < set(settings["eval_steps"]) and options.train_size == 10
-    assert settings["restarts"] > 1 and settings["restart_noise"] > 0 and settings["pick"] == "confidence"
+    assert settings["restarts"] > 1 and settings["restart_noise"] > 0
     assert settings["eval_batch_size"] % settings["restarts"] == 0
     with pytest.raises(SettingsChecked):
         train.run(["--method", "lit", "--preset", "gpu", "--ema", "0", "--out", str(tmp_path / "run")])
@@ -4353,13 +4353,43 @@ def test_lit_halting_trajectories_are_the_restarts_and_one_with_the_halting_pick
     again = lit.halting_trajectories(model, batch, 4, restarts=3, noise=0.3)[0]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again, noisy))
     task = lit_tiny_restart_task()
-    rows = lit.evaluate(model, task, dataclasses.replace(config, pick="halting", restart_noise=0.3), (1, 3), None)
-    assert rows == lit.evaluate(model, task, config, (1, 3), None)
+    rows = lit.evaluate(model, task, dataclasses.replace(config, restart_noise=0.3), (1, 3), None)
+    assert rows == lit.evaluate(model, task, config, (1, 3), None) and all("picked by" not in r for r in rows)
     test_set = task.test_sets["tiny"]
     answers = lit.think(model, test_set, 3)
     expected = [sudoku_data.blank_accuracy(answers[s - 1].argmax(-1) + 1, test_set["puzzle"], test_set["solution"])
                 for s in (1, 3)]
     assert [r["blank-cell %"] for r in rows] == expected
+
+
+def test_lit_restart_rows_of_a_model_with_a_head_give_both_picks_on_the_same_trajectories(monkeypatch):
+    """Hand-built trajectories and head: puzzle 0's right grid is the less confident one but the head is surest of
+    it; puzzle 1's right grid is the more confident one and the head prefers the wrong one. Expected: the
+    confidence pick 50 %, the halting head's 50 % (the other puzzle), the oracle 100 %, from one pass."""
+    task = lit_tiny_restart_task(n=2)
+    test_set = task.test_sets["tiny"]
+    wrong = test_set["solution"] % 9 + 1  # every cell wrong
+    model, config = lit_make(halt_weight=0.5)
+    config = dataclasses.replace(config, restarts=2, restart_noise=0.1)
+    grids = torch.stack([torch.stack([wrong[0], test_set["solution"][1]]),
+                         torch.stack([test_set["solution"][0], wrong[1]])])  # (K, B, 81)
+    logits = torch.nn.functional.one_hot(grids - 1, 9).float() * torch.tensor([[4.0, 4.0], [2.0, 2.0]])[..., None, None]
+    halt = torch.tensor([[0.2, 0.3], [0.9, 0.8]])  # (K, B): trajectory 1 surest on both puzzles
+    calls = []
+
+    def fake(model, batch, thinking_steps, restarts, noise, threshold=0.0, seed=0):
+        calls.append(restarts)
+        b = batch["puzzle"].shape[0]
+        return [logits[:, :b]] * thinking_steps, [halt[:, :b]] * thinking_steps, torch.full((restarts, b), thinking_steps)
+    monkeypatch.setattr(lit, "halting_trajectories", fake)
+    rows = lit.evaluate(model, task, config, (1, 2), None)
+    assert calls == [2]
+    assert [(r["thinking steps"], r["picked by"], r["exact %"]) for r in rows] == [
+        (s, pick, exact) for s in (1, 2)
+        for pick, exact in (("confidence", 50.0), ("halting head", 50.0), ("oracle verifier", 100.0))]
+    by_pick = {r["picked by"]: r["blank-cell %"] for r in rows if r["thinking steps"] == 2}
+    right_blank = sudoku_data.blank_accuracy(test_set["solution"][:1], test_set["puzzle"][:1], test_set["solution"][:1])
+    assert by_pick["oracle verifier"] == right_blank == 100.0 and by_pick["halting head"] < 100.0
 
 
 def test_lit_halting_pick_is_the_argmax_of_the_heads_probability_and_needs_no_rules(monkeypatch):
@@ -4399,8 +4429,7 @@ def test_lit_halting_pick_is_the_argmax_of_the_heads_probability_and_needs_no_ru
     logits, halt, _ = lit.halting_trajectories(model, {"puzzle": batch["puzzle"]}, 3, restarts=4, noise=0.5)  # no solution
     assert all(torch.equal(a, b) for a, b in zip(lit.pick_by_halting(logits[-1], halt[-1]), expected))
     with pytest.raises(RuntimeError, match="unavailable"):  # the oracle row does check the rules
-        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5,
-                                                                          pick="halting"), (3,), None)
+        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5), (3,), None)
 
 
 LIT_HALT_SCHEDULE = [[0.1, 0.7, 0.95, 0.2],  # trajectory 0 of puzzle 0: h_t per step; τ = 0.8 -> stops after step 3
@@ -4442,15 +4471,15 @@ def test_lit_adaptive_stopping_stops_each_trajectory_where_its_head_first_crosse
                 assert halt[t][k, b].item() == pytest.approx(LIT_HALT_SCHEDULE[3 * k + b][stop], abs=1e-6)
     assert not torch.allclose(free[0], free[3])  # the answers move with the steps, so freezing them is visible
     # evaluate: the mean steps used at a budget s is the mean of min(stop, s); the MFLOP are those of the steps used
-    config = dataclasses.replace(config, restarts=2, pick="halting", halt_threshold=0.8)
+    config = dataclasses.replace(config, restarts=2, halt_threshold=0.8)
     monkeypatch.setattr(model, "halt_logit", lit_scheduled_head(0.8))
     task = SimpleNamespace(name="sudoku", test_sets={"tiny": batch})
     rows = lit.evaluate(model, task, config, (1, 2, 4), None)
     means = [sum(min(h, s) for h in LIT_HALT_STEPS[0] + LIT_HALT_STEPS[1]) / 6 for s in (1, 2, 4)]
-    assert [r["mean thinking steps used"] for r in rows[::2]] == pytest.approx(means)
-    assert [r["test-time MFLOP per puzzle"] for r in rows[::2]] == pytest.approx(
+    assert [r["mean thinking steps used"] for r in rows[::3]] == pytest.approx(means)
+    assert [r["test-time MFLOP per puzzle"] for r in rows[::3]] == pytest.approx(
         [lit.test_time_flops(config, "sudoku", m, 2) / 1e6 for m in means])
-    assert [r["picked by"] for r in rows] == ["halting head", "oracle verifier"] * 3
+    assert [r["picked by"] for r in rows] == ["confidence", "halting head", "oracle verifier"] * 3
 
 
 def test_lit_adaptive_stopping_computes_only_the_steps_it_reports():
@@ -4481,16 +4510,16 @@ def test_lit_halting_head_trains_under_bf16_autocast_on_cpu():
 
 
 def test_lit_halting_settings_raise_one_line_value_errors():
-    for bad, match in ((dict(pick="oracle"), "pick"), (dict(halt_weight=-1.0), "halt_weight"),
+    for bad, match in ((dict(halt_weight=-1.0), "halt_weight"),
                        (dict(halt_weight=float("nan")), "halt_weight"),
                        (dict(halt_weight=0.5, halt_threshold=1.0), "halt_threshold"),
                        (dict(halt_weight=0.5, halt_threshold=-0.1), "halt_threshold"),
                        (dict(halt_weight=0.5, halt_threshold=float("nan")), "halt_threshold"),
-                       (dict(pick="halting"), "halt_weight > 0"), (dict(halt_threshold=0.5), "halt_weight > 0")):
+                       (dict(halt_threshold=0.5), "halt_weight > 0")):
         with pytest.raises(ValueError, match=match) as error:
             lit.build_model(lit_tiny_config(**bad), LitFakeTask("sudoku"))
         assert "\n" not in str(error.value)
-    model = lit.build_model(lit_tiny_config(pick="halting", halt_weight=0.5, halt_threshold=0.5), LitFakeTask("sudoku"))
+    model = lit.build_model(lit_tiny_config(halt_weight=0.5, halt_threshold=0.5), LitFakeTask("sudoku"))
     assert model.halt_head is not None and lit.build_model(lit_tiny_config(), LitFakeTask("sudoku")).halt_head is None
 
 
@@ -4498,12 +4527,20 @@ def test_lit_halting_flags_through_train_py_and_a_checkpoint_without_a_head_is_o
     tiny = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "2", "--data-dir", data_dir]
     assert train.main(tiny + ["--halt-weight", "0.5", "--out", str(tmp_path / "halt")]) == 0
     assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "halt" / "checkpoint.pt"), "--restarts", "2",
-                       "--pick", "halting", "--halt-threshold", "0.5", "--eval-steps", "1,3"]) == 0
+                       "--halt-threshold", "0.5", "--eval-steps", "1,3"]) == 0
     rows = json.loads((tmp_path / "halt" / "eval.json").read_text())["rows"]
-    assert {row["picked by"] for row in rows} == {"halting head", "oracle verifier"}
+    assert {row["picked by"] for row in rows} == {"confidence", "halting head", "oracle verifier"}
     assert all(1 <= row["mean thinking steps used"] <= row["thinking steps"] for row in rows)
     assert train.main(tiny + ["--out", str(tmp_path / "plain")]) == 0
     capsys.readouterr()
-    assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "plain" / "checkpoint.pt"), "--pick", "halting"]) == 2
+    plain = tmp_path / "plain" / "checkpoint.pt"
+    assert train.main(["--method", "lit", "--eval-only", str(plain), "--halt-threshold", "0.5"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "halt_weight > 0" in error and error.count("\n") == 1
+    # a checkpoint holding a setting the method no longer has is evaluated, the setting named in one warning
+    state = torch.load(plain, weights_only=True)
+    state["config"]["pick"] = "confidence"
+    torch.save(state, tmp_path / "older.pt")
+    assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "older.pt"), "--out", str(tmp_path / "older")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "no longer has" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and warning[0].endswith("ignored: pick")

@@ -81,7 +81,11 @@ def run(argv):
     field_names = {f.name for f in dataclasses.fields(method.Config)}
     config_values = dataclasses.asdict(method.Config())
     config_values.update({k: v for k, v in preset.items() if k not in COMMON_DEFAULTS})
-    config_values.update(checkpoint["config"] if checkpoint else {})
+    retired = sorted(set(checkpoint["config"]) - field_names) if checkpoint else []
+    if retired:  # a setting an earlier version of the method had: it no longer changes anything
+        print(f"warning: {checkpoint_path} holds settings {method.__name__} no longer has, ignored: {', '.join(retired)}",
+              file=sys.stderr)
+    config_values.update({k: v for k, v in checkpoint["config"].items() if k in field_names} if checkpoint else {})
     config_values.update({k: v for k, v in given.items() if k in field_names})
     config_values = {k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()}
     check_settings(options, method.Config, config_values)
