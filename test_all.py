@@ -1628,6 +1628,34 @@ def test_benchmark_figures_script_reads_the_table_and_costs_each_row_by_its_flag
         benchmark_figures.read_table("no table here")
 
 
+def test_restart_curve_script_averages_each_point_over_the_seeds_files_and_draws_one_line_per_pick(tmp_path, capsys):
+    from scripts import restart_curve
+    mflop = train.FLOPS_COLUMN
+
+    def rows(one, confidence, stopped):
+        return {"rows": [
+            {"test set": "hard", "thinking steps": 8, mflop: 10.0, "exact %": one},
+            *({"test set": "hard", "thinking steps": 8, "restarts": 4, "picked by": pick, mflop: 40.0, "exact %": value}
+              for pick, value in (("confidence", confidence), ("halting head", 99.0), ("oracle verifier", 90.0))),
+            {"test set": "easy", "thinking steps": 8, "halt threshold": 0.9, "mean thinking steps used": 3.0,
+             mflop: stopped, "exact %": 50.0}]}
+    (tmp_path / "s0.json").write_text(json.dumps(rows(10.0, 30.0, 4.0)))
+    (tmp_path / "s1.json").write_text(json.dumps(rows(20.0, 40.0, 6.0)))
+    svg = tmp_path / "fig" / "curve.svg"  # its folder is made
+    assert restart_curve.main([str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(svg)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2:6] == [  # easy before hard; the halting head's pick left out; sd of (10, 20) is 7.07
+        "| easy | one trajectory, stopped by the head | 8 | 5 | 50.0 ± 0.0 | 2 |",
+        "| hard | 4 restarts, confidence | 8 | 40 | 35.0 ± 7.1 | 2 |",
+        "| hard | 4 restarts, oracle verifier | 8 | 40 | 90.0 ± 0.0 | 2 |",
+        "| hard | one trajectory | 8 | 10 | 15.0 ± 7.1 | 2 |"]
+    drawn = svg.read_text()
+    assert drawn.count("<polyline") == 4 and "halting head" not in drawn and "4 restarts, confidence" in drawn
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json is not an eval.json"):
+        restart_curve.main([str(tmp_path / "bad.json")])
+
+
 def tiny_model(task=TEXT, **overrides):
     torch.manual_seed(0)
     return rd.build_model(rd.Config(**{**TINY, **overrides}), task)
