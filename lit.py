@@ -122,12 +122,13 @@ class Config:
 
 
 # --preset gpu: the hard-puzzle recipe (docs/benchmark.md: no imagination, two-step supervised segments, a mixed base
-# set, TRM's weight average) scaled to one GPU for at most an hour: 3.2M parameters, 16 thinking steps in training,
-# 8 noisy restarts picked by confidence at test time. ema and base_size are run options (train.py takes them from here).
+# set, TRM's weight average, the halting head) scaled to one GPU for at most an hour: 3.2M parameters, 16 thinking
+# steps in training, 16 noisy restarts at test time, each stopped by its head, picked by confidence. ema and
+# base_size are run options (train.py takes them from here).
 GPU_CONFIG = dict(d_model=256, n_heads=8, n_layers=4, batch_size=256, steps=20000, lr=5e-4, warmup_steps=1000,
                   train_thinking_steps=16, segment_steps=2, no_imagination=True, difficulty="mixed", base_size=3000,
-                  ema=0.999, eval_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256), restarts=8, restart_noise=0.3,
-                  eval_batch_size=2000)
+                  ema=0.999, eval_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256), restarts=16, restart_noise=0.3,
+                  halt_weight=0.5, halt_threshold=0.99, eval_batch_size=2000)
 
 
 # ----------------------------------------------------------------------------- model pieces

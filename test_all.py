@@ -1173,6 +1173,7 @@ def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_pr
         assert settings[name] == recipe[name], name
     assert set(recipe["eval_steps"]) < set(settings["eval_steps"]) and options.train_size == 10
     assert settings["restarts"] > 1 and settings["restart_noise"] > 0
+    assert settings["halt_weight"] > 0 and 0 < settings["halt_threshold"] < 1  # trained with its head, stopped by it
     assert settings["eval_batch_size"] % settings["restarts"] == 0
     with pytest.raises(SettingsChecked):
         train.run(["--method", "lit", "--preset", "gpu", "--ema", "0", "--out", str(tmp_path / "run")])
