@@ -118,6 +118,7 @@ class Config:
     restart_noise: float = 0.0           # σ: noise σ·std(b) on the carried belief before every step, trajectories 2..K
     halt_weight: float = 0.0             # w: weight of the halting head's BCE in L; > 0 builds the head, 0: no head
     halt_threshold: float = 0.0          # τ in (0, 1): a trajectory stops at the first step with h_t > τ; 0: never
+    halt_detach: bool = False            # the head reads sg(b) and is clipped on its own: it never moves the student
     cnn_channels: int = 16               # visual form: channels of the first convolution (2x in the second); 16 measured best
 
 
@@ -448,7 +449,7 @@ def lit_loss(model, batch: dict, config: Config) -> tuple[torch.Tensor, dict]:
             student_logits = model.decode(student_belief)  # (B, 81, 9)
             ce_student = ce_student + F.cross_entropy(student_logits.transpose(1, 2), target)
             if halting:  # BCE(h_t, 1[current answer = solution]); the head reads the belief, the target is detached
-                halt_logit = model.halt_logit(student_belief)  # (B,)
+                halt_logit = model.halt_logit(student_belief.detach() if config.halt_detach else student_belief)  # (B,)
                 answer_right = halting_target(student_logits, batch["solution"])  # (B,) 0 or 1
                 halt_bce = halt_bce + F.binary_cross_entropy_with_logits(halt_logit, answer_right)
                 halt_right = halt_right + ((halt_logit.detach() > 0).float() == answer_right).float().mean()
@@ -672,6 +673,8 @@ def check_config(config: Config):
     if config.halt_weight == 0.0 and config.halt_threshold:
         raise ValueError(f"halt_threshold {config.halt_threshold} reads the halting head, which only a model trained "
                          f"with halt_weight > 0 has")
+    if config.halt_weight == 0.0 and config.halt_detach:
+        raise ValueError("halt_detach detaches the halting head, which only a model trained with halt_weight > 0 has")
     if config.grad_clip <= 0:
         raise ValueError(f"grad_clip must be positive, got {config.grad_clip}")
     for name in ("beta1", "beta2"):
@@ -726,9 +729,13 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 def clip_per_model(model, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips the teacher's and the student's (with the shared encoder and decoder) gradient norms
     separately, so the teacher's and the imagination term's gradients cannot shrink the student's step
-    relative to the ablation's. Returns both norms before clipping."""
-    teacher_ids = {id(p) for p in model.teacher_parameters()}
-    student = [p for p in model.parameters() if id(p) not in teacher_ids]
+    relative to the ablation's; a detached halting head (halt_detach) is clipped on its own for the same
+    reason. Returns the teacher's and the student's norms before clipping."""
+    detached_head = list(model.halt_head.parameters()) if model.halt_head is not None and model.config.halt_detach else []
+    apart = {id(p) for p in [*model.teacher_parameters(), *detached_head]}
+    student = [p for p in model.parameters() if id(p) not in apart]
+    if detached_head:
+        torch.nn.utils.clip_grad_norm_(detached_head, max_norm)
     return (torch.nn.utils.clip_grad_norm_(model.teacher_parameters(), max_norm),
             torch.nn.utils.clip_grad_norm_(student, max_norm))
 

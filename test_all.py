@@ -4372,6 +4372,28 @@ def test_lit_halting_target_carries_no_gradient_into_the_student():
     assert any(g.abs().max() > 0 for n, g in halt_term.items() if n.startswith("student."))
 
 
+def test_lit_detached_halting_head_trains_alone_and_leaves_the_student_the_no_head_student():
+    """halt_detach: three training steps with the head's loss (w = 1) leave every other parameter bit-equal to a copy
+    trained without it (w = 0, the same draws), while the head itself learns; attached, the same steps move the
+    student (the control: the comparison can fail). A tight grad_clip makes the clipping act on every step."""
+    batch = lit_tiny_sudoku(4, 40)
+    for detach in (True, False):
+        model, config = lit_make(halt_weight=1.0, train_thinking_steps=2, halt_detach=detach, grad_clip=1e-3)
+        without = copy.deepcopy(model)
+        head_before = model.halt_head.weight.detach().clone()
+        for m, weight in ((model, 1.0), (without, 0.0)):
+            optimizer, scaler = lit.make_optimizer(m, config), torch.amp.GradScaler("cpu", enabled=False)
+            torch.manual_seed(1)
+            for step in range(3):
+                lit.train_step(m, optimizer, scaler, batch, step, dataclasses.replace(config, halt_weight=weight), None)
+        same = [torch.equal(p, q) for (n, p), q in zip(model.named_parameters(), without.parameters())
+                if not n.startswith("halt_head.")]
+        assert all(same) == detach, detach
+        assert not torch.equal(model.halt_head.weight, head_before)
+    with pytest.raises(ValueError, match="halt_detach"):
+        lit.check_config(lit_tiny_config(halt_detach=True))
+
+
 def test_lit_halting_trajectories_are_the_restarts_and_one_with_the_halting_pick_is_the_single_trajectory():
     model, config = lit_make(halt_weight=0.5)
     batch = lit_tiny_sudoku(3, 40)
