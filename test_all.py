@@ -4117,10 +4117,11 @@ def test_lit_declared_test_chooses_on_validation_then_reports_paired_differences
     assert sorted(names[9:]) == sorted(f"{kind}-s{s}" for kind in ("lit", "ablation") for s in range(5))
     table = (out / "summary.md").read_text()
     assert "Chosen on the validation split: **prop-b0.1**" in table
-    # mean ± sd and mean ± 2.776·sd/√5 by hand: (4, 1.58) -> 2.0..6.0; (0, 1.58) -> -2.0..2.0; (-4, 1.0) -> -5.2..-2.8
-    assert "| hard at 128 | +2.0, +4.0, +3.0, +5.0, +6.0 | +4.0 ± 1.6 | +2.0 to +6.0 | lead |" in table
-    assert "| medium at 8 | +1.0, -1.0, +0.0, +2.0, -2.0 | +0.0 ± 1.6 | -2.0 to +2.0 | level |" in table
-    assert "| medium at 32 | -3.0, -4.0, -3.0, -5.0, -5.0 | -4.0 ± 1.0 | -5.2 to -2.8 | loss |" in table
+    # mean ± sd and mean ± 2.776·sd/√5 by hand: (4, 1.58) -> 2.0..6.0; (0, 1.58) -> -2.0..2.0; (-4, 1.0) -> -5.2..-2.8;
+    # seeds 1-4: (4.5, 1.29), (-0.25, 1.71), (-4.25, 0.96)
+    assert "| hard at 128 | +2.0, +4.0, +3.0, +5.0, +6.0 | +4.0 ± 1.6 | +2.0 to +6.0 | lead | +4.5 ± 1.3 |" in table
+    assert "| medium at 8 | +1.0, -1.0, +0.0, +2.0, -2.0 | +0.0 ± 1.6 | -2.0 to +2.0 | level | -0.2 ± 1.7 |" in table
+    assert "| medium at 32 | -3.0, -4.0, -3.0, -5.0, -5.0 | -4.0 ± 1.0 | -5.2 to -2.8 | loss | -4.2 ± 1.0 |" in table
     capsys.readouterr()
     assert declared.main(["--out", str(out)], start=fake_start) == 0 and len(started) == 19  # all finished: nothing runs
     stale = json.loads((out / "test" / "lit-s3" / "results.json").read_text())  # a run of other settings in its folder

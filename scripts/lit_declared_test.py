@@ -8,7 +8,8 @@ its --no-imagination ablation on five paired seeds of the test split, at the har
 2. their scores and the choice, by scripts/lit_select.py (the first listed wins a tie);
 3. the chosen flags (--steps 6001) and the ablation (--steps 6500), seeds 0-4, on the test split (OUT/test/...);
 4. LIT − ablation per seed for each metric, their mean ± sd and the 95 % interval of the mean, and the declared
-   reading: a lead (or a loss) where the interval excludes 0, level otherwise. Printed and written to OUT/summary.md.
+   reading: a lead (or a loss) where the interval excludes 0, level otherwise; beside it the mean ± sd of seeds 1-4
+   (seed 0 is the choice's training seed). Printed and written to OUT/summary.md.
 Runs go N at a time, each a `python train.py` process with its log in its folder (on one GPU several of these
 small runs share the device; on a CPU give each a thread: OMP_NUM_THREADS=1). A folder that holds results.json is
 used as it stands and one that holds only a checkpoint is resumed, each after checking that its run has these
@@ -115,13 +116,14 @@ def reading(differences):
 def summary(out, chosen, selection_table):
     lines = [f"# LIT's declared test\n\nChosen on the validation split: **{chosen}** "
              f"(`{' '.join(CANDIDATES[chosen])}`)\n", selection_table, "",
-             "| metric | LIT − ablation per seed (0-4) | mean ± sd | 95 % interval | reading |", "|---|---|---:|---:|---|"]
+             "| metric | LIT − ablation per seed (0-4) | mean ± sd | 95 % interval | reading | seeds 1-4: mean ± sd |",
+             "|---|---|---:|---:|---|---:|"]
     for test_set, steps in lit_select.METRIC:
         d = [exact(out / "test" / f"lit-s{s}", test_set, steps) - exact(out / "test" / f"ablation-s{s}", test_set, steps)
              for s in SEEDS]
         mean, sd, low, high, word = reading(d)
         lines.append(f"| {test_set} at {steps} | {', '.join(f'{x:+.1f}' for x in d)} | {mean:+.1f} ± {sd:.1f} | "
-                     f"{low:+.1f} to {high:+.1f} | {word} |")
+                     f"{low:+.1f} to {high:+.1f} | {word} | {statistics.mean(d[1:]):+.1f} ± {statistics.stdev(d[1:]):.1f} |")
     return "\n".join(lines) + "\n"
 
 
