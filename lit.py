@@ -61,7 +61,7 @@ Choices the abstract leaves open, and deviations (one line each, with the reason
 - Halting head: a linear readout of the cell-mean belief (TRM reads the state of its one puzzle token; the belief
   has no such token); trained at the fixed train_thinking_steps with the plain BCE, without TRM's ACT (halting
   during training) or Q-continue target; its gradient reaches the student through the belief, as in TRM
-  (`--halt-detach` cuts it, leaving the no-head student: a control; restarts then pay less, docs/benchmark.md).
+  (`--halt-detach` cuts it, leaving the no-head student: a control, measured in docs/benchmark.md).
 - Diverse solutions (`--stochastic`): evaluate() also samples the student n_samples times on
   multi-solution versions of each test set and reports the share of valid samples and the mean number
   of distinct valid solutions, the abstract's "diverse solutions" made measurable.
