@@ -184,6 +184,9 @@ def _generate_chunk(job):
     return [_generate_one(difficulty, rng) for _ in range(count)]
 
 
+GENERATION_CHUNK = 25  # puzzles a job; each job has its own seed, so the result does not depend on the worker count
+
+
 def generate_puzzles(n, difficulty, seed=0, workers=None):
     """n unique-solution puzzles of a preset, deterministic in (difficulty, seed) whatever the workers.
     Returns (puzzles int8 (n, 81), solutions int8 (n, 81), guesses int32 (n,))."""
@@ -191,8 +194,7 @@ def generate_puzzles(n, difficulty, seed=0, workers=None):
         raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
     if n < 1:
         raise ValueError(f"number of puzzles must be positive, got {n}")
-    chunk = 25  # each chunk has its own seed, so the result does not depend on the worker count
-    jobs = [(difficulty, min(chunk, n - start), [seed, start]) for start in range(0, n, chunk)]
+    jobs = [(difficulty, min(GENERATION_CHUNK, n - start), [seed, start]) for start in range(0, n, GENERATION_CHUNK)]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -295,8 +297,8 @@ def read_csv(path, check_unique=False, limit=None):
     (the first `limit` rows with a limit). Every solution must be a valid grid agreeing with its givens; check_unique also
     solves every puzzle and reports those with more than one solution. A file without a solution column (a
     puzzle column alone) is solved with the solver above, and each puzzle must have exactly one solution.
-    The file is read and checked in chunks of CSV_CHUNK rows, vectorised, into int8 arrays (a million rows
-    in a few hundred MB)."""
+    The file is read and checked in chunks of CSV_CHUNK rows, vectorised, into int8 arrays: memory grows with
+    the puzzles kept, not with the text read."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
@@ -415,10 +417,12 @@ def _solved(puzzle, path, line):
 
 def write_csv(path, puzzles, solutions):
     """Write puzzles ('.' for a blank) and solutions under a question,answer header, atomically."""
-    lines = ["question,answer"] + [
-        "".join(str(v) if v else "." for v in p) + "," + "".join(map(str, s))
-        for p, s in zip(np.asarray(puzzles).tolist(), np.asarray(solutions).tolist())]
-    write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    def write(file):
+        rows = np.full((len(puzzles), 164), ord(","), np.uint8)  # puzzle, comma, solution, newline
+        rows[:, :81] = np.where(np.asarray(puzzles) == 0, ord("."), np.asarray(puzzles) + ord("0"))
+        rows[:, 82:163], rows[:, 163] = np.asarray(solutions) + ord("0"), ord("\n")
+        file.write(b"question,answer\n" + rows.tobytes())
+    write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------- metrics
