@@ -316,19 +316,50 @@ def read_csv(path, check_unique=False, limit=None):
     return puzzles, solutions
 
 
+SEPARATORS = {"\t": "tabs", ";": "semicolons", "|": "vertical bars"}  # what a one-column row may be split by instead
+
+
+def _grid_like(field):
+    """True for a field that is meant as a grid (more than half of 81 characters digits or dots), even a broken one:
+    such a first row is read as data, never skipped as a header."""
+    return sum(ch in ".0123456789" for ch in field) > 40
+
+
+def _check_separator(row, path):
+    """One line naming the separator of a row that csv read as one column because it is not split by commas."""
+    name = next((name for separator, name in SEPARATORS.items() if len(row) == 1 and separator in row[0]), None)
+    parts = row[0].split() if len(row) == 1 else []
+    if name is None and len(parts) > 1 and any(len(part) == 81 for part in parts):
+        name = "spaces"
+    if name:
+        raise ValueError(f"{path}: the columns are separated by {name}, not commas; save it as comma-separated values "
+                         f"(an optional header line, then puzzle,solution rows)")
+
+
 def _read_csv_rows(reader, path, check_unique, limit):
     first_row = next(reader, None)
     if first_row is None:
         raise ValueError(f"{path}: empty file")
+    _check_separator(first_row, path)
     header = [name.strip().lower() for name in first_row]
     puzzle_names, solution_names = ("question", "puzzle", "quizzes", "quiz"), ("answer", "solution", "solutions")
-    if any(name in puzzle_names for name in header):
+    if any(name in puzzle_names for name in header):  # a header naming its columns
         question = next(i for i, name in enumerate(header) if name in puzzle_names)
         answer = next((i for i, name in enumerate(header) if name in solution_names), None)
         rows, first = iter(reader), 2
-    else:  # no header: the first row is a puzzle
-        question, answer = 0, (1 if len(first_row) > 1 else None)
-        rows, first = itertools.chain([first_row], reader), 1
+    else:  # the grid columns of the first row (no header) or of the first row below a header of other names
+        first = 1 if any(map(_grid_like, first_row)) else 2
+        data_row, skipped = (first_row, 0) if first == 1 else next(
+            ((row, skipped) for skipped, row in enumerate(reader) if row), (None, 0))
+        if data_row is None:
+            raise ValueError(f"{path}: no puzzles")
+        _check_separator(data_row, path)
+        grids = [i for i, field in enumerate(data_row) if _grid_like(field)]
+        if not grids:
+            raise ValueError(f"{path}, line {first + skipped}: no column holds an 81-character puzzle (the header "
+                             f"line {','.join(first_row)!r} names none of {', '.join(puzzle_names)})")
+        question, answer = grids[0], (grids[1] if len(grids) > 1 else None)
+        rows, first = itertools.chain([data_row], reader), first + skipped
     columns = max(question, answer or 0) + 1
     puzzle_parts, solution_parts, stored = [], [], 0
     while limit is None or stored < limit:

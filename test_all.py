@@ -421,6 +421,32 @@ def test_csv_encoding_solutions_and_optional_uniqueness_check(tmp_path, puzzles)
     assert len(sudoku_data.read_csv(path, check_unique=True)[0]) == 2
 
 
+
+def test_csv_reader_takes_any_one_line_header_and_names_a_separator_that_is_not_a_comma(tmp_path, puzzles):
+    grid, solution, _ = puzzles["medium"]
+    text = lambda row, blank="0": "".join(str(v) if v else blank for v in row)
+    rows = [(text(p, "."), text(s)) for p, s in zip(grid[:3], solution[:3])]
+    for header, line in (("unsolved,solved", "{},{}"), ("id,grid,sol,level", "7,{},{},hard"), ("Sudoku", "{}")):
+        path = tmp_path / "named.csv"
+        path.write_text("\n".join([header] + [line.format(p, s) for p, s in rows]) + "\n")
+        read_grid, read_solution = sudoku_data.read_csv(path)  # the puzzle alone: solved by the solver
+        assert np.array_equal(read_grid, grid[:3]) and np.array_equal(read_solution, solution[:3]), header
+    path.write_text("\n".join([rows[0][0][:80] + "," + rows[0][1]] + [f"{p},{s}" for p, s in rows[1:]]) + "\n")
+    with pytest.raises(ValueError, match="line 1: puzzle has 80 characters"):  # a broken first row is no header
+        sudoku_data.read_csv(path)
+    for separator, name in (("\t", "tabs"), (";", "semicolons")):
+        for header in ("question{}answer\n", ""):
+            path.write_text(header.format(separator) + "\n".join(p + separator + s for p, s in rows) + "\n")
+            with pytest.raises(ValueError, match=f"separated by {name}, not commas") as error:
+                sudoku_data.read_csv(path)
+            assert str(path) in str(error.value) and "\n" not in str(error.value)
+    path.write_text("unsolved,solved\n" + "\n".join(f"{p[:80]},{s[:80]}" for p, s in rows) + "\n")
+    with pytest.raises(ValueError, match="line 2: puzzle has 80 characters"):  # below any header, rows are checked
+        sudoku_data.read_csv(path)
+    path.write_text("unsolved,solved\n\nfirst,second\n")
+    with pytest.raises(ValueError, match="line 3: no column holds an 81-character puzzle"):
+        sudoku_data.read_csv(path)
+
 # ============================================================================= train.py
 def test_text_task(tmp_path):
     path = tmp_path / "corpus.txt"
