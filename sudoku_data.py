@@ -20,21 +20,26 @@ Training streams validity-preserving augmentations of a small cached base set (d
 transpose, band/stack permutations, row/column permutations within bands/stacks), which is how the
 Sudoku-Extreme baselines train: about 1k base puzzles, heavily augmented.
 """
+import contextlib
 import csv
 import gzip
 import hashlib
 import itertools
+import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
 import zipfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27), "extreme": (17, 24)}  # givens, inclusive
 # the minimal presets (every cell tried for removal), each kept only with at least this many guesses
@@ -179,30 +184,97 @@ def _generate_one(difficulty, rng):
 
 
 def _generate_chunk(job):
+    """One job's puzzles as arrays: puzzles and solutions int8 (count, 81), guesses int32 (count,)."""
     difficulty, count, seed = job
     rng = np.random.default_rng(seed)
-    return [_generate_one(difficulty, rng) for _ in range(count)]
+    puzzles, solutions, guesses = zip(*[_generate_one(difficulty, rng) for _ in range(count)])
+    return np.array(puzzles, np.int8), np.array(solutions, np.int8), np.array(guesses, np.int32)
 
 
 GENERATION_CHUNK = 25  # puzzles a job; each job has its own seed, so the result does not depend on the worker count
+BYTES_PER_PUZZLE = 81 + 81 + 4  # what generate_puzzles returns for each puzzle: two int8 grids and an int32 rating
 
 
-def generate_puzzles(n, difficulty, seed=0, workers=None):
-    """n unique-solution puzzles of a preset, deterministic in (difficulty, seed) whatever the workers.
-    Returns (puzzles int8 (n, 81), solutions int8 (n, 81), guesses int32 (n,))."""
+def _available_memory():
+    """Bytes this machine can still give a process (MemAvailable on Linux, all physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_request(n, difficulty):
+    """ValueError naming the problem with a request generate_puzzles cannot meet, before any work."""
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
     if n < 1:
         raise ValueError(f"number of puzzles must be positive, got {n}")
-    jobs = [(difficulty, min(GENERATION_CHUNK, n - start), [seed, start]) for start in range(0, n, GENERATION_CHUNK)]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = [row for part in pool.map(_generate_chunk, jobs) for row in part]
-    else:
-        rows = [row for job in jobs for row in _generate_chunk(job)]
-    puzzles, solutions, guesses = zip(*rows)
-    return np.array(puzzles, np.int8), np.array(solutions, np.int8), np.array(guesses, np.int32)
+    needed, available = n * BYTES_PER_PUZZLE, _available_memory()
+    if needed > available:
+        raise ValueError(f"{n} {difficulty} puzzles need {needed / 2**30:.1f} GiB of memory and this machine has "
+                         f"{available / 2**30:.1f} GiB available: ask for fewer")
+
+
+_SECONDS_PER_PUZZLE = {}  # preset -> seconds one puzzle took here, timed once a process
+
+
+def generation_cost(difficulty, n, workers=None):
+    """Estimated (seconds, bytes) that generate_puzzles(n, difficulty, workers=workers) takes on this machine,
+    before starting it: the seconds from timing a few puzzles of the preset here (about one second, once a process,
+    at least one puzzle), the bytes those of the arrays it returns. ValueError (as generate_puzzles) for a request
+    beyond this machine's memory."""
+    _check_request(n, difficulty)
+    if difficulty not in _SECONDS_PER_PUZZLE:
+        rng, count, start = np.random.default_rng([2**40, len(difficulty)]), 0, time.perf_counter()
+        while count == 0 or (count < 8 and time.perf_counter() - start < 1.0):
+            _generate_one(difficulty, rng)
+            count += 1
+        _SECONDS_PER_PUZZLE[difficulty] = (time.perf_counter() - start) / count
+    jobs = -(-n // GENERATION_CHUNK)
+    parallel = min(workers or os.cpu_count() or 1, jobs)
+    return _SECONDS_PER_PUZZLE[difficulty] * n / parallel, n * BYTES_PER_PUZZLE
+
+
+def _worker_ignores_ctrl_c():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which ends the workers
+
+
+def _stop_at_once(signum, frame):
+    raise KeyboardInterrupt
+
+
+def generate_puzzles(n, difficulty, seed=0, workers=None):
+    """n unique-solution puzzles of a preset, deterministic in (difficulty, seed) whatever the workers.
+    Returns (puzzles int8 (n, 81), solutions int8 (n, 81), guesses int32 (n,)). A request beyond this machine's
+    memory is refused at once (ValueError); a long generation shows its progress; Ctrl-C or SIGTERM ends the worker
+    processes at once and raises KeyboardInterrupt."""
+    _check_request(n, difficulty)
+    jobs = ((difficulty, min(GENERATION_CHUNK, n - start), [seed, start]) for start in range(0, n, GENERATION_CHUNK))
+    workers = min(workers or os.cpu_count() or 1, -(-n // GENERATION_CHUNK))
+    puzzles, solutions, guesses = np.empty((n, 81), np.int8), np.empty((n, 81), np.int8), np.empty(n, np.int32)
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _stop_at_once)  # SIGTERM as Ctrl-C: the workers are ended too
+    progress = tqdm(total=n, desc=f"generating {n} {difficulty} puzzles", unit="puzzle", delay=5, leave=False)
+    try:
+        with contextlib.ExitStack() as stack:
+            if workers > 1:  # the pool is terminated (its workers killed) on leaving, also by an exception
+                pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_worker_ignores_ctrl_c))
+                parts = pool.imap(_generate_chunk, jobs)
+            else:
+                parts = map(_generate_chunk, jobs)
+            done = 0
+            for part in parts:
+                count = len(part[0])
+                puzzles[done:done + count], solutions[done:done + count], guesses[done:done + count] = part
+                done += count
+                progress.update(count)
+    finally:
+        progress.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return puzzles, solutions, guesses
 
 
 # ----------------------------------------------------------------------------- caching

@@ -447,6 +447,40 @@ def test_csv_reader_takes_any_one_line_header_and_names_a_separator_that_is_not_
     with pytest.raises(ValueError, match="line 3: no column holds an 81-character puzzle"):
         sudoku_data.read_csv(path)
 
+
+def test_generation_estimates_its_cost_and_refuses_a_size_beyond_memory_in_one_line():
+    for call in (lambda: sudoku_data.generate_puzzles(10**13, "easy"), lambda: sudoku_data.generation_cost("hard", 10**13)):
+        started = time.perf_counter()
+        with pytest.raises(ValueError, match=r"10000000000000 \w+ puzzles need [\d.]+ GiB of memory") as error:
+            call()
+        assert time.perf_counter() - started < 1 and "\n" not in str(error.value)
+    seconds, size = sudoku_data.generation_cost("easy", 40, workers=1)
+    assert size == 40 * (81 + 81 + 4) and sudoku_data.generation_cost("easy", 80, workers=2) == (seconds, 2 * size)
+    started = time.perf_counter()
+    sudoku_data.generate_puzzles(40, "easy", seed=5, workers=1)
+    assert 0.1 < (time.perf_counter() - started) / seconds < 10  # the estimate is the time it takes, roughly
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_end_a_generation_and_its_workers_at_once(signum):
+    import multiprocessing
+    import threading
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    sent = []
+    stop = threading.Timer(0.5, lambda: (sent.append(time.perf_counter()), os.kill(os.getpid(), signum)))
+    watchdog = threading.Timer(20, lambda: [child.kill() for child in multiprocessing.active_children()])
+    stop.start()
+    watchdog.start()  # a generation that waits on its workers fails here instead of hanging
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sudoku_data.generate_puzzles(10**6, "easy", workers=2)  # hours of work
+        assert time.perf_counter() - sent[0] < 3
+        assert multiprocessing.active_children() == []  # the workers are gone
+    finally:
+        stop.cancel()
+        watchdog.cancel()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
 # ============================================================================= train.py
 def test_text_task(tmp_path):
     path = tmp_path / "corpus.txt"
