@@ -120,18 +120,52 @@ def test_generation_is_deterministic_whatever_the_worker_count(monkeypatch):
         sudoku_data.generate_puzzles(3, "impossible")
 
 
-def test_extreme_puzzles_are_minimal_need_search_and_are_rated_at_least_their_threshold(data_dir):
-    puzzles, solutions = sudoku_data.load_puzzles("extreme", 2, 7 + 1_000_003, data_dir)  # seed 7's first test puzzles
+def test_extreme_puzzles_are_minimal_need_search_are_rated_at_least_their_threshold_and_rechecked_on_load(
+        tmp_path, monkeypatch, capsys):
     low, high = sudoku_data.DIFFICULTIES["extreme"]
-    assert high <= 24 and sudoku_data.FEWEST_GUESSES["extreme"] >= 10
+    assert (low, high) == (17, 25) and sudoku_data.EXTREME_RATING >= 30  # the public hardest lists' range
+    monkeypatch.setattr(sudoku_data, "EXTREME_RATING", 6)  # the preset's own climb, to a rating reached in seconds
+    puzzles, solutions = sudoku_data.load_puzzles("extreme", 1, 7, tmp_path)
     for puzzle, solution in zip(puzzles.tolist(), solutions.tolist()):
-        assert low <= sum(map(bool, puzzle)) <= high
+        assert low <= sum(map(bool, puzzle)) <= high and sudoku_data.rating(puzzle) >= 6
         count, found, guesses = sudoku_data.solve(puzzle)
-        assert count == 1 and found == solution and guesses >= sudoku_data.FEWEST_GUESSES["extreme"]
+        assert count == 1 and found == solution
         singles = sudoku_data._candidates(puzzle)  # naked and hidden singles alone leave cells open
         assert singles is not None and any(mask & (mask - 1) for mask in singles)
         for cell in (c for c in range(81) if puzzle[c]):  # minimal: without any one given, two solutions
             assert sudoku_data.solve(puzzle[:cell] + [0] + puzzle[cell + 1:])[0] == 2
+    path = tmp_path / "sudoku-extreme-1-seed7.npz"
+    stored = dict(np.load(path))
+    assert stored["ratings"].tolist() == [sudoku_data.rating(puzzles[0])]
+    assert np.array_equal(sudoku_data.load_puzzles("extreme", 1, 7, tmp_path)[0], puzzles)  # a good cache is kept
+
+    def generated_again(*args, **kwargs):
+        raise RuntimeError("generated again")
+    monkeypatch.setattr(sudoku_data, "generate_puzzles", generated_again)
+    capsys.readouterr()
+    without = {name: array for name, array in stored.items() if name != "ratings"}
+    for damaged, problem in ((without, "holds no rating"), ({**without, "ratings": stored["ratings"] + 0.5}, "its rating is"),
+                             ({**without, "ratings": np.array([5.0])}, "rated 5.0, below extreme's 6")):
+        np.savez(path, **damaged)
+        with pytest.raises(RuntimeError, match="generated again"):
+            sudoku_data.load_puzzles("extreme", 1, 7, tmp_path)
+        warning = capsys.readouterr().err
+        assert str(path) in warning and problem in warning and warning.count("\n") == 1
+
+
+def test_rating_is_the_mean_guesses_over_fixed_transforms_a_property_of_the_puzzle_where_one_path_is_not(puzzles):
+    grid, solution, guesses = puzzles["hard"]
+    index = int(np.argmax(guesses))  # the puzzle of the most guesses on one path
+    puzzle = grid[index]
+    copies = np.repeat(puzzle[None], sudoku_data.RATING_TRANSFORMS, 0)
+    transformed = sudoku_data.augment(copies, copies, np.random.default_rng(sudoku_data.RATING_SEED))[0]
+    rating = sudoku_data.rating(puzzle)
+    assert rating == np.mean([sudoku_data.solve(g)[2] for g in transformed])  # its definition, computed directly
+    others = sudoku_data.augment(np.repeat(grid[index:index + 1], 6, 0), np.repeat(solution[index:index + 1], 6, 0),
+                                 np.random.default_rng(1))[0]  # the same puzzle, transformed
+    one_path = [sudoku_data.solve(g)[2] for g in others]
+    assert abs(np.mean(one_path) - guesses[index]) > 0.3 * guesses[index]  # one solver path is no property of it
+    assert abs(np.mean([sudoku_data.rating(g) for g in others]) - rating) < 0.2 * rating  # its rating is
 
 
 def test_augmentation_preserves_validity_and_uniqueness(puzzles):
@@ -225,7 +259,7 @@ def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
 def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_any_chunk(tmp_path, puzzles, monkeypatch):
     grids, solutions = (np.concatenate([puzzles[name][i] for name in sudoku_data.EVAL_SETS]) for i in (0, 1))
     rng = np.random.default_rng(0)
-    index = rng.integers(0, len(grids), 10_000)
+    index = rng.integers(0, len(grids), 5_000)
     many = sudoku_data.augment(grids[index], solutions[index], rng)
     path = tmp_path / "many.csv"
     sudoku_data.write_csv(path, *many)
@@ -238,10 +272,10 @@ def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_
         finally:
             tracemalloc.stop()
     (p, s), peak = read_with_peak()
-    assert p.dtype == s.dtype == np.int8 and len(p) == 10_000
-    assert peak < 10_000 * 2.5 * 1024  # under 2.5 kB a row read (the two int8 grids are 162 bytes)
-    monkeypatch.setattr(sudoku_data, "CSV_CHUNK", 1_000)  # a tenth of the file at a time: a third of the memory
-    assert read_with_peak()[1] < 10_000 * 0.5 * 1024
+    assert p.dtype == s.dtype == np.int8 and len(p) == 5_000
+    assert peak < 5_000 * 2.5 * 1024  # under 2.5 kB a row read (the two int8 grids are 162 bytes)
+    monkeypatch.setattr(sudoku_data, "CSV_CHUNK", 500)  # a tenth of the file at a time: a third of the memory
+    assert read_with_peak()[1] < 5_000 * 0.5 * 1024
     monkeypatch.setattr(sudoku_data, "CSV_CHUNK", 7)  # rows now span many chunks: the same arrays, lines still named
     small = tmp_path / "small.csv"
     sudoku_data.write_csv(small, many[0][:30], many[1][:30])
@@ -467,7 +501,7 @@ def test_ctrl_c_and_sigterm_end_a_generation_and_its_workers_at_once(signum):
     import threading
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     sent = []
-    stop = threading.Timer(0.5, lambda: (sent.append(time.perf_counter()), os.kill(os.getpid(), signum)))
+    stop = threading.Timer(0.2, lambda: (sent.append(time.perf_counter()), os.kill(os.getpid(), signum)))
     watchdog = threading.Timer(20, lambda: [child.kill() for child in multiprocessing.active_children()])
     stop.start()
     watchdog.start()  # a generation that waits on its workers fails here instead of hanging
