@@ -215,7 +215,7 @@ def _generate_extreme(rng):
     low, high = DIFFICULTIES["extreme"]
     while True:
         puzzle, solution, _ = _generate_one("hard", rng)
-        samples = _guesses(puzzle, 8, rng)
+        samples, rated = _guesses(puzzle, 8, rng), None  # the climb's estimate of the puzzle; its rating once known
         for _ in range(CLIMB_STEPS):
             candidate = _neighbour(puzzle, solution, rng)
             if np.mean(_guesses(candidate, 2, rng)) < np.mean(samples) / 2:
@@ -225,11 +225,13 @@ def _generate_extreme(rng):
                 continue
             trial = _guesses(candidate, 8, rng)
             if np.mean(trial) >= np.mean(samples):
-                puzzle, samples = candidate, trial
+                puzzle, samples, rated = candidate, trial, None
             else:
                 samples += _guesses(puzzle, 2, rng)
-            if np.mean(samples) >= EXTREME_RATING and rating(puzzle) >= EXTREME_RATING:
-                return puzzle, solution, solve(puzzle)[2]
+            if np.mean(samples) >= EXTREME_RATING:
+                rated = rating(puzzle) if rated is None else rated
+                if rated >= EXTREME_RATING:
+                    return puzzle, solution, solve(puzzle)[2]
 
 
 def _generate_one(difficulty, rng):
@@ -270,7 +272,7 @@ def _generate_chunk(job, made=lambda: None):
 
 
 GENERATION_CHUNK = 25  # puzzles a job; each job has its own seed, so the result does not depend on the worker count
-BYTES_PER_PUZZLE = 81 + 81 + 4  # what generate_puzzles returns for each puzzle: two int8 grids and an int32 rating
+BYTES_PER_PUZZLE = 81 + 81 + 4  # what generate_puzzles returns for each puzzle: two int8 grids and int32 guesses
 
 
 def _available_memory():
@@ -400,12 +402,17 @@ def _rating_problem(puzzles, ratings):
     return None
 
 
+def cache_path(difficulty, n, seed=0, data_dir="data"):
+    """Where load_puzzles keeps a generated set (absent until it is first generated)."""
+    return Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
+
+
 def load_puzzles(difficulty, n, seed=0, data_dir="data"):
     """The cached set data_dir/sudoku-<difficulty>-<n>-seed<seed>.npz, generated once if absent, checked
     on every load (each puzzle agrees with its valid solution and has its preset's number of givens; an extreme
     set's ratings as _rating_problem says) and generated again if damaged. Returns (puzzles, solutions) as int8
     (n, 81)."""
-    path = Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
+    path = cache_path(difficulty, n, seed, data_dir)
     low, high = DIFFICULTIES[difficulty]
     if path.exists():
         try:

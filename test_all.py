@@ -144,7 +144,8 @@ def test_extreme_puzzles_are_minimal_need_search_are_rated_at_least_their_thresh
     monkeypatch.setattr(sudoku_data, "generate_puzzles", generated_again)
     capsys.readouterr()
     without = {name: array for name, array in stored.items() if name != "ratings"}
-    for damaged, problem in ((without, "holds no rating"), ({**without, "ratings": stored["ratings"] + 0.5}, "its rating is"),
+    for damaged, problem in ((without, "holds no rating"),
+                             ({**without, "ratings": stored["ratings"] + 0.5}, "its rating is"),
                              ({**without, "ratings": np.array([5.0])}, "rated 5.0, below extreme's 6")):
         np.savez(path, **damaged)
         with pytest.raises(RuntimeError, match="generated again"):
@@ -189,7 +190,8 @@ def test_base_set_is_cached_atomically_and_tasks_are_deterministic(tmp_path):
     task = sudoku_data.SudokuTask("easy", seed=1, base_size=10, eval_size=2, data_dir=tmp_path)
     batch, same = task.train_batch(5, 16), task.train_batch(5, 16)
     assert batch["puzzle"].shape == (16, 81) and batch["puzzle"].dtype == torch.long
-    assert torch.equal(batch["puzzle"], same["puzzle"]) and not torch.equal(batch["puzzle"], task.train_batch(6, 16)["puzzle"])
+    assert torch.equal(batch["puzzle"], same["puzzle"])
+    assert not torch.equal(batch["puzzle"], task.train_batch(6, 16)["puzzle"])
     assert set(task.test_sets) == {"easy", "medium", "hard"}
     train_puzzles = {p.tobytes() for p in task.base_puzzles}
     for test in task.test_sets.values():
@@ -256,7 +258,8 @@ def test_csv_round_trip_and_clear_errors(tmp_path, puzzles):
         sudoku_data.read_csv(tmp_path / "missing.csv")
 
 
-def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_any_chunk(tmp_path, puzzles, monkeypatch):
+def test_csv_is_read_in_chunks_into_int8_with_flat_memory_and_bad_rows_named_in_any_chunk(tmp_path, puzzles,
+                                                                                           monkeypatch):
     grids, solutions = (np.concatenate([puzzles[name][i] for name in sudoku_data.EVAL_SETS]) for i in (0, 1))
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(grids), 5_000)
@@ -356,9 +359,11 @@ def test_visual_misread_rate_shows_some_training_givens_as_another_digit(tmp_pat
     assert (shown[misread] >= 1).all() and (batch["puzzle_images"][~given] == 0).all()
     assert torch.equal(batch["puzzle"], task.train_batch(0, 16)["puzzle"])  # targets and givens stay the true digits
     test_set = task.test_sets["easy"]  # test images are never altered
-    assert torch.equal(test_set["puzzle_images"][test_set["puzzle"] > 0], test_set["solution_images"][test_set["puzzle"] > 0])
+    givens = test_set["puzzle"] > 0
+    assert torch.equal(test_set["puzzle_images"][givens], test_set["solution_images"][givens])
     with pytest.raises(ValueError, match="misread_rate"):
-        sudoku_data.VisualSudokuTask("easy", base_size=8, eval_size=4, data_dir=tmp_path, mnist_dir=MNIST_DIR, misread_rate=1.0)
+        sudoku_data.VisualSudokuTask("easy", base_size=8, eval_size=4, data_dir=tmp_path, mnist_dir=MNIST_DIR,
+                                     misread_rate=1.0)
     assert train.main(["--method", "lit", "--misread-rate", "0.1", "--steps", "1", "--data-dir", str(tmp_path)]) == 2
 
 
@@ -366,8 +371,8 @@ def test_visual_misread_rate_shows_some_training_givens_as_another_digit(tmp_pat
 def test_visual_defaults_are_misread_training_and_the_wide_cnn(tmp_path, data_dir):
     """--task visual trains with 5 % misread givens and 16 channels unless told otherwise; --task sudoku without."""
     def run(name, *flags):
-        argv = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "1", "--data-dir", data_dir, "--mnist-dir", str(MNIST_DIR),
-                "--out", str(tmp_path / name), *flags]
+        argv = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "1", "--data-dir", data_dir,
+                "--mnist-dir", str(MNIST_DIR), "--out", str(tmp_path / name), *flags]
         assert train.main(argv) == 0
         record = json.loads((tmp_path / name / "results.json").read_text())
         return record["run"]["misread_rate"], record["config"]["cnn_channels"]
@@ -388,8 +393,10 @@ def test_mnist_checksum_and_missing_files(tmp_path, monkeypatch):
 
 def test_mnist_training_files_are_checked_too_and_a_bad_gzip_is_named(tmp_path):
     labels = np.random.default_rng(0).integers(0, 10, 2, dtype=np.uint8).tobytes()  # random labels, valid header
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes([0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]) + bytes(2 * 784)))
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes([0, 0, 0, 2]) + labels))
+    images = b"\x00\x00\x08\x03" + bytes([0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]) + bytes(2 * 784)  # 2 blank images
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
+    label_file = b"\x00\x00\x08\x01" + bytes([0, 0, 0, 2]) + labels
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_file))
     with pytest.raises(ValueError, match="SHA-256 mismatch"):
         sudoku_data.load_mnist(tmp_path, "train")
     whole = gzip.compress(bytes(5000))
@@ -448,7 +455,8 @@ def test_csv_encoding_solutions_and_optional_uniqueness_check(tmp_path, puzzles)
     with pytest.raises(ValueError, match="line 3: the solution breaks"):
         sudoku_data.read_csv(tmp_path / "rules.csv")
     several = tmp_path / "several.csv"  # all-blank puzzles on lines 3 and 5 have many solutions
-    several.write_text(f"question,answer\n{question},{answer}\n{'.' * 81},{answer}\n{question},{answer}\n{'.' * 81},{answer}\n")
+    several.write_text(f"question,answer\n{question},{answer}\n{'.' * 81},{answer}\n{question},{answer}\n"
+                       f"{'.' * 81},{answer}\n")
     assert len(sudoku_data.read_csv(several)[0]) == 4
     with pytest.raises(ValueError, match=r"2 puzzle\(s\) have more than one solution, on line\(s\) 3, 5"):
         sudoku_data.read_csv(several, check_unique=True)
@@ -483,7 +491,8 @@ def test_csv_reader_takes_any_one_line_header_and_names_a_separator_that_is_not_
 
 
 def test_generation_estimates_its_cost_and_refuses_a_size_beyond_memory_in_one_line():
-    for call in (lambda: sudoku_data.generate_puzzles(10**13, "easy"), lambda: sudoku_data.generation_cost("hard", 10**13)):
+    for call in (lambda: sudoku_data.generate_puzzles(10**13, "easy"),
+                 lambda: sudoku_data.generation_cost("hard", 10**13)):
         started = time.perf_counter()
         with pytest.raises(ValueError, match=r"10000000000000 \w+ puzzles need [\d.]+ GiB of memory") as error:
             call()
