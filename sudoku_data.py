@@ -316,8 +316,12 @@ def generation_cost(difficulty, n, workers=None):
     return _SECONDS_PER_PUZZLE[difficulty] * n / parallel, n * BYTES_PER_PUZZLE
 
 
-def _worker_ignores_ctrl_c():
+STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which ends the workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # held back while the pool started
 
 
 def _stop_at_once(signum, frame):
@@ -340,7 +344,11 @@ def generate_puzzles(n, difficulty, seed=0, workers=None):
     try:
         with contextlib.ExitStack() as stack:
             if workers > 1:  # the pool is terminated (its workers killed) on leaving, also by an exception
-                pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_worker_ignores_ctrl_c))
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)  # a stop now would leave workers running
+                try:
+                    pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_start_worker))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 parts = pool.imap(_generate_chunk, jobs)
             else:  # progress after each puzzle
                 parts = (_generate_chunk(job, lambda: progress.update(1)) for job in jobs)
