@@ -321,7 +321,24 @@ STOPS = {signal.SIGINT, signal.SIGTERM}
 
 def _start_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which ends the workers
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # held back while the pool started
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as the pool's terminate() expects
+
+
+def _start_pool(stack, workers):
+    """A worker pool entered into `stack` (terminated, its workers killed, on leaving it, also by an exception);
+    Ctrl-C or SIGTERM while its workers start is held until then, so that it cannot leave them running."""
+    if threading.current_thread() is not threading.main_thread():
+        return stack.enter_context(multiprocessing.Pool(workers, initializer=_start_worker))
+    stops = []
+    held = {number: signal.signal(number, lambda number, frame: stops.append(number)) for number in STOPS}
+    try:
+        pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_start_worker))
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
+    if stops:
+        raise KeyboardInterrupt
+    return pool
 
 
 def _stop_at_once(signum, frame):
@@ -343,13 +360,8 @@ def generate_puzzles(n, difficulty, seed=0, workers=None):
     progress = tqdm(total=n, desc=f"generating {n} {difficulty} puzzles", unit="puzzle", delay=5, leave=False)
     try:
         with contextlib.ExitStack() as stack:
-            if workers > 1:  # the pool is terminated (its workers killed) on leaving, also by an exception
-                held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)  # a stop now would leave workers running
-                try:
-                    pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_start_worker))
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                parts = pool.imap(_generate_chunk, jobs)
+            if workers > 1:
+                parts = _start_pool(stack, workers).imap(_generate_chunk, jobs)
             else:  # progress after each puzzle
                 parts = (_generate_chunk(job, lambda: progress.update(1)) for job in jobs)
             done = 0
