@@ -10,35 +10,46 @@ Difficulty presets (every generated puzzle has exactly one solution):
   hard    22-27 givens: every cell is tried for removal (the result is minimal: no given can be
           removed without losing uniqueness); kept only if it has 22-27 givens AND needs at least
           one guess, i.e. naked and hidden singles alone do not solve it.
-  extreme 17-24 givens: made as hard (minimal), kept only if it has at most 24 givens AND is rated at least
-          10 guesses: it needs search, with ten or more branch points, as the hardest public sets do.
+  extreme 17-25 givens, rated at least EXTREME_RATING (the range of the public hardest lists): a hard puzzle,
+          then a climb towards harder neighbours (a given removed, or moved, clues of the solution added back
+          until the solution is unique again, the result made minimal), kept while its rating rises.
           Not among the default test sets (EVAL_SETS): a run evaluates on it when asked (eval_sets).
-Rating ("guesses"): the number of branch points the solver below visits while it proves the solution
-unique (propagation with naked + hidden singles, branching on a minimum-remaining-values cell).
+Guesses: the number of branch points the solver below visits while it proves the solution unique (propagation
+with naked + hidden singles, branching on the first minimum-remaining-values cell). One solver path depends on
+the order of the cells, so a puzzle's rating is the mean of its guesses over RATING_TRANSFORMS fixed random
+validity-preserving transforms (rating()): a property of the puzzle, up to that averaging.
 
 Training streams validity-preserving augmentations of a small cached base set (digit relabelling,
 transpose, band/stack permutations, row/column permutations within bands/stacks), which is how the
 Sudoku-Extreme baselines train: about 1k base puzzles, heavily augmented.
 """
+import contextlib
 import csv
 import gzip
 import hashlib
 import itertools
+import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
 import zipfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27), "extreme": (17, 24)}  # givens, inclusive
+DIFFICULTIES = {"easy": (36, 45), "medium": (28, 35), "hard": (22, 27), "extreme": (17, 25)}  # givens, inclusive
 # the minimal presets (every cell tried for removal), each kept only with at least this many guesses
-FEWEST_GUESSES = {"hard": 1, "extreme": 10}
+FEWEST_GUESSES = {"hard": 1}
+EXTREME_RATING = 30  # the least rating of an extreme puzzle
+RATING_TRANSFORMS, RATING_SEED = 32, 81  # the transforms a rating averages over, and their seed
+CLIMB_STEPS = 300  # neighbours tried from one start before the climb starts again from another hard puzzle
 # the generated test sets of a run unless it names others (extreme is left out: it is slow to generate)
 EVAL_SETS = ("easy", "medium", "hard")
 # training base sets made of equal shares of presets ("harder": without the easy third that a model masters first)
@@ -156,8 +167,77 @@ def _has_other_solution(puzzle, cell, digit):
     return _propagate(candidates, givens) and bool(_search(candidates, 1, [0]))
 
 
+def rating(puzzle, transforms=RATING_TRANSFORMS, seed=RATING_SEED):
+    """Mean guesses of the solver over `transforms` random validity-preserving transforms of a unique-solution
+    puzzle (81 ints), the same transforms for every puzzle (drawn from `seed`)."""
+    return float(np.mean(_guesses(puzzle, transforms, np.random.default_rng(seed))))
+
+
+def _guesses(puzzle, count, rng):
+    """The solver's guesses on each of `count` random transforms of a puzzle."""
+    grids = np.repeat(np.asarray(puzzle, np.int8).reshape(1, 81), count, 0)
+    return [solve(grid)[2] for grid in augment(grids, grids, rng)[0].tolist()]
+
+
+def _minimal(puzzle, rng):
+    """The puzzle with givens removed in random order while its solution stays unique (no given can then go)."""
+    for cell in rng.permutation([cell for cell in range(81) if puzzle[cell]]):
+        digit, puzzle[cell] = puzzle[cell], 0
+        if _has_other_solution(puzzle, cell, digit):
+            puzzle[cell] = digit
+    return puzzle
+
+
+def _neighbour(puzzle, solution, rng):
+    """A unique-solution puzzle near `puzzle`: one given removed (half the time put back on another cell),
+    then clues of the solution added where a second solution differs from it, until it is the only one."""
+    puzzle, givens = puzzle[:], [cell for cell in range(81) if puzzle[cell]]
+    removed = givens[rng.integers(len(givens))]
+    puzzle[removed] = 0
+    if rng.random() < 0.5:
+        blanks = [cell for cell in range(81) if not puzzle[cell] and cell != removed]
+        added = blanks[rng.integers(len(blanks))]
+        puzzle[added] = solution[added]
+    while True:
+        found = [_to_digits(candidates) for candidates in _search(_candidates(puzzle), 2, [0])]
+        if len(found) == 1:
+            return puzzle
+        other = next(grid for grid in found if grid != solution)
+        cells = [cell for cell in range(81) if other[cell] != solution[cell] and cell != removed] or [removed]
+        cell = cells[rng.integers(len(cells))]
+        puzzle[cell] = solution[cell]
+
+
+def _generate_extreme(rng):
+    """A hard puzzle, then the climb: a neighbour replaces the puzzle when its mean guesses over a few fresh
+    transforms are at least the puzzle's (whose estimate gains transforms while it stays); done when the
+    rating (over other transforms than the climb's) reaches EXTREME_RATING with the preset's givens."""
+    low, high = DIFFICULTIES["extreme"]
+    while True:
+        puzzle, solution, _ = _generate_one("hard", rng)
+        samples, rated = _guesses(puzzle, 8, rng), None  # the climb's estimate of the puzzle; its rating once known
+        for _ in range(CLIMB_STEPS):
+            candidate = _neighbour(puzzle, solution, rng)
+            if np.mean(_guesses(candidate, 2, rng)) < np.mean(samples) / 2:
+                continue  # made minimal only when it looks promising: most of the climb's work is there
+            candidate = _minimal(candidate, rng)
+            if not low <= sum(map(bool, candidate)) <= high:
+                continue
+            trial = _guesses(candidate, 8, rng)
+            if np.mean(trial) >= np.mean(samples):
+                puzzle, samples, rated = candidate, trial, None
+            else:
+                samples += _guesses(puzzle, 2, rng)
+            if np.mean(samples) >= EXTREME_RATING:
+                rated = rating(puzzle) if rated is None else rated
+                if rated >= EXTREME_RATING:
+                    return puzzle, solution, solve(puzzle)[2]
+
+
 def _generate_one(difficulty, rng):
     """One puzzle of the preset: (puzzle, solution, guesses) as lists of 81 ints."""
+    if difficulty == "extreme":
+        return _generate_extreme(rng)
     low, high = DIFFICULTIES[difficulty]
     minimal = difficulty in FEWEST_GUESSES
     while True:
@@ -178,29 +258,124 @@ def _generate_one(difficulty, rng):
             return puzzle, solution, guesses
 
 
-def _generate_chunk(job):
+def _generate_chunk(job, made=lambda: None):
+    """One job's puzzles as arrays: puzzles and solutions int8 (count, 81), guesses int32 (count,); made() is
+    called after each puzzle."""
     difficulty, count, seed = job
     rng = np.random.default_rng(seed)
-    return [_generate_one(difficulty, rng) for _ in range(count)]
+    rows = []
+    for _ in range(count):
+        rows.append(_generate_one(difficulty, rng))
+        made()
+    puzzles, solutions, guesses = zip(*rows)
+    return np.array(puzzles, np.int8), np.array(solutions, np.int8), np.array(guesses, np.int32)
 
 
-def generate_puzzles(n, difficulty, seed=0, workers=None):
-    """n unique-solution puzzles of a preset, deterministic in (difficulty, seed) whatever the workers.
-    Returns (puzzles int8 (n, 81), solutions int8 (n, 81), guesses int32 (n,))."""
+GENERATION_CHUNK = 25  # puzzles a job; each job has its own seed, so the result does not depend on the worker count
+BYTES_PER_PUZZLE = 81 + 81 + 4  # what generate_puzzles returns for each puzzle: two int8 grids and int32 guesses
+
+
+def _available_memory():
+    """Bytes this machine can still give a process (MemAvailable on Linux, all physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_request(n, difficulty):
+    """ValueError naming the problem with a request generate_puzzles cannot meet, before any work."""
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
     if n < 1:
         raise ValueError(f"number of puzzles must be positive, got {n}")
-    chunk = 25  # each chunk has its own seed, so the result does not depend on the worker count
-    jobs = [(difficulty, min(chunk, n - start), [seed, start]) for start in range(0, n, chunk)]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = [row for part in pool.map(_generate_chunk, jobs) for row in part]
-    else:
-        rows = [row for job in jobs for row in _generate_chunk(job)]
-    puzzles, solutions, guesses = zip(*rows)
-    return np.array(puzzles, np.int8), np.array(solutions, np.int8), np.array(guesses, np.int32)
+    needed, available = n * BYTES_PER_PUZZLE, _available_memory()
+    if needed > available:
+        raise ValueError(f"{n} {difficulty} puzzles need {needed / 2**30:.1f} GiB of memory and this machine has "
+                         f"{available / 2**30:.1f} GiB available: ask for fewer")
+
+
+_SECONDS_PER_PUZZLE = {}  # preset -> seconds one puzzle took here, timed once a process
+
+
+def generation_cost(difficulty, n, workers=None):
+    """Estimated (seconds, bytes) that generate_puzzles(n, difficulty, workers=workers) takes on this machine,
+    before starting it: the seconds from timing a few puzzles of the preset here (about one second, once a process,
+    at least one puzzle), the bytes those of the arrays it returns. ValueError (as generate_puzzles) for a request
+    beyond this machine's memory."""
+    _check_request(n, difficulty)
+    if difficulty not in _SECONDS_PER_PUZZLE:
+        rng, count, start = np.random.default_rng([2**40, len(difficulty)]), 0, time.perf_counter()
+        while count == 0 or (count < 8 and time.perf_counter() - start < 1.0):
+            _generate_one(difficulty, rng)
+            count += 1
+        _SECONDS_PER_PUZZLE[difficulty] = (time.perf_counter() - start) / count
+    jobs = -(-n // GENERATION_CHUNK)
+    parallel = min(workers or os.cpu_count() or 1, jobs)
+    return _SECONDS_PER_PUZZLE[difficulty] * n / parallel, n * BYTES_PER_PUZZLE
+
+
+STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which ends the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as the pool's terminate() expects
+
+
+def _start_pool(stack, workers):
+    """A worker pool entered into `stack` (terminated, its workers killed, on leaving it, also by an exception);
+    Ctrl-C or SIGTERM while its workers start is held until then, so that it cannot leave them running."""
+    if threading.current_thread() is not threading.main_thread():
+        return stack.enter_context(multiprocessing.Pool(workers, initializer=_start_worker))
+    stops = []
+    held = {number: signal.signal(number, lambda number, frame: stops.append(number)) for number in STOPS}
+    try:
+        pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_start_worker))
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
+    if stops:
+        raise KeyboardInterrupt
+    return pool
+
+
+def _stop_at_once(signum, frame):
+    raise KeyboardInterrupt
+
+
+def generate_puzzles(n, difficulty, seed=0, workers=None):
+    """n unique-solution puzzles of a preset, deterministic in (difficulty, seed) whatever the workers.
+    Returns (puzzles int8 (n, 81), solutions int8 (n, 81), guesses int32 (n,)). A request beyond this machine's
+    memory is refused at once (ValueError); a long generation shows its progress; Ctrl-C or SIGTERM ends the worker
+    processes at once and raises KeyboardInterrupt."""
+    _check_request(n, difficulty)
+    jobs = ((difficulty, min(GENERATION_CHUNK, n - start), [seed, start]) for start in range(0, n, GENERATION_CHUNK))
+    workers = min(workers or os.cpu_count() or 1, -(-n // GENERATION_CHUNK))
+    puzzles, solutions, guesses = np.empty((n, 81), np.int8), np.empty((n, 81), np.int8), np.empty(n, np.int32)
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _stop_at_once)  # SIGTERM as Ctrl-C: the workers are ended too
+    progress = tqdm(total=n, desc=f"generating {n} {difficulty} puzzles", unit="puzzle", delay=5, leave=False)
+    try:
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                parts = _start_pool(stack, workers).imap(_generate_chunk, jobs)
+            else:  # progress after each puzzle
+                parts = (_generate_chunk(job, lambda: progress.update(1)) for job in jobs)
+            done = 0
+            for part in parts:
+                count = len(part[0])
+                puzzles[done:done + count], solutions[done:done + count], guesses[done:done + count] = part
+                done += count
+                if workers > 1:
+                    progress.update(count)
+    finally:
+        progress.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return puzzles, solutions, guesses
 
 
 # ----------------------------------------------------------------------------- caching
@@ -231,29 +406,55 @@ def invalid_rows(puzzles, solutions):
     return bad | (broken_constraints(torch.from_numpy(solutions.clip(0, 9))).numpy() > 0)
 
 
+RECHECKED = 4  # extreme puzzles whose rating is computed again on every load of a cached set, drawn at random
+
+
+def _rating_problem(puzzles, ratings):
+    """What is wrong with the ratings stored beside a cached extreme set (None if nothing): each must reach
+    EXTREME_RATING, and those of RECHECKED random puzzles must be their rating computed again."""
+    if ratings is None or ratings.shape != (len(puzzles),):
+        return "holds no rating for each puzzle"
+    if (ratings < EXTREME_RATING).any():
+        return f"has puzzle(s) rated {ratings.min():.1f}, below extreme's {EXTREME_RATING}"
+    for index in np.random.default_rng().permutation(len(puzzles))[:RECHECKED]:
+        if (computed := rating(puzzles[index])) != ratings[index]:
+            return f"holds puzzle {index} rated {ratings[index]:.1f}, and its rating is {computed:.1f}"
+    return None
+
+
+def cache_path(difficulty, n, seed=0, data_dir="data"):
+    """Where load_puzzles keeps a generated set (absent until it is first generated)."""
+    return Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
+
+
 def load_puzzles(difficulty, n, seed=0, data_dir="data"):
     """The cached set data_dir/sudoku-<difficulty>-<n>-seed<seed>.npz, generated once if absent, checked
-    on every load (each puzzle agrees with its valid solution and has its preset's number of givens) and
-    generated again if damaged. Returns (puzzles, solutions) as int8 (n, 81)."""
-    path = Path(data_dir) / f"sudoku-{difficulty}-{n}-seed{seed}.npz"
+    on every load (each puzzle agrees with its valid solution and has its preset's number of givens; an extreme
+    set's ratings as _rating_problem says) and generated again if damaged. Returns (puzzles, solutions) as int8
+    (n, 81)."""
+    path = cache_path(difficulty, n, seed, data_dir)
     low, high = DIFFICULTIES[difficulty]
     if path.exists():
         try:
             with np.load(path) as data:
                 puzzles, solutions = data["puzzles"], data["solutions"]
-            if puzzles.shape != (n, 81) or solutions.shape != (n, 81) or (puzzles.dtype, solutions.dtype) != (np.int8, np.int8):
-                problem = f"holds {puzzles.dtype} {puzzles.shape} and {solutions.dtype} {solutions.shape}, not int8 ({n}, 81)"
+                ratings = data["ratings"] if "ratings" in data else None
+            if (puzzles.shape, solutions.shape, puzzles.dtype, solutions.dtype) != ((n, 81), (n, 81), np.int8, np.int8):
+                problem = (f"holds {puzzles.dtype} {puzzles.shape} and {solutions.dtype} {solutions.shape}, "
+                           f"not int8 ({n}, 81)")
             elif invalid_rows(puzzles, solutions).any():
                 problem = f"has {int(invalid_rows(puzzles, solutions).sum())} puzzle(s) with a broken solution"
             elif not ((givens := (puzzles != 0).sum(1)) >= low).all() or not (givens <= high).all():
-                problem = f"has puzzle(s) with {givens.min()}-{givens.max()} givens, not the {low}-{high} of {difficulty}"
-            else:
+                problem = (f"has puzzle(s) with {givens.min()}-{givens.max()} givens, not the {low}-{high} of "
+                           f"{difficulty}")
+            elif difficulty != "extreme" or not (problem := _rating_problem(puzzles, ratings)):
                 return puzzles, solutions
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as error:
             problem = f"cannot be read ({type(error).__name__}: {error})"
         print(f"warning: {path} {problem}; generating it again", file=sys.stderr)
     puzzles, solutions, guesses = generate_puzzles(n, difficulty, seed)
-    write_atomically(path, lambda f: np.savez(f, puzzles=puzzles, solutions=solutions, guesses=guesses))
+    ratings = {"ratings": np.array([rating(p) for p in puzzles.tolist()])} if difficulty == "extreme" else {}
+    write_atomically(path, lambda f: np.savez(f, puzzles=puzzles, solutions=solutions, guesses=guesses, **ratings))
     return puzzles, solutions
 
 
@@ -290,13 +491,14 @@ CSV_CHUNK = 50_000  # rows read and checked at a time: memory stays flat whateve
 
 
 def read_csv(path, check_unique=False, limit=None):
-    """Read a public-format Sudoku CSV (81-character strings, '.' or '0' for a blank; a header naming
-    the columns, e.g. question,answer or source,question,answer,rating). Returns int8 (N, 81) pairs
-    (the first `limit` rows with a limit). Every solution must be a valid grid agreeing with its givens; check_unique also
-    solves every puzzle and reports those with more than one solution. A file without a solution column (a
-    puzzle column alone) is solved with the solver above, and each puzzle must have exactly one solution.
-    The file is read and checked in chunks of CSV_CHUNK rows, vectorised, into int8 arrays (a million rows
-    in a few hundred MB)."""
+    """Read a public-format Sudoku CSV: 81-character grids ('.' or '0' for a blank), comma-separated, below a header
+    naming the columns (question,answer, source,question,answer,rating, ...), below any other one-line header (the
+    grid columns are then those of the first row), or without a header. Returns int8 (N, 81) pairs (the first `limit`
+    rows with a limit). Every solution must be a valid grid agreeing with its givens; check_unique also solves every
+    puzzle and reports those with more than one solution. A file without a solution column (a puzzle column alone)
+    is solved with the solver above, and each puzzle must have exactly one solution. A file separated by tabs or
+    semicolons is refused in one line. The file is read and checked in chunks of CSV_CHUNK rows, vectorised, into
+    int8 arrays: memory grows with the puzzles kept, not with the text read."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such file")
@@ -314,19 +516,50 @@ def read_csv(path, check_unique=False, limit=None):
     return puzzles, solutions
 
 
+SEPARATORS = {"\t": "tabs", ";": "semicolons", "|": "vertical bars"}  # what a one-column row may be split by instead
+
+
+def _grid_like(field):
+    """True for a field that is meant as a grid (more than half of 81 characters digits or dots), even a broken one:
+    such a first row is read as data, never skipped as a header."""
+    return sum(ch in ".0123456789" for ch in field) > 40
+
+
+def _check_separator(row, path):
+    """One line naming the separator of a row that csv read as one column because it is not split by commas."""
+    name = next((name for separator, name in SEPARATORS.items() if len(row) == 1 and separator in row[0]), None)
+    parts = row[0].split() if len(row) == 1 else []
+    if name is None and len(parts) > 1 and any(len(part) == 81 for part in parts):
+        name = "spaces"
+    if name:
+        raise ValueError(f"{path}: the columns are separated by {name}, not commas; save it as comma-separated values "
+                         f"(an optional header line, then puzzle,solution rows)")
+
+
 def _read_csv_rows(reader, path, check_unique, limit):
     first_row = next(reader, None)
     if first_row is None:
         raise ValueError(f"{path}: empty file")
+    _check_separator(first_row, path)
     header = [name.strip().lower() for name in first_row]
     puzzle_names, solution_names = ("question", "puzzle", "quizzes", "quiz"), ("answer", "solution", "solutions")
-    if any(name in puzzle_names for name in header):
+    if any(name in puzzle_names for name in header):  # a header naming its columns
         question = next(i for i, name in enumerate(header) if name in puzzle_names)
         answer = next((i for i, name in enumerate(header) if name in solution_names), None)
         rows, first = iter(reader), 2
-    else:  # no header: the first row is a puzzle
-        question, answer = 0, (1 if len(first_row) > 1 else None)
-        rows, first = itertools.chain([first_row], reader), 1
+    else:  # the grid columns of the first row (no header) or of the first row below a header of other names
+        first = 1 if any(map(_grid_like, first_row)) else 2
+        data_row, skipped = (first_row, 0) if first == 1 else next(
+            ((row, skipped) for skipped, row in enumerate(reader) if row), (None, 0))
+        if data_row is None:
+            raise ValueError(f"{path}: no puzzles")
+        _check_separator(data_row, path)
+        grids = [i for i, field in enumerate(data_row) if _grid_like(field)]
+        if not grids:
+            raise ValueError(f"{path}, line {first + skipped}: no column holds an 81-character puzzle (the header "
+                             f"line {','.join(first_row)!r} names none of {', '.join(puzzle_names)})")
+        question, answer = grids[0], (grids[1] if len(grids) > 1 else None)
+        rows, first = itertools.chain([data_row], reader), first + skipped
     columns = max(question, answer or 0) + 1
     puzzle_parts, solution_parts, stored = [], [], 0
     while limit is None or stored < limit:
@@ -339,9 +572,9 @@ def _read_csv_rows(reader, path, check_unique, limit):
             lines, block = zip(*[(line, row) for line, row in zip(lines, block) if row]) or ((), ())
             if not block:
                 continue
-        short = next((line for line, row in zip(lines, block) if len(row) < columns), None) if min(map(len, block)) < columns else None
-        if short is not None:
-            raise ValueError(f"{path}, line {short}: expected at least {columns} columns, got {len(block[lines.index(short)])}")
+        if min(map(len, block)) < columns:
+            line, row = next((line, row) for line, row in zip(lines, block) if len(row) < columns)
+            raise ValueError(f"{path}, line {line}: expected at least {columns} columns, got {len(row)}")
         puzzles = [row[question].strip() for row in block]
         solutions = ([row[answer].strip() for row in block] if answer is not None else
                      [_solved(puzzle, path, line) for puzzle, line in zip(puzzles, lines)])
@@ -383,12 +616,14 @@ def _check_chunk(lines, puzzle_texts, solution_texts, path, puzzle_parts, soluti
     for texts in (puzzle_texts, solution_texts):
         text = "".join(texts if ok.all() else [texts[i] for i in fixed])
         grids.append(np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).reshape(len(fixed), 81))
-    puzzle = np.where(grids[0] == ord("."), 0, grids[0] - np.uint8(ord("0")))  # uint8: '.', '0' -> 0; others wrap above 9
+    # uint8: '.' and '0' -> 0; other characters wrap above 9
+    puzzle = np.where(grids[0] == ord("."), 0, grids[0] - np.uint8(ord("0")))
     solution = grids[1] - np.uint8(ord("0"))
     bad = (puzzle > 9).any(1) | ((solution < 1) | (solution > 9)).any(1)
     bad |= ((puzzle != 0) & (puzzle != solution)).any(1)
     bits = np.left_shift(np.uint16(1), np.clip(solution, 1, 9).astype(np.uint16) - 1)  # (n, 81): one bit per digit
-    bad |= (np.bitwise_or.reduce(bits[:, UNIT_CELLS], axis=2) != ALL_DIGITS).any(1)  # a unit missing a digit repeats one
+    # a unit missing a digit repeats another
+    bad |= (np.bitwise_or.reduce(bits[:, UNIT_CELLS], axis=2) != ALL_DIGITS).any(1)
     ok[fixed[bad]] = False
     if not ok.all():
         index = int(np.argmin(ok))
@@ -415,10 +650,12 @@ def _solved(puzzle, path, line):
 
 def write_csv(path, puzzles, solutions):
     """Write puzzles ('.' for a blank) and solutions under a question,answer header, atomically."""
-    lines = ["question,answer"] + [
-        "".join(str(v) if v else "." for v in p) + "," + "".join(map(str, s))
-        for p, s in zip(np.asarray(puzzles).tolist(), np.asarray(solutions).tolist())]
-    write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    def write(file):
+        rows = np.full((len(puzzles), 164), ord(","), np.uint8)  # puzzle, comma, solution, newline
+        rows[:, :81] = np.where(np.asarray(puzzles) == 0, ord("."), np.asarray(puzzles) + ord("0"))
+        rows[:, 82:163], rows[:, 163] = np.asarray(solutions) + ord("0"), ord("\n")
+        file.write(b"question,answer\n" + rows.tobytes())
+    write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -464,17 +701,19 @@ class SudokuTask:
     check_unique solves each of their puzzles and refuses a file with a puzzle that has several solutions."""
     name, vocab_size, seq_len = "sudoku", 10, 81
 
-    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, train_size=None, eval_split="test", eval_sets=EVAL_SETS):
+    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(),
+                 test_files=(), check_unique=False, train_size=None, eval_split="test", eval_sets=EVAL_SETS):
         if eval_split not in EVAL_SPLITS:
             raise ValueError(f"unknown eval_split {eval_split!r}; choose one of {', '.join(EVAL_SPLITS)}")
         if eval_split != "test" and test_files:
-            raise ValueError(f"test files replace the generated test sets; the {eval_split} split is generated puzzles only")
+            raise ValueError(f"test files replace the generated test sets; the {eval_split} split is generated "
+                             f"puzzles only")
         if train_size is not None and (train_size < 1 or not train_files):
             raise ValueError(f"train_size must be a positive number of puzzles, got {train_size}" if train_size < 1
                              else f"train_size {train_size} takes the first puzzles of train files, and none are given")
         if difficulty not in (*DIFFICULTIES, *TRAINING_MIXES):
-            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join((*DIFFICULTIES, *TRAINING_MIXES))}")
+            raise ValueError(f"unknown difficulty {difficulty!r}; choose one of "
+                             f"{', '.join((*DIFFICULTIES, *TRAINING_MIXES))}")
         unknown = [name for name in eval_sets if name not in DIFFICULTIES]
         if unknown or not eval_sets or len(set(eval_sets)) < len(eval_sets):
             raise ValueError(f"eval sets must be distinct presets among {', '.join(DIFFICULTIES)}, "
@@ -510,7 +749,8 @@ class SudokuTask:
                 keep = ~np.isin(_grid_keys(puzzles), seen)  # disjoint from the training base
                 puzzles, solutions = puzzles[keep], solutions[keep]
                 name = name if eval_split == "test" else f"{eval_split} {name}"
-            self.test_sets[name] = {"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long()}
+            self.test_sets[name] = {"puzzle": torch.from_numpy(puzzles).long(),
+                                    "solution": torch.from_numpy(solutions).long()}
 
     def _sample(self, step, batch_size):
         rng = np.random.default_rng([self.seed, step])
@@ -599,13 +839,14 @@ class VisualSudokuTask(SudokuTask):
     split holds other puzzles, not other digit images."""
     name = "visual"
 
-    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(), test_files=(),
-                 check_unique=False, mnist_dir="mnist", misread_rate=0.0, train_size=None, eval_split="test",
-                 eval_sets=EVAL_SETS):
+    def __init__(self, difficulty, seed=0, base_size=1000, eval_size=500, data_dir="data", train_files=(),
+                 test_files=(), check_unique=False, mnist_dir="mnist", misread_rate=0.0, train_size=None,
+                 eval_split="test", eval_sets=EVAL_SETS):
         if not 0 <= misread_rate < 1:
-            raise ValueError(f"misread_rate is the share of training givens shown as another digit, in [0, 1); got {misread_rate}")
-        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique, train_size,
-                         eval_split, eval_sets)
+            raise ValueError(f"misread_rate is the share of training givens shown as another digit, in [0, 1); "
+                             f"got {misread_rate}")
+        super().__init__(difficulty, seed, base_size, eval_size, data_dir, train_files, test_files, check_unique,
+                         train_size, eval_split, eval_sets)
         self.misread_rate = misread_rate
         test_images, test_labels = load_mnist(mnist_dir, "t10k")
         try:
