@@ -184,8 +184,7 @@ class ImageEncoder(nn.Module):
 
 
 class LatentImaginationModel(nn.Module):
-    """Encoder E, cell positions, student U_S (prior), its EMA teacher U_T (posterior), decoder D. forward() is one
-    thinking step of U_S (or of U_T), the hot path that model.compile() compiles."""
+    """E, cell positions, U_S (prior), its EMA teacher U_T, D; forward is one thinking step: what --compile compiles."""
 
     def __init__(self, config: Config, task_name: str):
         super().__init__()
@@ -204,6 +203,9 @@ class LatentImaginationModel(nn.Module):
         self.decoder = nn.Linear(d, N_DIGITS)  # D: belief -> logits over digits 1..9
         # halting head (w_h, c_h; beyond the paper), built last so every other piece starts from the same weights
         self.halt_head = nn.Linear(d, 1) if config.halt_weight > 0 else None
+        if self.halt_head is not None:  # TRM's initialisation: h = σ(−5) whatever the belief
+            nn.init.zeros_(self.halt_head.weight)
+            nn.init.constant_(self.halt_head.bias, -5.0)
 
     def forward(self, state, observation, teacher: bool = False):  # (B, 81, D) x 2 -> mean (B, 81, D), std or None
         return (self.teacher if teacher else self.student)(state, observation)
@@ -301,9 +303,8 @@ def teacher_update(model, state, puzzle_emb, solution_emb, blank_emb, puzzle, re
 def example_generators(batch: dict, device) -> list | None:
     """One generator per example, seeded by batch["example_seed"] (B,), so torchrun ranks holding slices draw what one
     process draws; None (torch's global generator) for a batch without seeds."""
-    if "example_seed" not in batch:
-        return None
-    return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
+    seeds = batch.get("example_seed")
+    return None if seeds is None else [torch.Generator(device).manual_seed(seed) for seed in seeds.tolist()]
 
 
 def example_noise(draw, shape, generators, device) -> torch.Tensor:

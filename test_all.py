@@ -4196,6 +4196,8 @@ def test_lit_halting_target_carries_no_gradient_into_the_student():
     the belief the head reads, the student's U; never the decoder D, which only the target reads (a target that
     carried gradient, e.g. the probability of the argmax grid, would train D)."""
     model, config = lit_make(halt_weight=1.0, train_thinking_steps=2)
+    with torch.no_grad():
+        model.halt_head.weight.normal_()  # a head that reads the belief (it starts at weight 0)
     batch = lit_tiny_sudoku(2, 40)
     names, params = zip(*model.named_parameters())
     grads = []
@@ -4356,14 +4358,21 @@ def test_lit_adaptive_stopping_computes_only_the_steps_it_reports():
     assert counter.get_total_flops() == pytest.approx(4 * lit.test_time_flops(config, "sudoku", mean_steps, 2))
 
 
-def test_lit_halting_head_trains_under_bf16_autocast_on_cpu():
+def test_lit_halting_head_starts_as_trms_and_trains_under_bf16_autocast_on_cpu():
+    """TRM's initialisation: weight 0 and bias −5, so h = σ(−5) whatever the belief and every answer is taken for
+    wrong at first; under bf16 autocast the head then trains."""
     model, config = lit_make(halt_weight=0.5, lr=5e-3, d_model=32)
+    assert torch.equal(model.halt_head.weight, torch.zeros(1, 32)) and model.halt_head.bias.item() == -5.0
     data = lit_tiny_sudoku(4, 6)
+    h = torch.cat(lit.think(model, data, 2, restarts=2, noise=0.5).halt)
+    assert torch.allclose(h, torch.full_like(h, 1 / (1 + math.exp(5))))
     optimizer = lit.make_optimizer(model, config)
     outs = [lit.train_step(model, optimizer, lit_no_scaler(), data, step, config, torch.bfloat16) for step in range(10)]
     assert all(v.dim() == 0 and torch.isfinite(v) for out in outs for v in out.values())
-    assert outs[0]["halt_bce"].item() == pytest.approx(math.log(2), abs=0.05)  # h ≈ 0.5 at the start
-    assert sum(out["halt_bce"] for out in outs[-5:]) / 5 < 0.5 * outs[0]["halt_bce"]
+    assert outs[0]["halt_bce"].item() == pytest.approx(math.log1p(math.exp(-5)), rel=0.05)  # all wrong, h ≈ 0.007
+    assert outs[0]["answers_right"] == 0 and outs[0]["halt_accuracy"] == 1
+    assert not torch.equal(model.halt_head.weight, torch.zeros(1, 32))  # the head trains: its loss falls
+    assert sum(out["halt_bce"] for out in outs[-3:]) / 3 < 0.9 * outs[0]["halt_bce"]
 
 
 def test_lit_halting_settings_raise_one_line_value_errors():
