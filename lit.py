@@ -449,42 +449,42 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...],
     K, device = config.restarts, next(model.parameters()).device
     per_chunk = config.eval_batch_size // K  # puzzles per forward pass: K trajectories each
     head = ["halting head"] if model.halt_head is not None else []
-    picks = [None] if K == 1 else ["confidence", *head, "oracle verifier"]  # None: the one trajectory
+    picks = ["confidence", *head, "oracle verifier"] if K > 1 else ["confidence"]  # K = 1: the one trajectory
     model.eval()
     rows = []
     for set_name, test_set in task.test_sets.items():
         check_batch(test_set, model.task_name)
-        found = defaultdict(list)  # (steps, pick) -> [(b, 81) picked grids]; steps -> [(K, b) steps used, head right]
+        grids, used, head_right = defaultdict(list), defaultdict(list), defaultdict(list)  # lists of chunks' tensors
         for first in range(0, test_set["puzzle"].shape[0], per_chunk):
             chunk = {k: v[first:first + per_chunk].to(device) for k, v in test_set.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 thoughts = think(model, chunk, max(eval_steps), K, config.restart_noise, config.halt_threshold,
                                  first=first)
             for s in eval_steps:
-                grids = thoughts.logits[s - 1].argmax(-1) + 1  # (K, b, 81)
-                for pick in picks:
+                answers = thoughts.logits[s - 1].argmax(-1) + 1  # (K, b, 81)
+                for pick in picks:  # grids[s, pick]: (b, 81) the picked trajectories' answers
                     best = pick_trajectory(pick, thoughts, s, chunk["puzzle"])  # (b,)
-                    found[s, pick].append(grids[best, torch.arange(grids.shape[1], device=device)].cpu())
-                found[s, "used"].append(thoughts.steps.clamp(max=s).cpu())
-                if thoughts.halt is not None:
-                    right = (grids == chunk["solution"]).all(-1)  # (K, b)
-                    found[s, "head right"].append(((thoughts.halt[s - 1] > 0.5) == right).cpu())
+                    grids[s, pick].append(answers[best, torch.arange(answers.shape[1], device=device)].cpu())
+                used[s].append(thoughts.steps.clamp(max=s).cpu())  # (K, b) thinking steps each trajectory ran
+                if thoughts.halt is not None:  # (K, b): the head is right about its trajectory's answer
+                    right = (answers == chunk["solution"]).all(-1)
+                    head_right[s].append(((thoughts.halt[s - 1] > 0.5) == right).cpu())
         if config.stochastic:  # sampled student on multi-solution versions of the first n_diverse puzzles
             multi = {k: v.to(device) for k, v in multi_solution_set(test_set, config.n_diverse).items()}
             samples = sample_grids(model, multi, max(eval_steps))
         for s in eval_steps:
-            used = torch.cat(found[s, "used"], 1).float().mean().item()
+            mean_used = torch.cat(used[s], 1).float().mean().item()
             for pick in picks:
-                grids = torch.cat(found[s, pick])
+                found = torch.cat(grids[s, pick])
                 row = {"test set": set_name, "thinking steps": int(s)}
                 row.update({"restarts": K, "picked by": pick} if K > 1 else {})
-                row.update({"halt threshold": config.halt_threshold, "mean thinking steps used": used}
+                row.update({"halt threshold": config.halt_threshold, "mean thinking steps used": mean_used}
                            if config.halt_threshold else {})
-                row["test-time MFLOP per puzzle"] = test_time_flops(config, model.task_name, used, K) / 1e6
-                row["exact %"] = sudoku_data.exact_accuracy(grids, test_set["solution"])
-                row["blank-cell %"] = sudoku_data.blank_accuracy(grids, test_set["puzzle"], test_set["solution"])
-                if found[s, "head right"]:
-                    row["halting head accuracy %"] = 100.0 * torch.cat(found[s, "head right"], 1).float().mean().item()
+                row["test-time MFLOP per puzzle"] = test_time_flops(config, model.task_name, mean_used, K) / 1e6
+                row["exact %"] = sudoku_data.exact_accuracy(found, test_set["solution"])
+                row["blank-cell %"] = sudoku_data.blank_accuracy(found, test_set["puzzle"], test_set["solution"])
+                if head_right[s]:
+                    row["halting head accuracy %"] = 100.0 * torch.cat(head_right[s], 1).float().mean().item()
                 row.update(diversity(samples[s - 1], multi["puzzle"]) if config.stochastic else {})
                 rows.append(row)
     model.train()
@@ -579,8 +579,8 @@ def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
 
 
 def pick_trajectory(pick: str | None, thoughts: Thoughts, s: int, puzzle) -> torch.Tensor:
-    """(B,) the trajectory a pick chooses at a budget of s steps: the most confident (None: the only one), the one the
-    halting head is surest of (the first on ties), or the oracle verifier's."""
+    """(B,) the trajectory a pick chooses at a budget of s steps: the most confident (with K = 1, the only one), the
+    one the halting head is surest of (the first on ties), or the oracle verifier's."""
     logits = thoughts.logits[s - 1]  # (K, B, 81, 9)
     if pick == "halting head":
         return thoughts.halt[s - 1].argmax(0)
