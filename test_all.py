@@ -4410,3 +4410,208 @@ def test_lit_halting_flags_through_train_py_and_a_checkpoint_without_a_head_is_o
     assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "older.pt"), "--out", str(tmp_path / "older")]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "no longer has" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: ") and warning[0].endswith("ignored: pick")
+
+
+# ---------------- lit: pinned by direct computations (the peer graph, seeding, sampling, adaptive compute)
+def lit_direct_peers():
+    """(81, 81) bool by a loop over cells: same row, same column or same 3x3 box, the cell itself included."""
+    peers = torch.zeros(81, 81, dtype=torch.bool)
+    for i in range(81):
+        for j in range(81):
+            (ri, ci), (rj, cj) = divmod(i, 9), divmod(j, 9)
+            peers[i, j] = ri == rj or ci == cj or (ri // 3 == rj // 3 and ci // 3 == cj // 3)
+    return peers
+
+
+def test_lit_peer_attention_is_a_direct_loop_over_rows_columns_and_boxes_with_each_cell_attending_to_itself():
+    """The mask equals a loop over rows/columns/boxes; each head's output at cell i is Σ_j softmax_j(q_i·k_j/√d_h)·v_j
+    over i's peers (i itself among them); the box embedding of cell i is that of its 3x3 box."""
+    direct = lit_direct_peers()
+    assert torch.equal(lit.sudoku_peers(), direct) and direct.diagonal().all()
+    model, _ = lit_make(d_model=8, n_heads=2, n_layers=1)
+    attention = model.student.blocks[0].attn
+    x = torch.randn(1, 81, 8)
+    q, k, v = attention.qkv(x)[0].view(81, 3, 2, 4).unbind(1)  # (81, H, D/H) each
+    heads = []
+    for h in range(2):
+        cells = []
+        for i in range(81):
+            j = direct[i].nonzero()[:, 0]
+            weights = torch.softmax(k[j, h] @ q[i, h] / math.sqrt(4), 0)
+            cells.append(weights @ v[j, h])
+        heads.append(torch.stack(cells))
+    expected = attention.out(torch.cat(heads, -1))
+    assert torch.allclose(attention(x)[0], expected, atol=1e-5)
+    empty = model.observe({"puzzle": torch.zeros(1, 81, dtype=torch.long)}, teacher=False)[0][0]  # E(blank) + position
+    for i in range(81):
+        r, c = divmod(i, 9)
+        position = model.row.weight[r] + model.col.weight[c] + model.box.weight[(r // 3) * 3 + c // 3]
+        assert torch.allclose(empty[i], model.encoder.embed.weight[0] + position, atol=1e-6)
+
+
+def test_lit_diversity_counts_each_sample_for_its_own_puzzle():
+    """Hand-counted, N = 3 samples of B = 2 puzzles: puzzle 0 (two solutions A, B) gets A, a complete grid that breaks
+    the rules, B; puzzle 1 (one solution S) gets S three times: 5 of 6 valid, (2 + 1) / 2 distinct."""
+    puzzle, a, b = lit_two_solution_puzzle()
+    unique = lit_tiny_sudoku(1, 30)
+    blank = (puzzle == 0).nonzero()[:2, 0]  # two blanks of one row: swapped, the grid breaks two columns
+    broken = a.clone()
+    broken[blank] = broken[blank.flip(0)]
+    grids = torch.stack([torch.stack([a, unique["solution"][0]]), torch.stack([broken, unique["solution"][0]]),
+                         torch.stack([b, unique["solution"][0]])])  # (N=3, B=2, 81)
+    puzzles = torch.stack([puzzle, unique["puzzle"][0]])
+    assert lit.diversity(grids, puzzles) == pytest.approx({"valid samples %": 500 / 6, "distinct valid solutions": 1.5})
+    assert lit.diversity(grids[[0, 2, 1]], puzzles) == lit.diversity(grids, puzzles)  # the samples' order is free
+
+
+def test_lit_each_sample_belongs_to_its_puzzle_and_removed_givens_lose_their_images():
+    """sample_grids: puzzle 0's N samples do not change when puzzle 1 does, and differ from each other; the visual
+    multi-solution set blanks the images of the givens it removes and keeps the others'."""
+    model, _ = lit_make(stochastic=True)
+    batch = lit_tiny_sudoku(2, 40)
+    other = dict(batch, puzzle=torch.cat([batch["puzzle"][:1], lit_tiny_sudoku(1, 40, seed=3)["puzzle"]]))
+    both, changed = lit.sample_grids(model, batch, 2)[-1], lit.sample_grids(model, other, 2)[-1]  # (N, 2, 81)
+    assert torch.equal(both[:, 0], changed[:, 0]) and not torch.equal(both[:, 1], changed[:, 1])
+    assert len({tuple(g.tolist()) for g in both[:, 0]}) > 1
+    puzzles, solutions, _ = sudoku_data.generate_puzzles(2, "easy", seed=3, workers=1)
+    test_set = lit_with_images({"puzzle": torch.from_numpy(puzzles).long(), "solution": torch.from_numpy(solutions).long()})
+    multi = lit.multi_solution_set(test_set, 2)
+    removed = (test_set["puzzle"] > 0) & (multi["puzzle"] == 0)
+    assert removed.any() and torch.equal(multi["puzzle"] > 0, (test_set["puzzle"] > 0) & ~removed)
+    pixels = multi["puzzle_images"].flatten(2).abs().sum(-1)  # (2, 81)
+    assert (pixels[multi["puzzle"] == 0] == 0).all()
+    kept = multi["puzzle"] > 0
+    assert torch.equal(multi["puzzle_images"][kept], test_set["puzzle_images"][kept])
+
+
+def test_lit_each_evaluation_row_is_its_trajectories_whatever_the_other_rows_and_sets(monkeypatch):
+    """A row (test set, s) is the confidence pick of the K noisy trajectories after s steps and, stochastic, the
+    samples of that set's multi-solution puzzles after s steps, computed directly from think and sample_grids on the
+    set alone; the same with another set beside it, or other step counts, or another chunking."""
+    samples = []
+    monkeypatch.setattr(lit, "diversity", lambda grids, puzzle: samples.append(grids) or {"sample": len(samples) - 1})
+    model, config = lit_make(stochastic=True, restarts=3, restart_noise=0.5, n_diverse=2, eval_batch_size=6)
+    sets = {"a": lit_tiny_sudoku(3, 40, seed=1), "b": lit_tiny_sudoku(3, 40, seed=2)}
+    for name in sets:
+        sets[name]["puzzle"][:2] = torch.from_numpy(sudoku_data.generate_puzzles(2, "easy", seed=4, workers=1)[0])
+    runs = {}
+    for names, steps in (("ab", (1, 3)), ("b", (1, 3)), ("b", (3,)), ("ab", (1,))):
+        samples.clear()
+        rows = lit.evaluate(model, SimpleNamespace(name="sudoku", test_sets={n: sets[n] for n in names}), config,
+                            steps, None)
+        runs[names, steps] = {(r["test set"], r["thinking steps"], r["picked by"]): (r["blank-cell %"],
+                                                                                     samples[r.pop("sample")]) for r in rows}
+    for name, test_set in sets.items():
+        thoughts = lit.think(model, test_set, 3, 3, 0.5)
+        sampled = lit.sample_grids(model, lit.multi_solution_set(test_set, 2), 3)
+        for s in (1, 3):
+            pick = lit.pick_by_confidence(thoughts.logits[s - 1], test_set["puzzle"])
+            grid = thoughts.logits[s - 1].argmax(-1)[pick, torch.arange(3)] + 1
+            blank = sudoku_data.blank_accuracy(grid, test_set["puzzle"], test_set["solution"])
+            for run in runs.values():
+                if (name, s, "confidence") in run:
+                    assert run[name, s, "confidence"][0] == blank
+                    assert torch.equal(run[name, s, "confidence"][1], sampled[s - 1])
+    assert len({run["b", 3, "confidence"][0] for run in runs.values() if ("b", 3, "confidence") in run}) == 1
+    noiseless = lit.think(model, sets["b"], 3, 3, 0.0)
+    assert not torch.equal(noiseless.logits[-1], lit.think(model, sets["b"], 3, 3, 0.5).logits[-1])
+
+
+def test_lit_every_noisy_trajectory_is_a_direct_rollout_from_its_own_noised_start(monkeypatch):
+    """Each trajectory k ≥ 1 of each puzzle, rolled alone with its own generator: b ← b + σ·std(b)·ε (std over the
+    cell's channels) before every step, from b_0; trajectory 0 noiseless; one that stops keeps its last step, and the
+    others' noise does not depend on who stopped. The generators' seeds are read from example_generators."""
+    model, _ = lit_make(halt_weight=0.5)
+    with torch.no_grad():
+        model.halt_head.weight.normal_(std=30.0)
+        model.student.norm_out.weight.uniform_(0.5, 2.0)  # cells' stds differ from the whole belief's
+    batch, K, B, T, sigma = lit_tiny_sudoku(3, 40), 3, 3, 3, 0.4
+    threshold = lit.think(model, batch, 1, K, sigma).halt[0].median().item()
+    seeds = []
+    real = lit.example_generators
+    monkeypatch.setattr(lit, "example_generators",
+                        lambda b, device: seeds.append(b["example_seed"].tolist()) or real(b, device))
+    thoughts = lit.think(model, batch, T, K, sigma, threshold=threshold)
+    seeds = seeds[0]
+    assert len(set(seeds)) == K * B and 1 < thoughts.steps.float().mean() < T
+    emb = model.observe(batch, teacher=False)[0]
+    with torch.no_grad():
+        for k in range(K):
+            for b in range(B):
+                g, state, stopped = torch.Generator().manual_seed(seeds[k * B + b]), model.initial_belief(1)[0], False
+                for t in range(T):
+                    if not stopped:
+                        if k:
+                            state = state + sigma * state.std(-1, keepdim=True) * torch.randn(81, 16, generator=g)
+                        mean = model.student(state[None], emb[b:b + 1])[0][0]
+                        logits, state = model.decode(mean), mean
+                        stopped = torch.sigmoid(lit.halt_logit(model, mean[None])).item() > threshold
+                        steps = t + 1
+                    assert torch.allclose(thoughts.logits[t][k, b], logits, atol=1e-4)
+                    if t == 0 and k:  # its own start: off trajectory 0 from the first step
+                        assert not torch.allclose(logits, thoughts.logits[0][0, b], atol=1e-3)
+                assert thoughts.steps[k, b] == steps
+
+
+def test_lit_adaptive_compute_is_the_mean_over_all_trajectories_whatever_the_chunks():
+    """Mean thinking steps used = the mean of min(steps, s) over every trajectory of the set (not a mean of the
+    chunks' means), and the MFLOP those of that mean: the same at chunks of 3 + 1 puzzles as in one pass."""
+    model, config = lit_make(halt_weight=0.5, restarts=2, restart_noise=0.3)
+    with torch.no_grad():
+        model.halt_head.weight.normal_(std=30.0)
+    batch = lit_tiny_sudoku(4, 40)
+    threshold = lit.think(model, batch, 1, 2, 0.3).halt[0].median().item()
+    config = dataclasses.replace(config, halt_threshold=threshold)
+    steps = lit.think(model, batch, 4, 2, 0.3, threshold=threshold).steps  # (K, B)
+    task = SimpleNamespace(name="sudoku", test_sets={"tiny": batch})
+    for size in (6, 8):  # 3 + 1 puzzles, or all 4 at once
+        rows = lit.evaluate(model, task, dataclasses.replace(config, eval_batch_size=size), (2, 4), None)
+        for row in rows:
+            mean = steps.clamp(max=row["thinking steps"]).float().mean().item()
+            assert row["mean thinking steps used"] == pytest.approx(mean)
+            assert row["test-time MFLOP per puzzle"] == pytest.approx(lit.test_time_flops(config, "sudoku", mean, 2) / 1e6)
+    chunk_means = (steps[:, :3].float().mean() + steps[:, 3:].float().mean()) / 2
+    assert chunk_means.item() != pytest.approx(steps.float().mean().item())  # the chunks' sizes do matter here
+
+
+def test_lit_exact_percent_counts_a_grid_only_with_its_givens_right(monkeypatch):
+    """A trajectory right on every blank cell but wrong on a given cell is not solved: exact 50 %, blank-cell 100 %."""
+    task = lit_tiny_restart_task(n=2)
+    test_set = task.test_sets["tiny"]
+    grids = test_set["solution"].clone()
+    given = (test_set["puzzle"][0] > 0).nonzero()[0, 0]
+    grids[0] = lit_flip(grids[0], given)
+    monkeypatch.setattr(lit, "think", lit_fake_thoughts(torch.nn.functional.one_hot(grids - 1, 9).float()[None]))
+    model, config = lit_make()
+    rows = lit.evaluate(model, task, config, (1,), None)
+    assert (rows[0]["exact %"], rows[0]["blank-cell %"]) == (50.0, 100.0)
+
+
+def test_lit_gpu_preset_builds_at_its_size_and_its_head_stops_nothing_at_init():
+    """GPU_CONFIG (less train.py's run options): 3.2M parameters; at a tiny width its model starts with TRM's head
+    (h = σ(−5) < τ: no trajectory stops), its restarts are noised, and one training step at T = 16, k = 2 runs."""
+    values = {k: v for k, v in lit.GPU_CONFIG.items() if k not in train.COMMON_DEFAULTS}
+    full = lit.build_model(lit.Config(**values), LitFakeTask("sudoku"))
+    assert round(sum(p.numel() for p in full.parameters()) / 1e6, 1) == 3.2
+    config = lit.Config(**{**values, "d_model": 16, "n_heads": 2, "n_layers": 1, "eval_batch_size": 32})
+    torch.manual_seed(0)
+    model = lit.build_model(config, LitFakeTask("sudoku"))
+    assert torch.equal(model.halt_head.weight, torch.zeros(1, 16)) and model.halt_head.bias.item() == -5.0
+    batch = lit_tiny_sudoku(2, 40)
+    thoughts = lit.think(model, batch, 3, config.restarts, config.restart_noise, config.halt_threshold)
+    assert (thoughts.steps == 3).all() and thoughts.steps.shape == (16, 2)
+    assert not torch.allclose(thoughts.logits[0][1:], thoughts.logits[0][:1].expand(15, -1, -1, -1), atol=1e-3)
+    out = lit.train_step(model, lit.make_optimizer(model, config), lit_no_scaler(), batch, 0, config, None)
+    assert out["halt_bce"].item() == pytest.approx(math.log1p(math.exp(-5)), rel=1e-3) and out["imagination"] == 0
+
+
+def test_lit_ema_teacher_update_by_hand():
+    """θ_T ← d·θ_T + (1 − d)·θ_S: with θ_T = 2 and θ_S = 6 everywhere and d = 0.75, every teacher weight becomes 3."""
+    model, _ = lit_make(ema_teacher=0.75)
+    with torch.no_grad():
+        for teacher, student in zip(model.teacher.parameters(), model.student.parameters()):
+            teacher.fill_(2.0)
+            student.fill_(6.0)
+    model.update_ema_teacher()
+    assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in model.teacher.parameters())
+    assert all(torch.equal(p, torch.full_like(p, 6.0)) for p in model.student.parameters())
