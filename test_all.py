@@ -4559,8 +4559,10 @@ def test_lit_every_noisy_trajectory_is_a_direct_rollout_from_its_own_noised_star
 
 def test_lit_adaptive_compute_is_the_mean_over_all_trajectories_whatever_the_chunks():
     """Mean thinking steps used = the mean of min(steps, s) over every trajectory of the set (not a mean of the
-    chunks' means), and the MFLOP those of that mean: the same at chunks of 3 + 1 puzzles as in one pass."""
-    model, config = lit_make(halt_weight=0.5, restarts=2, restart_noise=0.3)
+    chunks' means), and the MFLOP those of that mean: the same at chunks of 3 + 1 puzzles as in one pass, and at the
+    largest budget what the flop counter sees evaluate compute (observation space: each trajectory reads back b_0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, config = lit_make(halt_weight=0.5, restarts=2, restart_noise=0.3, recursion="observation")
     with torch.no_grad():
         model.halt_head.weight.normal_(std=30.0)
     batch = lit_tiny_sudoku(4, 40)
@@ -4569,7 +4571,9 @@ def test_lit_adaptive_compute_is_the_mean_over_all_trajectories_whatever_the_chu
     steps = lit.think(model, batch, 4, 2, 0.3, threshold=threshold).steps  # (K, B)
     task = SimpleNamespace(name="sudoku", test_sets={"tiny": batch})
     for size in (6, 8):  # 3 + 1 puzzles, or all 4 at once
-        rows = lit.evaluate(model, task, dataclasses.replace(config, eval_batch_size=size), (2, 4), None)
+        with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
+            rows = lit.evaluate(model, task, dataclasses.replace(config, eval_batch_size=size), (2, 4), None)
+        assert counter.get_total_flops() == pytest.approx(4 * rows[-1]["test-time MFLOP per puzzle"] * 1e6)
         for row in rows:
             mean = steps.clamp(max=row["thinking steps"]).float().mean().item()
             assert row["mean thinking steps used"] == pytest.approx(mean)
