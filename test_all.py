@@ -2736,6 +2736,8 @@ def force_lvr_start(model):
     with torch.no_grad():
         model.llm.head.weight[LVR_TASK.lvr_start_id] += 0.1 * model.llm.ln.weight.sign()
         model.llm.ln.bias.copy_(model.llm.ln.weight.abs())
+        if model.reference is not None:  # π_ref is the policy GRPO starts from
+            model.reference.load_state_dict(model.llm.state_dict())
 
 
 # ---------------- vqa_data
@@ -2898,7 +2900,7 @@ def test_lvr_adaptive_exits_run_and_respect_cap():
         batch = LVR_TASK.train_batch(0, 4)
         with torch.no_grad():
             visual = model.visual_tokens(batch["image"])
-        out = lvr.generate(model, model.llm, visual, batch["question"], config.max_latent, exit=exit)
+        out = lvr.generate(model, model.llm, visual, batch["question"], config.max_latent, exit_rule=exit)
         assert out["is_latent"].sum(1).le(config.max_latent).all()
         assert lvr.lvr_loss(model, visual, batch)[1].keys() >= {"L_NTP", "L_LVR"}
 
@@ -2906,17 +2908,17 @@ def test_lvr_adaptive_exits_run_and_respect_cap():
 def test_lvr_pooled_roi_targets_average_segments():
     visual = torch.arange(36.0)[None, :, None].repeat(1, 1, 2)              # token value = patch index
     box = torch.tensor([[0, 0, 16, 16]])                                       # patches 0, 1, 6, 7
-    full, valid = lvr.roi_targets(visual, box, LVR_TASK, 0)
-    assert full[0, :, 0].tolist() == [0, 1, 6, 7] and valid.all()
-    pooled, _ = lvr.roi_targets(visual, box, LVR_TASK, 2)
+    full = lvr.roi_targets(visual, box, LVR_TASK, 4)                                 # k = N: the ROI tokens
+    assert full[0, :, 0].tolist() == [0, 1, 6, 7]
+    pooled = lvr.roi_targets(visual, box, LVR_TASK, 2)
     assert pooled[0, :, 0].tolist() == [0.5, 6.5]
-    up, _ = lvr.roi_targets(visual, box, LVR_TASK, 8)                              # fewer tokens than k: repeats
+    up = lvr.roi_targets(visual, box, LVR_TASK, 8)                                   # fewer tokens than k: repeats
     assert up[0, :, 0].tolist() == [0, 0, 1, 1, 6, 6, 7, 7]
     chain = torch.tensor([[[40, 40, 48, 48], [0, 0, 16, 8]], [[8, 0, 9, 1], [8, 0, 9, 1]]])  # (B=2, K=2, 4)
-    full, valid = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 0)       # box order, then row-major
-    assert full[0, :, 0].tolist() == [35, 0, 1] and valid.tolist() == [[True] * 3, [True, True, False]]
-    assert full[1, :2, 0].tolist() == [1, 1]
-    pooled, _ = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 2)
+    full = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 3)              # box order, then row-major
+    assert full[0, :, 0].tolist() == [35, 0, 1]
+    assert full[1, :, 0].tolist() == [1, 1, 1]                                       # N = 2 < k: repeats
+    pooled = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 2)
     assert pooled[:, :, 0].tolist() == [[35, 0.5], [1, 1]]
 
 
@@ -2960,7 +2962,12 @@ def test_lvr_grpo_step_and_bf16_autocast():
         assert all(torch.isfinite(v) for v in metrics.values())
         assert not torch.equal(before, model.llm.head.weight)
     assert {"reward", "accuracy", "format", "kl"} <= metrics.keys()
-    assert model.reference is not None and "reference.head.weight" not in model.state_dict()
+    # π_ref: loading a stage-1 state dict (no π_ref in it) sets it to the loaded LLM
+    stage1 = {k: v for k, v in model.state_dict().items() if not k.startswith("reference.")}
+    stage1["llm.head.weight"] = stage1["llm.head.weight"] + 1
+    model.load_state_dict(stage1)
+    assert torch.equal(model.reference.head.weight, stage1["llm.head.weight"])
+    assert not any(p.requires_grad for p in model.reference.parameters())
 
 
 def test_lvr_tiny_model_learns_tiny_vqa_set():
@@ -2987,8 +2994,8 @@ def test_lvr_evaluate_rows():
     assert [r["model"] for r in held_out] == [
         "answer prior", "baseline", "text chain-of-thought", "lvr, markers only (d)", "lvr", "lvr, oracle ROI tokens (a)",
         "lvr, zero latents (b)", "lvr, random latents (c)", "lvr, latent end exit", "lvr, mode switch exit"]
-    assert [r["thinking steps"] for r in held_out] == ["-", 0, "text", 0, 2] + [config.latent_steps] * 3 + ["adaptive"] * 2
-    assert all(r["mean steps"] <= config.max_latent for r in held_out)
+    assert [r.get("thinking steps") for r in held_out] == [0, 0, LVR_TASK.hop_len, 0, 2] + [config.latent_steps] * 3 + [None] * 2
+    assert all(r["mean steps"] <= config.max_latent for r in held_out[1:])  # the prior row decodes nothing
     validation = [r for r in rows if r["test set"] == "validation"]
     assert len(validation) == 4 and all(r["pass@4 %"] >= r["accuracy %"] for r in validation)
     for row in held_out[1:]:  # accuracy per question type, weighted by the type counts, gives the overall accuracy
@@ -3027,7 +3034,7 @@ def test_lvr_loss_compares_each_target_with_the_hidden_state_one_position_earlie
     model, config = lvr_tiny(latent_steps=3)
     visual, batch = lvr_stage1_inputs(model)
     model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size)
-    targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)                    # (B, 3, D): v_1..v_3
+    targets = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)                       # (B, 3, D): v_1..v_3
     start = model.llm.embed.weight[LVR_TASK.lvr_start_id].expand(len(visual), 1, -1)
     expected = ((torch.cat([start, targets[:, :-1]], 1) - targets) ** 2).mean()     # [e(<lvr_start>), v_1, v_2] vs v
     torch.testing.assert_close(lvr.lvr_loss(model, visual, batch)[1]["L_LVR"], expected)
@@ -3041,7 +3048,7 @@ def test_lvr_exit_losses_supervise_the_position_holding_the_last_target():
         model, config = lvr_tiny(latent_steps=3)
         visual, batch = lvr_stage1_inputs(model)
         model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size, end_logit=True)
-        targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)               # (B, 3, D)
+        targets = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)                  # (B, 3, D)
         metrics = lvr.lvr_loss(model, visual, batch)[1]
         if exit == "latent_end":
             torch.testing.assert_close(metrics["L_end"], ((targets[:, -1] - model.latent_end) ** 2).mean())
@@ -3071,7 +3078,7 @@ def test_lvr_answer_pass_reads_detached_own_latents():
     model, config = lvr_tiny(latent_steps=3, lvr_weight=0.0, exit_weight=0.0)
     visual, batch = lvr_stage1_inputs(model)
     llm, k = model.llm, 3
-    targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, k)
+    targets = lvr.roi_targets(visual, batch["box"], LVR_TASK, k)
     B, D = len(visual), visual.shape[-1]
     answer = batch["answer"][:, 0]
     s = visual.shape[1] + batch["question"].shape[1]                                # position of <lvr_start>
@@ -3147,7 +3154,7 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
         first = free["is_latent"].float().argmax(1)[0]
         assert torch.equal(out["tokens"][:, :first], free["tokens"][:, :first])     # text before: untouched
     assert torch.equal(lvr.control_latents("oracle", visual, batch["box"], LVR_TASK, k, roi_tokens),
-                       lvr.roi_targets(visual, batch["box"], LVR_TASK, k)[0])
+                       lvr.roi_targets(visual, batch["box"], LVR_TASK, k))
     assert not lvr.control_latents("zero", visual, batch["box"], LVR_TASK, k, roi_tokens).any()
     noise = lvr.control_latents("random", visual.repeat(200, 1, 1), None, LVR_TASK, k, roi_tokens).flatten(0, 1)
     torch.testing.assert_close(noise.mean(0), roi_tokens.mean(0), atol=0.05, rtol=0)
@@ -3157,15 +3164,14 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
 
 
-def test_lvr_stage0_loss_is_ntp_plus_weighted_object_and_grounding_terms():
+def test_lvr_stage0_loss_is_ntp_plus_object_and_grounding_terms():
     batch = LVR_TASK.train_batch(0, 4)
-    for obj, ground in ((1.0, 1.0), (0.5, 3.0)):
-        model, config = lvr_tiny(object_weight=obj, grounding_weight=ground)
-        loss, metrics = lvr.alignment_loss(model, batch)
-        torch.testing.assert_close(loss, metrics["L_NTP"] + obj * metrics["L_object"] + ground * metrics["L_grounding"])
-        logits = model.encoder.object_head(model.encoder(batch["image"]))                   # (B, 36, classes)
-        torch.testing.assert_close(metrics["L_object"], torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), batch["patch_object"].flatten()))
+    model, config = lvr_tiny()
+    loss, metrics = lvr.alignment_loss(model, batch)
+    torch.testing.assert_close(loss, metrics["L_NTP"] + metrics["L_object"] + metrics["L_grounding"])
+    logits = model.encoder.object_head(model.encoder(batch["image"]))                       # (B, 36, classes)
+    torch.testing.assert_close(metrics["L_object"], torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["patch_object"].flatten()))
 
 
 def test_lvr_visual_tokens_carry_their_2d_grid_position():
@@ -3258,7 +3264,6 @@ def test_lvr_reward_varies_with_format_and_answer():
 def lvr_rl_batch(beta=0.04, **kw):
     model, config = lvr_tiny(stage="rl", kl_beta=beta, **kw)
     force_lvr_start(model)
-    object.__setattr__(model, "reference", copy.deepcopy(model.llm).requires_grad_(False))
     batch = LVR_TASK.train_batch(0, 3)
     torch.manual_seed(2)
     rollouts = lvr.grpo_rollouts(model, model.visual_tokens(batch["image"]).detach(), batch)
@@ -3396,7 +3401,7 @@ def test_lvr_each_exit_stops_where_it_should_on_a_scripted_decoder():
 
     def steps(exit, cap, temperature=0.0, end_logits=ends):
         llm = LvrScriptedLLM(model.llm.embed, hs, end_logits)
-        out = lvr.generate(model, llm, visual, question, cap, temperature=temperature, exit=exit)
+        out = lvr.generate(model, llm, visual, question, cap, temperature=temperature, exit_rule=exit)
         assert (out["tokens"] == LVR_TASK.lvr_end_id).sum(1).eq(1).all()
         return out["is_latent"].sum(1).tolist(), out["capped"].any(1).tolist()
 
