@@ -339,10 +339,9 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
 
 
 def chose_exit(model, exit_rule, h, end_logit, drawn):
-    """(B,) bool: whether a row in latent mode ends its segment now, by the exit rule:
-      fixed:       never (the budget ends it);
-      latent_end:  ||h_t − e||² (mean over dimensions) < end_threshold;
-      mode_switch: p_end = sigmoid(<lvr_end> logit) > 0.5, or drawn with probability p_end when `drawn`."""
+    """(B,) bool: a row in latent mode ends its segment now. fixed: never (the budget ends it); latent_end:
+    ||h_t − e||² (mean over dimensions) < end_threshold; mode_switch: p_end = sigmoid(<lvr_end> logit) > 0.5, or
+    drawn with probability p_end when `drawn`."""
     if exit_rule == "latent_end":
         return ((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
     if exit_rule == "mode_switch":
@@ -356,48 +355,38 @@ def generate(model, llm, visual, question, thinking_steps, temperature=0.0, exit
     """Decode all rows in lockstep with a KV cache. A row in text mode samples a token (greedy at temperature 0);
     after <lvr_start> it is in latent mode: no token is sampled and the next input is x_{t+1} = h_t (+ σε with
     sigma > 0: GRPO_latent's policy), until chose_exit or the cap thinking_steps ends the segment with <lvr_end>;
-    then text until <eos>. fed_latents (B, thinking_steps, D): the control rows' latents, fed instead of h_t.
-    The exit is drawn (a choice of the policy) for mode_switch at temperature > 0.
-    Returns dict of (B, R) tensors: tokens (pad at latent slots), latents (B, R, D) (the inputs x), is_latent,
-    sampled (text tokens drawn), acted (every choice of the policy: sampled tokens; latent steps with σ > 0 or a
-    drawn exit; a drawn <lvr_end>), logprob (log π of each choice), capped (<lvr_end> forced by an adaptive exit's
-    cap); and sigma, stochastic_exit, end_id for replay_logprobs."""
+    then text until <eos>. fed_latents (B, thinking_steps, D): a control row's latents, fed instead of h_t.
+    Returns dict of (B, R): tokens (pad at latent slots), latents (B, R, D) (the inputs x), is_latent, sampled
+    (text tokens drawn), acted (the policy's choices: sampled tokens, latent steps drawn with σ > 0 or a drawn
+    exit, a drawn <lvr_end>), capped (<lvr_end> forced by an adaptive exit's cap); sigma, stochastic_exit, end_id."""
     task = model.task
     B, device = visual.shape[0], visual.device
-    drawn_exit = exit_rule == "mode_switch" and temperature > 0
+    drawn_exit = exit_rule == "mode_switch" and temperature > 0                      # the exit is a choice too
     sampled_latents = sigma > 0 and fed_latents is None
     h, logits, cache = llm(prompt(llm, visual, question))
     h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
     left = torch.full((B,), -1, device=device)  # latent steps still allowed; -1: before the segment, -2: after it
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = {k: [] for k in ("tokens", "latents", "is_latent", "sampled", "acted", "logprob", "capped")}
+    out = {k: [] for k in ("tokens", "latents", "is_latent", "sampled", "acted", "capped")}
     for _ in range(thinking_steps + task.hop_len + task.answer_len + 3):
         in_latent, cap = left >= 0, left == 0
-        end_logit = logits[:, task.lvr_end_id].float()
-        leave = in_latent & (cap | chose_exit(model, exit_rule, h, end_logit, drawn_exit))   # (B,)
-        feed = in_latent & ~leave                                                           # (B,)
+        leave = in_latent & (cap | chose_exit(model, exit_rule, h, logits[:, task.lvr_end_id].float(), drawn_exit))
+        feed = in_latent & ~leave                                                       # (B,)
         x = h.float()                                                                   # x_{t+1} = h_t
         if fed_latents is not None:
             slot = (thinking_steps - left).clamp(0, thinking_steps - 1)                 # the i-th latent fed
             x = torch.where(feed[:, None], fed_latents[torch.arange(B), slot].float(), x)
         elif sigma > 0:
             x = x + sigma * torch.randn_like(x)                                         # x_{t+1} = h_t + σε
-        # log π of a latent step: log N(x_{t+1}; h_t, σ²I) + log(1 − p_end) when the exit is drawn
-        log_latent = (torch.distributions.Normal(h.float(), sigma).log_prob(x).sum(-1) if sampled_latents
-                      else torch.zeros(B, device=device)) + (F.logsigmoid(-end_logit) if drawn_exit else 0)
         scaled = logits.float() / (temperature if temperature > 0 else 1.0)
         token = torch.multinomial(F.softmax(scaled, -1), 1)[:, 0] if temperature > 0 else scaled.argmax(-1)
         sampled = ~in_latent & ~done
         token = torch.where(leave, task.lvr_end_id, torch.where(feed | done, task.pad_id, token))
-        drawn_end = leave & ~cap & drawn_exit
-        log_text = F.log_softmax(scaled, -1).gather(1, token[:, None])[:, 0]
-        log_choice = torch.where(drawn_end, F.logsigmoid(end_logit), log_latent)      # latent mode's choices
         out["tokens"].append(token)
         out["latents"].append(torch.where(feed[:, None], x, 0).to(h.dtype))
         out["is_latent"].append(feed)
         out["sampled"].append(sampled)
-        out["acted"].append(sampled | drawn_end | (feed & (drawn_exit or sampled_latents)))
-        out["logprob"].append(torch.where(sampled, log_text, log_choice))
+        out["acted"].append(sampled | (leave & ~cap & drawn_exit) | (feed & (drawn_exit or sampled_latents)))
         out["capped"].append(leave & cap & (exit_rule != "fixed"))
         entering = sampled & (token == task.lvr_start_id) & (left == -1)
         left = torch.where(entering, thinking_steps, torch.where(feed, left - 1, torch.where(leave, -2, left)))
@@ -475,8 +464,8 @@ def group_advantages(reward):
 @torch.no_grad()
 def grpo_rollouts(model, visual, batch):
     """G rollouts per question with the stochastic latent policy (x_{t+1} = h_t + σε) and the drawn mode-switching
-    exit (capped at max_latent); rewards, group advantages, log π_θold of each choice (fixed for all policy
-    updates on this batch) and π_ref's replay."""
+    exit (capped at max_latent); rewards, group advantages, log π_θold of each choice by the same replay as the
+    loss's (fixed for all policy updates on this batch; under autocast the ratio starts at exactly 1) and π_ref's."""
     config, task, G = model.config, model.task, model.config.group_size
     visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
     question, answer = batch["question"].repeat_interleave(G, 0), batch["answer"].repeat_interleave(G, 0)
@@ -484,13 +473,14 @@ def grpo_rollouts(model, visual, batch):
                        exit_rule="mode_switch", sigma=config.latent_sigma)
     reward, has_format, correct = rewards(rollout, answer, task)
     reward = reward.view(-1, G)                                                       # (B, G)
+    old_logp = replay_logprobs(model.llm, visual, question, rollout, config.temperature)["logp"]
     reference = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
     metrics = {"reward": reward.mean(), "reward_sd": reward.std(1).mean(),
                "spread_groups": (reward.std(1) > 0).float().mean(),                   # groups with a signal
                "accuracy": correct.mean(), f"pass@{G}": correct.view(-1, G).amax(1).mean(),
                "format": has_format.mean(), "latent_steps": rollout["is_latent"].sum(1).float().mean()}
     return dict(visual=visual, question=question, rollout=rollout, reward=reward,
-                advantage=group_advantages(reward).view(-1, 1), reference=reference, metrics=metrics)
+                advantage=group_advantages(reward).view(-1, 1), old_logp=old_logp, reference=reference, metrics=metrics)
 
 
 def grpo_latent_loss(llm, batch, config):
@@ -502,7 +492,7 @@ def grpo_latent_loss(llm, batch, config):
     rollout, advantage, reference = batch["rollout"], batch["advantage"], batch["reference"]
     mask = rollout["acted"].float()                                                   # (B*G, R)
     replay = replay_logprobs(llm, batch["visual"], batch["question"], rollout, config.temperature)  # with grad
-    ratio = torch.exp(replay["logp"] - rollout["logprob"] * mask)                     # π_θ / π_θold
+    ratio = torch.exp(replay["logp"] - batch["old_logp"])                             # π_θ / π_θold
     objective = torch.minimum(ratio * advantage, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * advantage)
     d = reference["discrete"] - replay["discrete"]
     kl = torch.exp(d) - d - 1                                                          # k3 estimator of D_KL
