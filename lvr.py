@@ -68,7 +68,6 @@ class Config:
     max_latent: int = 16              # step cap of the adaptive exits (latent end, mode switching, RL rollouts)
     group_size: int = 8               # GRPO group size G (and k of the validation pass@k)
     policy_updates: int = 2           # GRPO optimizer steps per rollout batch (the clip acts from the second)
-    temperature: float = 0.9          # rollout sampling temperature of the text tokens
     latent_sigma: float = 0.5         # σ of the RL latent policy x_{t+1} = h_t + σε (validation rows: 0, σ/2, σ, 2σ)
     clip_eps: float = 0.2             # PPO/GRPO clip ε
     kl_beta: float = 0.04             # β of the KL to the frozen reference policy
@@ -83,8 +82,8 @@ class Config:
             raise ValueError("eval_steps must be >= 0, latent_steps >= 1 and group_size >= 2")
         if self.policy_updates < 1 or self.teacher_ramp < 0:
             raise ValueError("policy_updates must be >= 1 and teacher_ramp >= 0")
-        if self.latent_sigma < 0 or self.temperature < 0 or self.grad_clip <= 0:
-            raise ValueError("latent_sigma and temperature must be >= 0 and grad_clip > 0")
+        if self.latent_sigma < 0 or (self.stage == "rl" and self.latent_sigma == 0) or self.grad_clip <= 0:
+            raise ValueError("latent_sigma must be >= 0 (> 0 for --stage rl) and grad_clip > 0")
 
 
 GPU_CONFIG = dict(d_model=384, n_layers=8, n_heads=6, encoder_layers=4, steps=12000, align_steps=4000,
@@ -338,93 +337,74 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
 # The thinking loop: text mode until <lvr_start>, then latent mode (hidden state -> next input), then <lvr_end>
 
 
-def chose_exit(model, exit_rule, h, end_logit, drawn):
+def chose_exit(model, exit_rule, h, token):
     """(B,) bool: a row in latent mode ends its segment now. fixed: never (the budget ends it); latent_end:
-    ||h_t − e||² (mean over dimensions) < end_threshold; mode_switch: p_end = sigmoid(<lvr_end> logit) > 0.5, or
-    drawn with probability p_end when `drawn`."""
+    ||h_t − e||² (mean over dimensions) < end_threshold; mode_switch: the token decoded from h_t is <lvr_end>."""
     if exit_rule == "latent_end":
         return ((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
     if exit_rule == "mode_switch":
-        return torch.rand(len(h), device=h.device) < torch.sigmoid(end_logit) if drawn else end_logit > 0
+        return token == model.task.lvr_end_id
     return torch.zeros(len(h), dtype=torch.bool, device=h.device)
 
 
 @torch.no_grad()
-def generate(model, llm, visual, question, thinking_steps, temperature=0.0, exit_rule="fixed", fed_latents=None,
-             sigma=0.0):
-    """Decode all rows in lockstep with a KV cache. A row in text mode samples a token (greedy at temperature 0);
-    after <lvr_start> it is in latent mode: no token is sampled and the next input is x_{t+1} = h_t (+ σε with
-    sigma > 0: GRPO_latent's policy), until chose_exit or the cap thinking_steps ends the segment with <lvr_end>;
-    then text until <eos>. fed_latents (B, thinking_steps, D): a control row's latents, fed instead of h_t.
-    Returns dict of (B, R): tokens (pad at latent slots), latents (B, R, D) (the inputs x), is_latent, sampled
-    (text tokens drawn), acted (the policy's choices: sampled tokens, latent steps drawn with σ > 0 or a drawn
-    exit, a drawn <lvr_end>), capped (<lvr_end> forced by an adaptive exit's cap); sigma, stochastic_exit, end_id."""
+def generate(model, llm, visual, question, thinking_steps, exit_rule="fixed", fed_latents=None, sigma=0.0):
+    """Greedy decoding of all rows in lockstep with a KV cache. After <lvr_start> a row is in latent mode: no token
+    is emitted and the next input is x_{t+1} = h_t (+ σε with sigma > 0: GRPO_latent's policy), until chose_exit
+    or the cap thinking_steps ends the segment with <lvr_end>; then text until <eos>. fed_latents
+    (B, thinking_steps, D): a control row's latents, fed instead of h_t. Returns dict: tokens (B, R) (pad at latent
+    slots), latents (B, R, D) (the inputs x), is_latent (B, R), capped (B, R) (<lvr_end> forced by an adaptive
+    exit's cap), sigma."""
     task = model.task
     B, device = visual.shape[0], visual.device
-    drawn_exit = exit_rule == "mode_switch" and temperature > 0                      # the exit is a choice too
-    sampled_latents = sigma > 0 and fed_latents is None
     h, logits, cache = llm(prompt(llm, visual, question))
     h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
     left = torch.full((B,), -1, device=device)  # latent steps still allowed; -1: before the segment, -2: after it
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = {k: [] for k in ("tokens", "latents", "is_latent", "sampled", "acted", "capped")}
+    out = {k: [] for k in ("tokens", "latents", "is_latent", "capped")}
     for _ in range(thinking_steps + task.hop_len + task.answer_len + 3):
+        token = logits.argmax(-1)                                                       # (B,)
         in_latent, cap = left >= 0, left == 0
-        leave = in_latent & (cap | chose_exit(model, exit_rule, h, logits[:, task.lvr_end_id].float(), drawn_exit))
-        feed = in_latent & ~leave                                                       # (B,)
+        leave = in_latent & (cap | chose_exit(model, exit_rule, h, token))
+        feed = in_latent & ~leave
         x = h.float()                                                                   # x_{t+1} = h_t
         if fed_latents is not None:
             slot = (thinking_steps - left).clamp(0, thinking_steps - 1)                 # the i-th latent fed
             x = torch.where(feed[:, None], fed_latents[torch.arange(B), slot].float(), x)
         elif sigma > 0:
             x = x + sigma * torch.randn_like(x)                                         # x_{t+1} = h_t + σε
-        scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-        token = torch.multinomial(F.softmax(scaled, -1), 1)[:, 0] if temperature > 0 else scaled.argmax(-1)
-        sampled = ~in_latent & ~done
+        text = ~in_latent & ~done                                                       # a text token is decoded
         token = torch.where(leave, task.lvr_end_id, torch.where(feed | done, task.pad_id, token))
         out["tokens"].append(token)
         out["latents"].append(torch.where(feed[:, None], x, 0).to(h.dtype))
         out["is_latent"].append(feed)
-        out["sampled"].append(sampled)
-        out["acted"].append(sampled | (leave & ~cap & drawn_exit) | (feed & (drawn_exit or sampled_latents)))
         out["capped"].append(leave & cap & (exit_rule != "fixed"))
-        entering = sampled & (token == task.lvr_start_id) & (left == -1)
+        entering = text & (token == task.lvr_start_id) & (left == -1)
         left = torch.where(entering, thinking_steps, torch.where(feed, left - 1, torch.where(leave, -2, left)))
-        done |= sampled & (token == task.eos_id)
+        done |= text & (token == task.eos_id)
         if bool(done.all()):
             break
         inputs = torch.where(feed[:, None], x.to(h.dtype), llm.embed(token).to(h.dtype))[:, None]  # (B, 1, D)
         h, logits, cache = llm(inputs, cache)
         h, logits = h[:, -1], logits[:, -1]
-    return {**{k: torch.stack(v, 1) for k, v in out.items()}, "sigma": sigma if fed_latents is None else 0.0,
-            "stochastic_exit": drawn_exit, "end_id": task.lvr_end_id}
+    return {**{k: torch.stack(v, 1) for k, v in out.items()}, "sigma": sigma if fed_latents is None else 0.0}
 
 # ----------------------------------------------------------------------------------------------------------
 # GRPO_latent (stage 2): rewards, group advantages, the replay, the clipped objective with the KL to π_ref
 
 
-def replay_logprobs(llm, visual, question, rollout, temperature):
+def replay_latents(llm, visual, question, rollout):
     """One teacher-forced pass over [question, v, response] with the rollout's tokens and its latent inputs x
-    patched in at the latent slots, so π_θ sees exactly the rollout's context. Returns dict: logp (B, R), log π_θ
-    of every acted choice (0 elsewhere):
-      text token y_t:        log softmax(logits / T)[y_t]
-      latent step x_{t+1}:   log N(x_{t+1}; h_t, σ²I) (σ > 0) + log(1 − p_end(h_t)) (drawn exit)
-      drawn <lvr_end>:       log p_end(h_t),   p_end = sigmoid(<lvr_end> logit);
-    discrete (B, R): logp without the Gaussian term; h (B, R, D): the hidden state before each response slot."""
-    tokens, is_latent, sigma = rollout["tokens"], rollout["is_latent"], rollout["sigma"]
-    response = torch.where(is_latent[..., None], rollout["latents"].to(visual.dtype),
-                           llm.embed(tokens).to(visual.dtype))                          # (B, R, D)
-    h, logits, _ = llm(torch.cat([prompt(llm, visual, question), response[:, :-1]], 1))
-    h, logits = h[:, -tokens.shape[1]:].float(), logits[:, -tokens.shape[1]:].float()  # before each slot
-    text = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1).gather(2, tokens[..., None])[..., 0]
-    end_logit = logits[..., rollout["end_id"]]
-    drawn_end = rollout["acted"] & ~rollout["sampled"] & ~is_latent
-    go_on = F.logsigmoid(-end_logit) * is_latent * rollout["stochastic_exit"]
-    discrete = torch.where(rollout["sampled"], text, torch.where(drawn_end, F.logsigmoid(end_logit), go_on))
-    gauss = (torch.distributions.Normal(h, sigma).log_prob(rollout["latents"].float()).sum(-1) * is_latent
-             if sigma > 0 else torch.zeros_like(discrete))
-    acted = rollout["acted"]
-    return {"logp": (discrete + gauss) * acted, "discrete": discrete * acted, "h": h}
+    patched in at the latent slots, so π_θ sees exactly the rollout's context. Returns h (B, R, D), the hidden
+    state before each response slot, and logp (B, R): at each latent slot log N(x_{t+1}; h_t, σ²I) per dimension
+    (the mean over the d dimensions, ours: a sum makes one latent's log-ratio d times the size the clip ε is set
+    for), 0 elsewhere."""
+    response = torch.where(rollout["is_latent"][..., None], rollout["latents"].to(visual.dtype),
+                           llm.embed(rollout["tokens"]).to(visual.dtype))               # (B, R, D)
+    h, _, _ = llm(torch.cat([prompt(llm, visual, question), response[:, :-1]], 1))
+    h = h[:, -response.shape[1]:].float()                                               # before each slot
+    logp = torch.distributions.Normal(h, rollout["sigma"]).log_prob(rollout["latents"].float()).mean(-1)
+    return {"h": h, "logp": logp * rollout["is_latent"]}
 
 
 def answer_correct(rollout, answer, task, skip=()):
@@ -463,47 +443,40 @@ def group_advantages(reward):
 
 @torch.no_grad()
 def grpo_rollouts(model, visual, batch):
-    """G rollouts per question with the stochastic latent policy (x_{t+1} = h_t + σε) and the drawn mode-switching
-    exit (capped at max_latent); rewards, group advantages, log π_θold of each choice by the same replay as the
-    loss's (fixed for all policy updates on this batch; under autocast the ratio starts at exactly 1) and π_ref's."""
+    """G rollouts per question (greedy text, latents x_{t+1} = h_t + σε, the mode-switching exit capped at
+    max_latent): rewards, group advantages, log π_θold by the loss's own replay (fixed for all policy updates on
+    this batch; so the first ratio is exactly 1, also under autocast) and π_ref's hidden states."""
     config, task, G = model.config, model.task, model.config.group_size
     visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
     question, answer = batch["question"].repeat_interleave(G, 0), batch["answer"].repeat_interleave(G, 0)
-    rollout = generate(model, model.llm, visual, question, config.max_latent, config.temperature,
-                       exit_rule="mode_switch", sigma=config.latent_sigma)
+    rollout = generate(model, model.llm, visual, question, config.max_latent, "mode_switch", sigma=config.latent_sigma)
     reward, has_format, correct = rewards(rollout, answer, task)
     reward = reward.view(-1, G)                                                       # (B, G)
-    old_logp = replay_logprobs(model.llm, visual, question, rollout, config.temperature)["logp"]
-    reference = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
     metrics = {"reward": reward.mean(), "reward_sd": reward.std(1).mean(),
                "spread_groups": (reward.std(1) > 0).float().mean(),                   # groups with a signal
                "accuracy": correct.mean(), f"pass@{G}": correct.view(-1, G).amax(1).mean(),
                "format": has_format.mean(), "latent_steps": rollout["is_latent"].sum(1).float().mean()}
-    return dict(visual=visual, question=question, rollout=rollout, reward=reward,
-                advantage=group_advantages(reward).view(-1, 1), old_logp=old_logp, reference=reference, metrics=metrics)
+    return dict(visual=visual, question=question, rollout=rollout, reward=reward, metrics=metrics,
+                advantage=group_advantages(reward).view(-1, 1),                          # (B*G, 1)
+                old_logp=replay_latents(model.llm, visual, question, rollout)["logp"],
+                reference_h=replay_latents(model.reference, visual, question, rollout)["h"])
 
 
 def grpo_latent_loss(llm, batch, config):
-    """GRPO_latent on one rollout batch of grpo_rollouts: per choice a_t of rollout i (sampled text token, latent
-    step, drawn exit) the clipped objective min(ρ_t·Â_i, clip(ρ_t, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref),
-    ρ_t = π_θ(a_t | s_t) / π_θold(a_t | s_t) from replay_logprobs. D_KL: the k3 estimator e^d − d − 1,
-    d = log π_ref − log π_θ, on the discrete choices, plus the exact ||h_θ − h_ref||² / (2σ²) of the two Gaussians
-    at each latent step. Mean over a rollout's choices, then over rollouts."""
-    rollout, advantage, reference = batch["rollout"], batch["advantage"], batch["reference"]
-    mask = rollout["acted"].float()                                                   # (B*G, R)
-    replay = replay_logprobs(llm, batch["visual"], batch["question"], rollout, config.temperature)  # with grad
+    """GRPO_latent on one rollout batch of grpo_rollouts: per latent step t of rollout i the clipped objective
+    min(ρ_t·Â_i, clip(ρ_t, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref), ρ_t = π_θ(x_{t+1} | s_t) / π_θold(x_{t+1} | s_t)
+    (replay_latents), D_KL the exact ||h_θ − h_ref||² / (2σ²) of the two Gaussians, per dimension like log π.
+    Mean over a rollout's latent steps, then over rollouts."""
+    rollout, advantage, sigma = batch["rollout"], batch["advantage"], batch["rollout"]["sigma"]
+    mask = rollout["is_latent"].float()                                               # (B*G, R)
+    replay = replay_latents(llm, batch["visual"], batch["question"], rollout)          # with grad
     ratio = torch.exp(replay["logp"] - batch["old_logp"])                             # π_θ / π_θold
     objective = torch.minimum(ratio * advantage, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * advantage)
-    d = reference["discrete"] - replay["discrete"]
-    kl = torch.exp(d) - d - 1                                                          # k3 estimator of D_KL
-    if rollout["sigma"] > 0:
-        gauss = ((replay["h"] - reference["h"]) ** 2).sum(-1) / (2 * rollout["sigma"] ** 2)
-        kl = kl + gauss * rollout["is_latent"]
-    per_token = -(objective - config.kl_beta * kl)
-    loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    mean = lambda value: ((value * mask).sum() / mask.sum().clamp(min=1)).detach()  # noqa: E731  over all choices
-    return loss, {"kl": mean(kl), "ratio_dev": mean((ratio - 1).abs()),
-                  "clipped": mean(((ratio - 1).abs() > config.clip_eps).float())}
+    kl = ((replay["h"] - batch["reference_h"]) ** 2).mean(-1) / (2 * sigma ** 2)
+    per_step = -(objective - config.kl_beta * kl)
+    loss = ((per_step * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    metrics = {"kl": kl, "ratio_dev": (ratio - 1).abs(), "clipped": ((ratio - 1).abs() > config.clip_eps).float()}
+    return loss, {name: ((value * mask).sum() / mask.sum().clamp(min=1)).detach() for name, value in metrics.items()}
 
 # ----------------------------------------------------------------------------------------------------------
 # Training step (AMP): stage 0 (alignment), stage 1 (LVR SFT and the two baselines), stage 2 (GRPO_latent)
@@ -570,55 +543,69 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
 def evaluate(model, task, config, eval_steps, autocast_dtype):
     """Held-out accuracy, one row per model and budget: the answer prior (majority answer per question type), the
     no-latent baseline, the text chain of thought, LVR at each fixed budget in eval_steps (0: control (d), the
-    markers alone), the controls at the trained budget (control_latents) and the two adaptive exits (capped at
-    max_latent; no "thinking steps": see "mean steps"). Then the validation rows (validation_rows)."""
+    markers alone), the controls at the trained budget (control_latents), the two adaptive exits (capped at
+    max_latent). Then, on validation questions (fresh scenes), GRPO_latent's policy (greedy text, x = h + σε,
+    mode-switching exit) at σ = 0, σ/2, σ, 2σ with G samples each: pass@1 and pass@G, the rows σ is chosen on."""
     model.eval()
-    device, k = next(model.parameters()).device, config.latent_steps
-    data = task.test_sets["held-out"]
+    device, k, G = next(model.parameters()).device, config.latent_steps, config.group_size
     size = max(config.batch_size, 256)                        # evaluation chunk (the RL batch is small)
-    chunks = [{key: value[i:i + size].to(device) for key, value in data.items()}
-              for i in range(0, len(data["answer"]), size)]
+    n_validation = min(config.validation_size, len(task.test_sets["held-out"]["answer"]))
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        for chunk in chunks:
-            chunk["visual"] = model.visual_tokens(chunk["image"])                      # (b, P, D)
-            chunk["targets"] = roi_targets(chunk["visual"], chunk["box"], task, k)      # (b, k, D)
+        chunks, validation = (prepared(model, data, size, k) for data in (
+            task.test_sets["held-out"], task.fresh_batch(6, 0, n_validation)))
         roi_tokens = torch.cat([chunk["targets"] for chunk in chunks]).flatten(0, 1).float()   # (M, D)
         variance = roi_tokens.var(0).mean().item()                                     # MSE of the mean token
-        teacher_forced = sum(lvr_loss(model, c["visual"], c)[1]["L_LVR"].float() * len(c["answer"]) for c in chunks)
-        teacher_forced = teacher_forced.item() / len(data["answer"]) / variance
-        rows = [{"test set": "held-out", "model": "answer prior", "thinking steps": 0,
-                 "accuracy %": task.prior_accuracy()}]
+        rows = [{"model": "answer prior", "thinking steps": 0, "accuracy %": task.prior_accuracy()}]
         for name, llm in (("baseline", model.baseline_llm), ("text chain-of-thought", model.cot_llm)):
             if llm is not None:
-                rows.append(held_out_row(model, chunks, name, llm, 0, variance))
-        lvr_rows = [held_out_row(model, chunks, "lvr, markers only (d)" if n == 0 else "lvr", model.llm, n, variance)
-                    for n in eval_steps]
+                rows.append(table_row(model, chunks, name, llm, 0, variance))
+        for n in eval_steps:
+            rows.append(table_row(model, chunks, "lvr, markers only (d)" if n == 0 else "lvr", model.llm, n, variance))
         noise = torch.Generator(device=device).manual_seed(0)
         for kind, name in CONTROLS.items():
             fed = [control_latents(kind, c["visual"], c["box"], task, k, roi_tokens, noise) for c in chunks]
-            lvr_rows.append(held_out_row(model, chunks, f"lvr, {name}", model.llm, k, variance, fed=fed))
+            rows.append(table_row(model, chunks, f"lvr, {name}", model.llm, k, variance, fed=fed))
         for exit_rule, name in (("latent_end", "latent end exit"), ("mode_switch", "mode switch exit")):
-            lvr_rows.append(held_out_row(model, chunks, f"lvr, {name}", model.llm, config.max_latent, variance,
-                                         exit_rule))
-        rows += [{**row, "teacher-forced MSE/var": teacher_forced} for row in lvr_rows]
-        rows += validation_rows(model, task, config, min(config.validation_size, len(data["answer"])))
+            rows.append(table_row(model, chunks, f"lvr, {name}", model.llm, config.max_latent, variance,
+                                  exit_rule=exit_rule))
+        rows = [{"test set": "held-out", **row} for row in rows]
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(0)  # the same draws for every σ and every checkpoint
+        for sigma in (0.0, config.latent_sigma / 2, config.latent_sigma, 2 * config.latent_sigma):
+            rows.append({"test set": "validation", **table_row(
+                model, validation, f"latent policy σ={sigma:g}", model.llm, config.max_latent, variance, group=G,
+                exit_rule="mode_switch", sigma=sigma)})
+        torch.set_rng_state(generator_state)
     model.train()
     return rows
 
 
-def held_out_row(model, chunks, name, llm, thinking_steps, variance, exit_rule="fixed", fed=None):
-    """One row of evaluate's table, decoding every chunk (fed: the control's latents per chunk): accuracy overall
-    and per question type, the share that entered latent mode, the mean latent steps (for the chain of thought:
-    hop words written), the share of chains of thought with both hops right, and the latents' MSE to the targets
-    over the steps taken (at most latent_steps), over the ROI tokens' variance."""
+def prepared(model, data, size, k):
+    """The questions in chunks of `size` on the model's device, with their visual tokens and LVR targets."""
+    device, chunks = next(model.parameters()).device, []
+    for i in range(0, len(data["answer"]), size):
+        chunk = {key: value[i:i + size].to(device) for key, value in data.items()}
+        chunk["visual"] = model.visual_tokens(chunk["image"])                          # (b, P, D)
+        chunks.append({**chunk, "targets": roi_targets(chunk["visual"], chunk["box"], model.task, k)})  # (b, k, D)
+    return chunks
+
+
+def table_row(model, chunks, name, llm, thinking_steps, variance, fed=None, group=1, **decoding):
+    """One row of evaluate's table, decoding `group` samples of each question (generate with `decoding`; fed: a
+    control's latents per chunk): accuracy overall (pass@1) and per question type, pass@group, the share that
+    entered latent mode, the mean latent steps (the chain of thought: hop words written) and its share of right
+    hops, and the latents' MSE to the targets over the steps taken (at most latent_steps), over the ROI tokens'
+    variance. Adaptive exits have no thinking steps (see mean steps)."""
     task, cot = model.task, llm is model.cot_llm
     correct = torch.zeros(len(task.question_types))                                    # right answers per type
-    entered, steps, hops, squared_error, compared = 0, 0, 0, 0.0, 0
+    any_right, entered, steps, hops, squared_error, compared = 0, 0, 0, 0, 0.0, 0
     for i, chunk in enumerate(chunks):
-        rollout = generate(model, llm, chunk["visual"], chunk["question"], thinking_steps, exit_rule=exit_rule,
-                           fed_latents=fed[i] if fed else None)
+        chunk = {key: value.repeat_interleave(group, 0) for key, value in chunk.items()}
+        rollout = generate(model, llm, chunk["visual"], chunk["question"], thinking_steps,
+                           fed_latents=fed[i] if fed else None, **decoding)
         right = answer_correct(rollout, chunk["answer"], task, skip=task.position_ids if cot else ())
         correct.index_add_(0, chunk["qtype"].cpu(), right.float().cpu())
+        any_right += right.view(-1, group).any(1).sum().item()
         entered += (rollout["tokens"] == task.lvr_start_id).any(1).sum().item()
         steps += rollout["is_latent"].sum().item()
         if cot:  # the written hops: the first hop_len tokens against the chain's hop words
@@ -634,13 +621,16 @@ def held_out_row(model, chunks, name, llm, thinking_steps, variance, exit_rule="
             error = ((latents[:, :n].float() - targets[:, :n].float()) ** 2).mean(-1)                 # (b, n)
             squared_error, compared = squared_error + error[taken].sum().item(), compared + taken.sum().item()
     type_count = torch.bincount(torch.cat([c["qtype"].cpu() for c in chunks]), minlength=len(correct)).clamp(min=1)
-    total = sum(len(chunk["answer"]) for chunk in chunks)
-    row = {"test set": "held-out", "model": name}
-    if exit_rule == "fixed":
+    questions = sum(len(chunk["answer"]) for chunk in chunks)
+    total = questions * group
+    row = {"model": name}
+    if decoding.get("exit_rule", "fixed") == "fixed":
         row["thinking steps"] = task.hop_len if cot else thinking_steps
     row |= {"accuracy %": 100.0 * correct.sum().item() / total,
-            **{f"{q} %": 100.0 * (correct[i] / type_count[i]).item() for i, q in enumerate(task.question_types)},
+            **{f"{q} %": 100.0 * (correct[i] / type_count[i] / group).item() for i, q in enumerate(task.question_types)},
             "entered lvr %": 100.0 * entered / total, "mean steps": steps / total}
+    if group > 1:
+        row[f"pass@{group} %"] = 100.0 * any_right / questions
     if cot:
         row["hops right %"] = 100.0 * hops / total
     if compared:
@@ -723,34 +713,6 @@ def control_latents(kind, visual, boxes, task, k, roi_tokens, generator=None):
         return visual.new_zeros(B, k, D)
     noise = torch.randn(B, k, D, generator=generator, device=visual.device)
     return (roi_tokens.mean(0) + roi_tokens.std(0) * noise).to(visual.dtype)
-
-
-def validation_rows(model, task, config, n):
-    """pass@1 (one sample right) and pass@G (any of G right) of GRPO_latent's sampled policy (text at temperature,
-    x = h + σε, drawn exit) on n validation questions (fresh scenes, not the test set) at σ = 0, σ/2, σ, 2σ:
-    the rows σ is chosen on."""
-    if not hasattr(task, "fresh_batch"):
-        return []
-    G, device = config.group_size, next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in task.fresh_batch(6, 0, n).items()}
-    visual = model.visual_tokens(batch["image"])
-    rows = []
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(0)  # the same draws for every σ and every checkpoint
-    for sigma in (0.0, config.latent_sigma / 2, config.latent_sigma, 2 * config.latent_sigma):
-        correct, steps = [], 0
-        for i in range(0, n, 64):  # 64 questions x G rollouts at a time
-            question, answer = (batch[key][i:i + 64].repeat_interleave(G, 0) for key in ("question", "answer"))
-            rollout = generate(model, model.llm, visual[i:i + 64].repeat_interleave(G, 0), question, config.max_latent,
-                               config.temperature, exit_rule="mode_switch", sigma=sigma)
-            correct.append(answer_correct(rollout, answer, task).float().view(-1, G))
-            steps += rollout["is_latent"].sum().item()
-        correct = torch.cat(correct)                                                     # (n, G)
-        rows.append({"test set": "validation", "model": f"sampled policy σ={sigma:g} T={config.temperature:g}",
-                     "accuracy %": 100.0 * correct.mean().item(), f"pass@{G} %": 100.0 * correct.amax(1).mean().item(),
-                     "mean steps": steps / (n * G)})
-    torch.set_rng_state(generator_state)
-    return rows
 
 
 if __name__ == "__main__":

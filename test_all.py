@@ -2722,14 +2722,14 @@ def lvr_tiny(**kw):
     return lvr.build_model(config, task), config
 
 
-def rollout_of(model, temperature=1.0, budget=3, n=6, sigma=0.0):
+def rollout_of(model, budget=3, n=6, sigma=0.0):
     batch = LVR_TASK.train_batch(0, n)
     with torch.no_grad():
         visual = model.visual_tokens(batch["image"])
     question = batch["question"]
     # make every row enter latent mode: bias the head towards <lvr_start> at the first text step
     torch.manual_seed(1)
-    return visual, question, lvr.generate(model, model.llm, visual, question, budget, temperature, sigma=sigma)
+    return visual, question, lvr.generate(model, model.llm, visual, question, budget, sigma=sigma)
 
 
 def force_lvr_start(model):
@@ -2857,10 +2857,9 @@ def test_lvr_bad_input_raises_value_error():
 def test_lvr_latent_steps_feed_hidden_states_back():
     model, _ = lvr_tiny()
     force_lvr_start(model)
-    visual, question, out = rollout_of(model, temperature=0.0, budget=3)
+    visual, question, out = rollout_of(model, budget=3)
     lat = out["is_latent"]
     assert lat.sum(1).eq(3).all()                                # every row took exactly 3 latent steps
-    assert not (out["sampled"] & lat).any()                      # no token is sampled inside the segment
     assert (out["tokens"][lat] == LVR_TASK.pad_id).all()
     # the input at each latent position is the last hidden state of the position before it
     response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
@@ -2885,14 +2884,15 @@ def test_lvr_latent_steps_feed_hidden_states_back():
 def test_lvr_cached_decoding_equals_uncached():
     model, _ = lvr_tiny()
     force_lvr_start(model)
-    visual, question, out = rollout_of(model, temperature=0.0, budget=4)
-    lat, sampled = out["is_latent"], out["sampled"]
-    assert lat.any() and sampled.sum() > 6 and torch.equal(out["acted"], sampled)   # σ = 0: the text tokens only
+    visual, question, out = rollout_of(model, budget=4)
+    lat, tokens = out["is_latent"], out["tokens"]
+    decoded = ~lat & (tokens != LVR_TASK.pad_id) & (tokens != LVR_TASK.lvr_end_id)    # <lvr_end>: the budget's
+    assert lat.any() and decoded.sum() > 6
     response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
     with torch.no_grad():  # uncached, teacher-forced over the recorded inputs
         _, logits, _ = model.llm(torch.cat([lvr.prompt(model.llm, visual, question), response[:, :-1]], 1))
     logits = logits[:, -lat.shape[1]:]                                               # before each response slot
-    assert torch.equal(logits.argmax(-1)[sampled], out["tokens"][sampled])          # the cached greedy choices
+    assert torch.equal(logits.argmax(-1)[decoded], tokens[decoded])                 # the cached greedy choices
 
 
 def test_lvr_adaptive_exits_run_and_respect_cap():
@@ -2958,11 +2958,13 @@ def test_lvr_stage0_grounding_loss_learns_roi_patches_and_stops_in_stage1():
 def test_lvr_grpo_step_and_bf16_autocast():
     for stage, step in (("sft", 0), ("sft", 5), ("rl", 0)):
         model, config = lvr_tiny(stage=stage)
+        if stage == "rl":
+            force_lvr_start(model)                                                  # latent steps: RL's choices
         opt = lvr.make_optimizer(model, config)
-        before = model.llm.head.weight.clone()
+        before = model.llm.blocks[0].mlp[0].weight.clone()
         metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 4), step, config, torch.bfloat16)
         assert all(torch.isfinite(v) for v in metrics.values())
-        assert not torch.equal(before, model.llm.head.weight)
+        assert not torch.equal(before, model.llm.blocks[0].mlp[0].weight)
     assert {"reward", "accuracy", "format", "kl"} <= metrics.keys()
     # π_ref: loading a stage-1 state dict (no π_ref in it) sets it to the loaded LLM
     stage1 = {k: v for k, v in model.state_dict().items() if not k.startswith("reference.")}
@@ -3146,7 +3148,7 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     free = lvr.generate(model, model.llm, visual, question, k)
     own = torch.stack([free["latents"][r][free["is_latent"][r]] for r in range(len(visual))])  # (B, k, D)
     again = lvr.generate(model, model.llm, visual, question, k, fed_latents=own)    # own latents fed: same run
-    assert all(torch.equal(free[key], again[key]) for key in ("tokens", "is_latent", "sampled"))
+    assert all(torch.equal(free[key], again[key]) for key in ("tokens", "is_latent", "capped"))
     roi_tokens = torch.randn(5000, visual.shape[-1]) * 0.3 + 2.0
     for kind in lvr.CONTROLS:
         fed = lvr.control_latents(kind, visual, batch["box"], LVR_TASK, k, roi_tokens)
@@ -3289,21 +3291,18 @@ def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
     with torch.no_grad():
         for p in model.reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    rollouts["reference"] = lvr.replay_logprobs(model.reference, rollouts["visual"], rollouts["question"],
-                                                rollouts["rollout"], config.temperature)
+    rollouts["reference_h"] = lvr.replay_latents(model.reference, rollouts["visual"], rollouts["question"],
+                                                 rollouts["rollout"])["h"]
     losses = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b)) for b in (0.0, 0.1, 1.0)]
     assert losses[0][0] < losses[1][0] < losses[2][0]
     kl = losses[2][1]["kl"]
     torch.testing.assert_close(losses[2][0] - losses[0][0], kl, rtol=0.2, atol=0)  # ≈ β·KL (per-row means)
-    with torch.no_grad():  # the k3 estimator of D_KL(π_θ‖π_ref) over the discrete choices, exact for the Gaussians
-        policy = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"],
-                                     config.temperature)
-    d = rollouts["reference"]["discrete"] - policy["discrete"]
+    with torch.no_grad():  # D_KL(π_θ‖π_ref) of the two Gaussians, exact, per dimension as log π
+        policy = lvr.replay_latents(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"])
     sigma, latent = rollouts["rollout"]["sigma"], rollouts["rollout"]["is_latent"]
-    gauss = ((policy["h"] - rollouts["reference"]["h"]) ** 2).sum(-1) / (2 * sigma ** 2) * latent
-    mask = rollouts["rollout"]["acted"]
-    assert latent.any() and (mask & latent).any() and sigma > 0
-    torch.testing.assert_close(kl, (torch.exp(d) - d - 1 + gauss)[mask].mean())
+    gauss = ((policy["h"] - rollouts["reference_h"]) ** 2).mean(-1) / (2 * sigma ** 2)
+    assert latent.any() and sigma > 0
+    torch.testing.assert_close(kl, gauss[latent].mean())
 
 
 def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
@@ -3317,11 +3316,11 @@ def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
         assert metrics["latent_steps"] > 0                                           # latent choices in the ratio
         ratio_dev[updates, dtype] = metrics["ratio_dev"].item()
     # one update: the ratio is 1; old log-probs by the loss's own replay, so exactly 1 under bf16 autocast too
-    assert ratio_dev[1, None] < 1e-4 < ratio_dev[2, None] and ratio_dev[1, torch.bfloat16] == 0.0
+    assert ratio_dev[1, None] == 0.0 < ratio_dev[2, None] and ratio_dev[1, torch.bfloat16] == 0.0
     # the clip: with every ratio at e > 1 + ε and a positive advantage, the objective is flat in θ (no KL)
     model, config, rollouts = lvr_rl_batch(beta=0.0)
     rollouts["advantage"] = torch.ones_like(rollouts["advantage"])
-    logp = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"], 0.9)["logp"]
+    logp = lvr.replay_latents(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"])["logp"]
     for shift, flat in ((1.0, True), (0.0, False)):
         rollouts["old_logp"] = logp.detach() - shift
         loss, metrics = lvr.grpo_latent_loss(model.llm, rollouts, config)
@@ -3399,13 +3398,13 @@ def test_lvr_each_exit_stops_where_it_should_on_a_scripted_decoder():
     D, far = config.d_model, torch.full((config.d_model,), 3.0)
     visual, question = torch.zeros(2, 36, D), LVR_TASK.train_batch(0, 2)["question"]
     # calls 1.. are the states after <lvr_start>, x_1, x_2, ...: the end vector is reached at call 3, the
-    # <lvr_end> logit turns positive at call 2
+    # decoded token is <lvr_end> at call 2 (its logit above <eos>'s 50)
     hs = [far, far, far, model.latent_end.detach().clone(), far, far, far, far, far]
-    ends = [-9.0, -9.0, 9.0, -9.0, -9.0, -9.0, -9.0, -9.0, -9.0]
+    ends = [-9.0, -9.0, 60.0, -9.0, -9.0, -9.0, -9.0, -9.0, -9.0]
 
-    def steps(exit, cap, temperature=0.0, end_logits=ends):
+    def steps(exit, cap, end_logits=ends):
         llm = LvrScriptedLLM(model.llm.embed, hs, end_logits)
-        out = lvr.generate(model, llm, visual, question, cap, temperature=temperature, exit_rule=exit)
+        out = lvr.generate(model, llm, visual, question, cap, exit_rule=exit)
         assert (out["tokens"] == LVR_TASK.lvr_end_id).sum(1).eq(1).all()
         return out["is_latent"].sum(1).tolist(), out["capped"].any(1).tolist()
 
@@ -3413,19 +3412,21 @@ def test_lvr_each_exit_stops_where_it_should_on_a_scripted_decoder():
     assert steps("fixed", 1) == ([1, 1], [False, False])
     assert steps("latent_end", 6) == ([2, 2], [False, False])            # x_1, x_2 fed, then h = e: stop
     assert steps("latent_end", 1) == ([1, 1], [True, True])              # the cap comes first
-    assert steps("mode_switch", 6) == ([1, 1], [False, False])           # logit > 0 after x_1
-    assert steps("mode_switch", 6, 1.0, [-30.0] * 9) == ([6, 6], [True, True])   # drawn: never ends itself
-    assert steps("mode_switch", 6, 1.0, [-30.0, 30.0] + [-30.0] * 7) == ([0, 0], [False, False])
+    assert steps("mode_switch", 6) == ([1, 1], [False, False])           # <lvr_end> decoded after x_1
+    assert steps("mode_switch", 6, [-30.0] * 9) == ([6, 6], [True, True])   # never ends itself
+    assert steps("mode_switch", 6, [-30.0, 60.0] + [-30.0] * 7) == ([0, 0], [False, False])
+    # the exit is the decoded token, as the official code: a positive <lvr_end> logit that is not the argmax
+    # (sigmoid > 0.5) does not end the segment
+    assert steps("mode_switch", 6, [-9.0, -9.0, 9.0] + [-9.0] * 6) == ([6, 6], [True, True])
 
 
 def test_lvr_stochastic_latent_policy_is_gaussian_and_enters_the_ratio():
     model, config = lvr_tiny(stage="rl", latent_sigma=0.3, kl_beta=0.0)
     force_lvr_start(model)
     sigma = 0.3
-    visual, question, out = rollout_of(model, temperature=0.9, budget=3, n=8, sigma=sigma)
+    visual, question, out = rollout_of(model, budget=3, n=8, sigma=sigma)
     lat = out["is_latent"]
     assert lat.sum(1).eq(3).sum() >= 4 and torch.isin(lat.sum(1), torch.tensor([0, 3])).all()  # rows that entered: 3 steps
-    assert (out["acted"] & lat).sum() == lat.sum()                                   # every latent step is a choice
     # h_t, the hidden state before each latent slot, from a plain uncached pass over the recorded inputs
     response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
     with torch.no_grad():
@@ -3435,14 +3436,13 @@ def test_lvr_stochastic_latent_policy_is_gaussian_and_enters_the_ratio():
     x = out["latents"][lat]
     noise = (x - h_before) / sigma
     assert abs(noise.std().item() - 1) < 0.1 and abs(noise.mean().item()) < 0.1        # x = h + σε, ε ~ N(0, I)
-    want = torch.distributions.Normal(h_before, sigma).log_prob(x).sum(-1)
-    replay = lvr.replay_logprobs(model.llm, visual, question, out, 0.9)
+    want = torch.distributions.Normal(h_before, sigma).log_prob(x).mean(-1)         # per dimension
+    replay = lvr.replay_latents(model.llm, visual, question, out)
     torch.testing.assert_close(replay["logp"][lat], want, atol=1e-3, rtol=1e-5)
+    assert (replay["logp"][~lat] == 0).all()                                         # the latent steps are the choices
     # in the ratio: with only the latent steps as choices, old log π lowered by 0.1 and Â = 1, the loss is −e^0.1
     # per row with latent steps (0 for the others), and it pulls h_t towards the sampled x_{t+1}
-    out["acted"] = lat.clone()
-    reference = {key: value.detach() for key, value in replay.items()}
-    batch = {"rollout": out, "visual": visual, "question": question, "reference": reference,
+    batch = {"rollout": out, "visual": visual, "question": question, "reference_h": replay["h"].detach(),
              "advantage": torch.ones(len(visual), 1), "old_logp": (replay["logp"].detach() - 0.1) * lat}
     loss, metrics = lvr.grpo_latent_loss(model.llm, batch, config)
     torch.testing.assert_close(loss, -math.exp(0.1) * lat.any(1).float().mean(), atol=1e-4, rtol=0)
