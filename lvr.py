@@ -2,31 +2,26 @@
 
 A vision encoder and a projector turn the image into visual tokens v; a causal LLM reads
     [question, v, <lvr_start>, x_1 .. x_N, <lvr_end>, answer, <eos>].
-Between <lvr_start> and <lvr_end> no token is sampled: the last hidden state is the next input embedding
-(Coconut-style, KV cache kept), x_{t+1} = h_t. The thinking budget is the number of latent steps.
-
-Stage 1 (LVR SFT; encoder and projector frozen), lvr_loss:
+Between <lvr_start> and <lvr_end> no token is decoded: the last hidden state is the next input embedding
+(Coconut-style, KV cache kept), x_{t+1} = h_t. The thinking budget is the number of latent steps N.
+Stage 1 (LVR SFT, lvr_loss; encoder and projector frozen):
     L = L_NTP + λ·L_LVR,   L_LVR = 1/N Σ_t ||h_t − v_t||²,   L_NTP = −1/T_y Σ_t log p(y_t | y_<t, h_{1:N})
-  h_t is the hidden state one position before the slot of the ROI token v_t. The exits are learned alongside
-  (weight λ_ms): a latent end vector e, ||h_N − e||², and mode switching, BCE on the <lvr_end> logit.
-Stage 2 (GRPO_latent, `--stage rl`), grpo_latent_loss: G rollouts per question, r = r_format + r_accuracy,
-    Â_i = (r_i − mean(r)) / (std(r) + 1e-4),
-    J = E[ min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β·D_KL(π_θ‖π_ref) ],   ρ_t = π_θ(a_t | s_t) / π_θold(a_t | s_t).
+  with the exits learned alongside (weight λ_ms): a latent end vector e, and mode switching (<lvr_end> decoded).
+Stage 2 (GRPO_latent, `--stage rl`, grpo_latent_loss): G rollouts per question, r = r_format + r_accuracy,
+    J = E[ min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β·D_KL(π_θ‖π_ref) ],   Â_i = (r_i − mean(r)) / (std(r) + 1e-4).
 
 Deviations from the paper (Qwen2.5-VL 3B/7B on Visual-CoT):
 - a tiny ViT and LLM trained from scratch on vqa_data's synthetic task, lr 1e-3 (paper 1e-5): nothing is pretrained;
 - stage 0 (alignment_loss: VQA plus an object and a grounding loss) stands in for the pretrained VLM;
 - a fixed 2D sin-cos code on the visual tokens stands in for Qwen2.5-VL's 2D M-RoPE;
-- the projector ends in a LayerNorm, so the visual tokens have the scale of the normed h that L_LVR regresses on them;
+- the projector ends in a LayerNorm: the visual tokens get the scale of the normed h that L_LVR regresses on them;
 - λ = 1 (paper 0.1): the answer pass reads detached latents, so L_LVR alone teaches the latents where to look;
-- L_NTP's answer is taken on a second pass fed the model's own detached latents (scheduled sampling from the ROI
-  tokens over teacher_ramp steps), which is what the answer reads at test time;
-- the ROI tokens are averaged to exactly latent_steps targets (the train/test budget mismatch of the reference code);
-- GRPO_latent samples the latents x_{t+1} = h_t + σε and the exit; the official code replays fixed latents as
-  constants, which gives RL no signal for them;
-- RL trains on fresh questions (vqa_data's fresh scenes), not on the SFT pool.
-Controls beyond the paper (same run, same batches, from the same stage-0 LLM): the no-latent SFT baseline and a
-text chain of thought that writes the chain's hops as position words.
+- L_NTP's answer on a second pass fed the model's own detached latents (scheduled sampling from the ROI tokens);
+- the ROI tokens averaged to exactly latent_steps targets (the train/test budget mismatch of the reference code);
+- GRPO_latent samples the latents x_{t+1} = h_t + σε with greedy text (the official code replays fixed latents as
+  constants: RL has no signal for them), on fresh questions, not the SFT pool.
+Controls beyond the paper, trained in the same run on the same batches from the same stage-0 LLM: the no-latent
+SFT baseline and a text chain of thought that writes the chain's hops as position words.
 """
 import copy
 import math
@@ -89,8 +84,7 @@ class Config:
 GPU_CONFIG = dict(d_model=384, n_layers=8, n_heads=6, encoder_layers=4, steps=12000, align_steps=4000,
                   batch_size=256, lr=5e-4)
 
-# ----------------------------------------------------------------------------------------------------------
-# Model: attention (with KV cache), block, ViT encoder, decoder LLM, the VLM
+# ---- Model: ViT encoder, projector, decoder LLM with a KV cache --------------------------------------------------
 
 
 class Attention(nn.Module):
@@ -184,12 +178,11 @@ class LVRModel(nn.Module):
         self.llm = Decoder(config, task.vocab_size, self.max_len)
         self.baseline_llm = Decoder(config, task.vocab_size, self.max_len) if config.baseline else None
         self.cot_llm = Decoder(config, task.vocab_size, self.max_len) if config.cot else None
-        # latent end token: a learned vector with norm √H (paper), for the latent-end exit
-        self.latent_end = nn.Parameter(F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model))
+        end = F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model)  # norm √H (paper)
+        self.latent_end = nn.Parameter(end)                      # the latent end vector e, for the latent-end exit
         self.register_buffer("baseline_ready", torch.tensor(False))  # baseline LLMs copied from stage 0?
         self.register_buffer("visual_pos", grid_position_code(grid, config.d_model), persistent=False)
-        # GRPO's frozen reference policy π_ref: the stage-1 LLM (load_state_dict fills it from a stage-1 checkpoint)
-        self.reference = copy.deepcopy(self.llm).requires_grad_(False) if config.stage == "rl" else None
+        self.reference = copy.deepcopy(self.llm).requires_grad_(False) if config.stage == "rl" else None  # π_ref
 
     def visual_tokens(self, image):  # (B, 3, H, W) -> (B, P, D): the projector outputs v, with their 2D position
         return self.projector(self.encoder(image)) + self.visual_pos
@@ -202,16 +195,15 @@ class LVRModel(nn.Module):
         return super().load_state_dict(state_dict, strict, assign)
 
     def compile(self, *args, **kwargs):
-        """torch.compile every pass of the training step and the thinking loop: each is a forward of the encoder,
-        the projector or a decoder (a decoding step of generate is one decoder forward with the KV cache)."""
+        """torch.compile every pass of training and of the thinking loop: each is an encoder, projector or decoder
+        forward."""
         for module in (self.encoder, self.projector, self.llm, self.baseline_llm, self.cot_llm, self.reference):
             if module is not None:
                 module.compile(*args, **kwargs)
 
 
 def grid_position_code(grid, d):
-    """(grid², d) fixed 2D sin-cos code of each patch's (x, y), added to the visual tokens. Ours, in place of
-    Qwen2.5-VL's 2D M-RoPE: "nearest to" questions need each token's 2D position."""
+    """(grid², d) fixed 2D sin-cos code of each patch's (x, y) (ours, for Qwen2.5-VL's 2D M-RoPE)."""
     if d % 4:
         raise ValueError(f"d_model must be a multiple of 4 for the 2D position code, got {d}")
     freq = grid ** (-torch.arange(d // 4) / (d // 4))                                  # 1 .. 1/grid rad per patch
@@ -234,21 +226,17 @@ def make_optimizer(model, config):
                               {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}],
                              lr=config.lr, betas=(config.beta1, config.beta2))
 
-# ----------------------------------------------------------------------------------------------------------
-# The paper's loss (stage 1): L = L_NTP + λ·L_LVR, with the exits' losses
+# ---- The paper's loss (stage 1): L = L_NTP + λ·L_LVR, plus the exits' losses -------------------------------------
 
 
 def prompt(llm, visual, question):
-    """The prompt's input embeddings (B, Lq + P, D): question first, then the visual tokens, so that in a causal
-    LLM each visual token can already condition on the question (ours; Qwen2.5-VL prompts put the image first)."""
+    """[question, v] embeddings (B, Lq + P, D): the question first, so each visual token can read it (ours)."""
     return torch.cat([llm.embed(question).to(visual.dtype), visual], 1)
 
 
 def roi_targets(visual, boxes, task, k):
-    """The targets v_1..v_k (B, k, D): the visual tokens of the patches each ROI box touches (boxes (B, K, 4): a
-    chain of K boxes in reasoning order, ours; row-major within a box), their N tokens averaged over k consecutive
-    segments, segment j = ranks [⌊jN/k⌋, max(⌊(j+1)N/k⌋, ⌊jN/k⌋ + 1)) (ours; the paper takes all N). N = k: the
-    ROI tokens themselves."""
+    """The targets v_1..v_k (B, k, D): the N visual tokens of the patches the ROI boxes (B, K, 4) touch, box by box
+    (a chain of K boxes, ours), row-major within a box, averaged over k segments (ours; the paper takes all N)."""
     chain = boxes.view(len(boxes), -1, 4)                                                              # (B, K, 4)
     mask = vqa_data.roi_patch_mask(chain.flatten(0, 1).cpu(), task.image_size, task.patch_size)       # (B·K, P)
     mask = mask.view(len(boxes), -1).to(visual.device)                                  # (B, K·P): box k at k·P + p
@@ -263,8 +251,7 @@ def roi_targets(visual, boxes, task, k):
 
 
 def example_generators(batch, device):
-    """One torch.Generator per example, seeded by batch["example_seed"][b] (train.py draws one per example and
-    step), so an example's draw does not depend on which torchrun rank holds it; None for a batch without seeds."""
+    """One torch.Generator per example from batch["example_seed"] (the draw does not depend on the torchrun rank)."""
     if "example_seed" not in batch:
         return None
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
@@ -278,17 +265,11 @@ def example_noise(draw, shape, generators, device):
 
 
 def lvr_loss(model, visual, batch, teacher_prob=0.0):
-    """Stage 1 over [question (Lq), v (P), <lvr_start>, x_1..x_N, <lvr_end>, answer (A), <eos>], N = latent_steps,
-    as two passes sharing the prefix [question, v, <lvr_start>] (its KV cache):
-      pass 1, teacher-forced, x_t = v_t (roi_targets):
-        L_LVR = 1/N Σ_t ||h_t − v_t||²: h(<lvr_start>) -> v_1, h(slot of v_1) -> v_2, ... (mean over elements;
-        the raw last hidden state, no head); L_NTP on <lvr_start> and <lvr_end>;
-        the exits: L_end = ||h_N − e||², h_N = h(slot of v_N), and L_switch = BCE of the <lvr_end> logit at
-        <lvr_start>, v_1..v_N, target 1 only at v_N's slot;
-      pass 2, the model's own latents, decoded without gradient from the prefix as at test time (x_1 = h(<lvr_start>),
-        x_{t+1} = h(slot of x_t)), detached; v_t instead with probability teacher_prob (scheduled sampling):
-        L_NTP on the answer and <eos>, the paper's −1/T_y Σ log p(y_t | y_<t, h_{1:N}). (Pass 1's states are no
-        substitute: h(slot of v_t) carries the true v_t it was fed.)
+    """Stage 1 over [question, v, <lvr_start>, x_1..x_N, <lvr_end>, answer, <eos>], N = latent_steps, in two passes
+    sharing the prefix [question, v, <lvr_start>] (its KV cache). Pass 1, teacher-forced (x_t = v_t): L_LVR (the raw
+    last hidden state, no head), L_NTP on the two markers, and the exits' L_end = ||h_N − e||², L_switch = BCE of the
+    <lvr_end> logit at <lvr_start>, v_1..v_N (1 only at v_N's slot). Pass 2 feeds the model's own latents decoded
+    as at test time (detached; v_t with probability teacher_prob): L_NTP on the answer, −1/T_y Σ log p(y_t | h_{1:N}).
     L = L_NTP + λ·L_LVR + λ_ms·(L_end + L_switch)."""
     config, task, llm = model.config, model.task, model.llm
     targets = roi_targets(visual, batch["box"], task, config.latent_steps)             # (B, N, D): v_1..v_N
@@ -314,7 +295,8 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
                                labels.masked_fill(~keep, -100).flatten(), ignore_index=-100)
 
     h, logits = response_pass(targets)                                                 # pass 1: teacher-forced
-    l_lvr = ((h[:, s:s + N].float() - targets.float()) ** 2).mean(-1).flatten().mean()  # h_t -> v_t
+    # L_LVR = 1/N Σ_t ||h_t − v_t||² (mean over dimensions): h(<lvr_start>) -> v_1, h(slot of v_1) -> v_2, ...
+    l_lvr = ((h[:, s:s + N].float() - targets.float()) ** 2).mean(-1).flatten().mean()
     with torch.no_grad():  # pass 2's latents: free-running from the prefix's (detached) KV cache
         x, own, own_cache = h_prefix[:, -1:].detach(), [], [(k.detach(), v.detach()) for k, v in cache]
         for _ in range(N):
@@ -333,8 +315,7 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
     metrics = {"L_NTP": l_ntp, "L_LVR": l_lvr, "answer_NTP": l_answer, "L_end": l_end, "L_switch": l_switch}
     return loss, {k: v.detach() for k, v in metrics.items()}
 
-# ----------------------------------------------------------------------------------------------------------
-# The thinking loop: text mode until <lvr_start>, then latent mode (hidden state -> next input), then <lvr_end>
+# ---- The thinking loop: text, then latent mode (h_t is the next input), then text --------------------------------
 
 
 def chose_exit(model, exit_rule, h, token):
@@ -349,12 +330,10 @@ def chose_exit(model, exit_rule, h, token):
 
 @torch.no_grad()
 def generate(model, llm, visual, question, thinking_steps, exit_rule="fixed", fed_latents=None, sigma=0.0):
-    """Greedy decoding of all rows in lockstep with a KV cache. After <lvr_start> a row is in latent mode: no token
-    is emitted and the next input is x_{t+1} = h_t (+ σε with sigma > 0: GRPO_latent's policy), until chose_exit
-    or the cap thinking_steps ends the segment with <lvr_end>; then text until <eos>. fed_latents
-    (B, thinking_steps, D): a control row's latents, fed instead of h_t. Returns dict: tokens (B, R) (pad at latent
-    slots), latents (B, R, D) (the inputs x), is_latent (B, R), capped (B, R) (<lvr_end> forced by an adaptive
-    exit's cap), sigma."""
+    """Greedy decoding of all rows in lockstep with a KV cache. After <lvr_start> a row is in latent mode, where the
+    next input is x_{t+1} = h_t (+ σε: GRPO_latent's policy; fed_latents (B, thinking_steps, D): a control's), until
+    the exit rule or the cap thinking_steps ends it with <lvr_end>. Returns tokens (B, R) (pad at latent slots),
+    latents (B, R, D) (the inputs x), is_latent, capped (<lvr_end> forced by an adaptive exit's cap), sigma."""
     task = model.task
     B, device = visual.shape[0], visual.device
     h, logits, cache = llm(prompt(llm, visual, question))
@@ -389,16 +368,13 @@ def generate(model, llm, visual, question, thinking_steps, exit_rule="fixed", fe
         h, logits = h[:, -1], logits[:, -1]
     return {**{k: torch.stack(v, 1) for k, v in out.items()}, "sigma": sigma if fed_latents is None else 0.0}
 
-# ----------------------------------------------------------------------------------------------------------
-# GRPO_latent (stage 2): rewards, group advantages, the replay, the clipped objective with the KL to π_ref
+# ---- GRPO_latent (stage 2): rewards, advantages, the replay, the clipped objective -------------------------------
 
 
 def replay_latents(llm, visual, question, rollout):
-    """One teacher-forced pass over [question, v, response] with the rollout's tokens and its latent inputs x
-    patched in at the latent slots, so π_θ sees exactly the rollout's context. Returns h (B, R, D), the hidden
-    state before each response slot, and logp (B, R): at each latent slot log N(x_{t+1}; h_t, σ²I) per dimension
-    (the mean over the d dimensions, ours: a sum makes one latent's log-ratio d times the size the clip ε is set
-    for), 0 elsewhere."""
+    """One pass over [question, v, response] with the rollout's latents x patched in, so π_θ sees the rollout's
+    context. Returns h (B, R, D) before each response slot and logp (B, R) = log N(x_{t+1}; h_t, σ²I) at the latent
+    slots, per dimension (ours: a sum over d makes one latent's log-ratio d times what the clip ε is set for)."""
     response = torch.where(rollout["is_latent"][..., None], rollout["latents"].to(visual.dtype),
                            llm.embed(rollout["tokens"]).to(visual.dtype))               # (B, R, D)
     h, _, _ = llm(torch.cat([prompt(llm, visual, question), response[:, :-1]], 1))
@@ -418,8 +394,8 @@ def answer_correct(rollout, answer, task, skip=()):
 
 
 def format_ok(rollout, task):
-    """The format reward's regex: the response is exactly <lvr_start> (latents) <lvr_end> answer-word(s) <eos>, and
-    the model ended its latent segment itself (not the step cap of an adaptive exit)."""
+    """The format reward: exactly <lvr_start> (latents) <lvr_end> answer word(s) <eos>, the segment ended by the
+    model (not by the cap)."""
     tokens = rollout["tokens"]
     text = tokens.gather(1, torch.sort((tokens == task.pad_id).int(), dim=1, stable=True).indices)  # pads last
     text = F.pad(text, (0, task.answer_len + 3), value=task.pad_id)
@@ -443,9 +419,8 @@ def group_advantages(reward):
 
 @torch.no_grad()
 def grpo_rollouts(model, visual, batch):
-    """G rollouts per question (greedy text, latents x_{t+1} = h_t + σε, the mode-switching exit capped at
-    max_latent): rewards, group advantages, log π_θold by the loss's own replay (fixed for all policy updates on
-    this batch; so the first ratio is exactly 1, also under autocast) and π_ref's hidden states."""
+    """G rollouts per question (greedy text, x_{t+1} = h_t + σε, mode switching capped at max_latent), rewards,
+    advantages, log π_θold by the loss's own replay (the first ratio is exactly 1, also under autocast), π_ref's h."""
     config, task, G = model.config, model.task, model.config.group_size
     visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
     question, answer = batch["question"].repeat_interleave(G, 0), batch["answer"].repeat_interleave(G, 0)
@@ -463,28 +438,24 @@ def grpo_rollouts(model, visual, batch):
 
 
 def grpo_latent_loss(llm, batch, config):
-    """GRPO_latent on one rollout batch of grpo_rollouts: per latent step t of rollout i the clipped objective
-    min(ρ_t·Â_i, clip(ρ_t, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref), ρ_t = π_θ(x_{t+1} | s_t) / π_θold(x_{t+1} | s_t)
-    (replay_latents), D_KL the exact ||h_θ − h_ref||² / (2σ²) of the two Gaussians, per dimension like log π.
-    Mean over a rollout's latent steps, then over rollouts."""
+    """Per latent step t of rollout i: min(ρ_t·Â_i, clip(ρ_t, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref), ρ_t = π_θ / π_θold;
+    mean over a rollout's latent steps, then over rollouts."""
     rollout, advantage, sigma = batch["rollout"], batch["advantage"], batch["rollout"]["sigma"]
     mask = rollout["is_latent"].float()                                               # (B*G, R)
     replay = replay_latents(llm, batch["visual"], batch["question"], rollout)          # with grad
     ratio = torch.exp(replay["logp"] - batch["old_logp"])                             # π_θ / π_θold
     objective = torch.minimum(ratio * advantage, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * advantage)
-    kl = ((replay["h"] - batch["reference_h"]) ** 2).mean(-1) / (2 * sigma ** 2)
+    kl = ((replay["h"] - batch["reference_h"]) ** 2).mean(-1) / (2 * sigma ** 2)     # exact, per dimension
     per_step = -(objective - config.kl_beta * kl)
     loss = ((per_step * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     metrics = {"kl": kl, "ratio_dev": (ratio - 1).abs(), "clipped": ((ratio - 1).abs() > config.clip_eps).float()}
     return loss, {name: ((value * mask).sum() / mask.sum().clamp(min=1)).detach() for name, value in metrics.items()}
 
-# ----------------------------------------------------------------------------------------------------------
-# Training step (AMP): stage 0 (alignment), stage 1 (LVR SFT and the two baselines), stage 2 (GRPO_latent)
+# ---- Training step (AMP): stage 0, stage 1 with the two baselines, stage 2 ---------------------------------------
 
 
 def teacher_prob(step, config):
-    """Scheduled sampling: the probability that the answer pass reads the true ROI token in a latent slot,
-    falling linearly from 1 at the start of stage 1 to 0 after teacher_ramp steps."""
+    """Scheduled sampling: P(the answer pass reads v_t, not the own latent), 1 at stage 1's start, 0 after the ramp."""
     return max(0.0, 1 - (step - config.align_steps) / config.teacher_ramp) if config.teacher_ramp else 0.0
 
 
@@ -525,35 +496,31 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
             with torch.no_grad():
                 visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
             loss, metrics = lvr_loss(model, visual, batch, teacher_prob(step, config))
-            if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
-                baseline, _ = direct_loss(model.baseline_llm, visual, batch, model.task)
-                loss, metrics["baseline_NTP"] = loss + baseline, baseline.detach()
-            if model.cot_llm is not None:  # text chain-of-thought baseline: same batch, hops in words, then answer
-                cot, cot_metrics = cot_loss(model.cot_llm, visual, batch, model.task)
-                loss = loss + cot
-                metrics["cot_hops_NTP"], metrics["cot_answer_NTP"] = cot_metrics["L_hops"], cot_metrics["answer_NTP"]
+            for llm, baseline_loss in ((model.baseline_llm, direct_loss), (model.cot_llm, cot_loss)):
+                if llm is not None:  # the no-latent and chain-of-thought baselines, on the same batch
+                    baseline, baseline_metrics = baseline_loss(llm, visual, batch, model.task)
+                    loss, metrics = loss + baseline, metrics | baseline_metrics
     optimizer_step(model, optimizer, scaler, loss, config)
     return {"loss": loss.detach(), **metrics}
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation: answer accuracy against latent steps, the baselines, the controls, the exits; the sampled policy
+# ---- Evaluation: accuracy against latent steps, the baselines, the controls, the exits ---------------------------
 
 
 @torch.no_grad()
 def evaluate(model, task, config, eval_steps, autocast_dtype):
-    """Held-out accuracy, one row per model and budget: the answer prior (majority answer per question type), the
-    no-latent baseline, the text chain of thought, LVR at each fixed budget in eval_steps (0: control (d), the
-    markers alone), the controls at the trained budget (control_latents), the two adaptive exits (capped at
-    max_latent). Then, on validation questions (fresh scenes), GRPO_latent's policy (greedy text, x = h + σε,
-    mode-switching exit) at σ = 0, σ/2, σ, 2σ with G samples each: pass@1 and pass@G, the rows σ is chosen on."""
+    """Held-out accuracy, a row per model and budget: the answer prior (majority answer per question type), the
+    two baselines, LVR at each budget in eval_steps (0: control (d), the markers alone), the control rows at the
+    trained budget, the two adaptive exits. Then, on validation questions (fresh scenes), GRPO_latent's policy at
+    σ = 0, σ/2, σ, 2σ with G samples each (pass@1, pass@G): the rows σ is chosen on."""
     model.eval()
     device, k, G = next(model.parameters()).device, config.latent_steps, config.group_size
     size = max(config.batch_size, 256)                        # evaluation chunk (the RL batch is small)
-    n_validation = min(config.validation_size, len(task.test_sets["held-out"]["answer"]))
+    validation = task.fresh_batch(6, 0, min(config.validation_size, len(task.test_sets["held-out"]["answer"])))
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        chunks, validation = (prepared(model, data, size, k) for data in (
-            task.test_sets["held-out"], task.fresh_batch(6, 0, n_validation)))
-        roi_tokens = torch.cat([chunk["targets"] for chunk in chunks]).flatten(0, 1).float()   # (M, D)
+        chunks, validation = ([{**c, "visual": model.visual_tokens(c["image"])} for c in (
+            {key: value[i:i + size].to(device) for key, value in data.items()}
+            for i in range(0, len(data["answer"]), size))] for data in (task.test_sets["held-out"], validation))
+        roi_tokens = torch.cat([roi_targets(c["visual"], c["box"], task, k) for c in chunks]).flatten(0, 1).float()
         variance = roi_tokens.var(0).mean().item()                                     # MSE of the mean token
         rows = [{"model": "answer prior", "thinking steps": 0, "accuracy %": task.prior_accuracy()}]
         for name, llm in (("baseline", model.baseline_llm), ("text chain-of-thought", model.cot_llm)):
@@ -565,40 +532,27 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
         for kind, name in CONTROLS.items():
             fed = [control_latents(kind, c["visual"], c["box"], task, k, roi_tokens, noise) for c in chunks]
             rows.append(table_row(model, chunks, f"lvr, {name}", model.llm, k, variance, fed=fed))
-        for exit_rule, name in (("latent_end", "latent end exit"), ("mode_switch", "mode switch exit")):
-            rows.append(table_row(model, chunks, f"lvr, {name}", model.llm, config.max_latent, variance,
-                                  exit_rule=exit_rule))
+        for exit_rule in ("latent_end", "mode_switch"):
+            rows.append(table_row(model, chunks, f"lvr, {exit_rule.replace('_', ' ')} exit", model.llm,
+                                  config.max_latent, variance, exit_rule=exit_rule))
         rows = [{"test set": "held-out", **row} for row in rows]
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(0)  # the same draws for every σ and every checkpoint
-        for sigma in (0.0, config.latent_sigma / 2, config.latent_sigma, 2 * config.latent_sigma):
-            rows.append({"test set": "validation", **table_row(
-                model, validation, f"latent policy σ={sigma:g}", model.llm, config.max_latent, variance, group=G,
-                exit_rule="mode_switch", sigma=sigma)})
-        torch.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same draws for every σ and every checkpoint
+            for sigma in (0.0, config.latent_sigma / 2, config.latent_sigma, 2 * config.latent_sigma):
+                rows.append({"test set": "validation", **table_row(
+                    model, validation, f"latent policy σ={sigma:g}", model.llm, config.max_latent, variance, group=G,
+                    exit_rule="mode_switch", sigma=sigma)})
     model.train()
     return rows
 
 
-def prepared(model, data, size, k):
-    """The questions in chunks of `size` on the model's device, with their visual tokens and LVR targets."""
-    device, chunks = next(model.parameters()).device, []
-    for i in range(0, len(data["answer"]), size):
-        chunk = {key: value[i:i + size].to(device) for key, value in data.items()}
-        chunk["visual"] = model.visual_tokens(chunk["image"])                          # (b, P, D)
-        chunks.append({**chunk, "targets": roi_targets(chunk["visual"], chunk["box"], model.task, k)})  # (b, k, D)
-    return chunks
-
-
 def table_row(model, chunks, name, llm, thinking_steps, variance, fed=None, group=1, **decoding):
-    """One row of evaluate's table, decoding `group` samples of each question (generate with `decoding`; fed: a
-    control's latents per chunk): accuracy overall (pass@1) and per question type, pass@group, the share that
-    entered latent mode, the mean latent steps (the chain of thought: hop words written) and its share of right
-    hops, and the latents' MSE to the targets over the steps taken (at most latent_steps), over the ROI tokens'
-    variance. Adaptive exits have no thinking steps (see mean steps)."""
-    task, cot = model.task, llm is model.cot_llm
+    """A row of evaluate's table from `group` samples of each question (generate with `decoding`; fed: a control's
+    latents per chunk): accuracy (pass@1) overall and per question type, pass@group, mean latent steps, the chain of
+    thought's share of right hops, the latents' MSE to the targets over the ROI tokens' variance."""
+    task, cot, k = model.task, llm is model.cot_llm, model.config.latent_steps
     correct = torch.zeros(len(task.question_types))                                    # right answers per type
-    any_right, entered, steps, hops, squared_error, compared = 0, 0, 0, 0, 0.0, 0
+    any_right, steps, hops, squared_error, compared = 0, 0, 0, 0.0, 0
     for i, chunk in enumerate(chunks):
         chunk = {key: value.repeat_interleave(group, 0) for key, value in chunk.items()}
         rollout = generate(model, llm, chunk["visual"], chunk["question"], thinking_steps,
@@ -606,46 +560,39 @@ def table_row(model, chunks, name, llm, thinking_steps, variance, fed=None, grou
         right = answer_correct(rollout, chunk["answer"], task, skip=task.position_ids if cot else ())
         correct.index_add_(0, chunk["qtype"].cpu(), right.float().cpu())
         any_right += right.view(-1, group).any(1).sum().item()
-        entered += (rollout["tokens"] == task.lvr_start_id).any(1).sum().item()
-        steps += rollout["is_latent"].sum().item()
+        is_latent = rollout["is_latent"]
+        steps += is_latent.sum().item()
         if cot:  # the written hops: the first hop_len tokens against the chain's hop words
             written = F.pad(rollout["tokens"], (0, task.hop_len), value=task.pad_id)[:, :task.hop_len]
             hops += (written == cot_targets(chunk, task)[:, :task.hop_len]).all(1).sum().item()
-            steps += torch.isin(rollout["tokens"], torch.tensor(task.position_ids, device=written.device)).sum().item()
-        else:  # the i-th latent input against target i, for i < the steps taken
-            is_latent, targets = rollout["is_latent"], chunk["targets"]
-            order = torch.sort((~is_latent).int(), dim=1, stable=True).indices         # latent slots first
-            latents = rollout["latents"].gather(1, order[..., None].expand(-1, -1, targets.shape[-1]))
-            n = min(latents.shape[1], targets.shape[1])
-            taken = torch.arange(n, device=targets.device) < is_latent.sum(1, keepdim=True)            # (b, n)
-            error = ((latents[:, :n].float() - targets[:, :n].float()) ** 2).mean(-1)                 # (b, n)
-            squared_error, compared = squared_error + error[taken].sum().item(), compared + taken.sum().item()
+        index = is_latent.cumsum(1) - 1                                                # latent i fed at this slot
+        targets = roi_targets(chunk["visual"], chunk["box"], task, k).gather(
+            1, index.clamp(0, k - 1)[..., None].expand(-1, -1, chunk["visual"].shape[-1]))      # (b, R, D)
+        taken = is_latent & (index < k)                                                # latent i vs target i
+        error = ((rollout["latents"].float() - targets.float()) ** 2).mean(-1)[taken]
+        squared_error, compared = squared_error + error.sum().item(), compared + len(error)
     type_count = torch.bincount(torch.cat([c["qtype"].cpu() for c in chunks]), minlength=len(correct)).clamp(min=1)
     questions = sum(len(chunk["answer"]) for chunk in chunks)
-    total = questions * group
     row = {"model": name}
-    if decoding.get("exit_rule", "fixed") == "fixed":
+    if decoding.get("exit_rule", "fixed") == "fixed":  # adaptive exits: see mean steps
         row["thinking steps"] = task.hop_len if cot else thinking_steps
-    row |= {"accuracy %": 100.0 * correct.sum().item() / total,
-            **{f"{q} %": 100.0 * (correct[i] / type_count[i] / group).item() for i, q in enumerate(task.question_types)},
-            "entered lvr %": 100.0 * entered / total, "mean steps": steps / total}
+    row |= {"accuracy %": 100.0 * correct.sum().item() / (questions * group),
+            **{f"{q} %": 100.0 * (correct[i] / type_count[i] / group).item()
+               for i, q in enumerate(task.question_types)}, "mean steps": steps / (questions * group)}
     if group > 1:
         row[f"pass@{group} %"] = 100.0 * any_right / questions
     if cot:
-        row["hops right %"] = 100.0 * hops / total
+        row["hops right %"] = 100.0 * hops / questions
     if compared:
         row["latent MSE/var"] = squared_error / compared / variance
     return row
 
-# ----------------------------------------------------------------------------------------------------------
-# Beyond the paper: stage 0 (our stand-in for a pretrained VLM), the two baselines, the control rows, the
-# validation rows σ is chosen on
+# ---- Beyond the paper: stage 0 (for a pretrained VLM), the two baselines, the control rows -----------------------
 
 
 def answer_pass(llm, visual, batch, task, before=None):
-    """One teacher-forced pass over [question, v, before, answer, <eos>]; `before` (B, W) are text tokens
-    written ahead of the answer (none for plain VQA, the hop words for chain-of-thought).
-    Returns the targets (B, W + A + 1), their logits (B, W + A + 1, V) and the last hidden states (B, T, D)."""
+    """One teacher-forced pass over [question, v, before (B, W), answer, <eos>]: targets (B, W + A + 1), their
+    logits and all last hidden states."""
     before = batch["answer"][:, :0] if before is None else before
     targets = torch.cat([before, batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)
     inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(targets[:, :-1]).to(visual.dtype)], 1)
@@ -654,10 +601,9 @@ def answer_pass(llm, visual, batch, task, before=None):
 
 
 def alignment_loss(model, batch):
-    """Stage 0: L = L_NTP + L_object + L_grounding on plain VQA [question, v] -> answer, where
-      L_object: each encoder patch token classifies the object in its patch (a pretrained encoder's content);
-      L_grounding: the LLM's state at each visual token (which has read the question before it) classifies
-                   whether that patch lies in the question's first ROI box (BCE), as grounding data would teach."""
+    """Stage 0 on plain VQA: L = L_NTP + L_object + L_grounding. L_object: each encoder patch token classifies the
+    object in its patch (a pretrained encoder's content); L_grounding: the LLM's state at each visual token (after
+    the question) classifies whether its patch is in the first ROI box (BCE), as grounding data would teach."""
     task = model.task
     encoded = model.encoder(batch["image"])                                                 # (B, P, D)
     visual = model.projector(encoded) + model.visual_pos                                    # = visual_tokens
@@ -678,13 +624,11 @@ def direct_loss(llm, visual, batch, task):
     """L_NTP for plain VQA [question, v] -> answer <eos> (the SFT data baseline)."""
     targets, logits, _ = answer_pass(llm, visual, batch, task)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    return loss, {"L_NTP": loss.detach()}
+    return loss, {"baseline_NTP": loss.detach()}
 
 
 def cot_targets(batch, task):
-    """The chain-of-thought baseline's response before <eos>: the ROI chain's hops as words (the named object's
-    patch column and row, then those of the object the answer is read from: vqa_data.hop_words), then the
-    answer. (B, hop_len + A)."""
+    """The chain of thought's response (B, hop_len + A): the chain's hops as words (vqa_data.hop_words), the answer."""
     return torch.cat([vqa_data.hop_words(batch["box"].cpu(), task.patch_size).to(batch["answer"].device),
                       batch["answer"]], 1)
 
@@ -696,16 +640,15 @@ def cot_loss(llm, visual, batch, task):
     targets, logits, _ = answer_pass(llm, visual, batch, task, before=hops)
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
     l_hops, l_answer = per_token[:, :task.hop_len].mean(), per_token[:, task.hop_len:].mean()
-    return l_hops + l_answer, {"L_hops": l_hops.detach(), "answer_NTP": l_answer.detach()}
+    return l_hops + l_answer, {"cot_hops_NTP": l_hops.detach(), "cot_answer_NTP": l_answer.detach()}
 
 
 CONTROLS = {"oracle": "oracle ROI tokens (a)", "zero": "zero latents (b)", "random": "random latents (c)"}
 
 
 def control_latents(kind, visual, boxes, task, k, roi_tokens, generator=None):
-    """Latents (B, k, D) fed in place of the model's own states in a control row: "oracle" the ROI tokens
-    pooled to k (the ceiling), "zero" zeros, "random" Gaussian with the per-dimension mean and std of
-    roi_tokens (M, D)."""
+    """A control row's latents (B, k, D): "oracle" the targets (the ceiling), "zero" zeros, "random" Gaussian with
+    the per-dimension mean and std of roi_tokens (M, D)."""
     B, D = visual.shape[0], visual.shape[-1]
     if kind == "oracle":
         return roi_targets(visual, boxes, task, k)
@@ -715,16 +658,13 @@ def control_latents(kind, visual, boxes, task, k, roi_tokens, generator=None):
     return (roi_tokens.mean(0) + roi_tokens.std(0) * noise).to(visual.dtype)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a tiny demo: stage 0, stage 1, the table
     torch.manual_seed(0)
     demo_task = vqa_data.VQATask(seed=0, train_size=2000, eval_size=64)
-    demo_config = Config(steps=40, align_steps=20, d_model=32, n_layers=2, encoder_layers=1, eval_steps=(0, 4),
-                         teacher_ramp=10)
-    demo_model = build_model(demo_config, demo_task)
-    opt = make_optimizer(demo_model, demo_config)
-    for s in range(demo_config.steps):
-        m = train_step(demo_model, opt, torch.amp.GradScaler("cpu", enabled=False), demo_task.train_batch(s, 32),
-                       s, demo_config, None)
-    print({k: round(v.item(), 3) for k, v in m.items()})
-    for row in evaluate(demo_model, demo_task, demo_config, demo_config.eval_steps, None):
-        print(row)
+    demo = Config(steps=40, align_steps=20, d_model=32, n_layers=2, encoder_layers=1, teacher_ramp=10)
+    demo_model, scaler = build_model(demo, demo_task), torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = make_optimizer(demo_model, demo)
+    for step in range(demo.steps):
+        metrics = train_step(demo_model, optimizer, scaler, demo_task.train_batch(step, 32), step, demo, None)
+    print({k: round(v.item(), 3) for k, v in metrics.items()}, *evaluate(demo_model, demo_task, demo, (0, 4), None),
+          sep="\n")

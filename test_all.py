@@ -3354,8 +3354,8 @@ def test_lvr_cot_targets_hold_the_hops_and_the_answer_pass_reads_them():
     assert (logits[:, 4] - logits_other[:, 4]).abs().amax() > 1e-4                      # the answer reads the hops
     loss, metrics = lvr.cot_loss(llm, visual, small, LVR_TASK)
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq.flatten(), reduction="none").view(6, 6)
-    torch.testing.assert_close(metrics["L_hops"], ce[:, :4].mean())
-    torch.testing.assert_close(metrics["answer_NTP"], ce[:, 4:].mean())
+    torch.testing.assert_close(metrics["cot_hops_NTP"], ce[:, :4].mean())
+    torch.testing.assert_close(metrics["cot_answer_NTP"], ce[:, 4:].mean())
     torch.testing.assert_close(loss, ce[:, :4].mean() + ce[:, 4:].mean())
 
 
