@@ -1,14 +1,12 @@
 """Latent Visual Reasoning (LVR, ICLR 2026): the LLM "thinks" by reconstructing visual tokens.
 
 A vision encoder and a projector turn the image into visual tokens v; a causal LLM reads
-    [question, v, <lvr_start>, x_1 .. x_N, <lvr_end>, answer, <eos>].
-Between <lvr_start> and <lvr_end> no token is decoded: the last hidden state is the next input embedding
-(Coconut-style, KV cache kept), x_{t+1} = h_t. The thinking budget is the number of latent steps N.
-Stage 1 (LVR SFT, lvr_loss; encoder and projector frozen):
-    L = L_NTP + λ·L_LVR,   L_LVR = 1/N Σ_t ||h_t − v_t||²,   L_NTP = −1/T_y Σ_t log p(y_t | y_<t, h_{1:N})
-  with the exits learned alongside (weight λ_ms): a latent end vector e, and mode switching (<lvr_end> decoded).
-Stage 2 (GRPO_latent, `--stage rl`, grpo_latent_loss): G rollouts per question, r = r_format + r_accuracy,
-    J = E[ min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β·D_KL(π_θ‖π_ref) ],   Â_i = (r_i − mean(r)) / (std(r) + 1e-4).
+    [question, v, <lvr_start>, x_1 .. x_N, <lvr_end>, answer, <eos>],
+where no token is decoded between the markers: the last hidden state is the next input embedding, x_{t+1} = h_t
+(Coconut-style, KV cache kept). The thinking budget is the number of latent steps N.
+Stage 1 (lvr_loss): L = L_NTP + λ·L_LVR, L_LVR = 1/N Σ_t ||h_t − v_t||², L_NTP = −1/T_y Σ_t log p(y_t | y_<t, h_{1:N}).
+Stage 2 (GRPO_latent, `--stage rl`): J = E[min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β·D_KL(π_θ‖π_ref)] with
+    Â_i = (r_i − mean(r)) / (std(r) + 1e-4) over G rollouts of a question, r = r_format + r_accuracy.
 
 Deviations from the paper (Qwen2.5-VL 3B/7B on Visual-CoT):
 - a tiny ViT and LLM trained from scratch on vqa_data's synthetic task, lr 1e-3 (paper 1e-5): nothing is pretrained;
@@ -20,8 +18,7 @@ Deviations from the paper (Qwen2.5-VL 3B/7B on Visual-CoT):
 - the ROI tokens averaged to exactly latent_steps targets (the train/test budget mismatch of the reference code);
 - GRPO_latent samples the latents x_{t+1} = h_t + σε with greedy text (the official code replays fixed latents as
   constants: RL has no signal for them), on fresh questions, not the SFT pool.
-Controls beyond the paper, trained in the same run on the same batches from the same stage-0 LLM: the no-latent
-SFT baseline and a text chain of thought that writes the chain's hops as position words.
+Controls beyond the paper (same run, same batches, same stage-0 LLM): a no-latent baseline, a text chain of thought.
 """
 import copy
 import math
@@ -98,9 +95,9 @@ class Attention(nn.Module):
         if cache is not None:  # append to the KV cache of earlier positions
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
         past = k.shape[2] - T
-        mask = None
-        if causal and past and T > 1:  # new queries see the cache and the new keys up to themselves
-            mask = torch.arange(k.shape[2], device=x.device)[None] <= past + torch.arange(T, device=x.device)[:, None]
+        # with a cache, new queries see the cached keys and the new keys up to themselves
+        mask = (torch.arange(k.shape[2], device=x.device)[None] <= past + torch.arange(T, device=x.device)[:, None]
+                if causal and past and T > 1 else None)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not past)
         return self.proj(y.transpose(1, 2).reshape(B, T, D)), (k, v)  # (B, T, D)
 
@@ -195,8 +192,7 @@ class LVRModel(nn.Module):
         return super().load_state_dict(state_dict, strict, assign)
 
     def compile(self, *args, **kwargs):
-        """torch.compile every pass of training and of the thinking loop: each is an encoder, projector or decoder
-        forward."""
+        """torch.compile every pass of training and the thinking loop: encoder, projector and decoder forwards."""
         for module in (self.encoder, self.projector, self.llm, self.baseline_llm, self.cot_llm, self.reference):
             if module is not None:
                 module.compile(*args, **kwargs)
@@ -318,24 +314,15 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
 # ---- The thinking loop: text, then latent mode (h_t is the next input), then text --------------------------------
 
 
-def chose_exit(model, exit_rule, h, token):
-    """(B,) bool: a row in latent mode ends its segment now. fixed: never (the budget ends it); latent_end:
-    ||h_t − e||² (mean over dimensions) < end_threshold; mode_switch: the token decoded from h_t is <lvr_end>."""
-    if exit_rule == "latent_end":
-        return ((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
-    if exit_rule == "mode_switch":
-        return token == model.task.lvr_end_id
-    return torch.zeros(len(h), dtype=torch.bool, device=h.device)
-
-
 @torch.no_grad()
 def generate(model, llm, visual, question, thinking_steps, exit_rule="fixed", fed_latents=None, sigma=0.0):
     """Greedy decoding of all rows in lockstep with a KV cache. After <lvr_start> a row is in latent mode, where the
     next input is x_{t+1} = h_t (+ σε: GRPO_latent's policy; fed_latents (B, thinking_steps, D): a control's), until
-    the exit rule or the cap thinking_steps ends it with <lvr_end>. Returns tokens (B, R) (pad at latent slots),
-    latents (B, R, D) (the inputs x), is_latent, capped (<lvr_end> forced by an adaptive exit's cap), sigma."""
-    task = model.task
-    B, device = visual.shape[0], visual.device
+    the exit rule or the cap thinking_steps ends it with <lvr_end>. Exit rules: fixed (the budget alone), latent_end
+    (||h_t − e||², mean over dimensions, < end_threshold), mode_switch (<lvr_end> decoded, as the official code).
+    Returns tokens (B, R) (pad at latent slots), latents (B, R, D) (the inputs x), is_latent, capped (<lvr_end>
+    forced by an adaptive exit's cap), sigma."""
+    task, B, device = model.task, visual.shape[0], visual.device
     h, logits, cache = llm(prompt(llm, visual, question))
     h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
     left = torch.full((B,), -1, device=device)  # latent steps still allowed; -1: before the segment, -2: after it
@@ -344,7 +331,9 @@ def generate(model, llm, visual, question, thinking_steps, exit_rule="fixed", fe
     for _ in range(thinking_steps + task.hop_len + task.answer_len + 3):
         token = logits.argmax(-1)                                                       # (B,)
         in_latent, cap = left >= 0, left == 0
-        leave = in_latent & (cap | chose_exit(model, exit_rule, h, token))
+        chose_end = (((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
+                     if exit_rule == "latent_end" else (token == task.lvr_end_id) & (exit_rule == "mode_switch"))
+        leave = in_latent & (cap | chose_end)
         feed = in_latent & ~leave
         x = h.float()                                                                   # x_{t+1} = h_t
         if fed_latents is not None:
@@ -393,22 +382,18 @@ def answer_correct(rollout, answer, task, skip=()):
     return (text[:, :answer.shape[1]] == answer).all(1) & (text[:, answer.shape[1]] == task.eos_id)
 
 
-def format_ok(rollout, task):
-    """The format reward: exactly <lvr_start> (latents) <lvr_end> answer word(s) <eos>, the segment ended by the
-    model (not by the cap)."""
+def rewards(rollout, answer, task):
+    """(r, r_format, r_accuracy) (B,), r = r_format + r_accuracy. r_format: exactly <lvr_start> (latents) <lvr_end>
+    answer word(s) <eos>, the segment ended by the model (not by the cap); r_accuracy: answer_correct."""
     tokens = rollout["tokens"]
     text = tokens.gather(1, torch.sort((tokens == task.pad_id).int(), dim=1, stable=True).indices)  # pads last
     text = F.pad(text, (0, task.answer_len + 3), value=task.pad_id)
     words = text[:, 2:2 + task.answer_len]
     specials = torch.tensor([task.pad_id, task.eos_id, task.lvr_start_id, task.lvr_end_id], device=tokens.device)
-    capped = rollout["capped"].any(1) if "capped" in rollout else torch.zeros_like(words[:, 0], dtype=torch.bool)
-    return ((text[:, 0] == task.lvr_start_id) & (text[:, 1] == task.lvr_end_id) & ~torch.isin(words, specials).any(1)
-            & (text[:, 2 + task.answer_len] == task.eos_id) & ~capped)
-
-
-def rewards(rollout, answer, task):
-    """r = r_format + r_accuracy (each 0 or 1): format_ok and answer_correct. Returns r, format, accuracy (B,)."""
-    has_format, correct = format_ok(rollout, task).float(), answer_correct(rollout, answer, task).float()
+    has_format = ((text[:, 0] == task.lvr_start_id) & (text[:, 1] == task.lvr_end_id)
+                  & ~torch.isin(words, specials).any(1) & (text[:, 2 + task.answer_len] == task.eos_id)
+                  & ~rollout["capped"].any(1)).float()
+    correct = answer_correct(rollout, answer, task).float()
     return has_format + correct, has_format, correct
 
 
@@ -463,9 +448,8 @@ def optimizer_step(model, optimizer, scaler, loss, config):
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    vision = [*model.encoder.parameters(), *model.projector.parameters(), *model.grounding_head.parameters(),
-              model.latent_end]
     llms = [llm for llm in (model.llm, model.baseline_llm, model.cot_llm) if llm is not None]
+    vision = [p for name, p in model.named_parameters() if not name.split(".")[0].endswith("llm")]  # encoder, heads, e
     for params in [list(llm.parameters()) for llm in llms] + [vision]:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)  # each model on its own: a baseline cannot
     scaler.step(optimizer)                                         # rescale LVR's step
@@ -485,9 +469,8 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
             optimizer_step(model, optimizer, scaler, loss, config)
         return {"loss": loss.detach(), **rollouts["metrics"], **metrics}
     if step >= config.align_steps and not bool(model.baseline_ready):  # the baselines start from the stage-0 LLM
-        for llm in (model.baseline_llm, model.cot_llm):
-            if llm is not None:
-                llm.load_state_dict(model.llm.state_dict())
+        for llm in [llm for llm in (model.baseline_llm, model.cot_llm) if llm is not None]:
+            llm.load_state_dict(model.llm.state_dict())
         model.baseline_ready.fill_(True)
     with torch.autocast(**amp):
         if step < config.align_steps:  # stage 0: alignment on plain VQA
@@ -514,18 +497,16 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
     σ = 0, σ/2, σ, 2σ with G samples each (pass@1, pass@G): the rows σ is chosen on."""
     model.eval()
     device, k, G = next(model.parameters()).device, config.latent_steps, config.group_size
-    size = max(config.batch_size, 256)                        # evaluation chunk (the RL batch is small)
     validation = task.fresh_batch(6, 0, min(config.validation_size, len(task.test_sets["held-out"]["answer"])))
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         chunks, validation = ([{**c, "visual": model.visual_tokens(c["image"])} for c in (
-            {key: value[i:i + size].to(device) for key, value in data.items()}
-            for i in range(0, len(data["answer"]), size))] for data in (task.test_sets["held-out"], validation))
+            {key: value[i:i + 256].to(device) for key, value in data.items()}
+            for i in range(0, len(data["answer"]), 256))] for data in (task.test_sets["held-out"], validation))
         roi_tokens = torch.cat([roi_targets(c["visual"], c["box"], task, k) for c in chunks]).flatten(0, 1).float()
         variance = roi_tokens.var(0).mean().item()                                     # MSE of the mean token
         rows = [{"model": "answer prior", "thinking steps": 0, "accuracy %": task.prior_accuracy()}]
-        for name, llm in (("baseline", model.baseline_llm), ("text chain-of-thought", model.cot_llm)):
-            if llm is not None:
-                rows.append(table_row(model, chunks, name, llm, 0, variance))
+        rows += [table_row(model, chunks, name, llm, 0, variance) for name, llm in
+                 (("baseline", model.baseline_llm), ("text chain-of-thought", model.cot_llm)) if llm is not None]
         for n in eval_steps:
             rows.append(table_row(model, chunks, "lvr, markers only (d)" if n == 0 else "lvr", model.llm, n, variance))
         noise = torch.Generator(device=device).manual_seed(0)
@@ -634,8 +615,7 @@ def cot_targets(batch, task):
 
 
 def cot_loss(llm, visual, batch, task):
-    """Text chain-of-thought baseline: L = L_NTP(hop words) + L_NTP(answer, <eos>) on one teacher-forced pass over
-    [question, v, hops, answer, <eos>]; the answer keeps the weight it has in direct_loss and in lvr_loss."""
+    """Text chain of thought: L = L_NTP(hop words) + L_NTP(answer, <eos>), the answer weighted as in lvr_loss."""
     hops = cot_targets(batch, task)[:, :task.hop_len]
     targets, logits, _ = answer_pass(llm, visual, batch, task, before=hops)
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)

@@ -3249,7 +3249,7 @@ def lvr_rollout(rows):
         for t, token in enumerate(row):
             is_latent[r, t] = token is None
             tokens[r, t] = LVR_TASK.pad_id if token is None else token
-    return {"tokens": tokens, "is_latent": is_latent}
+    return {"tokens": tokens, "is_latent": is_latent, "capped": torch.zeros_like(is_latent)}
 
 
 def test_lvr_reward_varies_with_format_and_answer():
@@ -3261,7 +3261,7 @@ def test_lvr_reward_varies_with_format_and_answer():
                            [S, None, E, right, right, eos],  # two answer words
                            [S, None, None, E, right]])       # no <eos>
     answer = torch.full((5, 1), right)
-    assert lvr.format_ok(rollout, LVR_TASK).tolist() == [True, False, True, False, False]
+    assert lvr.rewards(rollout, answer, LVR_TASK)[1].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]        # format
     assert lvr.answer_correct(rollout, answer, LVR_TASK).tolist() == [True, True, False, False, False]
 
 
@@ -3489,7 +3489,6 @@ def test_lvr_rewards_add_format_and_accuracy_by_hand():
                            [S, None, E, wrong, eos],          # r = 1 + 0
                            [right, eos],                      # no latent segment: r = 0 + 1
                            [S, None, E, wrong]])              # r = 0 + 0
-    rollout["capped"] = torch.zeros_like(rollout["is_latent"])
     rollout["capped"][1, 3] = True
     reward, has_format, correct = lvr.rewards(rollout, torch.full((5, 1), right), LVR_TASK)
     assert reward.tolist() == [2.0, 1.0, 1.0, 1.0, 0.0]
