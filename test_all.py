@@ -2943,12 +2943,12 @@ def test_lvr_stage1_freezes_encoder_and_projector():
 
 
 def test_lvr_stage0_grounding_loss_learns_roi_patches_and_stops_in_stage1():
-    model, config = lvr_tiny(lr=3e-3, warmup_steps=1, align_steps=40)
+    model, config = lvr_tiny(lr=1e-2, warmup_steps=1, align_steps=40)
     opt = lvr.make_optimizer(model, config)
     batch = LVR_TASK.train_batch(0, 8)
     first = lvr.train_step(model, opt, LVR_SCALER, batch, 0, config, None)["L_grounding"].item()
     assert model.grounding_head.weight.grad.abs().sum() > 0
-    for step in range(1, 30):
+    for step in range(1, 10):
         last = lvr.train_step(model, opt, LVR_SCALER, batch, step, config, None)["L_grounding"].item()
     assert last < 0.5 * first
     metrics = lvr.train_step(model, opt, LVR_SCALER, batch, config.align_steps, config, None)  # stage 1
@@ -2962,7 +2962,7 @@ def test_lvr_grpo_step_and_bf16_autocast():
             force_lvr_start(model)                                                  # latent steps: RL's choices
         opt = lvr.make_optimizer(model, config)
         before = model.llm.blocks[0].mlp[0].weight.clone()
-        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 4), step, config, torch.bfloat16)
+        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 2), step, config, torch.bfloat16)
         assert all(torch.isfinite(v) for v in metrics.values())
         assert not torch.equal(before, model.llm.blocks[0].mlp[0].weight)
     assert {"reward", "accuracy", "format", "kl"} <= metrics.keys()
@@ -2975,12 +2975,12 @@ def test_lvr_grpo_step_and_bf16_autocast():
 
 
 def test_lvr_tiny_model_learns_tiny_vqa_set():
-    model, config = lvr_tiny(d_model=48, lr=3e-3, warmup_steps=1, align_steps=60, latent_steps=2, eval_steps=(2,),
-                             baseline=False, cot=False, teacher_ramp=30)
+    model, config = lvr_tiny(lr=1e-2, warmup_steps=1, align_steps=30, latent_steps=2, eval_steps=(2,),
+                             baseline=False, cot=False, teacher_ramp=15)
     opt = lvr.make_optimizer(model, config)
-    batch = LVR_TASK.train_batch(0, 12)
+    batch = LVR_TASK.train_batch(0, 8)
     stage1_losses = []
-    for step in range(150):
+    for step in range(70):
         metrics = lvr.train_step(model, opt, LVR_SCALER, batch, step, config, None)
         stage1_losses += [metrics["L_LVR"].item()] if "L_LVR" in metrics else []
     assert metrics["L_NTP"] < 0.1 and stage1_losses[-1] < 0.5 * stage1_losses[0]  # the MSE scale is the tokens'
@@ -2992,7 +2992,7 @@ def test_lvr_tiny_model_learns_tiny_vqa_set():
 
 
 def test_lvr_evaluate_rows():
-    model, config = lvr_tiny()
+    model, config = lvr_tiny(validation_size=4)
     rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
     held_out = [r for r in rows if r["test set"] == "held-out"]
     assert [r["model"] for r in held_out] == [
@@ -3007,6 +3007,23 @@ def test_lvr_evaluate_rows():
         per_type = torch.tensor([row[f"{q} %"] for q in LVR_TASK.question_types])
         assert abs((per_type * counts).sum() / counts.sum() - row["accuracy %"]) < 1e-3
     assert model.training
+
+
+def test_lvr_compile_builds_graphs_for_the_training_step_and_the_thinking_loop():
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    model, config = lvr_tiny(baseline=False, cot=False)
+    counter = torch._dynamo.testing.CompileCounter()
+    model.compile(backend=counter)
+    batch = LVR_TASK.train_batch(0, 2)
+    try:
+        lvr.train_step(model, lvr.make_optimizer(model, config), LVR_SCALER, batch, 0, config, None)
+        trained = counter.frame_count                                        # the training step's passes
+        with torch.no_grad():
+            lvr.generate(model, model.llm, model.visual_tokens(batch["image"]), batch["question"], 1)
+        assert trained > 0 and counter.frame_count > trained    # the training step and the thinking loop compiled
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------- lvr: controls, own-latent pass, GRPO_latent
