@@ -63,7 +63,7 @@ class Config:
     latent_sigma: float = 0.5         # σ of the RL latent policy x_{t+1} = h_t + σε (validation rows: 0, σ/2, σ, 2σ)
     clip_eps: float = 0.2             # PPO/GRPO clip ε
     kl_beta: float = 0.04             # β of the KL to the frozen reference policy
-    validation_size: int = 256        # validation questions (fresh scenes) for the sampled policy's pass@1 / pass@G
+    validation_size: int = 256        # validation questions (fresh scenes) for the latent policy's pass@1 / pass@G
 
     def __post_init__(self):
         if self.stage not in ("sft", "rl"):
