@@ -2759,7 +2759,7 @@ def test_lvr_roi_patch_indices_edge_cases():
 
 
 def test_lvr_vqa_data_deterministic_and_disjoint():
-    a, b = vqa_data.VQATask(seed=3, train_size=200, eval_size=20), vqa_data.VQATask(seed=3, train_size=200, eval_size=20)
+    a, b = (vqa_data.VQATask(seed=3, train_size=200, eval_size=20) for _ in range(2))
     for k in ("image", "question", "answer", "box"):
         assert torch.equal(a.train_batch(7, 5)[k], b.train_batch(7, 5)[k])
         assert torch.equal(a.test_sets["held-out"][k], b.test_sets["held-out"][k])
@@ -2996,9 +2996,11 @@ def test_lvr_evaluate_rows():
     rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
     held_out = [r for r in rows if r["test set"] == "held-out"]
     assert [r["model"] for r in held_out] == [
-        "answer prior", "baseline", "text chain-of-thought", "lvr, markers only (d)", "lvr", "lvr, oracle ROI tokens (a)",
+        "answer prior", "baseline", "text chain-of-thought", "lvr, markers only (d)", "lvr",
+        "lvr, oracle ROI tokens (a)",
         "lvr, zero latents (b)", "lvr, random latents (c)", "lvr, latent end exit", "lvr, mode switch exit"]
-    assert [r.get("thinking steps") for r in held_out] == [0, 0, LVR_TASK.hop_len, 0, 2] + [config.latent_steps] * 3 + [None] * 2
+    steps = [0, 0, LVR_TASK.hop_len, 0, 2] + [config.latent_steps] * 3 + [None] * 2   # adaptive exits: none
+    assert [r.get("thinking steps") for r in held_out] == steps
     assert all(r["mean steps"] <= config.max_latent for r in held_out[1:])  # the prior row decodes nothing
     validation = [r for r in rows if r["test set"] == "validation"]
     assert len(validation) == 4 and all(r["pass@4 %"] >= r["accuracy %"] for r in validation)
@@ -3182,7 +3184,8 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     torch.testing.assert_close(noise.std(0), roi_tokens.std(0), atol=0.03, rtol=0)
     markers = lvr.generate(model, model.llm, visual, question, 0)                   # control (d): no latent slot
     assert not markers["is_latent"].any()
-    assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
+    tokens = markers["tokens"]
+    assert ((tokens == LVR_TASK.lvr_start_id).any(1) & (tokens == LVR_TASK.lvr_end_id).any(1)).all()
 
 
 def test_lvr_stage0_loss_is_ntp_plus_object_and_grounding_terms():
@@ -3294,7 +3297,8 @@ def lvr_rl_batch(beta=0.04, **kw):
 def test_lvr_grpo_advantages_are_group_normalised_rewards():
     reward = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     advantage = lvr.group_advantages(reward)
-    torch.testing.assert_close(advantage[0], torch.tensor([1.0, 0.0, 0.0, -1.0]) / (math.sqrt(2 / 3) + 1e-4))  # sample std
+    want = torch.tensor([1.0, 0.0, 0.0, -1.0]) / (math.sqrt(2 / 3) + 1e-4)                 # sample std
+    torch.testing.assert_close(advantage[0], want)
     assert not advantage[1].any()                                                   # equal rewards: no signal
     model, config, rollouts = lvr_rl_batch()
     assert rollouts["reward"].shape == (3, config.group_size)
@@ -3310,7 +3314,8 @@ def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
             p.add_(0.05 * torch.randn_like(p))
     rollouts["reference_h"] = lvr.replay_latents(model.reference, rollouts["visual"], rollouts["question"],
                                                  rollouts["rollout"])["h"]
-    losses = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b)) for b in (0.0, 0.1, 1.0)]
+    losses = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b))
+              for b in (0.0, 0.1, 1.0)]
     assert losses[0][0] < losses[1][0] < losses[2][0]
     kl = losses[2][1]["kl"]
     torch.testing.assert_close(losses[2][0] - losses[0][0], kl, rtol=0.2, atol=0)  # ≈ β·KL (per-row means)
@@ -3443,7 +3448,7 @@ def test_lvr_stochastic_latent_policy_is_gaussian_and_enters_the_ratio():
     sigma = 0.3
     visual, question, out = rollout_of(model, budget=3, n=8, sigma=sigma)
     lat = out["is_latent"]
-    assert lat.sum(1).eq(3).sum() >= 4 and torch.isin(lat.sum(1), torch.tensor([0, 3])).all()  # rows that entered: 3 steps
+    assert lat.sum(1).eq(3).sum() >= 4 and torch.isin(lat.sum(1), torch.tensor([0, 3])).all()  # entered: 3 steps
     # h_t, the hidden state before each latent slot, from a plain uncached pass over the recorded inputs
     response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
     with torch.no_grad():
