@@ -1,39 +1,24 @@
 """Latent Visual Reasoning (LVR, ICLR 2026): the LLM "thinks" by reconstructing visual tokens.
 
-A vision encoder (small ViT) and a projector turn the image into visual tokens v; a causal LLM reads
-    [question, v, <lvr_start>, x_1 .. x_N, <lvr_end>, answer, <eos>].
-Between <lvr_start> and <lvr_end> no token is sampled: the LLM's last hidden state is the next input embedding
-(Coconut-style, KV cache kept), x_{t+1} = h_t. The thinking budget is the number of latent steps.
-
-Stage 0 (alignment, our stand-in for a pretrained VLM): plain VQA with
-    L = L_NTP + w_obj·L_object + w_ground·L_grounding   (alignment_loss)
-Stage 1 (LVR SFT; encoder and projector frozen):
-    L = L_NTP + λ·L_LVR,   L_LVR = 1/T_v Σ_t ||h_t − v_t||²   (lvr_loss)
-  h_t is the hidden state one position before the slot holding the ROI token v_t (teacher-forced pass);
-  L_NTP = −1/T_y Σ_t log p(y_t | y_<t, h_{1:T_v}) on the answer, which reads the model's own latent states.
-  The two exits learned alongside (weight λ_ms): a latent end vector e, ||h_N − e||², and mode switching,
-  BCE on the <lvr_end> logit at the latent positions (1 only after the last latent).
-Stage 2 (GRPO_latent, `--stage rl`): for each question G rollouts, rewards r = r_format + r_accuracy,
-    Â_i = (r_i − mean(r)) / (std(r) + 1e-4),
-    J = E[ min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β·D_KL(π_θ‖π_ref) ],   ρ_t = π_θ(a_t | s_t) / π_θold(a_t | s_t)
-  (grpo_latent_loss), where an action a_t is a text token, or in the latent segment the choice to continue or
-  end it and the latent itself: x_{t+1} = h_t + σε, log π = log N(x_{t+1}; h_t, σ²I) + log(1 − p_end(h_t)).
-Baselines trained in the same run from the same stage-0 LLM on the same batches: the SFT data baseline
-(answers directly) and the text chain-of-thought baseline (writes the chain's hops as position words, then
-answers).
+A vision encoder and a projector turn the image into visual tokens v; a causal LLM reads
+    [question, v, <lvr_start>, x_1 .. x_N, <lvr_end>, answer, <eos>],
+where no token is decoded between the markers: the last hidden state is the next input embedding, x_{t+1} = h_t
+(Coconut-style, KV cache kept). The thinking budget is the number of latent steps N.
+Stage 1 (lvr_loss): L = L_NTP + λ·L_LVR, L_LVR = 1/N Σ_t ||h_t − v_t||², L_NTP = −1/T_y Σ_t log p(y_t | y_<t, h_{1:N}).
+Stage 2 (GRPO_latent, `--stage rl`): J = E[min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β·D_KL(π_θ‖π_ref)] with
+    Â_i = (r_i − mean(r)) / (std(r) + 1e-4) over G rollouts of a question, r = r_format + r_accuracy.
 
 Deviations from the paper (Qwen2.5-VL 3B/7B on Visual-CoT):
-- a tiny ViT and decoder trained from scratch on the synthetic vqa_data task, lr 1e-3 (paper 1e-5): nothing is pretrained;
-- stage 0 with an object and a grounding loss: stands in for the pretrained encoder's content and grounding data;
-- a fixed 2D sin-cos position code on the visual tokens: stands in for Qwen2.5-VL's 2D M-RoPE;
-- the projector ends in a LayerNorm: visual tokens get the scale of the normed hidden state L_LVR regresses on them;
-- λ = 1 (paper 0.1): the answer pass reads detached own latents, so L_LVR alone teaches the latent where to look;
-- the answer's L_NTP on a second pass fed the model's own (detached) latents, with scheduled sampling from the
-  ROI tokens: the paper's L_NTP conditions on h_{1:T_v};
-- ROI tokens averaged to exactly latent_steps targets (ours, for the train/test mismatch reported on the reference repository; `--no-latent-pool`: all N);
-- GRPO_latent samples the latents (σ > 0) and the exit (mode switching), where the official code replays fixed
-  latents as constants: with deterministic latents RL has no signal for them;
-- RL trains on fresh questions (vqa_data's fresh scenes), not on the SFT pool.
+- a tiny ViT and LLM trained from scratch on vqa_data's synthetic task, lr 1e-3 (paper 1e-5): nothing is pretrained;
+- stage 0 (alignment_loss: VQA plus an object and a grounding loss) stands in for the pretrained VLM;
+- a fixed 2D sin-cos code on the visual tokens stands in for Qwen2.5-VL's 2D M-RoPE;
+- the projector ends in a LayerNorm: the visual tokens get the scale of the normed h that L_LVR regresses on them;
+- λ = 1 (paper 0.1): the answer pass reads detached latents, so L_LVR alone teaches the latents where to look;
+- L_NTP's answer on a second pass fed the model's own detached latents (scheduled sampling from the ROI tokens);
+- the ROI tokens averaged to exactly latent_steps targets (the train/test budget mismatch of the reference code);
+- GRPO_latent samples the latents x_{t+1} = h_t + σε with greedy text (the official code replays fixed latents as
+  constants: RL has no signal for them), on fresh questions, not the SFT pool.
+Controls beyond the paper (same run, same batches, same stage-0 LLM): a no-latent baseline, a text chain of thought.
 """
 import copy
 import math
@@ -58,7 +43,6 @@ class Config:
     beta1: float = 0.9                # AdamW β1
     beta2: float = 0.98               # AdamW β2
     weight_decay: float = 0.01        # AdamW weight decay (matrices only)
-    difficulty: str = "medium"        # unused (sudoku only)
     eval_steps: tuple[int, ...] = (0, 1, 2, 4)  # fixed latent budgets in the table
     stage: str = "sft"                # "sft": stage 0 then stage 1; "rl": stage 2 (GRPO_latent)
     align_steps: int = 800            # stage-0 steps (all modules, plain VQA) before LVR SFT
@@ -68,22 +52,18 @@ class Config:
     n_layers: int = 3                 # LLM decoder blocks
     n_heads: int = 4                  # attention heads
     encoder_layers: int = 2           # ViT blocks
-    object_weight: float = 1.0        # stage 0: weight of the patch-object classification (pretrained-encoder proxy)
-    grounding_weight: float = 1.0     # stage 0: weight of the "is this patch in the ROI?" loss (pretrained-VLM proxy)
     lvr_weight: float = 1.0           # λ in L = L_NTP + λ·L_LVR (paper: 0.1; see docstring)
     exit_weight: float = 0.1          # λ_ms: weight of the latent-end-vector and mode-switching losses (paper 0.1)
-    latent_steps: int = 2             # trained latent budget: pooled ROI targets and control rows
-    latent_pool: bool = True          # pool the ROI tokens to latent_steps targets (ours); off: all N (paper)
+    latent_steps: int = 2             # trained latent budget: the ROI tokens pooled to this many targets
     teacher_ramp: int = 500           # stage-1 steps over which the answer pass moves from ROI tokens to own latents
     end_threshold: float = 0.02       # latent-end exit: MSE to the end vector below this
     max_latent: int = 16              # step cap of the adaptive exits (latent end, mode switching, RL rollouts)
     group_size: int = 8               # GRPO group size G (and k of the validation pass@k)
     policy_updates: int = 2           # GRPO optimizer steps per rollout batch (the clip acts from the second)
-    temperature: float = 0.9          # rollout sampling temperature of the text tokens
     latent_sigma: float = 0.5         # σ of the RL latent policy x_{t+1} = h_t + σε (validation rows: 0, σ/2, σ, 2σ)
     clip_eps: float = 0.2             # PPO/GRPO clip ε
     kl_beta: float = 0.04             # β of the KL to the frozen reference policy
-    validation_size: int = 256        # validation questions (fresh scenes) for the sampled policy's pass@1 / pass@G
+    validation_size: int = 256        # validation questions (fresh scenes) for the latent policy's pass@1 / pass@G
 
     def __post_init__(self):
         if self.stage not in ("sft", "rl"):
@@ -94,15 +74,14 @@ class Config:
             raise ValueError("eval_steps must be >= 0, latent_steps >= 1 and group_size >= 2")
         if self.policy_updates < 1 or self.teacher_ramp < 0:
             raise ValueError("policy_updates must be >= 1 and teacher_ramp >= 0")
-        if self.latent_sigma < 0 or self.temperature < 0 or self.grad_clip <= 0:
-            raise ValueError("latent_sigma and temperature must be >= 0 and grad_clip > 0")
+        if self.latent_sigma < 0 or (self.stage == "rl" and self.latent_sigma == 0) or self.grad_clip <= 0:
+            raise ValueError("latent_sigma must be >= 0 (> 0 for --stage rl) and grad_clip > 0")
 
 
 GPU_CONFIG = dict(d_model=384, n_layers=8, n_heads=6, encoder_layers=4, steps=12000, align_steps=4000,
                   batch_size=256, lr=5e-4)
 
-# ----------------------------------------------------------------------------------------------------------
-# Model pieces: attention (with KV cache), MLP, block, ViT encoder, decoder LLM
+# ---- Model: ViT encoder, projector, decoder LLM with a KV cache --------------------------------------------------
 
 
 class Attention(nn.Module):
@@ -116,9 +95,9 @@ class Attention(nn.Module):
         if cache is not None:  # append to the KV cache of earlier positions
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
         past = k.shape[2] - T
-        mask = None
-        if causal and past and T > 1:  # new queries see the cache and the new keys up to themselves
-            mask = torch.arange(k.shape[2], device=x.device)[None] <= past + torch.arange(T, device=x.device)[:, None]
+        # with a cache, new queries see the cached keys and the new keys up to themselves
+        mask = (torch.arange(k.shape[2], device=x.device)[None] <= past + torch.arange(T, device=x.device)[:, None]
+                if causal and past and T > 1 else None)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not past)
         return self.proj(y.transpose(1, 2).reshape(B, T, D)), (k, v)  # (B, T, D)
 
@@ -147,18 +126,16 @@ class VisionEncoder(nn.Module):
         self.ln = nn.LayerNorm(config.d_model)
         self.object_head = nn.Linear(config.d_model, patch_classes)  # stage-0 patch-object classifier only
 
-    def patches(self, image):  # (B, 3, H, W) -> (B, P, 3p²), row-major patch order
-        return F.unfold(image, self.patch_size, stride=self.patch_size).transpose(1, 2)
-
-    def forward(self, image):  # (B, 3, H, W)
-        x = self.patch(self.patches(image)) + self.pos            # (B, P, D)
+    def forward(self, image):  # (B, 3, H, W), patches in row-major order
+        patches = F.unfold(image, self.patch_size, stride=self.patch_size).transpose(1, 2)  # (B, P, 3p²)
+        x = self.patch(patches) + self.pos                                                # (B, P, D)
         for block in self.blocks:
             x, _ = block(x, causal=False)
         return self.ln(x)
 
 
 class Decoder(nn.Module):
-    """Causal LLM over input embeddings; returns the last hidden state (after the final norm) and logits."""
+    """Causal LLM over input embeddings; returns the last hidden state (after the final norm), logits, KV cache."""
 
     def __init__(self, config, vocab_size, max_len):
         super().__init__()
@@ -182,7 +159,7 @@ class Decoder(nn.Module):
 
 
 class LVRModel(nn.Module):
-    """Vision encoder -> projector -> LLM, plus the optional baseline LLMs and the latent end vector."""
+    """Vision encoder -> projector -> LLM; the latent end vector; the baseline LLMs; for GRPO the frozen π_ref."""
 
     def __init__(self, config, task):
         super().__init__()
@@ -192,26 +169,37 @@ class LVRModel(nn.Module):
         max_latent = max(config.max_latent, config.latent_steps, self.n_patches, *config.eval_steps)
         self.max_len = self.n_patches + task.question_len + max_latent + task.hop_len + task.answer_len + 4
         self.encoder = VisionEncoder(config, task.image_size, task.patch_size, task.patch_classes)
-        # ends in a LayerNorm (ours): visual tokens get the scale of the LLM's normed last hidden state, which
-        # L_LVR regresses onto them
         self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
                                        nn.Linear(config.d_model, config.d_model), nn.LayerNorm(config.d_model))
         self.grounding_head = nn.Linear(config.d_model, 1)  # stage-0 ROI-patch classifier only
         self.llm = Decoder(config, task.vocab_size, self.max_len)
         self.baseline_llm = Decoder(config, task.vocab_size, self.max_len) if config.baseline else None
         self.cot_llm = Decoder(config, task.vocab_size, self.max_len) if config.cot else None
-        # latent end token: a learned vector with norm √H (paper), for the latent-end exit
-        self.latent_end = nn.Parameter(F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model))
+        end = F.normalize(torch.randn(config.d_model), dim=0) * math.sqrt(config.d_model)  # norm √H (paper)
+        self.latent_end = nn.Parameter(end)                      # the latent end vector e, for the latent-end exit
         self.register_buffer("baseline_ready", torch.tensor(False))  # baseline LLMs copied from stage 0?
         self.register_buffer("visual_pos", grid_position_code(grid, config.d_model), persistent=False)
+        self.reference = copy.deepcopy(self.llm).requires_grad_(False) if config.stage == "rl" else None  # π_ref
 
     def visual_tokens(self, image):  # (B, 3, H, W) -> (B, P, D): the projector outputs v, with their 2D position
         return self.projector(self.encoder(image)) + self.visual_pos
 
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """A stage-1 checkpoint holds no π_ref: GRPO's reference policy starts as the checkpoint's LLM."""
+        if self.reference is not None and not any(key.startswith("reference.") for key in state_dict):
+            state_dict = {**state_dict, **{"reference." + key[len("llm."):]: value
+                                           for key, value in state_dict.items() if key.startswith("llm.")}}
+        return super().load_state_dict(state_dict, strict, assign)
+
+    def compile(self, *args, **kwargs):
+        """torch.compile every pass of training and the thinking loop: encoder, projector and decoder forwards."""
+        for module in (self.encoder, self.projector, self.llm, self.baseline_llm, self.cot_llm, self.reference):
+            if module is not None:
+                module.compile(*args, **kwargs)
+
 
 def grid_position_code(grid, d):
-    """(grid², d) fixed 2D sin-cos code of each patch's (x, y), added to the visual tokens. Ours, in place of
-    Qwen2.5-VL's 2D M-RoPE: "nearest to" questions need each token's 2D position."""
+    """(grid², d) fixed 2D sin-cos code of each patch's (x, y) (ours, for Qwen2.5-VL's 2D M-RoPE)."""
     if d % 4:
         raise ValueError(f"d_model must be a multiple of 4 for the 2D position code, got {d}")
     freq = grid ** (-torch.arange(d // 4) / (d // 4))                                  # 1 .. 1/grid rad per patch
@@ -229,323 +217,183 @@ def build_model(config, task):
 
 
 def make_optimizer(model, config):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(config.beta1, config.beta2))
+    trained = [p for p in model.parameters() if p.requires_grad]  # not π_ref
+    return torch.optim.AdamW([{"params": [p for p in trained if p.dim() >= 2], "weight_decay": config.weight_decay},
+                              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=config.lr, betas=(config.beta1, config.beta2))
 
-# ----------------------------------------------------------------------------------------------------------
-# Losses: stage-0 alignment, the LVR loss (stage 1) with its exit losses, the two baselines
+# ---- The paper's loss (stage 1): L = L_NTP + λ·L_LVR, plus the exits' losses -------------------------------------
 
 
 def prompt(llm, visual, question):
-    """The prompt's input embeddings (B, Lq + P, D): question first, then the visual tokens, so that in a causal
-    LLM each visual token can already condition on the question (our choice for a tiny from-scratch model;
-    Qwen2.5-VL chat prompts usually put the image first)."""
+    """[question, v] embeddings (B, Lq + P, D): the question first, so each visual token can read it (ours)."""
     return torch.cat([llm.embed(question).to(visual.dtype), visual], 1)
 
 
-
-def roi_targets(visual, boxes, task, pool):
-    """Targets v_1..v_N: the visual tokens at the ROI patch indices (row-major), or pooled to `pool`.
-    boxes (B, 4), or (B, K, 4) for a chain of K boxes in reasoning order (ours: box k's tokens follow box
-    k-1's). Returns targets (B, N_max, D) and the valid mask (B, N_max)."""
+def roi_targets(visual, boxes, task, k):
+    """The targets v_1..v_k (B, k, D): the N visual tokens of the patches the ROI boxes (B, K, 4) touch, box by box
+    (a chain of K boxes, ours), row-major within a box, averaged over k segments (ours; the paper takes all N)."""
     chain = boxes.view(len(boxes), -1, 4)                                                              # (B, K, 4)
     mask = vqa_data.roi_patch_mask(chain.flatten(0, 1).cpu(), task.image_size, task.patch_size)       # (B·K, P)
     mask = mask.view(len(boxes), -1).to(visual.device)                                  # (B, K·P): box k at k·P + p
     visual = visual.repeat(1, chain.shape[1], 1)                                        # (B, K·P, D)
-    count = mask.sum(1)                                                                               # (B,)
-    rank = mask.cumsum(1) - 1                                                                         # (B, P)
-    if pool:  # our addition: segment j of the N ROI tokens = ranks [floor(jN/k), max(floor((j+1)N/k), +1))
-        j = torch.arange(pool, device=visual.device)[None]                                            # (1, k)
-        lo = (j * count[:, None]) // pool
-        hi = torch.maximum(((j + 1) * count[:, None]) // pool, lo + 1)                                 # (B, k)
-        weight = mask[:, None] & (rank[:, None] >= lo[..., None]) & (rank[:, None] < hi[..., None])  # (B, k, P)
-        weight = weight.float() / weight.sum(-1, keepdim=True)
-        return weight.to(visual.dtype) @ visual, torch.ones(len(visual), pool, dtype=torch.bool, device=visual.device)
-    n_max = int(count.max())
-    order = torch.sort((~mask).int(), dim=1, stable=True).indices[:, :n_max]                        # (B, N_max)
-    targets = visual.gather(1, order[..., None].expand(-1, -1, visual.shape[-1]))                     # (B, N_max, D)
-    return targets, torch.arange(n_max, device=visual.device)[None] < count[:, None]
-
-
-def answer_pass(llm, visual, batch, task, before=None):
-    """One teacher-forced pass over [question, v, before, answer, <eos>]; `before` (B, W) are text tokens
-    written ahead of the answer (none for plain VQA, the hop words for chain-of-thought).
-    Returns the targets (B, W + A + 1), their logits (B, W + A + 1, V) and the last hidden states (B, T, D)."""
-    before = batch["answer"][:, :0] if before is None else before
-    targets = torch.cat([before, batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)
-    inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(targets[:, :-1]).to(visual.dtype)], 1)
-    h, logits, _ = llm(inputs)
-    return targets, logits[:, -targets.shape[1]:], h
-
-
-def direct_loss(llm, visual, batch, task):
-    """L_NTP for plain VQA [question, v] -> answer <eos> (stage 0 and the SFT data baseline)."""
-    targets, logits, _ = answer_pass(llm, visual, batch, task)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    return loss, {"L_NTP": loss.detach()}
-
-
-def cot_targets(batch, task):
-    """The chain-of-thought baseline's response before <eos>: the ROI chain's hops as words (the named object's
-    patch column and row, then those of the object the answer is read from: vqa_data.hop_words), then the
-    answer. (B, hop_len + A)."""
-    return torch.cat([vqa_data.hop_words(batch["box"].cpu(), task.patch_size).to(batch["answer"].device),
-                      batch["answer"]], 1)
-
-
-def cot_loss(llm, visual, batch, task):
-    """Text chain-of-thought baseline: L = L_NTP(hop words) + L_NTP(answer, <eos>) on one teacher-forced pass over
-    [question, v, hops, answer, <eos>], so the answer is predicted after reading the written hops; the answer
-    keeps the weight it has in direct_loss and in lvr_loss."""
-    hops = cot_targets(batch, task)[:, :task.hop_len]
-    targets, logits, _ = answer_pass(llm, visual, batch, task, before=hops)
-    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
-    l_hops, l_answer = per_token[:, :task.hop_len].mean(), per_token[:, task.hop_len:].mean()
-    return l_hops + l_answer, {"L_hops": l_hops.detach(), "answer_NTP": l_answer.detach()}
-
-
-def alignment_loss(model, batch):
-    """Stage 0, our stand-in for a pretrained VLM: L = L_NTP + w_object·L_object + w_ground·L_grounding where
-      L_object: each encoder patch token classifies the object in its patch (a pretrained encoder's content);
-      L_grounding: the LLM's state at each visual token (which has read the question before it) classifies
-                   whether that patch lies in the question's ROI (BCE), as grounding data would teach."""
-    config, task = model.config, model.task
-    encoded = model.encoder(batch["image"])                                                 # (B, P, D)
-    targets, logits, h = answer_pass(model.llm, model.projector(encoded) + model.visual_pos, batch, task)  # = visual_tokens
-    l_ntp = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    l_object = F.cross_entropy(model.encoder.object_head(encoded).flatten(0, 1).float(), batch["patch_object"].flatten())
-    in_roi = vqa_data.roi_patch_mask(batch["box"].view(len(batch["box"]), -1, 4)[:, 0].cpu(), task.image_size,
-                                     task.patch_size)                                      # (B, P): the first box
-    question_len = batch["question"].shape[1]                                               # visual tokens follow it
-    relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
-    l_grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(relevance.device).float())
-    loss = l_ntp + config.object_weight * l_object + config.grounding_weight * l_grounding
-    return loss, {"L_NTP": l_ntp.detach(), "L_object": l_object.detach(), "L_grounding": l_grounding.detach()}
+    count, rank = mask.sum(1), mask.cumsum(1) - 1                                       # (B,), (B, K·P)
+    j = torch.arange(k, device=visual.device)[None]                                                   # (1, k)
+    lo = (j * count[:, None]) // k
+    hi = torch.maximum(((j + 1) * count[:, None]) // k, lo + 1)                                      # (B, k)
+    weight = mask[:, None] & (rank[:, None] >= lo[..., None]) & (rank[:, None] < hi[..., None])     # (B, k, K·P)
+    weight = weight.float() / weight.sum(-1, keepdim=True)
+    return weight.to(visual.dtype) @ visual
 
 
 def example_generators(batch, device):
-    """One torch.Generator per example, seeded by batch["example_seed"][b] (train.py draws one per example and
-    step), so an example's draw does not depend on which torchrun rank holds it; None for a batch without seeds."""
+    """One torch.Generator per example from batch["example_seed"] (the draw does not depend on the torchrun rank)."""
     if "example_seed" not in batch:
         return None
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
 
 
-def example_noise(batch, shape, device) -> torch.Tensor:
-    """U(0, 1) of shape (B, *shape), row b from example b's generator (example_generators); from the global
-    generator for a batch without seeds."""
-    generators = example_generators(batch, device)
+def example_noise(draw, shape, generators, device):
+    """draw(shape) (torch.rand or torch.randn), row b from generators[b]; from the global generator if None."""
     if generators is None:
-        return torch.rand(len(next(iter(batch.values()))), *shape, device=device)
-    return torch.stack([torch.rand(shape, generator=g, device=device) for g in generators])
+        return draw(shape, device=device)
+    return torch.stack([draw(shape[1:], generator=g, device=device) for g in generators])
 
 
 def lvr_loss(model, visual, batch, teacher_prob=0.0):
-    """Stage-1 SFT loss over [question (Lq), v (P), <lvr_start>, x_1..x_N, <lvr_end>, answer (A), <eos>, <pad>...],
-    in two passes that share the prefix [question, v, <lvr_start>] (its KV cache):
-      pass 1, teacher-forced: x_i = v_i, the ROI tokens.
-        L_LVR = 1/T_v Σ_t ||h_t - v_t||²: h(<lvr_start>) -> v_1, h(position holding v_1) -> v_2, ... (the usual
-        next-position shift), mean over valid elements, raw last hidden state, no head;
-        L_NTP on <lvr_start> and <lvr_end> (the latent positions' targets masked out);
-        the exits' losses: L_end = ||h(position holding v_N) − e||² (latent end vector e) and
-        L_switch = BCE of the <lvr_end> logit at positions <lvr_start>, v_1..v_N, target 1 only at v_N's.
-      pass 2, own latents: x_i = the model's own free-running latent states, decoded without gradient from the
-        shared prefix exactly as at test time (x_1 = h(<lvr_start>), x_{i+1} = h(position holding x_i)), detached;
-        scheduled sampling: the true v_i with probability teacher_prob. L_NTP on the answer and <eos>. This
-        realises the paper's L_NTP = -1/T_y Σ_t log p(y_t | y_<t, h_{1:T_v}): the answer conditioned on the
-        model's own latent states h, which is what it reads at test time (not the ROI tokens). (Pass 1's
-        hidden states are no substitute: h(position holding v_i) carries the true v_i it was fed.)
-    L = L_NTP + λ·L_LVR + λ_ms·(L_end + L_switch). Without pooling N varies per example, so the answer sits at a
-    different position in each row."""
+    """Stage 1 over [question, v, <lvr_start>, x_1..x_N, <lvr_end>, answer, <eos>], N = latent_steps, in two passes
+    sharing the prefix [question, v, <lvr_start>] (its KV cache). Pass 1, teacher-forced (x_t = v_t): L_LVR (the raw
+    last hidden state, no head), L_NTP on the two markers, and the exits' L_end = ||h_N − e||², L_switch = BCE of the
+    <lvr_end> logit at <lvr_start>, v_1..v_N (1 only at v_N's slot). Pass 2 feeds the model's own latents decoded
+    as at test time (detached; v_t with probability teacher_prob): L_NTP on the answer, −1/T_y Σ log p(y_t | h_{1:N}).
+    L = L_NTP + λ·L_LVR + λ_ms·(L_end + L_switch)."""
     config, task, llm = model.config, model.task, model.llm
-    pool = config.latent_steps if config.latent_pool else 0
-    targets, valid = roi_targets(visual, batch["box"], task, pool)                    # (B, N, D), (B, N)
+    targets = roi_targets(visual, batch["box"], task, config.latent_steps)             # (B, N, D): v_1..v_N
     B, N, D = targets.shape
-    count = valid.sum(1, keepdim=True)                                                 # (B, 1)
-    A = batch["answer"].shape[1]
-    j = torch.arange(N + A + 2, device=visual.device)[None]                          # response offsets (1, R)
-    answer_at = (j - count - 1).clamp(0, A - 1)
-    tokens = torch.where(j == count, task.lvr_end_id,
-                         torch.where((j > count) & (j <= count + A), batch["answer"].gather(1, answer_at),
-                                     torch.where(j == count + A + 1, task.eos_id, task.pad_id)))  # (B, R)
-    is_latent = j < count                                                              # (B, R)
+    answer, one = batch["answer"], torch.ones_like(batch["answer"][:, :1])            # (B, A), (B, 1)
+    response = torch.cat([task.lvr_end_id * one, answer, task.eos_id * one], 1)       # after the latents (B, A+2)
     start = llm.embed.weight[task.lvr_start_id].expand(B, 1, D).to(visual.dtype)
     h_prefix, logits_prefix, cache = llm(torch.cat([prompt(llm, visual, batch["question"]), start], 1))
     s = h_prefix.shape[1] - 1                                                          # position of <lvr_start>
 
-    def response_pass(latents):  # (B, N, D) in the latent slots -> h, logits over the whole sequence
-        response = torch.where(is_latent[..., None], F.pad(latents, (0, 0, 0, A + 2)).to(visual.dtype),
-                               llm.embed(tokens).to(visual.dtype))                      # (B, R, D)
-        h_response, logits_response, _ = llm(response, cache)
+    def response_pass(latents):  # [x_1..x_N, <lvr_end>, answer, <eos>] after the cached prefix
+        inputs = torch.cat([latents.to(visual.dtype), llm.embed(response).to(visual.dtype)], 1)
+        h_response, logits_response, _ = llm(inputs, cache)
         return torch.cat([h_prefix, h_response], 1), torch.cat([logits_prefix, logits_response], 1)
 
-    # labels: position s-1 predicts <lvr_start>, position s+t predicts response token t
-    labels = torch.cat([torch.full_like(tokens[:, :1], task.lvr_start_id),
-                        tokens.masked_fill(is_latent | (tokens == task.pad_id), -100)], 1)  # (B, R+1)
+    # labels of positions s-1 .. s+N+A+1: <lvr_start>, no label at the N latents, <lvr_end>, answer, <eos>
+    labels = torch.cat([task.lvr_start_id * one, -100 * one.expand(B, N),
+                        response.masked_fill(response == task.pad_id, -100)], 1)      # (B, N+A+3)
     is_marker = (labels == task.lvr_start_id) | (labels == task.lvr_end_id)
 
     def ntp(logits, keep):  # shifted cross-entropy over the kept labels
-        return F.cross_entropy(logits[:, s - 1:s + N + A + 2].flatten(0, 1).float(),
+        return F.cross_entropy(logits[:, s - 1:s - 1 + labels.shape[1]].flatten(0, 1).float(),
                                labels.masked_fill(~keep, -100).flatten(), ignore_index=-100)
 
     h, logits = response_pass(targets)                                                 # pass 1: teacher-forced
-    h_latent = h[:, s:s + N].float()                                                   # (B, N, D): h_t -> v_t
-    l_lvr = ((h_latent - targets.float()) ** 2).mean(-1)[valid].mean()
-    with torch.no_grad():  # the model's own latents, free-running from the prefix's (detached) KV cache
+    # L_LVR = 1/N Σ_t ||h_t − v_t||² (mean over dimensions): h(<lvr_start>) -> v_1, h(slot of v_1) -> v_2, ...
+    l_lvr = ((h[:, s:s + N].float() - targets.float()) ** 2).mean(-1).flatten().mean()
+    with torch.no_grad():  # pass 2's latents: free-running from the prefix's (detached) KV cache
         x, own, own_cache = h_prefix[:, -1:].detach(), [], [(k.detach(), v.detach()) for k, v in cache]
         for _ in range(N):
             own.append(x)
             x, _, own_cache = llm(x, own_cache)
         own = torch.cat(own, 1).to(targets.dtype)                                      # (B, N, D)
-    teacher = example_noise(batch, (N, 1), visual.device) < teacher_prob              # scheduled sampling
-    _, own_logits = response_pass(torch.where(teacher, targets, own))                  # pass 2
+    teacher = example_noise(torch.rand, (B, N, 1), example_generators(batch, visual.device), visual.device)
+    _, own_logits = response_pass(torch.where(teacher < teacher_prob, targets, own))   # pass 2
     l_answer = ntp(own_logits, ~is_marker)   # same weight on the answer token as direct_loss gives the baseline
     l_ntp = ntp(logits, is_marker) + l_answer
-    # exits: latent end vector at h(position holding v_N); mode switching: <lvr_end> logit at s..s+N
-    rows = torch.arange(B, device=visual.device)
-    l_end = ((h[rows, s + count[:, 0]].float() - model.latent_end) ** 2).mean()
-    end_logit = logits[:, s:s + N + 1, task.lvr_end_id].float()                        # (B, N+1)
-    at = torch.arange(N + 1, device=visual.device)[None]
-    l_switch = F.binary_cross_entropy_with_logits(end_logit[at <= count], (at == count)[at <= count].float())
+    l_end = ((h[:, s + N].float() - model.latent_end) ** 2).mean()                     # latent end vector e
+    end_logit = logits[:, s:s + N + 1, task.lvr_end_id].float().flatten()             # mode switching, (B·(N+1))
+    switch = (torch.arange(N + 1, device=visual.device) == N).float().repeat(B)       # 1 only at v_N's slot
+    l_switch = F.binary_cross_entropy_with_logits(end_logit, switch)
     loss = l_ntp + config.lvr_weight * l_lvr + config.exit_weight * (l_end + l_switch)
     metrics = {"L_NTP": l_ntp, "L_LVR": l_lvr, "answer_NTP": l_answer, "L_end": l_end, "L_switch": l_switch}
     return loss, {k: v.detach() for k, v in metrics.items()}
 
-
-# ----------------------------------------------------------------------------------------------------------
-# The thinking loop: text mode until <lvr_start>, then latent mode (hidden state -> next input), then <lvr_end>
-
-EXITS = ("fixed", "latent_end", "mode_switch")
+# ---- The thinking loop: text, then latent mode (h_t is the next input), then text --------------------------------
 
 
 @torch.no_grad()
-def generate(model, llm, visual, question, thinking_steps, temperature=0.0, exit="fixed", fed_latents=None,
-             sigma=0.0):
-    """Decode all rows in lockstep with a KV cache. A row in text mode samples a token (greedy when
-    temperature = 0); after it emits <lvr_start> it enters latent mode: no token is sampled and the next input
-    embedding is x_{t+1} = h_t (+ σε when sigma > 0: the stochastic latent policy of GRPO_latent), until the exit
-    fires, then <lvr_end> and text decoding resumes until <eos>. Exits (`thinking_steps` caps all three):
-      fixed:       after exactly thinking_steps latent steps;
-      latent_end:  when the MSE of h_t to the learned end vector falls below end_threshold;
-      mode_switch: when <lvr_end> is chosen: p_end = sigmoid(<lvr_end> logit) > 0.5, or drawn with probability
-                   p_end when temperature > 0 (the model ends its own segment).
-    fed_latents (B, thinking_steps, D), for the control rows: the i-th latent input is fed_latents[:, i].
-    Returns dict: tokens (B, R) (pad at latent positions), latents (B, R, D) (the latent inputs x), is_latent,
-    sampled (text tokens drawn from the softmax), acted (every choice of the policy: sampled text tokens, latent
-    steps drawn with sigma > 0 or continued by a drawn exit decision, a drawn <lvr_end>), logprob (B, R): log π of
-    each acted choice, capped (B, R): <lvr_end> forced by the cap of an adaptive exit; and sigma, stochastic_exit."""
-    task, config = model.task, model.config
-    B, device = visual.shape[0], visual.device
-    stochastic_exit = exit == "mode_switch" and temperature > 0
+def generate(model, llm, visual, question, thinking_steps, exit_rule="fixed", fed_latents=None, sigma=0.0):
+    """Greedy decoding of all rows in lockstep with a KV cache. After <lvr_start> a row is in latent mode, where the
+    next input is x_{t+1} = h_t (+ σε: GRPO_latent's policy; fed_latents (B, thinking_steps, D): a control's), until
+    the exit rule or the cap thinking_steps ends it with <lvr_end>. Exit rules: fixed (the budget alone), latent_end
+    (||h_t − e||², mean over dimensions, < end_threshold), mode_switch (<lvr_end> decoded, as the official code).
+    Returns tokens (B, R) (pad at latent slots), latents (B, R, D) (the inputs x), is_latent, capped (<lvr_end>
+    forced by an adaptive exit's cap), sigma."""
+    task, B, device = model.task, visual.shape[0], visual.device
     h, logits, cache = llm(prompt(llm, visual, question))
     h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
-    latent_left = torch.full((B,), -1, device=device)  # -1: text mode; >= 0: latent steps still allowed
+    left = torch.full((B,), -1, device=device)  # latent steps still allowed; -1: before the segment, -2: after it
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = {k: [] for k in ("tokens", "latents", "is_latent", "sampled", "acted", "logprob", "capped")}
+    out = {k: [] for k in ("tokens", "latents", "is_latent", "capped")}
     for _ in range(thinking_steps + task.hop_len + task.answer_len + 3):
-        in_latent, cap = latent_left >= 0, latent_left == 0
-        end_logit = logits[:, task.lvr_end_id].float()                                 # mode switching's exit
-        if exit == "latent_end":
-            chose_end = ((h.float() - model.latent_end) ** 2).mean(-1) < config.end_threshold
-        elif exit == "mode_switch":
-            chose_end = (torch.rand(B, device=device) < torch.sigmoid(end_logit)) if stochastic_exit else end_logit > 0
-        else:
-            chose_end = torch.zeros(B, dtype=torch.bool, device=device)
-        leave, feed = in_latent & (cap | chose_end), in_latent & ~(cap | chose_end)     # (B,), (B,)
+        token = logits.argmax(-1)                                                       # (B,)
+        in_latent, cap = left >= 0, left == 0
+        chose_end = (((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
+                     if exit_rule == "latent_end" else (token == task.lvr_end_id) & (exit_rule == "mode_switch"))
+        leave = in_latent & (cap | chose_end)
+        feed = in_latent & ~leave
         x = h.float()                                                                   # x_{t+1} = h_t
-        if fed_latents is not None:  # slot i = thinking_steps - latent_left while feeding
-            slot = (thinking_steps - latent_left).clamp(0, thinking_steps - 1)
+        if fed_latents is not None:
+            slot = (thinking_steps - left).clamp(0, thinking_steps - 1)                 # the i-th latent fed
             x = torch.where(feed[:, None], fed_latents[torch.arange(B), slot].float(), x)
         elif sigma > 0:
             x = x + sigma * torch.randn_like(x)                                         # x_{t+1} = h_t + σε
-        log_latent = (torch.distributions.Normal(h.float(), sigma).log_prob(x).sum(-1)
-                      if sigma > 0 and fed_latents is None else torch.zeros(B, device=device))
-        if stochastic_exit:
-            log_latent = log_latent + F.logsigmoid(-end_logit)                          # chose to continue
-        scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-        token = (torch.multinomial(F.softmax(scaled, -1), 1)[:, 0] if temperature > 0 else scaled.argmax(-1))
-        sampled = ~in_latent & ~done
+        text = ~in_latent & ~done                                                       # a text token is decoded
         token = torch.where(leave, task.lvr_end_id, torch.where(feed | done, task.pad_id, token))
-        drawn_end = leave & ~cap & stochastic_exit
-        latent_acts = feed & (stochastic_exit or (sigma > 0 and fed_latents is None))
-        logprob = torch.where(sampled, F.log_softmax(scaled, -1).gather(1, token[:, None])[:, 0],
-                              torch.where(drawn_end, F.logsigmoid(end_logit), log_latent))
         out["tokens"].append(token)
         out["latents"].append(torch.where(feed[:, None], x, 0).to(h.dtype))
         out["is_latent"].append(feed)
-        out["sampled"].append(sampled)
-        out["acted"].append(sampled | drawn_end | latent_acts)
-        out["logprob"].append(logprob)
-        out["capped"].append(leave & cap & (exit != "fixed"))
-        entering = sampled & (token == task.lvr_start_id) & (latent_left == -1)
-        latent_left = torch.where(entering, thinking_steps, torch.where(feed, latent_left - 1,
-                                                                        torch.where(leave, -2, latent_left)))
-        done |= sampled & (token == task.eos_id)
+        out["capped"].append(leave & cap & (exit_rule != "fixed"))
+        entering = text & (token == task.lvr_start_id) & (left == -1)
+        left = torch.where(entering, thinking_steps, torch.where(feed, left - 1, torch.where(leave, -2, left)))
+        done |= text & (token == task.eos_id)
         if bool(done.all()):
             break
         inputs = torch.where(feed[:, None], x.to(h.dtype), llm.embed(token).to(h.dtype))[:, None]  # (B, 1, D)
         h, logits, cache = llm(inputs, cache)
         h, logits = h[:, -1], logits[:, -1]
-    return {**{k: torch.stack(v, 1) for k, v in out.items()}, "sigma": sigma if fed_latents is None else 0.0,
-            "stochastic_exit": stochastic_exit, "end_id": task.lvr_end_id}
+    return {**{k: torch.stack(v, 1) for k, v in out.items()}, "sigma": sigma if fed_latents is None else 0.0}
+
+# ---- GRPO_latent (stage 2): rewards, advantages, the replay, the clipped objective -------------------------------
 
 
-def replay_logprobs(llm, visual, question, rollout, temperature):
-    """GRPO_latent replay: one teacher-forced pass over [question, v, response] where the response inputs are the
-    rollout's tokens, with its latent inputs x patched in at the latent positions, so π_θ sees exactly the
-    rollout's context. Returns dict: logp (B, R) log π_θ of every acted choice (0 elsewhere):
-      text token y_t:        log softmax(logits / T)[y_t]
-      latent step x_{t+1}:   log N(x_{t+1}; h_t, σ²I) (σ > 0) + log(1 − p_end(h_t)) (drawn exit)
-      drawn <lvr_end>:       log p_end(h_t),   p_end = sigmoid(<lvr_end> logit);
-    discrete (B, R): logp without the Gaussian term; h (B, R, D): the hidden state before each response slot."""
-    tokens, is_latent, sigma = rollout["tokens"], rollout["is_latent"], rollout["sigma"]
-    response = torch.where(is_latent[..., None], rollout["latents"].to(visual.dtype),
-                           llm.embed(tokens).to(visual.dtype))                          # (B, R, D)
-    inputs = torch.cat([prompt(llm, visual, question), response[:, :-1]], 1)
-    h, logits, _ = llm(inputs)
-    h, logits = h[:, -tokens.shape[1]:].float(), logits[:, -tokens.shape[1]:].float()  # before each slot
-    text = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1).gather(2, tokens[..., None])[..., 0]
-    end_logit = logits[..., rollout["end_id"]]
-    drawn_end = rollout["acted"] & ~rollout["sampled"] & ~is_latent
-    keep = rollout["stochastic_exit"]
-    discrete = torch.where(rollout["sampled"], text, torch.where(drawn_end, F.logsigmoid(end_logit),
-                                                                 F.logsigmoid(-end_logit) * is_latent * keep))
-    gauss = (torch.distributions.Normal(h, sigma).log_prob(rollout["latents"].float()).sum(-1) * is_latent
-             if sigma > 0 else torch.zeros_like(discrete))
-    acted = rollout["acted"]
-    return {"logp": (discrete + gauss) * acted, "discrete": discrete * acted, "h": h}
+def replay_latents(llm, visual, question, rollout):
+    """One pass over [question, v, response] with the rollout's latents x patched in, so π_θ sees the rollout's
+    context. Returns h (B, R, D) before each response slot and logp (B, R) = log N(x_{t+1}; h_t, σ²I) at the latent
+    slots, per dimension (ours: a sum over d makes one latent's log-ratio d times what the clip ε is set for)."""
+    response = torch.where(rollout["is_latent"][..., None], rollout["latents"].to(visual.dtype),
+                           llm.embed(rollout["tokens"]).to(visual.dtype))               # (B, R, D)
+    h, _, _ = llm(torch.cat([prompt(llm, visual, question), response[:, :-1]], 1))
+    h = h[:, -response.shape[1]:].float()                                               # before each slot
+    logp = torch.distributions.Normal(h, rollout["sigma"]).log_prob(rollout["latents"].float()).mean(-1)
+    return {"h": h, "logp": logp * rollout["is_latent"]}
 
 
 def answer_correct(rollout, answer, task, skip=()):
-    """Accuracy: the response's text tokens (specials, pads and the `skip` ids removed) are the answer followed by
-    <eos>."""
+    """Accuracy: the response's text tokens (specials, pads and the `skip` ids removed) are the answer, then <eos>."""
     tokens = rollout["tokens"]
-    special = (tokens == task.pad_id) | (tokens == task.lvr_start_id) | (tokens == task.lvr_end_id)  # (B, R)
-    for token in skip:
-        special |= tokens == token
+    special = torch.isin(tokens, torch.tensor([task.pad_id, task.lvr_start_id, task.lvr_end_id, *skip],
+                                              device=tokens.device))                    # (B, R)
     text = tokens.gather(1, torch.sort(special.int(), dim=1, stable=True).indices)      # text tokens first
     text = F.pad(text, (0, answer.shape[1] + 1), value=task.pad_id)
     return (text[:, :answer.shape[1]] == answer).all(1) & (text[:, answer.shape[1]] == task.eos_id)
 
 
-def format_ok(rollout, task):
-    """Format reward's regex: the response is exactly <lvr_start> (latents) <lvr_end> answer-word(s) <eos>, and
-    the model ended its latent segment itself (not the step cap of an adaptive exit)."""
+def rewards(rollout, answer, task):
+    """(r, r_format, r_accuracy) (B,), r = r_format + r_accuracy. r_format: exactly <lvr_start> (latents) <lvr_end>
+    answer word(s) <eos>, the segment ended by the model (not by the cap); r_accuracy: answer_correct."""
     tokens = rollout["tokens"]
     text = tokens.gather(1, torch.sort((tokens == task.pad_id).int(), dim=1, stable=True).indices)  # pads last
     text = F.pad(text, (0, task.answer_len + 3), value=task.pad_id)
     words = text[:, 2:2 + task.answer_len]
-    is_word = (words != task.pad_id) & (words != task.eos_id) & (words != task.lvr_start_id) & (words != task.lvr_end_id)
-    capped = rollout["capped"].any(1) if "capped" in rollout else torch.zeros_like(is_word[:, 0])
-    return ((text[:, 0] == task.lvr_start_id) & (text[:, 1] == task.lvr_end_id) & is_word.all(1)
-            & (text[:, 2 + task.answer_len] == task.eos_id) & ~capped)
-
-
-def rewards(rollout, answer, task):
-    """r = r_format + r_accuracy (each 0 or 1): format_ok and answer_correct. Returns r, format, accuracy (B,)."""
-    has_format, correct = format_ok(rollout, task).float(), answer_correct(rollout, answer, task).float()
+    specials = torch.tensor([task.pad_id, task.eos_id, task.lvr_start_id, task.lvr_end_id], device=tokens.device)
+    has_format = ((text[:, 0] == task.lvr_start_id) & (text[:, 1] == task.lvr_end_id)
+                  & ~torch.isin(words, specials).any(1) & (text[:, 2 + task.answer_len] == task.eos_id)
+                  & ~rollout["capped"].any(1)).float()
+    correct = answer_correct(rollout, answer, task).float()
     return has_format + correct, has_format, correct
 
 
@@ -556,63 +404,43 @@ def group_advantages(reward):
 
 @torch.no_grad()
 def grpo_rollouts(model, visual, batch):
-    """GRPO_latent sampling: G rollouts per question with the stochastic latent policy (x_{t+1} = h_t + σε) and
-    the drawn mode-switching exit (capped at max_latent), rewards (rewards), group-normalised advantages
-    (group_advantages), log π_θold of each choice (fixed for all policy updates on this batch) and π_ref's replay."""
+    """G rollouts per question (greedy text, x_{t+1} = h_t + σε, mode switching capped at max_latent), rewards,
+    advantages, log π_θold by the loss's own replay (the first ratio is exactly 1, also under autocast), π_ref's h."""
     config, task, G = model.config, model.task, model.config.group_size
     visual = visual.repeat_interleave(G, 0)                                          # (B*G, P, D)
     question, answer = batch["question"].repeat_interleave(G, 0), batch["answer"].repeat_interleave(G, 0)
-    rollout = generate(model, model.llm, visual, question, config.max_latent, config.temperature, exit="mode_switch",
-                       sigma=config.latent_sigma)
+    rollout = generate(model, model.llm, visual, question, config.max_latent, "mode_switch", sigma=config.latent_sigma)
     reward, has_format, correct = rewards(rollout, answer, task)
     reward = reward.view(-1, G)                                                       # (B, G)
-    advantage = group_advantages(reward).view(-1, 1)                                  # (B*G, 1)
-    reference = replay_logprobs(model.reference, visual, question, rollout, config.temperature)
     metrics = {"reward": reward.mean(), "reward_sd": reward.std(1).mean(),
                "spread_groups": (reward.std(1) > 0).float().mean(),                   # groups with a signal
                "accuracy": correct.mean(), f"pass@{G}": correct.view(-1, G).amax(1).mean(),
                "format": has_format.mean(), "latent_steps": rollout["is_latent"].sum(1).float().mean()}
-    return dict(visual=visual, question=question, rollout=rollout, reward=reward, advantage=advantage,
-                reference=reference, metrics=metrics)
+    return dict(visual=visual, question=question, rollout=rollout, reward=reward, metrics=metrics,
+                advantage=group_advantages(reward).view(-1, 1),                          # (B*G, 1)
+                old_logp=replay_latents(model.llm, visual, question, rollout)["logp"],
+                reference_h=replay_latents(model.reference, visual, question, rollout)["h"])
 
 
 def grpo_latent_loss(llm, batch, config):
-    """GRPO_latent (stage 2) on one rollout batch from grpo_rollouts: per choice a_t of rollout i the clipped
-    objective min(ρ_t·Â_i, clip(ρ_t, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref), ρ_t = π_θ(a_t | s_t) / π_θold(a_t | s_t)
-    by replaying the rollout (replay_logprobs); the choices are the sampled text tokens, the latent steps and the
-    drawn exit, so the latents get the RL signal. D_KL: the k3 estimator e^d − d − 1, d = log π_ref − log π_θ,
-    on the discrete choices, plus the exact ||h_θ − h_ref||² / (2σ²) of the two Gaussians at each latent step.
-    Mean over a rollout's choices, then over rollouts. ρ moves away from 1 (and the clip acts) from the second
-    policy update on a batch."""
-    rollout, advantage, reference = batch["rollout"], batch["advantage"], batch["reference"]
-    mask = rollout["acted"].float()                                                   # (B*G, R)
-    replay = replay_logprobs(llm, batch["visual"], batch["question"], rollout, config.temperature)  # with grad
-    ratio = torch.exp(replay["logp"] - rollout["logprob"] * mask)                     # π_θ / π_θold
+    """Per latent step t of rollout i: min(ρ_t·Â_i, clip(ρ_t, 1−ε, 1+ε)·Â_i) − β·D_KL(π_θ‖π_ref), ρ_t = π_θ / π_θold;
+    mean over a rollout's latent steps, then over rollouts."""
+    rollout, advantage, sigma = batch["rollout"], batch["advantage"], batch["rollout"]["sigma"]
+    mask = rollout["is_latent"].float()                                               # (B*G, R)
+    replay = replay_latents(llm, batch["visual"], batch["question"], rollout)          # with grad
+    ratio = torch.exp(replay["logp"] - batch["old_logp"])                             # π_θ / π_θold
     objective = torch.minimum(ratio * advantage, ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps) * advantage)
-    d = reference["discrete"] - replay["discrete"]
-    kl = torch.exp(d) - d - 1                                                          # k3 estimator of D_KL
-    if rollout["sigma"] > 0:
-        gauss = ((replay["h"] - reference["h"]) ** 2).sum(-1) / (2 * rollout["sigma"] ** 2)
-        kl = kl + gauss * rollout["is_latent"]
-    per_token = -(objective - config.kl_beta * kl)
-    loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    tokens = mask.sum().clamp(min=1)
-    clipped = ((ratio - 1).abs() > config.clip_eps).float()
-    return loss, {"kl": ((kl * mask).sum() / tokens).detach(), "ratio_dev": (((ratio - 1).abs() * mask).sum() / tokens).detach(),
-                  "clipped": ((clipped * mask).sum() / tokens).detach()}
+    kl = ((replay["h"] - batch["reference_h"]) ** 2).mean(-1) / (2 * sigma ** 2)     # exact, per dimension
+    per_step = -(objective - config.kl_beta * kl)
+    loss = ((per_step * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    metrics = {"kl": kl, "ratio_dev": (ratio - 1).abs(), "clipped": ((ratio - 1).abs() > config.clip_eps).float()}
+    return loss, {name: ((value * mask).sum() / mask.sum().clamp(min=1)).detach() for name, value in metrics.items()}
 
-# ----------------------------------------------------------------------------------------------------------
-# Training step (AMP): stage 0, stage 1 (+ the two baselines), stage 2
-
-
-def set_trainable(module, flag):
-    for p in module.parameters():
-        p.requires_grad_(flag)
+# ---- Training step (AMP): stage 0, stage 1 with the two baselines, stage 2 ---------------------------------------
 
 
 def teacher_prob(step, config):
-    """Scheduled sampling: the probability that the answer pass reads the true ROI token in a latent slot,
-    falling linearly from 1 at the start of stage 1 to 0 after teacher_ramp steps."""
+    """Scheduled sampling: P(the answer pass reads v_t, not the own latent), 1 at stage 1's start, 0 after the ramp."""
     return max(0.0, 1 - (step - config.align_steps) / config.teacher_ramp) if config.teacher_ramp else 0.0
 
 
@@ -620,184 +448,203 @@ def optimizer_step(model, optimizer, scaler, loss, config):
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    encoder_and_heads = [model.encoder, model.projector, model.grounding_head, model.latent_end]
-    for part in (model.llm, model.baseline_llm, model.cot_llm, encoder_and_heads):
-        if part is not None:  # clip each trained model on its own so a baseline cannot rescale LVR's step
-            params = part.parameters() if isinstance(part, nn.Module) else \
-                [p for m in part for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-    scaler.step(optimizer)
+    llms = [llm for llm in (model.llm, model.baseline_llm, model.cot_llm) if llm is not None]
+    vision = [p for name, p in model.named_parameters() if not name.split(".")[0].endswith("llm")]  # encoder, heads, e
+    for params in [list(llm.parameters()) for llm in llms] + [vision]:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)  # each model on its own: a baseline cannot
+    scaler.step(optimizer)                                         # rescale LVR's step
     scaler.update()
 
 
 def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
-    device = batch["image"].device
-    aligned = config.stage == "rl" or step >= config.align_steps
-    if aligned and not bool(model.baseline_ready):  # the baselines start from the stage-0 LLM
-        for copy_llm in (model.baseline_llm, model.cot_llm):
-            if copy_llm is not None:
-                copy_llm.load_state_dict(model.llm.state_dict())
-        model.baseline_ready.fill_(True)
-    set_trainable(model.encoder, not aligned)     # stage 1 and 2: vision encoder and projector frozen
-    set_trainable(model.projector, not aligned)
-    if config.stage == "rl" and getattr(model, "reference", None) is None:
-        # frozen reference policy π_ref for the KL term: a plain attribute, not a submodule, so it stays out
-        # of the state dict (on --resume it is re-taken from the resumed policy, not the stage-1 one)
-        object.__setattr__(model, "reference", copy.deepcopy(model.llm).requires_grad_(False))
+    """Stage 0 for the first align_steps steps (every module trains), then stage 1, or stage 2 with --stage rl.
+    From stage 1 on the vision encoder and projector are frozen: the visual tokens are computed without gradient."""
+    amp = dict(device_type=batch["image"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     if config.stage == "rl":  # stage 2: one rollout batch, policy_updates clipped steps on it
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(**amp), torch.no_grad():
             rollouts = grpo_rollouts(model, model.visual_tokens(batch["image"]), batch)
         for _ in range(config.policy_updates):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(**amp):
                 loss, metrics = grpo_latent_loss(model.llm, rollouts, config)
             optimizer_step(model, optimizer, scaler, loss, config)
         return {"loss": loss.detach(), **rollouts["metrics"], **metrics}
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        if not aligned:  # stage 0: alignment on plain VQA, everything trains
+    if step >= config.align_steps and not bool(model.baseline_ready):  # the baselines start from the stage-0 LLM
+        for llm in [llm for llm in (model.baseline_llm, model.cot_llm) if llm is not None]:
+            llm.load_state_dict(model.llm.state_dict())
+        model.baseline_ready.fill_(True)
+    with torch.autocast(**amp):
+        if step < config.align_steps:  # stage 0: alignment on plain VQA
             loss, metrics = alignment_loss(model, batch)
         else:
             with torch.no_grad():
                 visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
             loss, metrics = lvr_loss(model, visual, batch, teacher_prob(step, config))
-            if model.baseline_llm is not None:  # SFT data baseline: same batch, answer directly
-                baseline, _ = direct_loss(model.baseline_llm, visual, batch, model.task)
-                loss, metrics["baseline_NTP"] = loss + baseline, baseline.detach()
-            if model.cot_llm is not None:  # text chain-of-thought baseline: same batch, hops in words, then answer
-                cot, cot_metrics = cot_loss(model.cot_llm, visual, batch, model.task)
-                loss, metrics["cot_hops_NTP"], metrics["cot_answer_NTP"] = loss + cot, cot_metrics["L_hops"], cot_metrics["answer_NTP"]
+            for llm, baseline_loss in ((model.baseline_llm, direct_loss), (model.cot_llm, cot_loss)):
+                if llm is not None:  # the no-latent and chain-of-thought baselines, on the same batch
+                    baseline, baseline_metrics = baseline_loss(llm, visual, batch, model.task)
+                    loss, metrics = loss + baseline, metrics | baseline_metrics
     optimizer_step(model, optimizer, scaler, loss, config)
     return {"loss": loss.detach(), **metrics}
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation: answer accuracy vs. latent steps, the baselines, the controls, the exits; the sampled policy
+# ---- Evaluation: accuracy against latent steps, the baselines, the controls, the exits ---------------------------
+
+
+@torch.no_grad()
+def evaluate(model, task, config, eval_steps, autocast_dtype):
+    """Held-out accuracy, a row per model and budget: the answer prior (majority answer per question type), the
+    two baselines, LVR at each budget in eval_steps (0: control (d), the markers alone), the control rows at the
+    trained budget, the two adaptive exits. Then, on validation questions (fresh scenes), GRPO_latent's policy at
+    σ = 0, σ/2, σ, 2σ with G samples each (pass@1, pass@G): the rows σ is chosen on."""
+    model.eval()
+    device, k, G = next(model.parameters()).device, config.latent_steps, config.group_size
+    validation = task.fresh_batch(6, 0, min(config.validation_size, len(task.test_sets["held-out"]["answer"])))
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        chunks, validation = ([{**c, "visual": model.visual_tokens(c["image"])} for c in (
+            {key: value[i:i + 256].to(device) for key, value in data.items()}
+            for i in range(0, len(data["answer"]), 256))] for data in (task.test_sets["held-out"], validation))
+        roi_tokens = torch.cat([roi_targets(c["visual"], c["box"], task, k) for c in chunks]).flatten(0, 1).float()
+        variance = roi_tokens.var(0).mean().item()                                     # MSE of the mean token
+        rows = [{"model": "answer prior", "thinking steps": 0, "accuracy %": task.prior_accuracy()}]
+        rows += [table_row(model, chunks, name, llm, 0, variance) for name, llm in
+                 (("baseline", model.baseline_llm), ("text chain-of-thought", model.cot_llm)) if llm is not None]
+        for n in eval_steps:
+            rows.append(table_row(model, chunks, "lvr, markers only (d)" if n == 0 else "lvr", model.llm, n, variance))
+        noise = torch.Generator(device=device).manual_seed(0)
+        for kind, name in CONTROLS.items():
+            fed = [control_latents(kind, c["visual"], c["box"], task, k, roi_tokens, noise) for c in chunks]
+            rows.append(table_row(model, chunks, f"lvr, {name}", model.llm, k, variance, fed=fed))
+        for exit_rule in ("latent_end", "mode_switch"):
+            rows.append(table_row(model, chunks, f"lvr, {exit_rule.replace('_', ' ')} exit", model.llm,
+                                  config.max_latent, variance, exit_rule=exit_rule))
+        rows = [{"test set": "held-out", **row} for row in rows]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same draws for every σ and every checkpoint
+            for sigma in (0.0, config.latent_sigma / 2, config.latent_sigma, 2 * config.latent_sigma):
+                rows.append({"test set": "validation", **table_row(
+                    model, validation, f"latent policy σ={sigma:g}", model.llm, config.max_latent, variance, group=G,
+                    exit_rule="mode_switch", sigma=sigma)})
+    model.train()
+    return rows
+
+
+def table_row(model, chunks, name, llm, thinking_steps, variance, fed=None, group=1, **decoding):
+    """A row of evaluate's table from `group` samples of each question (generate with `decoding`; fed: a control's
+    latents per chunk): accuracy (pass@1) overall and per question type, pass@group, mean latent steps, the chain of
+    thought's share of right hops, the latents' MSE to the targets over the ROI tokens' variance."""
+    task, cot, k = model.task, llm is model.cot_llm, model.config.latent_steps
+    correct = torch.zeros(len(task.question_types))                                    # right answers per type
+    any_right, steps, hops, squared_error, compared = 0, 0, 0, 0.0, 0
+    for i, chunk in enumerate(chunks):
+        chunk = {key: value.repeat_interleave(group, 0) for key, value in chunk.items()}
+        rollout = generate(model, llm, chunk["visual"], chunk["question"], thinking_steps,
+                           fed_latents=fed[i] if fed else None, **decoding)
+        right = answer_correct(rollout, chunk["answer"], task, skip=task.position_ids if cot else ())
+        correct.index_add_(0, chunk["qtype"].cpu(), right.float().cpu())
+        any_right += right.view(-1, group).any(1).sum().item()
+        is_latent = rollout["is_latent"]
+        steps += is_latent.sum().item()
+        if cot:  # the written hops: the first hop_len tokens against the chain's hop words
+            written = F.pad(rollout["tokens"], (0, task.hop_len), value=task.pad_id)[:, :task.hop_len]
+            hops += (written == cot_targets(chunk, task)[:, :task.hop_len]).all(1).sum().item()
+        index = is_latent.cumsum(1) - 1                                                # latent i fed at this slot
+        targets = roi_targets(chunk["visual"], chunk["box"], task, k).gather(
+            1, index.clamp(0, k - 1)[..., None].expand(-1, -1, chunk["visual"].shape[-1]))      # (b, R, D)
+        taken = is_latent & (index < k)                                                # latent i vs target i
+        error = ((rollout["latents"].float() - targets.float()) ** 2).mean(-1)[taken]
+        squared_error, compared = squared_error + error.sum().item(), compared + len(error)
+    type_count = torch.bincount(torch.cat([c["qtype"].cpu() for c in chunks]), minlength=len(correct)).clamp(min=1)
+    questions = sum(len(chunk["answer"]) for chunk in chunks)
+    row = {"model": name}
+    if decoding.get("exit_rule", "fixed") == "fixed":  # adaptive exits: see mean steps
+        row["thinking steps"] = task.hop_len if cot else thinking_steps
+    row |= {"accuracy %": 100.0 * correct.sum().item() / (questions * group),
+            **{f"{q} %": 100.0 * (correct[i] / type_count[i] / group).item()
+               for i, q in enumerate(task.question_types)}, "mean steps": steps / (questions * group)}
+    if group > 1:
+        row[f"pass@{group} %"] = 100.0 * any_right / questions
+    if cot:
+        row["hops right %"] = 100.0 * hops / questions
+    if compared:
+        row["latent MSE/var"] = squared_error / compared / variance
+    return row
+
+# ---- Beyond the paper: stage 0 (for a pretrained VLM), the two baselines, the control rows -----------------------
+
+
+def answer_pass(llm, visual, batch, task, before=None):
+    """One teacher-forced pass over [question, v, before (B, W), answer, <eos>]: targets (B, W + A + 1), their
+    logits and all last hidden states."""
+    before = batch["answer"][:, :0] if before is None else before
+    targets = torch.cat([before, batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)
+    inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(targets[:, :-1]).to(visual.dtype)], 1)
+    h, logits, _ = llm(inputs)
+    return targets, logits[:, -targets.shape[1]:], h
+
+
+def alignment_loss(model, batch):
+    """Stage 0 on plain VQA: L = L_NTP + L_object + L_grounding. L_object: each encoder patch token classifies the
+    object in its patch (a pretrained encoder's content); L_grounding: the LLM's state at each visual token (after
+    the question) classifies whether its patch is in the first ROI box (BCE), as grounding data would teach."""
+    task = model.task
+    encoded = model.encoder(batch["image"])                                                 # (B, P, D)
+    visual = model.projector(encoded) + model.visual_pos                                    # = visual_tokens
+    targets, logits, h = answer_pass(model.llm, visual, batch, task)
+    l_ntp = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    l_object = F.cross_entropy(model.encoder.object_head(encoded).flatten(0, 1).float(),
+                               batch["patch_object"].flatten())
+    in_roi = vqa_data.roi_patch_mask(batch["box"].view(len(batch["box"]), -1, 4)[:, 0].cpu(), task.image_size,
+                                     task.patch_size)                                      # (B, P): the first box
+    question_len = batch["question"].shape[1]                                               # visual tokens follow it
+    relevance = model.grounding_head(h[:, question_len:question_len + model.n_patches])[..., 0]  # (B, P)
+    l_grounding = F.binary_cross_entropy_with_logits(relevance.float(), in_roi.to(relevance.device).float())
+    loss = l_ntp + l_object + l_grounding
+    return loss, {"L_NTP": l_ntp.detach(), "L_object": l_object.detach(), "L_grounding": l_grounding.detach()}
+
+
+def direct_loss(llm, visual, batch, task):
+    """L_NTP for plain VQA [question, v] -> answer <eos> (the SFT data baseline)."""
+    targets, logits, _ = answer_pass(llm, visual, batch, task)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss, {"baseline_NTP": loss.detach()}
+
+
+def cot_targets(batch, task):
+    """The chain of thought's response (B, hop_len + A): the chain's hops as words (vqa_data.hop_words), the answer."""
+    return torch.cat([vqa_data.hop_words(batch["box"].cpu(), task.patch_size).to(batch["answer"].device),
+                      batch["answer"]], 1)
+
+
+def cot_loss(llm, visual, batch, task):
+    """Text chain of thought: L = L_NTP(hop words) + L_NTP(answer, <eos>), the answer weighted as in lvr_loss."""
+    hops = cot_targets(batch, task)[:, :task.hop_len]
+    targets, logits, _ = answer_pass(llm, visual, batch, task, before=hops)
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+    l_hops, l_answer = per_token[:, :task.hop_len].mean(), per_token[:, task.hop_len:].mean()
+    return l_hops + l_answer, {"cot_hops_NTP": l_hops.detach(), "cot_answer_NTP": l_answer.detach()}
 
 
 CONTROLS = {"oracle": "oracle ROI tokens (a)", "zero": "zero latents (b)", "random": "random latents (c)"}
 
 
 def control_latents(kind, visual, boxes, task, k, roi_tokens, generator=None):
-    """Latents (B, k, D) fed in place of the model's own states in a control row: "oracle" the ROI tokens
-    pooled to k (the ceiling), "zero" zeros, "random" Gaussian with the per-dimension mean and std of
-    roi_tokens (M, D)."""
+    """A control row's latents (B, k, D): "oracle" the targets (the ceiling), "zero" zeros, "random" Gaussian with
+    the per-dimension mean and std of roi_tokens (M, D)."""
     B, D = visual.shape[0], visual.shape[-1]
     if kind == "oracle":
-        return roi_targets(visual, boxes, task, k)[0]
+        return roi_targets(visual, boxes, task, k)
     if kind == "zero":
         return visual.new_zeros(B, k, D)
     noise = torch.randn(B, k, D, generator=generator, device=visual.device)
     return (roi_tokens.mean(0) + roi_tokens.std(0) * noise).to(visual.dtype)
 
 
-@torch.no_grad()
-def evaluate(model, task, config, eval_steps, autocast_dtype):
-    """Held-out answer accuracy: the answer prior, the no-latent and the text chain-of-thought baselines, LVR at
-    each fixed budget in eval_steps (0: control (d), only the <lvr_start>/<lvr_end> markers), the controls at the
-    trained budget ((a) oracle ROI tokens, (b) zero latents, (c) random latents with the ROI tokens'
-    per-dimension mean and variance fed instead of the model's own states), and the two adaptive exits (latent
-    end vector, mode switching; capped at max_latent). Then, on validation questions (fresh scenes, not the test
-    set), the sampled policy of GRPO_latent (text at temperature, latents x = h + σε, drawn exit) at σ = 0, σ/2,
-    σ, 2σ: pass@1 (mean accuracy of one sample) and pass@G (any of G samples right)."""
-    model.eval()
-    device = next(model.parameters()).device
-    data = task.test_sets["held-out"]
-    size = max(config.batch_size, 256)                        # evaluation chunk (the RL batch is small)
-    chunks = [{k: v[i:i + size].to(device) for k, v in data.items()} for i in range(0, len(data["answer"]), size)]
-    k, pool, G = config.latent_steps, config.latent_steps if config.latent_pool else 0, config.group_size
-    total = len(data["answer"])
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        visuals = [model.visual_tokens(c["image"]) for c in chunks]
-        tf_mse = sum(lvr_loss(model, v, c)[1]["L_LVR"].float() * len(v) for v, c in zip(visuals, chunks)).item() / total
-        roi = [roi_targets(v, c["box"], task, 0) for v, c in zip(visuals, chunks)]
-        roi_tokens = torch.cat([t[m] for t, m in roi]).float()                          # (all ROI tokens, D)
-        variance = roi_tokens.var(0).mean().item()                                     # MSE of the mean token
-        noise = torch.Generator(device=device).manual_seed(0)
-        runs = [("baseline", model.baseline_llm, 0, "fixed", None)] if model.baseline_llm is not None else []
-        runs += [("text chain-of-thought", model.cot_llm, 0, "fixed", None)] if model.cot_llm is not None else []
-        runs += [("lvr, markers only (d)" if n == 0 else "lvr", model.llm, n, "fixed", None) for n in eval_steps]
-        runs += [(f"lvr, {name}", model.llm, k, "fixed", kind) for kind, name in CONTROLS.items()]
-        runs += [("lvr, latent end exit", model.llm, config.max_latent, "latent_end", None),
-                 ("lvr, mode switch exit", model.llm, config.max_latent, "mode_switch", None)]
-        type_count = torch.bincount(data["qtype"].cpu(), minlength=len(task.question_types)).clamp(min=1)
-        empty = {"latent MSE/var": "-", "teacher-forced MSE/var": "-", "hops right %": "-"}
-        rows = [{"test set": "held-out", "model": "answer prior", "thinking steps": "-", "accuracy %": task.prior_accuracy(),
-                 f"pass@{G} %": "-", "entered lvr %": 0.0, "mean steps": 0.0, **empty,  # majority answer per type
-                 **{f"{q} %": "-" for q in task.question_types}}]
-        for name, llm, thinking_steps, exit, kind in runs:
-            cot = llm is model.cot_llm
-            correct, entered, steps, hops, mse_sum, mse_count = 0, 0, 0, 0, 0.0, 0
-            per_type = torch.zeros(len(task.question_types))                                # correct per type
-            for v, c in zip(visuals, chunks):
-                rollout = generate(model, llm, v, c["question"], thinking_steps, exit=exit,
-                                   fed_latents=control_latents(kind, v, c["box"], task, k, roi_tokens, noise)
-                                   if kind else None)
-                right = answer_correct(rollout, c["answer"], task, skip=task.position_ids if cot else ())
-                correct += right.sum().item()
-                per_type += torch.zeros_like(per_type).index_add_(0, c["qtype"].cpu(), right.float().cpu())
-                entered += (rollout["tokens"] == task.lvr_start_id).any(1).sum().item()
-                steps += rollout["is_latent"].sum().item()
-                if cot:  # the written hops: the first hop_len tokens against the chain's hop words
-                    written = F.pad(rollout["tokens"], (0, task.hop_len), value=task.pad_id)[:, :task.hop_len]
-                    hops += (written == cot_targets(c, task)[:, :task.hop_len]).all(1).sum().item()
-                    steps += torch.isin(rollout["tokens"], torch.tensor(task.position_ids, device=device)).sum().item()
-                    continue
-                # reconstruction: the i-th latent input vs the i-th target, for i <= min(steps taken, N)
-                targets, valid = roi_targets(v, c["box"], task, pool)                      # (b, N, D), (b, N)
-                order = torch.sort((~rollout["is_latent"]).int(), dim=1, stable=True).indices  # latents first
-                latents = rollout["latents"].gather(1, order[..., None].expand(-1, -1, v.shape[-1]))
-                n = min(latents.shape[1], targets.shape[1])
-                both = valid[:, :n] & (torch.arange(n, device=device) < rollout["is_latent"].sum(1, keepdim=True))
-                err = ((latents[:, :n].float() - targets[:, :n].float()) ** 2).mean(-1)    # (b, n)
-                mse_sum, mse_count = mse_sum + err[both].sum().item(), mse_count + both.sum().item()
-            rows.append({"test set": "held-out", "model": name,
-                         "thinking steps": "text" if cot else thinking_steps if exit == "fixed" else "adaptive",
-                         "accuracy %": 100.0 * correct / total, f"pass@{G} %": "-", "entered lvr %": 100.0 * entered / total,
-                         "mean steps": steps / total,
-                         "latent MSE/var": mse_sum / mse_count / variance if mse_count else "-",
-                         "teacher-forced MSE/var": tf_mse / variance if llm is model.llm else "-",
-                         "hops right %": 100.0 * hops / total if cot else "-",
-                         **{f"{q} %": 100.0 * (per_type[i] / type_count[i]).item() for i, q in enumerate(task.question_types)}})
-        rows += validation_rows(model, task, config, min(config.validation_size, total))
-    model.train()
-    return rows
-
-
-def validation_rows(model, task, config, n):
-    """pass@1 and pass@G of the sampled policy on n validation questions (fresh scenes) at σ = 0, σ/2, σ, 2σ:
-    the rows σ for GRPO_latent is chosen on."""
-    if not hasattr(task, "fresh_batch"):
-        return []
-    G, device = config.group_size, next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in task.fresh_batch(6, 0, n).items()}
-    visual = model.visual_tokens(batch["image"])
-    rows = []
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(0)  # the same draws for every σ and every checkpoint
-    for sigma in (0.0, config.latent_sigma / 2, config.latent_sigma, 2 * config.latent_sigma):
-        correct, steps = [], 0
-        for i in range(0, n, 64):  # 64 questions x G rollouts at a time
-            question, answer = (batch[key][i:i + 64].repeat_interleave(G, 0) for key in ("question", "answer"))
-            rollout = generate(model, model.llm, visual[i:i + 64].repeat_interleave(G, 0), question, config.max_latent,
-                               config.temperature, exit="mode_switch", sigma=sigma)
-            correct.append(answer_correct(rollout, answer, task).float().view(-1, G))
-            steps += rollout["is_latent"].sum().item()
-        correct = torch.cat(correct)                                                     # (n, G)
-        rows.append({"test set": "validation", "model": f"sampled policy σ={sigma:g} T={config.temperature:g}",
-                     "thinking steps": "adaptive", "accuracy %": 100.0 * correct.mean().item(),
-                     f"pass@{G} %": 100.0 * correct.amax(1).mean().item(), "mean steps": steps / (n * G)})
-    torch.set_rng_state(generator_state)
-    return rows
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # a tiny demo: stage 0, stage 1, the table
     torch.manual_seed(0)
     demo_task = vqa_data.VQATask(seed=0, train_size=2000, eval_size=64)
-    demo_config = Config(steps=40, align_steps=20, d_model=32, n_layers=2, encoder_layers=1, eval_steps=(0, 4),
-                         teacher_ramp=10)
-    demo_model = build_model(demo_config, demo_task)
-    opt = make_optimizer(demo_model, demo_config)
-    for s in range(demo_config.steps):
-        m = train_step(demo_model, opt, torch.amp.GradScaler("cpu", enabled=False), demo_task.train_batch(s, 32),
-                       s, demo_config, None)
-    print({k: round(v.item(), 3) for k, v in m.items()})
-    for row in evaluate(demo_model, demo_task, demo_config, demo_config.eval_steps, None):
-        print(row)
+    demo = Config(steps=40, align_steps=20, d_model=32, n_layers=2, encoder_layers=1, teacher_ramp=10)
+    demo_model, scaler = build_model(demo, demo_task), torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = make_optimizer(demo_model, demo)
+    for step in range(demo.steps):
+        metrics = train_step(demo_model, optimizer, scaler, demo_task.train_batch(step, 32), step, demo, None)
+    print({k: round(v.item(), 3) for k, v in metrics.items()}, *evaluate(demo_model, demo_task, demo, (0, 4), None),
+          sep="\n")

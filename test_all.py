@@ -2842,20 +2842,22 @@ def lvr_tiny(**kw):
     return lvr.build_model(config, task), config
 
 
-def rollout_of(model, temperature=1.0, budget=3, n=6, sigma=0.0):
+def rollout_of(model, budget=3, n=6, sigma=0.0):
     batch = LVR_TASK.train_batch(0, n)
     with torch.no_grad():
         visual = model.visual_tokens(batch["image"])
     question = batch["question"]
     # make every row enter latent mode: bias the head towards <lvr_start> at the first text step
     torch.manual_seed(1)
-    return visual, question, lvr.generate(model, model.llm, visual, question, budget, temperature, sigma=sigma)
+    return visual, question, lvr.generate(model, model.llm, visual, question, budget, sigma=sigma)
 
 
 def force_lvr_start(model):
     with torch.no_grad():
         model.llm.head.weight[LVR_TASK.lvr_start_id] += 0.1 * model.llm.ln.weight.sign()
         model.llm.ln.bias.copy_(model.llm.ln.weight.abs())
+        if model.reference is not None:  # π_ref is the policy GRPO starts from
+            model.reference.load_state_dict(model.llm.state_dict())
 
 
 # ---------------- vqa_data
@@ -2877,7 +2879,7 @@ def test_lvr_roi_patch_indices_edge_cases():
 
 
 def test_lvr_vqa_data_deterministic_and_disjoint():
-    a, b = vqa_data.VQATask(seed=3, train_size=200, eval_size=20), vqa_data.VQATask(seed=3, train_size=200, eval_size=20)
+    a, b = (vqa_data.VQATask(seed=3, train_size=200, eval_size=20) for _ in range(2))
     for k in ("image", "question", "answer", "box"):
         assert torch.equal(a.train_batch(7, 5)[k], b.train_batch(7, 5)[k])
         assert torch.equal(a.test_sets["held-out"][k], b.test_sets["held-out"][k])
@@ -2975,10 +2977,9 @@ def test_lvr_bad_input_raises_value_error():
 def test_lvr_latent_steps_feed_hidden_states_back():
     model, _ = lvr_tiny()
     force_lvr_start(model)
-    visual, question, out = rollout_of(model, temperature=0.0, budget=3)
+    visual, question, out = rollout_of(model, budget=3)
     lat = out["is_latent"]
     assert lat.sum(1).eq(3).all()                                # every row took exactly 3 latent steps
-    assert not (out["sampled"] & lat).any()                      # no token is sampled inside the segment
     assert (out["tokens"][lat] == LVR_TASK.pad_id).all()
     # the input at each latent position is the last hidden state of the position before it
     response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
@@ -3000,15 +3001,18 @@ def test_lvr_latent_steps_feed_hidden_states_back():
     assert torch.equal(h2[:, :p], h[:, :p])                      # earlier positions untouched (causal)
 
 
-def test_lvr_cached_decoding_equals_uncached_and_ratio_is_one():
+def test_lvr_cached_decoding_equals_uncached():
     model, _ = lvr_tiny()
     force_lvr_start(model)
-    visual, question, out = rollout_of(model, temperature=0.9, budget=4)
-    replay = lvr.replay_logprobs(model.llm, visual, question, out, 0.9)["logp"]  # uncached, teacher-forced replay
-    mask = out["acted"]
-    assert out["is_latent"].any() and mask.sum() > 6 and torch.equal(mask, out["sampled"])  # σ = 0: text only
-    torch.testing.assert_close(replay[mask], out["logprob"][mask], atol=1e-5, rtol=1e-5)
-    assert torch.allclose(torch.exp(replay - out["logprob"])[mask], torch.ones(int(mask.sum())), atol=1e-4)
+    visual, question, out = rollout_of(model, budget=4)
+    lat, tokens = out["is_latent"], out["tokens"]
+    decoded = ~lat & (tokens != LVR_TASK.pad_id) & (tokens != LVR_TASK.lvr_end_id)    # <lvr_end>: the budget's
+    assert lat.any() and decoded.sum() > 6
+    response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
+    with torch.no_grad():  # uncached, teacher-forced over the recorded inputs
+        _, logits, _ = model.llm(torch.cat([lvr.prompt(model.llm, visual, question), response[:, :-1]], 1))
+    logits = logits[:, -lat.shape[1]:]                                               # before each response slot
+    assert torch.equal(logits.argmax(-1)[decoded], tokens[decoded])                 # the cached greedy choices
 
 
 def test_lvr_adaptive_exits_run_and_respect_cap():
@@ -3018,7 +3022,7 @@ def test_lvr_adaptive_exits_run_and_respect_cap():
         batch = LVR_TASK.train_batch(0, 4)
         with torch.no_grad():
             visual = model.visual_tokens(batch["image"])
-        out = lvr.generate(model, model.llm, visual, batch["question"], config.max_latent, exit=exit)
+        out = lvr.generate(model, model.llm, visual, batch["question"], config.max_latent, exit_rule=exit)
         assert out["is_latent"].sum(1).le(config.max_latent).all()
         assert lvr.lvr_loss(model, visual, batch)[1].keys() >= {"L_NTP", "L_LVR"}
 
@@ -3026,17 +3030,17 @@ def test_lvr_adaptive_exits_run_and_respect_cap():
 def test_lvr_pooled_roi_targets_average_segments():
     visual = torch.arange(36.0)[None, :, None].repeat(1, 1, 2)              # token value = patch index
     box = torch.tensor([[0, 0, 16, 16]])                                       # patches 0, 1, 6, 7
-    full, valid = lvr.roi_targets(visual, box, LVR_TASK, 0)
-    assert full[0, :, 0].tolist() == [0, 1, 6, 7] and valid.all()
-    pooled, _ = lvr.roi_targets(visual, box, LVR_TASK, 2)
+    full = lvr.roi_targets(visual, box, LVR_TASK, 4)                                 # k = N: the ROI tokens
+    assert full[0, :, 0].tolist() == [0, 1, 6, 7]
+    pooled = lvr.roi_targets(visual, box, LVR_TASK, 2)
     assert pooled[0, :, 0].tolist() == [0.5, 6.5]
-    up, _ = lvr.roi_targets(visual, box, LVR_TASK, 8)                              # fewer tokens than k: repeats
+    up = lvr.roi_targets(visual, box, LVR_TASK, 8)                                   # fewer tokens than k: repeats
     assert up[0, :, 0].tolist() == [0, 0, 1, 1, 6, 6, 7, 7]
     chain = torch.tensor([[[40, 40, 48, 48], [0, 0, 16, 8]], [[8, 0, 9, 1], [8, 0, 9, 1]]])  # (B=2, K=2, 4)
-    full, valid = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 0)       # box order, then row-major
-    assert full[0, :, 0].tolist() == [35, 0, 1] and valid.tolist() == [[True] * 3, [True, True, False]]
-    assert full[1, :2, 0].tolist() == [1, 1]
-    pooled, _ = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 2)
+    full = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 3)              # box order, then row-major
+    assert full[0, :, 0].tolist() == [35, 0, 1]
+    assert full[1, :, 0].tolist() == [1, 1, 1]                                       # N = 2 < k: repeats
+    pooled = lvr.roi_targets(visual.repeat(2, 1, 1), chain, LVR_TASK, 2)
     assert pooled[:, :, 0].tolist() == [[35, 0.5], [1, 1]]
 
 
@@ -3059,12 +3063,12 @@ def test_lvr_stage1_freezes_encoder_and_projector():
 
 
 def test_lvr_stage0_grounding_loss_learns_roi_patches_and_stops_in_stage1():
-    model, config = lvr_tiny(lr=3e-3, warmup_steps=1, align_steps=40)
+    model, config = lvr_tiny(lr=1e-2, warmup_steps=1, align_steps=40)
     opt = lvr.make_optimizer(model, config)
     batch = LVR_TASK.train_batch(0, 8)
     first = lvr.train_step(model, opt, LVR_SCALER, batch, 0, config, None)["L_grounding"].item()
     assert model.grounding_head.weight.grad.abs().sum() > 0
-    for step in range(1, 30):
+    for step in range(1, 10):
         last = lvr.train_step(model, opt, LVR_SCALER, batch, step, config, None)["L_grounding"].item()
     assert last < 0.5 * first
     metrics = lvr.train_step(model, opt, LVR_SCALER, batch, config.align_steps, config, None)  # stage 1
@@ -3074,22 +3078,29 @@ def test_lvr_stage0_grounding_loss_learns_roi_patches_and_stops_in_stage1():
 def test_lvr_grpo_step_and_bf16_autocast():
     for stage, step in (("sft", 0), ("sft", 5), ("rl", 0)):
         model, config = lvr_tiny(stage=stage)
+        if stage == "rl":
+            force_lvr_start(model)                                                  # latent steps: RL's choices
         opt = lvr.make_optimizer(model, config)
-        before = model.llm.head.weight.clone()
-        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 4), step, config, torch.bfloat16)
+        before = model.llm.blocks[0].mlp[0].weight.clone()
+        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 2), step, config, torch.bfloat16)
         assert all(torch.isfinite(v) for v in metrics.values())
-        assert not torch.equal(before, model.llm.head.weight)
+        assert not torch.equal(before, model.llm.blocks[0].mlp[0].weight)
     assert {"reward", "accuracy", "format", "kl"} <= metrics.keys()
-    assert model.reference is not None and "reference.head.weight" not in model.state_dict()
+    # π_ref: loading a stage-1 state dict (no π_ref in it) sets it to the loaded LLM
+    stage1 = {k: v for k, v in model.state_dict().items() if not k.startswith("reference.")}
+    stage1["llm.head.weight"] = stage1["llm.head.weight"] + 1
+    model.load_state_dict(stage1)
+    assert torch.equal(model.reference.head.weight, stage1["llm.head.weight"])
+    assert not any(p.requires_grad for p in model.reference.parameters())
 
 
 def test_lvr_tiny_model_learns_tiny_vqa_set():
-    model, config = lvr_tiny(d_model=48, lr=3e-3, warmup_steps=1, align_steps=60, latent_steps=2, eval_steps=(2,),
-                             baseline=False, cot=False, teacher_ramp=30)
+    model, config = lvr_tiny(lr=1e-2, warmup_steps=1, align_steps=30, latent_steps=2, eval_steps=(2,),
+                             baseline=False, cot=False, teacher_ramp=15)
     opt = lvr.make_optimizer(model, config)
-    batch = LVR_TASK.train_batch(0, 12)
+    batch = LVR_TASK.train_batch(0, 8)
     stage1_losses = []
-    for step in range(150):
+    for step in range(70):
         metrics = lvr.train_step(model, opt, LVR_SCALER, batch, step, config, None)
         stage1_losses += [metrics["L_LVR"].item()] if "L_LVR" in metrics else []
     assert metrics["L_NTP"] < 0.1 and stage1_losses[-1] < 0.5 * stage1_losses[0]  # the MSE scale is the tokens'
@@ -3101,14 +3112,16 @@ def test_lvr_tiny_model_learns_tiny_vqa_set():
 
 
 def test_lvr_evaluate_rows():
-    model, config = lvr_tiny()
+    model, config = lvr_tiny(validation_size=4)
     rows = lvr.evaluate(model, LVR_TASK, config, config.eval_steps, None)
     held_out = [r for r in rows if r["test set"] == "held-out"]
     assert [r["model"] for r in held_out] == [
-        "answer prior", "baseline", "text chain-of-thought", "lvr, markers only (d)", "lvr", "lvr, oracle ROI tokens (a)",
+        "answer prior", "baseline", "text chain-of-thought", "lvr, markers only (d)", "lvr",
+        "lvr, oracle ROI tokens (a)",
         "lvr, zero latents (b)", "lvr, random latents (c)", "lvr, latent end exit", "lvr, mode switch exit"]
-    assert [r["thinking steps"] for r in held_out] == ["-", 0, "text", 0, 2] + [config.latent_steps] * 3 + ["adaptive"] * 2
-    assert all(r["mean steps"] <= config.max_latent for r in held_out)
+    steps = [0, 0, LVR_TASK.hop_len, 0, 2] + [config.latent_steps] * 3 + [None] * 2   # adaptive exits: none
+    assert [r.get("thinking steps") for r in held_out] == steps
+    assert all(r["mean steps"] <= config.max_latent for r in held_out[1:])  # the prior row decodes nothing
     validation = [r for r in rows if r["test set"] == "validation"]
     assert len(validation) == 4 and all(r["pass@4 %"] >= r["accuracy %"] for r in validation)
     for row in held_out[1:]:  # accuracy per question type, weighted by the type counts, gives the overall accuracy
@@ -3116,6 +3129,23 @@ def test_lvr_evaluate_rows():
         per_type = torch.tensor([row[f"{q} %"] for q in LVR_TASK.question_types])
         assert abs((per_type * counts).sum() / counts.sum() - row["accuracy %"]) < 1e-3
     assert model.training
+
+
+def test_lvr_compile_builds_graphs_for_the_training_step_and_the_thinking_loop():
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    model, config = lvr_tiny(baseline=False, cot=False)
+    counter = torch._dynamo.testing.CompileCounter()
+    model.compile(backend=counter)
+    batch = LVR_TASK.train_batch(0, 2)
+    try:
+        lvr.train_step(model, lvr.make_optimizer(model, config), LVR_SCALER, batch, 0, config, None)
+        trained = counter.frame_count                                        # the training step's passes
+        with torch.no_grad():
+            lvr.generate(model, model.llm, model.visual_tokens(batch["image"]), batch["question"], 1)
+        assert trained > 0 and counter.frame_count > trained    # the training step and the thinking loop compiled
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------- lvr: controls, own-latent pass, GRPO_latent
@@ -3147,7 +3177,7 @@ def test_lvr_loss_compares_each_target_with_the_hidden_state_one_position_earlie
     model, config = lvr_tiny(latent_steps=3)
     visual, batch = lvr_stage1_inputs(model)
     model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size)
-    targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)                    # (B, 3, D): v_1..v_3
+    targets = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)                       # (B, 3, D): v_1..v_3
     start = model.llm.embed.weight[LVR_TASK.lvr_start_id].expand(len(visual), 1, -1)
     expected = ((torch.cat([start, targets[:, :-1]], 1) - targets) ** 2).mean()     # [e(<lvr_start>), v_1, v_2] vs v
     torch.testing.assert_close(lvr.lvr_loss(model, visual, batch)[1]["L_LVR"], expected)
@@ -3161,7 +3191,7 @@ def test_lvr_exit_losses_supervise_the_position_holding_the_last_target():
         model, config = lvr_tiny(latent_steps=3)
         visual, batch = lvr_stage1_inputs(model)
         model.llm = LvrIdentityLLM(model.llm.embed, LVR_TASK.vocab_size, end_logit=True)
-        targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)               # (B, 3, D)
+        targets = lvr.roi_targets(visual, batch["box"], LVR_TASK, 3)                  # (B, 3, D)
         metrics = lvr.lvr_loss(model, visual, batch)[1]
         if exit == "latent_end":
             torch.testing.assert_close(metrics["L_end"], ((targets[:, -1] - model.latent_end) ** 2).mean())
@@ -3191,7 +3221,7 @@ def test_lvr_answer_pass_reads_detached_own_latents():
     model, config = lvr_tiny(latent_steps=3, lvr_weight=0.0, exit_weight=0.0)
     visual, batch = lvr_stage1_inputs(model)
     llm, k = model.llm, 3
-    targets, _ = lvr.roi_targets(visual, batch["box"], LVR_TASK, k)
+    targets = lvr.roi_targets(visual, batch["box"], LVR_TASK, k)
     B, D = len(visual), visual.shape[-1]
     answer = batch["answer"][:, 0]
     s = visual.shape[1] + batch["question"].shape[1]                                # position of <lvr_start>
@@ -3257,7 +3287,7 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
     free = lvr.generate(model, model.llm, visual, question, k)
     own = torch.stack([free["latents"][r][free["is_latent"][r]] for r in range(len(visual))])  # (B, k, D)
     again = lvr.generate(model, model.llm, visual, question, k, fed_latents=own)    # own latents fed: same run
-    assert all(torch.equal(free[key], again[key]) for key in ("tokens", "is_latent", "sampled"))
+    assert all(torch.equal(free[key], again[key]) for key in ("tokens", "is_latent", "capped"))
     roi_tokens = torch.randn(5000, visual.shape[-1]) * 0.3 + 2.0
     for kind in lvr.CONTROLS:
         fed = lvr.control_latents(kind, visual, batch["box"], LVR_TASK, k, roi_tokens)
@@ -3267,25 +3297,25 @@ def test_lvr_control_rows_change_only_the_latent_inputs():
         first = free["is_latent"].float().argmax(1)[0]
         assert torch.equal(out["tokens"][:, :first], free["tokens"][:, :first])     # text before: untouched
     assert torch.equal(lvr.control_latents("oracle", visual, batch["box"], LVR_TASK, k, roi_tokens),
-                       lvr.roi_targets(visual, batch["box"], LVR_TASK, k)[0])
+                       lvr.roi_targets(visual, batch["box"], LVR_TASK, k))
     assert not lvr.control_latents("zero", visual, batch["box"], LVR_TASK, k, roi_tokens).any()
     noise = lvr.control_latents("random", visual.repeat(200, 1, 1), None, LVR_TASK, k, roi_tokens).flatten(0, 1)
     torch.testing.assert_close(noise.mean(0), roi_tokens.mean(0), atol=0.05, rtol=0)
     torch.testing.assert_close(noise.std(0), roi_tokens.std(0), atol=0.03, rtol=0)
     markers = lvr.generate(model, model.llm, visual, question, 0)                   # control (d): no latent slot
     assert not markers["is_latent"].any()
-    assert ((markers["tokens"] == LVR_TASK.lvr_start_id).any(1) & (markers["tokens"] == LVR_TASK.lvr_end_id).any(1)).all()
+    tokens = markers["tokens"]
+    assert ((tokens == LVR_TASK.lvr_start_id).any(1) & (tokens == LVR_TASK.lvr_end_id).any(1)).all()
 
 
-def test_lvr_stage0_loss_is_ntp_plus_weighted_object_and_grounding_terms():
+def test_lvr_stage0_loss_is_ntp_plus_object_and_grounding_terms():
     batch = LVR_TASK.train_batch(0, 4)
-    for obj, ground in ((1.0, 1.0), (0.5, 3.0)):
-        model, config = lvr_tiny(object_weight=obj, grounding_weight=ground)
-        loss, metrics = lvr.alignment_loss(model, batch)
-        torch.testing.assert_close(loss, metrics["L_NTP"] + obj * metrics["L_object"] + ground * metrics["L_grounding"])
-        logits = model.encoder.object_head(model.encoder(batch["image"]))                   # (B, 36, classes)
-        torch.testing.assert_close(metrics["L_object"], torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), batch["patch_object"].flatten()))
+    model, config = lvr_tiny()
+    loss, metrics = lvr.alignment_loss(model, batch)
+    torch.testing.assert_close(loss, metrics["L_NTP"] + metrics["L_object"] + metrics["L_grounding"])
+    logits = model.encoder.object_head(model.encoder(batch["image"]))                       # (B, 36, classes)
+    torch.testing.assert_close(metrics["L_object"], torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["patch_object"].flatten()))
 
 
 def test_lvr_visual_tokens_carry_their_2d_grid_position():
@@ -3359,7 +3389,7 @@ def lvr_rollout(rows):
         for t, token in enumerate(row):
             is_latent[r, t] = token is None
             tokens[r, t] = LVR_TASK.pad_id if token is None else token
-    return {"tokens": tokens, "is_latent": is_latent}
+    return {"tokens": tokens, "is_latent": is_latent, "capped": torch.zeros_like(is_latent)}
 
 
 def test_lvr_reward_varies_with_format_and_answer():
@@ -3371,14 +3401,13 @@ def test_lvr_reward_varies_with_format_and_answer():
                            [S, None, E, right, right, eos],  # two answer words
                            [S, None, None, E, right]])       # no <eos>
     answer = torch.full((5, 1), right)
-    assert lvr.format_ok(rollout, LVR_TASK).tolist() == [True, False, True, False, False]
+    assert lvr.rewards(rollout, answer, LVR_TASK)[1].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]        # format
     assert lvr.answer_correct(rollout, answer, LVR_TASK).tolist() == [True, True, False, False, False]
 
 
 def lvr_rl_batch(beta=0.04, **kw):
     model, config = lvr_tiny(stage="rl", kl_beta=beta, **kw)
     force_lvr_start(model)
-    object.__setattr__(model, "reference", copy.deepcopy(model.llm).requires_grad_(False))
     batch = LVR_TASK.train_batch(0, 3)
     torch.manual_seed(2)
     rollouts = lvr.grpo_rollouts(model, model.visual_tokens(batch["image"]).detach(), batch)
@@ -3388,7 +3417,8 @@ def lvr_rl_batch(beta=0.04, **kw):
 def test_lvr_grpo_advantages_are_group_normalised_rewards():
     reward = torch.tensor([[2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     advantage = lvr.group_advantages(reward)
-    torch.testing.assert_close(advantage[0], torch.tensor([1.0, 0.0, 0.0, -1.0]) / (math.sqrt(2 / 3) + 1e-4))  # sample std
+    want = torch.tensor([1.0, 0.0, 0.0, -1.0]) / (math.sqrt(2 / 3) + 1e-4)                 # sample std
+    torch.testing.assert_close(advantage[0], want)
     assert not advantage[1].any()                                                   # equal rewards: no signal
     model, config, rollouts = lvr_rl_batch()
     assert rollouts["reward"].shape == (3, config.group_size)
@@ -3402,39 +3432,39 @@ def test_lvr_grpo_loss_grows_with_kl_beta_when_the_reference_differs():
     with torch.no_grad():
         for p in model.reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    rollouts["reference"] = lvr.replay_logprobs(model.reference, rollouts["visual"], rollouts["question"],
-                                                rollouts["rollout"], config.temperature)
-    losses = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b)) for b in (0.0, 0.1, 1.0)]
+    rollouts["reference_h"] = lvr.replay_latents(model.reference, rollouts["visual"], rollouts["question"],
+                                                 rollouts["rollout"])["h"]
+    losses = [lvr.grpo_latent_loss(model.llm, rollouts, dataclasses.replace(config, kl_beta=b))
+              for b in (0.0, 0.1, 1.0)]
     assert losses[0][0] < losses[1][0] < losses[2][0]
     kl = losses[2][1]["kl"]
     torch.testing.assert_close(losses[2][0] - losses[0][0], kl, rtol=0.2, atol=0)  # ≈ β·KL (per-row means)
-    with torch.no_grad():  # the k3 estimator of D_KL(π_θ‖π_ref) over the discrete choices, exact for the Gaussians
-        policy = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"],
-                                     config.temperature)
-    d = rollouts["reference"]["discrete"] - policy["discrete"]
+    with torch.no_grad():  # D_KL(π_θ‖π_ref) of the two Gaussians, exact, per dimension as log π
+        policy = lvr.replay_latents(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"])
     sigma, latent = rollouts["rollout"]["sigma"], rollouts["rollout"]["is_latent"]
-    gauss = ((policy["h"] - rollouts["reference"]["h"]) ** 2).sum(-1) / (2 * sigma ** 2) * latent
-    mask = rollouts["rollout"]["acted"]
-    assert latent.any() and (mask & latent).any() and sigma > 0
-    torch.testing.assert_close(kl, (torch.exp(d) - d - 1 + gauss)[mask].mean())
+    gauss = ((policy["h"] - rollouts["reference_h"]) ** 2).mean(-1) / (2 * sigma ** 2)
+    assert latent.any() and sigma > 0
+    torch.testing.assert_close(kl, gauss[latent].mean())
 
 
 def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
     ratio_dev = {}
-    for updates in (1, 2):
+    for updates, dtype in ((1, None), (2, None), (1, torch.bfloat16)):
         model, config = lvr_tiny(stage="rl", policy_updates=updates, lr=3e-2, warmup_steps=1)
         force_lvr_start(model)
         opt = lvr.make_optimizer(model, config)
         torch.manual_seed(3)
-        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 4), 0, config, None)
-        ratio_dev[updates] = metrics["ratio_dev"].item()
-    assert ratio_dev[1] < 1e-4 < ratio_dev[2]                                        # one update: ratio is 1
+        metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 4), 0, config, dtype)
+        assert metrics["latent_steps"] > 0                                           # latent choices in the ratio
+        ratio_dev[updates, dtype] = metrics["ratio_dev"].item()
+    # one update: the ratio is 1; old log-probs by the loss's own replay, so exactly 1 under bf16 autocast too
+    assert ratio_dev[1, None] == 0.0 < ratio_dev[2, None] and ratio_dev[1, torch.bfloat16] == 0.0
     # the clip: with every ratio at e > 1 + ε and a positive advantage, the objective is flat in θ (no KL)
     model, config, rollouts = lvr_rl_batch(beta=0.0)
     rollouts["advantage"] = torch.ones_like(rollouts["advantage"])
-    logp = lvr.replay_logprobs(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"], 0.9)["logp"]
+    logp = lvr.replay_latents(model.llm, rollouts["visual"], rollouts["question"], rollouts["rollout"])["logp"]
     for shift, flat in ((1.0, True), (0.0, False)):
-        rollouts["rollout"]["logprob"] = logp.detach() - shift
+        rollouts["old_logp"] = logp.detach() - shift
         loss, metrics = lvr.grpo_latent_loss(model.llm, rollouts, config)
         model.zero_grad()
         loss.backward()
@@ -3466,8 +3496,8 @@ def test_lvr_cot_targets_hold_the_hops_and_the_answer_pass_reads_them():
     assert (logits[:, 4] - logits_other[:, 4]).abs().amax() > 1e-4                      # the answer reads the hops
     loss, metrics = lvr.cot_loss(llm, visual, small, LVR_TASK)
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq.flatten(), reduction="none").view(6, 6)
-    torch.testing.assert_close(metrics["L_hops"], ce[:, :4].mean())
-    torch.testing.assert_close(metrics["answer_NTP"], ce[:, 4:].mean())
+    torch.testing.assert_close(metrics["cot_hops_NTP"], ce[:, :4].mean())
+    torch.testing.assert_close(metrics["cot_answer_NTP"], ce[:, 4:].mean())
     torch.testing.assert_close(loss, ce[:, :4].mean() + ce[:, 4:].mean())
 
 
@@ -3510,13 +3540,13 @@ def test_lvr_each_exit_stops_where_it_should_on_a_scripted_decoder():
     D, far = config.d_model, torch.full((config.d_model,), 3.0)
     visual, question = torch.zeros(2, 36, D), LVR_TASK.train_batch(0, 2)["question"]
     # calls 1.. are the states after <lvr_start>, x_1, x_2, ...: the end vector is reached at call 3, the
-    # <lvr_end> logit turns positive at call 2
+    # decoded token is <lvr_end> at call 2 (its logit above <eos>'s 50)
     hs = [far, far, far, model.latent_end.detach().clone(), far, far, far, far, far]
-    ends = [-9.0, -9.0, 9.0, -9.0, -9.0, -9.0, -9.0, -9.0, -9.0]
+    ends = [-9.0, -9.0, 60.0, -9.0, -9.0, -9.0, -9.0, -9.0, -9.0]
 
-    def steps(exit, cap, temperature=0.0, end_logits=ends):
+    def steps(exit, cap, end_logits=ends):
         llm = LvrScriptedLLM(model.llm.embed, hs, end_logits)
-        out = lvr.generate(model, llm, visual, question, cap, temperature=temperature, exit=exit)
+        out = lvr.generate(model, llm, visual, question, cap, exit_rule=exit)
         assert (out["tokens"] == LVR_TASK.lvr_end_id).sum(1).eq(1).all()
         return out["is_latent"].sum(1).tolist(), out["capped"].any(1).tolist()
 
@@ -3524,19 +3554,21 @@ def test_lvr_each_exit_stops_where_it_should_on_a_scripted_decoder():
     assert steps("fixed", 1) == ([1, 1], [False, False])
     assert steps("latent_end", 6) == ([2, 2], [False, False])            # x_1, x_2 fed, then h = e: stop
     assert steps("latent_end", 1) == ([1, 1], [True, True])              # the cap comes first
-    assert steps("mode_switch", 6) == ([1, 1], [False, False])           # logit > 0 after x_1
-    assert steps("mode_switch", 6, 1.0, [-30.0] * 9) == ([6, 6], [True, True])   # drawn: never ends itself
-    assert steps("mode_switch", 6, 1.0, [-30.0, 30.0] + [-30.0] * 7) == ([0, 0], [False, False])
+    assert steps("mode_switch", 6) == ([1, 1], [False, False])           # <lvr_end> decoded after x_1
+    assert steps("mode_switch", 6, [-30.0] * 9) == ([6, 6], [True, True])   # never ends itself
+    assert steps("mode_switch", 6, [-30.0, 60.0] + [-30.0] * 7) == ([0, 0], [False, False])
+    # the exit is the decoded token, as the official code: a positive <lvr_end> logit that is not the argmax
+    # (sigmoid > 0.5) does not end the segment
+    assert steps("mode_switch", 6, [-9.0, -9.0, 9.0] + [-9.0] * 6) == ([6, 6], [True, True])
 
 
 def test_lvr_stochastic_latent_policy_is_gaussian_and_enters_the_ratio():
     model, config = lvr_tiny(stage="rl", latent_sigma=0.3, kl_beta=0.0)
     force_lvr_start(model)
     sigma = 0.3
-    visual, question, out = rollout_of(model, temperature=0.9, budget=3, n=8, sigma=sigma)
+    visual, question, out = rollout_of(model, budget=3, n=8, sigma=sigma)
     lat = out["is_latent"]
-    assert lat.sum(1).eq(3).sum() >= 4 and torch.isin(lat.sum(1), torch.tensor([0, 3])).all()  # rows that entered: 3 steps
-    assert (out["acted"] & lat).sum() == lat.sum()                                   # every latent step is a choice
+    assert lat.sum(1).eq(3).sum() >= 4 and torch.isin(lat.sum(1), torch.tensor([0, 3])).all()  # entered: 3 steps
     # h_t, the hidden state before each latent slot, from a plain uncached pass over the recorded inputs
     response = torch.where(lat[..., None], out["latents"], model.llm.embed(out["tokens"]))
     with torch.no_grad():
@@ -3546,17 +3578,14 @@ def test_lvr_stochastic_latent_policy_is_gaussian_and_enters_the_ratio():
     x = out["latents"][lat]
     noise = (x - h_before) / sigma
     assert abs(noise.std().item() - 1) < 0.1 and abs(noise.mean().item()) < 0.1        # x = h + σε, ε ~ N(0, I)
-    want = torch.distributions.Normal(h_before, sigma).log_prob(x).sum(-1)
-    torch.testing.assert_close(out["logprob"][lat], want, atol=1e-3, rtol=1e-5)
-    replay = lvr.replay_logprobs(model.llm, visual, question, out, 0.9)
+    want = torch.distributions.Normal(h_before, sigma).log_prob(x).mean(-1)         # per dimension
+    replay = lvr.replay_latents(model.llm, visual, question, out)
     torch.testing.assert_close(replay["logp"][lat], want, atol=1e-3, rtol=1e-5)
+    assert (replay["logp"][~lat] == 0).all()                                         # the latent steps are the choices
     # in the ratio: with only the latent steps as choices, old log π lowered by 0.1 and Â = 1, the loss is −e^0.1
     # per row with latent steps (0 for the others), and it pulls h_t towards the sampled x_{t+1}
-    out["acted"] = lat.clone()
-    out["logprob"] = replay["logp"].detach() - 0.1
-    reference = {key: value.detach() for key, value in replay.items()}
-    batch = {"rollout": out, "visual": visual, "question": question, "reference": reference,
-             "advantage": torch.ones(len(visual), 1)}
+    batch = {"rollout": out, "visual": visual, "question": question, "reference_h": replay["h"].detach(),
+             "advantage": torch.ones(len(visual), 1), "old_logp": (replay["logp"].detach() - 0.1) * lat}
     loss, metrics = lvr.grpo_latent_loss(model.llm, batch, config)
     torch.testing.assert_close(loss, -math.exp(0.1) * lat.any(1).float().mean(), atol=1e-4, rtol=0)
     loss.backward()
@@ -3602,7 +3631,6 @@ def test_lvr_rewards_add_format_and_accuracy_by_hand():
                            [S, None, E, wrong, eos],          # r = 1 + 0
                            [right, eos],                      # no latent segment: r = 0 + 1
                            [S, None, E, wrong]])              # r = 0 + 0
-    rollout["capped"] = torch.zeros_like(rollout["is_latent"])
     rollout["capped"][1, 3] = True
     reward, has_format, correct = lvr.rewards(rollout, torch.full((5, 1), right), LVR_TASK)
     assert reward.tolist() == [2.0, 1.0, 1.0, 1.0, 0.0]
