@@ -44,10 +44,10 @@ class Config:
     warmup_steps: int = 20  # linear warmup of the slow lr (train.py)
     eval_steps: tuple[int, ...] = (0, 1, 4, 16, 64)  # thinking steps T at test time; 0 = z from the prior
     d_model: int = 64  # width d of the decoder
-    d_z: int = 64  # width of a latent thought vector (the reference: d_model)
+    d_z: int = 4  # width of a latent thought vector (the reference: d_model; few dimensions chosen on validation)
     n_layers: int = 3  # decoder blocks, each with its own latent thoughts
     n_heads: int = 2  # attention heads (self and cross)
-    n_z_per_layer: int = 8  # latent thought vectors per layer (the reference: 8)
+    n_z_per_layer: int = 1  # latent thought vectors per layer (the reference: 8)
     window: int = 16  # self-attention window in tokens, itself included (0 = full causal attention)
     fast_steps: int = 4  # T: posterior AdamW steps per training sequence (paper: 16; 4 keeps the CPU run short)
     fast_lr: float = 0.3  # fast-learning peak lr, cosine to fast_lr/10 over the T steps (paper: 0.3)
@@ -342,7 +342,7 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
     if model.use_latent and config.every_iterate:
         # L(β) = (1/T) Σ_t (1/n_tokens) Σ_i -log p_β(x_i | x_<i, z_t): the fit's backward passes left the sum over
         # iterates, tokens and sequences in .grad; scaled to the mean (and by the fp16 loss scale, if any)
-        weight = scaler.get_scale() / (config.fast_steps * n_tokens)
+        weight = scaler.scale(torch.ones((), device=tokens.device)) / (config.fast_steps * n_tokens)
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(weight)
