@@ -2540,6 +2540,19 @@ def ltm_train_steps(task, config, model, optimizer, scaler, n_steps, autocast_dt
                            autocast_dtype)["loss"].item() for step in range(n_steps)]
 
 
+_LTM_TRAINED = []
+
+
+def ltm_trained_once():
+    """A tiny decoder trained 20 steps with the reference's logvar init (a near-noiseless q it learns to read),
+    built once for the section; callers copy it."""
+    if not _LTM_TRAINED:
+        task, config, model, optimizer, scaler = ltm_setup(init_logvar=-5.0, lr=1e-2)
+        ltm_train_steps(task, config, model, optimizer, scaler, 20)
+        _LTM_TRAINED.append((task, config, model))
+    return _LTM_TRAINED[0]
+
+
 def test_ltm_kl_is_zero_at_the_prior_and_positive_elsewhere():
     zeros = torch.zeros(3, 4, 5)
     assert torch.allclose(ltm.kl_to_prior(zeros, zeros), torch.zeros(3))
@@ -2557,12 +2570,22 @@ def test_ltm_sample_is_mu_plus_sigma_times_the_given_noise():
     assert torch.allclose(ltm.sample_z(mu, logvar, eps), mu + eps * logvar.exp().sqrt())
 
 
+def test_ltm_example_noise_draws_each_row_from_its_own_generator():
+    rows = [torch.Generator().manual_seed(seed) for seed in (3, 4)]
+    noise = ltm.example_noise(torch.rand, (2, 5), rows, "cpu")
+    assert torch.equal(noise[1], torch.rand(5, generator=torch.Generator().manual_seed(4)))
+    torch.manual_seed(7)
+    whole = ltm.example_noise(torch.randn, (2, 5), None, "cpu")
+    torch.manual_seed(7)
+    assert torch.equal(whole, torch.randn(2, 5))
+
+
 def test_ltm_token_nll_is_the_chain_rule_sum_of_next_token_losses():
     task, config, model, _, _ = ltm_setup()
     tokens, z = task.windows[:2, :9], torch.randn(2, model.n_latents, config.d_z)
-    cache, log_p = [{} for _ in range(model.n_layers)], torch.zeros(2)
-    for t in range(8):  # -log p(x) = -Σ_t log p(x_{t+1} | x_≤t, z), one token at a time through the cache
-        log_p += model(tokens[:, t:t + 1], z, cache)[:, -1].log_softmax(-1).gather(1, tokens[:, t + 1:t + 2])[:, 0]
+    log_p = torch.zeros(2)
+    for t in range(8):  # -log p(x) = -Σ_t log p(x_{t+1} | x_≤t, z), each prefix on its own
+        log_p += model(tokens[:, :t + 1], z)[:, -1].log_softmax(-1).gather(1, tokens[:, t + 1:t + 2])[:, 0]
     assert torch.allclose(ltm.token_nll(model, tokens, z, None), -log_p, atol=1e-4)
 
 
@@ -2625,27 +2648,60 @@ def test_ltm_window_limits_what_a_position_can_see():
     assert not torch.equal(full(changed, z)[0, 12], full(tokens, z)[0, 12])  # 0 = full causal attention
 
 
-def test_ltm_one_noise_draw_serves_every_fast_step_and_the_slow_step():
-    # the reference (fresh_noise=False): with a zero fast lr, (μ, logvar) stay at their init, so z only
-    # changes if ε is drawn again
-    task, config, model, optimizer, scaler = ltm_setup(fast_lr=0.0, fast_steps=3, fresh_noise=False)
-    seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
-    ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
-    assert len(seen) == 4 and all(torch.equal(z, seen[0]) for z in seen)
-    ltm.train_step(model, optimizer, scaler, task.train_batch(1, 8), 1, config, None)
-    assert not torch.equal(seen[4], seen[0])  # the next fit draws its own ε
-
-
 def test_ltm_fresh_noise_draws_a_new_sample_at_every_step():
-    # fresh_noise (the default): the same frozen (μ, logvar), a new ε at every fast step and for the slow step
-    task, config, model, optimizer, scaler = ltm_setup(fast_lr=0.0, fast_steps=3, fresh_noise=True, init_logvar=-5.0)
+    # the same frozen (μ, logvar) (a zero fast lr), a new ε at every fast step and for the slow step's sample
+    task, config, model, optimizer, scaler = ltm_setup(fast_lr=0.0, fast_steps=3, init_logvar=-5.0,
+                                                       every_iterate=False)
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
     ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
     assert len(seen) == 4 and all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
     spread = torch.stack(seen).std(dim=0).mean()  # the draws differ by σ ε with σ = e^(init_logvar / 2) at the init
     assert spread.item() == pytest.approx(math.exp(config.init_logvar / 2), rel=0.2)
+
+
+def ltm_hand_fit_gradients(model, tokens, config, every_iterate):
+    """The decoder gradient of one training step by a hand-written loop (the global generator, seeded as the
+    caller seeded it): the fit's T AdamW steps on (μ, logvar), recording z_t at each iterate; then the mean
+    per-token NLL at every z_t (every_iterate) or at one fresh sample of the fitted q."""
+    shape = (tokens.shape[0], model.n_latents, config.d_z)
+    eps = torch.randn(shape)
+    mu = (0.01 * torch.randn(shape)).requires_grad_()
+    logvar = (config.init_logvar + 0.1 * torch.randn(shape)).requires_grad_()
+    adam, samples = torch.optim.AdamW([mu, logvar], lr=config.fast_lr, betas=(0.9, 0.999)), []
+    for t in range(config.fast_steps):
+        lr = config.fast_lr
+        adam.param_groups[0]["lr"] = 0.1 * lr + 0.45 * lr * (1 + math.cos(math.pi * t / config.fast_steps))
+        eps = torch.randn(shape) if t else eps
+        z = mu + eps * (0.5 * logvar).exp()
+        samples.append(z.detach())
+        negative_elbo = ltm.token_nll(model, tokens, z, None).sum() + ltm.kl_to_prior(mu, logvar).sum()
+        mu.grad, logvar.grad = torch.autograd.grad(negative_elbo, [mu, logvar])
+        adam.step()
+    if not every_iterate:
+        samples = [(mu + torch.randn(shape) * (0.5 * logvar).exp()).detach()]
+    loss = sum(ltm.token_nll(model, tokens, z, None).sum() for z in samples) / (len(samples) * tokens[:, 1:].numel())
+    return torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("every_iterate", [True, False])
+def test_ltm_decoder_learns_at_every_fast_iterate_as_a_hand_written_loop(every_iterate):
+    # every_iterate (the reference): the decoder's gradient is the mean NLL's at z_1..z_T of the fit;
+    # the ablation: at one sample of the fitted q. Compared before the slow step (clip out of reach).
+    task, config, model, optimizer, scaler = ltm_setup(fast_steps=3, init_logvar=-5.0, grad_clip=1e9,
+                                                       every_iterate=every_iterate)
+    tokens, seen = task.train_batch(0, 4)["tokens"], []
+    optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in model.parameters()]))
+    torch.manual_seed(5)
+    ltm.train_step(model, optimizer, scaler, {"tokens": tokens}, 0, config, None)
+    _, _, fresh, _, _ = ltm_setup(fast_steps=3, init_logvar=-5.0)  # the same weights before the step
+    torch.manual_seed(5)
+    expected = ltm_hand_fit_gradients(fresh, tokens, config, every_iterate)
+    for got, want in zip(seen[0], expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    torch.manual_seed(5)
+    other = ltm_hand_fit_gradients(fresh, tokens, config, not every_iterate)  # the other signal differs
+    assert not all(torch.allclose(got, want, rtol=1e-4, atol=1e-7) for got, want in zip(seen[0], other))
 
 
 def test_ltm_prior_row_has_zero_kl_and_fitted_rows_add_their_kl():
@@ -2659,19 +2715,53 @@ def test_ltm_prior_row_has_zero_kl_and_fitted_rows_add_their_kl():
     assert all(row["seconds"] > 0 for row in rows) and model.training
     _, _, plain, _, _ = ltm_setup(use_latent=False)
     assert not any("cross" in name for name, _ in plain.named_parameters())
-    rows = ltm.evaluate(plain, task, config, (0, 2), None)
-    assert [row["thinking steps"] for row in rows] == [0, 0] and "KL/char" not in rows[0]
+    plain_rows = ltm.evaluate(plain, task, config, (0, 2), None)
+    assert [row["thinking steps"] for row in plain_rows] == [0, 0] and "KL/char" not in plain_rows[0]
     windows = task.test_sets["validation"]["tokens"]
-    assert rows[0]["NLL/char"] == pytest.approx(ltm.token_nll(plain, windows, None, None).sum().item() / windows[:, 1:].numel())
+    exact = ltm.token_nll(plain, windows, None, None).sum().item() / windows[:, 1:].numel()
+    assert plain_rows[0]["NLL/char"] == pytest.approx(exact)
+    # every row prints its model's parameter count: LTM's includes the cross-attention the plain one lacks
+    assert {row["parameters"] for row in rows} == {sum(p.numel() for p in model.parameters())}
+    assert plain_rows[0]["parameters"] == sum(p.numel() for p in plain.parameters()) < rows[0]["parameters"]
+
+
+def test_ltm_thinking_steps_zero_draws_z_from_the_prior_in_both_columns():
+    task, config, model = copy.deepcopy(ltm_trained_once())
+    tokens = task.windows[:6]
+    shape, half = (6, model.n_latents, config.d_z), tokens.shape[1] // 2
+    torch.manual_seed(3)
+    bound, cond = ltm.elbo_bound(model, tokens, 0, config), ltm.conditional_nll(model, tokens, 0, config)
+    torch.manual_seed(3)
+    torch.randn(shape)  # the prior fit's unused ε
+    z_bound = torch.randn(shape)  # z ~ N(0, I): the bound's fresh sample
+    z_cond = torch.randn(shape)  # and the conditional column's own sample
+    with torch.no_grad():
+        assert bound["nll"] == pytest.approx(ltm.token_nll(model, tokens, z_bound, None).sum().item(), rel=1e-5)
+        second_half = ltm.token_nll(model, tokens, z_cond, None, first=half).sum().item()
+        assert cond["own"] == pytest.approx(second_half, rel=1e-5)
+        at_zero = ltm.token_nll(model, tokens, torch.zeros(shape), None, first=half).sum().item()
+    assert bound["kl"] == 0.0 and cond["own"] != pytest.approx(at_zero, rel=1e-3)  # a sample, not z = 0
+
+
+def test_ltm_other_z_scores_the_same_tokens_with_another_windows_fit(monkeypatch):
+    task, config, model = copy.deepcopy(ltm_trained_once())
+    tokens, fits, original = task.windows[::3][:6], [], ltm.fit_posterior
+    monkeypatch.setattr(ltm, "fit_posterior", lambda *args, **kw: fits.append(original(*args, **kw)) or fits[-1])
+    cond = ltm.conditional_nll(model, tokens, 4, config)
+    z = ltm.sample_z(*fits[0][:3])  # each window's own fit on its first half
+    with torch.no_grad():
+        other = ltm.token_nll(model, tokens, z[[5, 0, 1, 2, 3, 4]], None, first=8).sum().item()  # window b: b - 1's z
+        own = ltm.token_nll(model, tokens, z, None, first=8).sum().item()
+    assert len(fits) == 1 and cond["other"] == pytest.approx(other, rel=1e-5)
+    assert cond["own"] == pytest.approx(own, rel=1e-5)
+    assert cond["own"] < cond["other"]  # the decoder reads its own window's fit
 
 
 def test_ltm_fitting_on_a_prefix_moves_the_latents_and_lowers_the_prefix_nll():
-    # the reference's logvar init: a near-noiseless q that 30 steps of a tiny decoder learn to read
-    task, config, model, optimizer, scaler = ltm_setup(init_logvar=-5.0)
-    ltm_train_steps(task, config, model, optimizer, scaler, 30)
+    task, config, model = copy.deepcopy(ltm_trained_once())
     prefix = task.windows[20:28, :9]
     torch.manual_seed(1)
-    mu, _, _ = ltm.fit_posterior(model, prefix, 16, config, None)
+    mu, _, _, _ = ltm.fit_posterior(model, prefix, 16, config, None)
     assert mu.abs().mean() > 0.05  # moved from the N(0, 0.01²) init
     with torch.no_grad():
         fitted, prior = ltm.token_nll(model, prefix, mu, None), ltm.token_nll(model, prefix, torch.zeros_like(mu), None)
@@ -2682,18 +2772,20 @@ def test_ltm_conditional_nll_scores_only_tokens_the_fit_never_saw(monkeypatch):
     task, config, model, _, _ = ltm_setup()
     tokens = task.windows[:4]  # (4, 17): the fit reads the first 8 tokens, the NLL scores tokens 8..16
     fits, original = [], ltm.fit_posterior
-    monkeypatch.setattr(ltm, "fit_posterior", lambda *args, **kw: fits.append((args[1], original(*args, **kw))) or fits[-1][1])
+    monkeypatch.setattr(ltm, "fit_posterior",
+                        lambda *args, **kw: fits.append((args[1], original(*args, **kw))) or fits[-1][1])
     torch.manual_seed(0)
-    total = ltm.conditional_nll(model, tokens, 3, config)
-    seen, (mu, _, _) = fits[0]
+    total = ltm.conditional_nll(model, tokens, 3, config)["own"]
+    seen, fit = fits[0]
     assert torch.equal(seen, tokens[:, :8])
-    log_p = model(tokens[:, :-1], mu).log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]  # (4, 16)
+    logits = model(tokens[:, :-1], ltm.sample_z(*fit[:3]))  # z: the sample of q the column scores at
+    log_p = logits.log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]  # (4, 16)
     assert total == pytest.approx(-log_p[:, 7:].sum().item(), rel=1e-5)  # targets x_8..x_16
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % task.vocab_size
     torch.manual_seed(0)
-    assert ltm.conditional_nll(model, changed, 3, config) != pytest.approx(total)
-    assert torch.equal(fits[1][1][0], mu)  # the same fit: the second half never reached it
+    assert ltm.conditional_nll(model, changed, 3, config)["own"] != pytest.approx(total)
+    assert torch.equal(fits[1][1][0], fit[0])  # the same fit: the second half never reached it
 
 
 def test_ltm_decoder_gradient_reaches_every_layers_latents():
@@ -2708,7 +2800,7 @@ def test_ltm_fast_step_touches_only_the_posterior():
     task, config, model, _, _ = ltm_setup()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.manual_seed(1)
-    mu, logvar, eps = ltm.fit_posterior(model, task.windows[:4], 3, config, None)
+    mu, logvar, eps, _ = ltm.fit_posterior(model, task.windows[:4], 3, config, None)
     for name, p in model.named_parameters():
         assert p.grad is None, name
         assert torch.equal(p, before[name]), name
@@ -2728,30 +2820,26 @@ def test_ltm_batched_fast_loss_gives_each_sequence_its_own_gradient():
     assert torch.allclose(batch_grad[1], alone_grad[1], atol=1e-6)
 
 
-def test_ltm_slow_step_updates_only_the_decoder_with_detached_z():
-    task, config, model, optimizer, scaler = ltm_setup()
-    seen = {}
-    original = ltm.fit_posterior
+@pytest.mark.parametrize("every_iterate", [True, False])
+def test_ltm_slow_step_updates_only_the_decoder_with_detached_z(monkeypatch, every_iterate):
+    task, config, model, optimizer, scaler = ltm_setup(every_iterate=every_iterate)
+    seen, original = {}, ltm.fit_posterior
 
-    def recording_fit(*args):
-        seen["mu"], seen["logvar"], eps = original(*args)
-        return seen["mu"], seen["logvar"], eps
+    def recording_fit(*args, **kwargs):
+        fit = original(*args, **kwargs)
+        seen["mu"], seen["logvar"] = fit[:2]
+        return fit
 
-    ltm.fit_posterior = recording_fit
-    try:
-        before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
-    finally:
-        ltm.fit_posterior = original
+    monkeypatch.setattr(ltm, "fit_posterior", recording_fit)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
     assert not seen["mu"].requires_grad and seen["mu"].grad is None and seen["logvar"].grad is None
     for name, p in model.named_parameters():  # every decoder weight, the cross-attention included, learns
         assert p.grad is not None and not torch.equal(p, before[name]), name
 
 
 def test_ltm_bound_does_not_get_worse_with_more_fast_steps():
-    # the reference's logvar init: a near-noiseless q that 30 steps of a tiny decoder learn to read
-    task, config, model, optimizer, scaler = ltm_setup(init_logvar=-5.0)
-    ltm_train_steps(task, config, model, optimizer, scaler, 30)
+    task, config, model = copy.deepcopy(ltm_trained_once())
     bounds = []
     for steps in (1, 2, 4, 8, 16):
         torch.manual_seed(0)
@@ -2762,8 +2850,8 @@ def test_ltm_bound_does_not_get_worse_with_more_fast_steps():
 
 
 def test_ltm_tiny_model_fits_a_tiny_corpus():
-    task, config, model, optimizer, scaler = ltm_setup()
-    losses = ltm_train_steps(task, config, model, optimizer, scaler, 80)
+    task, config, model, optimizer, scaler = ltm_setup(lr=1e-2, fast_steps=1)
+    losses = ltm_train_steps(task, config, model, optimizer, scaler, 30)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, (losses[:5], losses[-5:])
 
 
@@ -2774,16 +2862,35 @@ def test_ltm_bf16_autocast_train_step_on_cpu():
     assert stats["nelbo/token"] > stats["loss"]  # -ELBO = NLL + KL with KL > 0
 
 
-def test_ltm_cached_decoding_matches_full_recompute():
-    task, config, model, _, _ = ltm_setup()
-    tokens, z = task.windows[:2, :10], torch.randn(2, model.n_latents, config.d_z)
-    cache = [{} for _ in range(model.n_layers)]
-    model(tokens[:, :5], z, cache)
-    stepwise = torch.stack([model(tokens[:, i:i + 1], z, cache)[:, -1] for i in range(5, 10)], dim=1)
-    full = model(tokens, z)[:, 5:10]
-    assert torch.allclose(stepwise, full, atol=1e-5)
-    generated = ltm.generate(model, tokens[:, :5], 2, 4, config)
-    assert generated.shape == (2, 9) and torch.equal(generated[:, :5], tokens[:, :5])
+def test_ltm_compile_builds_a_graph_of_the_training_step_and_the_thinking_loop():
+    task, config, model, optimizer, scaler = ltm_setup(n_layers=1, fast_steps=1)
+    task.test_sets = {"test": {"tokens": task.windows[:8]}}  # the training batch's shape: no recompilation
+    from torch._dynamo.testing import CompileCounter  # counts the graphs torch.compile builds, without inductor
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model.compile(backend=counter)
+    ltm.train_step(model, optimizer, scaler, task.train_batch(0, 8), 0, config, None)
+    trained = counter.frame_count
+    ltm.evaluate(model, task, config, (0,), None)
+    assert trained > 0 and counter.frame_count > trained  # the evaluation (no gradients) is a graph of its own
+    torch._dynamo.reset()
+
+
+def test_ltm_topic_documents_oracle_is_the_generators_own_probability():
+    task = ltm.TopicDocuments(seed=0, eval_size=3)
+    tokens = task.test_sets["test"]["tokens"]
+    assert tokens.shape == (3, task.seq_len + 1) and tokens.dtype == torch.long
+    assert torch.equal(task.train_batch(5, 2)["tokens"], ltm.TopicDocuments(seed=0).train_batch(5, 2)["tokens"])
+    p = task.log_topics.exp()  # (K, V): slower direct sums over topics of products of token probabilities
+    for x in tokens[:2, :20].tolist():  # -log p(x_8..x_19 | x_<8) = log p(x_<8) - log p(x_≤19)
+        joint = lambda upto: sum(math.prod(p[k, t].item() for t in x[:upto]) for k in range(task.n_topics))
+        nll = task.oracle_nll(torch.tensor([x]), first=8)[0].item()
+        assert nll == pytest.approx(math.log(joint(8)) - math.log(joint(20)), rel=1e-6)
+    documents = torch.cat([task.train_batch(step, 64)["tokens"] for step in range(2)])  # (128, 257)
+    late, every = task.oracle_nll(documents, first=129) / 128, task.oracle_nll(documents) / 256  # nats per token
+    assert late.mean() < every.mean()  # a long prefix tells the topic: the later tokens cost less
+    assert ltm.build_task("text", None, None) is None
+    assert ltm.build_task("topics", None, SimpleNamespace(seed=1, eval_size=2)).name == "topics"
 
 
 def test_ltm_bad_input_raises_value_error():
@@ -2793,7 +2900,7 @@ def test_ltm_bad_input_raises_value_error():
     with pytest.raises(ValueError):
         ltm.elbo_bound(model, task.windows[:2].float(), 1, config)
     with pytest.raises(ValueError):
-        ltm.generate(model, task.windows[:2], 1, 10, config)  # longer than the RoPE table
+        ltm.conditional_nll(model, task.windows[:2, :10].repeat(1, 2), 1, config)  # longer than the RoPE table
     with pytest.raises(ValueError):
         ltm.build_model(ltm_tiny_config(), type("Maze", (), {"name": "maze"})())
     with pytest.raises(ValueError):
@@ -2810,10 +2917,12 @@ def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(LTM_SENTENCE * 40)
     run = ["--method", "ltm", "--task", "text", "--text-file", str(corpus), "--context-length", "16",
-           "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--n-z-per-layer", "2", "--fast-steps", "2",
-           "--steps", "6", "--batch-size", "4", "--warmup-steps", "2", "--eval-steps", "1,2", "--eval-size", "4",
-           "--eval-subset", "4", "--log-every", "2"]
+           "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--n-z-per-layer", "2", "--fast-steps", "1",
+           "--steps", "4", "--batch-size", "4", "--warmup-steps", "2", "--eval-steps", "1,2", "--eval-size", "2",
+           "--eval-subset", "2", "--log-every", "2"]
+    monkeypatch.setattr(train, "matmul_peak", lambda *args: 1e9)  # the MFU's probe: not what is tested here
     assert train.main(run + ["--out", str(tmp_path / "straight")]) == 0
+    assert "parameters" in capsys.readouterr().out  # the table prints every row's parameter count
     original_step = ltm.train_step
 
     monkeypatch.setattr(ltm, "train_step", interrupting_at_step_3(original_step))
@@ -2822,7 +2931,7 @@ def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, 
     assert train.main(["--method", "ltm", "--resume", str(tmp_path / "split" / "checkpoint.pt")]) == 0
     load = lambda name: torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=True)
     straight, resumed = load("straight"), load("split")
-    assert resumed["step"] == straight["step"] == 6
+    assert resumed["step"] == straight["step"] == 4
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((tmp_path / name / "results.json").read_text())["rows"]]
