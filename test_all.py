@@ -1664,6 +1664,11 @@ def tiny_model(task=TEXT, **overrides):
     return rd.build_model(rd.Config(**{**TINY, **overrides}), task)
 
 
+def unrolled(model, idx, num_steps, state=None):
+    """The training forward: logits after n recurrences without a graph and k with one."""
+    return rd.think(model, idx, sum(num_steps), no_grad_steps=num_steps[0], state=state).logits
+
+
 def test_recurrent_depth_cached_generation_equals_uncached_forward():
     """Prefill + one token at a time through the KV cache gives the logits of the full forward."""
     model = tiny_model().eval()
@@ -1671,16 +1676,16 @@ def test_recurrent_depth_cached_generation_equals_uncached_forward():
     steps = 5
     with torch.no_grad():
         zero = torch.zeros(3, 20, model.config.d_model)
-        full = model(idx, (steps, 0), state=zero)  # (B, T, V)
+        full = unrolled(model, idx, (steps, 0), state=zero)  # (B, T, V)
         cache = rd.RecurrentKVCache(model, 3, 20, steps)
-        parts = [rd.cached_forward(model, idx[:, :12], cache, steps, "none", None, init_scale=0.0)[0]]
+        parts = [rd.think(model, idx[:, :12], steps, init_scale=0.0, cache=cache).logits]
         for t in range(12, 20):
-            parts.append(rd.cached_forward(model, idx[:, t : t + 1], cache, steps, "none", None, init_scale=0.0)[0])
+            parts.append(rd.think(model, idx[:, t : t + 1], steps, init_scale=0.0, cache=cache).logits)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
     # generate() (greedy, fixed steps, no warm start) continues exactly as the uncached model would
     out, stats = rd.generate(model, idx[:, :8], 10, thinking_steps=steps, exit_criterion="none", continuous_cot=False,
                                      init_scale=0.0)
-    logits = model(out[:, :-1], (steps, 0), state=torch.zeros(3, 17, model.config.d_model))
+    logits = unrolled(model, out[:, :-1], (steps, 0), state=torch.zeros(3, 17, model.config.d_model))
     assert torch.equal(out[:, 8:], logits[:, 7:].argmax(-1)) and stats["mean steps"] == steps
 
 
@@ -1688,12 +1693,12 @@ def test_recurrent_depth_latest_m4_lookup_reads_latest_step_of_early_exited_toke
     model = tiny_model()
     cache = rd.RecurrentKVCache(model, 1, 4, thinking_steps=6)
     for step in range(6):  # mark the (k) cache entry of step s for every token with value s
-        cache.core[step, 0, 0] = step
+        cache.core[0, step, 0] = step
     cache.steps_done[0] = torch.tensor([6, 2, 4, 6])  # token 1 exited after 2 steps, token 2 after 4; 3 is new
     cache.start, cache.end = 3, 4
     head_dim = model.config.d_model // model.config.n_heads
     new = torch.full((1, model.config.n_heads, 1, head_dim), 7.0)
-    keys, _, _ = cache.core_layer(0, 5)(new, new)  # a query at step 5
+    keys, _, _ = cache.layer(cache.core[0], 5)(new, new)  # a query at step 5
     assert keys[0, 0, :, 0].tolist() == [5.0, 1.0, 3.0, 7.0]  # slot min(5, steps_done - 1); the new key itself
 
 
@@ -1736,12 +1741,12 @@ def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
 
     def decode(rows):  # prefill 6 tokens, then feed the next 10 one at a time with per-token exit
         cache = rd.RecurrentKVCache(model, rows.shape[0], 16, 8)
-        logits, _, _ = rd.cached_forward(model, rows[:, :6], cache, 8, "none", None, 0.0)
-        outputs, steps = [logits], []
+        outputs, steps = [rd.think(model, rows[:, :6], 8, init_scale=0.0, cache=cache).logits], []
         for t in range(6, 16):
-            logits, _, used = rd.cached_forward(model, rows[:, t : t + 1], cache, 8, "latent-diff", None, 0.0)
-            outputs.append(logits)
-            steps.append(used)
+            rule = rd.ExitRule.from_config(model.config, "latent-diff")
+            thought = rd.think(model, rows[:, t : t + 1], 8, [rule], init_scale=0.0, cache=cache)
+            outputs.append(thought.logits)
+            steps.append(thought.steps_used)
         return torch.cat(outputs, 1), torch.stack(steps, 1)  # (B, 16, V), (B, 10)
 
     batch, steps = decode(tokens)
@@ -1755,14 +1760,14 @@ def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
 def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_token(monkeypatch):
     model = tiny_model().eval()
     model.config.kl_threshold = 1e9  # every generated token exits at its first KL check
-    calls, forward = [], rd.cached_forward
+    calls, think = [], rd.think
 
-    def spy(model, idx, cache, thinking_steps, exit_criterion, state, init_scale):
-        logits, s, used = forward(model, idx, cache, thinking_steps, exit_criterion, state, init_scale)
-        calls.append((state, s, used))
-        return logits, s, used
+    def spy(*args, **kwargs):
+        thought = think(*args, **kwargs)
+        calls.append((kwargs.get("state"), thought.state, thought.steps_used))
+        return thought
 
-    monkeypatch.setattr(rd, "cached_forward", spy)
+    monkeypatch.setattr(rd, "think", spy)
     rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl", continuous_cot=True)
     assert calls[0][0] is None and calls[0][2].tolist() == [6, 6]  # the prompt: fresh s_0, all 6 steps, no exit
     assert all(used.tolist() == [1, 1] for _, _, used in calls[1:])
@@ -1797,11 +1802,11 @@ def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
     model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)).eval()
     idx = torch.randint(0, 10, (2, 81))
     s0 = model.init_state(torch.zeros(2, 81, model.config.d_model))
-    trajectory = model.latent_trajectory(idx, 5, state=s0)  # (r + 1, B, T, D)
+    trajectory = rd.think(model, idx, 5, state=s0, keep_states=True).states  # (r + 1, B, T, D)
     assert trajectory.shape == (6, 2, 81, model.config.d_model) and torch.equal(trajectory[0], s0)
     with torch.no_grad():
         for r in (1, 5):  # s_r decodes to the logits of r recurrences from the same s_0
-            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), model(idx, (r, 0), state=s0))
+            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), unrolled(model, idx, (r, 0), s0))
     paths = trajectory[:, :, :3].permute(1, 2, 0, 3)  # (2 starts, 3 cells, 6 steps, D)
     from scripts.recurrent_depth_trajectories import trajectory_svg
     root = ElementTree.fromstring(trajectory_svg(paths, ["a", "b", "c"], "test"))
@@ -1836,7 +1841,7 @@ def saved_bytes(model, idx, num_steps):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(idx, num_steps).sum()
+        unrolled(model, idx, num_steps).sum()
     return total[0]
 
 
@@ -1852,24 +1857,24 @@ def test_recurrent_depth_gradient_reaches_only_the_last_k_steps():
     model = tiny_model().train()
     idx = torch.randint(0, TEXT.vocab_size, (2, 16))
     s0 = model.init_state(model.embed(idx, model.rope(0, 16))).detach().requires_grad_(True)
-    model(idx, (0, 3), state=s0).sum().backward()
+    unrolled(model, idx, (0, 3), s0).sum().backward()
     assert s0.grad is not None and s0.grad.abs().sum() > 0  # without a prefix the initial state gets gradient
     s0.grad = None
     model.zero_grad()
-    model(idx, (2, 1), state=s0).sum().backward()
+    unrolled(model, idx, (2, 1), s0).sum().backward()
     assert s0.grad is None  # the no-grad prefix cuts the graph
     truncated = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     with torch.no_grad():  # the same computation by hand: prefix without a graph, then one step with one
         rope = model.rope(0, 16)
         e = model.embed(idx, rope)
-        s = model.core_step(model.core_step(s0, e, rope), e, rope)
+        s = model(model(s0, e, rope), e, rope)
     e = model.embed(idx, rope)
-    model.readout(model.core_step(s, e, rope), rope).sum().backward()
+    model.readout(model(s, e, rope), rope).sum().backward()
     for a, p in zip(truncated, model.parameters()):
         torch.testing.assert_close(a, p.grad)
     model.zero_grad()
-    model(idx, (0, 3), state=s0).sum().backward()  # full backprop through all 3 steps differs
+    unrolled(model, idx, (0, 3), s0).sum().backward()  # full backprop through all 3 steps differs
     assert any(not torch.allclose(a, p.grad) for a, p in zip(truncated, model.parameters()))
 
 
@@ -1927,12 +1932,13 @@ def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_p
     assert sum(p.numel() for p in model.parameters()) == 10 * block + (10 + 27 + 1) * config.d_model  # wte, grid, ln_f
     assert len({p.data_ptr() for p in model.parameters()}) == len(list(model.parameters()))  # no tying
     idx = torch.randint(0, 10, (2, 81))
-    loss, _ = rd.recurrent_loss(model, {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}, (3, 2))
+    batch = {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}
+    loss, _ = rd.recurrent_loss(model, batch, (3, 2))
     loss.backward()
     grads = [layer.attn.qkv.weight.grad for layer in model.layers]
     assert all(g.abs().sum() > 0 for g in grads) and not any(torch.equal(grads[0], g) for g in grads[1:])
-    with torch.no_grad():  # test-time recurrences do not apply: the same logits whatever is asked
-        torch.testing.assert_close(model(idx, (0, 1)), model(idx, (30, 4)))
+    with torch.no_grad():  # recurrences do not apply: the same loss whatever count is asked
+        torch.testing.assert_close(rd.recurrent_loss(model, batch, (0, 1))[0], rd.recurrent_loss(model, batch, (30, 4))[0])
     task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))},
                                                             "b": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
     rows = rd.evaluate(model, task, config, (1, 2, 8, 16), None)
@@ -1997,13 +2003,11 @@ def first_exits(criterion, threshold, log_ps=None, states=None, min_steps=0):
     """The recurrence at which ExitRule stops each row of a hand-made sequence (None: never): log_ps (R, B, T, V)
     are log p_1 .. log p_R, states (R + 1, B, T, D) are s_0 .. s_R."""
     R, B, T = (log_ps.shape[:3] if log_ps is not None else (states.shape[0] - 1, *states.shape[1:3]))
-    rule = rd.ExitRule(criterion, threshold, min_steps, (B, T), log_ps.shape[-1] if log_ps is not None else 3, "cpu")
-    first = [None] * B
+    rule = rd.ExitRule(criterion, threshold, min_steps)
+    rule.start(torch.zeros(B, T, 2) if states is None else states[0], budget=R + 1)
     for i in range(R):
-        done = rule(i + 1, torch.arange(B), None if states is None else states[i], None if states is None else states[i + 1],
-                    None if log_ps is None else log_ps[i])
-        first = [f if f is not None or not d else i + 1 for f, d in zip(first, done.tolist())]
-    return first
+        rule.update(i + 1, None if states is None else states[i + 1], None if log_ps is None else log_ps[i])
+    return [None if used == R + 1 else used for used in rule.steps_used.tolist()]
 
 
 def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequences():
@@ -2037,8 +2041,8 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
 
 
 def test_recurrent_depth_evaluate_adaptive_rows_equal_think_stopping_each_puzzle(trained_sudoku):
-    """Every adaptive row of the table is what think() gives when it stops each puzzle by that rule (rows drop
-    out of its batch): the same answers and the same recurrences used, from the same s_0."""
+    """Every adaptive row of the table is what think() gives when it stops each puzzle by that rule alone (a
+    stopped puzzle is frozen): the same answers and the same recurrences used, from the same s_0."""
     model, task, config, _ = trained_sudoku
     config = dataclasses.replace(config, latent_threshold=0.1)  # so that latent-diff exits within 16 steps here
     rows = {r["thinking steps"]: r for r in rd.evaluate(model, task, config, (1, 16), None)}
@@ -2048,9 +2052,9 @@ def test_recurrent_depth_evaluate_adaptive_rows_equal_think_stopping_each_puzzle
                      "adaptive (argmax-stability)", "adaptive (kl, min_steps 4)"}
     model.eval()
     for name, criterion, min_steps in rd.adaptive_rows(config):
-        logits, used, _ = rd.think(model, data["puzzle"], 16, criterion, generator=torch.Generator().manual_seed(0),
-                                   threshold=rd.exit_threshold(config, criterion), min_steps=min_steps)
-        answer = logits[..., 1:].argmax(-1) + 1
+        rule = rd.ExitRule.from_config(config, criterion, min_steps)
+        thought = rd.think(model, data["puzzle"], 16, [rule], generator=torch.Generator().manual_seed(0))
+        answer, used = thought.logits[..., 1:].argmax(-1) + 1, thought.steps_used
         assert rows[name]["mean steps used"] == round(used.float().mean().item(), 2), name
         assert rows[name]["exact %"] == sudoku_data.exact_accuracy(answer, data["solution"]), name
         assert (used >= min_steps).all()
@@ -2151,38 +2155,23 @@ def test_recurrent_depth_official_safetensors_checkpoint_loads_to_the_same_logit
     idx = torch.randint(0, TEXT.vocab_size, (2, 12))
     zero = torch.zeros(2, 12, source.config.d_model)
     with torch.no_grad():
-        expected = source(idx, (4, 0), state=zero)
+        expected = unrolled(source, idx, (4, 0), zero)
         torch.testing.assert_close(reference_logits(official, idx, source.config.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
-        for layout in rd.ROPE_LAYOUTS:  # interleaved as stored, or halves after the q/k row permutation
-            config = dataclasses.replace(source.config, rope_layout=layout)
-            loaded = rd.load_huginn(tmp_path, config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
-            torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
-            out, _ = rd.generate(loaded, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
-            ref, _ = rd.generate(source, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
-            assert torch.equal(out, ref)  # generation from token ids
+        # the official interleaved RoPE pairs become ours by the q/k row permutation
+        loaded = rd.load_huginn(tmp_path, source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+        torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
+        out, _ = rd.generate(loaded, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
+        ref, _ = rd.generate(source, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
+        assert torch.equal(out, ref)  # generation from token ids
     # a .bin state dict in the same layout loads the same; bfloat16 tensors read back exactly
     (tmp_path / "pt").mkdir()
     torch.save(official, tmp_path / "pt" / "pytorch_model.bin")
-    loaded = rd.load_huginn(tmp_path / "pt", dataclasses.replace(source.config, rope_layout="interleaved"),
-                            vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
-    torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
+    loaded = rd.load_huginn(tmp_path / "pt", source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+    torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
     half = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5)}
     (tmp_path / "half.safetensors").write_bytes(safetensors_bytes(half))
     back = rd.read_safetensors(tmp_path / "half.safetensors")
     assert all(torch.equal(back[n], half[n]) and back[n].dtype == half[n].dtype for n in half)
-
-
-def test_recurrent_depth_interleaved_rope_equals_halves_after_the_row_permutation():
-    x = torch.randn(2, 3, 5, 8)  # (B, H, T, hd)
-    cos, sin = rd.rope_tables(8, 5, 50000.0)
-    to_halves = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # halves dim j holds interleaved dim 2j, j + hd/2 holds 2j+1
-    interleaved = rd.apply_rope(x, cos, sin, "interleaved")
-    torch.testing.assert_close(rd.apply_rope(x[..., to_halves], cos, sin, "halves"), interleaved[..., to_halves])
-    assert not torch.allclose(rd.apply_rope(x, cos, sin, "halves"), interleaved)  # the layouts differ unpermuted
-    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)  # so attention scores agree
-    scores = rd.apply_rope(q, cos, sin, "interleaved") @ rd.apply_rope(k, cos, sin, "interleaved").transpose(-1, -2)
-    permuted = rd.apply_rope(q[..., to_halves], cos, sin) @ rd.apply_rope(k[..., to_halves], cos, sin).transpose(-1, -2)
-    torch.testing.assert_close(permuted, scores)
 
 
 def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
@@ -2295,11 +2284,15 @@ def test_recurrent_depth_restarts_first_trajectory_is_the_plain_one_and_the_rest
     model, task, _, _ = trained_sudoku
     model.eval()
     puzzle = task.test_sets["train"]["puzzle"][:6]
-    logits, _, _ = rd.think(model, puzzle, 5, "none", generator=torch.Generator().manual_seed(3))
-    plain = torch.log_softmax(logits, -1)
-    one = rd.restart_trajectories(model, puzzle, 5, 1, 0.5, (5,), torch.Generator().manual_seed(3))[5]
+    plain = torch.log_softmax(rd.think(model, puzzle, 5, generator=torch.Generator().manual_seed(3)).logits, -1)
+
+    def restarts(K, record):
+        thought = rd.think(model, puzzle, 5, record=record, generator=torch.Generator().manual_seed(3), restarts=K,
+                           noise=0.5)
+        return {step: log_p.view(K, 6, 81, 10) for step, log_p in thought.recorded.items()}
+    one = restarts(1, (5,))[5]
     assert one.shape == (1, 6, 81, 10) and torch.allclose(one[0], plain, atol=1e-5)
-    three = rd.restart_trajectories(model, puzzle, 5, 3, 0.5, (2, 5), torch.Generator().manual_seed(3))
+    three = restarts(3, (2, 5))
     assert set(three) == {2, 5} and torch.allclose(three[5][0], plain, atol=1e-5)
     assert not torch.allclose(three[5][1], plain, atol=1e-3) and not torch.allclose(three[5][2], three[5][1], atol=1e-3)
     model.train()
@@ -2358,7 +2351,8 @@ def test_recurrent_depth_test_time_flops_are_what_the_flop_counter_sees():
     torch.manual_seed(0)
     model = rd.build_model(config, SUDOKU_SHAPE).eval()
     assert counted(lambda: rd.think(model, idx, 3)) == 2 * rd.test_time_flops(config, 10, 3)
-    assert counted(lambda: rd.restart_trajectories(model, idx, 3, 4, 0.1, {3}, torch.Generator().manual_seed(0))) == \
+    assert counted(lambda: rd.think(model, idx, 3, record={3}, generator=torch.Generator().manual_seed(0), restarts=4,
+                                    noise=0.1)) == \
         2 * rd.test_time_flops(config, 10, 3, restarts=4)
     assert rd.test_time_flops(config, 10, 6) > rd.test_time_flops(config, 10, 3)  # linear in r, more is dearer
     plain_config = dataclasses.replace(config, plain_transformer=True)
@@ -2375,7 +2369,7 @@ def test_recurrent_depth_test_time_flops_are_what_the_flop_counter_sees():
 
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
                                  dict(backprop_depth=0), dict(difficulty="impossible"), dict(eval_steps=()),
-                                 dict(rope_layout="rotate"), dict(fixed_recurrence=True, plain_transformer=True),
+                                 dict(fixed_recurrence=True, plain_transformer=True),
                                  dict(stable_steps=0), dict(min_steps=-1), dict(restarts=0), dict(restart_noise=-0.1),
                                  dict(restart_noise=float("nan")), dict(restarts=2, plain_transformer=True)])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):

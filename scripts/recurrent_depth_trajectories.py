@@ -69,9 +69,11 @@ def sudoku_trajectory_figure(checkpoint, out, steps: int = 32, cells=(0, 3, 2, 6
     """s_1 .. s_steps of a few cells of one easy puzzle, from two random s_0 (solid, dashed). s_0 itself is left
     out: the first recurrence jumps far from it and would squash the rest of the plot."""
     model = load_run(checkpoint)
+    torch.set_grad_enabled(False)
     puzzle, solution, _ = sudoku_data.generate_puzzles(1, "easy", seed=seed, workers=1)
     idx = torch.from_numpy(puzzle).long()  # (1, 81)
-    runs = [model.latent_trajectory(idx, steps, generator=torch.Generator().manual_seed(g))[1:, 0] for g in (0, 1)]
+    runs = [recurrent_depth.think(model, idx, steps, generator=torch.Generator().manual_seed(g), keep_states=True)
+            .states[1:, 0] for g in (0, 1)]  # fmt: skip
     paths = torch.stack([run[:, list(cells)].transpose(0, 1) for run in runs])  # (2 starts, cells, R, D)
     labels = [f"r{c // 9 + 1}c{c % 9 + 1}: " + (f"given {puzzle[0, c]}" if puzzle[0, c] else f"blank, answer {solution[0, c]}")
               for c in cells]  # fmt: skip
