@@ -7,33 +7,22 @@ recurrences r is the test-time compute knob: more recurrences, more thinking, wi
     s_0 ~ TruncNormal(0, sqrt(2/5))                     random initial latent state
     s_i = R(A([s_{i-1}, e]))   for i = 1..r             input injection by the adapter A every step
     p   = softmax(head(norm(C(norm(s_r)))))             decode the final state (tied embeddings)
-Training draws r per optimizer step from a log-normal Poisson distribution,
-    rate ~ LogNormal(log(r_mean) - sigma^2/2, sigma), r = Poisson(rate) + 1, sigma = 1/2,
-runs the first n = max(r - k, 0) recurrences without a graph and backpropagates only the last k (truncated
-backprop: memory is flat in r), and minimises L = CE(p, y) on the coda output, nothing else. At test time r is
-fixed, or chosen per sample / per token by an exit rule (`ExitRule`).
-
-Two modes of one model: task "sudoku" (bidirectional attention, all 81 digits predicted at once) and task "text"
-(a causal character LM). Two controls of the paper's argument: `fixed_recurrence` (train at r = r_mean every step)
-and `plain_transformer` (distinct layers of the same width and unrolled depth, no recurrence).
+Training draws r per step from a log-normal Poisson distribution, runs the first n = max(r - k, 0) recurrences
+without a graph, backpropagates through the last k (memory flat in r) and minimises L = CE(p, y), nothing else.
+At test time r is fixed, or chosen per puzzle / per token by an exit rule. Task "sudoku" is bidirectional (all
+81 digits at once), task "text" a causal character LM.
 
 Deviations from the paper and the reference code:
   * sizes: d_model 96, 1 prelude / 2 core / 1 coda layers, r_mean 8, k 4 (paper: 5280, 2/4/2, 32, 8): a CPU run.
-  * Sudoku only: learned row/column/box embeddings added to the token embedding, because 1-D RoPE over the
-    81 cells hides the grid's constraints from a tiny model.
-  * Sudoku adaptive exit is per puzzle: the reference's per-token statistic taken over every cell (the largest).
-  * RoPE rotates the pairs (j, j + hd/2) ("halves"); the official checkpoint's interleaved pairs (2j, 2j+1) are
-    mapped to it by permuting each head's q/k rows when loading.
+  * Sudoku only: learned row/column/box embeddings added to the token embedding (1-D RoPE hides the grid).
+  * Sudoku adaptive exit is per puzzle: the reference's per-token statistic, the largest over the 81 cells.
+  * RoPE rotates the pairs (j, j + hd/2); the official interleaved pairs (2j, 2j+1) are mapped to it at loading.
   * no flex-attention masks; speculative decoding is greedy only.
-The file reads in the paper's order (model, loss, thinking loop, training step, evaluation), then what goes
-beyond the paper: test-time restarts, generation with a KV cache, speculative decoding, the checkpoint loader.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +36,6 @@ import sudoku_data
 TASKS = ("sudoku", "text")
 EXIT_CRITERIA = ("none", "kl", "latent-diff", "entropy-diff", "argmax-stability")
 READS_DISTRIBUTION = ("kl", "entropy-diff", "argmax-stability")  # exit rules that read p_i out after every recurrence
-ROPE_BASE = 50000.0  # the reference's RoPE base
 
 
 @dataclass
@@ -72,11 +60,6 @@ class Config:
     # --- the two controls of the paper's argument (sudoku) ---
     fixed_recurrence: bool = False  # control: train at exactly r_mean recurrences every step (no sampling)
     plain_transformer: bool = False  # control: l_P + l_R*r_mean + l_C distinct layers, no recurrence or injection
-    # --- optimiser ---
-    grad_clip: float = 1.0  # max global gradient norm
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    weight_decay: float = 0.1  # AdamW decay on 2-D weights only
     # --- adaptive exit at inference ---
     exit_criterion: str = "kl"  # none | kl | latent-diff | entropy-diff | argmax-stability
     kl_threshold: float = 1e-4  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (paper: 5e-4 per token)
@@ -89,11 +72,9 @@ class Config:
     restart_noise: float = 0.0  # σ: s <- s + σ·std(s)·ε before every recurrence of trajectories 2..K
 
 
-GPU_CONFIG = dict(
-    steps=20000, batch_size=256, lr=5e-4, warmup_steps=500, difficulty="hard",
-    d_model=384, n_heads=6, d_mlp=1024, n_prelude=2, n_core=4, n_coda=2,
-    mean_recurrence=16, backprop_depth=8, eval_steps=(1, 2, 4, 8, 16, 32, 64),
-)  # fmt: skip
+GPU_CONFIG = dict(steps=20000, batch_size=256, lr=5e-4, warmup_steps=500, difficulty="hard", d_model=384, n_heads=6,
+                  d_mlp=1024, n_prelude=2, n_core=4, n_coda=2, mean_recurrence=16, backprop_depth=8,
+                  eval_steps=(1, 2, 4, 8, 16, 32, 64))
 
 # The released Huginn-0125 (3.5B parameters): github.com/seal-rg/recurrent-pretraining, raven_config_minimal.json
 HUGINN_CONFIG = dict(d_model=5280, n_heads=55, d_mlp=17920, n_prelude=2, n_core=4, n_coda=2, mean_recurrence=32,
@@ -107,19 +88,18 @@ HUGINN_VOCAB_SIZE, HUGINN_CONTEXT = 65536, 4096
 class RMSNorm(nn.Module):
     """RMSNorm with eps 1e-6, computed in float32 as in the reference."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).type_as(x)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, base: float = ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (max_len, head_dim / 2)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rope_tables(head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_len, head_dim / 2), base 50,000 as the reference."""
+    inv_freq = 50000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -141,16 +121,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x, rope, causal: bool, kv=None):
-        """x (B, T, D); rope = (cos, sin) of x's positions; kv: KV-cache callback (k, v) -> (k, v, mask), used
-        only by generation (see RecurrentKVCache)."""
+        """x (B, T, D); rope = (cos, sin) of x's positions; kv: a RecurrentKVCache callback (generation only)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         q, k = apply_rope(q + self.qk_bias[0], *rope), apply_rope(k + self.qk_bias[1], *rope)
-        mask, is_causal = None, causal
+        mask = None
         if kv is not None:  # cached decoding: keys/values of all positions so far, (B, H, T_all, hd)
             k, v, mask = kv(k, v)
-            is_causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and kv is None)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -190,41 +168,33 @@ def takase_init(model: nn.Module, d_model: int, l_eff: float):
             nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s)
 
 
-def grid_ids() -> torch.Tensor:
-    """(81, 3): the row (0-8), column (9-17) and 3x3 box (18-26) entry of every Sudoku cell."""
-    cell = torch.arange(81)
-    row, col = cell // 9, cell % 9
-    return torch.stack([row, 9 + col, 18 + (row // 3) * 3 + col // 3], -1)
-
-
 def example_generators(batch: dict, device) -> list | None:
-    """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
-    an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
-    one process draws. None (torch's global generator) for a batch without seeds."""
+    """One generator per example, seeded by batch["example_seed"] (B,): an example's noise does not depend on its
+    batch, so torchrun ranks holding slices draw what one process draws. None for a batch without seeds."""
     if "example_seed" not in batch:
         return None
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
 
 
 def example_noise(draw, shape, generators, device) -> torch.Tensor:
-    """draw (torch.rand or torch.randn) of `shape` on `device`: row b from generators[b] for a list, else the whole
-    tensor from one generator (None: torch's global one)."""
+    """draw (torch.rand or torch.randn) of `shape`: row b from generators[b] (a list), else from one (None: global)."""
     if isinstance(generators, list):
         return torch.stack([draw(shape[1:], generator=g, device=device) for g in generators])
     return draw(shape, generator=generators, device=device)
 
 
 class TiedEmbedding(nn.Module):
-    """What both models share: the input sqrt(h)·embed(x) (+ the Sudoku grid embedding), the RoPE tables and the
-    head tied to the embedding, head(x) = norm(x) W_embedᵀ."""
+    """Shared by both models: the input sqrt(h)·embed(x) (+ grid embedding), RoPE tables, head(x) = norm(x) Wᵀ."""
 
     def __init__(self, config: Config, vocab_size: int, max_len: int, grid: bool):
         super().__init__()
         self.config, self.vocab_size, self.max_len = config, vocab_size, max_len
         self.wte = nn.Embedding(vocab_size, config.d_model)
         self.grid_emb = nn.Embedding(27, config.d_model) if grid else None  # rows, columns, boxes in one table
-        if grid:
-            self.register_buffer("grid_ids", grid_ids(), persistent=False)
+        if grid:  # the row (0-8), column (9-17) and 3x3 box (18-26) of every cell: (81, 3)
+            cell = torch.arange(81)
+            ids = torch.stack([cell // 9, 9 + cell % 9, 18 + cell // 27 * 3 + cell % 9 // 3], -1)
+            self.register_buffer("grid_ids", ids, persistent=False)
         cos, sin = rope_tables(config.d_model // config.n_heads, max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -244,8 +214,7 @@ class TiedEmbedding(nn.Module):
 
 
 class RecurrentDepthModel(TiedEmbedding):
-    """Prelude P -> recurrent core R (adapter input injection) -> coda C. forward() is one recurrence, the hot path
-    that model.compile() compiles; `think` loops it."""
+    """Prelude P -> recurrent core R (input injection by A) -> coda C; forward() is one recurrence (compiled)."""
 
     def __init__(self, config: Config, vocab_size: int, max_len: int, causal: bool, grid: bool):
         super().__init__(config, vocab_size, max_len, grid)
@@ -255,8 +224,7 @@ class RecurrentDepthModel(TiedEmbedding):
         self.core = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_core))
         self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_coda))
         self.ln_f = RMSNorm(h)  # used twice: before and after the coda
-        # L_eff = l_P + l_C + l_R * r_mean: the depth of the unrolled model at the training mean
-        takase_init(self, h, config.n_prelude + config.n_coda + config.n_core * config.mean_recurrence)
+        takase_init(self, h, config.n_prelude + config.n_coda + config.n_core * config.mean_recurrence)  # L_eff
 
     def embed(self, idx, rope, cache: RecurrentKVCache | None = None):
         """e = P(sqrt(h) * embed(x)): (B, T) -> (B, T, D)."""
@@ -266,9 +234,8 @@ class RecurrentDepthModel(TiedEmbedding):
         return x
 
     def init_state(self, e, scale: float = 1.0, generator: torch.Generator | list | None = None):
-        """s_0 ~ TruncNormal(0, sqrt(2/5) * scale), cut at 3 std; scale 0 gives the zero state. `generator`:
-        one for the batch, or a list with one per example (see example_noise)."""
-        # inverse-CDF sampling (what nn.init.trunc_normal_ does, but without its graph-breaking .item())
+        """s_0 ~ TruncNormal(0, sqrt(2/5) * scale) cut at 3 std, by inverse-CDF sampling (trunc_normal_'s method
+        without its graph-breaking .item()); scale 0 gives the zero state; generator(s): see example_noise."""
         cdf_lo = 0.5 * (1 + math.erf(-3 / math.sqrt(2)))  # Phi(-3)
         u = example_noise(torch.rand, e.shape, generator, e.device) * (1 - 2 * cdf_lo) + cdf_lo
         return (math.sqrt(2) * torch.erfinv(2 * u - 1) * math.sqrt(2 / 5) * scale).to(e.dtype)  # (B, T, D)
@@ -323,13 +290,9 @@ def check_config(config: Config):
         raise ValueError(f"difficulty must be one of {', '.join(difficulties)}, got {config.difficulty!r}")
     if not config.eval_steps or min(config.eval_steps) < 1:
         raise ValueError("eval_steps must be a non-empty tuple of positive ints")
-    if config.fixed_recurrence and config.plain_transformer:
-        raise ValueError("fixed_recurrence and plain_transformer are two different controls: choose one")
     if config.restarts < 1 or not (config.restart_noise >= 0.0 and math.isfinite(config.restart_noise)):
         raise ValueError(f"restarts must be >= 1 and restart_noise a finite number >= 0, got {config.restarts} and "
                          f"{config.restart_noise}")
-    if config.restarts > 1 and config.plain_transformer:
-        raise ValueError("restarts draw new initial states of the recurrence: the plain transformer has none")
 
 
 def build_model(config: Config, task) -> nn.Module:
@@ -337,40 +300,38 @@ def build_model(config: Config, task) -> nn.Module:
     if task.name not in TASKS:
         raise ValueError(f"recurrent_depth supports tasks {TASKS}, not {task.name!r}")
     check_config(config)
-    if config.plain_transformer:
-        if task.name != "sudoku":
-            raise ValueError("plain_transformer is a control for the Sudoku task only")
+    if config.plain_transformer:  # no recurrence: no fixed count to train at, no s_0 to restart from
+        if task.name != "sudoku" or config.fixed_recurrence or config.restarts > 1:
+            raise ValueError("plain_transformer is a control for the Sudoku task only, with neither "
+                             "fixed_recurrence nor restarts")
         return PlainTransformer(config, task.vocab_size, task.seq_len, grid=True)
     sudoku = task.name == "sudoku"
     return RecurrentDepthModel(config, task.vocab_size, task.seq_len, causal=not sudoku, grid=sudoku)
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
-    """AdamW; weight decay on tensors of 2 or more dims (embeddings, projections, the 4-D q/k bias), none on norms."""
+    """AdamW (betas 0.9, 0.95 as the reference); weight decay 0.1 on tensors of 2 or more dims (embeddings,
+    projections, the 4-D q/k bias), none on norms."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
 # ----------------------------------------------------------------------------- the paper's loss
 
 
 def sample_recurrence(step: int, config: Config) -> tuple[int, int]:
-    """Log-normal Poisson draw of the recurrence count, shared by all devices (seeded by the step).
-
-    sigma = 0.5, mu = log(max(r_mean - k, 0) + k) - sigma^2 / 2, rate ~ LogNormal(mu, sigma),
-    p = Poisson(rate) + 1, n = max(p - k, 0) steps without gradient, k' = min(k, p) steps with gradient.
-    E[rate] = max(r_mean, k), as in the reference's randomized_iteration_sampler.
-    The fixed-depth control (config.fixed_recurrence) takes p = r_mean at every step instead.
-    """
+    """Log-normal Poisson draw of the recurrence count p (the reference's randomized_iteration_sampler, E[rate] =
+    max(r_mean, k)), seeded by the step: n = max(p - k, 0) steps without gradient, k' = min(k, p) with. The
+    fixed-depth control takes p = r_mean at every step."""
     k = config.backprop_depth
     if config.fixed_recurrence:
         p = config.mean_recurrence
         return max(p - k, 0), min(k, p)
     g = torch.Generator().manual_seed(step)
     sigma = 0.5
-    mu = math.log(max(config.mean_recurrence - k, 0) + k) - sigma**2 / 2
+    mu = math.log(max(config.mean_recurrence - k, 0) + k) - sigma**2 / 2  # mu = log(r_mean) - sigma^2 / 2
     rate = torch.exp(mu + sigma * torch.randn(1, generator=g))  # rate ~ LogNormal(mu, sigma)
     p = int(torch.poisson(rate, generator=g).item()) + 1  # p = Poisson(rate) + 1
     return max(p - k, 0), min(k, p)
@@ -402,16 +363,9 @@ def recurrent_loss(model, batch: dict, num_steps: tuple[int, int]) -> tuple[torc
 
 
 class ExitRule:
-    """An adaptive exit (reference: the exit evaluators of recpre/raven_modeling_minimal.py), fed one recurrence
-    at a time by `think`. Per position, with p_i the output distribution after recurrence i:
-        kl                KL(p_{i-1} || p_i) < threshold, p_0 uniform
-        latent-diff       ||s_i - s_{i-1}|| / ||s_i|| < threshold
-        entropy-diff      |H(p_i) - H(p_{i-1})| < threshold, H_0 = 100 (the reference's start: no exit at i = 1)
-        argmax-stability  argmax p_i = argmax p_{i-1} for `threshold` consecutive recurrences
-        none              never
-    A row (a puzzle, or a token's batch row) stops when every position passes (the largest statistic; for
-    argmax-stability the whole answer unchanged), never before recurrence min_steps. steps_used (B,): the
-    recurrence each row stopped at (the budget if it never did)."""
+    """The reference's exit evaluators (recpre/raven_modeling_minimal.py), fed each recurrence by `think`, p_i the
+    output distribution after recurrence i. A row (a puzzle, a token's batch row) stops when every position passes,
+    never before min_steps; steps_used (B,): the recurrence each row stopped at (the budget if it never did)."""
 
     def __init__(self, criterion: str, threshold: float, min_steps: int = 0):
         if criterion not in EXIT_CRITERIA:
@@ -439,17 +393,19 @@ class ExitRule:
         (B, T, V). Rows that pass stop at this step."""
         if self.criterion == "kl":
             previous = torch.full_like(log_p, -math.log(log_p.shape[-1])) if self.log_p is None else self.log_p
-            passed = (previous.exp() * (previous - log_p)).sum(-1).amax(-1) < self.threshold  # KL(p_{i-1} || p_i)
+            kl = (previous.exp() * (previous - log_p)).sum(-1)  # KL(p_{i-1} || p_i), p_0 uniform: (B, T)
+            passed = kl.amax(-1) < self.threshold
             self.log_p = log_p
         elif self.criterion == "latent-diff":
-            change = (s - self.s_prev).float().norm(dim=-1) / s.float().norm(dim=-1).clamp(min=1e-12)  # (B, T)
+            change = (s - self.s_prev).float().norm(dim=-1) / s.float().norm(dim=-1).clamp(min=1e-12)  # ||Δs||/||s_i||
             passed = change.amax(-1) < self.threshold
         elif self.criterion == "entropy-diff":
             entropy = -(log_p.exp() * log_p).sum(-1)  # H(p_i): (B, T)
-            passed = (entropy - (100.0 if self.entropy is None else self.entropy)).abs().amax(-1) < self.threshold
+            previous = 100.0 if self.entropy is None else self.entropy  # H_0 = 100 (the reference's start)
+            passed = (entropy - previous).abs().amax(-1) < self.threshold  # |H(p_i) - H(p_{i-1})|
             self.entropy = entropy
         elif self.criterion == "argmax-stability":
-            answer = log_p.argmax(-1)  # (B, T)
+            answer = log_p.argmax(-1)  # (B, T): unchanged for `threshold` recurrences
             same = (answer == self.answer).all(-1) if self.answer is not None else torch.zeros_like(self.running)
             self.unchanged = torch.where(same, self.unchanged + 1, 0)
             self.answer, passed = answer, self.unchanged >= self.threshold
@@ -467,23 +423,17 @@ class Thought:
     state: torch.Tensor  # (B, T, D) the final latent states
     steps_used: torch.Tensor  # (B,) recurrences each row ran
     recorded: dict  # {step: log p (B, T, V)} at the steps asked for
-    states: torch.Tensor | None  # (r + 1, B, T, D): s_0 .. s_r, when asked for
 
 
 def think(model, idx, thinking_steps: int, rules=(), record=(), state=None, generator=None, init_scale: float = 1.0,
-          no_grad_steps: int = 0, restarts: int = 1, noise: float = 0.0, cache: RecurrentKVCache | None = None,
-          keep_states: bool = False) -> Thought:
-    """The thinking loop: e = P(x) once, then s_i = R(A([s_{i-1}, e])) for i = 1..thinking_steps from s_0 (`state`,
-    or drawn from `generator` at init_scale), then the readout. Training, evaluation, restarts, adaptive exit,
-    generation and the latent trajectories all run this loop.
-
-    rules: ExitRules fed every recurrence; a row keeps recurring while a rule still runs it or a step in `record`
-    is still ahead, and is frozen after (its steps_used stops). record: the steps whose log p is kept.
-    no_grad_steps: the first n recurrences run without a graph (truncated backprop).
-    restarts K: idx is repeated K times (row k*B + b is trajectory k of puzzle b); with noise σ > 0 the states of
-    trajectories 2..K get s <- s + σ·std(s)·ε before every recurrence (std over each position's channels).
-    cache: a RecurrentKVCache the new tokens idx extend (generation).
-    """
+          no_grad_steps: int = 0, restarts: int = 1, noise: float = 0.0, cache: RecurrentKVCache | None = None
+          ) -> Thought:
+    """The thinking loop, which training, evaluation, restarts, adaptive exits, generation and trajectories run:
+    e = P(x), s_0 (`state`, or drawn at init_scale), s_i = R(A([s_{i-1}, e])) for i = 1..thinking_steps, readout.
+    rules: ExitRules; a row recurs while a rule still runs it or a step in `record` (whose log p is kept) is
+    ahead, and is frozen after. no_grad_steps: the first n recurrences run without a graph (truncated backprop).
+    restarts K: row k*B + b is trajectory k of puzzle b; trajectories 2..K get s <- s + σ·std(s)·ε before every
+    recurrence (σ = noise). cache: the RecurrentKVCache that the new tokens extend (generation)."""
     idx = idx.repeat(restarts, 1)  # (K*B, T)
     B, T = idx.shape
     start = 0 if cache is None else cache.advance(T)
@@ -494,8 +444,7 @@ def think(model, idx, thinking_steps: int, rules=(), record=(), state=None, gene
         rule.start(s, thinking_steps)
     noisy = (torch.arange(B, device=idx.device) >= B // restarts)[:, None, None]  # all but trajectory 1
     steps_used = torch.zeros(B, dtype=torch.long, device=idx.device)
-    recorded, states, logits, log_p = {}, [s] if keep_states else None, None, None
-    grad = torch.is_grad_enabled()
+    recorded, logits, grad = {}, None, torch.is_grad_enabled()
     for i in range(1, thinking_steps + 1):
         moving = torch.ones(B, dtype=torch.bool, device=idx.device)
         if rules:
@@ -520,11 +469,9 @@ def think(model, idx, thinking_steps: int, rules=(), record=(), state=None, gene
             recorded[i] = log_p
         for rule in rules:
             rule.update(i, s, log_p)
-        if keep_states:
-            states.append(s)
     if logits is None:  # not read out at the last step yet
         logits = model.readout(s, rope, cache).float()
-    return Thought(logits, s, steps_used, recorded, torch.stack(states) if keep_states else None)
+    return Thought(logits, s, steps_used, recorded)
 
 
 # ----------------------------------------------------------------------------- training step
@@ -540,7 +487,7 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
         loss, metrics = recurrent_loss(model, batch, (n_no_grad, k_grad))
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     scaler.step(optimizer)
     scaler.update()
     return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **metrics}
@@ -559,8 +506,6 @@ def adaptive_rows(config: Config) -> list[tuple[str, str, int]]:
     every other one, then the config's criterion (kl if none) with no exit before the training mean r_mean."""
     first = config.exit_criterion
     rows = [(f"adaptive ({c})", c, config.min_steps) for c in dict.fromkeys((first, *EXIT_CRITERIA[1:])) if c != "none"]
-    if first == "none":
-        rows.insert(0, ("adaptive (none)", "none", config.min_steps))
     if config.min_steps < config.mean_recurrence:
         criterion = "kl" if first == "none" else first
         rows.append((f"adaptive ({criterion}, min_steps {config.mean_recurrence})", criterion, config.mean_recurrence))
@@ -569,11 +514,9 @@ def adaptive_rows(config: Config) -> list[tuple[str, str, int]]:
 
 def test_time_flops(config: Config, vocab_size: int, recurrences: float, restarts: int = 1, readouts: float = 1,
                     cells: int = 81) -> float:
-    """Matrix-product FLOPs per puzzle at test time (norms and elementwise ops left out, attention as its two
-    products over all cells, train.py's convention): per trajectory the prelude once, r recurrences of A and the
-    core, and `readouts` passes of the coda and the tied head (1 for a fixed count; about r for an exit rule that
-    reads p_i after every recurrence); times K = restarts. The plain transformer: its
-    l_P + l_R·r_mean + l_C blocks and the head once, whatever r. r may be a mean (adaptive exit): linear in it."""
+    """Matrix-product FLOPs per puzzle at test time (train.py's convention: attention as its two products): per
+    trajectory the prelude once, r recurrences (r may be a mean) and `readouts` passes of the coda and head (about r
+    for a rule that reads p_i), times K = restarts. The plain transformer: its blocks and the head, whatever r."""
     h, m, T = config.d_model, config.d_mlp, cells
     block = 2 * T * h * (3 * h + h + 2 * m) + 2 * T * m * h + 2 * 2 * T * T * h  # qkv, out, MLP in/out; Q·Kᵀ, P·V
     head = 2 * T * h * vocab_size
@@ -585,12 +528,8 @@ def test_time_flops(config: Config, vocab_size: int, recurrences: float, restart
 
 
 def sudoku_answers(model, puzzle, config: Config, eval_steps, generator, restart_generator) -> dict:
-    """{(thinking steps, picked by): (answers (B, 81), recurrences used (B,))} for a batch of puzzles (B, 81).
-
-    One pass of max(eval_steps) recurrences from one s_0 gives a row per fixed count and one per adaptive exit
-    rule (each rule's answer is the one at the recurrence where it stops the puzzle); with restarts K > 1, a second
-    pass of K trajectories gives the one the model's confidence picks (the method) and the one an oracle verifier
-    picks (the ceiling), per count. The plain transformer: one row, at thinking steps r_mean."""
+    """{(thinking steps, picked by): (answers (B, 81), recurrences used (B,))}: from one pass, a row per fixed count
+    and per exit rule (the answer where it stops); with restarts, the picks of confidence and an oracle verifier."""
     B, every = puzzle.shape[0], torch.arange(puzzle.shape[0], device=puzzle.device)
     if isinstance(model, PlainTransformer):
         return {(config.mean_recurrence, None): (digits(model(puzzle)), torch.full((B,), config.mean_recurrence))}
@@ -639,51 +578,43 @@ def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) ->
     return rows
 
 
-def _evaluate_text(model, task, config: Config, eval_steps, autocast_dtype) -> list[dict]:
-    rows, device = [], model.wte.weight.device
-    for set_name, data in task.test_sets.items():
-        for r in eval_steps:
-            g = torch.Generator(device).manual_seed(0)
-            total, count = 0.0, 0
-            for i in range(0, data["tokens"].shape[0], config.batch_size):
-                x, y = inputs_and_targets({"tokens": data["tokens"][i : i + config.batch_size].to(device)})
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = think(model, x, r, generator=g).logits
-                total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-                count += y.numel()
-            rows.append({"test set": set_name, "thinking steps": r, "loss": total / count,
-                         "bits/char": total / count / math.log(2)})
-    return rows
-
-
 @torch.no_grad()
 def evaluate(model, task, config: Config, eval_steps: tuple[int, ...], autocast_dtype) -> list[dict]:
-    """Sudoku: exact / blank-cell accuracy per fixed recurrence count and per adaptive exit rule, per test set
-    (`sudoku_answers`), every row from the same s_0. Text: held-out loss and bits per character per count."""
+    """Sudoku: exact and blank-cell % per count and exit rule (`sudoku_answers`); text: bits per character."""
     model.eval()
+    device, rows = model.wte.weight.device, []
     try:
-        evaluate_task = _evaluate_sudoku if task.name == "sudoku" else _evaluate_text
-        return evaluate_task(model, task, config, eval_steps, autocast_dtype)
+        if task.name == "sudoku":
+            return _evaluate_sudoku(model, task, config, eval_steps, autocast_dtype)
+        for set_name, data in task.test_sets.items():
+            for r in eval_steps:
+                g, total, count = torch.Generator(device).manual_seed(0), 0.0, 0
+                for i in range(0, data["tokens"].shape[0], config.batch_size):
+                    x, y = inputs_and_targets({"tokens": data["tokens"][i : i + config.batch_size].to(device)})
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        logits = think(model, x, r, generator=g).logits
+                    total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+                    count += y.numel()
+                rows.append({"test set": set_name, "thinking steps": r, "loss": total / count,
+                             "bits/char": total / count / math.log(2)})
+        return rows
     finally:
         model.train()
 
 
-# ============================================================================= beyond the paper
-# Test-time restarts (after EqR's and PTRM's noisy recursions), generation with a KV cache and per-token exit,
-# self-speculative decoding, and the loader of the released Huginn-0125 checkpoint.
+# ============================================================================= beyond the paper: test-time restarts
+# (after EqR's and PTRM's noisy recursions), generation with a KV cache, self-speculative decoding, Huginn-0125
 
 
 def pick_by_confidence(log_p, puzzle) -> torch.Tensor:
-    """The model's own signal: per puzzle the trajectory whose argmax grid it gives the highest log-probability over
-    the blank cells, Σ_{i blank} max_{d in 1..9} log p_{i,d} (the first on ties). No rule of Sudoku, no solution.
-    log_p (K, B, 81, V), puzzle (B, 81) -> (B,) the picked trajectory."""
+    """The model's own signal, no rule of Sudoku: log_p (K, B, 81, V), puzzle (B, 81) -> (B,) the trajectory with the
+    highest confidence Σ_{i blank} max_{d in 1..9} log p_{i,d} (the first on ties)."""
     return (log_p[..., 1:].amax(-1) * (puzzle == 0)).sum(-1).argmax(0)
 
 
 def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
-    """ORACLE VERIFIER, not the method: it checks Sudoku's rules, which the model never does. grids (K, B, 81),
-    puzzle (B, 81), fallback (B,) -> (B,) the first trajectory whose grid keeps the givens and breaks no rule, else
-    fallback (the model's pick). Its exact % is the ceiling of the K trajectories."""
+    """ORACLE VERIFIER, the ceiling of the K trajectories, not the method: grids (K, B, 81), puzzle (B, 81) -> (B,)
+    the first trajectory whose grid keeps the givens and breaks no rule of Sudoku, else fallback (B,)."""
     K, B, cells = grids.shape
     valid = ((grids == puzzle) | (puzzle == 0)).all(-1)  # (K, B) givens kept
     valid &= sudoku_data.broken_constraints(grids.reshape(K * B, cells)).view(K, B) == 0
@@ -691,15 +622,13 @@ def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
 
 
 class RecurrentKVCache:
-    """KV cache for causal generation: one slot per prelude layer, per (core layer, recurrence), per coda layer.
-
-    Tokens may stop recurring at different steps (adaptive exit). `steps_done[b, t]` counts the core steps
-    cached for token t of row b; a query at step i reads, for every earlier token, the most recent entry
-    of the same core layer: step min(i, steps_done - 1) ("latest-m4" in the reference, whose 4-layer core
-    makes "same core layer" = block index mod 4). Prelude and coda layers have one step.
-    """
+    """KV cache for generation: one slot per prelude layer, per (core layer, recurrence), per coda layer. A token
+    that exited early has fewer core steps (`steps_done`); a query at step i reads each earlier token's entry of
+    the same core layer at step min(i, steps_done - 1), the reference's "latest-m4" policy."""
 
     def __init__(self, model: RecurrentDepthModel, batch: int, max_len: int, thinking_steps: int):
+        if not getattr(model, "causal", False) or max_len > model.max_len:
+            raise ValueError(f"generation needs the causal (text) model and at most {model.max_len} tokens")
         p, config = next(model.parameters()), model.config
         shape = (2, batch, config.n_heads, max_len, config.d_model // config.n_heads)  # (k|v, B, H, T, hd)
         self.prelude = p.new_zeros(len(model.prelude), 1, *shape)  # (layer, step, k|v, B, H, T, hd)
@@ -718,8 +647,7 @@ class RecurrentKVCache:
         self.start = self.end = position
 
     def layer(self, store: torch.Tensor, step: int = 0):
-        """Callback (k, v) -> (keys, values, mask) of a layer's store (steps, k|v, B, H, T, hd) at `step`: write
-        the new k, v, return every position's latest entry up to `step` and the causal mask of the new queries."""
+        """Attention's callback for a layer's store (steps, k|v, B, H, T, hd) at `step` (see Attention.forward)."""
 
         def update(k, v):
             store[step, :, :, :, self.start : self.end] = torch.stack([k, v])
@@ -734,35 +662,18 @@ class RecurrentKVCache:
         return update
 
 
-def _check_generation(model, prompt, max_new_tokens: int):
-    if not getattr(model, "causal", False):
-        raise ValueError("generation needs the causal (text) model")
-    if prompt.shape[1] + max_new_tokens > model.max_len:
-        raise ValueError(f"prompt + new tokens must fit in the context length {model.max_len}")
-
-
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, thinking_steps: int | None = None, exit_criterion: str | None = None,
-             continuous_cot: bool = True, temperature: float = 0.0, init_scale: float = 1.0):
-    """Autoregressive sampling (greedy at temperature 0) with a KV cache and per-token adaptive exit (the config's
-    threshold and min_steps); with continuous_cot, each new token's s_0 is the previous token's final state.
-
-    The prompt is prefilled with thinking_steps recurrences and no exit, as the reference's `step > 0` guard
-    ("do not exit in prefill") in generate_with_adaptive_compute (recpre/raven_modeling_minimal.py). A row that
-    exited stays frozen while the others recur. Returns tokens (B, T_prompt + max_new_tokens) and {"mean steps":
-    recurrences per generated token and row, "batch steps": recurrences the batch ran per generated token}.
-    """
-    _check_generation(model, prompt, max_new_tokens)
+             continuous_cot: bool = True, init_scale: float = 1.0):
+    """Greedy decoding with a KV cache and per-token exit; with continuous_cot, a token's s_0 is the previous
+    token's last state. The prompt is prefilled without exit. Returns the tokens and {"mean steps": recurrences
+    per token and row, "batch steps": recurrences the batch ran per token (exited rows wait)}."""
     thinking_steps = thinking_steps or model.config.mean_recurrence
     cache = RecurrentKVCache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, thinking_steps)
     thought = think(model, prompt, thinking_steps, init_scale=init_scale, cache=cache)
     tokens, steps = [prompt], []
     for t in range(max_new_tokens):
-        last = thought.logits[:, -1]  # (B, V)
-        if temperature > 0:
-            nxt = torch.multinomial(F.softmax(last / temperature, -1), 1)
-        else:
-            nxt = last.argmax(-1, keepdim=True)  # (B, 1)
+        nxt = thought.logits[:, -1:].argmax(-1)  # greedy: (B, 1)
         tokens.append(nxt)
         if t + 1 < max_new_tokens:
             state = thought.state[:, -1:] if continuous_cot else None  # continuous CoT warm start
@@ -776,18 +687,10 @@ def generate(model, prompt, max_new_tokens: int, thinking_steps: int | None = No
 @torch.no_grad()
 def generate_speculative(model, prompt, max_new_tokens: int, draft_steps: int = 4, verify_steps: int | None = None,
                          lookahead: int = 4, init_scale: float = 0.0):
-    """Self-speculative greedy decoding: the same model drafts with few recurrences and verifies with many.
-
-    Each round drafts `lookahead` tokens one by one with draft_steps recurrences, then runs the pending
-    token and the drafts through verify_steps recurrences in one pass over the shared KV cache (the
-    drafts' entries are overwritten), keeps the longest prefix on which the verifier's greedy choice
-    agrees, plus the verifier's own next token. The output equals generate(thinking_steps=verify_steps,
-    exit_criterion="none", continuous_cot=False) from the same deterministic s_0 (init_scale 0: zero state).
-    A batch advances by the shortest agreeing prefix of its rows.
-    Returns tokens (B, T_prompt + max_new_tokens) and {"accepted": fraction of drafted tokens accepted,
-    "sequential steps": recurrences run one after another per new token, drafts plus verify passes}.
-    """
-    _check_generation(model, prompt, max_new_tokens)
+    """Self-speculative greedy decoding: each round drafts `lookahead` tokens with draft_steps recurrences, verifies
+    them in one pass of verify_steps over the shared KV cache and keeps the agreeing prefix (the shortest of the
+    batch) plus the verifier's next token: the output of generate(verify_steps, "none", continuous_cot=False) from
+    the same s_0. Returns it and {"accepted": drafts accepted, "sequential steps": recurrences in turn per token}."""
     verify_steps = verify_steps or model.config.mean_recurrence
     if not 1 <= draft_steps <= verify_steps or lookahead < 1:
         raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= verify_steps ({verify_steps}), lookahead >= 1")
@@ -813,112 +716,60 @@ def generate_speculative(model, prompt, max_new_tokens: int, draft_steps: int = 
     return torch.cat(tokens, dim=1), {"accepted": accepted / max(drafted, 1), "sequential steps": sequential}
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 # official name -> ours, applied in order (recpre/raven_modeling_minimal.py: RavenForCausalLM)
 OFFICIAL_KEY_MAP = ((r"^transformer\.", ""), (r"^core_block\.", "core."), (r"\.norm_(\d)\.", r".n\1."),
                     (r"\.attn\.Wqkv\.", ".attn.qkv."))  # fmt: skip
 OFFICIAL_UNUSED = ("lm_head.weight", "freqs_cis")  # the head is tied to wte; the RoPE table is recomputed
 
 
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """Tensors of one .safetensors file, read with the standard library and torch.
-
-    Format: an 8-byte little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
-    "data_offsets": [begin, end]}} (and an optional "__metadata__"), then the raw little-endian bytes,
-    offsets counted from the end of the header. Accepted dtypes: SAFETENSORS_DTYPES.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: the safetensors header is not JSON") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: the safetensors header is not a JSON object")
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype_name, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets [begin, end]") from None
-            if dtype_name not in SAFETENSORS_DTYPES:
-                accepted = ", ".join(SAFETENSORS_DTYPES)
-                raise ValueError(f"{path}: tensor {name!r} has dtype {dtype_name}; accepted: {accepted}")
-            dtype = SAFETENSORS_DTYPES[dtype_name]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not 0 <= begin <= end or end - begin != nbytes or 8 + n + end > size:
-                raise ValueError(f"{path}: tensor {name!r} data_offsets [{begin}, {end}] do not match "
-                                 f"its shape {shape} and dtype {dtype_name}, or run past the end of the file")
-            f.seek(8 + n + begin)
-            data = bytearray(f.read(nbytes))
-            empty = torch.empty(shape, dtype=dtype)
-            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else empty
-    return tensors
-
-
-def read_state_dict(directory) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder: its *.safetensors shards, else its *.bin / *.pt state dicts."""
+def read_state_dict(directory, config: Config) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's *.safetensors shards (pip install safetensors), else its *.bin / *.pt state dicts, in
+    this file's names and layout: qk_bias (2, 1, H, hd) -> (2, H, 1, hd), each head's q/k rows and bias permuted
+    so that our RoPE on pairs (j, j + hd/2) computes the official one on pairs (2j, 2j+1)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"checkpoint folder not found: {directory}")
     files = sorted(directory.glob("*.safetensors")) or sorted([*directory.glob("*.bin"), *directory.glob("*.pt")])
     if not files:
         raise ValueError(f"{directory} has no *.safetensors, *.bin or *.pt files")
-    state = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            state.update(read_safetensors(file))
-            continue
-        try:
-            part = torch.load(file, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-            raise ValueError(f"{file}: cannot read it as a torch state dict ({str(error).splitlines()[0]})") from None
-        if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
-            raise ValueError(f"{file}: not a state dict of tensors")
-        state.update(part)
-    return state
-
-
-def from_official_state_dict(state: dict, config: Config) -> dict[str, torch.Tensor]:
-    """Official names and layout -> this file's: the key map, qk_bias (2, 1, H, hd) -> (2, H, 1, hd), and each
-    head's q/k rows (and q/k bias) permuted so that our RoPE on pairs (j, j + hd/2) computes the official one on
-    pairs (2j, 2j+1): our dim j holds official dim 2j, our dim j + hd/2 official dim 2j+1."""
     head_dim = config.d_model // config.n_heads
     to_halves = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # our dim j <- this dim
-    local = {}
-    for name, tensor in state.items():
-        if name in OFFICIAL_UNUSED:
-            continue
-        for pattern, replacement in OFFICIAL_KEY_MAP:
-            name = re.sub(pattern, replacement, name)
-        if name.endswith("attn.qk_bias"):
-            tensor = tensor.transpose(1, 2)[..., to_halves]  # (2, 1, H, hd) -> (2, H, 1, hd)
-        elif name.endswith("attn.qkv.weight"):
-            rows = tensor.reshape(3, config.n_heads, head_dim, -1)  # (q|k|v, H, hd, D)
-            tensor = torch.cat([rows[:2, :, to_halves], rows[2:]]).reshape(tensor.shape)  # v rows stay
-        local[name] = tensor.contiguous()
-    return local
+    state = {}
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                part = load_file(file)
+            else:
+                part = torch.load(file, map_location="cpu", weights_only=True)
+        except ImportError:
+            raise ValueError(f"{file}: reading .safetensors files needs the safetensors package") from None
+        except Exception as error:  # torch's and safetensors' errors for a file that is not a state dict
+            raise ValueError(f"{file}: cannot read it as a state dict ({str(error).splitlines()[0]})") from None
+        if not isinstance(part, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in part.values()):
+            raise ValueError(f"{file}: not a state dict of tensors")
+        for name, tensor in part.items():
+            if name in OFFICIAL_UNUSED:
+                continue
+            for pattern, replacement in OFFICIAL_KEY_MAP:
+                name = re.sub(pattern, replacement, name)
+            if name.endswith("attn.qk_bias"):
+                tensor = tensor.transpose(1, 2)[..., to_halves]  # (2, 1, H, hd) -> (2, H, 1, hd)
+            elif name.endswith("attn.qkv.weight"):
+                rows = tensor.reshape(3, config.n_heads, head_dim, -1)  # (q|k|v, H, hd, D)
+                tensor = torch.cat([rows[:2, :, to_halves], rows[2:]]).reshape(tensor.shape)  # v rows stay
+            state[name] = tensor.contiguous()
+    return state
 
 
 def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGINN_VOCAB_SIZE,
                 max_len: int = HUGINN_CONTEXT) -> RecurrentDepthModel:
-    """The causal model with the official weights of `directory` (default config: the released Huginn-0125).
-
-    Parameters keep the checkpoint's dtype (bfloat16 for the release); call .float() for float32.
-    """
+    """The causal model with the official weights of `directory` (default config: the released Huginn-0125), in
+    the checkpoint's dtype (bfloat16 for the release; call .float() for float32)."""
     config = config or Config(**HUGINN_CONFIG)
     check_config(config)
-    state = from_official_state_dict(read_state_dict(directory), config)
+    state = read_state_dict(directory, config)
     with torch.device("meta"):  # shapes only: no random init of 3.5B parameters that are overwritten anyway
         model = RecurrentDepthModel(config, vocab_size, max_len, causal=True, grid=False)
     try:
@@ -932,26 +783,18 @@ def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGIN
 
 # ----------------------------------------------------------------------------- demo
 
-if __name__ == "__main__":
-    # A tiny causal model memorises a short string in seconds, then generates with per-token exit.
-    import time
+if __name__ == "__main__":  # a tiny causal model memorises a string in seconds, then generates with per-token exit
     from types import SimpleNamespace
 
     text = "the cat sat on the mat. " * 8
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text])
-    task = SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64)
     config = Config(d_model=64, d_mlp=128, mean_recurrence=4, backprop_depth=2, lr=3e-3)
     torch.manual_seed(0)
-    model = build_model(config, task)
-    optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler(enabled=False)
-    t0 = time.time()
+    model = build_model(config, SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64))
+    optimizer, scaler = make_optimizer(model, config), torch.amp.GradScaler(enabled=False)
     for step in range(150):
-        starts = torch.randint(0, len(data) - 33, (16,))
-        batch = {"tokens": torch.stack([data[s : s + 33] for s in starts])}
-        loss = train_step(model, optimizer, scaler, batch, step, config, None)["loss"]
-    print(f"loss {loss.item():.3f} after 150 steps ({time.time() - t0:.1f}s)")
-    model.eval()
-    out, stats = generate(model, data[None, :8], 40, thinking_steps=8)
+        batch = {"tokens": torch.stack([data[s : s + 33] for s in torch.randint(0, len(data) - 33, (16,))])}
+        train_step(model, optimizer, scaler, batch, step, config, None)
+    out, stats = generate(model.eval(), data[None, :8], 40, thinking_steps=8)
     print(repr("".join(chars[i] for i in out[0].tolist())), f"mean recurrences per token {stats['mean steps']:.2f} / 8")
