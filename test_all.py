@@ -1387,7 +1387,7 @@ def test_csv_reader_rejects_malformed_rows_with_their_line(tmp_path, puzzles):
 def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puzzles, capsys):
     sudoku_data.write_csv(tmp_path / "public_train.csv", puzzles["easy"][0][:8], puzzles["easy"][1][:8])
     sudoku_data.write_csv(tmp_path / "extreme.csv", puzzles["easy"][0][8:], puzzles["easy"][1][8:])
-    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999"]
+    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999", "--steps", "2"]
     assert train.main(run + ["--train-csv", str(tmp_path / "public_train.csv"), "--test-csv", str(tmp_path / "extreme.csv")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {row["test set"] for row in results["rows"]} == {"extreme"}
@@ -1491,7 +1491,8 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
 
     monkeypatch.setattr(rd, "evaluate", recording_evaluate)
     out = tmp_path / "run"
-    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--ema", "0.9"]
+    small = ["--data-dir", data_dir, "--ema", "0.9", "--eval-steps", "1", "--eval-size", "2"]
+    run = TINY_RUN + small + ["--out", str(out)]
     assert train.main(run) == 0
     saved = _checkpoint(out)
     average, trained = saved["ema"], saved["model"]
@@ -1511,7 +1512,7 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
     # --resume continues the average exactly
     monkeypatch.setattr(rd, "train_step", interrupting_at_step_3(rd.train_step))
     interrupted = tmp_path / "interrupted"
-    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(interrupted), "--ema", "0.9"]) == 130
+    assert train.main(TINY_RUN + small + ["--out", str(interrupted)]) == 130
     monkeypatch.undo()
     assert train.main(["--method", "recurrent_depth", "--resume", str(interrupted / "checkpoint.pt")]) == 0
     assert all(torch.equal(_checkpoint(interrupted)["ema"][name], average[name]) for name in names)
@@ -1739,6 +1740,7 @@ def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
     model.config.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
     tokens = torch.randint(0, TEXT.vocab_size, (4, 16))
 
+    @torch.no_grad()
     def decode(rows):  # prefill 6 tokens, then feed the next 10 one at a time with per-token exit
         cache = rd.RecurrentKVCache(model, rows.shape[0], 16, 8)
         outputs, steps = [rd.think(model, rows[:, :6], 8, init_scale=0.0, cache=cache).logits], []
@@ -1781,16 +1783,16 @@ def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_t
 def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
     model = tiny_model().eval()
     prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
-    greedy, _ = rd.generate(model, prompt, 20, thinking_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
+    greedy, _ = rd.generate(model, prompt, 11, thinking_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
     rates = []
     for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
-        out, stats = rd.generate_speculative(model, prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        out, stats = rd.generate_speculative(model, prompt, 11, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
         assert torch.equal(out, greedy), (draft_steps, lookahead)
         rates.append(stats["accepted"])
     assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
-    # all drafts accepted: 19 tokens after the prefill in rounds of 5, 5, 5, 4 -> (19 * 6 + 4 * 6) / 19 steps per token
-    assert stats["sequential steps"] == pytest.approx((19 * 6 + 4 * 6) / 19)
-    one_row, _ = rd.generate_speculative(model, prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
+    # all drafts accepted: 10 tokens after the prefill in rounds of 5, 5 -> (10 * 6 + 2 * 6) / 10 steps per token
+    assert stats["sequential steps"] == pytest.approx((10 * 6 + 2 * 6) / 10)
+    one_row, _ = rd.generate_speculative(model, prompt[:1], 11, draft_steps=1, verify_steps=6, lookahead=3)
     assert torch.equal(one_row, greedy[:1])
     with pytest.raises(ValueError, match="draft_steps"):
         rd.generate_speculative(model, prompt, 4, draft_steps=7, verify_steps=6)
@@ -1954,19 +1956,19 @@ def test_recurrent_depth_controls_script_sums_the_metered_flops_of_the_steps_it_
 
     from scripts.recurrent_depth_controls import equal_flops
 
-    flags = ["--batch-size", "2", "--d-model", "32", "--n-heads", "2", "--d-mlp", "64", "--mean-recurrence", "3"]
+    flags = ["--batch-size", "1", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--mean-recurrence", "3"]
     equal_flops(3, flags)
     out = capsys.readouterr().out
     total = float(re.search(r"mean recurrence drawn [0-9.]+, ([0-9.e+]+) training FLOPs", out).group(1))
     fixed_step = float(re.search(r"fixed recurrence \d+: ([0-9.e+]+) FLOPs per step", out).group(1))
-    config = rd.Config(batch_size=2, d_model=32, n_heads=2, d_mlp=64, mean_recurrence=3)
+    config = rd.Config(batch_size=1, d_model=16, n_heads=2, d_mlp=32, mean_recurrence=3)
     task = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)
 
     def metered(config, step):
         torch.manual_seed(0)
         model = rd.build_model(config, task)
         optimizer = rd.make_optimizer(model, config)
-        batch = {"puzzle": torch.randint(0, 10, (2, 81)), "solution": torch.randint(1, 10, (2, 81))}
+        batch = {"puzzle": torch.randint(0, 10, (1, 81)), "solution": torch.randint(1, 10, (1, 81))}
         with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
             rd.train_step(model, optimizer, torch.amp.GradScaler(enabled=False), batch, step, config, None)
         return counter.get_total_flops()
@@ -2188,18 +2190,18 @@ def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_pa
 
 @pytest.fixture(scope="module")
 def trained_sudoku():
-    """A tiny model trained for 80 steps on a fixed set of 16 easy puzzles (no augmentation)."""
-    puzzles, solutions, _ = sudoku_data.generate_puzzles(16, "easy", seed=0, workers=1)
+    """A tiny model trained for 50 steps on a fixed set of 8 easy puzzles (no augmentation)."""
+    puzzles, solutions, _ = sudoku_data.generate_puzzles(8, "easy", seed=0, workers=1)
     puzzle, solution = torch.from_numpy(puzzles).long(), torch.from_numpy(solutions).long()
     task = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81,
                            test_sets={"train": {"puzzle": puzzle, "solution": solution}})
-    config = rd.Config(**TINY, lr=3e-3, warmup_steps=1, eval_steps=(1, 4, 8, 16))
+    config = rd.Config(**TINY, lr=6e-3, warmup_steps=1, eval_steps=(1, 4, 8, 16))
     torch.manual_seed(0)
     model = rd.build_model(config, task)
     opt = rd.make_optimizer(model, config)
     scaler = torch.amp.GradScaler(enabled=False)
     batch = {"puzzle": puzzle, "solution": solution}
-    losses = [rd.train_step(model, opt, scaler, batch, step, config, None)["loss"].item() for step in range(80)]
+    losses = [rd.train_step(model, opt, scaler, batch, step, config, None)["loss"].item() for step in range(50)]
     return model, task, config, losses
 
 
@@ -2347,7 +2349,7 @@ def test_recurrent_depth_test_time_flops_are_what_the_flop_counter_sees():
 def test_recurrent_depth_compile_builds_a_graph_for_the_recurrence_of_training_and_of_the_thinking_loop():
     """model.compile() compiles forward(), which is one recurrence: a training step and an evaluation both run it."""
     import torch._dynamo.testing
-    config = rd.Config(**TINY, eval_steps=(1, 2))
+    config = rd.Config(**TINY, n_core=1, eval_steps=(1, 2))
     torch.manual_seed(0)
     model = rd.build_model(config, SUDOKU_SHAPE)
     torch._dynamo.reset()
