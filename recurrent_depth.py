@@ -58,15 +58,15 @@ class Config:
     mean_recurrence: int = 8  # r_mean: mean of the sampled recurrence count (counts n + k together)
     backprop_depth: int = 4  # k: recurrences that carry gradient, the rest run under no_grad
     # --- the two controls of the paper's argument (sudoku) ---
-    fixed_recurrence: bool = False  # control: train at exactly r_mean recurrences every step (no sampling)
-    plain_transformer: bool = False  # control: l_P + l_R*r_mean + l_C distinct layers, no recurrence or injection
+    fixed_recurrence: bool = False  # control: train at the sampler's mean r_mean + 1 every step (no sampling)
+    plain_transformer: bool = False  # control: l_P + l_R*(r_mean + 1) + l_C distinct layers, no recurrence
     # --- adaptive exit at inference ---
     exit_criterion: str = "kl"  # none | kl | latent-diff | entropy-diff | argmax-stability
     kl_threshold: float = 1e-4  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (paper: 5e-4 per token)
     latent_threshold: float = 0.03  # latent-diff: exit when ||s_i - s_{i-1}|| / ||s_i|| < this (reference: 0.03)
     entropy_threshold: float = 1e-3  # entropy-diff: exit when |H(p_i) - H(p_{i-1})| < this (reference: 1e-3)
     stable_steps: int = 5  # argmax-stability: exit when the argmax is unchanged for this many steps (reference: 5)
-    min_steps: int = 0  # no adaptive exit before this recurrence (reference option)
+    min_steps: int = 0  # no exit check (and no state update) in the first min_steps recurrences, as the reference
     # --- test-time restarts (sudoku, beyond the paper) ---
     restarts: int = 1  # K: trajectories per puzzle, each from its own s_0, the answer picked by the model's confidence
     restart_noise: float = 0.0  # σ: s <- s + σ·std(s)·ε before every recurrence of trajectories 2..K
@@ -256,13 +256,12 @@ class RecurrentDepthModel(TiedEmbedding):
 
 
 class PlainTransformer(TiedEmbedding):
-    """Control (Sudoku): a plain transformer of the recurrent model's width with as many distinct sandwich blocks
-    as its unrolled depth at the training mean, L = l_P + l_R * r_mean + l_C: the same embedding and tied head, no
-    weight tying, no latent state, no input injection. Its depth is fixed: it cannot spend more test-time compute."""
+    """Control (Sudoku): L = l_P + l_R * mean_depth + l_C distinct blocks (the unrolled depth at the sampler's mean),
+    the same embedding and head, no latent state or injection: its depth is fixed, it cannot think longer."""
 
     def __init__(self, config: Config, vocab_size: int, max_len: int, grid: bool):
         super().__init__(config, vocab_size, max_len, grid)
-        depth = config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda
+        depth = config.n_prelude + config.n_core * mean_depth(config) + config.n_coda
         self.layers = nn.ModuleList(SandwichBlock(config) for _ in range(depth))
         self.ln_f = RMSNorm(config.d_model)
         takase_init(self, config.d_model, depth)
@@ -322,12 +321,12 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 
 
 def sample_recurrence(step: int, config: Config) -> tuple[int, int]:
-    """Log-normal Poisson draw of the recurrence count p (the reference's randomized_iteration_sampler, E[rate] =
-    max(r_mean, k)), seeded by the step: n = max(p - k, 0) steps without gradient, k' = min(k, p) with. The
-    fixed-depth control takes p = r_mean at every step."""
+    """Log-normal Poisson draw of the recurrence count p (the reference's randomized_iteration_sampler), seeded by
+    the step: n = max(p - k, 0) steps without gradient, k' = min(k, p) with. The fixed-depth control takes p =
+    mean_depth at every step."""
     k = config.backprop_depth
     if config.fixed_recurrence:
-        p = config.mean_recurrence
+        p = mean_depth(config)
         return max(p - k, 0), min(k, p)
     g = torch.Generator().manual_seed(step)
     sigma = 0.5
@@ -335,6 +334,11 @@ def sample_recurrence(step: int, config: Config) -> tuple[int, int]:
     rate = torch.exp(mu + sigma * torch.randn(1, generator=g))  # rate ~ LogNormal(mu, sigma)
     p = int(torch.poisson(rate, generator=g).item()) + 1  # p = Poisson(rate) + 1
     return max(p - k, 0), min(k, p)
+
+
+def mean_depth(config: Config) -> int:
+    """E[p] = E[rate] + 1 = max(r_mean, k) + 1: the sampled count's mean, the depth of both controls."""
+    return max(config.mean_recurrence, config.backprop_depth) + 1
 
 
 def inputs_and_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +369,7 @@ def recurrent_loss(model, batch: dict, num_steps: tuple[int, int]) -> tuple[torc
 class ExitRule:
     """The reference's exit evaluators (recpre/raven_modeling_minimal.py), fed each recurrence by `think`, p_i the
     output distribution after recurrence i. A row (a puzzle, a token's batch row) stops when every position passes,
-    never before min_steps; steps_used (B,): the recurrence each row stopped at (the budget if it never did)."""
+    from recurrence min_steps + 1 on; steps_used (B,): the recurrence each row stopped at (else the budget)."""
 
     def __init__(self, criterion: str, threshold: float, min_steps: int = 0):
         if criterion not in EXIT_CRITERIA:
@@ -391,6 +395,8 @@ class ExitRule:
     def update(self, step: int, s, log_p=None):
         """Feed recurrence `step` (1-based): the states s_i (B, T, D) and, when reads_distribution, log p_i
         (B, T, V). Rows that pass stop at this step."""
+        if step <= self.min_steps:  # the reference: neither a check nor a state update before min_steps (0-based)
+            return
         if self.criterion == "kl":
             previous = torch.full_like(log_p, -math.log(log_p.shape[-1])) if self.log_p is None else self.log_p
             kl = (previous.exp() * (previous - log_p)).sum(-1)  # KL(p_{i-1} || p_i), p_0 uniform: (B, T)
@@ -412,7 +418,7 @@ class ExitRule:
         else:  # "none"
             passed = torch.zeros_like(self.running)
         self.s_prev = s
-        stop = self.running & passed & (step >= self.min_steps)
+        stop = self.running & passed
         self.steps_used[stop] = step
         self.running &= ~stop
 
@@ -426,8 +432,7 @@ class Thought:
 
 
 def think(model, idx, thinking_steps: int, rules=(), record=(), state=None, generator=None, init_scale: float = 1.0,
-          no_grad_steps: int = 0, restarts: int = 1, noise: float = 0.0, cache: RecurrentKVCache | None = None
-          ) -> Thought:
+          no_grad_steps: int = 0, restarts: int = 1, noise: float = 0.0, cache=None) -> Thought:
     """The thinking loop, which training, evaluation, restarts, adaptive exits, generation and trajectories run:
     e = P(x), s_0 (`state`, or drawn at init_scale), s_i = R(A([s_{i-1}, e])) for i = 1..thinking_steps, readout.
     rules: ExitRules; a row recurs while a rule still runs it or a step in `record` (whose log p is kept) is
@@ -502,8 +507,8 @@ def digits(log_p):
 
 
 def adaptive_rows(config: Config) -> list[tuple[str, str, int]]:
-    """(row name, criterion, min_steps) of the adaptive rows of the Sudoku table: the config's criterion first, then
-    every other one, then the config's criterion (kl if none) with no exit before the training mean r_mean."""
+    """(row name, criterion, min_steps) of the table's exit rules: the config's first, then the others, then the
+    config's (kl if none) with no exit before r_mean."""
     first = config.exit_criterion
     rows = [(f"adaptive ({c})", c, config.min_steps) for c in dict.fromkeys((first, *EXIT_CRITERIA[1:])) if c != "none"]
     if config.min_steps < config.mean_recurrence:
@@ -514,14 +519,13 @@ def adaptive_rows(config: Config) -> list[tuple[str, str, int]]:
 
 def test_time_flops(config: Config, vocab_size: int, recurrences: float, restarts: int = 1, readouts: float = 1,
                     cells: int = 81) -> float:
-    """Matrix-product FLOPs per puzzle at test time (train.py's convention: attention as its two products): per
-    trajectory the prelude once, r recurrences (r may be a mean) and `readouts` passes of the coda and head (about r
-    for a rule that reads p_i), times K = restarts. The plain transformer: its blocks and the head, whatever r."""
+    """Matrix-product FLOPs per puzzle at test time (train.py's convention): per trajectory the prelude, r (maybe a
+    mean) recurrences and `readouts` coda passes (about r for a rule that reads p_i), times K. Plain: whatever r."""
     h, m, T = config.d_model, config.d_mlp, cells
     block = 2 * T * h * (3 * h + h + 2 * m) + 2 * T * m * h + 2 * 2 * T * T * h  # qkv, out, MLP in/out; Q·Kᵀ, P·V
     head = 2 * T * h * vocab_size
     if config.plain_transformer:
-        return (config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda) * block + head
+        return (config.n_prelude + config.n_core * mean_depth(config) + config.n_coda) * block + head
     core_step = 2 * T * (2 * h) * h + config.n_core * block  # A([s, e]), then l_R blocks
     readout = config.n_coda * block + head
     return restarts * (config.n_prelude * block + recurrences * core_step + readouts * readout)
@@ -532,7 +536,7 @@ def sudoku_answers(model, puzzle, config: Config, eval_steps, generator, restart
     and per exit rule (the answer where it stops); with restarts, the picks of confidence and an oracle verifier."""
     B, every = puzzle.shape[0], torch.arange(puzzle.shape[0], device=puzzle.device)
     if isinstance(model, PlainTransformer):
-        return {(config.mean_recurrence, None): (digits(model(puzzle)), torch.full((B,), config.mean_recurrence))}
+        return {(mean_depth(config), None): (digits(model(puzzle)), torch.full((B,), mean_depth(config)))}
     budget = max(eval_steps)
     rules = {name: ExitRule.from_config(config, criterion, min_steps) for name, criterion, min_steps in
              adaptive_rows(config)}
@@ -553,16 +557,15 @@ def sudoku_answers(model, puzzle, config: Config, eval_steps, generator, restart
     return answers
 
 
-def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) -> list[dict]:
+def _evaluate_sudoku(model, task, config: Config, eval_steps) -> list[dict]:
     device, rows = model.wte.weight.device, []
     reads_p = {name for name, criterion, _ in adaptive_rows(config) if criterion in READS_DISTRIBUTION}
     for set_name, data in task.test_sets.items():
         generators = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)  # s_0; restarts
         chunks = []
         for i in range(0, data["puzzle"].shape[0], 4 * config.batch_size):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                answers = sudoku_answers(model, data["puzzle"][i : i + 4 * config.batch_size].to(device), config,
-                                         eval_steps, *generators)
+            answers = sudoku_answers(model, data["puzzle"][i : i + 4 * config.batch_size].to(device), config,
+                                     eval_steps, *generators)
             chunks.append({key: (pred.cpu(), used.float().cpu()) for key, (pred, used) in answers.items()})
         puzzle, solution = data["puzzle"], data["solution"]
         for steps, picked_by in chunks[0]:
@@ -584,31 +587,30 @@ def evaluate(model, task, config: Config, eval_steps: tuple[int, ...], autocast_
     model.eval()
     device, rows = model.wte.weight.device, []
     try:
-        if task.name == "sudoku":
-            return _evaluate_sudoku(model, task, config, eval_steps, autocast_dtype)
-        for set_name, data in task.test_sets.items():
-            for r in eval_steps:
-                g, total, count = torch.Generator(device).manual_seed(0), 0.0, 0
-                for i in range(0, data["tokens"].shape[0], config.batch_size):
-                    x, y = inputs_and_targets({"tokens": data["tokens"][i : i + config.batch_size].to(device)})
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if task.name == "sudoku":
+                return _evaluate_sudoku(model, task, config, eval_steps)
+            for set_name, data in task.test_sets.items():
+                for r in eval_steps:
+                    g, total, count = torch.Generator(device).manual_seed(0), 0.0, 0
+                    for i in range(0, data["tokens"].shape[0], config.batch_size):
+                        x, y = inputs_and_targets({"tokens": data["tokens"][i : i + config.batch_size].to(device)})
                         logits = think(model, x, r, generator=g).logits
-                    total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-                    count += y.numel()
-                rows.append({"test set": set_name, "thinking steps": r, "loss": total / count,
-                             "bits/char": total / count / math.log(2)})
+                        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+                        count += y.numel()
+                    rows.append({"test set": set_name, "thinking steps": r, "loss": total / count,
+                                 "bits/char": total / count / math.log(2)})
         return rows
     finally:
         model.train()
 
 
-# ============================================================================= beyond the paper: test-time restarts
-# (after EqR's and PTRM's noisy recursions), generation with a KV cache, self-speculative decoding, Huginn-0125
+# ================================== beyond the paper: restarts, KV-cache generation, speculative decoding, Huginn-0125
 
 
 def pick_by_confidence(log_p, puzzle) -> torch.Tensor:
-    """The model's own signal, no rule of Sudoku: log_p (K, B, 81, V), puzzle (B, 81) -> (B,) the trajectory with the
-    highest confidence Σ_{i blank} max_{d in 1..9} log p_{i,d} (the first on ties)."""
+    """Restarts (after EqR's and PTRM's noisy recursions) pick by the model's own signal, no rule of Sudoku: log_p
+    (K, B, 81, V), puzzle (B, 81) -> (B,) the trajectory of highest Σ_{blank i} max_d log p_{i,d}, first on ties."""
     return (log_p[..., 1:].amax(-1) * (puzzle == 0)).sum(-1).argmax(0)
 
 
@@ -743,9 +745,7 @@ def read_state_dict(directory, config: Config) -> dict[str, torch.Tensor]:
                 part = load_file(file)
             else:
                 part = torch.load(file, map_location="cpu", weights_only=True)
-        except ImportError:
-            raise ValueError(f"{file}: reading .safetensors files needs the safetensors package") from None
-        except Exception as error:  # torch's and safetensors' errors for a file that is not a state dict
+        except Exception as error:  # no safetensors package, or torch's and its errors for a file that is no state dict
             raise ValueError(f"{file}: cannot read it as a state dict ({str(error).splitlines()[0]})") from None
         if not isinstance(part, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in part.values()):
             raise ValueError(f"{file}: not a state dict of tensors")

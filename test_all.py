@@ -1885,7 +1885,7 @@ def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
     draws = [rd.sample_recurrence(step, config) for step in range(4000)]
     totals = torch.tensor([n + k for n, k in draws], dtype=torch.float)
     # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.1 -> standard error of the mean ~ 0.08
-    assert abs(totals.mean().item() - (config.mean_recurrence + 1)) < 0.4
+    assert abs(totals.mean().item() - (config.mean_recurrence + 1)) < 0.4 and rd.mean_depth(config) == 9
     # Var p = E[rate] + Var rate = r + r^2 (exp(sigma^2) - 1): sd 5.12 with sigma 0.5 (3.48 with 0.25, 6.1 with 0.6)
     assert 4.6 < totals.std().item() < 5.7
     assert all(k == min(4, n + k) and n == max(n + k - 4, 0) for n, k in draws)
@@ -1893,7 +1893,7 @@ def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
     # r_mean < k: the reference's mu = log(max(r - k, 0) + k) - sigma^2/2 makes E[rate] = k, not r_mean
     short = rd.Config(mean_recurrence=2, backprop_depth=4)
     totals = torch.tensor([sum(rd.sample_recurrence(step, short)) for step in range(4000)], dtype=torch.float)
-    assert abs(totals.mean().item() - (4 + 1)) < 0.3
+    assert abs(totals.mean().item() - (4 + 1)) < 0.3 and rd.mean_depth(short) == 5
 
 
 SUDOKU_SHAPE = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)
@@ -1918,20 +1918,20 @@ def core_passes_per_step(config, steps):
 
 def test_recurrent_depth_fixed_depth_control_draws_the_same_recurrence_count_every_step():
     counts, reported = core_passes_per_step(rd.Config(**TINY, fixed_recurrence=True), 8)
-    assert counts == reported == [TINY["mean_recurrence"]] * 8  # r_mean every step: n = r - k without, k with grad
+    assert counts == reported == [TINY["mean_recurrence"] + 1] * 8  # the sampler's mean r_mean + 1 every step
     fixed = rd.Config(**TINY, fixed_recurrence=True)
-    assert {rd.sample_recurrence(step, fixed) for step in range(100)} == {(2, 2)}
+    assert {rd.sample_recurrence(step, fixed) for step in range(100)} == {(3, 2)}  # n = r - k without, k with grad
     counts, reported = core_passes_per_step(rd.Config(**TINY), 8)  # the default samples: the counts vary
     assert counts == reported and len(set(counts)) > 2
 
 
 def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_point():
-    config = rd.Config(**TINY, plain_transformer=True)  # 1 + 2 * 4 + 1 = 10 layers
+    config = rd.Config(**TINY, plain_transformer=True)  # 1 + 2 * (4 + 1) + 1 = 12 layers: the sampler's mean depth
     torch.manual_seed(0)
     model = rd.build_model(config, SUDOKU_SHAPE)
-    assert len(model.layers) == 10 and not hasattr(model, "core") and not hasattr(model, "adapter")
+    assert len(model.layers) == 12 and not hasattr(model, "core") and not hasattr(model, "adapter")
     block = sum(p.numel() for p in model.layers[0].parameters())
-    assert sum(p.numel() for p in model.parameters()) == 10 * block + (10 + 27 + 1) * config.d_model  # wte, grid, ln_f
+    assert sum(p.numel() for p in model.parameters()) == 12 * block + (10 + 27 + 1) * config.d_model  # wte, grid, ln_f
     assert len({p.data_ptr() for p in model.parameters()}) == len(list(model.parameters()))  # no tying
     idx = torch.randint(0, 10, (2, 81))
     batch = {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}
@@ -1944,7 +1944,7 @@ def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_p
     task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))},
                                                             "b": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
     rows = rd.evaluate(model, task, config, (1, 2, 8, 16), None)
-    assert [(r["test set"], r["thinking steps"]) for r in rows] == [("a", 4), ("b", 4)]  # one point, at r_mean
+    assert [(r["test set"], r["thinking steps"]) for r in rows] == [("a", 5), ("b", 5)]  # one point, at its depth
     with pytest.raises(ValueError, match="Sudoku task only"):
         rd.build_model(config, TEXT)
 
@@ -2021,6 +2021,12 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
     sequence = torch.stack([log_p1, log_p2])
     assert first_exits("kl", 1.01 * kl_1_2, sequence) == [2] and first_exits("kl", 0.99 * kl_1_2, sequence) == [None]
     assert first_exits("kl", 1.01 * kl_1_2, sequence, min_steps=3) == [None]
+    # min_steps as the reference: neither a check nor a state update before it, an exit allowed right after; so with
+    # min_steps 1 the first check compares p_2 with the uniform p_0, not with p_1
+    p0 = torch.full((3,), 1 / 3)
+    kl_0_2 = (p0 * (p0.log() - log_p2[0, 0])).sum().item()  # 0.12, far from KL(p_1 || p_2) = 1.24
+    assert first_exits("kl", 1.01 * kl_0_2, sequence, min_steps=1) == [2]
+    assert first_exits("kl", 0.99 * kl_0_2, sequence, min_steps=1) == [None]
     # latent-diff: ||s_i - s_{i-1}|| / ||s_i||, the largest over positions: 1 at step 1 (from 0), 1/sqrt(5) at step 2
     states = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, 0.0], [1.0, 1.0]]], [[[1.0, 0.0], [2.0, 1.0]]]])
     assert first_exits("latent-diff", 0.45, states=states) == [2] and first_exits("latent-diff", 0.44, states=states) == [None]
@@ -2029,7 +2035,7 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
     changing = torch.stack([shares, (1 - shares) / 2, (1 - shares) / 2], -1)  # (6, 3)
     sequence = torch.stack([changing, torch.full((6, 3), 1 / 3)], 1).log()[:, None]  # (R=6, B=1, T=2, V=3)
     assert first_exits("entropy-diff", 1e-3, sequence) == [5]  # |H(.9) - H(.8)| = 0.26 at step 4, 0 at step 5
-    assert first_exits("entropy-diff", 1e-3, sequence, min_steps=6) == [6]
+    assert first_exits("entropy-diff", 1e-3, sequence, min_steps=4) == [6]  # H_4 never recorded: step 5 meets H_0
     constant = torch.full((3, 1, 1, 3), 1 / 3).log()
     assert first_exits("entropy-diff", 1e-3, constant) == [2]  # H_0 = 100: never at step 1
     # argmax-stability: row 0 answers [0,1] [2,1] [2,1] [2,1] [2,1] ...; row 1 [0,0] x3 then [0,2] from step 4
@@ -2038,7 +2044,7 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
     sequence = torch.log_softmax(5.0 * torch.nn.functional.one_hot(answers, 3) + 0.1 * torch.randn(8, 2, 2, 3), -1)
     assert first_exits("argmax-stability", 3, sequence) == [5, 7]  # unchanged 3 times: steps 3-5; 5-7
     assert first_exits("argmax-stability", 1, sequence) == [3, 2]
-    assert first_exits("argmax-stability", 3, sequence, min_steps=6) == [6, 7]
+    assert first_exits("argmax-stability", 3, sequence, min_steps=2) == [6, 7]  # counted from step 3: 3-6; 4-7
     assert first_exits("none", 0, sequence) == [None, None]
 
 
