@@ -5,6 +5,7 @@ standard library).
     python scripts/recurrent_depth_trajectories.py CHECKPOINT OUT.svg [STEPS]
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def trajectory_svg(trajectories: torch.Tensor, labels, title: str, columns: int 
 def load_run(path) -> recurrent_depth.RecurrentDepthModel:
     """The model of a train.py checkpoint (run folder's checkpoint.pt), in eval mode."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    config = recurrent_depth.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    fields = {field.name for field in dataclasses.fields(recurrent_depth.Config)}  # a retired setting is ignored
+    config = recurrent_depth.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
+                                       if k in fields})
     name = state["run"]["task"]
     seq_len = 81 if name == "sudoku" else state["run"]["context_length"]
     task = type("Task", (), dict(name=name, vocab_size=state["model"]["wte.weight"].shape[0], seq_len=seq_len))
