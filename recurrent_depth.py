@@ -7,39 +7,22 @@ recurrences r is the test-time compute knob: more recurrences, more thinking, wi
     s_0 ~ TruncNormal(0, sqrt(2/5))                     random initial latent state
     s_i = R(A([s_{i-1}, e]))   for i = 1..r             input injection by the adapter A every step
     p   = softmax(head(norm(C(norm(s_r)))))             decode the final state (tied embeddings)
-Training draws r per optimizer step from a log-normal Poisson distribution,
-    rate ~ LogNormal(log(r_mean) - sigma^2/2, sigma), r = Poisson(rate) + 1, sigma = 1/2,
-runs the first n = max(r - k, 0) recurrences without a graph and backpropagates only the last k (truncated
-backprop: memory is flat in r), and minimises L = CE(p, y) on the coda output, nothing else. At test time r is
-fixed, or chosen per sample / per token by an exit rule: KL(p_{i-1} || p_i), relative latent change, entropy
-difference or argmax stability between consecutive recurrences (`ExitRule`).
-
-Two modes of one model: task "sudoku" (causal=False: one token per cell, bidirectional attention, all 81
-digits predicted) and task "text" (causal=True: a character LM with a KV cache for generation, per-token exit,
-the "latest-m4" cache sharing of early-exited tokens, continuous chain-of-thought and self-speculative decoding).
-Two controls of the paper's argument, as Config options: `fixed_recurrence` (train at r = r_mean every step,
-no sampling) and `plain_transformer` (distinct layers of the same width and effective depth, no recurrence).
+Training draws r per step from a log-normal Poisson distribution, runs the first n = max(r - k, 0) recurrences
+without a graph, backpropagates through the last k (memory flat in r) and minimises L = CE(p, y), nothing else.
+At test time r is fixed, or chosen per puzzle / per token by an exit rule. Task "sudoku" is bidirectional (all
+81 digits at once), task "text" a causal character LM.
 
 Deviations from the paper and the reference code:
-  * sizes: d_model 96, 1 prelude / 2 core / 1 coda layers, r_mean 8, k 4 (paper: 5280, 2/4/2, 32, 8), so the
-    default Sudoku run fits a few CPU minutes.
-  * Sudoku only: learned row/column/box embeddings added to the token embedding (`grid_embedding`), because
-    1-D RoPE over the 81 cells hides the grid's constraint structure from a tiny model.
-  * Sudoku adaptive exit is per puzzle: the reference's per-token statistic taken over every cell (the
-    largest), so a puzzle exits once all its cells have converged.
-  * Sudoku test-time restarts (`--restarts K --restart-noise σ`; not in the paper, after EqR/PTRM's noisy
-    recursions): K trajectories per puzzle from K draws of s_0, noise σ·std(s)·ε on the state before every
-    recurrence of trajectories 2..K (trajectory 1 is the plain one), the answer from the trajectory with the
-    highest confidence Σ_{blank cells} max_d log p_d; no rule of Sudoku is checked. An "oracle verifier" row
-    (a trajectory whose grid breaks no rule) shows the ceiling of the K, not the method.
-  * no flex-attention masks; speculative decoding is greedy only.
+  * sizes: d_model 96, 1 prelude / 2 core / 1 coda layers, r_mean 8, k 4 (paper: 5280, 2/4/2, 32, 8): a CPU run.
+  * Sudoku only: learned row/column/box embeddings added to the token embedding (1-D RoPE hides the grid).
+  * Sudoku adaptive exit is per puzzle: the reference's per-token statistic, the largest over the 81 cells.
+  * RoPE rotates the pairs (j, j + hd/2); the official interleaved pairs (2j, 2j+1) are mapped to it at loading.
+  * no flex-attention masks; generation and speculative decoding are greedy only.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +36,6 @@ import sudoku_data
 TASKS = ("sudoku", "text")
 EXIT_CRITERIA = ("none", "kl", "latent-diff", "entropy-diff", "argmax-stability")
 READS_DISTRIBUTION = ("kl", "entropy-diff", "argmax-stability")  # exit rules that read p_i out after every recurrence
-ROPE_LAYOUTS = ("halves", "interleaved")
 
 
 @dataclass
@@ -72,45 +54,36 @@ class Config:
     n_prelude: int = 1  # l_P: layers of the prelude P
     n_core: int = 2  # l_R: layers of the recurrent core R
     n_coda: int = 1  # l_C: layers of the coda C
-    rope_base: float = 50000.0  # RoPE base (reference value)
-    rope_layout: str = "halves"  # RoPE pairs: halves (j, j + hd/2) | interleaved (2j, 2j+1) as the official code
-    grid_embedding: bool = True  # sudoku: add learned row/col/box embeddings (our addition)
     # --- training recurrence (log-normal Poisson sampler, truncated backprop) ---
     mean_recurrence: int = 8  # r_mean: mean of the sampled recurrence count (counts n + k together)
     backprop_depth: int = 4  # k: recurrences that carry gradient, the rest run under no_grad
-    sampler_seed: int = 0  # the (n, k) draw of step t is seeded by sampler_seed and t
     # --- the two controls of the paper's argument (sudoku) ---
-    fixed_recurrence: bool = False  # control: train at exactly r_mean recurrences every step (no sampling)
-    plain_transformer: bool = False  # control: l_P + l_R*r_mean + l_C distinct layers, no recurrence or injection
-    # --- optimiser ---
+    fixed_recurrence: bool = False  # control: train at the sampler's mean r_mean + 1 every step (no sampling)
+    plain_transformer: bool = False  # control: l_P + l_R*(r_mean + 1) + l_C distinct layers, no recurrence
+    # --- optimiser (the reference's AdamW) ---
     grad_clip: float = 1.0  # max global gradient norm
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     weight_decay: float = 0.1  # AdamW decay on 2-D weights only
     # --- adaptive exit at inference ---
     exit_criterion: str = "kl"  # none | kl | latent-diff | entropy-diff | argmax-stability
-    kl_threshold: float = 1e-4  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (paper: 5e-4 per token)
+    kl_threshold: float = 1e-4  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (per token: paper 5e-4)
     latent_threshold: float = 0.03  # latent-diff: exit when ||s_i - s_{i-1}|| / ||s_i|| < this (reference: 0.03)
     entropy_threshold: float = 1e-3  # entropy-diff: exit when |H(p_i) - H(p_{i-1})| < this (reference: 1e-3)
     stable_steps: int = 5  # argmax-stability: exit when the argmax is unchanged for this many steps (reference: 5)
-    min_steps: int = 0  # no adaptive exit before this recurrence (reference option)
-    # --- test-time restarts (sudoku) ---
+    min_steps: int = 0  # no exit check (and no state update) in the first min_steps recurrences, as the reference
+    # --- test-time restarts (sudoku, beyond the paper) ---
     restarts: int = 1  # K: trajectories per puzzle, each from its own s_0, the answer picked by the model's confidence
     restart_noise: float = 0.0  # σ: s <- s + σ·std(s)·ε before every recurrence of trajectories 2..K
-    continuous_cot: bool = True  # text generation: warm-start each token's state from the previous one
 
 
-GPU_CONFIG = dict(
-    steps=20000, batch_size=256, lr=5e-4, warmup_steps=500, difficulty="hard",
-    d_model=384, n_heads=6, d_mlp=1024, n_prelude=2, n_core=4, n_coda=2,
-    mean_recurrence=16, backprop_depth=8, eval_steps=(1, 2, 4, 8, 16, 32, 64),
-)  # fmt: skip
+GPU_CONFIG = dict(steps=20000, batch_size=256, lr=5e-4, warmup_steps=500, difficulty="hard", d_model=384, n_heads=6,
+                  d_mlp=1024, n_prelude=2, n_core=4, n_coda=2, mean_recurrence=16, backprop_depth=8,
+                  eval_steps=(1, 2, 4, 8, 16, 32, 64))
 
 # The released Huginn-0125 (3.5B parameters): github.com/seal-rg/recurrent-pretraining, raven_config_minimal.json
-HUGINN_CONFIG = dict(
-    d_model=5280, n_heads=55, d_mlp=17920, n_prelude=2, n_core=4, n_coda=2, rope_base=50000.0,
-    rope_layout="interleaved", grid_embedding=False, mean_recurrence=32, backprop_depth=8, kl_threshold=5e-4,
-)  # fmt: skip
+HUGINN_CONFIG = dict(d_model=5280, n_heads=55, d_mlp=17920, n_prelude=2, n_core=4, n_coda=2, mean_recurrence=32,
+                     backprop_depth=8, kl_threshold=5e-4)
 HUGINN_VOCAB_SIZE, HUGINN_CONTEXT = 65536, 4096
 
 
@@ -120,33 +93,24 @@ HUGINN_VOCAB_SIZE, HUGINN_CONTEXT = 65536, 4096
 class RMSNorm(nn.Module):
     """RMSNorm with eps 1e-6, computed in float32 as in the reference."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int):
         super().__init__()
-        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).type_as(x)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (max_len, head_dim / 2)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rope_tables(head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_len, head_dim / 2), base 50,000 as the reference."""
+    inv_freq = 50000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin, layout: str = "halves"):
-    """Rotate (B, H, T, hd) by positions given as cos/sin (T, hd/2); pair j is rotated by frequency j.
-
-    halves: pair j = dims (j, j + hd/2); interleaved (official code): pair j = dims (2j, 2j+1). The two are
-    the same attention once each head's q/k rows (and q/k bias) are permuted: halves dim j holds
-    interleaved dim 2j, halves dim j + hd/2 holds interleaved dim 2j+1 (`from_official_state_dict`).
-    """
-    if layout == "interleaved":
-        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # 2 x (B, H, T, hd/2)
-        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+def apply_rope(x, cos, sin):
+    """Rotate (B, H, T, hd) by positions given as cos/sin (T, hd/2): pair j = dims (j, j + hd/2), frequency j."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -157,23 +121,19 @@ class Attention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.d_model // config.n_heads
-        self.rope_layout = config.rope_layout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, self.n_heads, 1, self.head_dim))
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x, rope, causal: bool, kv=None):
-        """x (B, T, D); rope = (cos, sin) of x's positions; kv: KV-cache callback (k, v) -> (k, v, mask), used
-        only by generation (see RecurrentKVCache)."""
+        """x (B, T, D); rope = (cos, sin) of x's positions; kv: a RecurrentKVCache callback (generation only)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        q = apply_rope(q + self.qk_bias[0], *rope, self.rope_layout)
-        k = apply_rope(k + self.qk_bias[1], *rope, self.rope_layout)
-        mask, is_causal = None, causal
+        q, k = apply_rope(q + self.qk_bias[0], *rope), apply_rope(k + self.qk_bias[1], *rope)
+        mask = None
         if kv is not None:  # cached decoding: keys/values of all positions so far, (B, H, T_all, hd)
             k, v, mask = kv(k, v)
-            is_causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and kv is None)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -213,81 +173,83 @@ def takase_init(model: nn.Module, d_model: int, l_eff: float):
             nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s)
 
 
-def grid_ids() -> torch.Tensor:
-    """(81, 3): the row (0-8), column (9-17) and 3x3 box (18-26) entry of every Sudoku cell."""
-    cell = torch.arange(81)
-    row, col = cell // 9, cell % 9
-    return torch.stack([row, 9 + col, 18 + (row // 3) * 3 + col // 3], -1)
-
-
 def example_generators(batch: dict, device) -> list | None:
-    """One generator per example, seeded by batch["example_seed"] (B,) (train.py draws one per example and step):
-    an example's noise then does not depend on the rest of its batch, so torchrun ranks holding slices draw what
-    one process draws. The seeds stay on the CPU (read without a device sync); the generators live on `device`.
-    None (the global generator) for a batch without seeds."""
+    """One generator per example, seeded by batch["example_seed"] (B,): an example's noise does not depend on its
+    batch, so torchrun ranks holding slices draw what one process draws. None for a batch without seeds."""
     if "example_seed" not in batch:
         return None
     return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
 
 
-def example_noise(shape, generators, device) -> torch.Tensor:
-    """U(0, 1) of `shape` on `device`: row b from generators[b] for a list, else all from one generator (None:
-    the global one)."""
+def example_noise(draw, shape, generators, device) -> torch.Tensor:
+    """draw (torch.rand or torch.randn) of `shape`: row b from generators[b] (a list), else from one (None: global)."""
     if isinstance(generators, list):
-        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generators])
-    return torch.rand(shape, generator=generators, device=device)
+        return torch.stack([draw(shape[1:], generator=g, device=device) for g in generators])
+    return draw(shape, generator=generators, device=device)
 
 
-class RecurrentDepthModel(nn.Module):
-    """Prelude P -> recurrent core R (adapter input injection) -> coda C, tied embeddings."""
+class TiedEmbedding(nn.Module):
+    """Shared by both models: the input sqrt(h)·embed(x) (+ grid embedding), RoPE tables, head(x) = norm(x) Wᵀ."""
+
+    def __init__(self, config: Config, vocab_size: int, max_len: int, grid: bool):
+        super().__init__()
+        self.config, self.vocab_size, self.max_len = config, vocab_size, max_len
+        self.wte = nn.Embedding(vocab_size, config.d_model)
+        self.grid_emb = nn.Embedding(27, config.d_model) if grid else None  # rows, columns, boxes in one table
+        if grid:  # the row (0-8), column (9-17) and 3x3 box (18-26) of every cell: (81, 3)
+            cell = torch.arange(81)
+            ids = torch.stack([cell // 9, 9 + cell % 9, 18 + cell // 27 * 3 + cell % 9 // 3], -1)
+            self.register_buffer("grid_ids", ids, persistent=False)
+        cos, sin = rope_tables(config.d_model // config.n_heads, max_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope(self, start: int, end: int):
+        return self.rope_cos[start:end], self.rope_sin[start:end]
+
+    def tokens(self, idx):
+        """sqrt(h) * embed(x) (+ the row, column and box embeddings of each cell): (B, T) -> (B, T, D)."""
+        x = self.wte(idx)
+        if self.grid_emb is not None:
+            x = x + self.grid_emb(self.grid_ids).sum(1)  # (81, D) broadcast over the batch
+        return x * math.sqrt(self.config.d_model)
+
+    def head(self, x):
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+
+class RecurrentDepthModel(TiedEmbedding):
+    """Prelude P -> recurrent core R (input injection by A) -> coda C; forward() is one recurrence (compiled)."""
 
     def __init__(self, config: Config, vocab_size: int, max_len: int, causal: bool, grid: bool):
-        super().__init__()
-        self.config, self.causal, self.vocab_size, self.max_len = config, causal, vocab_size, max_len
-        h = config.d_model
-        self.wte = nn.Embedding(vocab_size, h)
-        # Our addition for Sudoku: a learned embedding per row, column and 3x3 box (27 rows in one table).
-        self.grid_emb = nn.Embedding(27, h) if grid else None
-        if grid:
-            self.register_buffer("grid_ids", grid_ids(), persistent=False)
+        super().__init__(config, vocab_size, max_len, grid)
+        self.causal, h = causal, config.d_model
         self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_prelude))
         self.adapter = nn.Linear(2 * h, h, bias=False)  # A: cat([s, e]) -> s, state first
         self.core = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_core))
         self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_coda))
         self.ln_f = RMSNorm(h)  # used twice: before and after the coda
-        self.emb_scale = math.sqrt(h)
-        cos, sin = rope_tables(h // config.n_heads, max_len, config.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        # L_eff = l_P + l_C + l_R * r_mean: the depth of the unrolled model at the training mean
-        takase_init(self, h, config.n_prelude + config.n_coda + config.n_core * config.mean_recurrence)
-
-    def rope(self, start: int, end: int):
-        return self.rope_cos[start:end], self.rope_sin[start:end]
+        takase_init(self, h, config.n_prelude + config.n_coda + config.n_core * config.mean_recurrence)  # L_eff
 
     def embed(self, idx, rope, cache: RecurrentKVCache | None = None):
         """e = P(sqrt(h) * embed(x)): (B, T) -> (B, T, D)."""
-        x = self.wte(idx)
-        if self.grid_emb is not None:
-            x = x + self.grid_emb(self.grid_ids).sum(1)  # (81, D) broadcast over the batch
-        x = x * self.emb_scale
+        x = self.tokens(idx)
         for j, block in enumerate(self.prelude):
             x = block(x, rope, self.causal, cache.layer(cache.prelude[j]) if cache else None)
         return x
 
     def init_state(self, e, scale: float = 1.0, generator: torch.Generator | list | None = None):
-        """s_0 ~ TruncNormal(0, sqrt(2/5) * scale), cut at 3 std; scale 0 gives the zero state. `generator`:
-        one for the batch, or a list with one per example (see example_noise)."""
-        # inverse-CDF sampling (what nn.init.trunc_normal_ does, but without its graph-breaking .item())
+        """s_0 ~ TruncNormal(0, sqrt(2/5) * scale) cut at 3 std, by inverse-CDF sampling (trunc_normal_'s method
+        without its graph-breaking .item()); scale 0 gives the zero state; generator(s): see example_noise."""
         cdf_lo = 0.5 * (1 + math.erf(-3 / math.sqrt(2)))  # Phi(-3)
-        u = example_noise(e.shape, generator, e.device) * (1 - 2 * cdf_lo) + cdf_lo
+        u = example_noise(torch.rand, e.shape, generator, e.device) * (1 - 2 * cdf_lo) + cdf_lo
         return (math.sqrt(2) * torch.erfinv(2 * u - 1) * math.sqrt(2 / 5) * scale).to(e.dtype)  # (B, T, D)
 
-    def core_step(self, s, e, rope, cache: RecurrentKVCache | None = None, step: int = 0):
-        """One recurrence s_i = R(A([s_{i-1}, e])): (B, T, D) -> (B, T, D)."""
+    def forward(self, s, e, rope, kv=None):
+        """One recurrence s_i = R(A([s_{i-1}, e])): (B, T, D) -> (B, T, D); kv: one cache callback per core layer."""
         x = self.adapter(torch.cat([s, e], dim=-1))
-        for layer, block in enumerate(self.core):
-            x = block(x, rope, self.causal, cache.core_layer(layer, step) if cache else None)
+        for block, layer_kv in zip(self.core, kv or [None] * len(self.core)):
+            x = block(x, rope, self.causal, layer_kv)
         return x
 
     def readout(self, s, rope, cache: RecurrentKVCache | None = None):
@@ -295,95 +257,46 @@ class RecurrentDepthModel(nn.Module):
         x = self.ln_f(s)
         for j, block in enumerate(self.coda):
             x = block(x, rope, self.causal, cache.layer(cache.coda[j]) if cache else None)
-        return F.linear(self.ln_f(x), self.wte.weight)
-
-    @torch.compiler.disable(recursive=False)  # the loop count varies per step: keep it eager, compile the steps
-    def recur(self, s, e, rope, n_no_grad: int, k_grad: int):
-        """Truncated backprop: n steps without a graph, then k steps with gradients."""
-        with torch.no_grad():
-            for _ in range(n_no_grad):
-                s = self.core_step(s, e, rope)
-        for _ in range(k_grad):
-            s = self.core_step(s, e, rope)
-        return s
-
-    def forward(self, idx, num_steps: tuple[int, int], state=None, generator=None):
-        """(B, T) tokens -> (B, T, V) logits after n_no_grad + k_grad recurrences from `state` (or noise
-        drawn from `generator`)."""
-        rope = self.rope(0, idx.shape[1])
-        e = self.embed(idx, rope)
-        s = self.init_state(e, generator=generator) if state is None else state
-        return self.readout(self.recur(s, e, rope, *num_steps), rope)
-
-    @torch.no_grad()
-    def latent_trajectory(self, idx, num_steps: int, state=None, generator=None) -> torch.Tensor:
-        """The latent state at every recurrence: (num_steps + 1, B, T, D) holding s_0, s_1, ..., s_r."""
-        rope = self.rope(0, idx.shape[1])
-        e = self.embed(idx, rope)
-        states = [self.init_state(e, generator=generator) if state is None else state]
-        for _ in range(num_steps):
-            states.append(self.core_step(states[-1], e, rope))
-        return torch.stack(states)
+        return self.head(x)
 
 
-class PlainTransformer(nn.Module):
-    """Control (Sudoku): a plain transformer of the recurrent model's width with as many distinct sandwich blocks
-    as its effective depth, L = l_P + l_R * r_mean + l_C: the same embedding (sqrt(h) scale, grid embedding) and
-    tied head, no weight tying between layers, no latent state, no input injection. Its depth is fixed: more
-    test-time compute cannot be spent."""
+class PlainTransformer(TiedEmbedding):
+    """Control (Sudoku): L = l_P + l_R * mean_depth + l_C distinct blocks (the unrolled depth at the sampler's mean),
+    the same embedding and head, no latent state or injection: its depth is fixed, it cannot think longer."""
 
     def __init__(self, config: Config, vocab_size: int, max_len: int, grid: bool):
-        super().__init__()
-        self.config, self.vocab_size = config, vocab_size
-        h = config.d_model
-        self.wte = nn.Embedding(vocab_size, h)
-        self.grid_emb = nn.Embedding(27, h) if grid else None
-        if grid:
-            self.register_buffer("grid_ids", grid_ids(), persistent=False)
-        depth = config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda
+        super().__init__(config, vocab_size, max_len, grid)
+        depth = config.n_prelude + config.n_core * mean_depth(config) + config.n_coda
         self.layers = nn.ModuleList(SandwichBlock(config) for _ in range(depth))
-        self.ln_f = RMSNorm(h)
-        cos, sin = rope_tables(h // config.n_heads, max_len, config.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        takase_init(self, h, depth)
+        self.ln_f = RMSNorm(config.d_model)
+        takase_init(self, config.d_model, depth)
 
-    def forward(self, idx, num_steps=None, state=None, generator=None):
-        """(B, T) tokens -> (B, T, V) logits; num_steps, state and generator are accepted and ignored."""
-        rope = self.rope_cos[: idx.shape[1]], self.rope_sin[: idx.shape[1]]
-        x = self.wte(idx)
-        if self.grid_emb is not None:
-            x = x + self.grid_emb(self.grid_ids).sum(1)
-        x = x * math.sqrt(self.config.d_model)
+    def forward(self, idx):
+        """(B, T) tokens -> (B, T, V) logits."""
+        x, rope = self.tokens(idx), self.rope(0, idx.shape[1])
         for block in self.layers:
             x = block(x, rope, False)
-        return F.linear(self.ln_f(x), self.wte.weight)
+        return self.head(x)
 
 
 def check_config(config: Config):
     """Raise ValueError naming the first invalid field."""
     if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
-        raise ValueError(f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads}) into an even head dim")
-    if min(config.n_prelude, config.n_core, config.n_coda) < 1 or min(config.mean_recurrence, config.backprop_depth) < 1:
+        raise ValueError(f"d_model ({config.d_model}) must split into n_heads ({config.n_heads}) even head dims")
+    if min(config.n_prelude, config.n_core, config.n_coda, config.mean_recurrence, config.backprop_depth) < 1:
         raise ValueError("n_prelude, n_core, n_coda, mean_recurrence and backprop_depth must all be >= 1")
     if config.exit_criterion not in EXIT_CRITERIA:
         raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA}, got {config.exit_criterion!r}")
     if config.stable_steps < 1 or config.min_steps < 0:
-        raise ValueError(f"stable_steps must be >= 1 and min_steps >= 0, got {config.stable_steps} and {config.min_steps}")
-    if config.difficulty not in (*sudoku_data.DIFFICULTIES, *sudoku_data.TRAINING_MIXES):
-        raise ValueError(f"difficulty must be one of {', '.join((*sudoku_data.DIFFICULTIES, *sudoku_data.TRAINING_MIXES))}, "
-                         f"got {config.difficulty!r}")
+        raise ValueError(f"stable_steps must be >= 1 and min_steps >= 0, got {config.stable_steps}, {config.min_steps}")
+    difficulties = (*sudoku_data.DIFFICULTIES, *sudoku_data.TRAINING_MIXES)
+    if config.difficulty not in difficulties:
+        raise ValueError(f"difficulty must be one of {', '.join(difficulties)}, got {config.difficulty!r}")
     if not config.eval_steps or min(config.eval_steps) < 1:
         raise ValueError("eval_steps must be a non-empty tuple of positive ints")
-    if config.rope_layout not in ROPE_LAYOUTS:
-        raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {config.rope_layout!r}")
-    if config.fixed_recurrence and config.plain_transformer:
-        raise ValueError("fixed_recurrence and plain_transformer are two different controls: choose one")
     if config.restarts < 1 or not (config.restart_noise >= 0.0 and math.isfinite(config.restart_noise)):
         raise ValueError(f"restarts must be >= 1 and restart_noise a finite number >= 0, got {config.restarts} and "
                          f"{config.restart_noise}")
-    if config.restarts > 1 and config.plain_transformer:
-        raise ValueError("restarts draw new initial states of the recurrence: the plain transformer has none")
 
 
 def build_model(config: Config, task) -> nn.Module:
@@ -391,12 +304,13 @@ def build_model(config: Config, task) -> nn.Module:
     if task.name not in TASKS:
         raise ValueError(f"recurrent_depth supports tasks {TASKS}, not {task.name!r}")
     check_config(config)
-    grid = task.name == "sudoku" and config.grid_embedding
-    if config.plain_transformer:
-        if task.name != "sudoku":
-            raise ValueError("plain_transformer is a control for the Sudoku task only")
-        return PlainTransformer(config, task.vocab_size, task.seq_len, grid)
-    return RecurrentDepthModel(config, task.vocab_size, task.seq_len, causal=task.name == "text", grid=grid)
+    if config.plain_transformer:  # no recurrence: no fixed count to train at, no s_0 to restart from
+        if task.name != "sudoku" or config.fixed_recurrence or config.restarts > 1:
+            raise ValueError("plain_transformer is a control for the Sudoku task only, with neither "
+                             "fixed_recurrence nor restarts")
+        return PlainTransformer(config, task.vocab_size, task.seq_len, grid=True)
+    sudoku = task.name == "sudoku"
+    return RecurrentDepthModel(config, task.vocab_size, task.seq_len, causal=not sudoku, grid=sudoku)
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -411,23 +325,24 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 
 
 def sample_recurrence(step: int, config: Config) -> tuple[int, int]:
-    """Log-normal Poisson draw of the recurrence count, shared by all devices (seeded by the step).
-
-    sigma = 0.5, mu = log(max(r_mean - k, 0) + k) - sigma^2 / 2, rate ~ LogNormal(mu, sigma),
-    p = Poisson(rate) + 1, n = max(p - k, 0) steps without gradient, k' = min(k, p) steps with gradient.
-    E[rate] = max(r_mean, k), as in the reference's randomized_iteration_sampler.
-    The fixed-depth control (config.fixed_recurrence) takes p = r_mean at every step instead.
-    """
+    """Log-normal Poisson draw of the recurrence count p (the reference's randomized_iteration_sampler), seeded by
+    the step: n = max(p - k, 0) steps without gradient, k' = min(k, p) with. The fixed-depth control takes p =
+    mean_depth at every step."""
     k = config.backprop_depth
     if config.fixed_recurrence:
-        p = config.mean_recurrence
+        p = mean_depth(config)
         return max(p - k, 0), min(k, p)
-    g = torch.Generator().manual_seed(config.sampler_seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed(step)
     sigma = 0.5
-    mu = math.log(max(config.mean_recurrence - k, 0) + k) - sigma**2 / 2
-    rate = torch.exp(mu + sigma * torch.randn(1, generator=g))
-    p = int(torch.poisson(rate, generator=g).item()) + 1
+    mu = math.log(max(config.mean_recurrence - k, 0) + k) - sigma**2 / 2  # mu = log(r_mean) - sigma^2 / 2
+    rate = torch.exp(mu + sigma * torch.randn(1, generator=g))  # rate ~ LogNormal(mu, sigma)
+    p = int(torch.poisson(rate, generator=g).item()) + 1  # p = Poisson(rate) + 1
     return max(p - k, 0), min(k, p)
+
+
+def mean_depth(config: Config) -> int:
+    """E[p] = E[rate] + 1 = max(r_mean, k) + 1: the sampled count's mean, the depth of both controls."""
+    return max(config.mean_recurrence, config.backprop_depth) + 1
 
 
 def inputs_and_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,150 +353,137 @@ def inputs_and_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def recurrent_loss(model, batch: dict, num_steps: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-    """L = CE(head(norm(C(norm(s_r)))), y): plain cross-entropy on the coda output after r = n + k recurrences,
-    no intermediate loss. Returns (L, {"recurrence": r}); the plain-transformer control ignores num_steps."""
+    """L = CE(head(norm(C(norm(s_r)))), y): plain cross-entropy on the coda output after r = n + k recurrences
+    (the first n without a graph), no intermediate loss. Returns (L, {"recurrence": r}); the plain-transformer
+    control ignores num_steps."""
     inputs, targets = inputs_and_targets(batch)
-    logits = model(inputs, num_steps, generator=example_generators(batch, inputs.device))  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    recurrence = 0 if isinstance(model, PlainTransformer) else sum(num_steps)
+    if isinstance(model, PlainTransformer):
+        logits, recurrence = model(inputs), 0
+    else:
+        n, k = num_steps
+        logits = think(model, inputs, n + k, no_grad_steps=n, generator=example_generators(batch, inputs.device)).logits
+        recurrence = n + k
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # (B, T, V) against (B, T)
     return loss, {"recurrence": torch.tensor(float(recurrence))}
 
 
 # ----------------------------------------------------------------------------- the thinking loop and its exit rules
 
 
-def exit_threshold(config: Config, criterion: str) -> float:
-    """The adaptive-exit threshold of `criterion` in `config` (for argmax-stability: the steps unchanged)."""
-    return {"none": math.inf, "kl": config.kl_threshold, "latent-diff": config.latent_threshold,
-            "entropy-diff": config.entropy_threshold, "argmax-stability": config.stable_steps}[criterion]
-
-
 class ExitRule:
-    """The adaptive exit of a batch, fed one recurrence at a time (reference: generate_with_adaptive_compute in
-    recpre/raven_modeling_minimal.py). Per position, with p_i the output distribution after recurrence i:
-        kl                KL(p_{i-1} || p_i) < threshold, p_0 uniform
-        latent-diff       ||s_i - s_{i-1}|| / ||s_i|| < threshold
-        entropy-diff      |H(p_i) - H(p_{i-1})| < threshold, H_0 = 100 (the reference's start: no exit at i = 1)
-        argmax-stability  argmax p_i = argmax p_{i-1} for `threshold` consecutive recurrences
-    A row (a puzzle, or a token's batch row) exits when every position passes (the largest statistic; for
-    argmax-stability the whole answer unchanged), and never before recurrence min_steps."""
+    """The reference's exit evaluators (recpre/raven_modeling_minimal.py), fed each recurrence by `think`, p_i the
+    output distribution after recurrence i. A row (a puzzle, a token's batch row) stops when every position passes,
+    from recurrence min_steps + 1 on; steps_used (B,): the recurrence each row stopped at (else the budget)."""
 
-    def __init__(self, criterion: str, threshold: float, min_steps: int, shape: tuple[int, int], vocab_size: int, device):
+    def __init__(self, criterion: str, threshold: float, min_steps: int = 0):
         if criterion not in EXIT_CRITERIA:
             raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA}, got {criterion!r}")
         self.criterion, self.threshold, self.min_steps = criterion, threshold, min_steps
-        self.needs_distribution = criterion in READS_DISTRIBUTION
-        B, T = shape
-        if criterion == "kl":
-            self.log_p = torch.full((B, T, vocab_size), -math.log(vocab_size), device=device)  # p_0 uniform
-        if criterion == "entropy-diff":
-            self.entropy = torch.full((B, T), 100.0, device=device)
-        if criterion == "argmax-stability":
-            self.answer = torch.full((B, T), -1, dtype=torch.long, device=device)
-            self.unchanged = torch.zeros(B, dtype=torch.long, device=device)  # consecutive steps without change
+        self.reads_distribution = criterion in READS_DISTRIBUTION
 
-    def __call__(self, step: int, rows, s_prev, s_new, log_p=None) -> torch.Tensor:
-        """Feed recurrence `step` (1-based) of the batch rows `rows` (index tensor): states (b, T, D) before and
-        after it, and log p_i (b, T, V) when needs_distribution. Returns (b,) bool: these rows exit now."""
+    @classmethod
+    def from_config(cls, config: Config, criterion: str | None = None, min_steps: int | None = None) -> ExitRule:
+        """The rule `criterion` (default: the config's) with the config's threshold for it."""
+        criterion = config.exit_criterion if criterion is None else criterion
+        threshold = {"none": math.inf, "kl": config.kl_threshold, "latent-diff": config.latent_threshold,
+                     "entropy-diff": config.entropy_threshold, "argmax-stability": config.stable_steps}[criterion]
+        return cls(criterion, threshold, config.min_steps if min_steps is None else min_steps)
+
+    def start(self, s0, budget: int):
+        """A new batch from the states s_0 (B, T, D), at most `budget` recurrences."""
+        self.s_prev, self.log_p, self.entropy, self.answer = s0, None, None, None
+        self.unchanged = torch.zeros(s0.shape[0], dtype=torch.long, device=s0.device)  # steps with the same argmax
+        self.running = torch.ones(s0.shape[0], dtype=torch.bool, device=s0.device)
+        self.steps_used = torch.full((s0.shape[0],), budget, dtype=torch.long, device=s0.device)
+
+    def update(self, step: int, s, log_p=None):
+        """Feed recurrence `step` (1-based): the states s_i (B, T, D) and, when reads_distribution, log p_i
+        (B, T, V). Rows that pass stop at this step."""
+        if step <= self.min_steps:  # the reference: neither a check nor a state update before min_steps (0-based)
+            return
         if self.criterion == "kl":
-            done = (self.log_p[rows].exp() * (self.log_p[rows] - log_p)).sum(-1).amax(-1) < self.threshold
-            self.log_p[rows] = log_p
+            previous = torch.full_like(log_p, -math.log(log_p.shape[-1])) if self.log_p is None else self.log_p
+            kl = (previous.exp() * (previous - log_p)).sum(-1)  # KL(p_{i-1} || p_i), p_0 uniform: (B, T)
+            passed = kl.amax(-1) < self.threshold
+            self.log_p = log_p
         elif self.criterion == "latent-diff":
-            change = (s_new - s_prev).float().norm(dim=-1) / s_new.float().norm(dim=-1).clamp(min=1e-12)  # (b, T)
-            done = change.amax(-1) < self.threshold
+            change = (s - self.s_prev).float().norm(dim=-1) / s.float().norm(dim=-1).clamp(min=1e-12)  # ||Δs||/||s_i||
+            passed = change.amax(-1) < self.threshold
         elif self.criterion == "entropy-diff":
-            entropy = -(log_p.exp() * log_p).sum(-1)  # (b, T)
-            done = (entropy - self.entropy[rows]).abs().amax(-1) < self.threshold
-            self.entropy[rows] = entropy
+            entropy = -(log_p.exp() * log_p).sum(-1)  # H(p_i): (B, T)
+            previous = 100.0 if self.entropy is None else self.entropy  # H_0 = 100 (the reference's start)
+            passed = (entropy - previous).abs().amax(-1) < self.threshold  # |H(p_i) - H(p_{i-1})|
+            self.entropy = entropy
         elif self.criterion == "argmax-stability":
-            answer = log_p.argmax(-1)  # (b, T)
-            unchanged = torch.where((answer == self.answer[rows]).all(-1), self.unchanged[rows] + 1, 0)
-            self.answer[rows], self.unchanged[rows] = answer, unchanged
-            done = unchanged >= self.threshold
+            answer = log_p.argmax(-1)  # (B, T): unchanged for `threshold` recurrences
+            same = (answer == self.answer).all(-1) if self.answer is not None else torch.zeros_like(self.running)
+            self.unchanged = torch.where(same, self.unchanged + 1, 0)
+            self.answer, passed = answer, self.unchanged >= self.threshold
         else:  # "none"
-            done = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-        return done & (step >= self.min_steps)
+            passed = torch.zeros_like(self.running)
+        self.s_prev = s
+        stop = self.running & passed
+        self.steps_used[stop] = step
+        self.running &= ~stop
 
 
-@torch.no_grad()
-def think(model, idx, thinking_steps: int, exit_criterion: str = "none", record_steps=(), generator=None,
-          threshold: float | None = None, min_steps: int | None = None):
-    """Recur up to thinking_steps with a per-row (per-puzzle) exit (threshold and min_steps: the model's config
-    unless given). Rows that exited drop out of the batch: the compute spent is the sum of the rows' steps.
-
-    Returns logits at each row's exit (B, T, V), steps used per row (B,), and {step: logits} for the steps in
-    record_steps (only with exit_criterion "none").
-    """
-    if record_steps and exit_criterion != "none":
-        raise ValueError("record_steps needs exit_criterion 'none'")
-    config = model.config
-    threshold = exit_threshold(config, exit_criterion) if threshold is None else threshold
-    rule = ExitRule(exit_criterion, threshold, config.min_steps if min_steps is None else min_steps,
-                    idx.shape, model.vocab_size, idx.device)
-    rope = model.rope(0, idx.shape[1])
-    e = model.embed(idx, rope)
-    s = model.init_state(e, generator=generator)
-    steps_used = torch.full((idx.shape[0],), thinking_steps, dtype=torch.long, device=idx.device)
-    active = torch.arange(idx.shape[0], device=idx.device)  # rows still thinking
-    recorded = {}
-    for i in range(1, thinking_steps + 1):
-        s_prev = s[active]
-        s_new = model.core_step(s_prev, e[active], rope)
-        s = s.index_copy(0, active, s_new)
-        if i in record_steps:
-            recorded[i] = model.readout(s, rope).float()
-        if exit_criterion == "none" or i == thinking_steps:
-            continue
-        log_p = F.log_softmax(model.readout(s_new, rope).float(), -1) if rule.needs_distribution else None
-        done = rule(i, active, s_prev, s_new, log_p)
-        steps_used[active[done]] = i
-        active = active[~done]
-        if active.numel() == 0:
-            break
-    return model.readout(s, rope).float(), steps_used, recorded
+@dataclass
+class Thought:
+    logits: torch.Tensor  # (B, T, V) from the final states (a row that stopped is frozen at its exit)
+    state: torch.Tensor  # (B, T, D) the final latent states
+    steps_used: torch.Tensor  # (B,) recurrences each row ran
+    recorded: dict  # {step: log p (B, T, V)} at the steps asked for
 
 
-@torch.no_grad()
-def restart_trajectories(model, idx, thinking_steps: int, restarts: int, noise: float, record_steps, generator):
-    """K = restarts trajectories per puzzle in one batch (trajectory-major: row k*B + b), each from its own draw of
-    s_0 (from `generator`); with noise σ > 0, s <- s + σ·std(s)·ε before every recurrence of trajectories 2..K (std
-    over each position's D channels, ε ~ N(0, 1) from the same generator). idx (B, T) -> {step: log p (K, B, T, V)}
-    for the steps in record_steps."""
+def think(model, idx, thinking_steps: int, rules=(), record=(), state=None, generator=None, init_scale: float = 1.0,
+          no_grad_steps: int = 0, restarts: int = 1, noise: float = 0.0, cache=None) -> Thought:
+    """The thinking loop, which training, evaluation, restarts, adaptive exits, generation and trajectories run:
+    e = P(x), s_0 (`state`, or drawn at init_scale), s_i = R(A([s_{i-1}, e])) for i = 1..thinking_steps, readout.
+    rules: ExitRules; a row recurs while a rule still runs it or a step in `record` (whose log p is kept) is
+    ahead, and is frozen after. no_grad_steps: the first n recurrences run without a graph (truncated backprop).
+    restarts K: row k*B + b is trajectory k of puzzle b; trajectories 2..K get s <- s + σ·std(s)·ε before every
+    recurrence (σ = noise). cache: the RecurrentKVCache that the new tokens extend (generation)."""
+    idx = idx.repeat(restarts, 1)  # (K*B, T)
     B, T = idx.shape
-    repeated = idx.repeat(restarts, 1)  # (K*B, T)
-    rope = model.rope(0, T)
-    e = model.embed(repeated, rope)
-    s = model.init_state(e, generator=generator)
-    noisy = (torch.arange(restarts * B, device=idx.device) >= B)[:, None, None]  # (K*B, 1, 1): all but trajectory 1
-    recorded = {}
-    for step in range(1, thinking_steps + 1):
+    start = 0 if cache is None else cache.advance(T)
+    rope = model.rope(start, start + T)
+    e = model.embed(idx, rope, cache)  # e = P(sqrt(h) embed(x)): (B, T, D)
+    s = model.init_state(e, init_scale, generator) if state is None else state  # s_0
+    for rule in rules:
+        rule.start(s, thinking_steps)
+    noisy = (torch.arange(B, device=idx.device) >= B // restarts)[:, None, None]  # all but trajectory 1
+    steps_used = torch.zeros(B, dtype=torch.long, device=idx.device)
+    recorded, logits, grad = {}, None, torch.is_grad_enabled()
+    for i in range(1, thinking_steps + 1):
+        moving = torch.ones(B, dtype=torch.bool, device=idx.device)
+        if rules:
+            moving = torch.stack([rule.running for rule in rules]).any(0) | (i <= max(record, default=0))
+            if not moving.any():
+                break
         if noise:
-            kick = noise * s.float().std(-1, keepdim=True) * torch.randn(s.shape, generator=generator, device=s.device)
+            kick = noise * s.float().std(-1, keepdim=True) * example_noise(torch.randn, s.shape, generator, s.device)
             s = torch.where(noisy, s + kick.to(s.dtype), s)
-        s = model.core_step(s, e, rope)
-        if step in record_steps:
-            recorded[step] = F.log_softmax(model.readout(s, rope).float(), -1).view(restarts, B, T, -1)
-    return recorded
+        steps_used += moving
+        if cache is not None:
+            cache.steps_done[:, start : start + T] = steps_used[:, None]
+        kv = None if cache is None else [cache.layer(cache.core[j], i - 1) for j in range(len(cache.core))]
+        with torch.set_grad_enabled(grad and i > no_grad_steps):
+            s_new = model(s, e, rope, kv)  # s_i = R(A([s_{i-1}, e]))
+        s = torch.where(moving[:, None, None], s_new, s).to(s_new.dtype) if rules else s_new  # stopped rows frozen
+        logits = log_p = None
+        if i in record or any(rule.reads_distribution for rule in rules):
+            logits = model.readout(s, rope, cache).float()  # (B, T, V)
+            log_p = F.log_softmax(logits, -1)  # log p_i
+        if i in record:
+            recorded[i] = log_p
+        for rule in rules:
+            rule.update(i, s, log_p)
+    if logits is None:  # not read out at the last step yet
+        logits = model.readout(s, rope, cache).float()
+    return Thought(logits, s, steps_used, recorded)
 
 
-def pick_by_confidence(log_p, puzzle) -> torch.Tensor:
-    """The model's own signal: per puzzle the trajectory whose argmax grid it gives the highest log-probability over
-    the blank cells, Σ_{i blank} max_{d in 1..9} log p_{i,d} (the first on ties). No rule of Sudoku, no solution.
-    log_p (K, B, 81, V), puzzle (B, 81) -> (B,) the picked trajectory."""
-    return (log_p[..., 1:].amax(-1) * (puzzle == 0)).sum(-1).argmax(0)
-
-
-def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
-    """ORACLE VERIFIER, not the method: it checks Sudoku's rules, which the model never does. grids (K, B, 81),
-    puzzle (B, 81), fallback (B,) -> (B,) the first trajectory whose grid keeps the givens and breaks no rule, else
-    fallback (the model's pick). Its exact % is the ceiling of the K trajectories."""
-    K, B, cells = grids.shape
-    valid = ((grids == puzzle) | (puzzle == 0)).all(-1)  # (K, B) givens kept
-    valid &= sudoku_data.broken_constraints(grids.reshape(K * B, cells)).view(K, B) == 0
-    return torch.where(valid.any(0), valid.int().argmax(0), fallback)
-
-
-# ----------------------------------------------------------------------------- training step
+# ----------------------------------------------------------------------------- training step and evaluation
 
 
 def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config, autocast_dtype) -> dict:
@@ -600,21 +502,16 @@ def train_step(model, optimizer, scaler, batch: dict, step: int, config: Config,
     return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), **metrics}
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _digits(logits):
-    """Most likely digit 1..9 per cell (token 0 = blank is never predicted): (B, 81, V) -> (B, 81)."""
-    return logits[..., 1:].argmax(-1) + 1
+def digits(log_p):
+    """Most likely digit 1..9 per cell (token 0 = blank is never predicted): (..., 81, V) -> (..., 81)."""
+    return log_p[..., 1:].argmax(-1) + 1
 
 
 def adaptive_rows(config: Config) -> list[tuple[str, str, int]]:
-    """(row name, criterion, min_steps) of the adaptive rows of the Sudoku table: the config's criterion first, then
-    every other one, then the config's criterion (kl if none) with no exit before the training mean r_mean."""
+    """(row name, criterion, min_steps) of the table's exit rules: the config's first, then the others, then the
+    config's (kl if none) with no exit before r_mean."""
     first = config.exit_criterion
     rows = [(f"adaptive ({c})", c, config.min_steps) for c in dict.fromkeys((first, *EXIT_CRITERIA[1:])) if c != "none"]
-    if first == "none" and rows:
-        rows.insert(0, ("adaptive (none)", "none", config.min_steps))
     if config.min_steps < config.mean_recurrence:
         criterion = "kl" if first == "none" else first
         rows.append((f"adaptive ({criterion}, min_steps {config.mean_recurrence})", criterion, config.mean_recurrence))
@@ -623,250 +520,169 @@ def adaptive_rows(config: Config) -> list[tuple[str, str, int]]:
 
 def test_time_flops(config: Config, vocab_size: int, recurrences: float, restarts: int = 1, readouts: float = 1,
                     cells: int = 81) -> float:
-    """Matrix-product FLOPs per puzzle at test time (norms and elementwise ops left out, attention as its two
-    products over all cells, train.py's convention): per trajectory the prelude once, r recurrences of A and the
-    core, and `readouts` passes of the coda and the tied head (1 for a fixed count; about r for an exit rule that
-    reads p_i after every recurrence); times K = restarts. The plain transformer: its
-    l_P + l_R·r_mean + l_C blocks and the head once, whatever r. r may be a mean (adaptive exit): linear in it."""
+    """Matrix-product FLOPs per puzzle at test time (train.py's convention): per trajectory the prelude, r (maybe a
+    mean) recurrences and `readouts` coda passes (about r for a rule that reads p_i), times K. Plain: whatever r."""
     h, m, T = config.d_model, config.d_mlp, cells
     block = 2 * T * h * (3 * h + h + 2 * m) + 2 * T * m * h + 2 * 2 * T * T * h  # qkv, out, MLP in/out; Q·Kᵀ, P·V
     head = 2 * T * h * vocab_size
     if config.plain_transformer:
-        return (config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda) * block + head
+        return (config.n_prelude + config.n_core * mean_depth(config) + config.n_coda) * block + head
     core_step = 2 * T * (2 * h) * h + config.n_core * block  # A([s, e]), then l_R blocks
     readout = config.n_coda * block + head
     return restarts * (config.n_prelude * block + recurrences * core_step + readouts * readout)
 
 
-def _evaluate_sudoku(model, task, config: Config, eval_steps, autocast_dtype) -> list[dict]:
-    """Fixed rows from one pass of max(eval_steps) recurrences; every adaptive row from that same pass: each exit
-    rule sees the pass's states and distributions and takes a puzzle's answer at the step the rule exits it, the
-    step think() with that rule stops the puzzle at (rows drop out there, so "mean steps used" is the compute
-    think() spends). With restarts K > 1, two more rows per test set and step: the trajectory the model's
-    confidence picks among K (the method) and the one an oracle verifier picks by the rules (the ceiling)."""
-    device = model.rope_cos.device
-    thinking_steps, chunk = max(eval_steps), 4 * config.batch_size
-    plain = isinstance(model, PlainTransformer)
-    rules = [] if plain else adaptive_rows(config)
-    K = 1 if plain else config.restarts
-    rows = []
-    for set_name, data in task.test_sets.items():
-        g = torch.Generator(device).manual_seed(0)  # s_0 of the pass
-        g_restarts = torch.Generator(device).manual_seed(1)  # s_0 and noise of the K restarts
-        fixed = {r: [] for r in ([config.mean_recurrence] if plain else eval_steps)}
-        picked = {r: ([], []) for r in (eval_steps if K > 1 else ())}  # step -> (confidence's pick, oracle's pick)
-        adaptive = {name: ([], []) for name, _, _ in rules}  # name -> (answers, steps used)
-        for i in range(0, data["puzzle"].shape[0], chunk):
-            idx = data["puzzle"][i : i + chunk].to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                if plain:
-                    fixed[config.mean_recurrence].append(_digits(model(idx).float()).cpu())
-                    continue
-                exits = [ExitRule(c, exit_threshold(config, c), m, idx.shape, model.vocab_size, device) for _, c, m in rules]
-                answers = [torch.zeros_like(idx) for _ in rules]
-                steps = [torch.full((idx.shape[0],), thinking_steps, device=device) for _ in rules]
-                running = [torch.ones(idx.shape[0], dtype=torch.bool, device=device) for _ in rules]
-                every = torch.arange(idx.shape[0], device=device)
-                rope = model.rope(0, idx.shape[1])
-                e = model.embed(idx, rope)
-                s = model.init_state(e, generator=g)
-                for step in range(1, thinking_steps + 1):
-                    s_prev, s = s, model.core_step(s, e, rope)
-                    log_p = F.log_softmax(model.readout(s, rope).float(), -1)  # (B, 81, V)
-                    if step in fixed:
-                        fixed[step].append(_digits(log_p).cpu())
-                    for rule, answer, used, still in zip(exits, answers, steps, running):
-                        now = still & (rule(step, every, s_prev, s, log_p) | (step == thinking_steps))
-                        answer[now], used[now] = _digits(log_p[now]), step
-                        still &= ~now
-                if K > 1:
-                    every_step = restart_trajectories(model, idx, thinking_steps, K, config.restart_noise, eval_steps,
-                                                      g_restarts)
-                    for step, log_p in every_step.items():
-                        grids, best = _digits(log_p), pick_by_confidence(log_p, idx)  # (K, B, 81), (B,)
-                        checked = oracle_verifier_pick(grids, idx, best)
-                        picked[step][0].append(grids[best, every].cpu())
-                        picked[step][1].append(grids[checked, every].cpu())
-            for (name, _, _), answer, used in zip(rules, answers, steps):
-                adaptive[name][0].append(answer.cpu())
-                adaptive[name][1].append(used.float().cpu())
-        puzzle, solution = data["puzzle"], data["solution"]
-
-        def row(steps, mean_steps, pred, restarts=1, readouts=1):
-            flops = test_time_flops(config, model.vocab_size, mean_steps, restarts, readouts, puzzle.shape[1])
-            return {"test set": set_name, "thinking steps": steps, "mean steps used": round(mean_steps, 2),
-                    "exact %": sudoku_data.exact_accuracy(pred, solution),
-                    "blank-cell %": sudoku_data.blank_accuracy(pred, puzzle, solution),
-                    "test-time MFLOP per puzzle": flops / 1e6}
-
-        rows += [row(r, float(r), torch.cat(answers)) for r, answers in fixed.items()]
-        for name, criterion, _ in rules:
-            mean_used = torch.cat(adaptive[name][1]).mean().item()
-            readouts = mean_used if criterion in READS_DISTRIBUTION else 1
-            rows.append(row(name, mean_used, torch.cat(adaptive[name][0]), readouts=readouts))
-        for r, (by_confidence, by_oracle) in picked.items():
-            for picked_by, answers in (("confidence", by_confidence), ("oracle verifier", by_oracle)):
-                rows.append({**row(r, float(r), torch.cat(answers), restarts=K), "restarts": K, "picked by": picked_by})
-    return rows
-
-
-def _evaluate_text(model, task, config: Config, eval_steps, autocast_dtype) -> list[dict]:
-    rows, device = [], model.rope_cos.device
-    for set_name, data in task.test_sets.items():
+def sudoku_answers(model, puzzle, config: Config, eval_steps, generator, restart_generator) -> dict:
+    """{(thinking steps, picked by): (answers (B, 81), recurrences used (B,))}: from one pass, a row per fixed count
+    and per exit rule (the answer where it stops); with restarts, the picks of confidence and an oracle verifier."""
+    B, every = puzzle.shape[0], torch.arange(puzzle.shape[0], device=puzzle.device)
+    if isinstance(model, PlainTransformer):
+        return {(mean_depth(config), None): (digits(model(puzzle)), torch.full((B,), mean_depth(config)))}
+    budget = max(eval_steps)
+    rules = {name: ExitRule.from_config(config, criterion, min_steps) for name, criterion, min_steps in
+             adaptive_rows(config)}
+    thought = think(model, puzzle, budget, rules.values(), record=range(1, budget + 1), generator=generator)
+    answers = {(r, None): (digits(thought.recorded[r]), torch.full((B,), r)) for r in eval_steps}
+    every_step = torch.stack([digits(thought.recorded[i]) for i in range(1, budget + 1)])  # (budget, B, 81)
+    for name, rule in rules.items():
+        answers[name, None] = every_step[rule.steps_used - 1, every], rule.steps_used
+    if config.restarts > 1:
+        K = config.restarts
+        thought = think(model, puzzle, budget, record=eval_steps, generator=restart_generator, restarts=K,
+                        noise=config.restart_noise)
         for r in eval_steps:
-            g = torch.Generator(device).manual_seed(0)
-            total, count = 0.0, 0
-            for i in range(0, data["tokens"].shape[0], config.batch_size):
-                x, y = inputs_and_targets({"tokens": data["tokens"][i : i + config.batch_size].to(device)})
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits, _, _ = think(model, x, r, "none", generator=g)
-                total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-                count += y.numel()
-            rows.append({"test set": set_name, "thinking steps": r, "loss": total / count,
-                         "bits/char": total / count / math.log(2)})
+            log_p = thought.recorded[r].view(K, B, *puzzle.shape[1:], -1)  # (K, B, 81, V)
+            grids, best = digits(log_p), pick_by_confidence(log_p, puzzle)  # (K, B, 81), (B,)
+            answers[r, "confidence"] = grids[best, every], torch.full((B,), r)
+            answers[r, "oracle verifier"] = grids[oracle_verifier_pick(grids, puzzle, best), every], torch.full((B,), r)
+    return answers
+
+
+def _evaluate_sudoku(model, task, config: Config, eval_steps) -> list[dict]:
+    device, rows = model.wte.weight.device, []
+    reads_p = {name for name, criterion, _ in adaptive_rows(config) if criterion in READS_DISTRIBUTION}
+    for set_name, data in task.test_sets.items():
+        generators = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)  # s_0; restarts
+        chunks = []
+        for i in range(0, data["puzzle"].shape[0], 4 * config.batch_size):
+            answers = sudoku_answers(model, data["puzzle"][i : i + 4 * config.batch_size].to(device), config,
+                                     eval_steps, *generators)
+            chunks.append({key: (pred.cpu(), used.float().cpu()) for key, (pred, used) in answers.items()})
+        puzzle, solution = data["puzzle"], data["solution"]
+        for steps, picked_by in chunks[0]:
+            pred = torch.cat([chunk[steps, picked_by][0] for chunk in chunks])
+            used = torch.cat([chunk[steps, picked_by][1] for chunk in chunks]).mean().item()
+            K = config.restarts if picked_by else 1
+            flops = test_time_flops(config, model.vocab_size, used, K, used if steps in reads_p else 1, puzzle.shape[1])
+            rows.append({"test set": set_name, "thinking steps": steps, "mean steps used": round(used, 2),
+                         "exact %": sudoku_data.exact_accuracy(pred, solution),
+                         "blank-cell %": sudoku_data.blank_accuracy(pred, puzzle, solution),
+                         "test-time MFLOP per puzzle": flops / 1e6,
+                         **({"restarts": K, "picked by": picked_by} if picked_by else {})})
     return rows
 
 
 @torch.no_grad()
 def evaluate(model, task, config: Config, eval_steps: tuple[int, ...], autocast_dtype) -> list[dict]:
-    """Sudoku: exact / blank-cell accuracy per fixed recurrence count and per adaptive exit rule, per test set;
-    the plain-transformer control has one row per test set, at thinking steps r_mean (the recurrences whose depth
-    its layers match). Text: held-out loss and bits per character per recurrence count."""
+    """Sudoku: exact and blank-cell % per count and exit rule (`sudoku_answers`); text: bits per character."""
     model.eval()
+    device, rows = model.wte.weight.device, []
     try:
-        evaluate_task = _evaluate_sudoku if task.name == "sudoku" else _evaluate_text
-        return evaluate_task(model, task, config, eval_steps, autocast_dtype)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if task.name == "sudoku":
+                return _evaluate_sudoku(model, task, config, eval_steps)
+            for set_name, data in task.test_sets.items():
+                for r in eval_steps:
+                    g, total, count = torch.Generator(device).manual_seed(0), 0.0, 0
+                    for i in range(0, data["tokens"].shape[0], config.batch_size):
+                        x, y = inputs_and_targets({"tokens": data["tokens"][i : i + config.batch_size].to(device)})
+                        logits = think(model, x, r, generator=g).logits
+                        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+                        count += y.numel()
+                    rows.append({"test set": set_name, "thinking steps": r, "loss": total / count,
+                                 "bits/char": total / count / math.log(2)})
+        return rows
     finally:
         model.train()
 
 
-# ----------------------------------------------------------------------------- generation (text): KV cache, per-token exit, speculative decoding
+# ================================== beyond the paper: restarts, KV-cache generation, speculative decoding, Huginn-0125
+
+
+def pick_by_confidence(log_p, puzzle) -> torch.Tensor:
+    """Restarts (after EqR's and PTRM's noisy recursions) pick by the model's own signal, no rule of Sudoku: log_p
+    (K, B, 81, V), puzzle (B, 81) -> (B,) the trajectory of highest Σ_{blank i} max_d log p_{i,d}, first on ties."""
+    return (log_p[..., 1:].amax(-1) * (puzzle == 0)).sum(-1).argmax(0)
+
+
+def oracle_verifier_pick(grids, puzzle, fallback) -> torch.Tensor:
+    """ORACLE VERIFIER, the ceiling of the K trajectories, not the method: grids (K, B, 81), puzzle (B, 81) -> (B,)
+    the first trajectory whose grid keeps the givens and breaks no rule of Sudoku, else fallback (B,)."""
+    K, B, cells = grids.shape
+    valid = ((grids == puzzle) | (puzzle == 0)).all(-1)  # (K, B) givens kept
+    valid &= sudoku_data.broken_constraints(grids.reshape(K * B, cells)).view(K, B) == 0
+    return torch.where(valid.any(0), valid.int().argmax(0), fallback)
 
 
 class RecurrentKVCache:
-    """KV cache for causal generation with one slot per prelude layer, per (core layer, step), per coda layer.
-
-    Tokens may stop recurring at different steps (adaptive exit). `steps_done[b, t]` counts the core steps
-    cached for token t of row b; a query at step i reads, for every earlier token, the most recent entry
-    of the same core layer: step min(i, steps_done - 1) ("latest-m4" in the reference, whose 4-layer core
-    makes "same core layer" = block index mod 4).
-    """
+    """KV cache for generation: one slot per prelude layer, per (core layer, recurrence), per coda layer. A token
+    that exited early has fewer core steps (`steps_done`); a query at step i reads each earlier token's entry of
+    the same core layer at step min(i, steps_done - 1), the reference's "latest-m4" policy."""
 
     def __init__(self, model: RecurrentDepthModel, batch: int, max_len: int, thinking_steps: int):
-        p = next(model.parameters())
-        config = model.config
+        if not getattr(model, "causal", False) or max_len > model.max_len:
+            raise ValueError(f"generation needs the causal (text) model and at most {model.max_len} tokens")
+        p, config = next(model.parameters()), model.config
         shape = (2, batch, config.n_heads, max_len, config.d_model // config.n_heads)  # (k|v, B, H, T, hd)
-        self.prelude = p.new_zeros(len(model.prelude), *shape)
-        self.core = p.new_zeros(thinking_steps, len(model.core), *shape)
-        self.coda = p.new_zeros(len(model.coda), *shape)
+        self.prelude = p.new_zeros(len(model.prelude), 1, *shape)  # (layer, step, k|v, B, H, T, hd)
+        self.core = p.new_zeros(len(model.core), thinking_steps, *shape)
+        self.coda = p.new_zeros(len(model.coda), 1, *shape)
         self.steps_done = torch.zeros(batch, max_len, dtype=torch.long, device=p.device)  # (B, T)
         self.start = self.end = 0  # positions [start, end) are being processed
 
-    def advance(self, n_new: int):
-        """Open positions [end, end + n_new) for the next forward pass."""
+    def advance(self, n_new: int) -> int:
+        """Open positions [end, end + n_new) for the next forward pass; returns their start."""
         self.start, self.end = self.end, self.end + n_new
+        return self.start
 
     def rewind(self, position: int):
         """Forget positions >= position (their entries are overwritten by the next pass)."""
         self.start = self.end = position
 
-    def _mask(self):
-        """(T_new, T_all) causal mask of the new queries over all cached keys; None for a single query."""
-        if self.end - self.start == 1:
-            return None
-        q_pos = torch.arange(self.start, self.end, device=self.steps_done.device)
-        return torch.arange(self.end, device=q_pos.device)[None, :] <= q_pos[:, None]
-
-    def layer(self, store: torch.Tensor):
-        """Callback for a prelude/coda layer: write the new k, v and return the full history."""
+    def layer(self, store: torch.Tensor, step: int = 0):
+        """Attention's callback for a layer's store (steps, k|v, B, H, T, hd) at `step` (see Attention.forward)."""
 
         def update(k, v):
-            store[0, :, :, self.start : self.end] = k
-            store[1, :, :, self.start : self.end] = v
-            return store[0, :, :, : self.end].to(k.dtype), store[1, :, :, : self.end].to(v.dtype), self._mask()
-
-        return update
-
-    def core_layer(self, layer: int, step: int):
-        """Callback for core layer `layer` at recurrence `step` with the latest-m4 lookup."""
-
-        def update(k, v):
-            self.core[step, layer, 0, :, :, self.start : self.end] = k
-            self.core[step, layer, 1, :, :, self.start : self.end] = v
+            store[step, :, :, :, self.start : self.end] = torch.stack([k, v])
             B, T = self.steps_done.shape[0], self.end
             slot = (self.steps_done[:, :T] - 1).clamp(0, step)  # (B, T) latest cached step <= step
             rows, cols = torch.arange(B, device=slot.device)[:, None], torch.arange(T, device=slot.device)[None, :]
-            keys = self.core[slot, layer, 0, rows, :, cols].transpose(1, 2)  # (B, T, H, hd) -> (B, H, T, hd)
-            values = self.core[slot, layer, 1, rows, :, cols].transpose(1, 2)
-            return keys.to(k.dtype), values.to(v.dtype), self._mask()
+            keys, values = store[slot, :, rows, :, cols].permute(2, 0, 3, 1, 4)  # (B, T, 2, H, hd) -> 2x(B, H, T, hd)
+            q_pos = torch.arange(self.start, self.end, device=slot.device)
+            mask = None if len(q_pos) == 1 else torch.arange(T, device=slot.device)[None, :] <= q_pos[:, None]
+            return keys.to(k.dtype), values.to(v.dtype), mask
 
         return update
-
-
-@torch.no_grad()
-def cached_forward(model, idx, cache: RecurrentKVCache, thinking_steps: int, exit_criterion: str, state, init_scale):
-    """Process new tokens (B, T_new) against the cache; per-row exit (per token when T_new == 1) by the model
-    config's threshold and min_steps. A row that exited stays frozen while the others recur: the batch runs
-    max(steps used) recurrences.
-
-    Returns logits (B, T_new, V), final states (B, T_new, D), steps used (B,).
-    """
-    cache.advance(idx.shape[1])
-    rope = model.rope(cache.start, cache.end)
-    e = model.embed(idx, rope, cache)
-    s = model.init_state(e, init_scale) if state is None else state
-    active = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,)
-    steps_used = torch.full_like(active, thinking_steps, dtype=torch.long)
-    rule = ExitRule(exit_criterion, exit_threshold(model.config, exit_criterion), model.config.min_steps, idx.shape,
-                    model.vocab_size, idx.device)
-    every = torch.arange(idx.shape[0], device=idx.device)
-    for i in range(thinking_steps):
-        cache.steps_done[active, cache.start : cache.end] = i + 1
-        s_new = model.core_step(s, e, rope, cache, step=i)
-        s_prev, s = s, torch.where(active[:, None, None], s_new, s)  # exited rows stay frozen
-        if exit_criterion == "none" or i == thinking_steps - 1:
-            continue
-        log_p = F.log_softmax(model.readout(s, rope, cache).float(), -1) if rule.needs_distribution else None
-        done = active & rule(i + 1, every, s_prev, s, log_p)
-        steps_used[done] = i + 1
-        active &= ~done
-        if not active.any():
-            break
-    return model.readout(s, rope, cache).float(), s, steps_used
 
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int, thinking_steps: int | None = None, exit_criterion: str | None = None,
-             continuous_cot: bool | None = None, temperature: float = 0.0, init_scale: float = 1.0):
-    """Autoregressive sampling (greedy at temperature 0) with a KV cache and per-token adaptive exit.
-
-    The prompt is prefilled with thinking_steps recurrences and no exit, as the reference's `step > 0` guard
-    ("do not exit in prefill") in generate_with_adaptive_compute (recpre/raven_modeling_minimal.py).
-    Returns tokens (B, T_prompt + max_new_tokens) and {"mean steps": recurrences per generated token and row,
-    "batch steps": recurrences the batch ran per generated token (its slowest row's: exited rows wait)}.
-    """
-    if not getattr(model, "causal", False):
-        raise ValueError("generate() needs the causal (text) model")
-    config = model.config
-    thinking_steps = thinking_steps or config.mean_recurrence
-    exit_criterion = config.exit_criterion if exit_criterion is None else exit_criterion
-    continuous_cot = config.continuous_cot if continuous_cot is None else continuous_cot
-    if prompt.shape[1] + max_new_tokens > model.max_len:
-        raise ValueError(f"prompt + new tokens must fit in the context length {model.max_len}")
+             continuous_cot: bool = True, init_scale: float = 1.0):
+    """Greedy decoding with a KV cache and per-token exit; with continuous_cot, a token's s_0 is the previous
+    token's last state. The prompt is prefilled without exit. Returns the tokens and {"mean steps": recurrences
+    per token and row, "batch steps": recurrences the batch ran per token (exited rows wait)}."""
+    thinking_steps = thinking_steps or model.config.mean_recurrence
     cache = RecurrentKVCache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, thinking_steps)
-    logits, s, _ = cached_forward(model, prompt, cache, thinking_steps, "none", None, init_scale)
+    thought = think(model, prompt, thinking_steps, init_scale=init_scale, cache=cache)
     tokens, steps = [prompt], []
     for t in range(max_new_tokens):
-        last = logits[:, -1]  # (B, V)
-        if temperature > 0:
-            nxt = torch.multinomial(F.softmax(last / temperature, -1), 1)
-        else:
-            nxt = last.argmax(-1, keepdim=True)  # (B, 1)
+        nxt = thought.logits[:, -1:].argmax(-1)  # greedy: (B, 1)
         tokens.append(nxt)
         if t + 1 < max_new_tokens:
-            state = s[:, -1:] if continuous_cot else None  # continuous CoT warm start
-            logits, s, used = cached_forward(model, nxt, cache, thinking_steps, exit_criterion, state, init_scale)
-            steps.append(used.float())
+            state = thought.state[:, -1:] if continuous_cot else None  # continuous CoT warm start
+            rule = ExitRule.from_config(model.config, exit_criterion)
+            thought = think(model, nxt, thinking_steps, [rule], state=state, init_scale=init_scale, cache=cache)
+            steps.append(thought.steps_used.float())
     used = torch.stack(steps) if steps else torch.full((1, 1), float(thinking_steps))  # (tokens, B)
     return torch.cat(tokens, dim=1), {"mean steps": used.mean().item(), "batch steps": used.amax(1).mean().item()}
 
@@ -874,36 +690,25 @@ def generate(model, prompt, max_new_tokens: int, thinking_steps: int | None = No
 @torch.no_grad()
 def generate_speculative(model, prompt, max_new_tokens: int, draft_steps: int = 4, verify_steps: int | None = None,
                          lookahead: int = 4, init_scale: float = 0.0):
-    """Self-speculative greedy decoding: the same model drafts with few recurrences and verifies with many.
-
-    Each round drafts `lookahead` tokens one by one with draft_steps recurrences, then runs the pending
-    token and the drafts through verify_steps recurrences in one pass over the shared KV cache (the
-    drafts' entries are overwritten), keeps the longest prefix on which the verifier's greedy choice
-    agrees, plus the verifier's own next token. The output equals generate(thinking_steps=verify_steps,
-    exit_criterion="none", continuous_cot=False) from the same deterministic s_0 (init_scale 0: zero state).
-    A batch advances by the shortest agreeing prefix of its rows.
-    Returns tokens (B, T_prompt + max_new_tokens) and {"accepted": fraction of drafted tokens accepted,
-    "sequential steps": recurrences run one after another per new token, drafts plus verify passes}.
-    """
-    if not getattr(model, "causal", False):
-        raise ValueError("generate_speculative() needs the causal (text) model")
+    """Self-speculative greedy decoding: each round drafts `lookahead` tokens with draft_steps recurrences, verifies
+    them in one pass of verify_steps over the shared KV cache and keeps the agreeing prefix (the shortest of the
+    batch) plus the verifier's next token: the output of generate(verify_steps, "none", continuous_cot=False) from
+    the same s_0. Returns it and {"accepted": drafts accepted, "sequential steps": recurrences in turn per token}."""
     verify_steps = verify_steps or model.config.mean_recurrence
     if not 1 <= draft_steps <= verify_steps or lookahead < 1:
         raise ValueError(f"need 1 <= draft_steps ({draft_steps}) <= verify_steps ({verify_steps}), lookahead >= 1")
-    if prompt.shape[1] + max_new_tokens > model.max_len:
-        raise ValueError(f"prompt + new tokens must fit in the context length {model.max_len}")
     cache = RecurrentKVCache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens, verify_steps)
-    logits, _, _ = cached_forward(model, prompt, cache, verify_steps, "none", None, init_scale)
+    logits = think(model, prompt, verify_steps, init_scale=init_scale, cache=cache).logits
     tokens = [prompt, logits[:, -1:].argmax(-1)]  # the last token is pending: not yet in the cache
     new, drafted, accepted, passes = 1, 0, 0, 0
     while new < max_new_tokens:
         start, count = cache.end, min(lookahead, max_new_tokens - new)
         draft = [tokens[-1][:, -1:]]
         for _ in range(count):  # draft: one token at a time with few recurrences
-            logits, _, _ = cached_forward(model, draft[-1], cache, draft_steps, "none", None, init_scale)
+            logits = think(model, draft[-1], draft_steps, init_scale=init_scale, cache=cache).logits
             draft.append(logits[:, -1:].argmax(-1))
         cache.rewind(start)  # verify: the pending token and all but the last draft in one pass
-        logits, _, _ = cached_forward(model, torch.cat(draft[:-1], 1), cache, verify_steps, "none", None, init_scale)
+        logits = think(model, torch.cat(draft[:-1], 1), verify_steps, init_scale=init_scale, cache=cache).logits
         verified = logits.argmax(-1)  # (B, count): the greedy token after each input
         agree = int((verified == torch.cat(draft[1:], 1)).cumprod(1).sum(1).min())  # longest agreeing prefix
         keep = min(agree + 1, count)  # the agreeing drafts, then the verifier's correction
@@ -914,116 +719,58 @@ def generate_speculative(model, prompt, max_new_tokens: int, draft_steps: int = 
     return torch.cat(tokens, dim=1), {"accepted": accepted / max(drafted, 1), "sequential steps": sequential}
 
 
-# ----------------------------------------------------------------------------- the official Huginn checkpoint
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 # official name -> ours, applied in order (recpre/raven_modeling_minimal.py: RavenForCausalLM)
 OFFICIAL_KEY_MAP = ((r"^transformer\.", ""), (r"^core_block\.", "core."), (r"\.norm_(\d)\.", r".n\1."),
                     (r"\.attn\.Wqkv\.", ".attn.qkv."))  # fmt: skip
 OFFICIAL_UNUSED = ("lm_head.weight", "freqs_cis")  # the head is tied to wte; the RoPE table is recomputed
 
 
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """Tensors of one .safetensors file, read with the standard library and torch.
-
-    Format: an 8-byte little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
-    "data_offsets": [begin, end]}} (and an optional "__metadata__"), then the raw little-endian bytes,
-    offsets counted from the end of the header. Accepted dtypes: SAFETENSORS_DTYPES (F64, F32, F16, BF16,
-    I64, I32, I16, I8, U8, BOOL); float8 and unsigned 16-64-bit tensors are refused.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise ValueError(f"{path}: header length {n} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: the safetensors header is not JSON") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: the safetensors header is not a JSON object")
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype_name, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets [begin, end]") from None
-            if dtype_name not in SAFETENSORS_DTYPES:
-                accepted = ", ".join(SAFETENSORS_DTYPES)
-                raise ValueError(f"{path}: tensor {name!r} has dtype {dtype_name}; accepted: {accepted}")
-            dtype = SAFETENSORS_DTYPES[dtype_name]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not 0 <= begin <= end or end - begin != nbytes or 8 + n + end > size:
-                raise ValueError(f"{path}: tensor {name!r} data_offsets [{begin}, {end}] do not match "
-                                 f"its shape {shape} and dtype {dtype_name}, or run past the end of the file")
-            f.seek(8 + n + begin)
-            data = bytearray(f.read(nbytes))
-            empty = torch.empty(shape, dtype=dtype)
-            tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if nbytes else empty
-    return tensors
-
-
-def read_state_dict(directory) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder: its *.safetensors shards, else its *.bin / *.pt state dicts."""
+def read_state_dict(directory, config: Config) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's *.safetensors shards (pip install safetensors), else its *.bin / *.pt state dicts, in
+    this file's names and layout: qk_bias (2, 1, H, hd) -> (2, H, 1, hd), each head's q/k rows and bias permuted
+    so that our RoPE on pairs (j, j + hd/2) computes the official one on pairs (2j, 2j+1)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"checkpoint folder not found: {directory}")
     files = sorted(directory.glob("*.safetensors")) or sorted([*directory.glob("*.bin"), *directory.glob("*.pt")])
     if not files:
         raise ValueError(f"{directory} has no *.safetensors, *.bin or *.pt files")
+    head_dim = config.d_model // config.n_heads
+    to_halves = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # our dim j <- this dim
     state = {}
     for file in files:
-        if file.suffix == ".safetensors":
-            state.update(read_safetensors(file))
-            continue
         try:
-            part = torch.load(file, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-            raise ValueError(f"{file}: cannot read it as a torch state dict ({str(error).splitlines()[0]})") from None
-        if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                part = load_file(file)
+            else:
+                part = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # no safetensors package, or torch's and its errors for a file that is no state dict
+            raise ValueError(f"{file}: cannot read it as a state dict ({str(error).splitlines()[0]})") from None
+        if not isinstance(part, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in part.values()):
             raise ValueError(f"{file}: not a state dict of tensors")
-        state.update(part)
+        for name, tensor in part.items():
+            if name in OFFICIAL_UNUSED:
+                continue
+            for pattern, replacement in OFFICIAL_KEY_MAP:
+                name = re.sub(pattern, replacement, name)
+            if name.endswith("attn.qk_bias"):
+                tensor = tensor.transpose(1, 2)[..., to_halves]  # (2, 1, H, hd) -> (2, H, 1, hd)
+            elif name.endswith("attn.qkv.weight"):
+                rows = tensor.reshape(3, config.n_heads, head_dim, -1)  # (q|k|v, H, hd, D)
+                tensor = torch.cat([rows[:2, :, to_halves], rows[2:]]).reshape(tensor.shape)  # v rows stay
+            state[name] = tensor.contiguous()
     return state
-
-
-def from_official_state_dict(state: dict, config: Config) -> dict[str, torch.Tensor]:
-    """Official names and layout -> this file's: key map, qk_bias (2, 1, H, hd) -> (2, H, 1, hd), and for
-    rope_layout "halves" each head's q/k rows permuted so that halves RoPE computes the interleaved one."""
-    head_dim = config.d_model // config.n_heads
-    to_halves = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # halves dim j <- this dim
-    local = {}
-    for name, tensor in state.items():
-        if name in OFFICIAL_UNUSED:
-            continue
-        for pattern, replacement in OFFICIAL_KEY_MAP:
-            name = re.sub(pattern, replacement, name)
-        if name.endswith("attn.qk_bias"):
-            tensor = tensor.transpose(1, 2)  # (2, 1, H, hd) -> (2, H, 1, hd)
-            if config.rope_layout == "halves":
-                tensor = tensor[..., to_halves]
-        elif name.endswith("attn.qkv.weight") and config.rope_layout == "halves":
-            rows = tensor.reshape(3, config.n_heads, head_dim, -1)  # (q|k|v, H, hd, D)
-            tensor = torch.cat([rows[:2, :, to_halves], rows[2:]]).reshape(tensor.shape)  # v rows stay
-        local[name] = tensor.contiguous()
-    return local
 
 
 def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGINN_VOCAB_SIZE,
                 max_len: int = HUGINN_CONTEXT) -> RecurrentDepthModel:
-    """The causal model with the official weights of `directory` (default config: the released Huginn-0125).
-
-    Parameters keep the checkpoint's dtype (bfloat16 for the release); call .float() for float32.
-    """
+    """The causal model with the official weights of `directory` (default config: the released Huginn-0125), in
+    the checkpoint's dtype (bfloat16 for the release; call .float() for float32)."""
     config = config or Config(**HUGINN_CONFIG)
     check_config(config)
-    state = from_official_state_dict(read_state_dict(directory), config)
+    state = read_state_dict(directory, config)
     with torch.device("meta"):  # shapes only: no random init of 3.5B parameters that are overwritten anyway
         model = RecurrentDepthModel(config, vocab_size, max_len, causal=True, grid=False)
     try:
@@ -1031,34 +778,22 @@ def load_huginn(directory, config: Config | None = None, vocab_size: int = HUGIN
     except RuntimeError as error:
         detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
         raise ValueError(f"{directory}: the checkpoint does not fit the config: {detail}") from None
-    model.rope_cos, model.rope_sin = rope_tables(config.d_model // config.n_heads, max_len, config.rope_base)
+    model.rope_cos, model.rope_sin = rope_tables(config.d_model // config.n_heads, max_len)
     return model.eval()
 
 
-
-
-# ----------------------------------------------------------------------------- demo
-
-if __name__ == "__main__":
-    # A tiny causal model memorises a short string in seconds, then generates with per-token exit.
-    import time
+if __name__ == "__main__":  # a tiny causal model memorises a string in seconds, then generates with per-token exit
     from types import SimpleNamespace
 
     text = "the cat sat on the mat. " * 8
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text])
-    task = SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64)
     config = Config(d_model=64, d_mlp=128, mean_recurrence=4, backprop_depth=2, lr=3e-3)
     torch.manual_seed(0)
-    model = build_model(config, task)
-    optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler(enabled=False)
-    t0 = time.time()
+    model = build_model(config, SimpleNamespace(name="text", vocab_size=len(chars), seq_len=64))
+    optimizer, scaler = make_optimizer(model, config), torch.amp.GradScaler(enabled=False)
     for step in range(150):
-        starts = torch.randint(0, len(data) - 33, (16,))
-        batch = {"tokens": torch.stack([data[s : s + 33] for s in starts])}
-        loss = train_step(model, optimizer, scaler, batch, step, config, None)["loss"]
-    print(f"loss {loss.item():.3f} after 150 steps ({time.time() - t0:.1f}s)")
-    model.eval()
-    out, stats = generate(model, data[None, :8], 40, thinking_steps=8)
+        batch = {"tokens": torch.stack([data[s : s + 33] for s in torch.randint(0, len(data) - 33, (16,))])}
+        train_step(model, optimizer, scaler, batch, step, config, None)
+    out, stats = generate(model.eval(), data[None, :8], 40, thinking_steps=8)
     print(repr("".join(chars[i] for i in out[0].tolist())), f"mean recurrences per token {stats['mean steps']:.2f} / 8")

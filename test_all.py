@@ -1507,7 +1507,7 @@ def test_csv_reader_rejects_malformed_rows_with_their_line(tmp_path, puzzles):
 def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puzzles, capsys):
     sudoku_data.write_csv(tmp_path / "public_train.csv", puzzles["easy"][0][:8], puzzles["easy"][1][:8])
     sudoku_data.write_csv(tmp_path / "extreme.csv", puzzles["easy"][0][8:], puzzles["easy"][1][8:])
-    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999"]
+    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999", "--steps", "2"]
     assert train.main(run + ["--train-csv", str(tmp_path / "public_train.csv"), "--test-csv", str(tmp_path / "extreme.csv")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {row["test set"] for row in results["rows"]} == {"extreme"}
@@ -1611,7 +1611,8 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
 
     monkeypatch.setattr(rd, "evaluate", recording_evaluate)
     out = tmp_path / "run"
-    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--ema", "0.9"]
+    small = ["--data-dir", data_dir, "--ema", "0.9", "--eval-steps", "1", "--eval-size", "2"]
+    run = TINY_RUN + small + ["--out", str(out)]
     assert train.main(run) == 0
     saved = _checkpoint(out)
     average, trained = saved["ema"], saved["model"]
@@ -1631,7 +1632,7 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
     # --resume continues the average exactly
     monkeypatch.setattr(rd, "train_step", interrupting_at_step_3(rd.train_step))
     interrupted = tmp_path / "interrupted"
-    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(interrupted), "--ema", "0.9"]) == 130
+    assert train.main(TINY_RUN + small + ["--out", str(interrupted)]) == 130
     monkeypatch.undo()
     assert train.main(["--method", "recurrent_depth", "--resume", str(interrupted / "checkpoint.pt")]) == 0
     assert all(torch.equal(_checkpoint(interrupted)["ema"][name], average[name]) for name in names)
@@ -1784,6 +1785,11 @@ def tiny_model(task=TEXT, **overrides):
     return rd.build_model(rd.Config(**{**TINY, **overrides}), task)
 
 
+def unrolled(model, idx, num_steps, state=None):
+    """The training forward: logits after n recurrences without a graph and k with one."""
+    return rd.think(model, idx, sum(num_steps), no_grad_steps=num_steps[0], state=state).logits
+
+
 def test_recurrent_depth_cached_generation_equals_uncached_forward():
     """Prefill + one token at a time through the KV cache gives the logits of the full forward."""
     model = tiny_model().eval()
@@ -1791,16 +1797,16 @@ def test_recurrent_depth_cached_generation_equals_uncached_forward():
     steps = 5
     with torch.no_grad():
         zero = torch.zeros(3, 20, model.config.d_model)
-        full = model(idx, (steps, 0), state=zero)  # (B, T, V)
+        full = unrolled(model, idx, (steps, 0), state=zero)  # (B, T, V)
         cache = rd.RecurrentKVCache(model, 3, 20, steps)
-        parts = [rd.cached_forward(model, idx[:, :12], cache, steps, "none", None, init_scale=0.0)[0]]
+        parts = [rd.think(model, idx[:, :12], steps, init_scale=0.0, cache=cache).logits]
         for t in range(12, 20):
-            parts.append(rd.cached_forward(model, idx[:, t : t + 1], cache, steps, "none", None, init_scale=0.0)[0])
+            parts.append(rd.think(model, idx[:, t : t + 1], steps, init_scale=0.0, cache=cache).logits)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
     # generate() (greedy, fixed steps, no warm start) continues exactly as the uncached model would
     out, stats = rd.generate(model, idx[:, :8], 10, thinking_steps=steps, exit_criterion="none", continuous_cot=False,
                                      init_scale=0.0)
-    logits = model(out[:, :-1], (steps, 0), state=torch.zeros(3, 17, model.config.d_model))
+    logits = unrolled(model, out[:, :-1], (steps, 0), state=torch.zeros(3, 17, model.config.d_model))
     assert torch.equal(out[:, 8:], logits[:, 7:].argmax(-1)) and stats["mean steps"] == steps
 
 
@@ -1808,12 +1814,12 @@ def test_recurrent_depth_latest_m4_lookup_reads_latest_step_of_early_exited_toke
     model = tiny_model()
     cache = rd.RecurrentKVCache(model, 1, 4, thinking_steps=6)
     for step in range(6):  # mark the (k) cache entry of step s for every token with value s
-        cache.core[step, 0, 0] = step
+        cache.core[0, step, 0] = step
     cache.steps_done[0] = torch.tensor([6, 2, 4, 6])  # token 1 exited after 2 steps, token 2 after 4; 3 is new
     cache.start, cache.end = 3, 4
     head_dim = model.config.d_model // model.config.n_heads
     new = torch.full((1, model.config.n_heads, 1, head_dim), 7.0)
-    keys, _, _ = cache.core_layer(0, 5)(new, new)  # a query at step 5
+    keys, _, _ = cache.layer(cache.core[0], 5)(new, new)  # a query at step 5
     assert keys[0, 0, :, 0].tolist() == [5.0, 1.0, 3.0, 7.0]  # slot min(5, steps_done - 1); the new key itself
 
 
@@ -1854,14 +1860,15 @@ def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
     model.config.latent_threshold = 0.3  # exits after 1 to 8 steps on this model
     tokens = torch.randint(0, TEXT.vocab_size, (4, 16))
 
+    @torch.no_grad()
     def decode(rows):  # prefill 6 tokens, then feed the next 10 one at a time with per-token exit
         cache = rd.RecurrentKVCache(model, rows.shape[0], 16, 8)
-        logits, _, _ = rd.cached_forward(model, rows[:, :6], cache, 8, "none", None, 0.0)
-        outputs, steps = [logits], []
+        outputs, steps = [rd.think(model, rows[:, :6], 8, init_scale=0.0, cache=cache).logits], []
         for t in range(6, 16):
-            logits, _, used = rd.cached_forward(model, rows[:, t : t + 1], cache, 8, "latent-diff", None, 0.0)
-            outputs.append(logits)
-            steps.append(used)
+            rule = rd.ExitRule.from_config(model.config, "latent-diff")
+            thought = rd.think(model, rows[:, t : t + 1], 8, [rule], init_scale=0.0, cache=cache)
+            outputs.append(thought.logits)
+            steps.append(thought.steps_used)
         return torch.cat(outputs, 1), torch.stack(steps, 1)  # (B, 16, V), (B, 10)
 
     batch, steps = decode(tokens)
@@ -1875,14 +1882,14 @@ def test_recurrent_depth_per_token_exit_in_a_batch_equals_each_row_alone():
 def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_token(monkeypatch):
     model = tiny_model().eval()
     model.config.kl_threshold = 1e9  # every generated token exits at its first KL check
-    calls, forward = [], rd.cached_forward
+    calls, think = [], rd.think
 
-    def spy(model, idx, cache, thinking_steps, exit_criterion, state, init_scale):
-        logits, s, used = forward(model, idx, cache, thinking_steps, exit_criterion, state, init_scale)
-        calls.append((state, s, used))
-        return logits, s, used
+    def spy(*args, **kwargs):
+        thought = think(*args, **kwargs)
+        calls.append((kwargs.get("state"), thought.state, thought.steps_used))
+        return thought
 
-    monkeypatch.setattr(rd, "cached_forward", spy)
+    monkeypatch.setattr(rd, "think", spy)
     rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl", continuous_cot=True)
     assert calls[0][0] is None and calls[0][2].tolist() == [6, 6]  # the prompt: fresh s_0, all 6 steps, no exit
     assert all(used.tolist() == [1, 1] for _, _, used in calls[1:])
@@ -1896,16 +1903,16 @@ def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_t
 def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
     model = tiny_model().eval()
     prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
-    greedy, _ = rd.generate(model, prompt, 20, thinking_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
+    greedy, _ = rd.generate(model, prompt, 11, thinking_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
     rates = []
     for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
-        out, stats = rd.generate_speculative(model, prompt, 20, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        out, stats = rd.generate_speculative(model, prompt, 11, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
         assert torch.equal(out, greedy), (draft_steps, lookahead)
         rates.append(stats["accepted"])
     assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
-    # all drafts accepted: 19 tokens after the prefill in rounds of 5, 5, 5, 4 -> (19 * 6 + 4 * 6) / 19 steps per token
-    assert stats["sequential steps"] == pytest.approx((19 * 6 + 4 * 6) / 19)
-    one_row, _ = rd.generate_speculative(model, prompt[:1], 20, draft_steps=1, verify_steps=6, lookahead=3)
+    # all drafts accepted: 10 tokens after the prefill in rounds of 5, 5 -> (10 * 6 + 2 * 6) / 10 steps per token
+    assert stats["sequential steps"] == pytest.approx((10 * 6 + 2 * 6) / 10)
+    one_row, _ = rd.generate_speculative(model, prompt[:1], 11, draft_steps=1, verify_steps=6, lookahead=3)
     assert torch.equal(one_row, greedy[:1])
     with pytest.raises(ValueError, match="draft_steps"):
         rd.generate_speculative(model, prompt, 4, draft_steps=7, verify_steps=6)
@@ -1917,13 +1924,13 @@ def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
     model = tiny_model(task=SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)).eval()
     idx = torch.randint(0, 10, (2, 81))
     s0 = model.init_state(torch.zeros(2, 81, model.config.d_model))
-    trajectory = model.latent_trajectory(idx, 5, state=s0)  # (r + 1, B, T, D)
+    from scripts.recurrent_depth_trajectories import latent_trajectory, trajectory_svg
+    trajectory = latent_trajectory(model, idx, 5, s0)  # (r + 1, B, T, D)
     assert trajectory.shape == (6, 2, 81, model.config.d_model) and torch.equal(trajectory[0], s0)
     with torch.no_grad():
         for r in (1, 5):  # s_r decodes to the logits of r recurrences from the same s_0
-            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), model(idx, (r, 0), state=s0))
+            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), unrolled(model, idx, (r, 0), s0))
     paths = trajectory[:, :, :3].permute(1, 2, 0, 3)  # (2 starts, 3 cells, 6 steps, D)
-    from scripts.recurrent_depth_trajectories import trajectory_svg
     root = ElementTree.fromstring(trajectory_svg(paths, ["a", "b", "c"], "test"))
     lines = root.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 6 and all(len(line.get("points").split()) == 6 for line in lines)  # one per start and cell
@@ -1956,7 +1963,7 @@ def saved_bytes(model, idx, num_steps):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(idx, num_steps).sum()
+        unrolled(model, idx, num_steps).sum()
     return total[0]
 
 
@@ -1972,24 +1979,24 @@ def test_recurrent_depth_gradient_reaches_only_the_last_k_steps():
     model = tiny_model().train()
     idx = torch.randint(0, TEXT.vocab_size, (2, 16))
     s0 = model.init_state(model.embed(idx, model.rope(0, 16))).detach().requires_grad_(True)
-    model(idx, (0, 3), state=s0).sum().backward()
+    unrolled(model, idx, (0, 3), s0).sum().backward()
     assert s0.grad is not None and s0.grad.abs().sum() > 0  # without a prefix the initial state gets gradient
     s0.grad = None
     model.zero_grad()
-    model(idx, (2, 1), state=s0).sum().backward()
+    unrolled(model, idx, (2, 1), s0).sum().backward()
     assert s0.grad is None  # the no-grad prefix cuts the graph
     truncated = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     with torch.no_grad():  # the same computation by hand: prefix without a graph, then one step with one
         rope = model.rope(0, 16)
         e = model.embed(idx, rope)
-        s = model.core_step(model.core_step(s0, e, rope), e, rope)
+        s = model(model(s0, e, rope), e, rope)
     e = model.embed(idx, rope)
-    model.readout(model.core_step(s, e, rope), rope).sum().backward()
+    model.readout(model(s, e, rope), rope).sum().backward()
     for a, p in zip(truncated, model.parameters()):
         torch.testing.assert_close(a, p.grad)
     model.zero_grad()
-    model(idx, (0, 3), state=s0).sum().backward()  # full backprop through all 3 steps differs
+    unrolled(model, idx, (0, 3), s0).sum().backward()  # full backprop through all 3 steps differs
     assert any(not torch.allclose(a, p.grad) for a, p in zip(truncated, model.parameters()))
 
 
@@ -1998,7 +2005,7 @@ def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
     draws = [rd.sample_recurrence(step, config) for step in range(4000)]
     totals = torch.tensor([n + k for n, k in draws], dtype=torch.float)
     # p = Poisson(rate) + 1 with E[rate] = r_mean; sd of p ~ 5.1 -> standard error of the mean ~ 0.08
-    assert abs(totals.mean().item() - (config.mean_recurrence + 1)) < 0.4
+    assert abs(totals.mean().item() - (config.mean_recurrence + 1)) < 0.4 and rd.mean_depth(config) == 9
     # Var p = E[rate] + Var rate = r + r^2 (exp(sigma^2) - 1): sd 5.12 with sigma 0.5 (3.48 with 0.25, 6.1 with 0.6)
     assert 4.6 < totals.std().item() < 5.7
     assert all(k == min(4, n + k) and n == max(n + k - 4, 0) for n, k in draws)
@@ -2006,7 +2013,7 @@ def test_recurrent_depth_recurrence_sampler_mean_spread_and_split():
     # r_mean < k: the reference's mu = log(max(r - k, 0) + k) - sigma^2/2 makes E[rate] = k, not r_mean
     short = rd.Config(mean_recurrence=2, backprop_depth=4)
     totals = torch.tensor([sum(rd.sample_recurrence(step, short)) for step in range(4000)], dtype=torch.float)
-    assert abs(totals.mean().item() - (4 + 1)) < 0.3
+    assert abs(totals.mean().item() - (4 + 1)) < 0.3 and rd.mean_depth(short) == 5
 
 
 SUDOKU_SHAPE = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)
@@ -2031,32 +2038,33 @@ def core_passes_per_step(config, steps):
 
 def test_recurrent_depth_fixed_depth_control_draws_the_same_recurrence_count_every_step():
     counts, reported = core_passes_per_step(rd.Config(**TINY, fixed_recurrence=True), 8)
-    assert counts == reported == [TINY["mean_recurrence"]] * 8  # r_mean every step: n = r - k without, k with grad
+    assert counts == reported == [TINY["mean_recurrence"] + 1] * 8  # the sampler's mean r_mean + 1 every step
     fixed = rd.Config(**TINY, fixed_recurrence=True)
-    assert {rd.sample_recurrence(step, fixed) for step in range(100)} == {(2, 2)}
+    assert {rd.sample_recurrence(step, fixed) for step in range(100)} == {(3, 2)}  # n = r - k without, k with grad
     counts, reported = core_passes_per_step(rd.Config(**TINY), 8)  # the default samples: the counts vary
     assert counts == reported and len(set(counts)) > 2
 
 
 def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_point():
-    config = rd.Config(**TINY, plain_transformer=True)  # 1 + 2 * 4 + 1 = 10 layers
+    config = rd.Config(**TINY, plain_transformer=True)  # 1 + 2 * (4 + 1) + 1 = 12 layers: the sampler's mean depth
     torch.manual_seed(0)
     model = rd.build_model(config, SUDOKU_SHAPE)
-    assert len(model.layers) == 10 and not hasattr(model, "core") and not hasattr(model, "adapter")
+    assert len(model.layers) == 12 and not hasattr(model, "core") and not hasattr(model, "adapter")
     block = sum(p.numel() for p in model.layers[0].parameters())
-    assert sum(p.numel() for p in model.parameters()) == 10 * block + (10 + 27 + 1) * config.d_model  # wte, grid, ln_f
+    assert sum(p.numel() for p in model.parameters()) == 12 * block + (10 + 27 + 1) * config.d_model  # wte, grid, ln_f
     assert len({p.data_ptr() for p in model.parameters()}) == len(list(model.parameters()))  # no tying
     idx = torch.randint(0, 10, (2, 81))
-    loss, _ = rd.recurrent_loss(model, {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}, (3, 2))
+    batch = {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}
+    loss, _ = rd.recurrent_loss(model, batch, (3, 2))
     loss.backward()
     grads = [layer.attn.qkv.weight.grad for layer in model.layers]
     assert all(g.abs().sum() > 0 for g in grads) and not any(torch.equal(grads[0], g) for g in grads[1:])
-    with torch.no_grad():  # test-time recurrences do not apply: the same logits whatever is asked
-        torch.testing.assert_close(model(idx, (0, 1)), model(idx, (30, 4)))
+    with torch.no_grad():  # recurrences do not apply: the same loss whatever count is asked
+        torch.testing.assert_close(rd.recurrent_loss(model, batch, (0, 1))[0], rd.recurrent_loss(model, batch, (30, 4))[0])
     task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))},
                                                             "b": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
     rows = rd.evaluate(model, task, config, (1, 2, 8, 16), None)
-    assert [(r["test set"], r["thinking steps"]) for r in rows] == [("a", 4), ("b", 4)]  # one point, at r_mean
+    assert [(r["test set"], r["thinking steps"]) for r in rows] == [("a", 5), ("b", 5)]  # one point, at its depth
     with pytest.raises(ValueError, match="Sudoku task only"):
         rd.build_model(config, TEXT)
 
@@ -2068,19 +2076,19 @@ def test_recurrent_depth_controls_script_sums_the_metered_flops_of_the_steps_it_
 
     from scripts.recurrent_depth_controls import equal_flops
 
-    flags = ["--batch-size", "2", "--d-model", "32", "--n-heads", "2", "--d-mlp", "64", "--mean-recurrence", "3"]
+    flags = ["--batch-size", "1", "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--mean-recurrence", "3"]
     equal_flops(3, flags)
     out = capsys.readouterr().out
     total = float(re.search(r"mean recurrence drawn [0-9.]+, ([0-9.e+]+) training FLOPs", out).group(1))
     fixed_step = float(re.search(r"fixed recurrence \d+: ([0-9.e+]+) FLOPs per step", out).group(1))
-    config = rd.Config(batch_size=2, d_model=32, n_heads=2, d_mlp=64, mean_recurrence=3)
+    config = rd.Config(batch_size=1, d_model=16, n_heads=2, d_mlp=32, mean_recurrence=3)
     task = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81)
 
     def metered(config, step):
         torch.manual_seed(0)
         model = rd.build_model(config, task)
         optimizer = rd.make_optimizer(model, config)
-        batch = {"puzzle": torch.randint(0, 10, (2, 81)), "solution": torch.randint(1, 10, (2, 81))}
+        batch = {"puzzle": torch.randint(0, 10, (1, 81)), "solution": torch.randint(1, 10, (1, 81))}
         with FlopCounterMode(display=False, custom_mapping=train.ATTENTION_FLOPS) as counter:
             rd.train_step(model, optimizer, torch.amp.GradScaler(enabled=False), batch, step, config, None)
         return counter.get_total_flops()
@@ -2117,13 +2125,11 @@ def first_exits(criterion, threshold, log_ps=None, states=None, min_steps=0):
     """The recurrence at which ExitRule stops each row of a hand-made sequence (None: never): log_ps (R, B, T, V)
     are log p_1 .. log p_R, states (R + 1, B, T, D) are s_0 .. s_R."""
     R, B, T = (log_ps.shape[:3] if log_ps is not None else (states.shape[0] - 1, *states.shape[1:3]))
-    rule = rd.ExitRule(criterion, threshold, min_steps, (B, T), log_ps.shape[-1] if log_ps is not None else 3, "cpu")
-    first = [None] * B
+    rule = rd.ExitRule(criterion, threshold, min_steps)
+    rule.start(torch.zeros(B, T, 2) if states is None else states[0], budget=R + 1)
     for i in range(R):
-        done = rule(i + 1, torch.arange(B), None if states is None else states[i], None if states is None else states[i + 1],
-                    None if log_ps is None else log_ps[i])
-        first = [f if f is not None or not d else i + 1 for f, d in zip(first, done.tolist())]
-    return first
+        rule.update(i + 1, None if states is None else states[i + 1], None if log_ps is None else log_ps[i])
+    return [None if used == R + 1 else used for used in rule.steps_used.tolist()]
 
 
 def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequences():
@@ -2135,6 +2141,12 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
     sequence = torch.stack([log_p1, log_p2])
     assert first_exits("kl", 1.01 * kl_1_2, sequence) == [2] and first_exits("kl", 0.99 * kl_1_2, sequence) == [None]
     assert first_exits("kl", 1.01 * kl_1_2, sequence, min_steps=3) == [None]
+    # min_steps as the reference: neither a check nor a state update before it, an exit allowed right after; so with
+    # min_steps 1 the first check compares p_2 with the uniform p_0, not with p_1
+    p0 = torch.full((3,), 1 / 3)
+    kl_0_2 = (p0 * (p0.log() - log_p2[0, 0])).sum().item()  # 0.12, far from KL(p_1 || p_2) = 1.24
+    assert first_exits("kl", 1.01 * kl_0_2, sequence, min_steps=1) == [2]
+    assert first_exits("kl", 0.99 * kl_0_2, sequence, min_steps=1) == [None]
     # latent-diff: ||s_i - s_{i-1}|| / ||s_i||, the largest over positions: 1 at step 1 (from 0), 1/sqrt(5) at step 2
     states = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, 0.0], [1.0, 1.0]]], [[[1.0, 0.0], [2.0, 1.0]]]])
     assert first_exits("latent-diff", 0.45, states=states) == [2] and first_exits("latent-diff", 0.44, states=states) == [None]
@@ -2143,7 +2155,7 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
     changing = torch.stack([shares, (1 - shares) / 2, (1 - shares) / 2], -1)  # (6, 3)
     sequence = torch.stack([changing, torch.full((6, 3), 1 / 3)], 1).log()[:, None]  # (R=6, B=1, T=2, V=3)
     assert first_exits("entropy-diff", 1e-3, sequence) == [5]  # |H(.9) - H(.8)| = 0.26 at step 4, 0 at step 5
-    assert first_exits("entropy-diff", 1e-3, sequence, min_steps=6) == [6]
+    assert first_exits("entropy-diff", 1e-3, sequence, min_steps=4) == [6]  # H_4 never recorded: step 5 meets H_0
     constant = torch.full((3, 1, 1, 3), 1 / 3).log()
     assert first_exits("entropy-diff", 1e-3, constant) == [2]  # H_0 = 100: never at step 1
     # argmax-stability: row 0 answers [0,1] [2,1] [2,1] [2,1] [2,1] ...; row 1 [0,0] x3 then [0,2] from step 4
@@ -2152,13 +2164,13 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
     sequence = torch.log_softmax(5.0 * torch.nn.functional.one_hot(answers, 3) + 0.1 * torch.randn(8, 2, 2, 3), -1)
     assert first_exits("argmax-stability", 3, sequence) == [5, 7]  # unchanged 3 times: steps 3-5; 5-7
     assert first_exits("argmax-stability", 1, sequence) == [3, 2]
-    assert first_exits("argmax-stability", 3, sequence, min_steps=6) == [6, 7]
+    assert first_exits("argmax-stability", 3, sequence, min_steps=2) == [6, 7]  # counted from step 3: 3-6; 4-7
     assert first_exits("none", 0, sequence) == [None, None]
 
 
 def test_recurrent_depth_evaluate_adaptive_rows_equal_think_stopping_each_puzzle(trained_sudoku):
-    """Every adaptive row of the table is what think() gives when it stops each puzzle by that rule (rows drop
-    out of its batch): the same answers and the same recurrences used, from the same s_0."""
+    """Every adaptive row of the table is what think() gives when it stops each puzzle by that rule alone (a
+    stopped puzzle is frozen): the same answers and the same recurrences used, from the same s_0."""
     model, task, config, _ = trained_sudoku
     config = dataclasses.replace(config, latent_threshold=0.1)  # so that latent-diff exits within 16 steps here
     rows = {r["thinking steps"]: r for r in rd.evaluate(model, task, config, (1, 16), None)}
@@ -2168,9 +2180,9 @@ def test_recurrent_depth_evaluate_adaptive_rows_equal_think_stopping_each_puzzle
                      "adaptive (argmax-stability)", "adaptive (kl, min_steps 4)"}
     model.eval()
     for name, criterion, min_steps in rd.adaptive_rows(config):
-        logits, used, _ = rd.think(model, data["puzzle"], 16, criterion, generator=torch.Generator().manual_seed(0),
-                                   threshold=rd.exit_threshold(config, criterion), min_steps=min_steps)
-        answer = logits[..., 1:].argmax(-1) + 1
+        rule = rd.ExitRule.from_config(config, criterion, min_steps)
+        thought = rd.think(model, data["puzzle"], 16, [rule], generator=torch.Generator().manual_seed(0))
+        answer, used = thought.logits[..., 1:].argmax(-1) + 1, thought.steps_used
         assert rows[name]["mean steps used"] == round(used.float().mean().item(), 2), name
         assert rows[name]["exact %"] == sudoku_data.exact_accuracy(answer, data["solution"]), name
         assert (used >= min_steps).all()
@@ -2200,20 +2212,6 @@ def official_layout(model):
     official["lm_head.weight"] = official["transformer.wte.weight"]
     official["freqs_cis"] = torch.zeros(1, model.max_len, 1, head_dim // 2, 2)
     return official
-
-
-def safetensors_bytes(tensors, dtype_names=None):
-    """A .safetensors file per the format: 8-byte little-endian header length, JSON header, raw tensor bytes."""
-    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, tensor in tensors.items():
-        data = tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 with spaces
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
 def reference_logits(official, idx, n_heads, steps, rope_base=50000.0):
@@ -2258,7 +2256,7 @@ def reference_logits(official, idx, n_heads, steps, rope_base=50000.0):
     return linear(x, official["lm_head.weight"])
 
 
-def test_recurrent_depth_official_safetensors_checkpoint_loads_to_the_same_logits(tmp_path):
+def test_recurrent_depth_official_checkpoint_loads_to_the_same_logits(tmp_path):
     source = tiny_model(n_prelude=2, n_coda=2).eval()
     with torch.no_grad():  # non-trivial norms and q/k biases, so a wrong mapping of either shows
         for name, p in source.named_parameters():
@@ -2266,43 +2264,27 @@ def test_recurrent_depth_official_safetensors_checkpoint_loads_to_the_same_logit
                 p.add_(0.3 * torch.randn_like(p))
     official = official_layout(source)
     names = sorted(official)
-    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[:9]}))
-    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(safetensors_bytes({n: official[n] for n in names[9:]}))
+    torch.save({n: official[n] for n in names[:9]}, tmp_path / "pytorch_model-00001-of-00002.bin")  # two shards
+    torch.save({n: official[n] for n in names[9:]}, tmp_path / "pytorch_model-00002-of-00002.bin")
     idx = torch.randint(0, TEXT.vocab_size, (2, 12))
     zero = torch.zeros(2, 12, source.config.d_model)
     with torch.no_grad():
-        expected = source(idx, (4, 0), state=zero)
+        expected = unrolled(source, idx, (4, 0), zero)
         torch.testing.assert_close(reference_logits(official, idx, source.config.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
-        for layout in rd.ROPE_LAYOUTS:  # interleaved as stored, or halves after the q/k row permutation
-            config = dataclasses.replace(source.config, rope_layout=layout)
-            loaded = rd.load_huginn(tmp_path, config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
-            torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
-            out, _ = rd.generate(loaded, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
-            ref, _ = rd.generate(source, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
-            assert torch.equal(out, ref)  # generation from token ids
-    # a .bin state dict in the same layout loads the same; bfloat16 tensors read back exactly
-    (tmp_path / "pt").mkdir()
-    torch.save(official, tmp_path / "pt" / "pytorch_model.bin")
-    loaded = rd.load_huginn(tmp_path / "pt", dataclasses.replace(source.config, rope_layout="interleaved"),
-                            vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
-    torch.testing.assert_close(loaded(idx, (4, 0), state=zero), expected, atol=1e-5, rtol=1e-5)
-    half = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5)}
-    (tmp_path / "half.safetensors").write_bytes(safetensors_bytes(half))
-    back = rd.read_safetensors(tmp_path / "half.safetensors")
-    assert all(torch.equal(back[n], half[n]) and back[n].dtype == half[n].dtype for n in half)
-
-
-def test_recurrent_depth_interleaved_rope_equals_halves_after_the_row_permutation():
-    x = torch.randn(2, 3, 5, 8)  # (B, H, T, hd)
-    cos, sin = rd.rope_tables(8, 5, 50000.0)
-    to_halves = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # halves dim j holds interleaved dim 2j, j + hd/2 holds 2j+1
-    interleaved = rd.apply_rope(x, cos, sin, "interleaved")
-    torch.testing.assert_close(rd.apply_rope(x[..., to_halves], cos, sin, "halves"), interleaved[..., to_halves])
-    assert not torch.allclose(rd.apply_rope(x, cos, sin, "halves"), interleaved)  # the layouts differ unpermuted
-    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)  # so attention scores agree
-    scores = rd.apply_rope(q, cos, sin, "interleaved") @ rd.apply_rope(k, cos, sin, "interleaved").transpose(-1, -2)
-    permuted = rd.apply_rope(q[..., to_halves], cos, sin) @ rd.apply_rope(k[..., to_halves], cos, sin).transpose(-1, -2)
-    torch.testing.assert_close(permuted, scores)
+        # the official interleaved RoPE pairs become ours by the q/k row permutation
+        loaded = rd.load_huginn(tmp_path, source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+        torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
+        out, _ = rd.generate(loaded, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
+        ref, _ = rd.generate(source, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
+        assert torch.equal(out, ref)  # generation from token ids
+        try:  # the release's format, read by the optional safetensors package
+            from safetensors.torch import save_file
+        except ImportError:
+            return
+        (tmp_path / "st").mkdir()
+        save_file({n: t.contiguous() for n, t in official.items() if n != "lm_head.weight"}, tmp_path / "st" / "m.safetensors")
+        loaded = rd.load_huginn(tmp_path / "st", source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+        torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
@@ -2312,19 +2294,9 @@ def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 3_564_976_800
 
 
-def raw_safetensors(header, data=b""):
-    text = json.dumps(header).encode()
-    return len(text).to_bytes(8, "little") + text + data
-
-
 @pytest.mark.parametrize("content, message", [
-    (b"\x01\x00", "shorter than its 8-byte header length"),
-    ((10**6).to_bytes(8, "little") + b"{}", "exceeds the file size"),
-    ((4).to_bytes(8, "little") + b"{{{{", "header is not JSON"),
-    (raw_safetensors({"x": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]}}, bytes(4)), "has dtype F8_E4M3; accepted"),
-    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, bytes(16)), "do not match its shape"),
-    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(8)), "run past the end"),
-    (raw_safetensors({"x": {"dtype": "F32", "shape": [2, 2]}}), "needs dtype, shape and data_offsets"),
+    (b"\x01\x00 not a state dict", "cannot read it as a state dict"),
+    ("not tensors", "not a state dict of tensors"),
     ("missing key", "does not fit the config: Missing key\\(s\\)"),
     ("", "has no \\*.safetensors, \\*.bin or \\*.pt files"),
 ])
@@ -2332,9 +2304,11 @@ def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_pa
     if content == "missing key":
         official = official_layout(tiny_model())
         del official["transformer.adapter.weight"]
-        content = safetensors_bytes(official)
-    if content:
-        (tmp_path / "model.safetensors").write_bytes(content)
+        torch.save(official, tmp_path / "pytorch_model.bin")
+    elif content == "not tensors":
+        torch.save({"transformer.adapter.weight": [1.0, 2.0]}, tmp_path / "pytorch_model.bin")
+    elif content:
+        (tmp_path / "pytorch_model.bin").write_bytes(content)
     with pytest.raises(ValueError, match=message) as error:
         rd.load_huginn(tmp_path, rd.Config(**TINY), vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
     assert "\n" not in str(error.value)
@@ -2342,18 +2316,18 @@ def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_pa
 
 @pytest.fixture(scope="module")
 def trained_sudoku():
-    """A tiny model trained for 80 steps on a fixed set of 16 easy puzzles (no augmentation)."""
-    puzzles, solutions, _ = sudoku_data.generate_puzzles(16, "easy", seed=0, workers=1)
+    """A tiny model trained for 50 steps on a fixed set of 8 easy puzzles (no augmentation)."""
+    puzzles, solutions, _ = sudoku_data.generate_puzzles(8, "easy", seed=0, workers=1)
     puzzle, solution = torch.from_numpy(puzzles).long(), torch.from_numpy(solutions).long()
     task = SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81,
                            test_sets={"train": {"puzzle": puzzle, "solution": solution}})
-    config = rd.Config(**TINY, lr=3e-3, warmup_steps=1, eval_steps=(1, 4, 8, 16))
+    config = rd.Config(**TINY, lr=6e-3, warmup_steps=1, eval_steps=(1, 4, 8, 16))
     torch.manual_seed(0)
     model = rd.build_model(config, task)
     opt = rd.make_optimizer(model, config)
     scaler = torch.amp.GradScaler(enabled=False)
     batch = {"puzzle": puzzle, "solution": solution}
-    losses = [rd.train_step(model, opt, scaler, batch, step, config, None)["loss"].item() for step in range(80)]
+    losses = [rd.train_step(model, opt, scaler, batch, step, config, None)["loss"].item() for step in range(50)]
     return model, task, config, losses
 
 
@@ -2415,11 +2389,15 @@ def test_recurrent_depth_restarts_first_trajectory_is_the_plain_one_and_the_rest
     model, task, _, _ = trained_sudoku
     model.eval()
     puzzle = task.test_sets["train"]["puzzle"][:6]
-    logits, _, _ = rd.think(model, puzzle, 5, "none", generator=torch.Generator().manual_seed(3))
-    plain = torch.log_softmax(logits, -1)
-    one = rd.restart_trajectories(model, puzzle, 5, 1, 0.5, (5,), torch.Generator().manual_seed(3))[5]
+    plain = torch.log_softmax(rd.think(model, puzzle, 5, generator=torch.Generator().manual_seed(3)).logits, -1)
+
+    def restarts(K, record):
+        thought = rd.think(model, puzzle, 5, record=record, generator=torch.Generator().manual_seed(3), restarts=K,
+                           noise=0.5)
+        return {step: log_p.view(K, 6, 81, 10) for step, log_p in thought.recorded.items()}
+    one = restarts(1, (5,))[5]
     assert one.shape == (1, 6, 81, 10) and torch.allclose(one[0], plain, atol=1e-5)
-    three = rd.restart_trajectories(model, puzzle, 5, 3, 0.5, (2, 5), torch.Generator().manual_seed(3))
+    three = restarts(3, (2, 5))
     assert set(three) == {2, 5} and torch.allclose(three[5][0], plain, atol=1e-5)
     assert not torch.allclose(three[5][1], plain, atol=1e-3) and not torch.allclose(three[5][2], three[5][1], atol=1e-3)
     model.train()
@@ -2478,7 +2456,8 @@ def test_recurrent_depth_test_time_flops_are_what_the_flop_counter_sees():
     torch.manual_seed(0)
     model = rd.build_model(config, SUDOKU_SHAPE).eval()
     assert counted(lambda: rd.think(model, idx, 3)) == 2 * rd.test_time_flops(config, 10, 3)
-    assert counted(lambda: rd.restart_trajectories(model, idx, 3, 4, 0.1, {3}, torch.Generator().manual_seed(0))) == \
+    assert counted(lambda: rd.think(model, idx, 3, record={3}, generator=torch.Generator().manual_seed(0), restarts=4,
+                                    noise=0.1)) == \
         2 * rd.test_time_flops(config, 10, 3, restarts=4)
     assert rd.test_time_flops(config, 10, 6) > rd.test_time_flops(config, 10, 3)  # linear in r, more is dearer
     plain_config = dataclasses.replace(config, plain_transformer=True)
@@ -2493,9 +2472,27 @@ def test_recurrent_depth_test_time_flops_are_what_the_flop_counter_sees():
         rd.test_time_flops(config, 10, r, restarts=2) / 1e6 for r in (1, 3)]
 
 
+def test_recurrent_depth_compile_builds_a_graph_for_the_recurrence_of_training_and_of_the_thinking_loop():
+    """model.compile() compiles forward(), which is one recurrence: a training step and an evaluation both run it."""
+    import torch._dynamo.testing
+    config = rd.Config(**TINY, n_core=1, eval_steps=(1, 2))
+    torch.manual_seed(0)
+    model = rd.build_model(config, SUDOKU_SHAPE)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    model.compile(backend=counter)
+    batch = {"puzzle": torch.randint(0, 10, (2, 81)), "solution": torch.randint(1, 10, (2, 81))}
+    rd.train_step(model, rd.make_optimizer(model, config), torch.amp.GradScaler(enabled=False), batch, 0, config, None)
+    trained = counter.frame_count
+    assert trained > 0 and counter.op_count > 0
+    rd.evaluate(model, SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": batch}), config, (1, 2), None)
+    assert counter.frame_count > trained  # the thinking loop under no_grad: its own graph of the same forward
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_heads=3, d_model=33), dict(exit_criterion="x"),
                                  dict(backprop_depth=0), dict(difficulty="impossible"), dict(eval_steps=()),
-                                 dict(rope_layout="rotate"), dict(fixed_recurrence=True, plain_transformer=True),
+                                 dict(fixed_recurrence=True, plain_transformer=True),
                                  dict(stable_steps=0), dict(min_steps=-1), dict(restarts=0), dict(restart_noise=-0.1),
                                  dict(restart_noise=float("nan")), dict(restarts=2, plain_transformer=True)])
 def test_recurrent_depth_bad_config_values_raise_value_error(bad):

@@ -3,9 +3,9 @@
     python scripts/recurrent_depth_controls.py flops STEPS [--flag value ...]
         training FLOPs of the default over STEPS steps, summed over the recurrence counts the sampler draws
         (deterministic: seeded by the step), and the steps at which the fixed-recurrence and plain-transformer
-        controls spend the same; FLOPs counted as train.py's cost meter counts them (FlopCounterMode on
-        train_step, batch_size Sudoku puzzles)
-    python scripts/recurrent_depth_controls.py plot OUT.svg [--metric "blank-cell %"] NAME=RUN_FOLDER[,RUN_FOLDER...] ...
+        controls (both at the sampler's mean depth) spend the same, with each model's parameter count; FLOPs
+        counted as train.py's cost meter counts them (FlopCounterMode on train_step, batch_size Sudoku puzzles)
+    python scripts/recurrent_depth_controls.py plot OUT.svg [--metric "blank-cell %"] NAME=FOLDER[,FOLDER...] ...
         the metric (default exact %) against test-time recurrences per test set, mean +- sd over the run folders
         (seeds) of each name; a run with one row per test set (the plain transformer) is one point. Prints a
         markdown table. Standard library only.
@@ -34,7 +34,8 @@ def step_flops(config, n_no_grad, k_grad):
     torch.manual_seed(0)
     model = recurrent_depth.build_model(config, task)
     optimizer = recurrent_depth.make_optimizer(model, config)
-    batch = {"puzzle": torch.randint(0, 10, (config.batch_size, 81)), "solution": torch.randint(1, 10, (config.batch_size, 81))}
+    batch = {"puzzle": torch.randint(0, 10, (config.batch_size, 81)),
+             "solution": torch.randint(1, 10, (config.batch_size, 81))}
     original = recurrent_depth.sample_recurrence
     recurrent_depth.sample_recurrence = lambda step, config: (n_no_grad, k_grad)
     try:
@@ -43,6 +44,15 @@ def step_flops(config, n_no_grad, k_grad):
     finally:
         recurrent_depth.sample_recurrence = original
     return counter.get_total_flops()
+
+
+def parameters(config):
+    import types
+
+    import recurrent_depth
+
+    model = recurrent_depth.build_model(config, types.SimpleNamespace(name="sudoku", vocab_size=10, seq_len=81))
+    return sum(p.numel() for p in model.parameters())
 
 
 def equal_flops(steps, flags):
@@ -55,7 +65,7 @@ def equal_flops(steps, flags):
         field = name.lstrip("-").replace("-", "_")
         overrides[field] = type(getattr(recurrent_depth.Config(), field))(value)
     config = dataclasses.replace(recurrent_depth.Config(), **overrides)
-    # a step's FLOPs are linear in n and k: F(n, k) = F(0, 0) + n a + k b (measured at three points, checked at a fourth)
+    # a step's FLOPs are linear in n and k: F(n, k) = F(0, 0) + n a + k b (measured at 3 points, checked at a 4th)
     f01, f11, f02 = step_flops(config, 0, 1), step_flops(config, 1, 1), step_flops(config, 0, 2)
     a, b = f11 - f01, f02 - f01
     check = step_flops(config, 3, 4)
@@ -65,11 +75,14 @@ def equal_flops(steps, flags):
     fixed = dataclasses.replace(config, fixed_recurrence=True)
     n, k = recurrent_depth.sample_recurrence(0, fixed)
     fixed_step = f01 - b + n * a + k * b
-    plain_step = step_flops(dataclasses.replace(config, plain_transformer=True), 0, 0)
+    plain = dataclasses.replace(config, plain_transformer=True)
+    plain_step = step_flops(plain, 0, 0)
     print(f"default: {steps} steps, mean recurrence drawn {sum(n + k for n, k in draws) / steps:.2f}, "
-          f"{default:.4g} training FLOPs ({default / steps:.4g} per step)")
-    print(f"fixed recurrence {n + k}: {fixed_step:.4g} FLOPs per step -> {round(default / fixed_step)} steps")
-    print(f"plain transformer: {plain_step:.4g} FLOPs per step -> {round(default / plain_step)} steps")
+          f"{default:.4g} training FLOPs ({default / steps:.4g} per step), {parameters(config):,} parameters")
+    print(f"fixed recurrence {n + k}: {fixed_step:.4g} FLOPs per step -> {round(default / fixed_step)} steps, "
+          f"{parameters(fixed):,} parameters")
+    print(f"plain transformer, {plain.n_prelude + plain.n_core * (n + k) + plain.n_coda} layers: {plain_step:.4g} "
+          f"FLOPs per step -> {round(default / plain_step)} steps, {parameters(plain):,} parameters")
 
 
 def load_rows(folder):
@@ -83,7 +96,8 @@ def curves(named_folders, metric="exact %"):
         for folder in folders:
             for row in load_rows(folder):
                 if isinstance(row["thinking steps"], int):
-                    found.setdefault(name, {}).setdefault(row["test set"], {}).setdefault(row["thinking steps"], []).append(row[metric])
+                    points = found.setdefault(name, {}).setdefault(row["test set"], {})
+                    points.setdefault(row["thinking steps"], []).append(row[metric])
     return found
 
 
@@ -135,20 +149,24 @@ def svg(found, title):
             out.append(f'<text x="{x0 - 4}" y="{Y(v) + 4}" text-anchor="end">{v}</text>')
         for s in steps:
             out.append(f'<text x="{X(s):.1f}" y="{top + height + 14}" text-anchor="middle">{s}</text>')
-        out.append(f'<text x="{x0 + width / 2}" y="{top + height + 30}" text-anchor="middle">recurrences at test time</text>')
+        out.append(f'<text x="{x0 + width / 2}" y="{top + height + 30}" text-anchor="middle">'
+                   'recurrences at test time</text>')
         for color, (name, model) in zip(COLORS, found.items()):
             points = sorted(model.get(test_set, {}).items())
             xy = [(X(s), Y(mean_sd(v)[0]), mean_sd(v)[1]) for s, v in points]
             if len(xy) > 1:
                 line = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in xy)
-                out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"><title>{name}</title></polyline>')
+                out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5">'
+                           f'<title>{name}</title></polyline>')
             for x, y, sd in xy:
                 out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4 if len(xy) == 1 else 2.5}" fill="{color}"/>')
                 if sd:
-                    out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y - sd / 100 * height:.1f}" y2="{y + sd / 100 * height:.1f}" stroke="{color}"/>')
+                    y1, y2 = y - sd / 100 * height, y + sd / 100 * height
+                    out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y1:.1f}" y2="{y2:.1f}" stroke="{color}"/>')
     for i, (color, name) in enumerate(zip(COLORS, found)):
         y = top + height + bottom + 14 + 20 * i
-        out += [f'<rect x="{left}" y="{y - 9}" width="12" height="12" fill="{color}"/>', f'<text x="{left + 18}" y="{y + 1}">{name}</text>']
+        out += [f'<rect x="{left}" y="{y - 9}" width="12" height="12" fill="{color}"/>',
+                f'<text x="{left + 18}" y="{y + 1}">{name}</text>']
     return "\n".join(out + ["</svg>"]) + "\n"
 
 

@@ -5,6 +5,7 @@ standard library).
     python scripts/recurrent_depth_trajectories.py CHECKPOINT OUT.svg [STEPS]
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def trajectory_svg(trajectories: torch.Tensor, labels, title: str, columns: int 
     size, gap, top = 260, 20, 40
     rows = -(-count // columns)
     width, height = columns * (size + gap) + gap, top + rows * (size + gap)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             'font-size="12">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
              f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>']  # fmt: skip
     for n, label in enumerate(labels):
@@ -56,7 +58,9 @@ def trajectory_svg(trajectories: torch.Tensor, labels, title: str, columns: int 
 def load_run(path) -> recurrent_depth.RecurrentDepthModel:
     """The model of a train.py checkpoint (run folder's checkpoint.pt), in eval mode."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    config = recurrent_depth.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    fields = {field.name for field in dataclasses.fields(recurrent_depth.Config)}  # a retired setting is ignored
+    config = recurrent_depth.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
+                                       if k in fields})
     name = state["run"]["task"]
     seq_len = 81 if name == "sudoku" else state["run"]["context_length"]
     task = type("Task", (), dict(name=name, vocab_size=state["model"]["wte.weight"].shape[0], seq_len=seq_len))
@@ -65,16 +69,25 @@ def load_run(path) -> recurrent_depth.RecurrentDepthModel:
     return model.eval()
 
 
+def latent_trajectory(model, idx, steps: int, s0) -> torch.Tensor:
+    """s_0, s_1, ..., s_steps of idx (B, T) from s_0 (B, T, D), each by recurrent_depth's thinking loop:
+    (steps + 1, B, T, D)."""
+    with torch.no_grad():
+        return torch.stack([recurrent_depth.think(model, idx, r, state=s0).state for r in range(steps + 1)])
+
+
 def sudoku_trajectory_figure(checkpoint, out, steps: int = 32, cells=(0, 3, 2, 6), seed: int = 1000003):
     """s_1 .. s_steps of a few cells of one easy puzzle, from two random s_0 (solid, dashed). s_0 itself is left
     out: the first recurrence jumps far from it and would squash the rest of the plot."""
     model = load_run(checkpoint)
     puzzle, solution, _ = sudoku_data.generate_puzzles(1, "easy", seed=seed, workers=1)
     idx = torch.from_numpy(puzzle).long()  # (1, 81)
-    runs = [model.latent_trajectory(idx, steps, generator=torch.Generator().manual_seed(g))[1:, 0] for g in (0, 1)]
+    e = torch.zeros(1, 81, model.config.d_model)
+    starts = [model.init_state(e, generator=torch.Generator().manual_seed(g)) for g in (0, 1)]
+    runs = [latent_trajectory(model, idx, steps, s0)[1:, 0] for s0 in starts]  # (R, 81, D) each
     paths = torch.stack([run[:, list(cells)].transpose(0, 1) for run in runs])  # (2 starts, cells, R, D)
-    labels = [f"r{c // 9 + 1}c{c % 9 + 1}: " + (f"given {puzzle[0, c]}" if puzzle[0, c] else f"blank, answer {solution[0, c]}")
-              for c in cells]  # fmt: skip
+    labels = [f"r{c // 9 + 1}c{c % 9 + 1}: " + (f"given {puzzle[0, c]}" if puzzle[0, c] else
+                                                f"blank, answer {solution[0, c]}") for c in cells]
     title = f"Latent state of {len(cells)} Sudoku cells, recurrences 1-{steps}"
     Path(out).write_text(trajectory_svg(paths, labels, title))
 

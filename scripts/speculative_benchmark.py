@@ -31,11 +31,13 @@ def speculative_benchmark(checkpoint, draft_steps: int = 4, lookahead: int = 4, 
     for start in torch.linspace(0, len(ids) - prompt_len - 1, prompts).long().tolist():
         prompt = ids[start : start + prompt_len][None]
         t0 = time.perf_counter()
-        fixed, _ = recurrent_depth.generate(model, prompt, new_tokens, verify_steps, "none", continuous_cot=False, init_scale=0.0)
+        fixed, _ = recurrent_depth.generate(model, prompt, new_tokens, verify_steps, "none", continuous_cot=False,
+                                            init_scale=0.0)
         t1 = time.perf_counter()
         adaptive, adaptive_stats = recurrent_depth.generate(model, prompt, new_tokens, verify_steps)
         t2 = time.perf_counter()
-        speculative, stats = recurrent_depth.generate_speculative(model, prompt, new_tokens, draft_steps, verify_steps, lookahead)
+        speculative, stats = recurrent_depth.generate_speculative(model, prompt, new_tokens, draft_steps, verify_steps,
+                                                                  lookahead)
         t3 = time.perf_counter()
         for name, taken in zip(seconds, (t1 - t0, t2 - t1, t3 - t2)):
             seconds[name] += taken
