@@ -445,11 +445,14 @@ def test_text_task_splits_documents_and_no_window_crosses_one(tmp_path):
     for i, letter in enumerate(letters):  # document i: one letter, repeated (i + 1) * 40 times
         (folder / ("sub" if i % 2 else "") / f"{letter}.txt").write_text(letter * (i + 1) * 40)
     task = train.TextTask(folder, context_length=16, seed=0)
-    sets = {name: {task.characters[t] for t in test_set["tokens"].flatten().tolist()} for name, test_set in task.test_sets.items()}
+    sets = {name: {task.characters[t] for t in test_set["tokens"].flatten().tolist()}
+            for name, test_set in task.test_sets.items()}
     trained = {task.characters[t] for step in range(50) for t in task.train_batch(step, 8)["tokens"].flatten().tolist()}
     assert set(sets) == {"validation", "test"} and sets["validation"] and sets["test"]
     assert not sets["validation"] & sets["test"] and not trained & (sets["validation"] | sets["test"])  # by document
-    for tokens in [task.train_batch(step, 8)["tokens"] for step in range(20)] + [t["tokens"] for t in task.test_sets.values()]:
+    windows = [task.train_batch(step, 8)["tokens"] for step in range(20)]
+    windows += [t["tokens"] for t in task.test_sets.values()]
+    for tokens in windows:
         assert (tokens == tokens[:, :1]).all()  # every window lies inside one document
     held_out = sum(len(t["tokens"].flatten()) for t in task.test_sets.values())
     assert 0.1 < held_out / sum(40 * (i + 1) for i in range(20)) < 0.35
@@ -528,7 +531,8 @@ def test_more_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, data_di
               (["--task", "text", "--text-file", unreadable], "mem cannot be read: Input/output error")]
     if not root:
         cases += [(["--test-csv", "unreadable.csv"], "unreadable.csv: cannot be read (Permission denied)"),
-                  (["--task", "text", "--text-file", "unreadable.txt"], "unreadable.txt cannot be read: Permission denied"),
+                  (["--task", "text", "--text-file", "unreadable.txt"],
+                   "unreadable.txt cannot be read: Permission denied"),
                   (["--out", "readonly/run"], "readonly is not writable")]
     for extra, message in cases:
         argv = (["--method", "recurrent_depth"] if extra[0] != "--method" else []) + extra
@@ -578,7 +582,8 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_kept_checkpoint(tmp_pat
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--save-every", "2"]) == 1
     error = capsys.readouterr().err.splitlines()[-1]
-    assert error == f"error: cannot save the checkpoint of step 4: No space left on device; {out / 'checkpoint.pt'} (step 2) is kept"
+    assert error == (f"error: cannot save the checkpoint of step 4: No space left on device; "
+                     f"{out / 'checkpoint.pt'} (step 2) is kept")
     assert _checkpoint(out)["step"] == 2 and not (out / "lock").exists()
 
 
@@ -652,12 +657,13 @@ def test_eval_only_with_other_thinking_steps(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out)]) == 0
     capsys.readouterr()
-    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--eval-steps", "3"]) == 0
+    evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]
+    assert train.main(evaluate + ["--eval-steps", "3"]) == 0
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert {row["test set"] for row in rows} == {"easy", "medium", "hard"}
     assert train.main(["--method", "ltm", "--eval-only", str(out / "checkpoint.pt")]) == 2
     assert "trained with --method recurrent_depth" in capsys.readouterr().err
-    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--d-model", "64"]) == 2
+    assert train.main(evaluate + ["--d-model", "64"]) == 2
     assert "does not fit" in capsys.readouterr().err
 
 
@@ -669,7 +675,8 @@ def test_printed_table_shows_the_columns_that_only_later_rows_have(capsys):
     assert first.split() == ["8", "50.00"] and second.split() == ["8", "62.50", "4", "oracle", "verifier"]
 
 
-def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_finite_weights(tmp_path, data_dir, capsys):
+def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_finite_weights(tmp_path, data_dir,
+                                                                                              capsys):
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2", "--ema", "0.9"]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -682,7 +689,8 @@ def test_evaluations_record_what_was_evaluated_keep_earlier_ones_and_refuse_non_
     latest = json.loads((out / "eval.json").read_text())
     assert latest["evaluated"]["weights"] == "as trained" and latest["evaluated"]["eval_size"] == 6
     (first,) = latest["earlier"]  # the first evaluation is kept, with its own size
-    assert first["evaluated"]["eval_size"] == 2 and first["evaluated"]["test_sets"] == {"easy": 2, "medium": 2, "hard": 2}
+    assert first["evaluated"]["eval_size"] == 2
+    assert first["evaluated"]["test_sets"] == {"easy": 2, "medium": 2, "hard": 2}
     assert {row["thinking steps"] for row in first["rows"] if isinstance(row["thinking steps"], int)} == {1}
     assert "adaptive (kl)" in {row["thinking steps"] for row in first["rows"]}
     checkpoint = _checkpoint(out)
@@ -752,7 +760,8 @@ def test_resume_refuses_a_changed_setting_in_one_line_and_applies_more_steps(tmp
                         ("--base-size", "32"), ("--warmup-steps", "1"), ("--ema", "0.9")):
         assert train.main(resume + [flag, value]) == 2
         error = capsys.readouterr().err
-        assert error.startswith(f"error: {flag} {value} differs from the checkpoint's") and error.count("\n") == 1, error
+        assert error.startswith(f"error: {flag} {value} differs from the checkpoint's"), error
+        assert error.count("\n") == 1, error
         assert _files(out) == before
     assert train.main(resume + ["--lr", "0.002", "--steps", "4", "--eval-steps", "1"]) == 0  # the same lr: not a change
     assert "the run now ends at step 4" in capsys.readouterr().out
@@ -771,7 +780,8 @@ def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_pa
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(copied / "checkpoint.pt")]) == 0
     assert (copied / "eval.json").exists()
     elsewhere = tmp_path / "elsewhere"
-    assert train.main(["--method", "recurrent_depth", "--eval-only", str(copied / "checkpoint.pt"), "--out", str(elsewhere)]) == 0
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(copied / "checkpoint.pt"),
+                       "--out", str(elsewhere)]) == 0
     assert sorted(_files(elsewhere)) == ["eval-curve.svg", "eval.json"]
     assert _files(original) == before
 
@@ -792,7 +802,8 @@ def test_train_py_refuses_a_folder_locked_by_a_live_run_but_takes_over_a_stale_l
     assert sorted(_files(out)) == ["checkpoint.pt", "curve.svg", "log.jsonl", "results.json"]
 
 
-def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(tmp_path, data_dir, monkeypatch, capsys):
+def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(tmp_path, data_dir, monkeypatch,
+                                                                                 capsys):
     original_step = rd.train_step
 
     def interrupted_after_the_update(model, optimizer, scaler, batch, step, *rest):
@@ -813,7 +824,8 @@ def _strict_json(line):
     return json.loads(line, parse_constant=refuse)
 
 
-def test_train_py_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+def test_train_py_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, data_dir,
+                                                                                         monkeypatch, capsys):
     original_step = rd.train_step
 
     def diverging_at_step_5(model, optimizer, scaler, batch, step, *rest):
@@ -823,7 +835,8 @@ def test_train_py_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_che
 
     monkeypatch.setattr(rd, "train_step", diverging_at_step_5)
     out = tmp_path / "run"
-    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--log-every", "1", "--save-every", "2"]) == 1
+    run = TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--log-every", "1", "--save-every", "2"]
+    assert train.main(run) == 1
     error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert error.startswith("error: the loss is nan at step 5") and "(step 4) is kept" in error
     assert _checkpoint(out)["step"] == 4 and not (out / "results.json").exists()
@@ -860,7 +873,8 @@ def test_the_learning_rate_applied_at_each_step_and_the_weight_average_match_a_h
                [0.004 * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 4))) for k in range(4)]
     assert [len(lrs) for lrs in seen["lr"]] == [1] * 6  # every parameter group at the same rate
     assert [lrs.pop() for lrs in seen["lr"]] == pytest.approx(expected, rel=1e-12)
-    average = dict(seen["weights"][0])  # average_n = d_n average_{n-1} + (1 - d_n) weights_n, d_n = min(0.5, (1+n)/(10+n))
+    # average_n = d_n average_{n-1} + (1 - d_n) weights_n, d_n = min(0.5, (1+n)/(10+n))
+    average = dict(seen["weights"][0])
     for n, weights in enumerate(seen["weights"][1:]):
         decay = min(0.5, (1 + n) / (10 + n))
         average = {name: decay * average[name] + (1 - decay) * weights[name] for name in average}
@@ -896,12 +910,14 @@ def test_gradients_are_clipped_before_the_optimizer_uses_them(method, tmp_path, 
 
 def test_batches_and_example_seeds_vary_with_step_and_seed_and_test_sets_do_not_vary_with_training_settings(data_dir):
     batch = {"puzzle": torch.zeros(6, 81, dtype=torch.long)}
-    seeds = {(seed, step): train.with_example_seeds(batch, seed, step)["example_seed"] for seed in (0, 1) for step in (0, 1)}
+    seeds = {(seed, step): train.with_example_seeds(batch, seed, step)["example_seed"]
+             for seed in (0, 1) for step in (0, 1)}
     assert torch.equal(seeds[0, 0], train.with_example_seeds(batch, 0, 0)["example_seed"])
     assert len({s for values in seeds.values() for s in values.tolist()}) == 4 * 6  # all distinct
     sudoku = sudoku_data.SudokuTask("easy", seed=0, base_size=16, eval_size=4, data_dir=data_dir)
     tasks = {"sudoku": (sudoku, sudoku_data.SudokuTask("easy", seed=1, base_size=16, eval_size=4, data_dir=data_dir)),
-             "vqa": (vqa_data.VQATask(seed=0, train_size=50, eval_size=4), vqa_data.VQATask(seed=1, train_size=50, eval_size=4))}
+             "vqa": (vqa_data.VQATask(seed=0, train_size=50, eval_size=4),
+                     vqa_data.VQATask(seed=1, train_size=50, eval_size=4))}
     for name, (task, other_seed) in tasks.items():
         first = task.train_batch(3, 4)
         key = next(iter(first))
@@ -913,7 +929,8 @@ def test_batches_and_example_seeds_vary_with_step_and_seed_and_test_sets_do_not_
     for name, test_set in sudoku.test_sets.items():
         assert torch.equal(test_set["puzzle"], other.test_sets[name]["puzzle"]), name
     vqa = vqa_data.VQATask(seed=0, train_size=80, eval_size=4)
-    assert all(torch.equal(vqa.test_sets["held-out"][k], tasks["vqa"][0].test_sets["held-out"][k]) for k in vqa.test_sets["held-out"])
+    held_out = tasks["vqa"][0].test_sets["held-out"]
+    assert all(torch.equal(vqa.test_sets["held-out"][k], held_out[k]) for k in vqa.test_sets["held-out"])
 
 
 def test_each_log_line_holds_the_step_it_names_and_the_comparison_table_puts_each_value_in_its_cell(tmp_path, data_dir,
@@ -926,7 +943,7 @@ def test_each_log_line_holds_the_step_it_names_and_the_comparison_table_puts_eac
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--log-every", "2", "--lr", "0.004"]) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [(line["step"], line["loss"]) for line in log] == [(2, 101.0), (4, 103.0), (6, 105.0)]  # the step's own values
+    assert [(line["step"], line["loss"]) for line in log] == [(2, 101.0), (4, 103.0), (6, 105.0)]  # the step's own
     assert log[0]["lr"] == pytest.approx(0.004)  # the rate step 2 trained at: the warmup's top (the lr of step index 1)
     points = [{"difficulty": "easy", "method": "a", "thinking steps": 1, "exact %": 10.0},
               {"difficulty": "easy", "method": "b", "thinking steps": 4, "exact %": 44.44},
@@ -943,7 +960,8 @@ def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
     trained, edited = tmp_path / "trained.txt", tmp_path / "edited.txt"
     trained.write_text("abcdefgh " * 300)
     edited.write_text("abcdefgX " * 300)  # as many distinct characters, so the model would fit
-    run = ["--method", "recurrent_depth", "--task", "text", "--context-length", "16", "--d-model", "32", "--n-heads", "2",
+    run = ["--method", "recurrent_depth", "--task", "text", "--context-length", "16", "--d-model", "32",
+           "--n-heads", "2",
            "--d-mlp", "64", "--mean-recurrence", "3", "--backprop-depth", "2", "--steps", "2", "--batch-size", "4",
            "--eval-steps", "1", "--eval-size", "4"]
     assert train.main(run + ["--text-file", str(trained), "--out", str(tmp_path / "run")]) == 0
@@ -954,7 +972,8 @@ def test_text_checkpoint_refuses_a_text_with_other_characters(tmp_path, capsys):
         assert train.main(["--method", "recurrent_depth", use, checkpoint, "--text-file", str(edited), *extra] +
                           (run[2:] if use == "--init-from" else [])) == 2
         error = capsys.readouterr().err
-        expected = "differs from the checkpoint's" if use == "--resume" else "holds other characters"  # resume: any change
+        # --resume refuses any change of the file
+        expected = "differs from the checkpoint's" if use == "--resume" else "holds other characters"
         assert error.count("\n") == 1 and expected in error
     assert train.main(["--method", "recurrent_depth", "--eval-only", checkpoint]) == 0
 
@@ -1046,7 +1065,8 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c_or_sigterm(method, tmp
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, SIGINT_STEPS + 1))
-    rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((folder / "results.json").read_text())["rows"]]
+    rows = [[{k: v for k, v in row.items() if k != "seconds"}
+             for row in json.loads((folder / "results.json").read_text())["rows"]]
             for folder in (straight, split)]  # (ltm's rows carry their wall time)
     assert rows[0] == rows[1]
 
@@ -1100,7 +1120,8 @@ def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explici
     # fused kernel out, or counts its recomputed scores, gives another number)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     config = lit.Config(d_model=16, n_heads=2, n_layers=1)
-    batch = {"puzzle": torch.from_numpy(puzzles["easy"][0][:4]).long(), "solution": torch.from_numpy(puzzles["easy"][1][:4]).long()}
+    batch = {"puzzle": torch.from_numpy(puzzles["easy"][0][:4]).long(),
+             "solution": torch.from_numpy(puzzles["easy"][1][:4]).long()}
     counts = []
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
         torch.manual_seed(0)
@@ -1137,7 +1158,8 @@ GPU_SHAPE_CUTS = {
 def test_train_py_gpu_preset_shape_trains_on_the_cpu(method, tmp_path, data_dir):
     steps = 2 if method == "lvr" else 1  # lvr: a step of each stage
     run = ["--method", method, "--preset", "gpu", "--dtype", "bfloat16", "--batch-size", "1", "--steps", str(steps),
-           "--eval-size", "1", "--log-every", "1", "--data-dir", data_dir, "--out", str(tmp_path), *GPU_SHAPE_CUTS[method]]
+           "--eval-size", "1", "--log-every", "1", "--data-dir", data_dir, "--out", str(tmp_path),
+           *GPU_SHAPE_CUTS[method]]
     assert train.main(run) == 0
     config = _checkpoint(tmp_path)["config"]
     module = train.load_method(method)
@@ -1163,7 +1185,8 @@ def test_compile_builds_a_graph_of_the_training_step_or_is_refused_in_one_line(m
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
     run = ["--method", method, *TINY_FLAGS[method], "--steps", "2", "--log-every", "2", "--eval-size", "2",
-           "--data-dir", data_dir, "--out", str(tmp_path / "run"), "--compile"] + (["--text-file", str(corpus)] if method == "ltm" else [])
+           "--data-dir", data_dir, "--out", str(tmp_path / "run"), "--compile"]
+    run += ["--text-file", str(corpus)] if method == "ltm" else []
     module, built = train.load_method(method), []
     real_build = module.build_model
     monkeypatch.setattr(module, "build_model", lambda config, task: built.append(real_build(config, task)) or built[-1])
@@ -1238,14 +1261,15 @@ def test_gpu_check_script_parses_and_refuses_in_one_line_without_cuda(tmp_path):
     assert done.returncode == 1 and done.stdout == "", done
     assert done.stderr.startswith("gpu_check: no CUDA device is visible") and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "check").exists()
-    done = subprocess.run(["bash", str(GPU_CHECK), "--methods", "lit,nope", "--dry-run"], capture_output=True, text=True)
+    done = subprocess.run(["bash", str(GPU_CHECK), "--methods", "lit,nope", "--dry-run"], capture_output=True,
+                          text=True)
     assert done.returncode == 2 and "unknown method nope" in done.stderr and done.stdout == ""
 
 
 def test_gpu_check_commands_pass_train_py_settings_checks_and_fit_its_table(tmp_path, monkeypatch):
     import shlex
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--out", str(tmp_path / "a check")], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--out", str(tmp_path / "a check")],
+                          capture_output=True, text=True, check=True)
     commands = [shlex.split(line) for line in done.stdout.splitlines()]
     assert [command[:4] for command in commands] == [["python", "train.py", "--method", m]
                                                      for m in ("recurrent_depth", "lit", "ltm", "lvr")]
@@ -1292,7 +1316,8 @@ os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
                           text=True, timeout=240, env=environment)  # (two of the four: a test of seconds)
     assert done.returncode == 0, done.stderr[-2000:]
     table = done.stdout[done.stdout.index("\nmethod ") + 1:].splitlines()
-    assert [line.split()[0] for line in table[1:]] == ["lvr", "lit", "gpu_check:"] and table[-1].startswith("gpu_check: done")
+    assert [line.split()[0] for line in table[1:]] == ["lvr", "lit", "gpu_check:"]
+    assert table[-1].startswith("gpu_check: done")
     for line in table[1:3]:
         steps, examples, mfu, peak, memory, first_loss, loss = line.split()[1:8]
         assert steps == "4" and float(examples) > 0 and float(mfu.rstrip("%")) > 0 and float(peak) > 0
@@ -1304,13 +1329,14 @@ os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
         assert logged[-1]["timed_steps"] - logged[0]["timed_steps"] == 1
         batch = json.loads((out / line.split()[0] / "results.json").read_text())["config"]["batch_size"]
         assert float(examples) == pytest.approx(batch / (logged[-1]["seconds"] - logged[0]["seconds"]), abs=0.06)
-    again = subprocess.run(["bash", str(GPU_CHECK), "--out", str(out), "--methods", "lit"], capture_output=True, text=True,
-                           env=environment)
+    again = subprocess.run(["bash", str(GPU_CHECK), "--out", str(out), "--methods", "lit"], capture_output=True,
+                           text=True, env=environment)
     assert again.returncode == 1 and again.stderr == f"gpu_check: {out}/lit already holds a run; give --overwrite to " \
                                                      f"replace it, or another --out\n"
     broken = subprocess.run(["bash", str(GPU_CHECK), "--out", str(out), "--methods", "lvr", "--overwrite"],
                             capture_output=True, text=True, timeout=120, env={**environment, "BREAK_lvr": "--lr -1"})
-    assert broken.returncode == 1 and broken.stderr.splitlines()[-1].startswith("gpu_check: lvr failed with exit status 2")
+    assert broken.returncode == 1
+    assert broken.stderr.splitlines()[-1].startswith("gpu_check: lvr failed with exit status 2")
     assert "\nmethod " not in broken.stdout  # no table after a failure
 
 
@@ -1331,9 +1357,10 @@ def test_train_py_fp16_with_grad_scaler_runs_on_the_cpu(method, tmp_path, data_d
 
 def _torchrun(args, ranks=2):
     """python -m torch.distributed.run --standalone --nproc_per_node ranks train.py args (CPU, gloo)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-                           "train.py", *args], cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    return subprocess.run([*launcher, "train.py", *args], cwd=Path(train.__file__).parent, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                                                       "CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_train_py_torchrun_equals_one_process_and_resumes_exactly_recurrent_depth(tmp_path, data_dir):
@@ -1353,8 +1380,9 @@ def test_train_py_torchrun_equals_one_process_and_resumes_exactly_recurrent_dept
     # s_0 is drawn per example (batch["example_seed"]): one process with the whole batch takes the same steps
     assert train.main(run + ["--steps", "4", "--out", str(tmp_path / "one")]) == 0
     # the key bias's gradient is zero in exact arithmetic (a per-query shift of the scores); Adam divides by
-    # sqrt(v), so the roundoff of another reduction order becomes up to ~1e-6 of weight there; a batch split or averaged wrongly moves weights by about one step, lr
-    # 2e-4 to 8e-4 here (warm-up), so agreement to 1e-5 (under 5 % of the smallest step) still catches it
+    # sqrt(v), so the roundoff of another reduction order becomes up to ~1e-6 of weight there; a batch split or
+    # averaged wrongly moves weights by about one step, lr 2e-4 to 8e-4 here (warm-up), so agreement to 1e-5
+    # (under 5 % of the smallest step) still catches it
     for name, tensor in _checkpoint(tmp_path / "one")["model"].items():
         torch.testing.assert_close(expected["model"][name], tensor, rtol=1e-5, atol=1e-5, msg=name)
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
@@ -1572,8 +1600,10 @@ def test_the_lock_refuses_a_lock_from_another_host_even_when_its_process_number_
 
 
 def test_clearing_a_run_folder_removes_the_run_files_and_leftovers_and_nothing_else(tmp_path):
+    run_files = ["checkpoint.pt", "results.json", "eval.json", "curve.svg", "eval-curve.svg", "log.jsonl"]
+
     def fill():
-        for name in train.RUN_FILES:
+        for name in run_files:
             (tmp_path / name).write_text('{"step": 2}\n{"step": 3}\n' if name == "log.jsonl" else name)
             (tmp_path / f"{name}.abc.tmp").write_text("half")
         (tmp_path / "notes.txt").write_text("mine")
@@ -1582,7 +1612,7 @@ def test_clearing_a_run_folder_removes_the_run_files_and_leftovers_and_nothing_e
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
     fill()
     train.clear_run_folder(tmp_path, str(tmp_path / "checkpoint.pt"), 2)  # resuming here at step 2
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*train.RUN_FILES, "notes.txt"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*run_files, "notes.txt"])
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 2}\n'  # the line after the checkpoint goes
 
 
