@@ -12,14 +12,15 @@ Examples:
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
   python train.py --method ltm --text-file input.txt
   python train.py --method all        # every Sudoku method on the same puzzles: runs/compare/
-Reading order: the run (settings -> folder -> model -> train -> evaluate), the training loop, tasks, the
-command line, run-folder safety, the cost meter, torchrun, plots and tables, --method all, main.
+Reading order: settings, the run (folder -> model -> train -> evaluate), the training loop, tasks, the command
+line, run-folder safety, the cost meter, torchrun, plots and tables, --method all, main.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
 import datetime
+import hashlib
 import importlib
 import inspect
 import json
@@ -46,14 +47,16 @@ from sudoku_data import write_atomically  # a temporary file, then a rename: nev
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
 HERE = Path(__file__).resolve().parent
 SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
-VISUAL_MISREAD_RATE = 0.05  # --task visual's default --misread-rate: the best measured setting on easy and medium
+VISUAL_MISREAD_RATE = 0.05  # --task visual's default --misread-rate (docs/lit.md)
 # Run options every method shares (the method's Config supplies steps, batch size, lr, difficulty, ...).
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
-                       mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist",
-                       text_file=None, context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False,
+                       mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist", text_file=None,
+                       context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False,
                        ema=0.0, trained_weights=False, misread_rate=None, eval_split="test",
                        eval_sets=("easy", "medium", "hard"))
+POSITIVE = ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every",
+            "context_length")
 
 
 class UsageError(Exception):
@@ -64,61 +67,170 @@ class TrainingError(Exception):
     """Training cannot go on (the loss is no longer finite): printed as one line, exit status 1."""
 
 
-# -------------------------------------------------- the run: settings, the run folder, the model, training, evaluation
-def run(argv):
-    method, given = parse(argv)
-    checkpoint_path = given.get("resume") or given.get("eval_only")
-    checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
-    # Settings: defaults < preset < the checkpoint's (when resuming or evaluating) < the command line.
-    # The checkpoint's --out and --data-dir are not among them: places on this machine, not settings of the run
-    # (a run continues, or is evaluated, next to its checkpoint).
-    if "resume" in given:
-        refuse_changed_settings(given, checkpoint)
-    saved = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
-    preset = method.GPU_CONFIG if {**COMMON_DEFAULTS, **saved, **given}["preset"] == "gpu" else {}  # may set run options
-    options = argparse.Namespace(**{**COMMON_DEFAULTS, **{k: v for k, v in preset.items() if k in COMMON_DEFAULTS}, **saved,
-                                    **{k: v for k, v in given.items() if k in COMMON_DEFAULTS}})
-    field_names = {f.name for f in dataclasses.fields(method.Config)}
-    config_values = dataclasses.asdict(method.Config())
-    config_values.update({k: v for k, v in preset.items() if k not in COMMON_DEFAULTS})
-    retired = sorted(set(checkpoint["config"]) - field_names) if checkpoint else []
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def shown(value):
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+# ------------------------------------------------------------------------------------------------------------ settings
+def settings(method, given, checkpoint, checkpoint_path=None):
+    """(run options, Config): defaults < --preset gpu's GPU_CONFIG < the checkpoint's (when resuming or
+    evaluating) < the command line. The checkpoint's --out and --data-dir are places on this machine, not
+    settings of the run (a run continues, or is evaluated, next to its checkpoint)."""
+    saved_run = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
+    saved_config = checkpoint["config"] if checkpoint else {}
+    preset = method.GPU_CONFIG if {**COMMON_DEFAULTS, **saved_run, **given}["preset"] == "gpu" else {}
+    fields = {f.name for f in dataclasses.fields(method.Config)}
+    retired = sorted(set(saved_config) - fields)
     if retired:  # a setting an earlier version of the method had: it no longer changes anything
-        print(f"warning: {checkpoint_path} holds settings {method.__name__} no longer has, ignored: {', '.join(retired)}",
-              file=sys.stderr)
-    config_values.update({k: v for k, v in checkpoint["config"].items() if k in field_names} if checkpoint else {})
-    config_values.update({k: v for k, v in given.items() if k in field_names})
-    config_values = {k: tuple(v) if isinstance(v, list) else v for k, v in config_values.items()}
-    check_settings(options, method.Config, config_values)
+        print(f"warning: {checkpoint_path} holds settings {method.__name__} no longer has, ignored: "
+              f"{', '.join(retired)}", file=sys.stderr)
+    merged = {**COMMON_DEFAULTS, **dataclasses.asdict(method.Config()), **preset, **saved_run, **saved_config, **given}
+    options = argparse.Namespace(**{k: merged[k] for k in COMMON_DEFAULTS})
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k in fields}
+    values["eval_steps"] = tuple(dict.fromkeys(values["eval_steps"]))  # a step count listed twice is evaluated once
+    check_settings(options, method.Config, values)
     try:
-        config = method.Config(**config_values)
+        config = method.Config(**values)
     except (TypeError, ValueError, ArithmeticError) as error:
         raise UsageError(f"invalid configuration: {error}") from None
     options.task = options.task or method.TASKS[0]
-    if options.task not in method.TASKS:
-        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {options.task}")
-    if options.eval_split != "test" and options.task not in ("sudoku", "visual"):
-        raise UsageError(f"--eval-split chooses among generated Sudoku puzzles; --task {options.task} has its own "
+    check_combinations(method, options, config, given, resuming=bool(checkpoint))
+    if options.misread_rate is None:  # --task visual trains with misread givens unless told otherwise
+        options.misread_rate = VISUAL_MISREAD_RATE if options.task == "visual" else 0.0
+    return options, config
+
+
+def check_settings(options, config_class, values):
+    """Every setting (the run options, the Config field values), checked before anything is built or
+    trained; the first bad one as one line."""
+    if not 0 <= options.seed < 2 ** 32:
+        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {options.seed}")
+    if not 0 <= options.ema < 1:
+        raise UsageError(f"--ema must be a decay in [0, 1), got {options.ema}")
+    if options.misread_rate is not None and not 0 <= options.misread_rate < 1:
+        raise UsageError(f"--misread-rate must be a share in [0, 1), got {options.misread_rate}")
+    for name in ("data_dir", "mnist_dir"):
+        if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
+            raise UsageError(f"{flag(name)} {getattr(options, name)} is a file, not a folder")
+    lowest = min(1, *config_class().eval_steps)  # 0 thinking steps only where the method's own table has them
+    if not values["eval_steps"] or min(values["eval_steps"]) < lowest:
+        raise UsageError(f"--eval-steps must list thinking steps >= {lowest}, got {shown(values['eval_steps'])}")
+    types = typing.get_type_hints(config_class)
+    for name, value in values.items():
+        kind = types.get(name)  # None: not a field (Config() will say so)
+        if kind is float and not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be a finite number, got {value}")
+        lowest = 1 if name.startswith("n_") or name == "restarts" else 0  # a model needs at least one head, ...
+        if kind is int and value < lowest or typing.get_origin(kind) is tuple and any(v < 0 for v in value):
+            raise UsageError(f"{flag(name)} must be >= {lowest}, got {shown(value)}")
+    if not 0 < values["lr"] <= 1:
+        raise UsageError(f"--lr must be in (0, 1] (AdamW moves every weight by about lr a step), got {values['lr']}")
+    for name in ("beta1", "beta2"):  # the optimizer settings every method file names alike
+        if name in values and not 0 <= values[name] < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {values[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if name in values and values[name] < 0:
+            raise UsageError(f"{flag(name)} must be >= 0, got {values[name]}")
+
+
+def check_combinations(method, options, config, given, resuming):
+    """Options that do not go together, or with this task, as one line."""
+    task = options.task
+    sudoku = task in ("sudoku", "visual")
+    if task not in method.TASKS:
+        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {task}")
+    if options.eval_split != "test" and not sudoku:
+        raise UsageError(f"--eval-split chooses among generated Sudoku puzzles; --task {task} has its own "
                          f"held-out parts")
     if options.eval_split != "test" and options.test_csv:
         raise UsageError(f"--test-csv files are test sets and --eval-split {options.eval_split} evaluates generated "
                          f"{options.eval_split} puzzles instead: give one of them (--eval-split test with --test-csv)")
-    if "eval_sets" in given and options.task not in ("sudoku", "visual"):
-        raise UsageError(f"--eval-sets names generated Sudoku sets; --task {options.task} has its own held-out parts")
+    if "eval_sets" in given and not sudoku:
+        raise UsageError(f"--eval-sets names generated Sudoku sets; --task {task} has its own held-out parts")
     if "eval_sets" in given and options.test_csv:
-        raise UsageError("--eval-sets names generated Sudoku test sets and --test-csv files replace them: give one of them")
+        raise UsageError("--eval-sets names generated Sudoku test sets and --test-csv files replace them: "
+                         "give one of them")
     for name in ("text_file", "context_length"):
-        if name in given and options.task != "text":
-            raise UsageError(f"--{name.replace('_', '-')} sets up --task text; --task {options.task} does not use it")
-    if getattr(config, "stage", None) == "rl" and not checkpoint and "init_from" not in given:
+        if name in given and task != "text":
+            raise UsageError(f"{flag(name)} sets up --task text; --task {task} does not use it")
+    if "mnist_dir" in given and task != "visual":
+        raise UsageError(f"--mnist-dir holds the digit images of --task visual; --task {task} does not use it")
+    if getattr(config, "stage", None) == "rl" and not resuming and "init_from" not in given:
         raise UsageError("--stage rl fine-tunes a trained model with reinforcement learning: give --init-from "
                          "CHECKPOINT of a supervised run (random weights earn no reward to learn from)")
     if options.train_size is not None and not options.train_csv:
-        raise UsageError(f"--train-size {options.train_size} takes the first puzzles of --train-csv file(s); the generated "
-                         f"base set's size is --base-size")
-    if options.misread_rate is None:  # --task visual trains with misread givens unless told otherwise (docs/lit.md)
-        options.misread_rate = VISUAL_MISREAD_RATE if options.task == "visual" else 0.0
-    if options.misread_rate and options.task != "visual":
-        raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {options.task}")
+        raise UsageError(f"--train-size {options.train_size} takes the first puzzles of --train-csv file(s); the "
+                         f"generated base set's size is --base-size")
+    if options.misread_rate and task != "visual":
+        raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {task}")
+
+
+# What --resume may change: where and how often it writes, the device and precision, how far it trains, and
+# what the final evaluation measures (the run options below and every Config field named eval_*).
+RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every",
+                     "device", "dtype", "compile", "steps", "eval_size", "eval_steps", "eval_split", "eval_sets",
+                     "test_csv", "check_unique"}
+
+
+def refuse_changed_settings(given, checkpoint):
+    """--resume continues a run exactly: a setting given on the command line that differs from the checkpoint's
+    and would change the training it continues is refused, named in one line; so is a run that ends before
+    the checkpoint's step, and a data file that changed since the run began."""
+    saved = {**checkpoint["run"], **checkpoint["config"]}
+    for name, value in given.items():
+        if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
+            continue
+        old, new = (tuple(v) if isinstance(v, list) else v for v in (saved[name], value))
+        if new != old:
+            raise UsageError(f"{flag(name)} {shown(new)} differs from the checkpoint's {shown(old)}: --resume "
+                             f"continues the run as it was set (start a new run, e.g. with --init-from, to change it)")
+    if "steps" in given and given["steps"] < checkpoint["step"]:
+        raise UsageError(f"--steps {given['steps']} is fewer than the {checkpoint['step']} steps the checkpoint has "
+                         f"trained: --resume can only train on (--eval-only evaluates it as it is)")
+    if "steps" in given and given["steps"] != checkpoint["config"]["steps"]:
+        print(f"--steps {given['steps']}: the run now ends at step {given['steps']} (it was set to "
+              f"{checkpoint['config']['steps']}); the learning-rate schedule ends there too")
+
+
+def data_files(options):
+    """The data files a run reads (--train-csv, --test-csv, --text-file): {path: [bytes, SHA-256]}, recorded in
+    the checkpoint so that --resume refuses one that changed (every file of a --text-file folder, in order)."""
+    identities = {}
+    for name in (*options.train_csv, *options.test_csv, *([options.text_file] if options.text_file else [])):
+        path = Path(name)
+        digest, size = hashlib.sha256(), 0
+        for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+            with open(file, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        identities[str(name)] = [size, digest.hexdigest()]
+    return identities
+
+
+def refuse_changed_data(checkpoint, now):
+    """--resume trains on the data the run began with: a data file of the run that changed is refused."""
+    recorded = checkpoint.get("data_files", {})
+    for path in recorded.keys() & now.keys():
+        if recorded[path] != now[path]:
+            raise UsageError(f"{path} changed since the run began ({recorded[path][0]:,} bytes then, "
+                             f"{now[path][0]:,} now, or other content): --resume continues on the data the run began "
+                             f"with; restore the file or start a new run")
+
+
+# ------------------------------------------------------------- the run: the run folder, the model, training, evaluation
+def run(argv):
+    method, given = parse(argv)
+    checkpoint_path = given.get("resume") or given.get("eval_only")
+    checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
+    if "resume" in given:
+        refuse_changed_settings(given, checkpoint)
+    options, config = settings(method, given, checkpoint, checkpoint_path)
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
     rank, ranks = world()
     if config.batch_size % ranks:
@@ -126,24 +238,23 @@ def run(argv):
     if ranks > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
         torch.cuda.set_device(device)
-    out = Path(options.out or (Path(checkpoint_path).parent if checkpoint_path else f"runs/{method.__name__}-{options.task}"))
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    default = Path(checkpoint_path).parent if checkpoint_path else f"runs/{method.__name__}-{options.task}"
+    out = Path(options.out or default)
+    check_writable(out)
     options.out = str(out)
     if "eval_only" in given:
-        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out) if rank == 0 else 0
+        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype) if rank == 0 else 0
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         with contextlib.ExitStack() as held:
             def take_folder():
-                check_writable(out)
                 try:
                     out.mkdir(parents=True, exist_ok=True)
                     held.enter_context(run_folder_lock(out))
                 except OSError as error:
                     raise UsageError(f"--out {out}: {error.strerror or error}") from None
             agreed(take_folder)
-            return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out)
+            return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype)
     finally:
         for folder in created if rank == 0 else ():
             if folder.exists() and not any(folder.iterdir()):
@@ -170,20 +281,25 @@ def build(method, config, options, device, autocast_dtype, source):
             detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
             raise UsageError(f"checkpoint does not fit this configuration: {detail}") from None
     if options.compile:
+        if type(model).forward is torch.nn.Module.forward:  # model.compile() compiles forward alone
+            raise UsageError(f"--compile: {method.__name__}'s model has no forward for torch.compile to compile; "
+                             f"run without --compile")
         model.compile()
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"{method.__name__} on {options.task}: {parameters / 1e6:.2f}M parameters, device {device}, "
-          f"autocast {autocast_dtype or 'off'}, run folder {options.out}")
+    print(f"{method.__name__} on {options.task}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, device {device}, autocast {autocast_dtype or 'off'}, run folder {options.out}")
     return task, model
 
 
-def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, out):
+def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype):
     """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
-    resuming = "resume" in given
+    out, resuming = Path(options.out), "resume" in given
     rank, ranks = world()
     source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
     agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
     task, model = build(method, config, options, device, autocast_dtype, source)
+    files = data_files(options)
+    if resuming:
+        refuse_changed_data(checkpoint, files)
     if ranks > 1:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
@@ -200,6 +316,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         optimizer.register_step_post_hook(average.update)
     step = 0
     if resuming:
+        if average and "ema" not in checkpoint:
+            raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint.get("rank_rngs") or [checkpoint]
@@ -209,63 +327,75 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
             print(f"the checkpoint holds the random state of {len(states)} rank(s), this run has {ranks}: "
                   f"it continues with fresh random draws, not bit-exactly")
         step = checkpoint["step"]
-        if average and "ema" not in checkpoint:
-            raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
         if average:
             average.load_state_dict(checkpoint["ema"])
     peak = matmul_peak(device, autocast_dtype or torch.float32)
     print(f"matmul probe: {peak / 1e9:.1f} GFLOP/s ({device}, {autocast_dtype or torch.float32}), the peak for MFU")
-    if device.type == "cpu" and autocast_dtype is not None and (fp32 := matmul_peak(device, torch.float32)) > 2 * peak:
-        print(f"warning: this CPU multiplies {autocast_dtype} matrices at {peak / 1e9:.1f} GFLOP/s and float32 ones at "
-              f"{fp32 / 1e9:.1f} (no {str(autocast_dtype).removeprefix('torch.')} units): --dtype float32 trains faster here")
+    if device.type == "cpu" and autocast_dtype and (fp32 := matmul_peak(device, torch.float32)) > 2 * peak:
+        print(f"warning: this CPU multiplies {autocast_dtype} matrices at {peak / 1e9:.1f} GFLOP/s and float32 ones "
+              f"at {fp32 / 1e9:.1f} (no {str(autocast_dtype).removeprefix('torch.')} units): --dtype float32 "
+              f"trains faster here")
     cost = CostMeter(peak, ranks, checkpoint.get("cost") if resuming else None)
 
     def checkpoint_state(step, rank_rngs):
         state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, **rng_state(device), "cost": cost.state(), **({"rank_rngs": rank_rngs} if rank_rngs else {})}
+                 "step": step, **rng_state(device), "cost": cost.state(), "data_files": files}
+        if rank_rngs:
+            state["rank_rngs"] = rank_rngs
         if hasattr(task, "characters"):
             state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
         if average:
             state["ema"] = average.state_dict()
         return state
 
-    check_evaluation(method, model, task, config, device, autocast_dtype)
+    check_evaluation(method, model, task, config, options, device, autocast_dtype)
     agreed(lambda: clear_run_folder(out, given.get("resume"), step))  # everything is checked: the old run can go
-    step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out,
-                 step, checkpoint_state, cost)
+    step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, step,
+                 checkpoint_state, cost)
     if step is None:
         return 130
     if rank == 0:
         summary = {"training_flops": cost.flops_per_step() * step, "flops_per_step": cost.flops_per_step(),
                    "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
                    "device": str(device), **cost.last, **peak_memory(device)}
+        weights = f"weight average (--ema {options.ema})" if average else "as trained"
         with average.applied() if average else contextlib.nullcontext():
             evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
-                               f"weight average (--ema {options.ema})" if average else "as trained", summary)
+                               weights, summary)
     if ranks > 1:
         dist.barrier()  # the other ranks wait for the evaluation
     return 0
 
 
-def check_evaluation(method, model, task, config, device, autocast_dtype):
-    """Evaluate once on two examples of each test set before training, so that a setting only the evaluation
-    rejects (an eval batch size of 0, ...) stops the run now, not after all training. The model, its
-    gradients and the random state are left as they were."""
+def check_evaluation(method, model, task, config, options, device, autocast_dtype):
+    """Run the evaluation once before training on two examples of each test set, with the thinking-step counts
+    it will run, so that a setting only the evaluation rejects stops the run now, not after all training. A
+    budget of over a thousand thinking steps is first estimated from its smallest count, and refused when the
+    evaluation would take more than a week. The model, its gradients and the random state are left as they were."""
     probe = copy.copy(task)
     probe.test_sets = {name: {key: value[:2] for key, value in batch.items()} for name, batch in task.test_sets.items()}
-    steps = tuple(sorted({min(config.eval_steps), max(config.eval_steps)}))  # the smallest and largest are enough
+    steps = config.eval_steps
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
+            if sum(steps) > 1000:
+                began = time.perf_counter()
+                method.evaluate(model, probe, config, (min(steps),), autocast_dtype)
+                per_step = (time.perf_counter() - began) / max(1, min(steps)) / 2  # seconds a thinking step, example
+                days = per_step * sum(steps) * options.eval_size / 86_400
+                if days > 7:
+                    raise UsageError(f"--eval-steps {shown(steps)}: the evaluation would take about {days:,.0f} days "
+                                     f"here ({options.eval_size} examples a set); give fewer thinking steps or a "
+                                     f"smaller --eval-size")
             method.evaluate(model, probe, config, steps, autocast_dtype)
         except (ValueError, ArithmeticError, RuntimeError) as error:
-            raise UsageError(f"the evaluation fails with these settings: {(str(error).splitlines() or [''])[0]}") from None
+            reason = (str(error).splitlines() or [""])[0]
+            raise UsageError(f"the evaluation fails with these settings: {reason}") from None
     model.train()
     model.zero_grad(set_to_none=True)
 
 
-def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype, out):
-    check_writable(out)
+def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype):
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
     weights = "as trained"
     if "ema" in checkpoint and not options.trained_weights:
@@ -275,9 +405,10 @@ def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dt
     broken = next((name for name, value in model.state_dict().items()
                    if value.is_floating_point() and not torch.isfinite(value).all()), None)
     if broken is not None:
-        raise UsageError(f"the checkpoint's {'weight average' if weights != 'as trained' else 'weights'} hold non-finite "
-                         f"values ({broken}): its run diverged; evaluate an earlier checkpoint")
-    evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json", checkpoint["step"], weights)
+        raise UsageError(f"the checkpoint's {'weights' if weights == 'as trained' else 'weight average'} hold "
+                         f"non-finite values ({broken}): its run diverged; evaluate an earlier checkpoint")
+    evaluate_and_write(method, model, task, config, options, autocast_dtype, Path(options.out) / "eval.json",
+                       checkpoint["step"], weights)
     return 0
 
 
@@ -289,11 +420,12 @@ def evaluate_and_write(method, model, task, config, options, autocast_dtype, pat
     split = getattr(task, "eval_split", None)  # the generated Sudoku sets' split
     print_table(rows, f"{method.__name__} on {options.task}: evaluation" + (f" on the {split} split" if split else ""))
     evaluated = {"step": step, "weights": weights, "seed": options.seed, **({"split": split} if split else {}),
-                 "eval_size": options.eval_size,
-                 "test_files": list(options.test_csv), "eval_steps": list(config.eval_steps),
+                 "eval_size": options.eval_size, "test_files": list(options.test_csv),
+                 "eval_steps": list(config.eval_steps),
                  "test_sets": {name: len(next(iter(batch.values()))) for name, batch in task.test_sets.items()}}
-    record = {"method": method.__name__, "task": options.task, "run": vars(options), "config": dataclasses.asdict(config),
-              "evaluated": evaluated, "rows": rows, **({"cost": cost} if cost else {})}
+    record = {"method": method.__name__, "task": options.task, "run": vars(options),
+              "config": dataclasses.asdict(config), "evaluated": evaluated, "rows": rows,
+              **({"cost": cost} if cost else {})}
     if path.name == "eval.json" and path.exists():
         try:
             earlier = json.loads(path.read_text())
@@ -318,50 +450,91 @@ def choose_device_and_dtype(device_name, dtype_name):
 
 
 # --------------------------------------------------------------------------------------------------- the training loop
-def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, out, step, checkpoint_state, cost):
-    """The loop: the learning-rate schedule, the method's train_step on each step's batch, log lines and
-    checkpoints. Returns the final step, or None when stopped by Ctrl-C or SIGTERM (see StopRequests)."""
-    ranks = world()[1]
-    checkpoints = Checkpoints(out / "checkpoint.pt", step, lambda: rank_states(model, device), checkpoint_state)
+def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, step, checkpoint_state,
+          cost):
+    """The loop: the learning-rate schedule, the method's train_step on each step's batch, log lines (one JSON
+    line every --log-every steps: the step, the lr, the method's metrics, the cost fields) and checkpoints.
+    Returns the final step, or None when stopped by Ctrl-C or SIGTERM (see StopRequests)."""
+    out, (rank, ranks) = Path(options.out), world()
+    path, saved = out / "checkpoint.pt", [step] if (out / "checkpoint.pt").exists() else []
+
+    def kept():
+        return f"{path} (step {saved[-1]}) is kept" if saved else "nothing was saved"
+
+    def save(step):  # every rank gathers its state; rank 0 writes it atomically, or stops the run in one line
+        gathered = rank_states(model, device)
+        if rank == 0:
+            try:
+                save_checkpoint(path, checkpoint_state(step, gathered))
+            except (OSError, RuntimeError) as error:  # a full disk (torch's writer adds a RuntimeError of its own)
+                while not isinstance(error, OSError) and error.__context__ is not None:
+                    error = error.__context__
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                raise TrainingError(f"cannot save the checkpoint of step {step}: {reason.splitlines()[0]}; "
+                                    f"{kept()}") from None
+        saved.append(step)
+
     averaging_hooks = average_gradients_over_ranks(model) if ranks > 1 else []
-    with StopRequests(optimizer, device) as stop, TrainingLog(out / "log.jsonl", method.__name__, config, options,
-                                                               step, cost) as log:
+    log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
+    progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True, disable=rank != 0)
+    start, start_step, tokens = time.perf_counter(), step, 0
+    with StopRequests(optimizer, device) as stop, log, progress:
         try:
             while step < config.steps and not stop.requested:
                 stop.step_begins()
                 set_learning_rate(optimizer, lr_factor(step, config))
                 batch = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
-                log.count(batch)
+                tokens += token_count(batch)
                 # this rank's share on the device (the example seeds stay on the CPU: methods read them as ints)
-                batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True) for k, v in rank_slice(batch).items()}
-                counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps  # by step number: CostMeter
-                metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config, autocast_dtype),
-                                    counted)
+                batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True)
+                         for k, v in rank_slice(batch).items()}
+                counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps  # by step: CostMeter
+                metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config,
+                                                              autocast_dtype), counted)
                 metrics = stop.agree_over_ranks(metrics) if ranks > 1 else metrics
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
-                    raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower --lr; "
-                                        f"stopped, {checkpoints.kept()}")
+                    raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
+                                        f"--lr; stopped, {kept()}")
                 step += 1
                 stop.step_ends()
-                log.step_done(step, metrics, optimizer)
+                progress.update(1)
+                if step % options.log_every == 0 or step == config.steps:
+                    steps, seconds = step - start_step, time.perf_counter() - start
+                    cost.last = cost.fields(steps, steps * config.batch_size, tokens, seconds)
+                    write_log_line(log, progress, step, metrics, optimizer.param_groups[0]["lr"], cost.last)
                 if step % options.save_every == 0:
-                    checkpoints.save(step)
+                    save(step)
         except KeyboardInterrupt:
             stop.stopped_inside_a_step()
         finally:
             for hook in averaging_hooks:
                 hook.remove()
         if stop.inside_the_update:  # the weights may be half updated: no checkpoint beats an inexact one
-            print(f"interrupted while step {step + 1} updated the weights; not saved, {checkpoints.kept()}")
+            print(f"interrupted while step {step + 1} updated the weights; not saved, {kept()}")
             return None
-        stop.ignore()  # no Ctrl-C stops the last save
-        checkpoints.save(step)
+        set_stop_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
+        save(step)
     if stop.requested:
-        print(f"interrupted at step {step}; checkpoint saved to {checkpoints.path} (continue with --resume)")
+        print(f"interrupted at step {step}; checkpoint saved to {path} (continue with --resume)")
         return None
-    log.summary(step, peak_memory(device))
+    if step > start_step:
+        memory = peak_memory(device)
+        peak = f", peak GPU memory {memory['peak_memory_bytes'] / 2**30:.2f} GiB" if memory else ""
+        print(f"trained {step - start_step} steps in {time.perf_counter() - start:.0f} s: "
+              f"{cost.last['examples_per_s']:.1f} examples/s, {cost.flops_per_step():.3g} FLOPs/step, "
+              f"MFU {cost.last['mfu']:.1%}{peak}")
     return step
+
+
+def write_log_line(log, progress, step, metrics, lr, cost_fields):
+    """A line of log.jsonl, and the progress bar's figures."""
+    values = {k: float(v) for k, v in metrics.items()}
+    logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
+    log.write(json.dumps({"step": step, "lr": lr, **logged, **cost_fields}, allow_nan=False) + "\n")
+    log.flush()
+    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
+                          "ex/s": f"{cost_fields['examples_per_s']:.0f}", "MFU": f"{cost_fields['mfu']:.1%}"})
 
 
 def lr_factor(step, config):
@@ -381,7 +554,8 @@ def with_example_seeds(batch, seed, step):
     """The batch plus "example_seed", one int64 per example from (--seed, step, the example's place in the global
     batch): a method that draws an example's noise from its own seed draws the same under any torchrun split."""
     count = len(next(iter(batch.values())))
-    return {**batch, "example_seed": torch.from_numpy(np.random.default_rng([seed, step, 1]).integers(2**62, size=count))}
+    seeds = np.random.default_rng([seed, step, 1]).integers(2**62, size=count)
+    return {**batch, "example_seed": torch.from_numpy(seeds)}
 
 
 def token_count(batch):
@@ -390,53 +564,8 @@ def token_count(batch):
     return next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)
 
 
-class TrainingLog:
-    """log.jsonl (one JSON line every --log-every steps: the step, the lr, the method's metrics, the cost
-    fields), the progress bar, and the throughput; rank 0 alone writes."""
-
-    def __init__(self, path, name, config, options, step, cost):
-        rank = world()[0]
-        self.file = open(path, "a") if rank == 0 else open(os.devnull, "w")
-        self.progress = tqdm(total=config.steps, initial=step, desc=name, dynamic_ncols=True, disable=rank != 0)
-        self.cost, self.config, self.log_every = cost, config, options.log_every
-        self.start, self.start_step, self.tokens, self.elapsed = time.perf_counter(), step, 0, 0.0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        self.elapsed = time.perf_counter() - self.start
-        self.progress.close()
-        self.file.close()
-
-    def count(self, batch):
-        self.tokens += token_count(batch)
-
-    def step_done(self, step, metrics, optimizer):
-        """After step `step` (counted from 1): the progress bar, and the log line when one is due."""
-        self.progress.update(1)
-        if step % self.log_every and step != self.config.steps:
-            return
-        steps = step - self.start_step
-        self.cost.last = self.cost.fields(steps, steps * self.config.batch_size, self.tokens, time.perf_counter() - self.start)
-        values = {k: float(v) for k, v in metrics.items()}
-        logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
-        self.file.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged, **self.cost.last},
-                                   allow_nan=False) + "\n")
-        self.file.flush()
-        self.progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
-                                   "ex/s": f"{self.cost.last['examples_per_s']:.0f}", "MFU": f"{self.cost.last['mfu']:.1%}"})
-
-    def summary(self, step, memory):
-        if step > self.start_step:
-            peak = f", peak GPU memory {memory['peak_memory_bytes'] / 2**30:.2f} GiB" if memory else ""
-            print(f"trained {step - self.start_step} steps in {self.elapsed:.0f} s: {self.cost.last['examples_per_s']:.1f} "
-                  f"examples/s, {self.cost.flops_per_step():.3g} FLOPs/step, MFU {self.cost.last['mfu']:.1%}{peak}")
-
-
 def peak_memory(device):
-    """{"peak_memory_bytes": the most memory the run's tensors held on the CUDA device at once} ({} off CUDA): in the
-    end-of-training line and results.json's cost."""
+    """{"peak_memory_bytes": the most memory the run's tensors held on the CUDA device at once} ({} off CUDA)."""
     return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
 
 
@@ -468,15 +597,16 @@ class WeightAverage:
     def applied(self):
         """The model holds the average inside the block, its trained weights again after it."""
         trained = {name: weight.detach().clone() for name, weight in self.weights.items()}
-        with torch.no_grad():
-            for name, weight in self.weights.items():
-                weight.copy_(self.average[name])
+        self.copy_into_model(self.average)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, weight in self.weights.items():
-                    weight.copy_(trained[name])
+            self.copy_into_model(trained)
+
+    @torch.no_grad()
+    def copy_into_model(self, values):
+        for name, weight in self.weights.items():
+            weight.copy_(values[name])
 
 
 def rng_state(device):
@@ -507,28 +637,29 @@ class TextTask:
         window = context_length + 1
         if len(documents) == 1:  # one file: split by position
             data = np.array(self.encode(next(iter(documents.values()))), np.int64)
-            split = int(0.9 * len(data))
-            train_parts, held_out = [data[:split]], {"held-out": [data[split:]]}
+            parts = {"train": [data[:int(0.9 * len(data))]], "held-out": [data[int(0.9 * len(data)):]]}
         else:  # split by document, in an order fixed by the names
-            order = sorted(documents, key=lambda name: hash_name(name))
-            parts = {"test": [], "validation": [], "train": []}
-            total, taken = sum(map(len, documents.values())), 0
-            for name in order:
+            parts, total, taken = {"test": [], "validation": [], "train": []}, sum(map(len, documents.values())), 0
+            for name in sorted(documents, key=lambda name: zlib.crc32(name.encode())):  # (hash() varies per run)
                 part = "test" if taken < 0.1 * total else "validation" if taken < 0.2 * total else "train"
                 parts[part].append(np.array(self.encode(documents[name]), np.int64))
                 taken += len(documents[name])
-            train_parts, held_out = parts["train"], {"validation": parts["validation"], "test": parts["test"]}
-        self.train_parts = [part for part in train_parts if len(part) > window]
+        self.train_parts = [part for part in parts.pop("train") if len(part) > window]
         self.test_sets = {}
-        for set_name, set_parts in held_out.items():
+        for set_name, set_parts in parts.items():
             # windows taken round-robin over the documents, so that the first few cover many of them
             columns = [part[:len(part) // window * window].reshape(-1, window) for part in set_parts]
-            rows = [column[i] for i in range(max((len(c) for c in columns), default=0)) for column in columns if i < len(column)]
+            rows = [column[i] for i in range(max((len(c) for c in columns), default=0))
+                    for column in columns if i < len(column)]
             if rows:
                 self.test_sets[set_name] = {"tokens": torch.from_numpy(np.stack(rows[:eval_size]))}
-        if not self.train_parts or len(self.test_sets) < len(held_out):
-            raise UsageError(f"{text_file or 'the text'} has {sum(map(len, documents.values()))} characters; --context-length "
-                             f"{context_length} needs at least {20 * window}")
+        if len(documents) > 1 and (not self.train_parts or len(self.test_sets) < len(parts)):
+            raise UsageError(f"{text_file} has {len(documents)} documents: too few for a training, a validation and "
+                             f"a test part of whole documents, each with a document of at least {window} characters "
+                             f"(--context-length {context_length}); add documents or give one file")
+        if not self.train_parts or len(self.test_sets) < len(parts):
+            raise UsageError(f"{text_file or 'the text'} has {sum(map(len, documents.values()))} characters; "
+                             f"--context-length {context_length} needs at least {20 * window}")
         self.starts = np.cumsum([0] + [len(part) - window for part in self.train_parts])  # window starts per document
 
     @staticmethod
@@ -542,7 +673,7 @@ class TextTask:
         documents = {}
         for file in files:
             try:
-                documents[str(file.relative_to(path)) if path.is_dir() else file.name] = file.read_text(encoding="utf-8")
+                documents[str(file.relative_to(path)) if path.is_dir() else file.name] = file.read_text("utf-8")
             except FileNotFoundError:
                 raise UsageError(f"text file not found: {text_file}") from None
             except OSError as error:
@@ -563,23 +694,21 @@ class TextTask:
         rng = np.random.default_rng([self.seed, step])
         picks = rng.integers(0, self.starts[-1], batch_size)  # a window start, uniform over every document's
         documents = np.searchsorted(self.starts, picks, side="right") - 1
-        return {"tokens": torch.from_numpy(np.stack([self.train_parts[d][p - self.starts[d]:p - self.starts[d] + self.seq_len + 1]
-                                                     for d, p in zip(documents, picks)]))}
-
-
-def hash_name(name):
-    """A document's place in the split order: a fixed hash of its name (Python's hash() varies per run)."""
-    return zlib.crc32(name.encode())
+        offsets = picks - self.starts[documents]
+        windows = [self.train_parts[d][p:p + self.seq_len + 1] for d, p in zip(documents, offsets)]
+        return {"tokens": torch.from_numpy(np.stack(windows))}
 
 
 def build_task(name, config, options):
     """The task named by --task, from the data scripts (or the text task above)."""
     if name in ("sudoku", "visual"):
         import sudoku_data
+        if not options.train_csv:
+            check_generation(sudoku_data, config.difficulty, options)
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
                      data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
-                     test_files=tuple(options.test_csv), check_unique=options.check_unique, eval_split=options.eval_split,
-                     eval_sets=tuple(options.eval_sets))
+                     test_files=tuple(options.test_csv), check_unique=options.check_unique,
+                     eval_split=options.eval_split, eval_sets=tuple(options.eval_sets))
         if name == "sudoku":
             return sudoku_data.SudokuTask(config.difficulty, **sizes)
         return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir,
@@ -588,13 +717,36 @@ def build_task(name, config, options):
         raise UsageError(f"--train-csv and --test-csv hold Sudoku puzzles; --task {name} does not read them")
     if name == "text":
         return TextTask(options.text_file, options.context_length, options.seed, options.eval_size)
-    if name == "vqa":
-        import vqa_data
-        return vqa_data.VQATask(seed=options.seed, eval_size=options.eval_size)
-    raise UsageError(f"unknown task {name!r}")
+    import vqa_data
+    return vqa_data.VQATask(seed=options.seed, eval_size=options.eval_size)
 
 
-# ------------------------------------------------------------------------------------------- command line and settings
+GENERATION_BYTES = 3_500  # memory a puzzle holds while its set is generated (two lists of 81 ints, then arrays)
+
+
+def check_generation(sudoku_data, difficulty, options):
+    """Before a large generated base set is built (it is cached in --data-dir afterwards): refuse one that
+    cannot fit in memory or would take more than a week, and say how long it takes, estimated from two puzzles
+    of each of its presets on this machine's cores."""
+    if options.base_size < 10_000:
+        return
+    needed, free = options.base_size * GENERATION_BYTES, available_memory(torch.device("cpu"))
+    if free is not None and needed > free:
+        raise UsageError(f"--base-size {options.base_size:,}: generating it needs about {needed / 2**30:,.1f} GiB, "
+                         f"but {free / 2**30:,.1f} GiB are free")
+    presets = sudoku_data.TRAINING_MIXES.get(difficulty, (difficulty,))
+    began = time.perf_counter()
+    for preset in presets:
+        sudoku_data.generate_puzzles(2, preset, seed=options.seed, workers=1)
+    seconds = (time.perf_counter() - began) / (2 * len(presets)) * options.base_size / (os.cpu_count() or 1)
+    if seconds > 7 * 86_400:
+        raise UsageError(f"--base-size {options.base_size:,}: generating it would take about {seconds / 86_400:,.0f} "
+                         f"days here; give a smaller --base-size or --train-csv files")
+    print(f"--base-size {options.base_size:,}: generating the base set takes about {seconds / 60:,.0f} min here, "
+          f"once (then it is read from {options.data_dir})")
+
+
+# -------------------------------------------------------------------------------------------------------- command line
 def load_method(name):
     if name not in METHODS:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, or all (every Sudoku method)")
@@ -613,8 +765,8 @@ class BooleanFlag(argparse.Action):
         setattr(namespace, self.dest, option_string == self.option_strings[0])
 
 
-def _field_parser(kind):
-    """argparse type for a Config field: int, float, str, bool or tuple[int, ...]."""
+def field_argument(kind):
+    """argparse keywords for a Config field: int, float, str, bool or tuple[int, ...]."""
     if typing.get_origin(kind) is tuple:
         def parse_list(text):
             try:
@@ -622,9 +774,7 @@ def _field_parser(kind):
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
         return dict(type=parse_list)
-    if kind is bool:
-        return dict(action=BooleanFlag)
-    return dict(type=kind)
+    return dict(action=BooleanFlag) if kind is bool else dict(type=kind)
 
 
 def field_comments(config_class):
@@ -636,65 +786,69 @@ def field_comments(config_class):
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
 
 
+RUN_FLAGS = (  # (flag, argparse keywords): the run options every method shares
+    ("--task", dict(help="task (default: the method's first)")),
+    ("--preset", dict(choices=("cpu", "gpu"), help="cpu: the Config defaults; gpu: GPU_CONFIG overrides")),
+    ("--device", dict(choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")),
+    ("--dtype", dict(choices=("auto", "float32", "bfloat16", "float16"), help="autocast dtype; auto: bf16 on CUDA "
+                     "where supported, else fp16 + GradScaler; fp32 on CPU")),
+    ("--compile", dict(action="store_true", help="torch.compile the model's forward")),
+    ("--seed", dict(type=int, help="seed for data, initialisation and sampling (default 0)")),
+    ("--out", dict(help="run folder for log.jsonl, checkpoint.pt, results.json (default runs/<method>-<task>)")),
+    ("--resume", dict(metavar="PATH", help="continue a run from its checkpoint (written next to it unless --out)")),
+    ("--overwrite", dict(action="store_true", help="start again in a run folder that already holds a run")),
+    ("--init-from", dict(metavar="PATH", help="load model weights only (fresh optimizer and step count)")),
+    ("--eval-only", dict(metavar="PATH", help="evaluate a checkpoint and exit (eval.json next to it unless --out)")),
+    ("--log-every", dict(type=int, help="steps between log lines (default 50)")),
+    ("--save-every", dict(type=int, help="steps between checkpoints (default 500)")),
+    ("--ema", dict(type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights with "
+                   "this decay (TRM: 0.999); default 0: the weights as trained")),
+    ("--trained-weights", dict(action="store_true", help="with --eval-only: evaluate the weights as trained, not "
+                               "the weight average the checkpoint holds")),
+)
+DATA_FLAGS = (
+    ("--eval-size", dict(type=int, help="held-out examples per test set (default 500)")),
+    ("--eval-split", dict(choices=("test", "validation"), help="Sudoku: evaluate on the generated test sets "
+                          "(default) or on validation sets from another seed stream, to choose settings")),
+    ("--eval-sets", dict(metavar="PRESETS", help="Sudoku: the generated sets evaluated on, comma-separated "
+                         "(default easy,medium,hard; extreme is opt-in: minutes to generate, once)")),
+    ("--base-size", dict(type=int, help="generated Sudoku base puzzles that training augments (default 1000)")),
+    ("--data-dir", dict(help="cache folder for generated data (default ./data)")),
+    ("--mnist-dir", dict(help=f"--task visual: MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")),
+    ("--misread-rate", dict(type=float, help="--task visual: share of training givens shown as the image of "
+                            "another digit, the target unchanged (default 0.05; 0 turns it off)")),
+    ("--text-file", dict(help="--task text: a UTF-8 file, or a folder whose files are the documents (default: "
+                         "the documentation topics that ship with Python)")),
+    ("--context-length", dict(type=int, help="--task text: characters per sequence (default 128)")),
+    ("--train-csv", dict(action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
+                         "generated base set (repeat the flag or separate with commas)")),
+    ("--train-size", dict(type=int, metavar="N", help="with --train-csv: train on the first N puzzles of the "
+                          "file(s) (TRM's Sudoku-Extreme protocol: 1000); only those rows are read")),
+    ("--test-csv", dict(action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of the "
+                        "generated test sets, each named after its file (its first --eval-size puzzles)")),
+    ("--check-unique", dict(action="store_true", help="refuse a CSV file in which a puzzle has more than one "
+                            "solution (lines named)")),
+)
+
+
 def build_parser(method=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=None if method else "Use --method NAME --help to list that method's options.")
-    run = parser.add_argument_group("run options")
-    run.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}; all: every Sudoku method, one table and plot")
-    tasks = getattr(method, "TASKS", ("sudoku", "visual", "text", "vqa"))
-    run.add_argument("--task", choices=tasks, help=f"task (default: {tasks[0]})")
-    run.add_argument("--preset", choices=("cpu", "gpu"), help="cpu: the Config defaults; gpu: GPU_CONFIG overrides")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")
-    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="autocast dtype; auto: bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
-    run.add_argument("--seed", type=int, help="seed for data, initialisation and sampling (default 0)")
-    run.add_argument("--out", help="run folder for log.jsonl, checkpoint.pt, results.json (default runs/<method>-<task>)")
-    run.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint (written next to it unless --out)")
-    run.add_argument("--overwrite", action="store_true", help="start again in a run folder that already holds a run")
-    run.add_argument("--init-from", metavar="PATH", help="load model weights only (fresh optimizer and step count)")
-    run.add_argument("--eval-only", metavar="PATH", help="evaluate a checkpoint and exit (eval.json next to it unless --out)")
-    run.add_argument("--log-every", type=int, help="steps between log lines (default 50)")
-    run.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
-    run.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights "
-                     "with this decay (TRM: 0.999); default 0: the weights as trained")
-    run.add_argument("--trained-weights", action="store_true", help="with --eval-only: evaluate the weights as "
-                     "trained, not the weight average the checkpoint holds (to measure what --ema gives)")
-    data = parser.add_argument_group("data options")
-    data.add_argument("--eval-size", type=int, help="held-out examples per test set (default 500)")
-    data.add_argument("--eval-split", choices=("test", "validation"), help="Sudoku: evaluate on the generated test sets "
-                      "(default) or on validation sets from another seed stream, named 'validation easy', ..., to choose "
-                      "settings without the test sets")
-    data.add_argument("--eval-sets", metavar="PRESETS", help="Sudoku: the generated sets evaluated on, comma-separated "
-                      "(default easy,medium,hard; extreme is opt-in: its puzzles take minutes to generate, once; "
-                      "docs/benchmark.md)")
-    data.add_argument("--base-size", type=int, help="generated Sudoku base puzzles that training augments (default 1000; "
-                      "with --train-csv the files' puzzles are the base set instead)")
-    data.add_argument("--data-dir", help="cache folder for generated data (default ./data)")
-    data.add_argument("--mnist-dir", help=f"MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")
-    data.add_argument("--misread-rate", type=float, help="--task visual: share of training givens shown as the image "
-                      "of another digit, the target unchanged, so the constraints learn to overrule a misread (default 0.05; 0 turns it off)")
-    data.add_argument("--text-file", help="--task text: a UTF-8 file, or a folder whose files are the documents "
-                      "(default: the documentation topics that ship with Python)")
-    data.add_argument("--train-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
-                      "generated base set (repeat the flag or separate with commas; columns e.g. question,answer)")
-    data.add_argument("--train-size", type=int, metavar="N", help="with --train-csv: train on the first N puzzles of the "
-                      "file(s), in file order, augmented on the fly (TRM's Sudoku-Extreme protocol: 1000); only those rows "
-                      "are read (default: every puzzle of the files)")
-    data.add_argument("--test-csv", action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of "
-                      "the generated test sets, each named after its file (its first --eval-size puzzles)")
-    data.add_argument("--check-unique", action="store_true", help="solve every puzzle of the CSV files and refuse a "
-                      "file in which a puzzle has more than one solution (lines named)")
-    data.add_argument("--context-length", type=int, help="characters per sequence for --task text (default 128)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=None if method else "Use --method NAME --help for its options.")
+    group = parser.add_argument_group("run options")
+    group.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}; all: every Sudoku method")
+    for name, keywords in RUN_FLAGS:
+        group.add_argument(name, **keywords)
+    group = parser.add_argument_group("data options")
+    for name, keywords in DATA_FLAGS:
+        group.add_argument(name, **keywords)
     if method is not None:
         group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
         defaults, types = method.Config(), typing.get_type_hints(method.Config)
         comments = field_comments(method.Config)
         for field in dataclasses.fields(method.Config):
-            value = getattr(defaults, field.name)
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=f"{comments.get(field.name, '')} (default: {shown})".lstrip().replace("%", "%%"),
-                               **_field_parser(types[field.name]))
+            help = f"{comments.get(field.name, '')} (default: {shown(getattr(defaults, field.name))})"
+            group.add_argument(flag(field.name), dest=field.name, help=help.lstrip().replace("%", "%%"),
+                               **field_argument(types[field.name]))
     return parser
 
 
@@ -710,9 +864,11 @@ def parse(argv):
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # keep only what the user typed; defaults are filled in later
     given = vars(parser.parse_args(argv))
-    for name in ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every", "context_length"):
+    if "task" in given and given["task"] not in method.TASKS:
+        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {given['task']}")
+    for name in POSITIVE:
         if name in given and given[name] < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {given[name]}")
+            raise UsageError(f"{flag(name)} must be a positive integer, got {given[name]}")
     for name in ("train_csv", "test_csv"):
         if name in given:
             given[name] = [path for value in given[name] for path in value.split(",") if path]
@@ -725,65 +881,6 @@ def parse(argv):
     if "trained_weights" in given and "eval_only" not in given:
         raise UsageError("--trained-weights chooses the weights --eval-only evaluates; give it with --eval-only")
     return method, given
-
-
-def check_settings(options, config_class, values):
-    """Every setting (the run options, the Config field values), checked before anything is built or
-    trained; the first bad one as one line."""
-    if not 0 <= options.seed < 2 ** 32:
-        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {options.seed}")
-    if not 0 <= options.ema < 1:
-        raise UsageError(f"--ema must be a decay in [0, 1), got {options.ema}")
-    if options.misread_rate is not None and not 0 <= options.misread_rate < 1:
-        raise UsageError(f"--misread-rate must be a share in [0, 1), got {options.misread_rate}")
-    for name in ("data_dir", "mnist_dir"):
-        if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(options, name)} is a file, not a folder")
-    types = typing.get_type_hints(config_class)
-    for name, value in values.items():
-        kind, flag = types.get(name), "--" + name.replace("_", "-")  # None: not a field (Config() will say so)
-        if kind is float and not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value}")
-        lowest = 1 if name.startswith("n_") else 0  # n_heads, n_layers, ...: a model needs at least one
-        if kind is int and value < lowest or typing.get_origin(kind) is tuple and any(v < 0 for v in value):
-            raise UsageError(f"{flag} must be >= {lowest}, got {','.join(map(str, value)) if isinstance(value, tuple) else value}")
-    if not 0 < values["lr"] <= 1:
-        raise UsageError(f"--lr must be in (0, 1] (AdamW moves every weight by about lr a step), got {values['lr']}")
-    # the optimizer settings every method file names alike
-    for name in ("beta1", "beta2"):
-        if name in values and not 0 <= values[name] < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {values[name]}")
-    for name in ("weight_decay", "grad_clip"):
-        if name in values and values[name] < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {values[name]}")
-    lowest = min(1, *config_class().eval_steps)  # 0 thinking steps only where the method's own table has them
-    if not values["eval_steps"] or min(values["eval_steps"]) < lowest:
-        raise UsageError(f"--eval-steps must list thinking steps >= {lowest}, got {','.join(map(str, values['eval_steps']))}")
-
-
-# What --resume may change: where and how often it writes, the device and precision, how far it trains, and
-# what the final evaluation measures (the run options below and every Config field named eval_*).
-RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every", "device",
-                     "dtype", "compile", "steps", "eval_size", "eval_steps", "eval_split", "eval_sets", "test_csv",
-                     "check_unique"}
-
-
-def refuse_changed_settings(given, checkpoint):
-    """--resume continues a run exactly: a setting given on the command line that differs from the checkpoint's
-    and would change the training it continues is refused, named in one line."""
-    saved = {**checkpoint["run"], **checkpoint["config"]}
-    for name, value in given.items():
-        if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
-            continue
-        old = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
-        new = tuple(value) if isinstance(value, list) else value
-        if new != old:
-            shown = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v
-            raise UsageError(f"--{name.replace('_', '-')} {shown(new)} differs from the checkpoint's {shown(old)}: --resume "
-                             f"continues the run as it was set (start a new run, e.g. with --init-from, to change it)")
-    if "steps" in given and given["steps"] != checkpoint["config"]["steps"]:
-        print(f"--steps {given['steps']}: the run now ends at step {given['steps']} (it was set to "
-              f"{checkpoint['config']['steps']}); the learning-rate schedule ends there too")
 
 
 def available_memory(device):
@@ -826,22 +923,29 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, method_name, for_resume=False):
-    if not Path(path).is_file():
+    path = Path(path)
+    if path.is_dir():
+        inside = f"; its checkpoint is {path / 'checkpoint.pt'}" if (path / "checkpoint.pt").is_file() else ""
+        raise UsageError(f"{path} is a folder, not a checkpoint file{inside}")
+    if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        detail = "the file is empty or cut short" if isinstance(error, EOFError) else (str(error).splitlines() or [""])[0]
-        raise UsageError(f"cannot read checkpoint {path}: {detail or type(error).__name__}") from None
+    except EOFError:
+        raise UsageError(f"cannot read checkpoint {path}: the file is empty or cut short") from None
+    except OSError as error:
+        raise UsageError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    except Exception:  # not a torch file, or one holding objects other than tensors and plain values
+        state = None
     if not isinstance(state, dict) or "model" not in state:
-        raise UsageError(f"{path} is not a checkpoint written by train.py")
+        raise UsageError(f"{path} is not a checkpoint train.py wrote; nothing was loaded from it")
     if state.get("method") != method_name:
         raise UsageError(f"{path} was trained with --method {state.get('method')}, not {method_name}")
-    missing = [key for key in ("run", "config", "step", *(("optimizer", "scaler", "rng") if for_resume else ()))
-               if key not in state]
+    needed = ("run", "config", "step", *(("optimizer", "scaler", "rng") if for_resume else ()))
+    missing = [key for key in needed if key not in state]
     if missing:
-        raise UsageError(f"{path} lacks the {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'} of a train.py "
-                         f"checkpoint{' that --resume needs' if for_resume else ''}")
+        raise UsageError(f"{path} lacks the {', '.join(missing)} entr{'ies' if len(missing) > 1 else 'y'} of a "
+                         f"train.py checkpoint{' that --resume needs' if for_resume else ''}")
     return state
 
 
@@ -852,26 +956,19 @@ def write_json(path, value):
 def check_writable(out):
     """Refuse, in one line, a run folder that cannot be created or written (checked before any work)."""
     existing = next(folder for folder in (out, *out.parents) if folder.exists() or folder == Path(folder.anchor))
+    if existing == out and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
     if not existing.is_dir():
         raise UsageError(f"--out {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: {existing} is not writable")
 
 
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
 @contextlib.contextmanager
 def run_folder_lock(out):
-    """Hold out/lock, holding this process's id, while a run writes the folder. A lock left by a run
-    that crashed (its process has ended) is taken over; a live one refuses this run."""
+    """Hold out/lock, holding this process's id and host, while a run writes the folder. A lock left on this
+    host by a run whose process has ended is taken over; a live one, or one from another host (whose
+    process this host cannot see), refuses this run."""
     lock, mine = out / "lock", out / f"lock.{os.getpid()}.tmp"
     mine.write_text(f"{os.getpid()} {socket.gethostname()}\n")
     try:
@@ -884,7 +981,7 @@ def run_folder_lock(out):
                     raise UsageError(f"{lock} is a folder, not a run's lock: remove it") from None
                 owner = lock.read_text().split() if lock.exists() else []
                 pid = int(owner[0]) if owner and owner[0].isdigit() else 0
-                if pid > 0 and (owner[1:] != [socket.gethostname()] or _process_alive(pid)):
+                if pid > 0 and (owner[1:] != [socket.gethostname()] or process_alive(pid)):
                     raise UsageError(f"{out} is in use by another run (process {pid} on {' '.join(owner[1:])}); "
                                      f"wait for it, choose another --out, or delete {lock} if no run uses it") from None
                 lock.unlink(missing_ok=True)  # stale: its run has ended without releasing it
@@ -896,11 +993,14 @@ def run_folder_lock(out):
         lock.unlink(missing_ok=True)
 
 
-def _logged_step(line):
+def process_alive(pid):
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return None  # a line cut short by a crash
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return True
 
 
 RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "curve.svg", "eval-curve.svg", "log.jsonl")
@@ -909,14 +1009,14 @@ RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "curve.svg", "eval-cu
 def check_run_folder(out, resume_path, overwrite):
     """Refuse to start over a run the user did not name (a checkpoint, results or a log of one). Nothing is
     removed here: --overwrite clears the folder only once the new run has been built and checked."""
-    checkpoint = out / "checkpoint.pt"
     held = [name for name in ("checkpoint.pt", "results.json", "log.jsonl") if (out / name).exists()]
-    if held and not _resuming_here(out, resume_path) and not overwrite:
+    if held and not resuming_here(out, resume_path) and not overwrite:
+        checkpoint = out / "checkpoint.pt"
         resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
         raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
 
 
-def _resuming_here(out, resume_path):
+def resuming_here(out, resume_path):
     checkpoint = out / "checkpoint.pt"
     return resume_path is not None and checkpoint.exists() and os.path.samefile(checkpoint, resume_path)
 
@@ -924,36 +1024,32 @@ def _resuming_here(out, resume_path):
 def clear_run_folder(out, resume_path, step):
     """Just before the first step: remove what --overwrite replaces and what a crash left behind.
     Called with the folder locked and check_run_folder passed; step is the step training starts from."""
-    resuming_here = _resuming_here(out, resume_path)
-    if not resuming_here:
-        for name in RUN_FILES[:-1]:  # the log goes below
-            (out / name).unlink(missing_ok=True)
-    for name in RUN_FILES:  # temporary files left by a run killed while saving
-        for temporary in out.glob(f"{name}.*.tmp"):
+    here = resuming_here(out, resume_path)
+    for name in RUN_FILES:
+        for temporary in out.glob(f"{name}.*.tmp"):  # left by a run killed while saving
             temporary.unlink()
+        if not here:  # a new run, or one continued in another folder, starts its own files and log
+            (out / name).unlink(missing_ok=True)
     log = out / "log.jsonl"
-    if resuming_here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint
-        kept = [line + "\n" for line in log.read_text().splitlines() if (_logged_step(line) or step + 1) <= step]
+    if here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint
+        kept = [line + "\n" for line in log.read_text().splitlines() if (logged_step(line) or step + 1) <= step]
         write_atomically(log, lambda file: file.write("".join(kept).encode()))
-    elif not resuming_here:
-        log.unlink(missing_ok=True)  # a new run, or one continued in another folder, starts its own log
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what timeout, job schedulers and docker stop send
-
-
-def set_ctrl_c_handler(handler):
-    """signal.signal for Ctrl-C and SIGTERM alike, returning the previous handlers; None outside the main
-    thread (no change)."""
+def logged_step(line):
     try:
-        return {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash
+
+
+def set_stop_handler(handler):
+    """signal.signal for Ctrl-C and SIGTERM (what timeout, job schedulers and docker stop send) alike,
+    returning the previous handlers; None outside the main thread (no change)."""
+    try:
+        return {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
         return None
-
-
-def restore_handlers(previous):
-    for number, handler in (previous or {}).items():
-        signal.signal(number, handler)
 
 
 def stop_at_once(signum, frame):
@@ -973,12 +1069,13 @@ class StopRequests:
         self.hook = optimizer.register_step_pre_hook(lambda *_: self.updating.append(True))
 
     def __enter__(self):
-        self.previous = set_ctrl_c_handler(self.handle)
+        self.previous = set_stop_handler(self.handle)
         return self
 
     def __exit__(self, *exception):
         self.hook.remove()
-        restore_handlers(self.previous)
+        for number, handler in (self.previous or {}).items():
+            signal.signal(number, handler)
 
     def handle(self, signum, frame):
         if self.signals:
@@ -1013,32 +1110,6 @@ class StopRequests:
             self.signals.append(signal.SIGINT)
         return metrics
 
-    def ignore(self):
-        set_ctrl_c_handler(signal.SIG_IGN)
-
-
-class Checkpoints:
-    """The run's checkpoint.pt: every rank takes part in gathering its state (gather()), rank 0 writes it
-    atomically (state(step, gathered)). A save that fails (a full disk) stops the run in one line; the
-    previous checkpoint stays whole."""
-
-    def __init__(self, path, step, gather, state):
-        self.path, self.gather, self.state = path, gather, state
-        self.saved_step = step if path.exists() else None
-
-    def kept(self):
-        return f"{self.path} (step {self.saved_step}) is kept" if self.saved_step is not None else "nothing was saved"
-
-    def save(self, step):
-        gathered = self.gather()
-        if world()[0] == 0:
-            try:
-                save_checkpoint(self.path, self.state(step, gathered))
-            except OSError as error:  # a full disk, a folder gone read-only: the previous checkpoint is intact
-                raise TrainingError(f"cannot save the checkpoint of step {step}: {error.strerror or error}; "
-                                    f"{self.kept()}") from None
-        self.saved_step = step
-
 
 # ---------------------------------------------------------------------------------- cost meter: FLOPs, throughput, MFU
 def _attention_flops(query, key, value, *args, out_shape=None, **kwargs):
@@ -1050,9 +1121,8 @@ def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None
 
 
 # Attention counted as its mathematics (forward 2 products, backward 4), the model-FLOPs convention of MFU
-# (PaLM, appendix B; nanoGPT's 12·L·H·Q·T): a kernel that recomputes the scores in its backward (flash
-# attention; torch's own formula counts 5 products there) does more work, not more model FLOPs, and the count
-# does not depend on which kernel ran. torch's counter does not know the CPU kernel at all.
+# (PaLM, appendix B): a kernel that recomputes the scores in its backward does more work, not more model
+# FLOPs, and the count does not depend on which kernel ran. torch's counter does not know the CPU kernel at all.
 ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
@@ -1065,14 +1135,14 @@ def matmul_peak(device, dtype, seconds=0.2):
     """FLOP/s of the fastest of a few square matmuls on `device` in `dtype`: the peak MFU is measured against."""
     n = 4096 if device.type == "cuda" else 1024
     generator = torch.Generator(device).manual_seed(0)  # its own: the run's random state stays untouched
-    if device.type == "cpu":  # a dtype this CPU has no fast kernel for (fp16: seconds per 1024² product): probe at 256²
+    if device.type == "cpu":  # a dtype this CPU has no fast kernel for (fp16: seconds a 1024² product): 256²
         small = torch.randn(256, 256, device=device, dtype=dtype, generator=generator)
         began = time.perf_counter()
         small @ small
         n = 256 if (time.perf_counter() - began) * 64 > seconds else n
     a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     times, start = [], time.perf_counter()
-    for repeat in range(1000):
+    while True:
         if device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
@@ -1081,7 +1151,7 @@ def matmul_peak(device, dtype, seconds=0.2):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
         elapsed = time.perf_counter() - start
-        if len(times) >= 4 and elapsed > seconds or elapsed > 5 * seconds:  # slow dtypes (fp16 on a CPU): one product
+        if len(times) >= 4 and elapsed > seconds or elapsed > 5 * seconds:  # a slow dtype: one product
             break
     return 2 * n ** 3 / min(times[1:] or times)  # the first is a warm-up
 
@@ -1090,14 +1160,15 @@ class CostMeter:
     """Throughput, training FLOPs and MFU. FLOPs are counted, not modelled: torch's FlopCounterMode around a
     real method.train_step sees every matrix product, convolution and attention of every pass the step makes
     (passes under no_grad included), forward and backward, attention as ATTENTION_FLOPS says; elementwise
-    ops, norms and the optimizer are left out (the usual MFU convention). The count is taken
-    on the step before each log line; a method whose per-step cost varies (a thinking depth sampled per
-    step) is estimated by the mean of the counted steps.
-    Under torchrun each rank counts its slice and the world's FLOPs are that times the number of ranks."""
+    ops, norms and the optimizer are left out (the usual MFU convention). The count is taken on the step
+    before each log line; a per-step cost that varies (a thinking depth sampled per step) is the mean of the
+    counted steps. Under torchrun each rank counts its slice, and the world's FLOPs are that times the ranks."""
 
     def __init__(self, peak, ranks, state=None):
         self.peak, self.ranks = peak, ranks  # FLOP/s of one device
-        self.counted_flops, self.counted_steps = (state or {}).get("counted_flops", 0), (state or {}).get("counted_steps", 0)
+        state = state or {}
+        self.counted_flops, self.counted_steps = state.get("counted_flops", 0), state.get("counted_steps", 0)
+        self.counted_here, self.counted_seconds = 0, 0.0  # the steps counted since this process began, their time
         self.last = {}  # the latest log line's cost fields
 
     def state(self):
@@ -1107,20 +1178,29 @@ class CostMeter:
         return self.counted_flops / max(1, self.counted_steps)
 
     def step(self, train_step, count):
-        """train_step(), counting its FLOPs when count is true."""
+        """train_step(), counting its FLOPs when count is true (and timing it: the counter slows the step)."""
         if not count:
             return train_step()
+        began = time.perf_counter()
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
             metrics = train_step()
+        self.counted_seconds += time.perf_counter() - began
+        self.counted_here += 1
         self.counted_flops += counter.get_total_flops() * self.ranks
         self.counted_steps += 1
         return metrics
 
     def fields(self, steps, examples, tokens, seconds):
-        """The log's cost fields for `steps` steps of `examples` examples (`tokens` tokens) in `seconds`."""
+        """The log's cost fields for `steps` steps of `examples` examples (`tokens` tokens) in `seconds`: rates
+        over the steps the counter did not slow (timed_steps of them in `seconds`; all when every step counted)."""
+        if steps > self.counted_here:
+            share = (steps - self.counted_here) / steps
+            steps, examples, tokens = steps - self.counted_here, examples * share, tokens * share
+            seconds -= self.counted_seconds
         return {"examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds,
                 "flops_per_step": self.flops_per_step(),
-                "mfu": self.flops_per_step() * steps / seconds / (self.peak * self.ranks)}
+                "mfu": self.flops_per_step() * steps / seconds / (self.peak * self.ranks),
+                "timed_steps": steps, "seconds": seconds}
 
 
 # ------------------------------------------------------------------------------------------ torchrun: data parallelism
@@ -1144,8 +1224,7 @@ def agreed(work):
     if ranks > 1:
         message = [None if error is None else str(error)]
         dist.broadcast_object_list(message, src=0)
-        if error is None and message[0] is not None:
-            error = UsageError(message[0])
+        error = UsageError(message[0]) if message[0] is not None else None
     if error:
         raise error
 
@@ -1158,20 +1237,17 @@ def rank_slice(batch):
 
 def average_gradients_over_ranks(model):
     """After every backward pass that reaches the model's parameters, replace each gradient by its mean over
-    the ranks (one flat all-reduce at the end of the pass, as DDP does), so the method's own gradient
-    clipping and optimizer step see the gradient of the whole global batch: clipping each rank's gradient
-    before averaging would clip another vector. Exact with several backward passes per step, whether they
-    share one optimizer step or each take their own: a pass that adds to gradients already averaged adds the
-    mean of the new parts. A backward pass that reaches no parameter (one that differentiates only other
-    tensors, backward(inputs=...)) is left alone: those gradients stay per rank. A parameter without a
-    gradient on some rank counts as zero there; one without a gradient on every rank keeps None.
-    Returns the hooks' handles: the loop removes them after training (rank 0's evaluation may differentiate)."""
+    the ranks (one flat all-reduce at the end of the pass, as DDP does), so that the method's own clipping
+    and optimizer step see the gradient of the whole global batch. A pass that adds to gradients already
+    averaged adds the mean of its own parts. A parameter without a gradient on some rank counts as zero
+    there; one without a gradient on every rank keeps None. Returns the hooks' handles."""
     parameters = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     queued = []
 
     def all_reduce_gradients():
         queued.clear()
-        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=parameters[0].device)
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32,
+                               device=parameters[0].device)
         flat = torch.cat([present, *(p.grad.float().flatten() if p.grad is not None else
                                      torch.zeros(p.numel(), device=p.device) for p in parameters)])
         dist.all_reduce(flat)
@@ -1215,50 +1291,42 @@ def rank_states(model, device):
 
 
 # ---------------------------------------------------------------------------- plots and tables (SVG, standard library)
-STEP_COLUMNS = ("thinking steps",)
+STEP_COLUMN = "thinking steps"
 FLOPS_COLUMN = "test-time MFLOP per puzzle"  # Sudoku rows: the compute a puzzle's answer cost
 METRIC_COLUMNS = ("exact %", "accuracy %", "cond NLL/char", "bits/char", "NLL/token")
-
-
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
-def curve_panels(rows, panel_column="test set", x_name=None):
-    """Table rows -> (x name, y name, {panel: {line: [(x, y), ...]}}): x is the method's thinking-step
-    column (or the column x_name), y its headline metric; rows whose x is not a number (adaptive exit) are
-    left out. Lines are named by the remaining text columns (e.g. lvr's model)."""
-    if not rows:
-        return None
-    x_name = x_name or next((c for c in STEP_COLUMNS if c in rows[0]), None)
-    y_name = next((c for c in METRIC_COLUMNS if c in rows[0]), None)
-    if x_name is None or y_name is None:
-        return None
+def curve_panels(rows, panel_column="test set", x_name=STEP_COLUMN):
+    """Table rows -> (y name, {panel: {line: [(x, y), ...]}}): y is the table's headline metric; rows whose x
+    is not a positive number (adaptive exit; step 0, which a log axis cannot show) are left out. Lines are
+    named by the remaining text columns (e.g. lvr's model)."""
+    y_name = next((c for c in METRIC_COLUMNS if rows and c in rows[0]), None)
     panels = {}
-    for row in rows:
+    for row in rows if y_name and x_name in rows[0] else ():
         x, y = row.get(x_name), row.get(y_name)
-        if not isinstance(x, (int, float)) or isinstance(x, bool) or not isinstance(y, (int, float)) or x <= 0:
-            continue  # adaptive rows, and step 0, which a log axis cannot show
-        line = " ".join(str(v) for c, v in row.items() if isinstance(v, str) and c not in (x_name, panel_column))
-        panels.setdefault(str(row.get(panel_column, "")), {}).setdefault(line or y_name, []).append((x, y))
-    return x_name, y_name, panels
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and isinstance(y, (int, float)):
+            line = " ".join(str(v) for c, v in row.items() if isinstance(v, str) and c not in (x_name, panel_column))
+            panels.setdefault(str(row.get(panel_column, "")), {}).setdefault(line or y_name, []).append((x, y))
+    return y_name, panels
 
 
-def curve_svg(x_name, y_name, panels, title):
-    """A line chart per panel, log2 x axis, as SVG text (one <polyline> per line)."""
-    width, height, left, top, bottom = 360, 260, 56, 40, 44
+def write_curve(rows, path, title, panel_column="test set", x_name=STEP_COLUMN):
+    """The table's metric against thinking steps (or the column x_name) as an SVG line chart per panel, log2
+    x axis; nothing is written for a table without those columns (e.g. a single-row baseline)."""
+    y_name, panels = curve_panels(rows, panel_column, x_name)
+    if not panels:
+        return
+    width, height, left, top, plot_w, plot_h = 360, 260, 56, 40, 288, 176
     names = sorted({line for lines in panels.values() for line in lines})
-    legend = 18 * len(names) + 10
     points = [p for lines in panels.values() for line in lines.values() for p in line]
     x_low, x_high = math.log2(min(x for x, _ in points)), math.log2(max(x for x, _ in points))
-    y_low, y_high = min(0.0, min(y for _, y in points)), max(y for _, y in points)
-    if y_name.endswith("%"):
-        y_high = 100.0
+    y_low = min(0.0, *(y for _, y in points))
+    y_high = 100.0 if y_name.endswith("%") else max(y for _, y in points)
     x_span, y_span = max(x_high - x_low, 1e-9), max(y_high - y_low, 1e-9)
-    plot_w, plot_h = width - left - 16, height - top - bottom
-    total_w, total_h = width * len(panels), height + legend
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{total_h}" '
-           f'viewBox="0 0 {total_w} {total_h}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{total_w}" height="{total_h}" fill="white"/>',
+    total_w, total_h = width * len(panels), height + 18 * len(names) + 10
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{total_h}" font-family="sans-serif" '
+           f'font-size="11"><rect width="{total_w}" height="{total_h}" fill="white"/>',
            f'<text x="{total_w / 2}" y="16" text-anchor="middle" font-size="13">{escape(title)}</text>']
     for index, (panel, lines) in enumerate(panels.items()):
         x0 = index * width + left
@@ -1269,40 +1337,26 @@ def curve_svg(x_name, y_name, panels, title):
         def py(y):
             return top + plot_h - (y - y_low) / y_span * plot_h
 
-        out.append(f'<text x="{x0 + plot_w / 2}" y="{top - 8}" text-anchor="middle">{escape(panel)}</text>')
-        out.append(f'<rect x="{x0}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
+        svg += [f'<text x="{x0 + plot_w / 2}" y="{top - 8}" text-anchor="middle">{escape(panel)}</text>',
+                f'<rect x="{x0}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>',
+                f'<text x="{x0 + plot_w / 2}" y="{top + plot_h + 30}" text-anchor="middle">{escape(x_name)} '
+                f'(log scale)</text>', f'<text x="{x0 - 40}" y="{top + plot_h / 2}" text-anchor="middle" '
+                f'transform="rotate(-90 {x0 - 40} {top + plot_h / 2})">{escape(y_name)}</text>']
         stride = max(1, math.ceil((x_high - x_low + 1) / 8))  # at most about 8 labels on the axis
-        for tick in range(math.floor(x_low), math.ceil(x_high) + 1):
-            if x_low - 1e-9 <= tick <= x_high + 1e-9 and tick % stride == 0:
-                out.append(f'<text x="{px(2 ** tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{2 ** tick:g}</text>')
-        for fraction in (0, 0.25, 0.5, 0.75, 1):
-            value = y_low + fraction * y_span
-            out.append(f'<text x="{x0 - 4}" y="{py(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>')
-        out.append(f'<text x="{x0 + plot_w / 2}" y="{top + plot_h + 30}" text-anchor="middle">'
-                   f'{escape(x_name)} (log scale)</text>')
-        out.append(f'<text x="{x0 - 40}" y="{top + plot_h / 2}" text-anchor="middle" '
-                   f'transform="rotate(-90 {x0 - 40} {top + plot_h / 2})">{escape(y_name)}</text>')
+        svg += [f'<text x="{px(2 ** tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{2 ** tick:g}</text>'
+                for tick in range(math.ceil(x_low - 1e-9), math.floor(x_high + 1e-9) + 1) if tick % stride == 0]
+        svg += [f'<text x="{x0 - 4}" y="{py(y_low + f * y_span) + 4:.1f}" text-anchor="end">'
+                f'{y_low + f * y_span:.3g}</text>' for f in (0, 0.25, 0.5, 0.75, 1)]
         for name, line in sorted(lines.items()):
-            colour = COLOURS[names.index(name) % len(COLOURS)]
-            coordinates = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(line))
-            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coordinates}">'
-                       f'<title>{escape(name)}</title></polyline>')
-    for index, name in enumerate(names):
-        y = height + 8 + 18 * index
-        colour = COLOURS[index % len(COLOURS)]
-        out.append(f'<line x1="{left}" y1="{y}" x2="{left + 24}" y2="{y}" stroke="{colour}" stroke-width="2"/>')
-        out.append(f'<text x="{left + 30}" y="{y + 4}">{escape(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
-
-
-def write_curve(rows, path, title, panel_column="test set", x_name=None):
-    """The table's metric against thinking steps (or the column x_name) as an SVG plot (nothing is written
-    for a table without that column, e.g. a single-row baseline)."""
-    found = curve_panels(rows, panel_column, x_name)
-    if found and found[2]:
-        svg = curve_svg(*found, title)
-        write_atomically(path, lambda file: file.write(svg.encode()))
+            points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(line))
+            svg.append(f'<polyline fill="none" stroke="{COLOURS[names.index(name) % len(COLOURS)]}" '
+                       f'stroke-width="2" points="{points}"><title>{escape(name)}</title></polyline>')
+    for index, name in enumerate(names):  # the legend
+        y, colour = height + 8 + 18 * index, COLOURS[index % len(COLOURS)]
+        svg += [f'<line x1="{left}" y1="{y}" x2="{left + 24}" y2="{y}" stroke="{colour}" stroke-width="2"/>',
+                f'<text x="{left + 30}" y="{y + 4}">{escape(name)}</text>']
+    text = "\n".join(svg + ["</svg>"]) + "\n"
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def print_table(rows, title):
@@ -1313,9 +1367,8 @@ def print_table(rows, title):
              for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print(f"\n{title}")
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    for line in [columns, *cells]:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
 
 
 # ----------------------------------------------------------------------------------------- --method all: one benchmark
@@ -1324,18 +1377,19 @@ def print_table(rows, title):
 COMPARED = (("recurrent_depth", "recurrent_depth", ()),
             ("lit", "lit", ()),
             ("lit --no-imagination", "lit", ("--no-imagination", "--steps", "408")),  # steps: LIT's training FLOPs
-            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation", "--steps", "406")),
-            # the hard-puzzle recipe (docs/benchmark.md): a mixed base set, two-step supervised segments, longer training
-            # (compiled, bf16 products: 1.3-1.6x the steps per second on a CPU with bf16 units), TRM's weight average,
-            # 128 steps at test time
+            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation",
+                                                        "--steps", "406")),
+            # the hard-puzzle recipe (docs/benchmark.md): a mixed base set, two-step supervised segments, longer
+            # training (compiled, bf16 products), TRM's weight average, 128 steps at test time
             ("lit --no-imagination recipe", "lit", ("--no-imagination", "--difficulty", "mixed", "--base-size", "3000",
                                                     "--steps", "6500", "--segment-steps", "2", "--compile", "--dtype",
-                                                    "bfloat16", "--ema", "0.999", "--eval-steps", "1,2,4,8,16,32,64,128")))
+                                                    "bfloat16", "--ema", "0.999",
+                                                    "--eval-steps", "1,2,4,8,16,32,64,128")))
 
 
 def run_all(argv):
     """python train.py --method all [options for every method]: runs (or reuses) runs/compare/<row>/ for
-    each COMPARED row, then writes runs/compare/results.json, table.md and curve.svg."""
+    each COMPARED row, then writes runs/compare/results.json, table.md, curve.svg and curve-flops.svg."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--out", default="runs/compare")
     first.add_argument("--task", default="sudoku")
@@ -1343,11 +1397,10 @@ def run_all(argv):
     if known.task != "sudoku":
         raise UsageError(f"--method all compares the Sudoku methods; --task {known.task} is not among them")
     if any(flag in rest for flag in ("--resume", "--eval-only", "--init-from")):
-        raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one --method")
+        raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one "
+                         "--method")
     compare = Path(known.out)
     check_writable(compare)
-    if compare.exists() and not compare.is_dir():
-        raise UsageError(f"--out {compare} is a file, not a folder")
     results = {}
     for name, method_name, flags in COMPARED:
         folder = compare / name.replace(" --", "-").replace(" ", "-")
@@ -1384,11 +1437,10 @@ def benchmark_points(results):
     points = []
     for name, result in results.items():
         for row in result["rows"]:
-            steps = next((row[c] for c in STEP_COLUMNS if c in row), None)
-            exact = row.get("exact %")
+            steps, exact = row.get(STEP_COLUMN), row.get("exact %")
             if isinstance(steps, int) and not isinstance(steps, bool) and exact is not None:
-                line = name + (f", {row['restarts']} restarts picked by {row['picked by']}" if "restarts" in row else "")
-                points.append({"difficulty": row["test set"], "method": line, "thinking steps": steps, "exact %": exact,
+                line = f"{name}, {row['restarts']} restarts picked by {row['picked by']}" if "restarts" in row else name
+                points.append({"difficulty": row["test set"], "method": line, STEP_COLUMN: steps, "exact %": exact,
                                FLOPS_COLUMN: row.get(FLOPS_COLUMN)})
     return points
 
@@ -1397,18 +1449,21 @@ def compare_table(points, results):
     """Markdown: exact % per (test set, thinking steps), one column per line (a compared run, or its restarts'
     pick), then each line's test-time MFLOP per puzzle at its fewest and most thinking steps."""
     names = list(dict.fromkeys(p["method"] for p in points))
-    cells = {(p["method"], p["difficulty"], p["thinking steps"]): p["exact %"] for p in points}
+    cells = {(p["method"], p["difficulty"], p[STEP_COLUMN]): p["exact %"] for p in points}
     lines = ["| test set | thinking steps | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for test_set in dict.fromkeys(p["difficulty"] for p in points):
-        for step in sorted({p["thinking steps"] for p in points}):
+        for step in sorted({p[STEP_COLUMN] for p in points}):
             values = [cells.get((name, test_set, step)) for name in names]
             if any(v is not None for v in values):
-                lines.append(f"| {test_set} | {step} | " + " | ".join("" if v is None else f"{v:.1f}" for v in values) + " |")
+                shown_values = " | ".join("" if v is None else f"{v:.1f}" for v in values)
+                lines.append(f"| {test_set} | {step} | {shown_values} |")
     trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps, "
-                           f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs" for name, result in results.items())
+                           f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs"
+                           for name, result in results.items())
     costs = []
     for name in names:
-        costed = sorted((p["thinking steps"], p[FLOPS_COLUMN]) for p in points if p["method"] == name and p.get(FLOPS_COLUMN))
+        costed = sorted((p[STEP_COLUMN], p[FLOPS_COLUMN]) for p in points
+                        if p["method"] == name and p.get(FLOPS_COLUMN))
         if costed:
             (few, low), (most, high) = costed[0], costed[-1]
             costs.append(f"{name}: {low:.3g} at {few}, {high:.3g} at {most}")
@@ -1426,7 +1481,7 @@ def main(argv=None):
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(hours=3))
     rank, ranks = world()
-    previous = set_ctrl_c_handler(stop_at_once)  # outside the loop (start-up, data, evaluation) a stop is immediate
+    previous = set_stop_handler(stop_at_once)  # outside the loop (start-up, data, evaluation) a stop is immediate
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
             known, rest = first.parse_known_args(argv)
@@ -1440,7 +1495,8 @@ def main(argv=None):
               file=sys.stderr)
         status = 130
     finally:
-        restore_handlers(previous)
+        for number, handler in (previous or {}).items():
+            signal.signal(number, handler)
     if ranks > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # A short run of every method's GPU preset on a CUDA machine (bf16 autocast, compiled), then one table:
-# examples/s, MFU against the device's matmul peak (train.py's probe), peak GPU memory, and the loss after the
-# last step. Each method has a time limit (the four add up to 8 min 40 s, 10 s to stop each included); any
-# failure stops the check with the method named and a non-zero exit status.
+# examples/s, MFU against the device's matmul peak (train.py's probe), peak GPU memory, and the loss at the first
+# and the last log line. Each method has a time limit (100, 100, 130 and 130 s: 460 s, and at most 10 s more each
+# to stop, so 500 s at worst, plus a few seconds to find the device); any failure stops the check with the
+# method named and a non-zero exit status.
 #   scripts/gpu_check.sh [--out DIR] [--overwrite] [--methods a,b] [--dry-run]
 # --out: where the runs go (default runs/gpu_check; one folder per method, the puzzles cached in DIR/data);
 # a folder that already holds a check is refused unless --overwrite. --dry-run prints the train.py commands.
-# Throughput and MFU are taken over the window between the last two log lines (train.py's own end-of-training
-# figures are over the whole run, compilation included; they are in DIR/<method>.log).
+# Throughput and MFU are taken over the window between the last two log lines, without the step the FLOP counter
+# ran (it slows that step); each run's warm-up ends by a quarter of its steps, so the loss can fall.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -18,7 +19,7 @@ while (($#)); do
         --overwrite) overwrite=1 ;;
         --methods) methods=${2:?--methods needs a list}; shift ;;
         --dry-run) dry_run=1 ;;
-        -h | --help) sed -n '2,10p' "$0" | cut -c3-; exit 0 ;;
+        -h | --help) sed -n '2,11p' "$0" | cut -c3-; exit 0 ;;
         *) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -27,12 +28,17 @@ done
 # Per method: seconds allowed (start-up, data, compilation, training and the short evaluation together) and the
 # flags that shorten its preset: enough steps that the last log window is past compilation and warm-up.
 declare -A limit flags
-limit[recurrent_depth]=115 flags[recurrent_depth]="--steps 200 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,8"
-limit[lit]=115 flags[lit]="--steps 200 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,16"
+limit[recurrent_depth]=100
+flags[recurrent_depth]="--steps 200 --warmup-steps 50 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,8"
+limit[lit]=100
+flags[lit]="--steps 200 --warmup-steps 50 --log-every 50 --base-size 256 --eval-size 64 --eval-steps 1,16"
 # ltm: 1,024-character windows, 16 posterior steps per sequence (17 passes a step)
-limit[ltm]=145 flags[ltm]="--steps 60 --log-every 20 --eval-size 8 --eval-subset 4 --eval-steps 0,4"
+limit[ltm]=130
+flags[ltm]="--steps 60 --warmup-steps 15 --log-every 20 --eval-size 8 --eval-subset 4 --eval-steps 0,4"
 # lvr: stage 0 (alignment) for 20 steps, then stage 1: every counted step (40, 80, ...) is a stage-1 step
-limit[lvr]=145 flags[lvr]="--steps 160 --align-steps 20 --log-every 40 --eval-size 32 --eval-steps 0,2 --validation-size 8"
+limit[lvr]=130
+flags[lvr]="--steps 160 --warmup-steps 40 --align-steps 20 --log-every 40 --eval-size 32 --eval-steps 0,2"
+flags[lvr]+=" --validation-size 8"
 
 IFS=, read -ra chosen <<< "$methods"
 for method in "${chosen[@]}"; do
@@ -93,18 +99,19 @@ done
 import json, sys
 from pathlib import Path
 out, methods = Path(sys.argv[1]), sys.argv[2:]
-print(f"\n{'method':<16} {'steps':>6} {'examples/s':>11} {'MFU':>7} {'peak TFLOP/s':>13} {'peak GiB':>9} {'loss':>9}  rates over")
+print(f"\n{'method':<16} {'steps':>6} {'examples/s':>11} {'MFU':>7} {'peak TFLOP/s':>13} {'peak GiB':>9} "
+      f"{'first loss':>10} {'last loss':>10}  rates over")
 for method in methods:
     results = json.loads((out / method / "results.json").read_text())
     lines = [json.loads(line) for line in (out / method / "log.jsonl").read_text().splitlines()]
     first, last = lines[-2], lines[-1]
     batch, cost = results["config"]["batch_size"], results["cost"]
-    # the logged rates are cumulative from the first step: a line's seconds = step * batch / examples_per_s
-    seconds = last["step"] * batch / last["examples_per_s"] - first["step"] * batch / first["examples_per_s"]
-    steps = last["step"] - first["step"]
+    # a line's rates are over the steps since the start that the FLOP counter did not run: timed_steps in seconds
+    steps, seconds = last["timed_steps"] - first["timed_steps"], last["seconds"] - first["seconds"]
     mfu = last["flops_per_step"] * steps / seconds / cost["peak_flops_per_s"]  # FLOPs: the mean of the counted steps
     memory = f"{cost['peak_memory_bytes'] / 2**30:.2f}" if "peak_memory_bytes" in cost else "n/a"  # (CUDA only)
-    print(f"{method:<16} {last['step']:>6} {steps * batch / seconds:>11.1f} {mfu:>7.1%} {cost['peak_flops_per_s'] / 1e12:>13.3g} "
-          f"{memory:>9} {last['loss']:>9.4f}  steps {first['step']}-{last['step']}")
+    print(f"{method:<16} {last['step']:>6} {steps * batch / seconds:>11.1f} {mfu:>7.1%} "
+          f"{cost['peak_flops_per_s'] / 1e12:>13.3g} {memory:>9} {lines[0]['loss']:>10.4f} {last['loss']:>10.4f}  "
+          f"steps {first['step']}-{last['step']}")
 EOF
 echo "gpu_check: done in $((SECONDS - began)) s"
