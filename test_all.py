@@ -1989,8 +1989,10 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
 
 
 def test_eval_sets_name_the_generated_test_sets_and_add_extreme_to_a_task_and_to_a_checkpoint(tmp_path, data_dir,
-                                                                                             capsys):
-    sizes = dict(seed=7, base_size=12, eval_size=2, data_dir=data_dir)  # seed 7: its extreme puzzles come quickly
+                                                                                             capsys, monkeypatch):
+    monkeypatch.setattr(sudoku_data, "EXTREME_RATING", 4)  # a real extreme puzzle takes minutes to make
+    data_dir = str(tmp_path / "data")  # these easier extreme puzzles stay out of the shared cache
+    sizes = dict(seed=7, base_size=12, eval_size=2, data_dir=data_dir)
     task = sudoku_data.SudokuTask("easy", **sizes, eval_sets=("hard", "extreme"))
     assert list(task.test_sets) == ["hard", "extreme"]
     assert ((task.test_sets["extreme"]["puzzle"] > 0).sum(1) <= sudoku_data.DIFFICULTIES["extreme"][1]).all()
