@@ -22,6 +22,7 @@ Deviations from the paper and the reference code:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -723,10 +724,27 @@ def generate_speculative(model, prompt, max_new_tokens: int, draft_steps: int = 
 OFFICIAL_KEY_MAP = ((r"^transformer\.", ""), (r"^core_block\.", "core."), (r"\.norm_(\d)\.", r".n\1."),
                     (r"\.attn\.Wqkv\.", ".attn.qkv."))  # fmt: skip
 OFFICIAL_UNUSED = ("lm_head.weight", "freqs_cis")  # the head is tied to wte; the RoPE table is recomputed
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """A .safetensors file with the standard library: an 8-byte little-endian header length N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw bytes, offsets from the header's end."""
+    data = Path(path).read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    tensors = {}
+    for name, info in json.loads(data[8:8 + n]).items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            raw = bytearray(data[8 + n + begin:8 + n + end])
+            tensors[name] = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
 
 
 def read_state_dict(directory, config: Config) -> dict[str, torch.Tensor]:
-    """A checkpoint folder's *.safetensors shards (pip install safetensors), else its *.bin / *.pt state dicts, in
+    """A checkpoint folder's *.safetensors shards, else its *.bin / *.pt state dicts, in
     this file's names and layout: qk_bias (2, 1, H, hd) -> (2, H, 1, hd), each head's q/k rows and bias permuted
     so that our RoPE on pairs (j, j + hd/2) computes the official one on pairs (2j, 2j+1)."""
     directory = Path(directory)
@@ -741,12 +759,10 @@ def read_state_dict(directory, config: Config) -> dict[str, torch.Tensor]:
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                part = load_file(file)
+                part = read_safetensors(file)
             else:
                 part = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:  # no safetensors package, or torch's and its errors for a file that is no state dict
+        except Exception as error:  # a file that is no state dict: the reader's or torch's error, in one line
             raise ValueError(f"{file}: cannot read it as a state dict ({str(error).splitlines()[0]})") from None
         if not isinstance(part, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in part.values()):
             raise ValueError(f"{file}: not a state dict of tensors")
