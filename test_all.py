@@ -539,13 +539,13 @@ def test_ctrl_c_and_sigterm_end_a_generation_and_its_workers_at_once(signum):
     script = ("import sys, sudoku_data\ntry:\n    sudoku_data.generate_puzzles(10**6, 'easy', workers=2)\n"
               "except KeyboardInterrupt:\n    print('stopped', flush=True)\n    sys.exit(130)\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(sudoku_data.__file__).parent,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline, workers = time.monotonic() + 120, []
         while len(workers) < 2 and time.monotonic() < deadline and process.poll() is None:
             workers = _child_processes(process.pid)
             time.sleep(0.02)
-        assert len(workers) >= 2, "the generation never started its workers"
+        assert len(workers) >= 2, f"the generation never started its workers: {process.poll()} {process.stderr.read()}"
         process.send_signal(signum)
         sent = time.monotonic()
         out, _ = process.communicate(timeout=30)
@@ -1159,11 +1159,17 @@ TINY_FLAGS = {  # tiny runs of every method, for the Ctrl-C test
 }
 
 
-def test_a_setting_only_the_evaluation_rejects_stops_the_run_before_training(tmp_path, data_dir, capsys):
+def test_a_setting_only_the_evaluation_rejects_stops_the_run_before_training(tmp_path, data_dir, capsys, monkeypatch):
+    def evaluate_refusing(model, task, config, eval_steps, autocast_dtype):  # stands for a setting only it rejects
+        raise ValueError("this evaluation cannot run\nsecond line")
+
+    monkeypatch.setattr(lit, "evaluate", evaluate_refusing)
+    monkeypatch.setattr(lit, "train_step", lambda *args: pytest.fail("trained before the evaluation was checked"))
     out = tmp_path / "run"
-    run = ["--method", "lit", *TINY_FLAGS["lit"], "--eval-batch-size", "0", "--steps", "100000", "--data-dir", data_dir]
+    run = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "100000", "--data-dir", data_dir]
     assert train.main(run + ["--out", str(out)]) == 2
-    assert capsys.readouterr().err.startswith("error: the evaluation fails with these settings")
+    error = capsys.readouterr().err
+    assert error == "error: the evaluation fails with these settings: this evaluation cannot run\n"
     assert not out.exists()
 
 
