@@ -535,7 +535,7 @@ def _alive(pid):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_end_a_generation_and_its_workers_at_once(signum):
-    # a fresh interpreter, as on a command line: hours of generation on 2 workers, stopped as soon as they run
+    # a fresh interpreter, as on a command line: hours of generation on 2 workers, stopped while they run
     script = ("import sys, sudoku_data\ntry:\n    sudoku_data.generate_puzzles(10**6, 'easy', workers=2)\n"
               "except KeyboardInterrupt:\n    print('stopped', flush=True)\n    sys.exit(130)\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(sudoku_data.__file__).parent,
@@ -546,6 +546,7 @@ def test_ctrl_c_and_sigterm_end_a_generation_and_its_workers_at_once(signum):
             workers = _child_processes(process.pid)
             time.sleep(0.02)
         assert len(workers) >= 2, f"the generation never started its workers: {process.poll()} {process.stderr.read()}"
+        time.sleep(1)  # the workers are generating
         process.send_signal(signum)
         sent = time.monotonic()
         out, _ = process.communicate(timeout=30)
