@@ -2632,6 +2632,7 @@ def reference_logits(official, idx, n_heads, steps, rope_base=50000.0):
 
 
 def test_recurrent_depth_official_checkpoint_loads_to_the_same_logits(tmp_path):
+    from scripts import huginn_0125
     source = tiny_model(n_prelude=2, n_coda=2).eval()
     with torch.no_grad():  # non-trivial norms and q/k biases, so a wrong mapping of either shows
         for name, p in source.named_parameters():
@@ -2647,7 +2648,7 @@ def test_recurrent_depth_official_checkpoint_loads_to_the_same_logits(tmp_path):
         expected = unrolled(source, idx, (4, 0), zero)
         torch.testing.assert_close(reference_logits(official, idx, source.config.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
         # the official interleaved RoPE pairs become ours by the q/k row permutation
-        loaded = rd.load_huginn(tmp_path, source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+        loaded = huginn_0125.load_huginn(tmp_path, source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
         torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
         out, _ = rd.generate(loaded, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
         ref, _ = rd.generate(source, idx[:, :5], 6, thinking_steps=4, exit_criterion="none", init_scale=0.0)
@@ -2661,13 +2662,14 @@ def test_recurrent_depth_official_checkpoint_loads_to_the_same_logits(tmp_path):
         encoded = json.dumps(header).encode()
         (tmp_path / "st" / "m.safetensors").write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(
             t.float().numpy().tobytes() for t in tensors.values()))
-        loaded = rd.load_huginn(tmp_path / "st", source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+        loaded = huginn_0125.load_huginn(tmp_path / "st", source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
         torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
+    from scripts import huginn_0125
     with torch.device("meta"):  # shapes only, no memory
-        model = rd.RecurrentDepthModel(rd.Config(**rd.HUGINN_CONFIG), rd.HUGINN_VOCAB_SIZE, rd.HUGINN_CONTEXT,
+        model = rd.RecurrentDepthModel(rd.Config(**huginn_0125.HUGINN_CONFIG), huginn_0125.HUGINN_VOCAB_SIZE, huginn_0125.HUGINN_CONTEXT,
                                        causal=True, grid=False)
     assert sum(p.numel() for p in model.parameters()) == 3_564_976_800
 
@@ -2679,6 +2681,7 @@ def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
     ("", "has no \\*.safetensors, \\*.bin or \\*.pt files"),
 ])
 def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_path, content, message):
+    from scripts import huginn_0125
     if content == "missing key":
         official = official_layout(tiny_model())
         del official["transformer.adapter.weight"]
@@ -2688,7 +2691,7 @@ def test_recurrent_depth_bad_checkpoint_files_raise_one_line_value_errors(tmp_pa
     elif content:
         (tmp_path / "pytorch_model.bin").write_bytes(content)
     with pytest.raises(ValueError, match=message) as error:
-        rd.load_huginn(tmp_path, rd.Config(**TINY), vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+        huginn_0125.load_huginn(tmp_path, rd.Config(**TINY), vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
     assert "\n" not in str(error.value)
 
 
