@@ -11,9 +11,9 @@ Examples:
   python train.py --method recurrent_depth
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
   python train.py --method ltm --text-file input.txt
-  python train.py --method all        # every Sudoku method on the same puzzles: runs/compare/
+  python scripts/benchmark.py         # every Sudoku method on the same puzzles: runs/compare/
 Reading order: settings, the run (folder -> model -> train -> evaluate), the training loop, tasks, the command
-line, run-folder safety, the cost meter, torchrun, plots and tables, --method all, main.
+line, run-folder safety, the cost meter, torchrun, plots and tables, main.
 """
 import argparse
 import contextlib
@@ -750,7 +750,7 @@ def check_generation(sudoku_data, difficulty, options):
 # -------------------------------------------------------------------------------------------------------- command line
 def load_method(name):
     if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, or all (every Sudoku method)")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     if name not in sys.modules and not (HERE / f"{name}.py").exists():
         raise UsageError(f"method {name!r} is not in this checkout ({name}.py missing)")
     return importlib.import_module(name)
@@ -836,7 +836,7 @@ def build_parser(method=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog=None if method else "Use --method NAME --help for its options.")
     group = parser.add_argument_group("run options")
-    group.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}; all: every Sudoku method")
+    group.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     for name, keywords in RUN_FLAGS:
         group.add_argument(name, **keywords)
     group = parser.add_argument_group("data options")
@@ -1372,111 +1372,11 @@ def print_table(rows, title):
         print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
 
 
-# ----------------------------------------------------------------------------------------- --method all: one benchmark
-# Every Sudoku method with its CPU default (unless the command line says otherwise), trained on the same
-# base set and evaluated on the same test puzzles; (row name, method, its own flags).
-COMPARED = (("recurrent_depth", "recurrent_depth", ()),
-            ("lit", "lit", ()),
-            ("lit --no-imagination", "lit", ("--no-imagination", "--steps", "408")),  # steps: LIT's training FLOPs
-            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation",
-                                                        "--steps", "406")),
-            # the hard-puzzle recipe (docs/benchmark.md): a mixed base set, two-step supervised segments, longer
-            # training (compiled, bf16 products), TRM's weight average, 128 steps at test time
-            ("lit --no-imagination recipe", "lit", ("--no-imagination", "--difficulty", "mixed", "--base-size", "3000",
-                                                    "--steps", "6500", "--segment-steps", "2", "--compile", "--dtype",
-                                                    "bfloat16", "--ema", "0.999",
-                                                    "--eval-steps", "1,2,4,8,16,32,64,128")))
-
-
-def run_all(argv):
-    """python train.py --method all [options for every method]: runs (or reuses) runs/compare/<row>/ for
-    each COMPARED row, then writes runs/compare/results.json, table.md, curve.svg and curve-flops.svg."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--out", default="runs/compare")
-    first.add_argument("--task", default="sudoku")
-    known, rest = first.parse_known_args(argv)
-    if known.task != "sudoku":
-        raise UsageError(f"--method all compares the Sudoku methods; --task {known.task} is not among them")
-    if any(flag in rest for flag in ("--resume", "--eval-only", "--init-from")):
-        raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one "
-                         "--method")
-    compare = Path(known.out)
-    check_writable(compare)
-    results = {}
-    for name, method_name, flags in COMPARED:
-        folder = compare / name.replace(" --", "-").replace(" ", "-")
-        if (folder / "results.json").exists() and "--overwrite" not in rest:
-            print(f"{name}: using the finished run in {folder} (--overwrite trains it again)")
-        else:
-            arguments = ["--method", method_name, *flags, *rest, "--out", str(folder)]
-            if (folder / "checkpoint.pt").exists() and "--overwrite" not in rest:  # an interrupted run continues
-                arguments = ["--method", method_name, "--resume", str(folder / "checkpoint.pt")]
-            print(f"\n=== {name}: python train.py {' '.join(arguments)}")
-            status = run(arguments)
-            if status:
-                return status
-        results[name] = json.loads((folder / "results.json").read_text())
-    if world()[0] != 0:
-        return 0  # rank 0 writes the comparison
-    write_json(compare / "results.json", results)
-    points = benchmark_points(results)
-    table = compare_table(points, results)
-    write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
-    print("\n" + table)
-    write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
-    costed = [p for p in points if p.get(FLOPS_COLUMN) is not None]
-    write_curve(costed, compare / "curve-flops.svg", "exact % against test-time compute", panel_column="difficulty",
-                x_name=FLOPS_COLUMN)
-    print(f"wrote {compare / 'results.json'}, {compare / 'table.md'}, {compare / 'curve.svg'} and "
-          f"{compare / 'curve-flops.svg'}")
-    return 0
-
-
-def benchmark_points(results):
-    """{run name: its results.json} -> one record per (line, test set, thinking steps), adaptive rows left out;
-    a line is a run, or its K restarts' pick ("NAME, K restarts picked by confidence"; the oracle verifier's apart)."""
-    points = []
-    for name, result in results.items():
-        for row in result["rows"]:
-            steps, exact = row.get(STEP_COLUMN), row.get("exact %")
-            if isinstance(steps, int) and not isinstance(steps, bool) and exact is not None:
-                line = f"{name}, {row['restarts']} restarts picked by {row['picked by']}" if "restarts" in row else name
-                points.append({"difficulty": row["test set"], "method": line, STEP_COLUMN: steps, "exact %": exact,
-                               FLOPS_COLUMN: row.get(FLOPS_COLUMN)})
-    return points
-
-
-def compare_table(points, results):
-    """Markdown: exact % per (test set, thinking steps), one column per line (a compared run, or its restarts'
-    pick), then each line's test-time MFLOP per puzzle at its fewest and most thinking steps."""
-    names = list(dict.fromkeys(p["method"] for p in points))
-    cells = {(p["method"], p["difficulty"], p[STEP_COLUMN]): p["exact %"] for p in points}
-    lines = ["| test set | thinking steps | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
-    for test_set in dict.fromkeys(p["difficulty"] for p in points):
-        for step in sorted({p[STEP_COLUMN] for p in points}):
-            values = [cells.get((name, test_set, step)) for name in names]
-            if any(v is not None for v in values):
-                shown_values = " | ".join("" if v is None else f"{v:.1f}" for v in values)
-                lines.append(f"| {test_set} | {step} | {shown_values} |")
-    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps, "
-                           f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs"
-                           for name, result in results.items())
-    costs = []
-    for name in names:
-        costed = sorted((p[STEP_COLUMN], p[FLOPS_COLUMN]) for p in points
-                        if p["method"] == name and p.get(FLOPS_COLUMN))
-        if costed:
-            (few, low), (most, high) = costed[0], costed[-1]
-            costs.append(f"{name}: {low:.3g} at {few}, {high:.3g} at {most}")
-    cost_line = f"\n\nTest-time MFLOP per puzzle (thinking steps): {'; '.join(costs)}." if costs else ""
-    return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.{cost_line}\n"
-
-
 # --------------------------------------------------------------------------------------------------------- entry point
-def main(argv=None):
+def main(argv=None, entry=run):
+    """entry(argv) (run: train or evaluate one method) as a command: torchrun's process group, Ctrl-C and SIGTERM,
+    one-line errors; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--method")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
         # the other ranks wait while rank 0 evaluates: a long timeout
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
@@ -1485,8 +1385,7 @@ def main(argv=None):
     previous = set_stop_handler(stop_at_once)  # outside the loop (start-up, data, evaluation) a stop is immediate
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
-            known, rest = first.parse_known_args(argv)
-            status = run_all(rest) if known.method == "all" else run(argv)
+            status = entry(argv)
     except (UsageError, TrainingError) as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
@@ -1504,8 +1403,7 @@ def main(argv=None):
     return status
 
 
-if __name__ == "__main__":
-    status = main()
+def exit_process(status):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         # a torchrun rank leaves without the interpreter's teardown: gloo's C++ threads destroyed there can
         # abort a rank whose work is done ("terminate called without an active exception")
@@ -1513,3 +1411,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    exit_process(main())
