@@ -676,7 +676,8 @@ def test_more_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, data_di
         assert train.main(argv + ["--base-size", "8", "--eval-size", "2", "--data-dir", data_dir]) == 2, extra
         error = capsys.readouterr().err
         assert error.startswith("error: ") and message in error and error.count("\n") == 1, (extra, error)
-    assert train.main(["--method", "all", "--out", "file.txt"]) == 2
+    from scripts import benchmark
+    assert benchmark.main(["--out", "file.txt"]) == 2
     assert "file.txt is a file, not a folder" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "folder.csv", "locked", "readonly",
                                                                 "unreadable.csv", "unreadable.txt"]
