@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
+import sudoku_data
 from sudoku_data import write_atomically  # a temporary file, then a rename: never half a file
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
@@ -107,12 +108,6 @@ def settings(method, given, checkpoint, checkpoint_path=None):
 def check_settings(options, config_class, values):
     """Every setting (the run options, the Config field values), checked before anything is built or
     trained; the first bad one as one line."""
-    if not 0 <= options.seed < 2 ** 32:
-        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {options.seed}")
-    if not 0 <= options.ema < 1:
-        raise UsageError(f"--ema must be a decay in [0, 1), got {options.ema}")
-    if options.misread_rate is not None and not 0 <= options.misread_rate < 1:
-        raise UsageError(f"--misread-rate must be a share in [0, 1), got {options.misread_rate}")
     for name in ("data_dir", "mnist_dir"):
         if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
             raise UsageError(f"{flag(name)} {getattr(options, name)} is a file, not a folder")
@@ -127,14 +122,22 @@ def check_settings(options, config_class, values):
         lowest = 1 if name.startswith("n_") or name == "restarts" else 0  # a model needs at least one head, ...
         if kind is int and value < lowest or typing.get_origin(kind) is tuple and any(v < 0 for v in value):
             raise UsageError(f"{flag(name)} must be >= {lowest}, got {shown(value)}")
-    if not 0 < values["lr"] <= 1:
-        raise UsageError(f"--lr must be in (0, 1] (AdamW moves every weight by about lr a step), got {values['lr']}")
-    for name in ("beta1", "beta2"):  # the optimizer settings every method file names alike
-        if name in values and not 0 <= values[name] < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {values[name]}")
-    for name in ("weight_decay", "grad_clip"):
-        if name in values and values[name] < 0:
-            raise UsageError(f"{flag(name)} must be >= 0, got {values[name]}")
+    for name, allowed, fits in RANGES:
+        value = values.get(name, getattr(options, name, None))
+        if value is not None and not fits(value):
+            raise UsageError(f"{flag(name)} must be {allowed}, got {value}")
+
+
+def in_unit_interval(value):
+    return 0 <= value < 1
+
+
+RANGES = (  # (setting, its range in words, whether a value is in it): run options and the fields every method names
+    ("seed", "between 0 and 2**32 - 1", lambda value: 0 <= value < 2 ** 32),
+    ("ema", "a decay in [0, 1)", in_unit_interval), ("misread_rate", "a share in [0, 1)", in_unit_interval),
+    ("lr", "in (0, 1] (AdamW moves every weight by about lr a step)", lambda value: 0 < value <= 1),
+    ("beta1", "in [0, 1)", in_unit_interval), ("beta2", "in [0, 1)", in_unit_interval),
+    ("weight_decay", ">= 0", lambda value: value >= 0), ("grad_clip", ">= 0", lambda value: value >= 0))
 
 
 def check_combinations(method, options, config, given, resuming):
@@ -213,16 +216,6 @@ def data_files(options):
     return identities
 
 
-def refuse_changed_data(checkpoint, now):
-    """--resume trains on the data the run began with: a data file of the run that changed is refused."""
-    recorded = checkpoint.get("data_files", {})
-    for path in recorded.keys() & now.keys():
-        if recorded[path] != now[path]:
-            raise UsageError(f"{path} changed since the run began ({recorded[path][0]:,} bytes then, "
-                             f"{now[path][0]:,} now, or other content): --resume continues on the data the run began "
-                             f"with; restore the file or start a new run")
-
-
 # ------------------------------------------------------------- the run: the run folder, the model, training, evaluation
 def run(argv):
     method, given = parse(argv)
@@ -299,8 +292,11 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
     task, model = build(method, config, options, device, autocast_dtype, source)
     files = data_files(options)
-    if resuming:
-        refuse_changed_data(checkpoint, files)
+    for path, recorded in checkpoint.get("data_files", {}).items() if resuming else ():
+        if files.get(path, recorded) != recorded:  # --resume trains on the data the run began with
+            raise UsageError(f"{path} changed since the run began ({recorded[0]:,} bytes then, {files[path][0]:,} "
+                             f"now, or other content): --resume continues on the data the run began with; restore "
+                             f"the file or start a new run")
     if ranks > 1:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
@@ -483,16 +479,19 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         try:
             while step < config.steps and not stop.requested:
                 stop.step_begins()
-                set_learning_rate(optimizer, lr_factor(step, config))
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_factor(step, config)
                 batch = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
-                tokens += token_count(batch)
+                tokens += next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)  # cells, chars
                 # this rank's share on the device (the example seeds stay on the CPU: methods read them as ints)
                 batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True)
                          for k, v in rank_slice(batch).items()}
                 counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps  # by step: CostMeter
                 metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config,
                                                               autocast_dtype), counted)
-                metrics = stop.agree_over_ranks(metrics) if ranks > 1 else metrics
+                if ranks > 1:
+                    metrics, stopped_elsewhere = average_over_ranks(metrics, stop.requested, device)
+                    stop.requested |= stopped_elsewhere
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
@@ -511,7 +510,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         finally:
             for hook in averaging_hooks:
                 hook.remove()
-        if stop.inside_the_update:  # the weights may be half updated: no checkpoint beats an inexact one
+        if stop.updating:  # the weights may be half updated: no checkpoint beats an inexact one
             print(f"interrupted while step {step + 1} updated the weights; not saved, {kept()}")
             return None
         set_stop_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
@@ -546,23 +545,12 @@ def lr_factor(step, config):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def set_learning_rate(optimizer, factor):
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
-
-
 def with_example_seeds(batch, seed, step):
     """The batch plus "example_seed", one int64 per example from (--seed, step, the example's place in the global
     batch): a method that draws an example's noise from its own seed draws the same under any torchrun split."""
     count = len(next(iter(batch.values())))
     seeds = np.random.default_rng([seed, step, 1]).integers(2**62, size=count)
     return {**batch, "example_seed": torch.from_numpy(seeds)}
-
-
-def token_count(batch):
-    """Elements of the batch's first integer tensor: Sudoku cells (81 a puzzle), text characters,
-    VQA question tokens (what tokens_per_s counts)."""
-    return next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)
 
 
 def peak_memory(device):
@@ -577,37 +565,31 @@ class WeightAverage:
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
-        self.weights = dict(model.named_parameters())
-        self.average = {name: weight.detach().clone() for name, weight in self.weights.items()}
+        self.weights = [weight.data for weight in model.parameters()]
+        self.names = [name for name, _ in model.named_parameters()]
+        self.average = [weight.clone() for weight in self.weights]
 
-    @torch.no_grad()
     def update(self, *unused):  # called as an optimizer step post-hook
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.average.values()), [w.detach() for w in self.weights.values()], 1 - decay)
+        torch._foreach_lerp_(self.average, self.weights, 1 - decay)
         self.updates += 1
 
     def state_dict(self):
-        return {**self.average, "updates": torch.tensor(self.updates)}
+        return {**dict(zip(self.names, self.average)), "updates": torch.tensor(self.updates)}
 
     def load_state_dict(self, state):
         self.updates = int(state["updates"])
-        for name, value in self.average.items():
-            value.copy_(state[name])
+        torch._foreach_copy_(self.average, [state[name] for name in self.names])
 
     @contextlib.contextmanager
     def applied(self):
         """The model holds the average inside the block, its trained weights again after it."""
-        trained = {name: weight.detach().clone() for name, weight in self.weights.items()}
-        self.copy_into_model(self.average)
+        trained = [weight.clone() for weight in self.weights]
+        torch._foreach_copy_(self.weights, self.average)
         try:
             yield
         finally:
-            self.copy_into_model(trained)
-
-    @torch.no_grad()
-    def copy_into_model(self, values):
-        for name, weight in self.weights.items():
-            weight.copy_(values[name])
+            torch._foreach_copy_(self.weights, trained)
 
 
 def rng_state(device):
@@ -703,9 +685,8 @@ class TextTask:
 def build_task(name, config, options):
     """The task named by --task, from the data scripts (or the text task above)."""
     if name in ("sudoku", "visual"):
-        import sudoku_data
         if not options.train_csv:
-            check_generation(sudoku_data, config.difficulty, options)
+            check_generation(config.difficulty, options)
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
                      data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
                      test_files=tuple(options.test_csv), check_unique=options.check_unique,
@@ -722,24 +703,20 @@ def build_task(name, config, options):
     return vqa_data.VQATask(seed=options.seed, eval_size=options.eval_size)
 
 
-GENERATION_BYTES = 3_500  # memory a puzzle holds while its set is generated (two lists of 81 ints, then arrays)
+GENERATION_BYTES = 3_500  # memory a base-set puzzle takes while its set is generated, checked and cached
 
 
-def check_generation(sudoku_data, difficulty, options):
+def check_generation(difficulty, options):
     """Before a large generated base set is built (it is cached in --data-dir afterwards): refuse one that
-    cannot fit in memory or would take more than a week, and say how long it takes, estimated from two puzzles
-    of each of its presets on this machine's cores."""
+    cannot fit in memory or would take more than a week, and say how long it takes (sudoku_data's estimate)."""
     if options.base_size < 10_000:
         return
     needed, free = options.base_size * GENERATION_BYTES, available_memory(torch.device("cpu"))
-    if free is not None and needed > free:
+    if needed > free:
         raise UsageError(f"--base-size {options.base_size:,}: generating it needs about {needed / 2**30:,.1f} GiB, "
                          f"but {free / 2**30:,.1f} GiB are free")
     presets = sudoku_data.TRAINING_MIXES.get(difficulty, (difficulty,))
-    began = time.perf_counter()
-    for preset in presets:
-        sudoku_data.generate_puzzles(2, preset, seed=options.seed, workers=1)
-    seconds = (time.perf_counter() - began) / (2 * len(presets)) * options.base_size / (os.cpu_count() or 1)
+    seconds = sum(sudoku_data.generation_cost(preset, -(-options.base_size // len(presets)))[0] for preset in presets)
     if seconds > 7 * 86_400:
         raise UsageError(f"--base-size {options.base_size:,}: generating it would take about {seconds / 86_400:,.0f} "
                          f"days here; give a smaller --base-size or --train-csv files")
@@ -865,8 +842,6 @@ def parse(argv):
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # keep only what the user typed; defaults are filled in later
     given = vars(parser.parse_args(argv))
-    if "task" in given and given["task"] not in method.TASKS:
-        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {given['task']}")
     for name in POSITIVE:
         if name in given and given[name] < 1:
             raise UsageError(f"{flag(name)} must be a positive integer, got {given[name]}")
@@ -885,24 +860,15 @@ def parse(argv):
 
 
 def available_memory(device):
-    """Bytes free for this run: the device's free memory on CUDA, MemAvailable on a CPU (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        text = Path("/proc/meminfo").read_text()
-        return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
+    """Bytes free for this run: the device's free memory on CUDA, the machine's available memory otherwise."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else sudoku_data.available_memory()
 
 
 def check_fits(method, config, task, device):
     """Refuse, before anything is allocated, a model or batch that cannot fit: the parameters (counted on the
     meta device, which allocates nothing) with their gradients and AdamW's two moments, plus one training
     batch, against the free memory. A lower bound (activations come on top): what passes may still not fit."""
-    free = available_memory(device)
-    if free is None:
-        return
-    numpy_state = np.random.get_state()
+    free, numpy_state = available_memory(device), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the real build draws the same numbers
             parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
@@ -1060,14 +1026,13 @@ def stop_at_once(signum, frame):
 class StopRequests:
     """Ctrl-C and SIGTERM while training. The first lets the step in flight finish, then the run saves and
     stops; a second stops inside the step: the checkpoint then holds the random state from the start of that
-    step, which --resume runs again, or, when the step had begun to update the weights (the optimizer's step
+    step, which --resume runs again, or, once the step has begun to update the weights (the optimizer's step
     was entered), nothing is saved and the last checkpoint stays. Under torchrun the ranks agree every step
     on whether to stop, so all stop after the same step."""
 
     def __init__(self, optimizer, device):
-        self.device, self.signals, self.stopped_in_step, self.state_at_step_start = device, [], False, None
-        self.updating = []
-        self.hook = optimizer.register_step_pre_hook(lambda *_: self.updating.append(True))
+        self.device, self.requested, self.updating, self.state_at_step_start = device, False, False, None
+        self.hook = optimizer.register_step_pre_hook(lambda *_: setattr(self, "updating", True))
 
     def __enter__(self):
         self.previous = set_stop_handler(self.handle)
@@ -1079,37 +1044,22 @@ class StopRequests:
             signal.signal(number, handler)
 
     def handle(self, signum, frame):
-        if self.signals:
+        if self.requested:
             raise KeyboardInterrupt
-        self.signals.append(signum)
+        self.requested = True
         tqdm.write(f"{'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'}: saving after this step "
                    f"(Ctrl-C again to stop at once)")
-
-    @property
-    def requested(self):
-        return bool(self.signals) or self.stopped_in_step
-
-    @property
-    def inside_the_update(self):
-        return bool(self.updating)
 
     def step_begins(self):
         self.state_at_step_start = rng_state(self.device)
 
     def step_ends(self):
-        self.state_at_step_start = None
-        self.updating.clear()
+        self.state_at_step_start, self.updating = None, False
 
     def stopped_inside_a_step(self):
-        self.stopped_in_step = True
+        self.requested = True
         if self.state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
             set_rng_state(self.state_at_step_start, self.device)
-
-    def agree_over_ranks(self, metrics):
-        metrics, stop = average_over_ranks(metrics, bool(self.signals), self.device)
-        if stop and not self.signals:
-            self.signals.append(signal.SIGINT)
-        return metrics
 
 
 # ---------------------------------------------------------------------------------- cost meter: FLOPs, throughput, MFU
