@@ -1088,7 +1088,8 @@ def test_each_log_line_holds_the_step_it_names_and_the_comparison_table_puts_eac
               {"difficulty": "hard", "method": "a", "thinking steps": 4, "exact %": 3.0}]
     results = {"a": {"config": {"difficulty": "easy", "steps": 5}, "cost": {"training_flops": 2e12}},
                "b": {"config": {"difficulty": "mixed", "steps": 7}}}
-    table = train.compare_table(points, results).splitlines()
+    from scripts import benchmark
+    table = benchmark.compare_table(points, results).splitlines()
     assert table[:5] == ["| test set | thinking steps | a | b |", "|---|---:|---:|---:|", "| easy | 1 | 10.0 |  |",
                          "| easy | 4 |  | 44.4 |", "| hard | 4 | 3.0 |  |"]
     assert "a: easy, 5 steps, 2e+12 FLOPs" in table[-1] and "b: mixed, 7 steps, nan FLOPs" in table[-1]

@@ -435,15 +435,16 @@ def evaluate_and_write(method, model, task, config, options, autocast_dtype, pat
 
 
 def choose_device_and_dtype(device_name, dtype_name):
+    """(device, autocast dtype or None); auto: CUDA with bf16 (fp16 where bf16 is missing) when available, else
+    the CPU in float32."""
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
-                          "cpu" if device_name == "auto" else device_name)
-    if dtype_name == "auto":
-        if device.type != "cuda":
-            return device, None
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
+    device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype_name != "auto":
+        return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
+    if device.type != "cuda":
+        return device, None
+    return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 # --------------------------------------------------------------------------------------------------- the training loop
@@ -1166,18 +1167,16 @@ def world():
 def agreed(work):
     """work() on rank 0 while the others wait; a UsageError there is raised on every rank, so none waits forever."""
     rank, ranks = world()
-    error = None
+    message = [None]
     if rank == 0:
         try:
             work()
-        except UsageError as caught:
-            error = caught
+        except UsageError as error:
+            message = [str(error)]
     if ranks > 1:
-        message = [None if error is None else str(error)]
         dist.broadcast_object_list(message, src=0)
-        error = UsageError(message[0]) if message[0] is not None else None
-    if error:
-        raise error
+    if message[0] is not None:
+        raise UsageError(message[0])
 
 
 def rank_slice(batch):
