@@ -46,8 +46,7 @@ import sudoku_data
 from sudoku_data import write_atomically  # a temporary file, then a rename: never half a file
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
-HERE = Path(__file__).resolve().parent
-SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
+SHARED_MNIST = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
 VISUAL_MISREAD_RATE = 0.05  # --task visual's default --misread-rate (docs/lit.md)
 # Run options every method shares (the method's Config supplies steps, batch size, lr, difficulty, ...).
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
@@ -182,7 +181,7 @@ RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_
 def refuse_changed_settings(given, checkpoint):
     """--resume continues a run exactly: a setting given on the command line that differs from the checkpoint's
     and would change the training it continues is refused, named in one line; so is a run that ends before
-    the checkpoint's step, and a data file that changed since the run began."""
+    the checkpoint's step (a data file that changed since the run began is refused once the task is built)."""
     saved = {**checkpoint["run"], **checkpoint["config"]}
     for name, value in given.items():
         if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
@@ -729,8 +728,6 @@ def check_generation(difficulty, options):
 def load_method(name):
     if name not in METHODS:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    if name not in sys.modules and not (HERE / f"{name}.py").exists():
-        raise UsageError(f"method {name!r} is not in this checkout ({name}.py missing)")
     return importlib.import_module(name)
 
 
