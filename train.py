@@ -727,7 +727,8 @@ def check_generation(difficulty, options):
 # -------------------------------------------------------------------------------------------------------- command line
 def load_method(name):
     if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} (scripts/benchmark.py runs "
+                         f"every Sudoku method)")
     return importlib.import_module(name)
 
 
