@@ -275,7 +275,7 @@ GENERATION_CHUNK = 25  # puzzles a job; each job has its own seed, so the result
 BYTES_PER_PUZZLE = 81 + 81 + 4  # what generate_puzzles returns for each puzzle: two int8 grids and int32 guesses
 
 
-def _available_memory():
+def available_memory():
     """Bytes this machine can still give a process (MemAvailable on Linux, all physical memory elsewhere)."""
     try:
         with open("/proc/meminfo") as meminfo:
@@ -290,7 +290,7 @@ def _check_request(n, difficulty):
         raise ValueError(f"unknown difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
     if n < 1:
         raise ValueError(f"number of puzzles must be positive, got {n}")
-    needed, available = n * BYTES_PER_PUZZLE, _available_memory()
+    needed, available = n * BYTES_PER_PUZZLE, available_memory()
     if needed > available:
         raise ValueError(f"{n} {difficulty} puzzles need {needed / 2**30:.1f} GiB of memory and this machine has "
                          f"{available / 2**30:.1f} GiB available: ask for fewer")

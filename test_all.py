@@ -676,7 +676,8 @@ def test_more_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, data_di
         assert train.main(argv + ["--base-size", "8", "--eval-size", "2", "--data-dir", data_dir]) == 2, extra
         error = capsys.readouterr().err
         assert error.startswith("error: ") and message in error and error.count("\n") == 1, (extra, error)
-    assert train.main(["--method", "all", "--out", "file.txt"]) == 2
+    from scripts import benchmark
+    assert benchmark.main(["--out", "file.txt"]) == 2
     assert "file.txt is a file, not a folder" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "folder.csv", "locked", "readonly",
                                                                 "unreadable.csv", "unreadable.txt"]
@@ -1087,7 +1088,8 @@ def test_each_log_line_holds_the_step_it_names_and_the_comparison_table_puts_eac
               {"difficulty": "hard", "method": "a", "thinking steps": 4, "exact %": 3.0}]
     results = {"a": {"config": {"difficulty": "easy", "steps": 5}, "cost": {"training_flops": 2e12}},
                "b": {"config": {"difficulty": "mixed", "steps": 7}}}
-    table = train.compare_table(points, results).splitlines()
+    from scripts import benchmark
+    table = benchmark.compare_table(points, results).splitlines()
     assert table[:5] == ["| test set | thinking steps | a | b |", "|---|---:|---:|---:|", "| easy | 1 | 10.0 |  |",
                          "| easy | 4 |  | 44.4 |", "| hard | 4 | 3.0 |  |"]
     assert "a: easy, 5 steps, 2e+12 FLOPs" in table[-1] and "b: mixed, 7 steps, nan FLOPs" in table[-1]
@@ -1365,8 +1367,9 @@ def stop_once_settings_are_checked(monkeypatch):
 
 
 def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_protocol(tmp_path, puzzles, monkeypatch):
-    # the recipe's flags as --method all runs them; the preset must agree wherever the recipe sets something
-    recipe = next(flags for name, _, flags in train.COMPARED if name.endswith("recipe"))
+    # the recipe's flags as scripts/benchmark.py runs them; the preset must agree wherever the recipe sets something
+    from scripts import benchmark
+    recipe = next(flags for name, _, flags in benchmark.COMPARED if name.endswith("recipe"))
     _, recipe = train.parse(["--method", "lit", *recipe])
     public = tmp_path / "public.csv"
     sudoku_data.write_csv(public, puzzles["hard"][0], puzzles["hard"][1])
@@ -1693,19 +1696,77 @@ def test_unclear_refusals_name_their_cause(tmp_path, data_dir, capsys, monkeypat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["two"]
 
 
-def test_method_all_names_a_run_line_and_one_line_per_restart_pick(tmp_path):
+def test_benchmark_names_a_run_line_and_one_line_per_restart_pick(tmp_path):
+    from scripts import benchmark
     rows = [{"test set": "easy", "thinking steps": 4, "exact %": 50.0},
             {"test set": "easy", "thinking steps": 4, "exact %": 60.0, "restarts": 8, "picked by": "confidence"},
             {"test set": "easy", "thinking steps": 4, "exact %": 70.0, "restarts": 8, "picked by": "oracle verifier"},
             {"test set": "easy", "thinking steps": "adaptive (kl)", "exact %": 99.0},
             {"test set": "hard", "thinking steps": True, "exact %": 1.0}]
-    points = train.benchmark_points({"lit recipe": {"rows": rows}})
+    points = benchmark.benchmark_points({"lit recipe": {"rows": rows}})
     assert [(p["method"], p["exact %"]) for p in points] == [
         ("lit recipe", 50.0), ("lit recipe, 8 restarts picked by confidence", 60.0),
         ("lit recipe, 8 restarts picked by oracle verifier", 70.0)]
-    assert [train.COMPARED[i][0] for i in range(len(train.COMPARED))] == [
+    assert [benchmark.COMPARED[i][0] for i in range(len(benchmark.COMPARED))] == [
         "recurrent_depth", "lit", "lit --no-imagination", "lit observation-space recursion",
         "lit --no-imagination recipe"]  # the folder names runs/compare/<row> derive from these
+
+
+def test_benchmark_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):
+    import xml.etree.ElementTree as ElementTree
+    from scripts import benchmark
+    out = tmp_path / "compare"
+    argv = ["--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-steps", "1,2",
+            "--eval-size", "4", "--base-size", "16", "--data-dir", data_dir, "--out", str(out)]
+    assert benchmark.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == [name for name, _, _ in benchmark.COMPARED]
+    for name in results:  # every single-method run writes its own plot
+        assert (out / name.replace(" --", "-").replace(" ", "-") / "curve.svg").exists()
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0] == "| test set | thinking steps | " + " | ".join(results) + " |"
+    assert "| medium | 2 |" in table
+    polylines = ElementTree.parse(out / "curve.svg").getroot().findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 5 * 3  # lit x4 and recurrent_depth, on 3 test sets
+    svg = ElementTree.parse(out / "curve-flops.svg").getroot()  # the same lines against test-time compute
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 5 * 3 and "test-time MFLOP per puzzle (log scale)" in ElementTree.tostring(svg, "unicode")
+    for line in lines:  # 2 thinking steps cost more than 1: every line runs left to right
+        (x1, _), (x2, _) = [map(float, point.split(",")) for point in line.get("points").split()]
+        assert x2 > x1
+    cost_line = table.splitlines()[-1]
+    assert cost_line.startswith("Test-time MFLOP per puzzle (thinking steps): ")
+    assert all(f"{name}: " in cost_line for name in results)
+    capsys.readouterr()
+    (out / "lit" / "results.json").unlink()  # as if the benchmark had been stopped during lit's run
+    assert benchmark.main(argv) == 0  # a second call reuses the finished runs and continues the unfinished one
+    printed = capsys.readouterr().out
+    assert printed.count("using the finished run") == len(results) - 1
+    assert f"--method lit --resume {out / 'lit' / 'checkpoint.pt'}" in printed
+    assert (out / "lit" / "results.json").exists()
+    for bad, message in ((["--task", "visual"], "compares the Sudoku methods"), (["--resume", "x"], "one --method")):
+        assert benchmark.main(argv + bad) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_benchmark_table_keeps_restart_picks_apart_and_gives_each_line_its_cost():
+    """A run evaluated with restarts: its single trajectory and its K-restart picks are separate lines at the same
+    thinking steps, each with its own cost, never one overwriting the other."""
+    def row(steps, exact, flops, **restarts):
+        return {"test set": "easy", "thinking steps": steps, "exact %": exact, "test-time MFLOP per puzzle": flops,
+                **restarts}
+    rows = [row(1, 10.0, 2.0), row(8, 50.0, 9.0), row(1, 12.0, 8.0, restarts=4, **{"picked by": "confidence"}),
+            row(8, 60.0, 36.0, restarts=4, **{"picked by": "confidence"}),
+            row(8, 70.0, 36.0, restarts=4, **{"picked by": "oracle verifier"})]
+    rows.append({**row("adaptive (kl)", 40.0, 5.0), "mean steps used": 4.2})  # not a point: no thinking-step count
+    from scripts import benchmark
+    results = {"rd": {"rows": rows, "config": {"difficulty": "easy", "steps": 5}, "cost": {}}}
+    table = benchmark.compare_table(benchmark.benchmark_points(results), results).splitlines()
+    assert table[0] == ("| test set | thinking steps | rd | rd, 4 restarts picked by confidence | rd, 4 restarts "
+                        "picked by oracle verifier |")
+    assert table[2:4] == ["| easy | 1 | 10.0 | 12.0 |  |", "| easy | 8 | 50.0 | 60.0 | 70.0 |"]
+    assert table[-1] == ("Test-time MFLOP per puzzle (thinking steps): rd: 2 at 1, 9 at 8; rd, 4 restarts picked by "
+                         "confidence: 8 at 1, 36 at 8; rd, 4 restarts picked by oracle verifier: 36 at 8, 36 at 8.")
 
 
 def test_a_preset_never_overrides_the_checkpoint_and_the_command_line_overrides_both(tmp_path, data_dir, capsys):
@@ -2055,60 +2116,6 @@ def test_training_mixes_hold_equal_shares_of_their_presets(data_dir):
     with pytest.raises(ValueError, match="unknown difficulty 'impossible'; choose one of easy, medium, hard, extreme, "
                                          "mixed, harder"):
         sudoku_data.SudokuTask("impossible", data_dir=data_dir)
-
-
-def test_method_all_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):
-    import xml.etree.ElementTree as ElementTree
-    out = tmp_path / "compare"
-    argv = ["--method", "all", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-steps", "1,2",
-            "--eval-size", "4", "--base-size", "16", "--data-dir", data_dir, "--out", str(out)]
-    assert train.main(argv) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert list(results) == [name for name, _, _ in train.COMPARED]
-    for name in results:  # every single-method run writes its own plot
-        assert (out / name.replace(" --", "-").replace(" ", "-") / "curve.svg").exists()
-    table = (out / "table.md").read_text()
-    assert table.splitlines()[0] == "| test set | thinking steps | " + " | ".join(results) + " |"
-    assert "| medium | 2 |" in table
-    polylines = ElementTree.parse(out / "curve.svg").getroot().findall("{http://www.w3.org/2000/svg}polyline")
-    assert len(polylines) == 5 * 3  # lit x4 and recurrent_depth, on 3 test sets
-    svg = ElementTree.parse(out / "curve-flops.svg").getroot()  # the same lines against test-time compute
-    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
-    assert len(lines) == 5 * 3 and "test-time MFLOP per puzzle (log scale)" in ElementTree.tostring(svg, "unicode")
-    for line in lines:  # 2 thinking steps cost more than 1: every line runs left to right
-        (x1, _), (x2, _) = [map(float, point.split(",")) for point in line.get("points").split()]
-        assert x2 > x1
-    cost_line = table.splitlines()[-1]
-    assert cost_line.startswith("Test-time MFLOP per puzzle (thinking steps): ")
-    assert all(f"{name}: " in cost_line for name in results)
-    capsys.readouterr()
-    (out / "lit" / "results.json").unlink()  # as if the benchmark had been stopped during lit's run
-    assert train.main(argv) == 0  # a second call reuses the finished runs and continues the unfinished one
-    printed = capsys.readouterr().out
-    assert printed.count("using the finished run") == len(results) - 1
-    assert f"--method lit --resume {out / 'lit' / 'checkpoint.pt'}" in printed and (out / "lit" / "results.json").exists()
-    for bad, message in ((["--task", "visual"], "compares the Sudoku methods"), (["--resume", "x"], "one --method")):
-        assert train.main(argv + bad) == 2
-        assert message in capsys.readouterr().err
-
-
-def test_method_all_table_keeps_restart_picks_apart_and_gives_each_line_its_cost():
-    """A run evaluated with restarts: its single trajectory and its K-restart picks are separate lines at the same
-    thinking steps, each with its own cost, never one overwriting the other."""
-    def row(steps, exact, flops, **restarts):
-        return {"test set": "easy", "thinking steps": steps, "exact %": exact, "test-time MFLOP per puzzle": flops,
-                **restarts}
-    rows = [row(1, 10.0, 2.0), row(8, 50.0, 9.0), row(1, 12.0, 8.0, restarts=4, **{"picked by": "confidence"}),
-            row(8, 60.0, 36.0, restarts=4, **{"picked by": "confidence"}),
-            row(8, 70.0, 36.0, restarts=4, **{"picked by": "oracle verifier"})]
-    rows.append({**row("adaptive (kl)", 40.0, 5.0), "mean steps used": 4.2})  # not a point: no thinking-step count
-    results = {"rd": {"rows": rows, "config": {"difficulty": "easy", "steps": 5}, "cost": {}}}
-    table = train.compare_table(train.benchmark_points(results), results).splitlines()
-    assert table[0] == ("| test set | thinking steps | rd | rd, 4 restarts picked by confidence | rd, 4 restarts picked "
-                        "by oracle verifier |")
-    assert table[2:4] == ["| easy | 1 | 10.0 | 12.0 |  |", "| easy | 8 | 50.0 | 60.0 | 70.0 |"]
-    assert table[-1] == ("Test-time MFLOP per puzzle (thinking steps): rd: 2 at 1, 9 at 8; rd, 4 restarts picked by "
-                         "confidence: 8 at 1, 36 at 8; rd, 4 restarts picked by oracle verifier: 36 at 8, 36 at 8.")
 
 
 def test_benchmark_figures_script_reads_the_table_and_costs_each_row_by_its_flags(tmp_path):

@@ -11,9 +11,9 @@ Examples:
   python train.py --method recurrent_depth
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
   python train.py --method ltm --text-file input.txt
-  python train.py --method all        # every Sudoku method on the same puzzles: runs/compare/
+  python scripts/benchmark.py         # every Sudoku method on the same puzzles: runs/compare/
 Reading order: settings, the run (folder -> model -> train -> evaluate), the training loop, tasks, the command
-line, run-folder safety, the cost meter, torchrun, plots and tables, --method all, main.
+line, run-folder safety, the cost meter, torchrun, plots and tables, main.
 """
 import argparse
 import contextlib
@@ -42,11 +42,11 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
+import sudoku_data
 from sudoku_data import write_atomically  # a temporary file, then a rename: never half a file
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
-HERE = Path(__file__).resolve().parent
-SHARED_MNIST = HERE.parent / "shared" / "data" / "mnist"
+SHARED_MNIST = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
 VISUAL_MISREAD_RATE = 0.05  # --task visual's default --misread-rate (docs/lit.md)
 # Run options every method shares (the method's Config supplies steps, batch size, lr, difficulty, ...).
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
@@ -107,12 +107,6 @@ def settings(method, given, checkpoint, checkpoint_path=None):
 def check_settings(options, config_class, values):
     """Every setting (the run options, the Config field values), checked before anything is built or
     trained; the first bad one as one line."""
-    if not 0 <= options.seed < 2 ** 32:
-        raise UsageError(f"--seed must be between 0 and 2**32 - 1, got {options.seed}")
-    if not 0 <= options.ema < 1:
-        raise UsageError(f"--ema must be a decay in [0, 1), got {options.ema}")
-    if options.misread_rate is not None and not 0 <= options.misread_rate < 1:
-        raise UsageError(f"--misread-rate must be a share in [0, 1), got {options.misread_rate}")
     for name in ("data_dir", "mnist_dir"):
         if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
             raise UsageError(f"{flag(name)} {getattr(options, name)} is a file, not a folder")
@@ -127,14 +121,22 @@ def check_settings(options, config_class, values):
         lowest = 1 if name.startswith("n_") or name == "restarts" else 0  # a model needs at least one head, ...
         if kind is int and value < lowest or typing.get_origin(kind) is tuple and any(v < 0 for v in value):
             raise UsageError(f"{flag(name)} must be >= {lowest}, got {shown(value)}")
-    if not 0 < values["lr"] <= 1:
-        raise UsageError(f"--lr must be in (0, 1] (AdamW moves every weight by about lr a step), got {values['lr']}")
-    for name in ("beta1", "beta2"):  # the optimizer settings every method file names alike
-        if name in values and not 0 <= values[name] < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {values[name]}")
-    for name in ("weight_decay", "grad_clip"):
-        if name in values and values[name] < 0:
-            raise UsageError(f"{flag(name)} must be >= 0, got {values[name]}")
+    for name, allowed, fits in RANGES:
+        value = values.get(name, getattr(options, name, None))
+        if value is not None and not fits(value):
+            raise UsageError(f"{flag(name)} must be {allowed}, got {value}")
+
+
+def in_unit_interval(value):
+    return 0 <= value < 1
+
+
+RANGES = (  # (setting, its range in words, whether a value is in it): run options and the fields every method names
+    ("seed", "between 0 and 2**32 - 1", lambda value: 0 <= value < 2 ** 32),
+    ("ema", "a decay in [0, 1)", in_unit_interval), ("misread_rate", "a share in [0, 1)", in_unit_interval),
+    ("lr", "in (0, 1] (AdamW moves every weight by about lr a step)", lambda value: 0 < value <= 1),
+    ("beta1", "in [0, 1)", in_unit_interval), ("beta2", "in [0, 1)", in_unit_interval),
+    ("weight_decay", ">= 0", lambda value: value >= 0), ("grad_clip", ">= 0", lambda value: value >= 0))
 
 
 def check_combinations(method, options, config, given, resuming):
@@ -179,7 +181,7 @@ RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_
 def refuse_changed_settings(given, checkpoint):
     """--resume continues a run exactly: a setting given on the command line that differs from the checkpoint's
     and would change the training it continues is refused, named in one line; so is a run that ends before
-    the checkpoint's step, and a data file that changed since the run began."""
+    the checkpoint's step (a data file that changed since the run began is refused once the task is built)."""
     saved = {**checkpoint["run"], **checkpoint["config"]}
     for name, value in given.items():
         if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
@@ -211,16 +213,6 @@ def data_files(options):
                     size += len(chunk)
         identities[str(name)] = [size, digest.hexdigest()]
     return identities
-
-
-def refuse_changed_data(checkpoint, now):
-    """--resume trains on the data the run began with: a data file of the run that changed is refused."""
-    recorded = checkpoint.get("data_files", {})
-    for path in recorded.keys() & now.keys():
-        if recorded[path] != now[path]:
-            raise UsageError(f"{path} changed since the run began ({recorded[path][0]:,} bytes then, "
-                             f"{now[path][0]:,} now, or other content): --resume continues on the data the run began "
-                             f"with; restore the file or start a new run")
 
 
 # ------------------------------------------------------------- the run: the run folder, the model, training, evaluation
@@ -299,8 +291,11 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
     task, model = build(method, config, options, device, autocast_dtype, source)
     files = data_files(options)
-    if resuming:
-        refuse_changed_data(checkpoint, files)
+    for path, recorded in checkpoint.get("data_files", {}).items() if resuming else ():
+        if files.get(path, recorded) != recorded:  # --resume trains on the data the run began with
+            raise UsageError(f"{path} changed since the run began ({recorded[0]:,} bytes then, {files[path][0]:,} "
+                             f"now, or other content): --resume continues on the data the run began with; restore "
+                             f"the file or start a new run")
     if ranks > 1:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)  # every rank starts from rank 0's weights
@@ -439,15 +434,16 @@ def evaluate_and_write(method, model, task, config, options, autocast_dtype, pat
 
 
 def choose_device_and_dtype(device_name, dtype_name):
+    """(device, autocast dtype or None); auto: CUDA with bf16 (fp16 where bf16 is missing) when available, else
+    the CPU in float32."""
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
-                          "cpu" if device_name == "auto" else device_name)
-    if dtype_name == "auto":
-        if device.type != "cuda":
-            return device, None
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
+    device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype_name != "auto":
+        return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
+    if device.type != "cuda":
+        return device, None
+    return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 # --------------------------------------------------------------------------------------------------- the training loop
@@ -483,16 +479,19 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         try:
             while step < config.steps and not stop.requested:
                 stop.step_begins()
-                set_learning_rate(optimizer, lr_factor(step, config))
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_factor(step, config)
                 batch = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
-                tokens += token_count(batch)
+                tokens += next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)  # cells, chars
                 # this rank's share on the device (the example seeds stay on the CPU: methods read them as ints)
                 batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True)
                          for k, v in rank_slice(batch).items()}
                 counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps  # by step: CostMeter
                 metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config,
                                                               autocast_dtype), counted)
-                metrics = stop.agree_over_ranks(metrics) if ranks > 1 else metrics
+                if ranks > 1:
+                    metrics, stopped_elsewhere = average_over_ranks(metrics, stop.requested, device)
+                    stop.requested |= stopped_elsewhere
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
@@ -511,7 +510,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
         finally:
             for hook in averaging_hooks:
                 hook.remove()
-        if stop.inside_the_update:  # the weights may be half updated: no checkpoint beats an inexact one
+        if stop.updating:  # the weights may be half updated: no checkpoint beats an inexact one
             print(f"interrupted while step {step + 1} updated the weights; not saved, {kept()}")
             return None
         set_stop_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
@@ -546,23 +545,12 @@ def lr_factor(step, config):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def set_learning_rate(optimizer, factor):
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
-
-
 def with_example_seeds(batch, seed, step):
     """The batch plus "example_seed", one int64 per example from (--seed, step, the example's place in the global
     batch): a method that draws an example's noise from its own seed draws the same under any torchrun split."""
     count = len(next(iter(batch.values())))
     seeds = np.random.default_rng([seed, step, 1]).integers(2**62, size=count)
     return {**batch, "example_seed": torch.from_numpy(seeds)}
-
-
-def token_count(batch):
-    """Elements of the batch's first integer tensor: Sudoku cells (81 a puzzle), text characters,
-    VQA question tokens (what tokens_per_s counts)."""
-    return next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)
 
 
 def peak_memory(device):
@@ -577,37 +565,31 @@ class WeightAverage:
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
-        self.weights = dict(model.named_parameters())
-        self.average = {name: weight.detach().clone() for name, weight in self.weights.items()}
+        self.weights = [weight.data for weight in model.parameters()]
+        self.names = [name for name, _ in model.named_parameters()]
+        self.average = [weight.clone() for weight in self.weights]
 
-    @torch.no_grad()
     def update(self, *unused):  # called as an optimizer step post-hook
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.average.values()), [w.detach() for w in self.weights.values()], 1 - decay)
+        torch._foreach_lerp_(self.average, self.weights, 1 - decay)
         self.updates += 1
 
     def state_dict(self):
-        return {**self.average, "updates": torch.tensor(self.updates)}
+        return {**dict(zip(self.names, self.average)), "updates": torch.tensor(self.updates)}
 
     def load_state_dict(self, state):
         self.updates = int(state["updates"])
-        for name, value in self.average.items():
-            value.copy_(state[name])
+        torch._foreach_copy_(self.average, [state[name] for name in self.names])
 
     @contextlib.contextmanager
     def applied(self):
         """The model holds the average inside the block, its trained weights again after it."""
-        trained = {name: weight.detach().clone() for name, weight in self.weights.items()}
-        self.copy_into_model(self.average)
+        trained = [weight.clone() for weight in self.weights]
+        torch._foreach_copy_(self.weights, self.average)
         try:
             yield
         finally:
-            self.copy_into_model(trained)
-
-    @torch.no_grad()
-    def copy_into_model(self, values):
-        for name, weight in self.weights.items():
-            weight.copy_(values[name])
+            torch._foreach_copy_(self.weights, trained)
 
 
 def rng_state(device):
@@ -703,9 +685,8 @@ class TextTask:
 def build_task(name, config, options):
     """The task named by --task, from the data scripts (or the text task above)."""
     if name in ("sudoku", "visual"):
-        import sudoku_data
         if not options.train_csv:
-            check_generation(sudoku_data, config.difficulty, options)
+            check_generation(config.difficulty, options)
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
                      data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
                      test_files=tuple(options.test_csv), check_unique=options.check_unique,
@@ -722,24 +703,20 @@ def build_task(name, config, options):
     return vqa_data.VQATask(seed=options.seed, eval_size=options.eval_size)
 
 
-GENERATION_BYTES = 3_500  # memory a puzzle holds while its set is generated (two lists of 81 ints, then arrays)
+GENERATION_BYTES = 3_500  # memory a base-set puzzle takes while its set is generated, checked and cached
 
 
-def check_generation(sudoku_data, difficulty, options):
+def check_generation(difficulty, options):
     """Before a large generated base set is built (it is cached in --data-dir afterwards): refuse one that
-    cannot fit in memory or would take more than a week, and say how long it takes, estimated from two puzzles
-    of each of its presets on this machine's cores."""
+    cannot fit in memory or would take more than a week, and say how long it takes (sudoku_data's estimate)."""
     if options.base_size < 10_000:
         return
     needed, free = options.base_size * GENERATION_BYTES, available_memory(torch.device("cpu"))
-    if free is not None and needed > free:
+    if needed > free:
         raise UsageError(f"--base-size {options.base_size:,}: generating it needs about {needed / 2**30:,.1f} GiB, "
                          f"but {free / 2**30:,.1f} GiB are free")
     presets = sudoku_data.TRAINING_MIXES.get(difficulty, (difficulty,))
-    began = time.perf_counter()
-    for preset in presets:
-        sudoku_data.generate_puzzles(2, preset, seed=options.seed, workers=1)
-    seconds = (time.perf_counter() - began) / (2 * len(presets)) * options.base_size / (os.cpu_count() or 1)
+    seconds = sum(sudoku_data.generation_cost(preset, -(-options.base_size // len(presets)))[0] for preset in presets)
     if seconds > 7 * 86_400:
         raise UsageError(f"--base-size {options.base_size:,}: generating it would take about {seconds / 86_400:,.0f} "
                          f"days here; give a smaller --base-size or --train-csv files")
@@ -750,9 +727,8 @@ def check_generation(sudoku_data, difficulty, options):
 # -------------------------------------------------------------------------------------------------------- command line
 def load_method(name):
     if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, or all (every Sudoku method)")
-    if name not in sys.modules and not (HERE / f"{name}.py").exists():
-        raise UsageError(f"method {name!r} is not in this checkout ({name}.py missing)")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} (scripts/benchmark.py runs "
+                         f"every Sudoku method)")
     return importlib.import_module(name)
 
 
@@ -836,7 +812,7 @@ def build_parser(method=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog=None if method else "Use --method NAME --help for its options.")
     group = parser.add_argument_group("run options")
-    group.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}; all: every Sudoku method")
+    group.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     for name, keywords in RUN_FLAGS:
         group.add_argument(name, **keywords)
     group = parser.add_argument_group("data options")
@@ -865,8 +841,6 @@ def parse(argv):
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # keep only what the user typed; defaults are filled in later
     given = vars(parser.parse_args(argv))
-    if "task" in given and given["task"] not in method.TASKS:
-        raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {given['task']}")
     for name in POSITIVE:
         if name in given and given[name] < 1:
             raise UsageError(f"{flag(name)} must be a positive integer, got {given[name]}")
@@ -885,24 +859,15 @@ def parse(argv):
 
 
 def available_memory(device):
-    """Bytes free for this run: the device's free memory on CUDA, MemAvailable on a CPU (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        text = Path("/proc/meminfo").read_text()
-        return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
+    """Bytes free for this run: the device's free memory on CUDA, the machine's available memory otherwise."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else sudoku_data.available_memory()
 
 
 def check_fits(method, config, task, device):
     """Refuse, before anything is allocated, a model or batch that cannot fit: the parameters (counted on the
     meta device, which allocates nothing) with their gradients and AdamW's two moments, plus one training
     batch, against the free memory. A lower bound (activations come on top): what passes may still not fit."""
-    free = available_memory(device)
-    if free is None:
-        return
-    numpy_state = np.random.get_state()
+    free, numpy_state = available_memory(device), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the real build draws the same numbers
             parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
@@ -1060,14 +1025,13 @@ def stop_at_once(signum, frame):
 class StopRequests:
     """Ctrl-C and SIGTERM while training. The first lets the step in flight finish, then the run saves and
     stops; a second stops inside the step: the checkpoint then holds the random state from the start of that
-    step, which --resume runs again, or, when the step had begun to update the weights (the optimizer's step
+    step, which --resume runs again, or, once the step has begun to update the weights (the optimizer's step
     was entered), nothing is saved and the last checkpoint stays. Under torchrun the ranks agree every step
     on whether to stop, so all stop after the same step."""
 
     def __init__(self, optimizer, device):
-        self.device, self.signals, self.stopped_in_step, self.state_at_step_start = device, [], False, None
-        self.updating = []
-        self.hook = optimizer.register_step_pre_hook(lambda *_: self.updating.append(True))
+        self.device, self.requested, self.updating, self.state_at_step_start = device, False, False, None
+        self.hook = optimizer.register_step_pre_hook(lambda *_: setattr(self, "updating", True))
 
     def __enter__(self):
         self.previous = set_stop_handler(self.handle)
@@ -1079,37 +1043,22 @@ class StopRequests:
             signal.signal(number, handler)
 
     def handle(self, signum, frame):
-        if self.signals:
+        if self.requested:
             raise KeyboardInterrupt
-        self.signals.append(signum)
+        self.requested = True
         tqdm.write(f"{'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'}: saving after this step "
                    f"(Ctrl-C again to stop at once)")
-
-    @property
-    def requested(self):
-        return bool(self.signals) or self.stopped_in_step
-
-    @property
-    def inside_the_update(self):
-        return bool(self.updating)
 
     def step_begins(self):
         self.state_at_step_start = rng_state(self.device)
 
     def step_ends(self):
-        self.state_at_step_start = None
-        self.updating.clear()
+        self.state_at_step_start, self.updating = None, False
 
     def stopped_inside_a_step(self):
-        self.stopped_in_step = True
+        self.requested = True
         if self.state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
             set_rng_state(self.state_at_step_start, self.device)
-
-    def agree_over_ranks(self, metrics):
-        metrics, stop = average_over_ranks(metrics, bool(self.signals), self.device)
-        if stop and not self.signals:
-            self.signals.append(signal.SIGINT)
-        return metrics
 
 
 # ---------------------------------------------------------------------------------- cost meter: FLOPs, throughput, MFU
@@ -1216,18 +1165,16 @@ def world():
 def agreed(work):
     """work() on rank 0 while the others wait; a UsageError there is raised on every rank, so none waits forever."""
     rank, ranks = world()
-    error = None
+    message = [None]
     if rank == 0:
         try:
             work()
-        except UsageError as caught:
-            error = caught
+        except UsageError as error:
+            message = [str(error)]
     if ranks > 1:
-        message = [None if error is None else str(error)]
         dist.broadcast_object_list(message, src=0)
-        error = UsageError(message[0]) if message[0] is not None else None
-    if error:
-        raise error
+    if message[0] is not None:
+        raise UsageError(message[0])
 
 
 def rank_slice(batch):
@@ -1372,111 +1319,11 @@ def print_table(rows, title):
         print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
 
 
-# ----------------------------------------------------------------------------------------- --method all: one benchmark
-# Every Sudoku method with its CPU default (unless the command line says otherwise), trained on the same
-# base set and evaluated on the same test puzzles; (row name, method, its own flags).
-COMPARED = (("recurrent_depth", "recurrent_depth", ()),
-            ("lit", "lit", ()),
-            ("lit --no-imagination", "lit", ("--no-imagination", "--steps", "408")),  # steps: LIT's training FLOPs
-            ("lit observation-space recursion", "lit", ("--no-imagination", "--recursion", "observation",
-                                                        "--steps", "406")),
-            # the hard-puzzle recipe (docs/benchmark.md): a mixed base set, two-step supervised segments, longer
-            # training (compiled, bf16 products), TRM's weight average, 128 steps at test time
-            ("lit --no-imagination recipe", "lit", ("--no-imagination", "--difficulty", "mixed", "--base-size", "3000",
-                                                    "--steps", "6500", "--segment-steps", "2", "--compile", "--dtype",
-                                                    "bfloat16", "--ema", "0.999",
-                                                    "--eval-steps", "1,2,4,8,16,32,64,128")))
-
-
-def run_all(argv):
-    """python train.py --method all [options for every method]: runs (or reuses) runs/compare/<row>/ for
-    each COMPARED row, then writes runs/compare/results.json, table.md, curve.svg and curve-flops.svg."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--out", default="runs/compare")
-    first.add_argument("--task", default="sudoku")
-    known, rest = first.parse_known_args(argv)
-    if known.task != "sudoku":
-        raise UsageError(f"--method all compares the Sudoku methods; --task {known.task} is not among them")
-    if any(flag in rest for flag in ("--resume", "--eval-only", "--init-from")):
-        raise UsageError("--method all runs every method itself: use --resume/--eval-only/--init-from with one "
-                         "--method")
-    compare = Path(known.out)
-    check_writable(compare)
-    results = {}
-    for name, method_name, flags in COMPARED:
-        folder = compare / name.replace(" --", "-").replace(" ", "-")
-        if (folder / "results.json").exists() and "--overwrite" not in rest:
-            print(f"{name}: using the finished run in {folder} (--overwrite trains it again)")
-        else:
-            arguments = ["--method", method_name, *flags, *rest, "--out", str(folder)]
-            if (folder / "checkpoint.pt").exists() and "--overwrite" not in rest:  # an interrupted run continues
-                arguments = ["--method", method_name, "--resume", str(folder / "checkpoint.pt")]
-            print(f"\n=== {name}: python train.py {' '.join(arguments)}")
-            status = run(arguments)
-            if status:
-                return status
-        results[name] = json.loads((folder / "results.json").read_text())
-    if world()[0] != 0:
-        return 0  # rank 0 writes the comparison
-    write_json(compare / "results.json", results)
-    points = benchmark_points(results)
-    table = compare_table(points, results)
-    write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
-    print("\n" + table)
-    write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
-    costed = [p for p in points if p.get(FLOPS_COLUMN) is not None]
-    write_curve(costed, compare / "curve-flops.svg", "exact % against test-time compute", panel_column="difficulty",
-                x_name=FLOPS_COLUMN)
-    print(f"wrote {compare / 'results.json'}, {compare / 'table.md'}, {compare / 'curve.svg'} and "
-          f"{compare / 'curve-flops.svg'}")
-    return 0
-
-
-def benchmark_points(results):
-    """{run name: its results.json} -> one record per (line, test set, thinking steps), adaptive rows left out;
-    a line is a run, or its K restarts' pick ("NAME, K restarts picked by confidence"; the oracle verifier's apart)."""
-    points = []
-    for name, result in results.items():
-        for row in result["rows"]:
-            steps, exact = row.get(STEP_COLUMN), row.get("exact %")
-            if isinstance(steps, int) and not isinstance(steps, bool) and exact is not None:
-                line = f"{name}, {row['restarts']} restarts picked by {row['picked by']}" if "restarts" in row else name
-                points.append({"difficulty": row["test set"], "method": line, STEP_COLUMN: steps, "exact %": exact,
-                               FLOPS_COLUMN: row.get(FLOPS_COLUMN)})
-    return points
-
-
-def compare_table(points, results):
-    """Markdown: exact % per (test set, thinking steps), one column per line (a compared run, or its restarts'
-    pick), then each line's test-time MFLOP per puzzle at its fewest and most thinking steps."""
-    names = list(dict.fromkeys(p["method"] for p in points))
-    cells = {(p["method"], p["difficulty"], p[STEP_COLUMN]): p["exact %"] for p in points}
-    lines = ["| test set | thinking steps | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
-    for test_set in dict.fromkeys(p["difficulty"] for p in points):
-        for step in sorted({p[STEP_COLUMN] for p in points}):
-            values = [cells.get((name, test_set, step)) for name in names]
-            if any(v is not None for v in values):
-                shown_values = " | ".join("" if v is None else f"{v:.1f}" for v in values)
-                lines.append(f"| {test_set} | {step} | {shown_values} |")
-    trained_on = ", ".join(f"{name}: {result['config'].get('difficulty')}, {result['config'].get('steps')} steps, "
-                           f"{result.get('cost', {}).get('training_flops', math.nan):.3g} FLOPs"
-                           for name, result in results.items())
-    costs = []
-    for name in names:
-        costed = sorted((p[STEP_COLUMN], p[FLOPS_COLUMN]) for p in points
-                        if p["method"] == name and p.get(FLOPS_COLUMN))
-        if costed:
-            (few, low), (most, high) = costed[0], costed[-1]
-            costs.append(f"{name}: {low:.3g} at {few}, {high:.3g} at {most}")
-    cost_line = f"\n\nTest-time MFLOP per puzzle (thinking steps): {'; '.join(costs)}." if costs else ""
-    return "\n".join(lines) + f"\n\nTrained on (base set, steps, training FLOPs): {trained_on}.{cost_line}\n"
-
-
 # --------------------------------------------------------------------------------------------------------- entry point
-def main(argv=None):
+def main(argv=None, entry=run):
+    """entry(argv) (run: train or evaluate one method) as a command: torchrun's process group, Ctrl-C and SIGTERM,
+    one-line errors; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--method")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
         # the other ranks wait while rank 0 evaluates: a long timeout
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
@@ -1485,8 +1332,7 @@ def main(argv=None):
     previous = set_stop_handler(stop_at_once)  # outside the loop (start-up, data, evaluation) a stop is immediate
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
-            known, rest = first.parse_known_args(argv)
-            status = run_all(rest) if known.method == "all" else run(argv)
+            status = entry(argv)
     except (UsageError, TrainingError) as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
@@ -1504,8 +1350,7 @@ def main(argv=None):
     return status
 
 
-if __name__ == "__main__":
-    status = main()
+def exit_process(status):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         # a torchrun rank leaves without the interpreter's teardown: gloo's C++ threads destroyed there can
         # abort a rank whose work is done ("terminate called without an active exception")
@@ -1513,3 +1358,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    exit_process(main())

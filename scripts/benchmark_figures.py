@@ -1,6 +1,6 @@
 """Redraw the benchmark's two figures from the exact-% table in docs/benchmark.md (its Results section):
 exact % against thinking steps, and against test-time MFLOP per puzzle, each point's cost from its run's
-configuration (train.COMPARED's flags) by the method's own test_time_flops.
+configuration (the COMPARED flags of scripts/benchmark.py) by the method's own test_time_flops.
 
     python scripts/benchmark_figures.py [OUT_FOLDER]    (default figures/)
 """
@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository root: train, lit, recurrent_depth
 import sudoku_data  # noqa: E402
 import train  # noqa: E402
+from scripts import benchmark  # noqa: E402
 
 HEADER = "| test set | thinking steps | "
 
@@ -37,7 +38,7 @@ def read_table(markdown: str) -> list[dict]:
 
 def cost_per_puzzle(name: str, steps: int) -> float:
     """Test-time MFLOP per puzzle of the benchmark row `name` at `steps` thinking steps, from its flags."""
-    method_name, flags = next((m, f) for n, m, f in train.COMPARED if n == name)
+    method_name, flags = next((m, f) for n, m, f in benchmark.COMPARED if n == name)
     method, given = train.parse(["--method", method_name, *flags])
     fields = {f.name for f in dataclasses.fields(method.Config)}
     config = method.Config(**{k: v for k, v in given.items() if k in fields})
@@ -57,7 +58,7 @@ def main(argv=None):
     train.write_curve(points, out / "compare_curve.svg", "exact % against thinking steps", panel_column="difficulty")
     train.write_curve(points, out / "compare_flops.svg", "exact % against test-time compute", panel_column="difficulty",
                       x_name=train.FLOPS_COLUMN)
-    print(train.compare_table(points, {}).splitlines()[-1])
+    print(benchmark.compare_table(points, {}).splitlines()[-1])
     print(f"wrote {out / 'compare_curve.svg'} and {out / 'compare_flops.svg'}")
     return 0
 
