@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib
 import inspect
@@ -754,6 +755,7 @@ def field_argument(kind):
     return dict(action=BooleanFlag) if kind is bool else dict(type=kind)
 
 
+@functools.cache  # inspect parses the whole method file to find a class: once per process
 def field_comments(config_class):
     """{field: its trailing '# comment'} from the Config source, so --help explains every knob."""
     try:
