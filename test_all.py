@@ -1717,7 +1717,8 @@ def test_benchmark_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp
     from scripts import benchmark
     out = tmp_path / "compare"
     argv = ["--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-steps", "1,2",
-            "--eval-size", "4", "--base-size", "16", "--data-dir", data_dir, "--out", str(out)]
+            "--eval-size", "4", "--base-size", "16", "--data-dir", data_dir, "--out", str(out),
+            "--no-compile"]  # flags after a row's own win: the recipe's inductor build, tested apart, takes most of this
     assert benchmark.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == [name for name, _, _ in benchmark.COMPARED]

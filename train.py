@@ -771,7 +771,8 @@ RUN_FLAGS = (  # (flag, argparse keywords): the run options every method shares
     ("--device", dict(choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")),
     ("--dtype", dict(choices=("auto", "float32", "bfloat16", "float16"), help="autocast dtype; auto: bf16 on CUDA "
                      "where supported, else fp16 + GradScaler; fp32 on CPU")),
-    ("--compile", dict(action="store_true", help="torch.compile the model's forward")),
+    ("--compile", dict(action=BooleanFlag, help="torch.compile the model's forward (--no-compile: eager, e.g. for "
+                       "every row of scripts/benchmark.py on a machine without a C++ compiler)")),
     ("--seed", dict(type=int, help="seed for data, initialisation and sampling (default 0)")),
     ("--out", dict(help="run folder for log.jsonl, checkpoint.pt, results.json (default runs/<method>-<task>)")),
     ("--resume", dict(metavar="PATH", help="continue a run from its checkpoint (written next to it unless --out)")),
