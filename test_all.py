@@ -4035,6 +4035,32 @@ def test_lvr_cot_answer_reads_its_own_hops_once_lvr_s_ramp_is_over():
         assert not torch.equal(first["cot_hops_NTP"], second["cot_hops_NTP"])
 
 
+def test_lvr_cot_script_trains_the_chain_of_thought_of_train_steps_full_run_and_scores_it_as_evaluate():
+    """scripts/lvr_cot.py leaves LVR and the baseline untrained: the chain of thought's weights and row are still
+    those of lvr.train_step's three-LLM run on train.py's batches and learning rates."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lvr_cot", Path(lvr.__file__).parent / "scripts" / "lvr_cot.py")
+    lvr_cot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lvr_cot)
+    tiny = dict(d_model=32, n_layers=2, n_heads=2, encoder_layers=1, batch_size=4, steps=5, align_steps=2,
+                teacher_ramp=2, warmup_steps=2, eval_steps=(2,), validation_size=2, group_size=2, max_latent=4)
+    alone, task = lvr_cot.train_cot(3, 8, lvr.Config(**tiny, baseline=False), log_every=100)
+    config = lvr.Config(**tiny)
+    torch.manual_seed(3)
+    full = lvr.build_model(config, vqa_data.VQATask(seed=3, eval_size=8))
+    optimizer = lvr.make_optimizer(full, config)
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * train.lr_factor(step, config)
+        batch = train.with_example_seeds(task.train_batch(step, config.batch_size), 3, step)
+        lvr.train_step(full, optimizer, LVR_SCALER, batch, step, config, None)
+    for name, weight in full.cot_llm.state_dict().items():
+        assert torch.equal(weight, alone.cot_llm.state_dict()[name]), name
+    assert not torch.equal(full.llm.head.weight, alone.llm.head.weight)                 # LVR trained in one only
+    rows = lvr.evaluate(full, full.task, config, config.eval_steps, None)
+    assert {"test set": "held-out", **lvr_cot.cot_row(alone, task)} in rows
+
+
 def test_lvr_cot_baseline_starts_from_the_stage0_llm_and_is_scored_on_its_answer():
     model, config = lvr_tiny()
     opt = lvr.make_optimizer(model, config)
