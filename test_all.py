@@ -4035,7 +4035,7 @@ def test_lvr_cot_answer_reads_its_own_hops_once_lvr_s_ramp_is_over():
         assert not torch.equal(first["cot_hops_NTP"], second["cot_hops_NTP"])
 
 
-def test_lvr_cot_script_trains_the_chain_of_thought_of_train_steps_full_run_and_scores_it_as_evaluate():
+def test_lvr_cot_script_equals_the_three_llm_runs_chain_of_thought():
     """scripts/lvr_cot.py leaves LVR and the baseline untrained: the chain of thought's weights and row are still
     those of lvr.train_step's three-LLM run on train.py's batches and learning rates."""
     import importlib.util
