@@ -18,7 +18,7 @@ Deviations from the paper (Qwen2.5-VL 3B/7B on Visual-CoT):
 - the ROI tokens averaged to exactly latent_steps targets (the train/test budget mismatch of the reference code);
 - GRPO_latent samples the latents x_{t+1} = h_t + σε with greedy text (the official code replays fixed latents as
   constants: RL has no signal for them), on fresh questions, not the SFT pool.
-Controls beyond the paper (same run, same batches, same stage-0 LLM): a no-latent baseline, a text chain of thought.
+Controls beyond the paper (same run, batches, stage-0 LLM): a no-latent baseline; a CoT writing what the latents hold.
 """
 import copy
 import math
@@ -167,7 +167,8 @@ class LVRModel(nn.Module):
         grid = task.image_size // task.patch_size
         self.n_patches = grid * grid
         max_latent = max(config.max_latent, config.latent_steps, self.n_patches, *config.eval_steps)
-        self.max_len = self.n_patches + task.question_len + max_latent + task.hop_len + task.answer_len + 4
+        # the longer response (LVR's markers and latents, or the hop words), the answer, <eos>, 5 spare positions
+        self.max_len = self.n_patches + task.question_len + max(max_latent + 2, task.hop_len) + task.answer_len + 6
         self.encoder = VisionEncoder(config, task.image_size, task.patch_size, task.patch_classes)
         self.projector = nn.Sequential(nn.Linear(config.d_model, config.d_model), nn.GELU(),
                                        nn.Linear(config.d_model, config.d_model), nn.LayerNorm(config.d_model))
@@ -246,27 +247,20 @@ def roi_targets(visual, boxes, task, k):
     return weight.to(visual.dtype) @ visual
 
 
-def example_generators(batch, device):
-    """One torch.Generator per example from batch["example_seed"] (the draw does not depend on the torchrun rank)."""
+def example_rand(batch, shape, device):
+    """torch.rand(shape); row b from a generator seeded by batch["example_seed"][b] where the batch has them."""
     if "example_seed" not in batch:
-        return None
-    return [torch.Generator(device).manual_seed(seed) for seed in batch["example_seed"].tolist()]
-
-
-def example_noise(draw, shape, generators, device):
-    """draw(shape) (torch.rand or torch.randn), row b from generators[b]; from the global generator if None."""
-    if generators is None:
-        return draw(shape, device=device)
-    return torch.stack([draw(shape[1:], generator=g, device=device) for g in generators])
+        return torch.rand(shape, device=device)
+    return torch.stack([torch.rand(shape[1:], generator=torch.Generator(device).manual_seed(seed), device=device)
+                        for seed in batch["example_seed"].tolist()])
 
 
 def lvr_loss(model, visual, batch, teacher_prob=0.0):
     """Stage 1 over [question, v, <lvr_start>, x_1..x_N, <lvr_end>, answer, <eos>], N = latent_steps, in two passes
-    sharing the prefix [question, v, <lvr_start>] (its KV cache). Pass 1, teacher-forced (x_t = v_t): L_LVR (the raw
-    last hidden state, no head), L_NTP on the two markers, and the exits' L_end = ||h_N − e||², L_switch = BCE of the
-    <lvr_end> logit at <lvr_start>, v_1..v_N (1 only at v_N's slot). Pass 2 feeds the model's own latents decoded
-    as at test time (detached; v_t with probability teacher_prob): L_NTP on the answer, −1/T_y Σ log p(y_t | h_{1:N}).
-    L = L_NTP + λ·L_LVR + λ_ms·(L_end + L_switch)."""
+    sharing the prefix [question, v, <lvr_start>] (its KV cache). Pass 1, teacher-forced (x_t = v_t): L_LVR (raw last
+    hidden state, no head), L_NTP on the markers, the exits' L_end = ||h_N − e||² and L_switch = BCE of the <lvr_end>
+    logit at <lvr_start>, v_1..v_N (1 only at v_N's). Pass 2, fed the own latents decoded as at test time (detached;
+    v_t with probability teacher_prob): L_NTP on the answer. L = L_NTP + λ·L_LVR + λ_ms·(L_end + L_switch)."""
     config, task, llm = model.config, model.task, model.llm
     targets = roi_targets(visual, batch["box"], task, config.latent_steps)             # (B, N, D): v_1..v_N
     B, N, D = targets.shape
@@ -299,7 +293,7 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
             own.append(x)
             x, _, own_cache = llm(x, own_cache)
         own = torch.cat(own, 1).to(targets.dtype)                                      # (B, N, D)
-    teacher = example_noise(torch.rand, (B, N, 1), example_generators(batch, visual.device), visual.device)
+    teacher = example_rand(batch, (B, N, 1), visual.device)
     _, own_logits = response_pass(torch.where(teacher < teacher_prob, targets, own))   # pass 2
     l_answer = ntp(own_logits, ~is_marker)   # same weight on the answer token as direct_loss gives the baseline
     l_ntp = ntp(logits, is_marker) + l_answer
@@ -316,19 +310,18 @@ def lvr_loss(model, visual, batch, teacher_prob=0.0):
 
 @torch.no_grad()
 def generate(model, llm, visual, question, thinking_steps, exit_rule="fixed", fed_latents=None, sigma=0.0):
-    """Greedy decoding of all rows in lockstep with a KV cache. After <lvr_start> a row is in latent mode, where the
-    next input is x_{t+1} = h_t (+ σε: GRPO_latent's policy; fed_latents (B, thinking_steps, D): a control's), until
-    the exit rule or the cap thinking_steps ends it with <lvr_end>. Exit rules: fixed (the budget alone), latent_end
+    """Greedy decoding of all rows in lockstep with a KV cache. After <lvr_start> a row is in latent mode: the next
+    input is x_{t+1} = h_t (+ σε: GRPO_latent's policy; fed_latents (B, thinking_steps, D): a control's) until the
+    exit rule or the cap thinking_steps ends it with <lvr_end>. Exit rules: fixed (the budget alone), latent_end
     (||h_t − e||², mean over dimensions, < end_threshold), mode_switch (<lvr_end> decoded, as the official code).
-    Returns tokens (B, R) (pad at latent slots), latents (B, R, D) (the inputs x), is_latent, capped (<lvr_end>
-    forced by an adaptive exit's cap), sigma."""
+    Returns tokens (B, R) (pad at latent slots), latents (B, R, D) (inputs x), is_latent, capped (cap hit), sigma."""
     task, B, device = model.task, visual.shape[0], visual.device
     h, logits, cache = llm(prompt(llm, visual, question))
     h, logits = h[:, -1], logits[:, -1]                                               # (B, D), (B, V)
     left = torch.full((B,), -1, device=device)  # latent steps still allowed; -1: before the segment, -2: after it
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = {k: [] for k in ("tokens", "latents", "is_latent", "capped")}
-    for _ in range(thinking_steps + task.hop_len + task.answer_len + 3):
+    for _ in range(max(thinking_steps + 2, task.hop_len) + task.answer_len + 1):
         token = logits.argmax(-1)                                                       # (B,)
         in_latent, cap = left >= 0, left == 0
         chose_end = (((h.float() - model.latent_end) ** 2).mean(-1) < model.config.end_threshold
@@ -372,11 +365,10 @@ def replay_latents(llm, visual, question, rollout):
     return {"h": h, "logp": logp * rollout["is_latent"]}
 
 
-def answer_correct(rollout, answer, task, skip=()):
-    """Accuracy: the response's text tokens (specials, pads and the `skip` ids removed) are the answer, then <eos>."""
-    tokens = rollout["tokens"]
-    special = torch.isin(tokens, torch.tensor([task.pad_id, task.lvr_start_id, task.lvr_end_id, *skip],
-                                              device=tokens.device))                    # (B, R)
+def answer_correct(rollout, answer, task, skip=0):
+    """Accuracy: the text tokens after the first `skip` (specials and pads removed) are the answer, then <eos>."""
+    tokens = rollout["tokens"][:, skip:]                                                # (B, R)
+    special = torch.isin(tokens, torch.tensor([task.pad_id, task.lvr_start_id, task.lvr_end_id], device=tokens.device))
     text = tokens.gather(1, torch.sort(special.int(), dim=1, stable=True).indices)      # text tokens first
     text = F.pad(text, (0, answer.shape[1] + 1), value=task.pad_id)
     return (text[:, :answer.shape[1]] == answer).all(1) & (text[:, answer.shape[1]] == task.eos_id)
@@ -478,10 +470,11 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
         else:
             with torch.no_grad():
                 visual = model.visual_tokens(batch["image"])                          # (B, P, D), frozen
-            loss, metrics = lvr_loss(model, visual, batch, teacher_prob(step, config))
+            share = teacher_prob(step, config)  # of ROI tokens among LVR's latents, of true hops among the CoT's
+            loss, metrics = lvr_loss(model, visual, batch, share)
             for llm, baseline_loss in ((model.baseline_llm, direct_loss), (model.cot_llm, cot_loss)):
                 if llm is not None:  # the no-latent and chain-of-thought baselines, on the same batch
-                    baseline, baseline_metrics = baseline_loss(llm, visual, batch, model.task)
+                    baseline, baseline_metrics = baseline_loss(llm, visual, batch, model.task, share)
                     loss, metrics = loss + baseline, metrics | baseline_metrics
     optimizer_step(model, optimizer, scaler, loss, config)
     return {"loss": loss.detach(), **metrics}
@@ -491,10 +484,9 @@ def train_step(model, optimizer, scaler, batch, step, config, autocast_dtype):
 
 @torch.no_grad()
 def evaluate(model, task, config, eval_steps, autocast_dtype):
-    """Held-out accuracy, a row per model and budget: the answer prior (majority answer per question type), the
-    two baselines, LVR at each budget in eval_steps (0: control (d), the markers alone), the control rows at the
-    trained budget, the two adaptive exits. Then, on validation questions (fresh scenes), GRPO_latent's policy at
-    σ = 0, σ/2, σ, 2σ with G samples each (pass@1, pass@G): the rows σ is chosen on."""
+    """Held-out accuracy, a row per model and budget: the answer prior (majority answer per type), the two baselines,
+    LVR at each budget in eval_steps (0: control (d), the markers alone), the controls at the trained budget, the two
+    exits; then GRPO_latent's policy at σ = 0, σ/2, σ, 2σ, G samples of each validation question (fresh scenes)."""
     model.eval()
     device, k, G = next(model.parameters()).device, config.latent_steps, config.group_size
     validation = task.fresh_batch(6, 0, min(config.validation_size, len(task.test_sets["held-out"]["answer"])))
@@ -528,9 +520,8 @@ def evaluate(model, task, config, eval_steps, autocast_dtype):
 
 
 def table_row(model, chunks, name, llm, thinking_steps, variance, fed=None, group=1, **decoding):
-    """A row of evaluate's table from `group` samples of each question (generate with `decoding`; fed: a control's
-    latents per chunk): accuracy (pass@1) overall and per question type, pass@group, mean latent steps, the chain of
-    thought's share of right hops, the latents' MSE to the targets over the ROI tokens' variance."""
+    """A row of evaluate's table from `group` samples per question (fed: a control's latents per chunk): accuracy
+    (pass@1) overall and per type, pass@group, mean latent steps, the CoT's right hops, latent MSE / ROI variance."""
     task, cot, k = model.task, llm is model.cot_llm, model.config.latent_steps
     correct = torch.zeros(len(task.question_types))                                    # right answers per type
     any_right, steps, hops, squared_error, compared = 0, 0, 0, 0.0, 0
@@ -538,14 +529,14 @@ def table_row(model, chunks, name, llm, thinking_steps, variance, fed=None, grou
         chunk = {key: value.repeat_interleave(group, 0) for key, value in chunk.items()}
         rollout = generate(model, llm, chunk["visual"], chunk["question"], thinking_steps,
                            fed_latents=fed[i] if fed else None, **decoding)
-        right = answer_correct(rollout, chunk["answer"], task, skip=task.position_ids if cot else ())
+        right = answer_correct(rollout, chunk["answer"], task, skip=task.hop_len if cot else 0)
         correct.index_add_(0, chunk["qtype"].cpu(), right.float().cpu())
         any_right += right.view(-1, group).any(1).sum().item()
-        is_latent = rollout["is_latent"]
-        steps += is_latent.sum().item()
+        is_latent, steps = rollout["is_latent"], steps + rollout["is_latent"].sum().item()
         if cot:  # the written hops: the first hop_len tokens against the chain's hop words
             written = F.pad(rollout["tokens"], (0, task.hop_len), value=task.pad_id)[:, :task.hop_len]
-            hops += (written == cot_targets(chunk, task)[:, :task.hop_len]).all(1).sum().item()
+            truth = vqa_data.hop_words(chunk["box"], chunk["patch_object"], task.patch_size)  # (b, hop_len)
+            hops += (written == truth).all(1).sum().item()
         index = is_latent.cumsum(1) - 1                                                # latent i fed at this slot
         targets = roi_targets(chunk["visual"], chunk["box"], task, k).gather(
             1, index.clamp(0, k - 1)[..., None].expand(-1, -1, chunk["visual"].shape[-1]))      # (b, R, D)
@@ -571,20 +562,23 @@ def table_row(model, chunks, name, llm, thinking_steps, variance, fed=None, grou
 # ---- Beyond the paper: stage 0 (for a pretrained VLM), the two baselines, the control rows -----------------------
 
 
-def answer_pass(llm, visual, batch, task, before=None):
+def answer_pass(llm, visual, batch, task, before=None, prefix=None):
     """One teacher-forced pass over [question, v, before (B, W), answer, <eos>]: targets (B, W + A + 1), their
-    logits and all last hidden states."""
+    logits and all last hidden states. prefix: llm's (h, logits, KV cache) of [question, v], computed once."""
     before = batch["answer"][:, :0] if before is None else before
     targets = torch.cat([before, batch["answer"], torch.full_like(batch["answer"][:, :1], task.eos_id)], 1)
-    inputs = torch.cat([prompt(llm, visual, batch["question"]), llm.embed(targets[:, :-1]).to(visual.dtype)], 1)
-    h, logits, _ = llm(inputs)
+    response = llm.embed(targets[:, :-1]).to(visual.dtype)
+    if prefix is None:
+        h, logits, _ = llm(torch.cat([prompt(llm, visual, batch["question"]), response], 1))
+    else:  # the response alone, on the prefix's cache
+        h, logits, _ = llm(response, prefix[2])
+        h, logits = torch.cat([prefix[0], h], 1), torch.cat([prefix[1], logits], 1)
     return targets, logits[:, -targets.shape[1]:], h
 
 
 def alignment_loss(model, batch):
-    """Stage 0 on plain VQA: L = L_NTP + L_object + L_grounding. L_object: each encoder patch token classifies the
-    object in its patch (a pretrained encoder's content); L_grounding: the LLM's state at each visual token (after
-    the question) classifies whether its patch is in the first ROI box (BCE), as grounding data would teach."""
+    """Stage 0 on plain VQA: L = L_NTP + L_object + L_grounding. L_object: each encoder patch token classifies its
+    patch's object; L_grounding (BCE): the LLM's state at each visual token classifies its patch as in the first box."""
     task = model.task
     encoded = model.encoder(batch["image"])                                                 # (B, P, D)
     visual = model.projector(encoded) + model.visual_pos                                    # = visual_tokens
@@ -601,25 +595,31 @@ def alignment_loss(model, batch):
     return loss, {"L_NTP": l_ntp.detach(), "L_object": l_object.detach(), "L_grounding": l_grounding.detach()}
 
 
-def direct_loss(llm, visual, batch, task):
-    """L_NTP for plain VQA [question, v] -> answer <eos> (the SFT data baseline)."""
+def direct_loss(llm, visual, batch, task, teacher_prob=None):
+    """L_NTP for plain VQA [question, v] -> answer <eos> (the SFT data baseline); nothing to schedule."""
     targets, logits, _ = answer_pass(llm, visual, batch, task)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     return loss, {"baseline_NTP": loss.detach()}
 
 
-def cot_targets(batch, task):
-    """The chain of thought's response (B, hop_len + A): the chain's hops as words (vqa_data.hop_words), the answer."""
-    return torch.cat([vqa_data.hop_words(batch["box"].cpu(), task.patch_size).to(batch["answer"].device),
-                      batch["answer"]], 1)
-
-
-def cot_loss(llm, visual, batch, task):
-    """Text chain of thought: L = L_NTP(hop words) + L_NTP(answer, <eos>), the answer weighted as in lvr_loss."""
-    hops = cot_targets(batch, task)[:, :task.hop_len]
-    targets, logits, _ = answer_pass(llm, visual, batch, task, before=hops)
-    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
-    l_hops, l_answer = per_token[:, :task.hop_len].mean(), per_token[:, task.hop_len:].mean()
+def cot_loss(llm, visual, batch, task, teacher_prob=0.0):
+    """Text chain of thought, exposed as lvr_loss: L = L_NTP(hops) on pass 1, teacher-forced on the true hop words,
+    + L_NTP(answer, <eos>) on pass 2, fed each hop's words (one box's) true with probability teacher_prob (lvr_loss's
+    draw), else the model's own greedy ones (decoded without gradient). The passes share the prompt's KV cache."""
+    hops = vqa_data.hop_words(batch["box"], batch["patch_object"], task.patch_size)      # (B, H): K boxes' words
+    prefix = llm(prompt(llm, visual, batch["question"]))                                 # (h, logits, cache)
+    _, logits, _ = answer_pass(llm, visual, batch, task, hops, prefix)                   # pass 1: teacher-forced
+    l_hops = F.cross_entropy(logits[:, :task.hop_len].flatten(0, 1).float(), hops.flatten())
+    with torch.no_grad():  # the own hop words: greedy, free-running from the prompt's KV cache
+        own, cache = [prefix[1][:, -1:].argmax(-1)], prefix[2]
+        for _ in range(task.hop_len - 1):
+            _, word_logits, cache = llm(llm.embed(own[-1]).to(visual.dtype), cache)
+            own.append(word_logits.argmax(-1))
+    K = batch["box"].shape[1]
+    teacher = example_rand(batch, (len(hops), K, 1), visual.device)                     # lvr_loss's draw
+    fed = torch.where((teacher < teacher_prob).expand(-1, -1, task.hop_len // K).flatten(1), hops, torch.cat(own, 1))
+    targets, logits, _ = answer_pass(llm, visual, batch, task, fed, prefix)              # pass 2
+    l_answer = F.cross_entropy(logits[:, task.hop_len:].flatten(0, 1).float(), targets[:, task.hop_len:].flatten())
     return l_hops + l_answer, {"cot_hops_NTP": l_hops.detach(), "cot_answer_NTP": l_answer.detach()}
 
 

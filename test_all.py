@@ -3970,30 +3970,106 @@ def test_lvr_grpo_second_update_moves_the_ratio_and_the_clip_bounds_it():
 # ---------------- lvr: text chain-of-thought baseline, exits, stochastic latent policy
 
 
-def test_lvr_cot_targets_hold_the_hops_and_the_answer_pass_reads_them():
-    batch = LVR_TASK.train_batch(0, 40)
-    targets = lvr.cot_targets(batch, LVR_TASK)                                          # (B, 4 + 1)
-    for hop in (0, 1):  # the patch of each box of the chain, as column and row words
-        patch = vqa_data.roi_patch_mask(batch["box"][:, hop], 48, 8).int().argmax(1)       # (B,), one patch per box
-        assert [LVR_TASK.vocab[t] for t in targets[:, 2 * hop].tolist()] == [f"x{p}" for p in (patch % 6).tolist()]
-        assert [LVR_TASK.vocab[t] for t in targets[:, 2 * hop + 1].tolist()] == [f"y{p}" for p in (patch // 6).tolist()]
-    assert torch.equal(targets[:, 4:], batch["answer"])
+def cot_words(batch, task):
+    return vqa_data.hop_words(batch["box"], batch["patch_object"], task.patch_size)
+
+
+def test_lvr_cot_targets_write_each_roi_objects_position_colour_and_shape_as_the_scene_holds_them():
+    rng = np.random.default_rng(7)
+    scenes = vqa_data.sample_scenes(rng, 60)
+    batch = vqa_data.make_batch(scenes, rng)
+    targets = cot_words(batch, LVR_TASK)                                          # (B, 8)
+    assert targets.shape == (60, LVR_TASK.hop_len)
+    for i in range(60):  # from the scene's parameters: the named object, then the object the answer is about
+        cells, named = scenes["cells"][i], int(scenes["target"][i])
+        nearest = min((j for j in range(6) if j != named),
+                      key=lambda j: (cells[j] % 6 - cells[named] % 6) ** 2 + (cells[j] // 6 - cells[named] // 6) ** 2)
+        about = named if vqa_data.QUESTION_TYPES[scenes["qtype"][i]] == "shape" else nearest
+        want = [word for j in (named, about) for word in (f"x{cells[j] % 6}", f"y{cells[j] // 6}",
+                vqa_data.COLORS[scenes["colors"][i, j]], vqa_data.SHAPES[scenes["shapes"][i, j]])]
+        assert [vqa_data.VOCAB[t] for t in targets[i].tolist()] == want
+        assert want[2] in [vqa_data.VOCAB[t] for t in batch["question"][i].tolist()]    # the colour the question names
+        assert vqa_data.VOCAB[int(batch["answer"][i, 0])] in want[6:]                    # read off the second object
+    assert len(set(scenes["qtype"].tolist())) == 3
+    with pytest.raises(ValueError, match="no object"):
+        vqa_data.hop_words(batch["box"], torch.zeros_like(batch["patch_object"]))
+
+
+def test_lvr_cot_loss_trains_the_hops_teacher_forced_and_the_answer_on_its_own_hops_at_lvr_s_rate():
+    batch = {**LVR_TASK.train_batch(0, 6), "example_seed": torch.tensor([3, 5, 8, 13, 21, 34])}
     model, config = lvr_tiny()
-    llm, visual = model.cot_llm, model.visual_tokens(batch["image"][:6]).detach()
-    small = {k: v[:6] for k, v in batch.items()}
-    hops = targets[:6, :4]
-    seq, logits, _ = lvr.answer_pass(llm, visual, small, LVR_TASK, before=hops)
-    assert torch.equal(seq, torch.cat([hops, small["answer"], torch.full((6, 1), LVR_TASK.eos_id)], 1))
+    llm, visual = model.cot_llm, model.visual_tokens(batch["image"]).detach()
+    hops = cot_words(batch, LVR_TASK)
+
+    def answer_ce(before):  # one full pass, no cache: per-token cross-entropy of [before, answer, <eos>]
+        seq, logits, _ = lvr.answer_pass(llm, visual, batch, LVR_TASK, before=before)
+        return seq, logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq.flatten(),
+                                                              reduction="none").view(6, 10)
+
+    seq, logits, ce = answer_ce(hops)
+    assert torch.equal(seq, torch.cat([hops, batch["answer"], torch.full((6, 1), LVR_TASK.eos_id)], 1))
     other = hops.clone()
     other[:, 1] = LVR_TASK.stoi["y5"] + LVR_TASK.stoi["y0"] - other[:, 1]                  # another row word
-    _, logits_other, _ = lvr.answer_pass(llm, visual, small, LVR_TASK, before=other)
+    _, logits_other, _ = answer_ce(other)
     assert torch.equal(logits[:, :2], logits_other[:, :2])                              # before the change: causal
-    assert (logits[:, 4] - logits_other[:, 4]).abs().amax() > 1e-4                      # the answer reads the hops
-    loss, metrics = lvr.cot_loss(llm, visual, small, LVR_TASK)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq.flatten(), reduction="none").view(6, 6)
-    torch.testing.assert_close(metrics["cot_hops_NTP"], ce[:, :4].mean())
-    torch.testing.assert_close(metrics["cot_answer_NTP"], ce[:, 4:].mean())
-    torch.testing.assert_close(loss, ce[:, :4].mean() + ce[:, 4:].mean())
+    assert (logits[:, 8] - logits_other[:, 8]).abs().amax() > 1e-4                      # the answer reads the hops
+    with torch.no_grad():
+        own = hops[:, :0]  # the model's own words: greedy, one full pass per word
+        for _ in range(8):
+            _, word_logits, _ = llm(torch.cat([lvr.prompt(llm, visual, batch["question"]), llm.embed(own)], 1))
+            own = torch.cat([own, word_logits[:, -1:].argmax(-1)], 1)
+        teacher = torch.stack([torch.rand(2, 1, generator=torch.Generator().manual_seed(seed))
+                               for seed in batch["example_seed"].tolist()]) < 0.5        # lvr_loss's draw, per hop
+        assert teacher.any() and not teacher.all()
+        mixed = torch.where(teacher.expand(-1, -1, 4).flatten(1), hops, own)            # a hop: one box's 4 words
+        for share, fed in ((1.0, hops), (0.0, own), (0.5, mixed)):
+            loss, metrics = lvr.cot_loss(llm, visual, batch, LVR_TASK, teacher_prob=share)
+            torch.testing.assert_close(metrics["cot_hops_NTP"], ce[:, :8].mean())       # always teacher-forced
+            torch.testing.assert_close(metrics["cot_answer_NTP"], answer_ce(fed)[2][:, 8:].mean())
+            torch.testing.assert_close(loss, metrics["cot_hops_NTP"] + metrics["cot_answer_NTP"])
+        assert not torch.equal(own, hops)
+
+
+def test_lvr_cot_answer_reads_its_own_hops_once_lvr_s_ramp_is_over():
+    """train_step gives the chain of thought LVR's share: after the ramp its answer loss does not depend on the true
+    hop words (another scene's boxes and objects in their place), at the first stage-1 step it does."""
+    model, config = lvr_tiny(teacher_ramp=10)
+    opt = lvr.make_optimizer(model, config)
+    for group in opt.param_groups:
+        group["lr"] = 0.0                                                            # steps that move nothing
+    batch = LVR_TASK.train_batch(0, 8)
+    moved = {**batch, "box": batch["box"].roll(1, 0), "patch_object": batch["patch_object"].roll(1, 0)}
+    assert not torch.equal(cot_words(batch, LVR_TASK), cot_words(moved, LVR_TASK))
+    for step, same in ((config.align_steps + 10, True), (config.align_steps, False)):
+        first, second = (lvr.train_step(model, opt, LVR_SCALER, b, step, config, None) for b in (batch, moved))
+        assert torch.equal(first["cot_answer_NTP"], second["cot_answer_NTP"]) == same
+        assert not torch.equal(first["cot_hops_NTP"], second["cot_hops_NTP"])
+
+
+def test_lvr_cot_script_equals_the_three_llm_runs_chain_of_thought():
+    """scripts/lvr_cot.py leaves LVR and the baseline untrained: the chain of thought's weights and row are still
+    those of lvr.train_step's three-LLM run on train.py's batches and learning rates."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lvr_cot", Path(lvr.__file__).parent / "scripts" / "lvr_cot.py")
+    lvr_cot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lvr_cot)
+    tiny = dict(d_model=32, n_layers=2, n_heads=2, encoder_layers=1, batch_size=4, steps=5, align_steps=2,
+                teacher_ramp=2, warmup_steps=2, eval_steps=(2,), validation_size=2, group_size=2, max_latent=4)
+    alone, task = lvr_cot.train_cot(3, 8, lvr.Config(**tiny, baseline=False), log_every=100)
+    config = lvr.Config(**tiny)
+    torch.manual_seed(3)
+    full = lvr.build_model(config, vqa_data.VQATask(seed=3, eval_size=8))
+    optimizer = lvr.make_optimizer(full, config)
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * train.lr_factor(step, config)
+        batch = train.with_example_seeds(task.train_batch(step, config.batch_size), 3, step)
+        lvr.train_step(full, optimizer, LVR_SCALER, batch, step, config, None)
+    for name, weight in full.cot_llm.state_dict().items():
+        assert torch.equal(weight, alone.cot_llm.state_dict()[name]), name
+    assert not torch.equal(full.llm.head.weight, alone.llm.head.weight)                 # LVR trained in one only
+    rows = lvr.evaluate(full, full.task, config, config.eval_steps, None)
+    assert {"test set": "held-out", **lvr_cot.cot_row(alone, task)} in rows
 
 
 def test_lvr_cot_baseline_starts_from_the_stage0_llm_and_is_scored_on_its_answer():
@@ -4005,10 +4081,12 @@ def test_lvr_cot_baseline_starts_from_the_stage0_llm_and_is_scored_on_its_answer
     metrics = lvr.train_step(model, opt, LVR_SCALER, LVR_TASK.train_batch(0, 8), config.align_steps, config, None)
     assert all(torch.equal(stage0[k], v) for k, v in model.cot_llm.state_dict().items())
     assert model.cot_llm.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and "cot_hops_NTP" in metrics
-    x, y, right, eos = LVR_TASK.stoi["x2"], LVR_TASK.stoi["y4"], LVR_TASK.stoi["circle"], LVR_TASK.eos_id
-    rollout = lvr_rollout([[x, y, x, y, right, eos], [x, y, x, y, LVR_TASK.stoi["square"], eos], [right, eos]])
+    right, eos = LVR_TASK.stoi["circle"], LVR_TASK.eos_id
+    hops = [LVR_TASK.stoi[w] for w in "x2 y4 red circle x3 y4 blue circle".split()]
+    rollout = lvr_rollout([hops + [right, eos], hops + [LVR_TASK.stoi["square"], eos], [right, eos]])
     answer = torch.full((3, 1), right)
-    assert lvr.answer_correct(rollout, answer, LVR_TASK, skip=LVR_TASK.position_ids).tolist() == [True, False, True]
+    # scored on what follows its hop words; one that writes no hops is wrong
+    assert lvr.answer_correct(rollout, answer, LVR_TASK, skip=LVR_TASK.hop_len).tolist() == [True, False, False]
     assert lvr.answer_correct(rollout, answer, LVR_TASK).tolist() == [False, False, True]
 
 

@@ -132,14 +132,20 @@ def ask(s):
     return question, answer.astype(np.int64), box.astype(np.int64)
 
 
-def hop_words(box, patch_size=8):
-    """(n, K, 4) ROI chains -> (n, 2K) long: per box, the words of its centre's patch column and row
-    ("x3", "y1"), the hops of the chain written as text (the chain-of-thought targets of lvr.py)."""
-    box = torch.as_tensor(box)
+def hop_words(box, patch_object, patch_size=8):
+    """(n, K, 4) ROI chains and (n, P) patch labels (patch_objects) -> (n, 4K) long, on box's device: per box, what
+    its visual token is trained to encode (the position code and stage 0's object head), as words: its patch's column
+    and row, the colour and shape of the object there ("x3 y1 red circle"); the chain-of-thought targets of lvr.py."""
+    box, patch_object = torch.as_tensor(box), torch.as_tensor(patch_object)
+    w = 48 // patch_size
     column = (box[..., 0] + box[..., 2] - 1) // 2 // patch_size                      # (n, K), x1 exclusive
     row = (box[..., 1] + box[..., 3] - 1) // 2 // patch_size
-    xs, ys = (torch.tensor([STOI[f"{axis}{i}"] for i in range(48 // patch_size)]) for axis in "xy")
-    return torch.stack([xs[column], ys[row]], -1).flatten(1)
+    label = patch_object.gather(1, row * w + column) - 1                              # (n, K): colour·4 + shape
+    if bool((label < 0).any()):
+        raise ValueError("a ROI box's patch holds no object")
+    xs, ys = (torch.tensor([STOI[f"{axis}{i}"] for i in range(w)], device=box.device) for axis in "xy")
+    colors, shapes = (torch.tensor([STOI[word] for word in words], device=box.device) for words in (COLORS, SHAPES))
+    return torch.stack([xs[column], ys[row], colors[label // len(SHAPES)], shapes[label % len(SHAPES)]], -1).flatten(1)
 
 
 def render(s, rng):
@@ -196,13 +202,14 @@ def make_batch(s, rng, patch_size=8):
 class VQATask:
     """Task object for train.py: name, train_batch(step, batch_size), test_sets, plus the vocabulary and
     geometry the model needs. Batches: image float (B, 3, 48, 48), question long (B, QUESTION_LEN),
-    answer long (B, 1), box long (B, 2, 4) pixels (the ROI chain, ask), qtype long (B,), patch_object long (B, P) (patch_objects)."""
+    answer long (B, 1), box long (B, 2, 4) pixels (the ROI chain, ask), qtype long (B,), patch_object long (B, P)
+    (patch_objects)."""
     name = "vqa"
     vocab, stoi, vocab_size = VOCAB, STOI, len(VOCAB)
     pad_id, eos_id, lvr_start_id, lvr_end_id = PAD, EOS, LVR_START, LVR_END
     image_size, patch_size, question_len, answer_len = 48, 8, QUESTION_LEN, ANSWER_LEN
-    question_types, position_ids = QUESTION_TYPES, [STOI[w] for w in POSITION_WORDS]
-    hop_len = 4  # hop_words of the two-box chain
+    question_types = QUESTION_TYPES
+    hop_len = 8  # hop_words of the two-box chain
     patch_classes = 1 + len(COLORS) * len(SHAPES)  # background + colour x shape (patch_objects)
 
     def __init__(self, seed=0, train_size=20000, eval_size=500, patch_size=8):
