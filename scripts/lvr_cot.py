@@ -48,7 +48,8 @@ def train_cot(seed, eval_size, config, log_every=100):
         group.setdefault("initial_lr", group["lr"])
     start = time.perf_counter()
     for step in range(config.steps):
-        train.set_learning_rate(optimizer, train.lr_factor(step, config))
+        for group in optimizer.param_groups:  # train.py's schedule
+            group["lr"] = group["initial_lr"] * train.lr_factor(step, config)
         batch = train.with_example_seeds(task.train_batch(step, config.batch_size), seed, step)
         if step < config.align_steps:
             metrics = lvr.train_step(model, optimizer, scaler, batch, step, config, None)
