@@ -80,6 +80,8 @@ def main(argv=None):
                             help=f"lvr.Config.{name}")
     parser.add_argument("--out", help="a JSON file for the row")
     args = parser.parse_args(argv)
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # found out before training, not after
+        parser.error(f"--out {args.out}: its folder does not exist")
     config = lvr.Config(steps=args.steps, align_steps=args.align_steps, teacher_ramp=args.teacher_ramp,
                         baseline=False)
     start = time.perf_counter()
@@ -88,7 +90,7 @@ def main(argv=None):
            "seconds": round(time.perf_counter() - start)}
     print(json.dumps(row))
     if args.out:
-        Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+        train.write_json(args.out, row)  # atomic: a stopped run leaves no half-written file
     return model
 
 
