@@ -860,7 +860,7 @@ def test_train_py_never_overwrites_a_run_unless_told(tmp_path, data_dir, capsys)
     assert train.main(run + ["--overwrite", "--steps", "4"]) == 0
     assert _checkpoint(out)["step"] == 4
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
-    assert sorted(_files(out)) == ["checkpoint.pt", "curve.svg", "log.jsonl", "results.json"]  # no .tmp, no lock left
+    assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]  # no .tmp, no lock left
     with open(out / "log.jsonl", "a") as log:
         log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # written after the last checkpoint, then killed
     assert train.main(["--method", "recurrent_depth", "--resume", str(out / "checkpoint.pt"), "--steps", "6"]) == 0
@@ -920,7 +920,7 @@ def test_train_py_resume_and_eval_only_write_next_to_the_checkpoint_given(tmp_pa
     elsewhere = tmp_path / "elsewhere"
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(copied / "checkpoint.pt"),
                        "--out", str(elsewhere)]) == 0
-    assert sorted(_files(elsewhere)) == ["eval-curve.svg", "eval.json"]
+    assert sorted(_files(elsewhere)) == ["eval.json"]
     assert _files(original) == before
 
 
@@ -937,7 +937,7 @@ def test_train_py_refuses_a_folder_locked_by_a_live_run_but_takes_over_a_stale_l
     ended.wait()
     (out / "lock").write_text(f"{ended.pid} {socket.gethostname()}\n")  # its run crashed without unlocking
     assert train.main(run) == 0
-    assert sorted(_files(out)) == ["checkpoint.pt", "curve.svg", "log.jsonl", "results.json"]
+    assert sorted(_files(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]
 
 
 def test_train_py_saves_nothing_when_a_second_ctrl_c_lands_in_the_weight_update(tmp_path, data_dir, monkeypatch,
@@ -1185,7 +1185,8 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c_or_sigterm(method, tmp
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
     run = ["--method", method, *TINY_FLAGS[method], "--steps", str(SIGINT_STEPS), "--warmup-steps", "2",
-           "--log-every", "2", "--data-dir", data_dir]  # (a logged step is also FLOP-counted, 5x slower) + (["--text-file", str(corpus)] if method == "ltm" else [])
+           "--log-every", "2", "--data-dir", data_dir]  # (a logged step is also FLOP-counted, 5x slower)
+    run += ["--text-file", str(corpus)] if method == "ltm" else []
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(run + ["--out", str(straight)]) == 0
     capsys.readouterr()
@@ -1718,7 +1719,7 @@ def test_benchmark_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp
     out = tmp_path / "compare"
     argv = ["--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--eval-steps", "1,2",
             "--eval-size", "4", "--base-size", "16", "--data-dir", data_dir, "--out", str(out),
-            "--no-compile"]  # flags after a row's own win: the recipe's inductor build, tested apart, takes most of this
+            "--no-compile"]  # flags after a row's own win: the recipe's inductor build, tested apart, is most of it
     assert benchmark.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == [name for name, _, _ in benchmark.COMPARED]
@@ -1889,24 +1890,61 @@ def test_gradients_are_averaged_over_ranks_after_each_backward_pass(monkeypatch)
         torch.testing.assert_close(p.grad, mean[0] + mean[1])
 
 
-# ============================================================================= recurrent_depth.py
-TEXT = SimpleNamespace(name="text", vocab_size=13, seq_len=32)
-TINY = dict(d_model=32, n_heads=2, d_mlp=64, mean_recurrence=4, backprop_depth=2)
-
-
 def test_curve_svg_is_well_formed_with_one_polyline_per_line_and_panel(tmp_path):
     import xml.etree.ElementTree as ElementTree
+    from scripts import plot_curves
     rows = [{"test set": test_set, "model": model, "thinking steps": steps, "exact %": 10.0 * steps}
             for test_set in ("easy", "hard") for model in ("a <b>", "c") for steps in (1, 2, 4)]
     rows.append({"test set": "easy", "model": "c", "thinking steps": "adaptive (kl)", "exact %": 99.0})
-    train.write_curve(rows, tmp_path / "curve.svg", "title & more")
+    plot_curves.write_curve(rows, tmp_path / "curve.svg", "title & more")
     root = ElementTree.parse(tmp_path / "curve.svg").getroot()
     polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(polylines) == 4  # 2 panels x 2 lines; the adaptive row is no point on a step axis
     assert all(len(line.get("points").split()) == 3 for line in polylines)
     assert {line.find("{http://www.w3.org/2000/svg}title").text for line in polylines} == {"a <b>", "c"}
-    train.write_curve([{"test set": "x", "loss": 1.0}], tmp_path / "none.svg", "no step column")
+    plot_curves.write_curve([{"test set": "x", "loss": 1.0}], tmp_path / "none.svg", "no step column")
     assert not (tmp_path / "none.svg").exists()
+
+
+def test_plot_curves_draws_a_run_from_its_results_json_and_refuses_bad_files_in_one_line(tmp_path, data_dir, capsys):
+    import xml.etree.ElementTree as ElementTree
+    from scripts import plot_curves
+    out = tmp_path / "run"
+    assert train.main(TINY_RUN + ["--data-dir", data_dir, "--out", str(out), "--steps", "2", "--eval-size", "2"]) == 0
+    assert not (out / "curve.svg").exists()  # train.py writes the table, not its plot
+    evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--eval-steps", "1,4"]
+    assert train.main(evaluate) == 0
+    assert plot_curves.main([str(out)]) == 0 and plot_curves.main([str(out / "eval.json")]) == 0
+    for name, steps in (("curve.svg", ["1", "2"]), ("eval-curve.svg", ["1", "4"])):
+        root = ElementTree.parse(out / name).getroot()
+        panels = [text.text for text in root.iter("{http://www.w3.org/2000/svg}text")][1:]
+        assert root.find("{http://www.w3.org/2000/svg}text").text == "recurrent_depth on sudoku"
+        assert [p for p in ("easy", "medium", "hard") if p in panels] == ["easy", "medium", "hard"]
+        lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+        assert len(lines) == 3 and all(len(line.get("points").split()) == 2 for line in lines), name
+        assert all(step in panels for step in steps) and "exact %" in panels
+    both = tmp_path / "figures" / "both.svg"
+    assert plot_curves.main([str(out), str(out / "eval.json"), "--out", str(both)]) == 0
+    titles = {line.find("{http://www.w3.org/2000/svg}title").text
+              for line in ElementTree.parse(both).getroot().findall("{http://www.w3.org/2000/svg}polyline")}
+    assert titles == {str(out), str(out / "eval.json")}  # one line per run given, in each test set's panel
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "rowless.json").write_text('{"rows": 3}')
+    (tmp_path / "empty").mkdir()
+    for given, message in ((tmp_path / "missing.json", "missing.json not found"),
+                           (tmp_path / "empty", "holds no results.json or eval.json"),
+                           ("/proc/self/mem", "mem cannot be read: Input/output error"),
+                           (tmp_path / "bad.json", "bad.json is not JSON"),
+                           (tmp_path / "rowless.json", "rowless.json is not a results.json or eval.json")):
+        assert plot_curves.main([str(given), "--out", str(tmp_path / "no.svg")]) == 2
+        _one_line_error(capsys, message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.json", "empty", "figures", "rowless.json", "run"]
+
+
+# ============================================================================= recurrent_depth.py
+TEXT = SimpleNamespace(name="text", vocab_size=13, seq_len=32)
+TINY = dict(d_model=32, n_heads=2, d_mlp=64, mean_recurrence=4, backprop_depth=2)
 
 
 @pytest.mark.parametrize("header", ["quizzes,solutions", "puzzle,solution", "question,answer",
@@ -2137,7 +2175,7 @@ def test_benchmark_figures_script_reads_the_table_and_costs_each_row_by_its_flag
 
 def test_restart_curve_script_averages_each_point_over_the_seeds_files_and_draws_one_line_per_pick(tmp_path, capsys):
     from scripts import restart_curve
-    mflop = train.FLOPS_COLUMN
+    mflop = restart_curve.FLOPS_COLUMN
 
     def rows(one, confidence, stopped):
         return {"rows": [

@@ -35,7 +35,6 @@ import time
 import typing
 import zlib
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
@@ -430,8 +429,18 @@ def evaluate_and_write(method, model, task, config, options, autocast_dtype, pat
         except (OSError, ValueError, AttributeError):
             print(f"warning: {path} cannot be read; the new evaluation replaces it", file=sys.stderr)
     write_json(path, record)
-    write_curve(rows, path.parent / ("curve.svg" if path.name == "results.json" else f"{path.stem}-curve.svg"),
-                f"{method.__name__} on {options.task}")
+
+
+def print_table(rows, title):
+    if not rows:
+        return
+    columns = list(dict.fromkeys(c for row in rows for c in row))  # every row's columns (restart rows add some)
+    cells = [[f"{row.get(c, ''):.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+             for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    for line in [columns, *cells]:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
 
 
 def choose_device_and_dtype(device_name, dtype_name):
@@ -972,7 +981,8 @@ def process_alive(pid):
     return True
 
 
-RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "curve.svg", "eval-curve.svg", "log.jsonl")
+# A run's files, and the curves scripts/plot_curves.py draws beside them (a new run removes the old run's plot too)
+RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "log.jsonl", "curve.svg", "eval-curve.svg")
 
 
 def check_run_folder(out, resume_path, overwrite):
@@ -1239,87 +1249,6 @@ def rank_states(model, device):
     states = [None] * ranks
     dist.all_gather_object(states, rng_state(device))
     return states
-
-
-# ---------------------------------------------------------------------------- plots and tables (SVG, standard library)
-STEP_COLUMN = "thinking steps"
-FLOPS_COLUMN = "test-time MFLOP per puzzle"  # Sudoku rows: the compute a puzzle's answer cost
-METRIC_COLUMNS = ("exact %", "accuracy %", "cond NLL/char", "bits/char", "NLL/token")
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-
-
-def curve_panels(rows, panel_column="test set", x_name=STEP_COLUMN):
-    """Table rows -> (y name, {panel: {line: [(x, y), ...]}}): y is the table's headline metric; rows whose x
-    is not a positive number (adaptive exit; step 0, which a log axis cannot show) are left out. Lines are
-    named by the remaining text columns (e.g. lvr's model)."""
-    y_name = next((c for c in METRIC_COLUMNS if rows and c in rows[0]), None)
-    panels = {}
-    for row in rows if y_name and x_name in rows[0] else ():
-        x, y = row.get(x_name), row.get(y_name)
-        if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and isinstance(y, (int, float)):
-            line = " ".join(str(v) for c, v in row.items() if isinstance(v, str) and c not in (x_name, panel_column))
-            panels.setdefault(str(row.get(panel_column, "")), {}).setdefault(line or y_name, []).append((x, y))
-    return y_name, panels
-
-
-def write_curve(rows, path, title, panel_column="test set", x_name=STEP_COLUMN):
-    """The table's metric against thinking steps (or the column x_name) as an SVG line chart per panel, log2
-    x axis; nothing is written for a table without those columns (e.g. a single-row baseline)."""
-    y_name, panels = curve_panels(rows, panel_column, x_name)
-    if not panels:
-        return
-    width, height, left, top, plot_w, plot_h = 360, 260, 56, 40, 288, 176
-    names = sorted({line for lines in panels.values() for line in lines})
-    points = [p for lines in panels.values() for line in lines.values() for p in line]
-    x_low, x_high = math.log2(min(x for x, _ in points)), math.log2(max(x for x, _ in points))
-    y_low = min(0.0, *(y for _, y in points))
-    y_high = 100.0 if y_name.endswith("%") else max(y for _, y in points)
-    x_span, y_span = max(x_high - x_low, 1e-9), max(y_high - y_low, 1e-9)
-    total_w, total_h = width * len(panels), height + 18 * len(names) + 10
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{total_h}" font-family="sans-serif" '
-           f'font-size="11"><rect width="{total_w}" height="{total_h}" fill="white"/>',
-           f'<text x="{total_w / 2}" y="16" text-anchor="middle" font-size="13">{escape(title)}</text>']
-    for index, (panel, lines) in enumerate(panels.items()):
-        x0 = index * width + left
-
-        def px(x):
-            return x0 + (math.log2(x) - x_low) / x_span * plot_w
-
-        def py(y):
-            return top + plot_h - (y - y_low) / y_span * plot_h
-
-        svg += [f'<text x="{x0 + plot_w / 2}" y="{top - 8}" text-anchor="middle">{escape(panel)}</text>',
-                f'<rect x="{x0}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>',
-                f'<text x="{x0 + plot_w / 2}" y="{top + plot_h + 30}" text-anchor="middle">{escape(x_name)} '
-                f'(log scale)</text>', f'<text x="{x0 - 40}" y="{top + plot_h / 2}" text-anchor="middle" '
-                f'transform="rotate(-90 {x0 - 40} {top + plot_h / 2})">{escape(y_name)}</text>']
-        stride = max(1, math.ceil((x_high - x_low + 1) / 8))  # at most about 8 labels on the axis
-        svg += [f'<text x="{px(2 ** tick):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{2 ** tick:g}</text>'
-                for tick in range(math.ceil(x_low - 1e-9), math.floor(x_high + 1e-9) + 1) if tick % stride == 0]
-        svg += [f'<text x="{x0 - 4}" y="{py(y_low + f * y_span) + 4:.1f}" text-anchor="end">'
-                f'{y_low + f * y_span:.3g}</text>' for f in (0, 0.25, 0.5, 0.75, 1)]
-        for name, line in sorted(lines.items()):
-            points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(line))
-            svg.append(f'<polyline fill="none" stroke="{COLOURS[names.index(name) % len(COLOURS)]}" '
-                       f'stroke-width="2" points="{points}"><title>{escape(name)}</title></polyline>')
-    for index, name in enumerate(names):  # the legend
-        y, colour = height + 8 + 18 * index, COLOURS[index % len(COLOURS)]
-        svg += [f'<line x1="{left}" y1="{y}" x2="{left + 24}" y2="{y}" stroke="{colour}" stroke-width="2"/>',
-                f'<text x="{left + 30}" y="{y + 4}">{escape(name)}</text>']
-    text = "\n".join(svg + ["</svg>"]) + "\n"
-    write_atomically(path, lambda file: file.write(text.encode()))
-
-
-def print_table(rows, title):
-    if not rows:
-        return
-    columns = list(dict.fromkeys(c for row in rows for c in row))  # every row's columns (restart rows add some)
-    cells = [[f"{row.get(c, ''):.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-             for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print(f"\n{title}")
-    for line in [columns, *cells]:
-        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
 
 
 # --------------------------------------------------------------------------------------------------------- entry point

@@ -2,9 +2,9 @@
 
     python scripts/benchmark.py [flags for every method]      (default --out runs/compare)
 
-Trains (or reuses) runs/compare/<row>/ for each COMPARED row with train.py, then writes runs/compare/results.json,
-table.md, curve.svg and curve-flops.svg. A row whose folder holds results is reused, one that holds only a
-checkpoint is resumed; --overwrite trains every row again.
+Trains (or reuses) runs/compare/<row>/ for each COMPARED row with train.py, draws its curve.svg, then writes
+runs/compare/results.json, table.md, curve.svg and curve-flops.svg. A row whose folder holds results is reused, one
+that holds only a checkpoint is resumed; --overwrite trains every row again.
 """
 import argparse
 import json
@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: train and the methods
 import train  # noqa: E402
-from train import FLOPS_COLUMN, STEP_COLUMN, UsageError  # noqa: E402
+from scripts.plot_curves import FLOPS_COLUMN, STEP_COLUMN, write_curve  # noqa: E402
+from train import UsageError  # noqa: E402
 
 # Every Sudoku method with its CPU default (unless the command line says otherwise), trained on the same
 # base set and evaluated on the same test puzzles; (row name, method, its own flags).
@@ -58,6 +59,8 @@ def run_all(argv):
             if status:
                 return status
         results[name] = json.loads((folder / "results.json").read_text())
+        if train.world()[0] == 0:  # each row's own curve, as scripts/plot_curves.py draws it
+            write_curve(results[name]["rows"], folder / "curve.svg", f"{name} on sudoku")
     if train.world()[0] != 0:
         return 0  # rank 0 writes the comparison
     train.write_json(compare / "results.json", results)
@@ -65,10 +68,10 @@ def run_all(argv):
     table = compare_table(points, results)
     train.write_atomically(compare / "table.md", lambda file: file.write(table.encode()))
     print("\n" + table)
-    train.write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
+    write_curve(points, compare / "curve.svg", "exact % against thinking steps", panel_column="difficulty")
     costed = [p for p in points if p.get(FLOPS_COLUMN) is not None]
-    train.write_curve(costed, compare / "curve-flops.svg", "exact % against test-time compute",
-                      panel_column="difficulty", x_name=FLOPS_COLUMN)
+    write_curve(costed, compare / "curve-flops.svg", "exact % against test-time compute",
+                panel_column="difficulty", x_name=FLOPS_COLUMN)
     print(f"wrote {compare / 'results.json'}, {compare / 'table.md'}, {compare / 'curve.svg'} and "
           f"{compare / 'curve-flops.svg'}")
     return 0

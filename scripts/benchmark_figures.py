@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))  # the repository root: train, lit, recurrent_dept
 import sudoku_data  # noqa: E402
 import train  # noqa: E402
 from scripts import benchmark  # noqa: E402
+from scripts.plot_curves import FLOPS_COLUMN, write_curve  # noqa: E402
 
 HEADER = "| test set | thinking steps | "
 
@@ -53,11 +54,11 @@ def main(argv=None):
     options = parser.parse_args(argv)
     points = read_table((ROOT / "docs" / "benchmark.md").read_text())
     for point in points:
-        point[train.FLOPS_COLUMN] = cost_per_puzzle(point["method"], point["thinking steps"])
+        point[FLOPS_COLUMN] = cost_per_puzzle(point["method"], point["thinking steps"])
     out = Path(options.out)
-    train.write_curve(points, out / "compare_curve.svg", "exact % against thinking steps", panel_column="difficulty")
-    train.write_curve(points, out / "compare_flops.svg", "exact % against test-time compute", panel_column="difficulty",
-                      x_name=train.FLOPS_COLUMN)
+    write_curve(points, out / "compare_curve.svg", "exact % against thinking steps", panel_column="difficulty")
+    write_curve(points, out / "compare_flops.svg", "exact % against test-time compute", panel_column="difficulty",
+                x_name=FLOPS_COLUMN)
     print(benchmark.compare_table(points, {}).splitlines()[-1])
     print(f"wrote {out / 'compare_curve.svg'} and {out / 'compare_flops.svg'}")
     return 0

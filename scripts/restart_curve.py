@@ -6,7 +6,8 @@ and without restarts (train.py --eval-only ... --out FOLDER writes FOLDER/eval.j
 Rows are grouped by test set, line and thinking steps: the line is "one trajectory", or "K restarts, picked by
 P", with "stopped by the head" where the run stopped trajectories at a threshold. The halting head's pick is left
 out (the docs' table gives it). Prints one markdown table (mean ± sd of exact % and the mean test-time MFLOP per
-puzzle over the files holding that point, n of them) and draws the means against MFLOP with train.py's curve writer.
+puzzle over the files holding that point, n of them) and draws the means against MFLOP with the curve writer of
+scripts/plot_curves.py.
 """
 import argparse
 import json
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train  # noqa: E402
+from scripts.plot_curves import FLOPS_COLUMN, write_curve  # noqa: E402
 
 LEFT_OUT = ("halting head",)  # picks not drawn
 SET_ORDER = ("easy", "medium", "hard", "extreme")  # then any other test set, by name
@@ -35,10 +36,10 @@ def read_points(paths) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise SystemExit(f"error: {path} is not an eval.json of train.py ({type(error).__name__}: {error})")
         for row in rows:
-            if row.get("picked by") in LEFT_OUT or train.FLOPS_COLUMN not in row:
+            if row.get("picked by") in LEFT_OUT or FLOPS_COLUMN not in row:
                 continue
             key = (row["test set"], line_name(row), int(row["thinking steps"]))
-            points.setdefault(key, []).append((row["exact %"], row[train.FLOPS_COLUMN]))
+            points.setdefault(key, []).append((row["exact %"], row[FLOPS_COLUMN]))
     return points
 
 
@@ -52,14 +53,14 @@ def summary_rows(points: dict) -> list[dict]:
         exact = [e for e, _ in values]
         rows.append({"test set": test_set, "line": line, "thinking steps": steps, "n": len(values),
                      "exact %": statistics.mean(exact), "sd": statistics.stdev(exact) if len(exact) > 1 else 0.0,
-                     train.FLOPS_COLUMN: statistics.mean(f for _, f in values)})
+                     FLOPS_COLUMN: statistics.mean(f for _, f in values)})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"| test set | line | thinking steps | {train.FLOPS_COLUMN} | exact %, mean ± sd | n |",
+    lines = [f"| test set | line | thinking steps | {FLOPS_COLUMN} | exact %, mean ± sd | n |",
              "| --- | --- | ---: | ---: | --- | ---: |"]
-    lines += [f"| {r['test set']} | {r['line']} | {r['thinking steps']} | {r[train.FLOPS_COLUMN]:,.0f} | "
+    lines += [f"| {r['test set']} | {r['line']} | {r['thinking steps']} | {r[FLOPS_COLUMN]:,.0f} | "
               f"{r['exact %']:.1f} ± {r['sd']:.1f} | {r['n']} |" for r in rows]
     return "\n".join(lines)
 
@@ -74,11 +75,11 @@ def main(argv=None):
         raise SystemExit("error: the files hold no rows with a test-time cost")
     print(markdown(rows))
     if options.out:
-        curve_rows = [{"test set": r["test set"], "line": r["line"], train.FLOPS_COLUMN: r[train.FLOPS_COLUMN],
+        curve_rows = [{"test set": r["test set"], "line": r["line"], FLOPS_COLUMN: r[FLOPS_COLUMN],
                        "exact %": r["exact %"]} for r in rows]
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
-        train.write_curve(curve_rows, Path(options.out), "exact % against test-time compute (mean over seeds)",
-                          x_name=train.FLOPS_COLUMN)
+        write_curve(curve_rows, Path(options.out), "exact % against test-time compute (mean over seeds)",
+                    x_name=FLOPS_COLUMN)
         print(f"wrote {options.out}")
     return 0
 
