@@ -11,9 +11,10 @@ Examples:
   python train.py --method recurrent_depth
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
   python train.py --method ltm --text-file input.txt
+  python scripts/plot_curves.py runs/recurrent_depth-sudoku   # its table against thinking steps: curve.svg
   python scripts/benchmark.py         # every Sudoku method on the same puzzles: runs/compare/
 Reading order: settings, the run (folder -> model -> train -> evaluate), the training loop, tasks, the command
-line, run-folder safety, the cost meter, torchrun, plots and tables, main.
+line, run-folder safety, the cost meter, torchrun, main.
 """
 import argparse
 import contextlib
@@ -239,13 +240,7 @@ def run(argv):
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         with contextlib.ExitStack() as held:
-            def take_folder():
-                try:
-                    out.mkdir(parents=True, exist_ok=True)
-                    held.enter_context(run_folder_lock(out))
-                except OSError as error:
-                    raise UsageError(f"--out {out}: {error.strerror or error}") from None
-            agreed(take_folder)
+            agreed(lambda: held.enter_context(run_folder_lock(out)))  # rank 0 makes the folder and locks it
             return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype)
     finally:
         for folder in created if rank == 0 else ():
@@ -264,10 +259,10 @@ def build(method, config, options, device, autocast_dtype, source):
         model = method.build_model(config, task).to(device)
     except (ValueError, FileNotFoundError, ArithmeticError) as error:
         raise UsageError(str(error)) from None
-    if source and "vocabulary" in source and source["vocabulary"] != getattr(task, "characters", None):
-        raise UsageError(f"--text-file {options.text_file} holds other characters than the text the checkpoint "
-                         f"was trained on, so its character ids would mean other characters")
     if source:
+        if source.get("vocabulary") not in (None, getattr(task, "characters", None)):  # a text checkpoint's ids
+            raise UsageError(f"--text-file {options.text_file} holds other characters than the text the checkpoint "
+                             f"was trained on, so its character ids would mean other characters")
         try:
             model.load_state_dict(source["model"])
         except RuntimeError as error:
@@ -312,7 +307,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         optimizer.register_step_post_hook(average.update)
     step = 0
     if resuming:
-        if average and "ema" not in checkpoint:
+        if average and not checkpoint.get("ema"):
             raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -333,17 +328,12 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
               f"trains faster here")
     cost = CostMeter(peak, ranks, checkpoint.get("cost") if resuming else None)
 
-    def checkpoint_state(step, rank_rngs):
-        state = {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, **rng_state(device), "cost": cost.state(), "data_files": files}
-        if rank_rngs:
-            state["rank_rngs"] = rank_rngs
-        if hasattr(task, "characters"):
-            state["vocabulary"] = task.characters  # a text checkpoint only fits a text with these characters
-        if average:
-            state["ema"] = average.state_dict()
-        return state
+    def checkpoint_state(step, rank_rngs):  # rank_rngs: every rank's random state under torchrun, else None
+        return {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, **rng_state(device), "rank_rngs": rank_rngs, "cost": cost.state(), "data_files": files,
+                "vocabulary": getattr(task, "characters", None),  # a text checkpoint fits only a text of these
+                "ema": average.state_dict() if average else None}
 
     check_evaluation(method, model, task, config, options, device, autocast_dtype)
     agreed(lambda: clear_run_folder(out, given.get("resume"), step))  # everything is checked: the old run can go
@@ -365,10 +355,9 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
 
 
 def check_evaluation(method, model, task, config, options, device, autocast_dtype):
-    """Run the evaluation once before training on two examples of each test set, with the thinking-step counts
-    it will run, so that a setting only the evaluation rejects stops the run now, not after all training. A
-    budget of over a thousand thinking steps is first estimated from its smallest count, and refused when the
-    evaluation would take more than a week. The model, its gradients and the random state are left as they were."""
+    """The evaluation once before training, on two examples of each test set with every thinking-step count it
+    will run: a setting only the evaluation rejects stops the run now. Over a thousand thinking steps are first
+    timed at the smallest count and refused past a week. The model, its gradients and random state stay as they were."""
     probe = copy.copy(task)
     probe.test_sets = {name: {key: value[:2] for key, value in batch.items()} for name, batch in task.test_sets.items()}
     steps = config.eval_steps
@@ -394,7 +383,7 @@ def check_evaluation(method, model, task, config, options, device, autocast_dtyp
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype):
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
     weights = "as trained"
-    if "ema" in checkpoint and not options.trained_weights:
+    if checkpoint.get("ema") and not options.trained_weights:
         print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
         model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
         weights = f"weight average (--ema {options.ema})"
@@ -449,11 +438,9 @@ def choose_device_and_dtype(device_name, dtype_name):
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if dtype_name != "auto":
-        return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
-    if device.type != "cuda":
-        return device, None
-    return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype_name == "auto":
+        dtype_name = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, None if dtype_name == "float32" else getattr(torch, dtype_name)
 
 
 # --------------------------------------------------------------------------------------------------- the training loop
@@ -485,17 +472,17 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
     log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
     progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True, disable=rank != 0)
     start, start_step, tokens = time.perf_counter(), step, 0
-    with StopRequests(optimizer, device) as stop, log, progress:
+    with StopRequests(optimizer) as stop, log, progress:
         try:
             while step < config.steps and not stop.requested:
-                stop.step_begins()
+                stop.rng_at_step_start = rng_state(device)  # what a stop inside this step must leave drawn again
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * lr_factor(step, config)
                 batch = with_example_seeds(task.train_batch(step, config.batch_size), options.seed, step)
                 tokens += next((v.numel() for v in batch.values() if not v.is_floating_point()), 0)  # cells, chars
                 # this rank's share on the device (the example seeds stay on the CPU: methods read them as ints)
-                batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True)
-                         for k, v in rank_slice(batch).items()}
+                batch = {k: v.chunk(ranks)[rank] for k, v in batch.items()}
+                batch = {k: v if k == "example_seed" else v.to(device, non_blocking=True) for k, v in batch.items()}
                 counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps  # by step: CostMeter
                 metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config,
                                                               autocast_dtype), counted)
@@ -507,7 +494,7 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                     raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
                                         f"--lr; stopped, {kept()}")
                 step += 1
-                stop.step_ends()
+                stop.rng_at_step_start, stop.updating = None, False
                 progress.update(1)
                 if step % options.log_every == 0 or step == config.steps:
                     steps, seconds = step - start_step, time.perf_counter() - start
@@ -515,8 +502,10 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                     write_log_line(log, progress, step, metrics, optimizer.param_groups[0]["lr"], cost.last)
                 if step % options.save_every == 0:
                     save(step)
-        except KeyboardInterrupt:
-            stop.stopped_inside_a_step()
+        except KeyboardInterrupt:  # a second stop, inside a step
+            stop.requested = True
+            if stop.rng_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
+                set_rng_state(stop.rng_at_step_start, device)
         finally:
             for hook in averaging_hooks:
                 hook.remove()
@@ -944,27 +933,31 @@ def check_writable(out):
 
 @contextlib.contextmanager
 def run_folder_lock(out):
-    """Hold out/lock, holding this process's id and host, while a run writes the folder. A lock left on this
-    host by a run whose process has ended is taken over; a live one, or one from another host (whose
-    process this host cannot see), refuses this run."""
+    """Make the run folder and hold out/lock, holding this process's id and host, while a run writes the folder.
+    A lock left on this host by a run whose process has ended is taken over; a live one, or one from another
+    host (whose process this host cannot see), refuses this run."""
     lock, mine = out / "lock", out / f"lock.{os.getpid()}.tmp"
-    mine.write_text(f"{os.getpid()} {socket.gethostname()}\n")
     try:
-        while True:
-            try:
-                os.link(mine, lock)  # atomic, and the lock never shows a half-written id
-                break
-            except FileExistsError:
-                if lock.is_dir():
-                    raise UsageError(f"{lock} is a folder, not a run's lock: remove it") from None
-                owner = lock.read_text().split() if lock.exists() else []
+        out.mkdir(parents=True, exist_ok=True)
+        mine.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            while True:
+                try:
+                    os.link(mine, lock)  # atomic, and the lock never shows a half-written id
+                    break
+                except FileExistsError:
+                    if lock.is_dir():
+                        raise UsageError(f"{lock} is a folder, not a run's lock: remove it") from None
+                    owner = lock.read_text().split() if lock.exists() else []
                 pid = int(owner[0]) if owner and owner[0].isdigit() else 0
                 if pid > 0 and (owner[1:] != [socket.gethostname()] or process_alive(pid)):
                     raise UsageError(f"{out} is in use by another run (process {pid} on {' '.join(owner[1:])}); "
-                                     f"wait for it, choose another --out, or delete {lock} if no run uses it") from None
+                                     f"wait for it, choose another --out, or delete {lock} if no run uses it")
                 lock.unlink(missing_ok=True)  # stale: its run has ended without releasing it
-    finally:
-        mine.unlink()
+        finally:
+            mine.unlink()
+    except OSError as error:
+        raise UsageError(f"--out {out}: {error.strerror or error}") from None
     try:
         yield
     finally:
@@ -1031,10 +1024,6 @@ def set_stop_handler(handler):
         return None
 
 
-def stop_at_once(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the run folder's lock is released on the way out
-
-
 class StopRequests:
     """Ctrl-C and SIGTERM while training. The first lets the step in flight finish, then the run saves and
     stops; a second stops inside the step: the checkpoint then holds the random state from the start of that
@@ -1042,8 +1031,8 @@ class StopRequests:
     was entered), nothing is saved and the last checkpoint stays. Under torchrun the ranks agree every step
     on whether to stop, so all stop after the same step."""
 
-    def __init__(self, optimizer, device):
-        self.device, self.requested, self.updating, self.state_at_step_start = device, False, False, None
+    def __init__(self, optimizer):
+        self.requested, self.updating, self.rng_at_step_start = False, False, None
         self.hook = optimizer.register_step_pre_hook(lambda *_: setattr(self, "updating", True))
 
     def __enter__(self):
@@ -1061,17 +1050,6 @@ class StopRequests:
         self.requested = True
         tqdm.write(f"{'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'}: saving after this step "
                    f"(Ctrl-C again to stop at once)")
-
-    def step_begins(self):
-        self.state_at_step_start = rng_state(self.device)
-
-    def step_ends(self):
-        self.state_at_step_start, self.updating = None, False
-
-    def stopped_inside_a_step(self):
-        self.requested = True
-        if self.state_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
-            set_rng_state(self.state_at_step_start, self.device)
 
 
 # ---------------------------------------------------------------------------------- cost meter: FLOPs, throughput, MFU
@@ -1190,12 +1168,6 @@ def agreed(work):
         raise UsageError(message[0])
 
 
-def rank_slice(batch):
-    """This rank's equal share of the global batch (all of it in a single process)."""
-    rank, ranks = world()
-    return {key: value.chunk(ranks)[rank] for key, value in batch.items()} if ranks > 1 else batch
-
-
 def average_gradients_over_ranks(model):
     """After every backward pass that reaches the model's parameters, replace each gradient by its mean over
     the ranks (one flat all-reduce at the end of the pass, as DDP does), so that the method's own clipping
@@ -1261,7 +1233,8 @@ def main(argv=None, entry=run):
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(hours=3))
     rank, ranks = world()
-    previous = set_stop_handler(stop_at_once)  # outside the loop (start-up, data, evaluation) a stop is immediate
+    # outside the loop (start-up, data, evaluation) a stop, SIGTERM as Ctrl-C, is immediate: KeyboardInterrupt
+    previous = set_stop_handler(signal.default_int_handler)
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
             status = entry(argv)
