@@ -1,7 +1,7 @@
 """The one entry point: python train.py --method <name> [--task ...] [--<config field> ...]
 
 train.py owns the loop, the learning-rate schedule, logging and checkpoints. Each method file owns
-its model, loss, thinking loop and training step, through five names:
+its model, loss, thinking loop and training step, through these names:
   TASKS, Config (dataclass; every field becomes a flag), GPU_CONFIG (overrides for --preset gpu),
   build_model(config, task), make_optimizer(model, config),
   train_step(model, optimizer, scaler, batch, step, config, autocast_dtype) -> dict of 0-dim tensors
@@ -48,7 +48,6 @@ from sudoku_data import write_atomically  # a temporary file, then a rename: nev
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
 SHARED_MNIST = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
-VISUAL_MISREAD_RATE = 0.05  # --task visual's default --misread-rate (docs/lit.md)
 # Run options every method shares (the method's Config supplies steps, batch size, lr, difficulty, ...).
 COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
                        log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
@@ -100,8 +99,8 @@ def settings(method, given, checkpoint, checkpoint_path=None):
         raise UsageError(f"invalid configuration: {error}") from None
     options.task = options.task or method.TASKS[0]
     check_combinations(method, options, config, given, resuming=bool(checkpoint))
-    if options.misread_rate is None:  # --task visual trains with misread givens unless told otherwise
-        options.misread_rate = VISUAL_MISREAD_RATE if options.task == "visual" else 0.0
+    if options.misread_rate is None:  # --task visual trains with misread givens unless told otherwise (docs/lit.md)
+        options.misread_rate = 0.05 if options.task == "visual" else 0.0
     return options, config
 
 
@@ -173,16 +172,14 @@ def check_combinations(method, options, config, given, resuming):
 
 
 # What --resume may change: where and how often it writes, the device and precision, how far it trains, and
-# what the final evaluation measures (the run options below and every Config field named eval_*).
+# what the final evaluation measures (the options below and every option or Config field named eval_*).
 RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every",
-                     "device", "dtype", "compile", "steps", "eval_size", "eval_steps", "eval_split", "eval_sets",
-                     "test_csv", "check_unique"}
+                     "device", "dtype", "compile", "steps", "test_csv", "check_unique"}
 
 
 def refuse_changed_settings(given, checkpoint):
-    """--resume continues a run exactly: a setting given on the command line that differs from the checkpoint's
-    and would change the training it continues is refused, named in one line; so is a run that ends before
-    the checkpoint's step (a data file that changed since the run began is refused once the task is built)."""
+    """--resume continues a run exactly: a changed setting that would change its training is refused in one line,
+    and so is a run that ends before the checkpoint's step (a changed data file: in train_and_evaluate)."""
     saved = {**checkpoint["run"], **checkpoint["config"]}
     for name, value in given.items():
         if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
@@ -345,10 +342,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         summary = {"training_flops": cost.flops_per_step() * step, "flops_per_step": cost.flops_per_step(),
                    "flops_counted_on_steps": cost.counted_steps, "peak_flops_per_s": peak, "ranks": ranks,
                    "device": str(device), **cost.last, **peak_memory(device)}
-        weights = f"weight average (--ema {options.ema})" if average else "as trained"
-        with average.applied() if average else contextlib.nullcontext():
-            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
-                               weights, summary)
+        evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "results.json", step,
+                           average and average.state_dict(), summary)
     if ranks > 1:
         dist.barrier()  # the other ranks wait for the evaluation
     return 0
@@ -382,25 +377,26 @@ def check_evaluation(method, model, task, config, options, device, autocast_dtyp
 
 def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype):
     task, model = build(method, config, options, device, autocast_dtype, checkpoint)
-    weights = "as trained"
-    if checkpoint.get("ema") and not options.trained_weights:
+    average = None if options.trained_weights else checkpoint.get("ema")
+    if average:
         print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
-        model.load_state_dict({k: v for k, v in checkpoint["ema"].items() if k != "updates"}, strict=False)
-        weights = f"weight average (--ema {options.ema})"
-    broken = next((name for name, value in model.state_dict().items()
-                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
-    if broken is not None:
-        raise UsageError(f"the checkpoint's {'weights' if weights == 'as trained' else 'weight average'} hold "
-                         f"non-finite values ({broken}): its run diverged; evaluate an earlier checkpoint")
     evaluate_and_write(method, model, task, config, options, autocast_dtype, Path(options.out) / "eval.json",
-                       checkpoint["step"], weights)
+                       checkpoint["step"], average)
     return 0
 
 
-def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, weights, cost=None):
-    """Evaluate, print the table and write it to path (results.json or eval.json) with what was evaluated:
-    the step, which weights, the seed, the test sets and their sizes. An eval.json already there is kept
-    under "earlier" in the new one."""
+def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, average=None, cost=None):
+    """Evaluate the model (holding the weight average `average` in place of its trained weights, when given),
+    print the table and write it to path (results.json or eval.json) with what was evaluated: the step, which
+    weights, the seed, the test sets and their sizes. An eval.json already there is kept under "earlier"."""
+    if average:
+        model.load_state_dict({k: v for k, v in average.items() if k != "updates"}, strict=False)
+    weights = f"weight average (--ema {options.ema})" if average else "as trained"
+    broken = next((name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise UsageError(f"the checkpoint's {'weight average' if average else 'weights'} hold non-finite values "
+                         f"({broken}): its run diverged; evaluate an earlier checkpoint")
     rows = method.evaluate(model, task, config, config.eval_steps, autocast_dtype)
     split = getattr(task, "eval_split", None)  # the generated Sudoku sets' split
     print_table(rows, f"{method.__name__} on {options.task}: evaluation" + (f" on the {split} split" if split else ""))
@@ -468,11 +464,13 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                                     f"{kept()}") from None
         saved.append(step)
 
-    averaging_hooks = average_gradients_over_ranks(model) if ranks > 1 else []
+    stop = StopRequests()
+    hooks = [optimizer.register_step_pre_hook(lambda *_: setattr(stop, "updating", True)),
+             *(average_gradients_over_ranks(model) if ranks > 1 else [])]
     log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
     progress = tqdm(total=config.steps, initial=step, desc=method.__name__, dynamic_ncols=True, disable=rank != 0)
     start, start_step, tokens = time.perf_counter(), step, 0
-    with StopRequests(optimizer) as stop, log, progress:
+    with stop_handler(stop), log, progress:
         try:
             while step < config.steps and not stop.requested:
                 stop.rng_at_step_start = rng_state(device)  # what a stop inside this step must leave drawn again
@@ -507,13 +505,13 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
             if stop.rng_at_step_start is not None:  # the unfinished step had drawn random numbers: undo that
                 set_rng_state(stop.rng_at_step_start, device)
         finally:
-            for hook in averaging_hooks:
+            for hook in hooks:
                 hook.remove()
         if stop.updating:  # the weights may be half updated: no checkpoint beats an inexact one
             print(f"interrupted while step {step + 1} updated the weights; not saved, {kept()}")
             return None
-        set_stop_handler(signal.SIG_IGN)  # no Ctrl-C stops the last save
-        save(step)
+        with stop_handler(signal.SIG_IGN):  # no Ctrl-C stops the last save
+            save(step)
     if stop.requested:
         print(f"interrupted at step {step}; checkpoint saved to {path} (continue with --resume)")
         return None
@@ -579,16 +577,6 @@ class WeightAverage:
     def load_state_dict(self, state):
         self.updates = int(state["updates"])
         torch._foreach_copy_(self.average, [state[name] for name in self.names])
-
-    @contextlib.contextmanager
-    def applied(self):
-        """The model holds the average inside the block, its trained weights again after it."""
-        trained = [weight.clone() for weight in self.weights]
-        torch._foreach_copy_(self.weights, self.average)
-        try:
-            yield
-        finally:
-            torch._foreach_copy_(self.weights, trained)
 
 
 def rng_state(device):
@@ -1015,36 +1003,32 @@ def logged_step(line):
         return None  # a line cut short by a crash
 
 
-def set_stop_handler(handler):
-    """signal.signal for Ctrl-C and SIGTERM (what timeout, job schedulers and docker stop send) alike,
-    returning the previous handlers; None outside the main thread (no change)."""
+@contextlib.contextmanager
+def stop_handler(handler):
+    """Inside the block, Ctrl-C and SIGTERM (what timeout, job schedulers and docker stop send) alike go to
+    handler (outside the main thread nothing changes)."""
     try:
-        return {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+        previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
-        return None
+        previous = {}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 class StopRequests:
-    """Ctrl-C and SIGTERM while training. The first lets the step in flight finish, then the run saves and
-    stops; a second stops inside the step: the checkpoint then holds the random state from the start of that
-    step, which --resume runs again, or, once the step has begun to update the weights (the optimizer's step
-    was entered), nothing is saved and the last checkpoint stays. Under torchrun the ranks agree every step
-    on whether to stop, so all stop after the same step."""
+    """The signal handler while training. The first Ctrl-C or SIGTERM lets the step in flight finish, then the
+    run saves and stops; a second stops inside the step: the checkpoint then holds the random state from the
+    start of that step, which --resume runs again, or, once the step has begun to update the weights (the
+    optimizer's step was entered: `updating`), nothing is saved and the last checkpoint stays. Under torchrun
+    the ranks agree every step on whether to stop, so all stop after the same step."""
 
-    def __init__(self, optimizer):
+    def __init__(self):
         self.requested, self.updating, self.rng_at_step_start = False, False, None
-        self.hook = optimizer.register_step_pre_hook(lambda *_: setattr(self, "updating", True))
 
-    def __enter__(self):
-        self.previous = set_stop_handler(self.handle)
-        return self
-
-    def __exit__(self, *exception):
-        self.hook.remove()
-        for number, handler in (self.previous or {}).items():
-            signal.signal(number, handler)
-
-    def handle(self, signum, frame):
+    def __call__(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -1233,10 +1217,9 @@ def main(argv=None, entry=run):
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(hours=3))
     rank, ranks = world()
-    # outside the loop (start-up, data, evaluation) a stop, SIGTERM as Ctrl-C, is immediate: KeyboardInterrupt
-    previous = set_stop_handler(signal.default_int_handler)
-    try:
-        with contextlib.redirect_stdout(sys.stdout if rank == 0 else open(os.devnull, "w")):  # rank 0 speaks
+    speaking = sys.stdout if rank == 0 else open(os.devnull, "w")  # rank 0 alone prints
+    try:  # outside the loop (start-up, data, evaluation) a stop, SIGTERM as Ctrl-C, is immediate: KeyboardInterrupt
+        with stop_handler(signal.default_int_handler), contextlib.redirect_stdout(speaking):
             status = entry(argv)
     except (UsageError, TrainingError) as error:
         if rank == 0:
@@ -1246,9 +1229,6 @@ def main(argv=None, entry=run):
         print("interrupted outside the training steps; checkpoints already written are kept, nothing else was saved",
               file=sys.stderr)
         status = 130
-    finally:
-        for number, handler in (previous or {}).items():
-            signal.signal(number, handler)
     if ranks > 1:
         dist.barrier()
         dist.destroy_process_group()
