@@ -25,6 +25,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -619,8 +620,7 @@ class TextTask:
         for set_name, set_parts in parts.items():
             # windows taken round-robin over the documents, so that the first few cover many of them
             columns = [part[:len(part) // window * window].reshape(-1, window) for part in set_parts]
-            rows = [column[i] for i in range(max((len(c) for c in columns), default=0))
-                    for column in columns if i < len(column)]
+            rows = [row for rows in itertools.zip_longest(*columns) for row in rows if row is not None]
             if rows:
                 self.test_sets[set_name] = {"tokens": torch.from_numpy(np.stack(rows[:eval_size]))}
         if len(documents) > 1 and (not self.train_parts or len(self.test_sets) < len(parts)):
@@ -690,15 +690,13 @@ def build_task(name, config, options):
     return vqa_data.VQATask(seed=options.seed, eval_size=options.eval_size)
 
 
-GENERATION_BYTES = 3_500  # memory a base-set puzzle takes while its set is generated, checked and cached
-
-
 def check_generation(difficulty, options):
     """Before a large generated base set is built (it is cached in --data-dir afterwards): refuse one that
     cannot fit in memory or would take more than a week, and say how long it takes (sudoku_data's estimate)."""
     if options.base_size < 10_000:
         return
-    needed, free = options.base_size * GENERATION_BYTES, available_memory(torch.device("cpu"))
+    needed = options.base_size * 3_500  # bytes a base-set puzzle takes while its set is generated, checked and cached
+    free = available_memory(torch.device("cpu"))
     if needed > free:
         raise UsageError(f"--base-size {options.base_size:,}: generating it needs about {needed / 2**30:,.1f} GiB, "
                          f"but {free / 2**30:,.1f} GiB are free")
@@ -752,6 +750,7 @@ def field_comments(config_class):
 
 
 RUN_FLAGS = (  # (flag, argparse keywords): the run options every method shares
+    ("--method", dict(required=True, help=f"one of: {', '.join(METHODS)}")),
     ("--task", dict(help="task (default: the method's first)")),
     ("--preset", dict(choices=("cpu", "gpu"), help="cpu: the Config defaults; gpu: GPU_CONFIG overrides")),
     ("--device", dict(choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")),
@@ -770,8 +769,7 @@ RUN_FLAGS = (  # (flag, argparse keywords): the run options every method shares
     ("--ema", dict(type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights with "
                    "this decay (TRM: 0.999); default 0: the weights as trained")),
     ("--trained-weights", dict(action="store_true", help="with --eval-only: evaluate the weights as trained, not "
-                               "the weight average the checkpoint holds")),
-)
+                               "the weight average the checkpoint holds")))
 DATA_FLAGS = (
     ("--eval-size", dict(type=int, help="held-out examples per test set (default 500)")),
     ("--eval-split", dict(choices=("test", "validation"), help="Sudoku: evaluate on the generated test sets "
@@ -793,20 +791,16 @@ DATA_FLAGS = (
     ("--test-csv", dict(action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of the "
                         "generated test sets, each named after its file (its first --eval-size puzzles)")),
     ("--check-unique", dict(action="store_true", help="refuse a CSV file in which a puzzle has more than one "
-                            "solution (lines named)")),
-)
+                            "solution (lines named)")))
 
 
 def build_parser(method=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog=None if method else "Use --method NAME --help for its options.")
-    group = parser.add_argument_group("run options")
-    group.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    for name, keywords in RUN_FLAGS:
-        group.add_argument(name, **keywords)
-    group = parser.add_argument_group("data options")
-    for name, keywords in DATA_FLAGS:
-        group.add_argument(name, **keywords)
+    for title, flags in (("run options", RUN_FLAGS), ("data options", DATA_FLAGS)):
+        group = parser.add_argument_group(title)
+        for name, keywords in flags:
+            group.add_argument(name, **keywords)
     if method is not None:
         group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
         defaults, types = method.Config(), typing.get_type_hints(method.Config)
@@ -1057,27 +1051,25 @@ ATTENTION_FLOPS = {
 
 
 def matmul_peak(device, dtype, seconds=0.2):
-    """FLOP/s of the fastest of a few square matmuls on `device` in `dtype`: the peak MFU is measured against."""
-    n = 4096 if device.type == "cuda" else 1024
+    """FLOP/s of the fastest of a few square matmuls on `device` in `dtype`: the peak MFU is measured against.
+    4096² on CUDA, 1024² on a CPU, 256² for a dtype the CPU has no fast kernel for (fp16: seconds a 1024²)."""
     generator = torch.Generator(device).manual_seed(0)  # its own: the run's random state stays untouched
-    if device.type == "cpu":  # a dtype this CPU has no fast kernel for (fp16: seconds a 1024² product): 256²
-        small = torch.randn(256, 256, device=device, dtype=dtype, generator=generator)
-        began = time.perf_counter()
-        small @ small
-        n = 256 if (time.perf_counter() - began) * 64 > seconds else n
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    times, start = [], time.perf_counter()
-    while True:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def product_seconds(n):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
+        sync()
         began = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-        elapsed = time.perf_counter() - start
-        if len(times) >= 4 and elapsed > seconds or elapsed > 5 * seconds:  # a slow dtype: one product
-            break
+        sync()
+        return time.perf_counter() - began
+
+    n = 4096 if device.type == "cuda" else 1024
+    if device.type == "cpu" and product_seconds(256) * 64 > seconds:
+        n = 256
+    times, start = [], time.perf_counter()  # at least 4 products and `seconds`; a slow dtype: 5 `seconds` at most
+    while len(times) < 4 and time.perf_counter() - start < 5 * seconds or time.perf_counter() - start < seconds:
+        times.append(product_seconds(n))
     return 2 * n ** 3 / min(times[1:] or times)  # the first is a warm-up
 
 
@@ -1139,14 +1131,13 @@ def world():
 
 def agreed(work):
     """work() on rank 0 while the others wait; a UsageError there is raised on every rank, so none waits forever."""
-    rank, ranks = world()
     message = [None]
-    if rank == 0:
+    if world()[0] == 0:
         try:
             work()
         except UsageError as error:
             message = [str(error)]
-    if ranks > 1:
+    if world()[1] > 1:
         dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
         raise UsageError(message[0])
