@@ -49,13 +49,41 @@ from sudoku_data import write_atomically  # a temporary file, then a rename: nev
 
 METHODS = ("recurrent_depth", "ltm", "lit", "lvr")
 SHARED_MNIST = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
-# Run options every method shares (the method's Config supplies steps, batch size, lr, difficulty, ...).
-COMMON_DEFAULTS = dict(task=None, preset="cpu", device="auto", dtype="auto", compile=False, seed=0, out=None,
-                       log_every=50, save_every=500, eval_size=500, base_size=1000, data_dir="data",
-                       mnist_dir=str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist", text_file=None,
-                       context_length=128, train_csv=(), train_size=None, test_csv=(), check_unique=False,
-                       ema=0.0, trained_weights=False, misread_rate=None, eval_split="test",
-                       eval_sets=("easy", "medium", "hard"))
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """The run options every method shares (its Config supplies steps, batch size, lr, difficulty, ...): like a
+    Config field, each is a flag whose help is its comment."""
+    task: str = None  # task (default: the method's first)
+    preset: str = "cpu"  # cpu: the Config defaults; gpu: GPU_CONFIG overrides
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = "auto"  # autocast dtype; auto: bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU
+    compile: bool = False  # torch.compile the model's forward (--no-compile: eager, e.g. without a C++ compiler)
+    seed: int = 0  # seed for data, initialisation and sampling
+    out: str = None  # run folder for log.jsonl, checkpoint.pt, results.json (default: runs/<method>-<task>)
+    log_every: int = 50  # steps between log lines
+    save_every: int = 500  # steps between checkpoints
+    ema: float = 0.0  # evaluate an exponential moving average of the weights with this decay (TRM: 0.999)
+    trained_weights: bool = False  # with --eval-only: the weights as trained, not the checkpoint's weight average
+    eval_size: int = 500  # held-out examples per test set
+    eval_split: str = "test"  # Sudoku: the generated test sets, or validation sets (another seed) to choose settings
+    eval_sets: tuple[str, ...] = ("easy", "medium", "hard")  # Sudoku: generated sets evaluated on (extreme: slow)
+    base_size: int = 1000  # generated Sudoku base puzzles that training augments
+    data_dir: str = "data"  # cache folder for generated data
+    mnist_dir: str = str(SHARED_MNIST) if SHARED_MNIST.exists() else "mnist"  # --task visual: MNIST IDX files
+    misread_rate: float = None  # --task visual: share of training givens shown as another digit (0.05; 0: none)
+    text_file: str = None  # --task text: a UTF-8 file or a folder of documents (default: Python's documentation)
+    context_length: int = 128  # --task text: characters per sequence
+    train_csv: tuple[str, ...] = ()  # Sudoku CSV file(s) to train on instead of the generated base set
+    train_size: int = None  # with --train-csv: train on its first N puzzles (TRM's Sudoku-Extreme protocol: 1000)
+    test_csv: tuple[str, ...] = ()  # Sudoku CSV file(s) to evaluate on instead of the generated test sets
+    check_unique: bool = False  # refuse a CSV file in which a puzzle has more than one solution (lines named)
+
+
+COMMON_DEFAULTS = dataclasses.asdict(RunOptions())
+CHOICES = dict(preset=("cpu", "gpu"), device=("auto", "cpu", "cuda"), dtype=("auto", "float32", "bfloat16", "float16"),
+               eval_split=("test", "validation"))
 POSITIVE = ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every",
             "context_length")
 
@@ -485,9 +513,11 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                 counted = (step + 1) % options.log_every == 0 or step + 1 == config.steps  # by step: CostMeter
                 metrics = cost.step(lambda: method.train_step(model, optimizer, scaler, batch, step, config,
                                                               autocast_dtype), counted)
-                if ranks > 1:
-                    metrics, stopped_elsewhere = average_over_ranks(metrics, stop.requested, device)
-                    stop.requested |= stopped_elsewhere
+                if ranks > 1:  # the metrics averaged over the ranks; a stop asked on any rank stops every rank
+                    values = torch.stack([*(v.detach().float().reshape(()).to(device) for v in metrics.values()),
+                                          torch.tensor(float(stop.requested), device=device)])
+                    dist.all_reduce(values)
+                    metrics, stop.requested = dict(zip(metrics, values[:-1] / ranks)), bool(values[-1] > 0)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     raise TrainingError(f"the loss is {loss} at step {step + 1}: training diverged, try a lower "
@@ -495,10 +525,16 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                 step += 1
                 stop.rng_at_step_start, stop.updating = None, False
                 progress.update(1)
-                if step % options.log_every == 0 or step == config.steps:
+                if step % options.log_every == 0 or step == config.steps:  # a line of log.jsonl
                     steps, seconds = step - start_step, time.perf_counter() - start
-                    cost.last = cost.fields(steps, steps * config.batch_size, tokens, seconds)
-                    write_log_line(log, progress, step, metrics, optimizer.param_groups[0]["lr"], cost.last)
+                    cost.last = last = cost.fields(steps, steps * config.batch_size, tokens, seconds)
+                    values = {k: float(v) for k, v in metrics.items()}
+                    logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
+                    log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged, **last},
+                                         allow_nan=False) + "\n")
+                    log.flush()
+                    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
+                                          "ex/s": f"{last['examples_per_s']:.0f}", "MFU": f"{last['mfu']:.1%}"})
                 if step % options.save_every == 0:
                     save(step)
         except KeyboardInterrupt:  # a second stop, inside a step
@@ -523,16 +559,6 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
               f"{cost.last['examples_per_s']:.1f} examples/s, {cost.flops_per_step():.3g} FLOPs/step, "
               f"MFU {cost.last['mfu']:.1%}{peak}")
     return step
-
-
-def write_log_line(log, progress, step, metrics, lr, cost_fields):
-    """A line of log.jsonl, and the progress bar's figures."""
-    values = {k: float(v) for k, v in metrics.items()}
-    logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
-    log.write(json.dumps({"step": step, "lr": lr, **logged, **cost_fields}, allow_nan=False) + "\n")
-    log.flush()
-    progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
-                          "ex/s": f"{cost_fields['examples_per_s']:.0f}", "MFU": f"{cost_fields['mfu']:.1%}"})
 
 
 def lr_factor(step, config):
@@ -728,88 +754,58 @@ class BooleanFlag(argparse.Action):
 
 
 def field_argument(kind):
-    """argparse keywords for a Config field: int, float, str, bool or tuple[int, ...]."""
+    """argparse keywords for a field: int, float, str, bool, or a tuple of ints or of strings (comma-separated;
+    a tuple of strings, such as files, also from the flag repeated)."""
     if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+
         def parse_list(text):
             try:
-                return tuple(int(part) for part in text.split(",") if part.strip())
+                return tuple(item(part.strip()) for part in text.split(",") if part.strip())
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        return dict(type=parse_list)
+        return dict(type=parse_list, action="append") if item is str else dict(type=parse_list)
     return dict(action=BooleanFlag) if kind is bool else dict(type=kind)
 
 
-@functools.cache  # inspect parses the whole method file to find a class: once per process
-def field_comments(config_class):
-    """{field: its trailing '# comment'} from the Config source, so --help explains every knob."""
+@functools.cache  # inspect parses the whole file to find a class: once per process
+def field_comments(fields_class):
+    """{field: its trailing '# comment'} from the dataclass source, so --help explains every knob."""
     try:
-        source = inspect.getsource(config_class)
+        source = inspect.getsource(fields_class)
     except OSError:
         return {}
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M))
 
 
-RUN_FLAGS = (  # (flag, argparse keywords): the run options every method shares
+ACTIONS = (  # what the command line does, besides the settings of the run
     ("--method", dict(required=True, help=f"one of: {', '.join(METHODS)}")),
-    ("--task", dict(help="task (default: the method's first)")),
-    ("--preset", dict(choices=("cpu", "gpu"), help="cpu: the Config defaults; gpu: GPU_CONFIG overrides")),
-    ("--device", dict(choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")),
-    ("--dtype", dict(choices=("auto", "float32", "bfloat16", "float16"), help="autocast dtype; auto: bf16 on CUDA "
-                     "where supported, else fp16 + GradScaler; fp32 on CPU")),
-    ("--compile", dict(action=BooleanFlag, help="torch.compile the model's forward (--no-compile: eager, e.g. for "
-                       "every row of scripts/benchmark.py on a machine without a C++ compiler)")),
-    ("--seed", dict(type=int, help="seed for data, initialisation and sampling (default 0)")),
-    ("--out", dict(help="run folder for log.jsonl, checkpoint.pt, results.json (default runs/<method>-<task>)")),
     ("--resume", dict(metavar="PATH", help="continue a run from its checkpoint (written next to it unless --out)")),
     ("--overwrite", dict(action="store_true", help="start again in a run folder that already holds a run")),
     ("--init-from", dict(metavar="PATH", help="load model weights only (fresh optimizer and step count)")),
-    ("--eval-only", dict(metavar="PATH", help="evaluate a checkpoint and exit (eval.json next to it unless --out)")),
-    ("--log-every", dict(type=int, help="steps between log lines (default 50)")),
-    ("--save-every", dict(type=int, help="steps between checkpoints (default 500)")),
-    ("--ema", dict(type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights with "
-                   "this decay (TRM: 0.999); default 0: the weights as trained")),
-    ("--trained-weights", dict(action="store_true", help="with --eval-only: evaluate the weights as trained, not "
-                               "the weight average the checkpoint holds")))
-DATA_FLAGS = (
-    ("--eval-size", dict(type=int, help="held-out examples per test set (default 500)")),
-    ("--eval-split", dict(choices=("test", "validation"), help="Sudoku: evaluate on the generated test sets "
-                          "(default) or on validation sets from another seed stream, to choose settings")),
-    ("--eval-sets", dict(metavar="PRESETS", help="Sudoku: the generated sets evaluated on, comma-separated "
-                         "(default easy,medium,hard; extreme is opt-in: minutes to generate, once)")),
-    ("--base-size", dict(type=int, help="generated Sudoku base puzzles that training augments (default 1000)")),
-    ("--data-dir", dict(help="cache folder for generated data (default ./data)")),
-    ("--mnist-dir", dict(help=f"--task visual: MNIST IDX files (default {COMMON_DEFAULTS['mnist_dir']})")),
-    ("--misread-rate", dict(type=float, help="--task visual: share of training givens shown as the image of "
-                            "another digit, the target unchanged (default 0.05; 0 turns it off)")),
-    ("--text-file", dict(help="--task text: a UTF-8 file, or a folder whose files are the documents (default: "
-                         "the documentation topics that ship with Python)")),
-    ("--context-length", dict(type=int, help="--task text: characters per sequence (default 128)")),
-    ("--train-csv", dict(action="append", metavar="FILE", help="Sudoku CSV file(s) to train on instead of the "
-                         "generated base set (repeat the flag or separate with commas)")),
-    ("--train-size", dict(type=int, metavar="N", help="with --train-csv: train on the first N puzzles of the "
-                          "file(s) (TRM's Sudoku-Extreme protocol: 1000); only those rows are read")),
-    ("--test-csv", dict(action="append", metavar="FILE", help="Sudoku CSV file(s) to evaluate on instead of the "
-                        "generated test sets, each named after its file (its first --eval-size puzzles)")),
-    ("--check-unique", dict(action="store_true", help="refuse a CSV file in which a puzzle has more than one "
-                            "solution (lines named)")))
+    ("--eval-only", dict(metavar="PATH", help="evaluate a checkpoint and exit (eval.json next to it unless --out)")))
 
 
 def build_parser(method=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog=None if method else "Use --method NAME --help for its options.")
-    for title, flags in (("run options", RUN_FLAGS), ("data options", DATA_FLAGS)):
-        group = parser.add_argument_group(title)
-        for name, keywords in flags:
-            group.add_argument(name, **keywords)
+    group = parser.add_argument_group("run options")
+    for name, keywords in ACTIONS:
+        group.add_argument(name, **keywords)
+    add_fields(group, RunOptions)
     if method is not None:
-        group = parser.add_argument_group(f"{method.__name__} options (Config fields)")
-        defaults, types = method.Config(), typing.get_type_hints(method.Config)
-        comments = field_comments(method.Config)
-        for field in dataclasses.fields(method.Config):
-            help = f"{comments.get(field.name, '')} (default: {shown(getattr(defaults, field.name))})"
-            group.add_argument(flag(field.name), dest=field.name, help=help.lstrip().replace("%", "%%"),
-                               **field_argument(types[field.name]))
+        add_fields(parser.add_argument_group(f"{method.__name__} options (Config fields)"), method.Config)
     return parser
+
+
+def add_fields(group, fields_class):
+    """Every field of the dataclass as a flag: its trailing comment is the help, its default added."""
+    defaults, types, comments = fields_class(), typing.get_type_hints(fields_class), field_comments(fields_class)
+    for field in dataclasses.fields(fields_class):
+        default = getattr(defaults, field.name)
+        help = comments.get(field.name, "") + ("" if default is None else f" (default: {shown(default)})")
+        group.add_argument(flag(field.name), dest=field.name, help=help.lstrip().replace("%", "%%"),
+                           choices=CHOICES.get(field.name), **field_argument(types[field.name]))
 
 
 def parse(argv):
@@ -827,11 +823,9 @@ def parse(argv):
     for name in POSITIVE:
         if name in given and given[name] < 1:
             raise UsageError(f"{flag(name)} must be a positive integer, got {given[name]}")
-    for name in ("train_csv", "test_csv"):
+    for name in ("train_csv", "test_csv", "eval_sets"):  # the flag given once or more: one list
         if name in given:
-            given[name] = [path for value in given[name] for path in value.split(",") if path]
-    if "eval_sets" in given:
-        given["eval_sets"] = [name.strip() for name in given["eval_sets"].split(",") if name.strip()]
+            given[name] = [item for items in given[name] for item in items]
     if "resume" in given and "eval_only" in given:
         raise UsageError("--resume continues a run and --eval-only evaluates one: give one of them")
     if "init_from" in given and ("resume" in given or "eval_only" in given):
@@ -1171,15 +1165,6 @@ def average_gradients_over_ranks(model):
             torch.autograd.Variable._execution_engine.queue_callback(all_reduce_gradients)
 
     return [p.register_post_accumulate_grad_hook(queue) for p in parameters]
-
-
-def average_over_ranks(metrics, stop, device):
-    """The step's metrics averaged over the ranks, and whether any rank was asked to stop (Ctrl-C)."""
-    values = torch.stack([*(v.detach().float().reshape(()).to(device) for v in metrics.values()),
-                          torch.tensor(float(stop), device=device)])
-    dist.all_reduce(values)
-    values[:-1] /= dist.get_world_size()
-    return dict(zip(metrics, values[:-1])), bool(values[-1] > 0)
 
 
 def rank_states(model, device):
