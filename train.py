@@ -357,7 +357,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     def checkpoint_state(step, rank_rngs):  # rank_rngs: every rank's random state under torchrun, else None
         return {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, **rng_state(device), "rank_rngs": rank_rngs, "cost": cost.state(), "data_files": files,
+                "step": step, **rng_state(device), "rank_rngs": rank_rngs, "data_files": files,
+                "cost": {"counted_flops": cost.counted_flops, "counted_steps": cost.counted_steps},
                 "vocabulary": getattr(task, "characters", None),  # a text checkpoint fits only a text of these
                 "ema": average.state_dict() if average else None}
 
@@ -458,8 +459,7 @@ def print_table(rows, title):
 
 
 def choose_device_and_dtype(device_name, dtype_name):
-    """(device, autocast dtype or None); auto: CUDA with bf16 (fp16 where bf16 is missing) when available, else
-    the CPU in float32."""
+    """(device, autocast dtype or None); auto: CUDA in bf16 (else fp16) when available, the CPU in float32 otherwise."""
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -841,9 +841,8 @@ def available_memory(device):
 
 
 def check_fits(method, config, task, device):
-    """Refuse, before anything is allocated, a model or batch that cannot fit: the parameters (counted on the
-    meta device, which allocates nothing) with their gradients and AdamW's two moments, plus one training
-    batch, against the free memory. A lower bound (activations come on top): what passes may still not fit."""
+    """Refuse a model or batch that cannot fit, before anything is allocated: the parameters (counted on the meta
+    device) with their gradients and AdamW's two moments, plus a batch; a lower bound (activations come on top)."""
     free, numpy_state = available_memory(device), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the real build draws the same numbers
@@ -970,8 +969,8 @@ def resuming_here(out, resume_path):
 
 
 def clear_run_folder(out, resume_path, step):
-    """Just before the first step: remove what --overwrite replaces and what a crash left behind.
-    Called with the folder locked and check_run_folder passed; step is the step training starts from."""
+    """Just before the first step (step), with the folder locked: remove what --overwrite replaces and what a
+    crash left behind."""
     here = resuming_here(out, resume_path)
     for name in RUN_FILES:
         for temporary in out.glob(f"{name}.*.tmp"):  # left by a run killed while saving
@@ -993,8 +992,8 @@ def logged_step(line):
 
 @contextlib.contextmanager
 def stop_handler(handler):
-    """Inside the block, Ctrl-C and SIGTERM (what timeout, job schedulers and docker stop send) alike go to
-    handler (outside the main thread nothing changes)."""
+    """Ctrl-C and SIGTERM (sent by timeout, job schedulers, docker stop) go to handler inside the block (in the main
+    thread)."""
     try:
         previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:
@@ -1082,9 +1081,6 @@ class CostMeter:
         self.counted_here, self.counted_seconds = 0, 0.0  # the steps counted since this process began, their time
         self.last = {}  # the latest log line's cost fields
 
-    def state(self):
-        return {"counted_flops": self.counted_flops, "counted_steps": self.counted_steps}
-
     def flops_per_step(self):
         return self.counted_flops / max(1, self.counted_steps)
 
@@ -1168,8 +1164,7 @@ def average_gradients_over_ranks(model):
 
 
 def rank_states(model, device):
-    """Every rank's random state, gathered for a checkpoint (None in a single process), after checking
-    that the ranks hold the same weights."""
+    """Every rank's random state for a checkpoint (None in one process), once the ranks' weights are checked equal."""
     rank, ranks = world()
     if ranks == 1:
         return None
@@ -1185,8 +1180,8 @@ def rank_states(model, device):
 
 # --------------------------------------------------------------------------------------------------------- entry point
 def main(argv=None, entry=run):
-    """entry(argv) (run: train or evaluate one method) as a command: torchrun's process group, Ctrl-C and SIGTERM,
-    one-line errors; returns the exit status."""
+    """entry(argv) (run: train or evaluate a method) as a command, with torchrun's process group, Ctrl-C and SIGTERM
+    and one-line errors; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
         # the other ranks wait while rank 0 evaluates: a long timeout
