@@ -1381,8 +1381,9 @@ def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_pr
                    "--test-csv", str(public), "--out", str(tmp_path / "run")])
     options, values = checked[-1]
     settings = {**vars(options), **values}
-    for name in ("no_imagination", "segment_steps", "difficulty", "base_size", "ema"):
+    for name in ("imagination_weight", "ema_teacher", "segment_steps", "difficulty", "base_size", "ema"):
         assert settings[name] == recipe[name], name
+    assert not settings["no_imagination"]  # LIT, as the recipe
     assert set(recipe["eval_steps"]) < set(settings["eval_steps"]) and options.train_size == 10
     assert settings["restarts"] > 1 and settings["restart_noise"] > 0
     assert settings["halt_weight"] > 0 and 0 < settings["halt_threshold"] < 1  # trained with its head, stopped by it
@@ -1392,8 +1393,8 @@ def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_pr
     assert checked[-1][0].ema == 0  # the command line still wins over the preset's run options
     config = lit.Config(**values)
     with torch.device("meta"):
-        gpu, cpu = (sum(p.numel() for p in lit.build_model(c, SimpleNamespace(name="sudoku")).parameters())
-                    for c in (config, lit.Config(**{k: v for k, v in recipe.items() if k in values})))
+        gpu, cpu = (sum(p.numel() for p in lit.build_model(c, SimpleNamespace(name="sudoku")).parameters()
+                        if p.requires_grad) for c in (config, lit.Config(**{k: v for k, v in recipe.items() if k in values})))
     assert 20 < gpu / cpu < 40 and gpu < 5e6  # scaled up, still below TRM's 5M
 
 
@@ -1710,7 +1711,7 @@ def test_benchmark_names_a_run_line_and_one_line_per_restart_pick(tmp_path):
         ("lit recipe, 8 restarts picked by oracle verifier", 70.0)]
     assert [benchmark.COMPARED[i][0] for i in range(len(benchmark.COMPARED))] == [
         "recurrent_depth", "lit", "lit --no-imagination", "lit observation-space recursion",
-        "lit --no-imagination recipe"]  # the folder names runs/compare/<row> derive from these
+        "lit recipe"]  # the folder names runs/compare/<row> derive from these
 
 
 def test_benchmark_trains_every_sudoku_method_then_writes_one_table_and_plot(tmp_path, data_dir, capsys):
@@ -5360,7 +5361,7 @@ def test_lit_gpu_preset_builds_at_its_size_and_its_head_stops_nothing_at_init():
     (h = σ(−5) < τ: no trajectory stops), its restarts are noised, and one training step at T = 16, k = 2 runs."""
     values = {k: v for k, v in lit.GPU_CONFIG.items() if k not in train.COMMON_DEFAULTS}
     full = lit.build_model(lit.Config(**values), LitFakeTask("sudoku"))
-    assert round(sum(p.numel() for p in full.parameters()) / 1e6, 1) == 3.2
+    assert round(sum(p.numel() for p in full.parameters() if p.requires_grad) / 1e6, 1) == 3.2  # the EMA copy aside
     config = lit.Config(**{**values, "d_model": 16, "n_heads": 2, "n_layers": 1, "eval_batch_size": 32})
     torch.manual_seed(0)
     model = lit.build_model(config, LitFakeTask("sudoku"))
@@ -5370,7 +5371,8 @@ def test_lit_gpu_preset_builds_at_its_size_and_its_head_stops_nothing_at_init():
     assert (thoughts.steps == 3).all() and thoughts.steps.shape == (16, 2)
     assert not torch.allclose(thoughts.logits[0][1:], thoughts.logits[0][:1].expand(15, -1, -1, -1), atol=1e-3)
     out = lit.train_step(model, lit.make_optimizer(model, config), lit_no_scaler(), batch, 0, config, None)
-    assert out["halt_bce"].item() == pytest.approx(math.log1p(math.exp(-5)), rel=1e-3) and out["imagination"] == 0
+    assert out["halt_bce"].item() == pytest.approx(math.log1p(math.exp(-5)), rel=1e-3)
+    assert out["imagination"] > 0 and config.ema_teacher == 0.999  # LIT with its EMA teacher, not the ablation
 
 
 def test_lit_ema_teacher_update_by_hand():
