@@ -316,6 +316,24 @@ def generation_cost(difficulty, n, workers=None):
     return _SECONDS_PER_PUZZLE[difficulty] * n / parallel, n * BYTES_PER_PUZZLE
 
 
+def check_generation(difficulty, n, data_dir="data"):
+    """Before a base set of n puzzles of a preset or a TRAINING_MIXES mix is generated (10,000 or more; smaller
+    ones are quick): ValueError for one that cannot fit in free memory or would take more than a week here, else
+    its time (generation_cost's estimate) printed."""
+    if n < 10_000:
+        return
+    needed, free = n * 3_500, available_memory()  # bytes a puzzle takes while its set is generated, checked and cached
+    if needed > free:
+        raise ValueError(f"generating it needs about {needed / 2**30:,.1f} GiB, but {free / 2**30:,.1f} GiB are free")
+    presets = TRAINING_MIXES.get(difficulty, (difficulty,))
+    seconds = sum(generation_cost(preset, -(-n // len(presets)))[0] for preset in presets)
+    if seconds > 7 * 86_400:
+        raise ValueError(f"generating it would take about {seconds / 86_400:,.0f} days here; ask for fewer puzzles "
+                         f"or train on CSV files")
+    print(f"a base set of {n:,} {difficulty} puzzles: generating it takes about {seconds / 60:,.0f} min here, once "
+          f"(then it is read from {data_dir})")
+
+
 STOPS = {signal.SIGINT, signal.SIGTERM}
 
 

@@ -513,6 +513,22 @@ def test_generation_estimates_its_cost_and_refuses_a_size_beyond_memory_in_one_l
     assert 0.1 < (time.perf_counter() - started) / seconds < 10  # the estimate is the time it takes, roughly
 
 
+def test_a_large_base_set_is_refused_beyond_memory_or_a_week_and_announced_otherwise(monkeypatch, capsys):
+    assert sudoku_data.check_generation("easy", 9_999) is None and capsys.readouterr().out == ""  # quick: unchecked
+    monkeypatch.setattr(sudoku_data, "available_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match=r"^generating it needs about 3\.3 GiB, but 1\.0 GiB are free$"):
+        sudoku_data.check_generation("easy", 1_000_000)
+    monkeypatch.setattr(sudoku_data, "available_memory", lambda: 2**40)
+    monkeypatch.setitem(sudoku_data._SECONDS_PER_PUZZLE, "medium", 1.0)  # one second a puzzle, per core
+    monkeypatch.setitem(sudoku_data._SECONDS_PER_PUZZLE, "hard", 1.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"would take about 12 days here"):  # 1,000,000 s: 500,000 a preset
+        sudoku_data.check_generation("harder", 1_000_000)
+    sudoku_data.check_generation("harder", 10_000, data_dir="cache")
+    assert capsys.readouterr().out == ("a base set of 10,000 harder puzzles: generating it takes about 167 min here, "
+                                       "once (then it is read from cache)\n")
+
+
 def _child_processes(pid):
     """The live (not zombie) processes whose parent is pid, read from /proc."""
     children = []

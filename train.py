@@ -698,8 +698,11 @@ class TextTask:
 def build_task(name, config, options):
     """The task named by --task, from the data scripts (or the text task above)."""
     if name in ("sudoku", "visual"):
-        if not options.train_csv:
-            check_generation(config.difficulty, options)
+        if not options.train_csv:  # a large generated base set: refused or its time announced before it is built
+            try:
+                sudoku_data.check_generation(config.difficulty, options.base_size, options.data_dir)
+            except ValueError as error:
+                raise UsageError(f"--base-size {options.base_size:,}: {error}") from None
         sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
                      data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
                      test_files=tuple(options.test_csv), check_unique=options.check_unique,
@@ -714,25 +717,6 @@ def build_task(name, config, options):
         return TextTask(options.text_file, options.context_length, options.seed, options.eval_size)
     import vqa_data
     return vqa_data.VQATask(seed=options.seed, eval_size=options.eval_size)
-
-
-def check_generation(difficulty, options):
-    """Before a large generated base set is built (it is cached in --data-dir afterwards): refuse one that
-    cannot fit in memory or would take more than a week, and say how long it takes (sudoku_data's estimate)."""
-    if options.base_size < 10_000:
-        return
-    needed = options.base_size * 3_500  # bytes a base-set puzzle takes while its set is generated, checked and cached
-    free = available_memory(torch.device("cpu"))
-    if needed > free:
-        raise UsageError(f"--base-size {options.base_size:,}: generating it needs about {needed / 2**30:,.1f} GiB, "
-                         f"but {free / 2**30:,.1f} GiB are free")
-    presets = sudoku_data.TRAINING_MIXES.get(difficulty, (difficulty,))
-    seconds = sum(sudoku_data.generation_cost(preset, -(-options.base_size // len(presets)))[0] for preset in presets)
-    if seconds > 7 * 86_400:
-        raise UsageError(f"--base-size {options.base_size:,}: generating it would take about {seconds / 86_400:,.0f} "
-                         f"days here; give a smaller --base-size or --train-csv files")
-    print(f"--base-size {options.base_size:,}: generating the base set takes about {seconds / 60:,.0f} min here, "
-          f"once (then it is read from {options.data_dir})")
 
 
 # -------------------------------------------------------------------------------------------------------- command line
@@ -835,15 +819,11 @@ def parse(argv):
     return method, given
 
 
-def available_memory(device):
-    """Bytes free for this run: the device's free memory on CUDA, the machine's available memory otherwise."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else sudoku_data.available_memory()
-
-
 def check_fits(method, config, task, device):
     """Refuse a model or batch that cannot fit, before anything is allocated: the parameters (counted on the meta
     device) with their gradients and AdamW's two moments, plus a batch; a lower bound (activations come on top)."""
-    free, numpy_state = available_memory(device), np.random.get_state()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else sudoku_data.available_memory()
+    numpy_state = np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the real build draws the same numbers
             parameters = sum(p.numel() for p in method.build_model(config, task).parameters())
