@@ -1831,10 +1831,10 @@ def test_clearing_a_run_folder_removes_the_run_files_and_leftovers_and_nothing_e
             (tmp_path / f"{name}.abc.tmp").write_text("half")
         (tmp_path / "notes.txt").write_text("mine")
     fill()
-    train.clear_run_folder(tmp_path, None, 0)  # --overwrite, or a new run
+    train.clear_run_folder(tmp_path, False, 0)  # --overwrite, or a new run
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
     fill()
-    train.clear_run_folder(tmp_path, str(tmp_path / "checkpoint.pt"), 2)  # resuming here at step 2
+    train.clear_run_folder(tmp_path, True, 2)  # resuming here at step 2
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([*run_files, "notes.txt"])
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 2}\n'  # the line after the checkpoint goes
 

@@ -13,8 +13,7 @@ Examples:
   python train.py --method ltm --text-file input.txt
   python scripts/plot_curves.py runs/recurrent_depth-sudoku   # its table against thinking steps: curve.svg
   python scripts/benchmark.py         # every Sudoku method on the same puzzles: runs/compare/
-Reading order: settings, the run (folder -> model -> train -> evaluate), the training loop, tasks, the command
-line, run-folder safety, the cost meter, torchrun, main.
+Safety, cost and torchrun in detail: docs/engineering.md.
 """
 import argparse
 import contextlib
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.benchmark
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
@@ -262,11 +262,16 @@ def run(argv):
     check_writable(out)
     options.out = str(out)
     if "eval_only" in given:
-        return evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype) if rank == 0 else 0
+        if rank == 0:
+            task, model = build(method, config, options, device, autocast_dtype, checkpoint)
+            average = None if options.trained_weights else checkpoint.get("ema")  # the weight average, if any
+            evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json",
+                               checkpoint["step"], average)
+        return 0
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
-        with contextlib.ExitStack() as held:
-            agreed(lambda: held.enter_context(run_folder_lock(out)))  # rank 0 makes the folder and locks it
+        with contextlib.ExitStack() as held:  # rank 0 makes the folder and locks it
+            agreed(lambda: held.enter_context(run_folder_lock(out, resuming_here(out, given), "overwrite" in given)))
             return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype)
     finally:
         for folder in created if rank == 0 else ():
@@ -306,10 +311,9 @@ def build(method, config, options, device, autocast_dtype, source):
 
 def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype):
     """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
-    out, resuming = Path(options.out), "resume" in given
+    out, resuming, here = Path(options.out), "resume" in given, resuming_here(Path(options.out), given)
     rank, ranks = world()
     source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
-    agreed(lambda: check_run_folder(out, given.get("resume"), given.get("overwrite", False)))
     task, model = build(method, config, options, device, autocast_dtype, source)
     files = data_files(options)
     for path, recorded in checkpoint.get("data_files", {}).items() if resuming else ():
@@ -363,7 +367,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
                 "ema": average.state_dict() if average else None}
 
     check_evaluation(method, model, task, config, options, device, autocast_dtype)
-    agreed(lambda: clear_run_folder(out, given.get("resume"), step))  # everything is checked: the old run can go
+    agreed(lambda: clear_run_folder(out, here, step))  # everything is checked: the old run can go
     step = train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, step,
                  checkpoint_state, cost)
     if step is None:
@@ -405,23 +409,14 @@ def check_evaluation(method, model, task, config, options, device, autocast_dtyp
     model.zero_grad(set_to_none=True)
 
 
-def evaluate_checkpoint(method, checkpoint, config, options, device, autocast_dtype):
-    task, model = build(method, config, options, device, autocast_dtype, checkpoint)
-    average = None if options.trained_weights else checkpoint.get("ema")
-    if average:
-        print(f"evaluating the weight average (--ema {options.ema}) the checkpoint holds")
-    evaluate_and_write(method, model, task, config, options, autocast_dtype, Path(options.out) / "eval.json",
-                       checkpoint["step"], average)
-    return 0
-
-
 def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, average=None, cost=None):
     """Evaluate the model (holding the weight average `average` in place of its trained weights, when given),
     print the table and write it to path (results.json or eval.json) with what was evaluated: the step, which
     weights, the seed, the test sets and their sizes. An eval.json already there is kept under "earlier"."""
-    if average:
-        model.load_state_dict({k: v for k, v in average.items() if k != "updates"}, strict=False)
     weights = f"weight average (--ema {options.ema})" if average else "as trained"
+    if average:
+        print(f"evaluating the {weights}")
+        model.load_state_dict({k: v for k, v in average.items() if k != "updates"}, strict=False)
     broken = next((name for name, value in model.state_dict().items()
                    if value.is_floating_point() and not torch.isfinite(value).all()), None)
     if broken is not None:
@@ -887,10 +882,12 @@ def check_writable(out):
 
 
 @contextlib.contextmanager
-def run_folder_lock(out):
+def run_folder_lock(out, here=False, overwrite=False):
     """Make the run folder and hold out/lock, holding this process's id and host, while a run writes the folder.
     A lock left on this host by a run whose process has ended is taken over; a live one, or one from another
-    host (whose process this host cannot see), refuses this run."""
+    host (whose process this host cannot see), refuses this run, and so does a run already in the folder that
+    the user did not name (here: it is resumed in its folder; --overwrite clears the folder only once the new
+    run has been built and checked)."""
     lock, mine = out / "lock", out / f"lock.{os.getpid()}.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -914,6 +911,11 @@ def run_folder_lock(out):
     except OSError as error:
         raise UsageError(f"--out {out}: {error.strerror or error}") from None
     try:
+        held = [name for name in ("checkpoint.pt", "results.json", "log.jsonl") if (out / name).exists()]
+        if held and not here and not overwrite:
+            checkpoint = out / "checkpoint.pt"
+            resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
+            raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -933,25 +935,15 @@ def process_alive(pid):
 RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "log.jsonl", "curve.svg", "eval-curve.svg")
 
 
-def check_run_folder(out, resume_path, overwrite):
-    """Refuse to start over a run the user did not name (a checkpoint, results or a log of one). Nothing is
-    removed here: --overwrite clears the folder only once the new run has been built and checked."""
-    held = [name for name in ("checkpoint.pt", "results.json", "log.jsonl") if (out / name).exists()]
-    if held and not resuming_here(out, resume_path) and not overwrite:
-        checkpoint = out / "checkpoint.pt"
-        resume = f"continue it with --resume {checkpoint} or " if checkpoint.exists() else ""
-        raise UsageError(f"{out} already holds a run ({', '.join(held)}); {resume}start it again with --overwrite")
+def resuming_here(out, given):
+    """Whether --resume continues the run in its own folder (its files go on), not into another --out."""
+    own = out / "checkpoint.pt"
+    return "resume" in given and own.exists() and os.path.samefile(own, given["resume"])
 
 
-def resuming_here(out, resume_path):
-    checkpoint = out / "checkpoint.pt"
-    return resume_path is not None and checkpoint.exists() and os.path.samefile(checkpoint, resume_path)
-
-
-def clear_run_folder(out, resume_path, step):
+def clear_run_folder(out, here, step):
     """Just before the first step (step), with the folder locked: remove what --overwrite replaces and what a
     crash left behind."""
-    here = resuming_here(out, resume_path)
     for name in RUN_FILES:
         for temporary in out.glob(f"{name}.*.tmp"):  # left by a run killed while saving
             temporary.unlink()
@@ -1024,26 +1016,17 @@ ATTENTION_FLOPS = {
 
 
 def matmul_peak(device, dtype, seconds=0.2):
-    """FLOP/s of the fastest of a few square matmuls on `device` in `dtype`: the peak MFU is measured against.
-    4096² on CUDA, 1024² on a CPU, 256² for a dtype the CPU has no fast kernel for (fp16: seconds a 1024²)."""
+    """FLOP/s of the fastest square matmul on `device` in `dtype` over `seconds` (torch's benchmark Timer, which
+    synchronises the GPU): the peak MFU is measured against. 4096² on CUDA, 1024² on a CPU, 256² for a dtype the
+    CPU has no fast kernel for (fp16: seconds a 1024²)."""
     generator = torch.Generator(device).manual_seed(0)  # its own: the run's random state stays untouched
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
-    def product_seconds(n):
+    def product(n):
         a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
-        sync()
-        began = time.perf_counter()
-        a @ b
-        sync()
-        return time.perf_counter() - began
+        return torch.utils.benchmark.Timer("a @ b", globals=dict(a=a, b=b), num_threads=torch.get_num_threads())
 
-    n = 4096 if device.type == "cuda" else 1024
-    if device.type == "cpu" and product_seconds(256) * 64 > seconds:
-        n = 256
-    times, start = [], time.perf_counter()  # at least 4 products and `seconds`; a slow dtype: 5 `seconds` at most
-    while len(times) < 4 and time.perf_counter() - start < 5 * seconds or time.perf_counter() - start < seconds:
-        times.append(product_seconds(n))
-    return 2 * n ** 3 / min(times[1:] or times)  # the first is a warm-up
+    n = 4096 if device.type == "cuda" else 256 if product(256).timeit(1).mean * 64 > seconds else 1024
+    return 2 * n ** 3 / min(product(n).blocked_autorange(min_run_time=seconds).times)
 
 
 class CostMeter:
