@@ -53,8 +53,7 @@ SHARED_MNIST = Path(__file__).resolve().parent.parent / "shared" / "data" / "mni
 
 @dataclasses.dataclass
 class RunOptions:
-    """The run options every method shares (its Config supplies steps, batch size, lr, difficulty, ...): like a
-    Config field, each is a flag whose help is its comment."""
+    """The run options every method shares (its Config holds the rest): each a flag whose help is its comment."""
     task: str = None  # task (default: the method's first)
     preset: str = "cpu"  # cpu: the Config defaults; gpu: GPU_CONFIG overrides
     device: str = "auto"  # auto: cuda when available
@@ -86,6 +85,10 @@ CHOICES = dict(preset=("cpu", "gpu"), device=("auto", "cpu", "cuda"), dtype=("au
                eval_split=("test", "validation"))
 POSITIVE = ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every",
             "context_length")
+# What --resume may change: where and how often it writes, the device and precision, how far it trains, and
+# what the final evaluation measures (the options below and every option or Config field named eval_*).
+RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every",
+                     "device", "dtype", "compile", "steps", "test_csv", "check_unique"}
 
 
 class UsageError(Exception):
@@ -106,11 +109,26 @@ def shown(value):
 
 # ------------------------------------------------------------------------------------------------------------ settings
 def settings(method, given, checkpoint, checkpoint_path=None):
-    """(run options, Config): defaults < --preset gpu's GPU_CONFIG < the checkpoint's (when resuming or
-    evaluating) < the command line. The checkpoint's --out and --data-dir are places on this machine, not
-    settings of the run (a run continues, or is evaluated, next to its checkpoint)."""
+    """(run options, Config): defaults < --preset gpu's GPU_CONFIG < the checkpoint's (resuming or evaluating) < the
+    command line. The checkpoint's --out and --data-dir are places on its machine, not settings: they are not taken.
+    --resume continues a run exactly: a changed setting that would change its training is refused in one line."""
     saved_run = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
     saved_config = checkpoint["config"] if checkpoint else {}
+    saved = {**saved_run, **saved_config} if "resume" in given else {}
+    for name, value in given.items():
+        if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
+            continue
+        old, new = (tuple(v) if isinstance(v, list) else v for v in (saved[name], value))
+        if new != old:
+            raise UsageError(f"{flag(name)} {shown(new)} differs from the checkpoint's {shown(old)}: --resume "
+                             f"continues the run as it was set (start a new run, e.g. with --init-from, to change it)")
+    if saved and "steps" in given:
+        if given["steps"] < checkpoint["step"]:
+            raise UsageError(f"--steps {given['steps']} is fewer than the {checkpoint['step']} steps the checkpoint "
+                             f"has trained: --resume can only train on (--eval-only evaluates it as it is)")
+        if given["steps"] != saved["steps"]:
+            print(f"--steps {given['steps']}: the run now ends at step {given['steps']} (it was set to "
+                  f"{saved['steps']}); the learning-rate schedule ends there too")
     preset = method.GPU_CONFIG if {**COMMON_DEFAULTS, **saved_run, **given}["preset"] == "gpu" else {}
     fields = {f.name for f in dataclasses.fields(method.Config)}
     retired = sorted(set(saved_config) - fields)
@@ -200,31 +218,6 @@ def check_combinations(method, options, config, given, resuming):
         raise UsageError(f"--misread-rate changes the images of --task visual, not of --task {task}")
 
 
-# What --resume may change: where and how often it writes, the device and precision, how far it trains, and
-# what the final evaluation measures (the options below and every option or Config field named eval_*).
-RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every",
-                     "device", "dtype", "compile", "steps", "test_csv", "check_unique"}
-
-
-def refuse_changed_settings(given, checkpoint):
-    """--resume continues a run exactly: a changed setting that would change its training is refused in one line,
-    and so is a run that ends before the checkpoint's step (a changed data file: in train_and_evaluate)."""
-    saved = {**checkpoint["run"], **checkpoint["config"]}
-    for name, value in given.items():
-        if name in RESUME_MAY_CHANGE or name.startswith("eval_") or name not in saved:
-            continue
-        old, new = (tuple(v) if isinstance(v, list) else v for v in (saved[name], value))
-        if new != old:
-            raise UsageError(f"{flag(name)} {shown(new)} differs from the checkpoint's {shown(old)}: --resume "
-                             f"continues the run as it was set (start a new run, e.g. with --init-from, to change it)")
-    if "steps" in given and given["steps"] < checkpoint["step"]:
-        raise UsageError(f"--steps {given['steps']} is fewer than the {checkpoint['step']} steps the checkpoint has "
-                         f"trained: --resume can only train on (--eval-only evaluates it as it is)")
-    if "steps" in given and given["steps"] != checkpoint["config"]["steps"]:
-        print(f"--steps {given['steps']}: the run now ends at step {given['steps']} (it was set to "
-              f"{checkpoint['config']['steps']}); the learning-rate schedule ends there too")
-
-
 def data_files(options):
     """The data files a run reads (--train-csv, --test-csv, --text-file): {path: [bytes, SHA-256]}, recorded in
     the checkpoint so that --resume refuses one that changed (every file of a --text-file folder, in order)."""
@@ -247,8 +240,6 @@ def run(argv):
     method, given = parse(argv)
     checkpoint_path = given.get("resume") or given.get("eval_only")
     checkpoint = load_checkpoint(checkpoint_path, method.__name__, "resume" in given) if checkpoint_path else None
-    if "resume" in given:
-        refuse_changed_settings(given, checkpoint)
     options, config = settings(method, given, checkpoint, checkpoint_path)
     device, autocast_dtype = choose_device_and_dtype(options.device, options.dtype)
     rank, ranks = world()
@@ -384,9 +375,8 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
 
 
 def check_evaluation(method, model, task, config, options, device, autocast_dtype):
-    """The evaluation once before training, on two examples of each test set with every thinking-step count it
-    will run: a setting only the evaluation rejects stops the run now. Over a thousand thinking steps are first
-    timed at the smallest count and refused past a week. The model, its gradients and random state stay as they were."""
+    """The evaluation once before training, on two examples of each test set with every thinking-step count, so a
+    setting only it rejects stops the run now; over a thousand steps are timed first and refused past a week."""
     probe = copy.copy(task)
     probe.test_sets = {name: {key: value[:2] for key, value in batch.items()} for name, batch in task.test_sets.items()}
     steps = config.eval_steps
@@ -410,9 +400,8 @@ def check_evaluation(method, model, task, config, options, device, autocast_dtyp
 
 
 def evaluate_and_write(method, model, task, config, options, autocast_dtype, path, step, average=None, cost=None):
-    """Evaluate the model (holding the weight average `average` in place of its trained weights, when given),
-    print the table and write it to path (results.json or eval.json) with what was evaluated: the step, which
-    weights, the seed, the test sets and their sizes. An eval.json already there is kept under "earlier"."""
+    """Evaluate the model (or the weight average `average`), print the table and write it to path with what was
+    evaluated: the step, which weights, the seed, the test sets and their sizes (an earlier eval.json: "earlier")."""
     weights = f"weight average (--ema {options.ema})" if average else "as trained"
     if average:
         print(f"evaluating the {weights}")
@@ -466,9 +455,8 @@ def choose_device_and_dtype(device_name, dtype_name):
 # --------------------------------------------------------------------------------------------------- the training loop
 def train(method, model, optimizer, scaler, task, config, options, device, autocast_dtype, step, checkpoint_state,
           cost):
-    """The loop: the learning-rate schedule, the method's train_step on each step's batch, log lines (one JSON
-    line every --log-every steps: the step, the lr, the method's metrics, the cost fields) and checkpoints.
-    Returns the final step, or None when stopped by Ctrl-C or SIGTERM (see StopRequests)."""
+    """The loop: the learning-rate schedule, the method's train_step on each batch, a JSON line every --log-every
+    steps (step, lr, metrics, cost) and checkpoints. Returns the last step, or None when stopped (Ctrl-C, SIGTERM)."""
     out, (rank, ranks) = Path(options.out), world()
     path, saved = out / "checkpoint.pt", [step] if (out / "checkpoint.pt").exists() else []
 
@@ -578,9 +566,8 @@ def peak_memory(device):
 
 
 class WeightAverage:
-    """Exponential moving average of the parameters, updated after every optimizer step:
-    average <- d·average + (1 - d)·weights, d = min(decay, (1 + updates) / (10 + updates)); the warm-up
-    of d (as in TensorFlow's ExponentialMovingAverage) keeps a short run from averaging in its random init."""
+    """average <- d·average + (1 - d)·weights after optimizer step n, d = min(decay, (1 + n) / (10 + n));
+    the warm-up of d (TensorFlow's ExponentialMovingAverage) keeps a short run from averaging in its random init."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -614,11 +601,9 @@ def set_rng_state(state, device):
 
 # ----------------------------------------------------------- tasks (the Sudoku and VQA tasks live in the data scripts)
 class TextTask:
-    """Character-level language modelling on UTF-8 text. Documents (the default: the English documentation
-    topics that ship with Python, pydoc_data.topics; or every file of a --text-file folder) are split by
-    document into training, validation and test (about 80/10/10 % of the characters, the same split for
-    every seed); a window never crosses a document's end. A single --text-file: its first 90 % trains, the
-    rest is held out."""
+    """Character-level language modelling on UTF-8 documents (Python's documentation topics by default, or each
+    file of a --text-file folder) split whole into training, validation and test, about 80/10/10 % of the characters
+    for every seed; no window crosses a document's end. A single --text-file: its first 90 % trains."""
     name = "text"
 
     def __init__(self, text_file, context_length, seed=0, eval_size=500):
@@ -743,7 +728,7 @@ def field_argument(kind):
                 return tuple(item(part.strip()) for part in text.split(",") if part.strip())
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-        return dict(type=parse_list, action="append") if item is str else dict(type=parse_list)
+        return dict(type=parse_list, action="extend") if item is str else dict(type=parse_list)
     return dict(action=BooleanFlag) if kind is bool else dict(type=kind)
 
 
@@ -766,25 +751,24 @@ ACTIONS = (  # what the command line does, besides the settings of the run
 
 
 def build_parser(method=None):
+    """ACTIONS, then every field of RunOptions and of the method's Config as a flag: its trailing comment is the
+    help, its default added."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog=None if method else "Use --method NAME --help for its options.")
-    group = parser.add_argument_group("run options")
+    run_options = parser.add_argument_group("run options")
     for name, keywords in ACTIONS:
-        group.add_argument(name, **keywords)
-    add_fields(group, RunOptions)
+        run_options.add_argument(name, **keywords)
+    groups = {run_options: RunOptions}
     if method is not None:
-        add_fields(parser.add_argument_group(f"{method.__name__} options (Config fields)"), method.Config)
+        groups[parser.add_argument_group(f"{method.__name__} options (Config fields)")] = method.Config
+    for group, fields_class in groups.items():
+        defaults, types, comments = fields_class(), typing.get_type_hints(fields_class), field_comments(fields_class)
+        for field in dataclasses.fields(fields_class):
+            default = getattr(defaults, field.name)
+            help = comments.get(field.name, "") + ("" if default is None else f" (default: {shown(default)})")
+            group.add_argument(flag(field.name), dest=field.name, help=help.lstrip().replace("%", "%%"),
+                               choices=CHOICES.get(field.name), **field_argument(types[field.name]))
     return parser
-
-
-def add_fields(group, fields_class):
-    """Every field of the dataclass as a flag: its trailing comment is the help, its default added."""
-    defaults, types, comments = fields_class(), typing.get_type_hints(fields_class), field_comments(fields_class)
-    for field in dataclasses.fields(fields_class):
-        default = getattr(defaults, field.name)
-        help = comments.get(field.name, "") + ("" if default is None else f" (default: {shown(default)})")
-        group.add_argument(flag(field.name), dest=field.name, help=help.lstrip().replace("%", "%%"),
-                           choices=CHOICES.get(field.name), **field_argument(types[field.name]))
 
 
 def parse(argv):
@@ -802,9 +786,6 @@ def parse(argv):
     for name in POSITIVE:
         if name in given and given[name] < 1:
             raise UsageError(f"{flag(name)} must be a positive integer, got {given[name]}")
-    for name in ("train_csv", "test_csv", "eval_sets"):  # the flag given once or more: one list
-        if name in given:
-            given[name] = [item for items in given[name] for item in items]
     if "resume" in given and "eval_only" in given:
         raise UsageError("--resume continues a run and --eval-only evaluates one: give one of them")
     if "init_from" in given and ("resume" in given or "eval_only" in given):
@@ -978,11 +959,8 @@ def stop_handler(handler):
 
 
 class StopRequests:
-    """The signal handler while training. The first Ctrl-C or SIGTERM lets the step in flight finish, then the
-    run saves and stops; a second stops inside the step: the checkpoint then holds the random state from the
-    start of that step, which --resume runs again, or, once the step has begun to update the weights (the
-    optimizer's step was entered: `updating`), nothing is saved and the last checkpoint stays. Under torchrun
-    the ranks agree every step on whether to stop, so all stop after the same step."""
+    """The signal handler while training: the first Ctrl-C or SIGTERM lets the step in flight finish, then the run
+    saves and stops; a second stops inside the step (raising KeyboardInterrupt; what train does then is said there)."""
 
     def __init__(self):
         self.requested, self.updating, self.rng_at_step_start = False, False, None
@@ -1004,9 +982,8 @@ def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None
     return 2 * sdpa_flop_count(query, key, value)  # dV, dP, dQ, dK: 4 products, the forward's scores not recomputed
 
 
-# Attention counted as its mathematics (forward 2 products, backward 4), the model-FLOPs convention of MFU
-# (PaLM, appendix B): a kernel that recomputes the scores in its backward does more work, not more model
-# FLOPs, and the count does not depend on which kernel ran. torch's counter does not know the CPU kernel at all.
+# Attention counted as its mathematics, the model-FLOPs convention of MFU (PaLM, appendix B): a kernel that
+# recomputes the scores does more work, not more model FLOPs. torch's counter does not know the CPU kernel at all.
 ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
@@ -1030,12 +1007,10 @@ def matmul_peak(device, dtype, seconds=0.2):
 
 
 class CostMeter:
-    """Throughput, training FLOPs and MFU. FLOPs are counted, not modelled: torch's FlopCounterMode around a
-    real method.train_step sees every matrix product, convolution and attention of every pass the step makes
-    (passes under no_grad included), forward and backward, attention as ATTENTION_FLOPS says; elementwise
-    ops, norms and the optimizer are left out (the usual MFU convention). The count is taken on the step
-    before each log line; a per-step cost that varies (a thinking depth sampled per step) is the mean of the
-    counted steps. Under torchrun each rank counts its slice, and the world's FLOPs are that times the ranks."""
+    """Throughput, training FLOPs and MFU. FLOPs are counted, not modelled: FlopCounterMode around the real
+    train_step of the step before each log line (every product, convolution and attention of every pass, under
+    no_grad too; elementwise ops and the optimizer left out, the usual MFU convention); a per-step cost that varies
+    is the mean of the counted steps. Under torchrun each rank counts its slice: the world's FLOPs are that × ranks."""
 
     def __init__(self, peak, ranks, state=None):
         self.peak, self.ranks = peak, ranks  # FLOP/s of one device
@@ -1074,9 +1049,8 @@ class CostMeter:
 
 
 # ------------------------------------------------------------------------------------------ torchrun: data parallelism
-# torchrun --standalone --nproc_per_node N train.py ...: every rank builds the same model and takes its slice of
-# each step's global batch (--batch-size examples, so the data does not depend on N); gradients are averaged
-# across ranks at the end of every backward pass; rank 0 alone logs, checkpoints and evaluates.
+# torchrun --standalone --nproc_per_node N train.py ...: every rank takes its slice of each step's global batch
+# (--batch-size examples); gradients are averaged after every backward pass; rank 0 alone logs, saves, evaluates.
 def world():
     """(this process's rank, number of ranks): (0, 1) without torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1097,11 +1071,9 @@ def agreed(work):
 
 
 def average_gradients_over_ranks(model):
-    """After every backward pass that reaches the model's parameters, replace each gradient by its mean over
-    the ranks (one flat all-reduce at the end of the pass, as DDP does), so that the method's own clipping
-    and optimizer step see the gradient of the whole global batch. A pass that adds to gradients already
-    averaged adds the mean of its own parts. A parameter without a gradient on some rank counts as zero
-    there; one without a gradient on every rank keeps None. Returns the hooks' handles."""
+    """Hooks (returned) that replace each gradient by its mean over the ranks at the end of every backward pass, in
+    one flat all-reduce as DDP does, before the method's own clipping and optimizer step. A missing gradient counts
+    as zero where another rank has one and stays None where none has; a second pass adds the mean of its parts."""
     parameters = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     queued = []
 
@@ -1131,14 +1103,12 @@ def rank_states(model, device):
     rank, ranks = world()
     if ranks == 1:
         return None
-    fingerprint = torch.stack([t for p in model.parameters() for t in (p.double().sum(), p.double().square().sum())])
-    everyone = [torch.empty_like(fingerprint) for _ in range(ranks)]
-    dist.all_gather(everyone, fingerprint)
-    if not all(torch.equal(other, everyone[0]) for other in everyone):
+    fingerprint = [t.item() for p in model.parameters() for t in (p.double().sum(), p.double().square().sum())]
+    everyone = [None] * ranks
+    dist.all_gather_object(everyone, (fingerprint, rng_state(device)))
+    if any(other != everyone[0][0] for other, _ in everyone):
         raise TrainingError("the ranks' weights differ: the gradient averaging failed; stopped")
-    states = [None] * ranks
-    dist.all_gather_object(states, rng_state(device))
-    return states
+    return [state for _, state in everyone]
 
 
 # --------------------------------------------------------------------------------------------------------- entry point
