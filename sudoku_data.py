@@ -897,6 +897,22 @@ class VisualSudokuTask(SudokuTask):
                 **self._images(puzzles, solutions, self.train_pool, rng, self.misread_rate)}
 
 
+def build_task(name, config, options):
+    """The task of train.py's --task sudoku or visual, from the Config's difficulty and train.py's run options (as
+    ltm.build_task builds its own); a large generated base set is checked first (check_generation)."""
+    if not options.train_csv:
+        try:
+            check_generation(config.difficulty, options.base_size, options.data_dir)
+        except ValueError as error:
+            raise ValueError(f"--base-size {options.base_size:,}: {error}") from None  # the flag that set the size
+    sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size, data_dir=options.data_dir,
+                 train_files=tuple(options.train_csv), train_size=options.train_size, check_unique=options.check_unique,
+                 test_files=tuple(options.test_csv), eval_split=options.eval_split, eval_sets=tuple(options.eval_sets))
+    if name == "sudoku":
+        return SudokuTask(config.difficulty, **sizes)
+    return VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir, misread_rate=options.misread_rate, **sizes)
+
+
 # ----------------------------------------------------------------------------- puzzles with several solutions
 def multi_solution_puzzles(puzzles, seed=0):
     """Puzzles with at least two solutions, made from unique-solution puzzles (N, 81) by removing

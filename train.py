@@ -1,19 +1,11 @@
 """The one entry point: python train.py --method <name> [--task ...] [--<config field> ...]
 
-train.py owns the loop, the learning-rate schedule, logging and checkpoints. Each method file owns
-its model, loss, thinking loop and training step, through these names:
-  TASKS, Config (dataclass; every field becomes a flag), GPU_CONFIG (overrides for --preset gpu),
-  build_model(config, task), make_optimizer(model, config),
-  train_step(model, optimizer, scaler, batch, step, config, autocast_dtype) -> dict of 0-dim tensors
-    (with "loss"; training stops when it is not finite),
-  evaluate(model, task, config, eval_steps, autocast_dtype) -> list of table rows.
-Examples:
+train.py owns the loop, the learning-rate schedule, logging, checkpoints and torchrun. Each method file owns its
+model, loss, thinking loop and training step, through the names of the README's contract: TASKS, Config (every
+field a flag), GPU_CONFIG, build_model, make_optimizer, train_step and evaluate. Examples:
   python train.py --method recurrent_depth
   python train.py --method recurrent_depth --eval-only runs/recurrent_depth-sudoku/checkpoint.pt --eval-steps 1,64
-  python train.py --method ltm --text-file input.txt
-  python scripts/plot_curves.py runs/recurrent_depth-sudoku   # its table against thinking steps: curve.svg
-  python scripts/benchmark.py         # every Sudoku method on the same puzzles: runs/compare/
-Safety, cost and torchrun in detail: docs/engineering.md.
+Run folders, cost and torchrun in detail: docs/engineering.md.
 """
 import argparse
 import contextlib
@@ -85,8 +77,7 @@ CHOICES = dict(preset=("cpu", "gpu"), device=("auto", "cpu", "cuda"), dtype=("au
                eval_split=("test", "validation"))
 POSITIVE = ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every",
             "context_length")
-# What --resume may change: where and how often it writes, the device and precision, how far it trains, and
-# what the final evaluation measures (the options below and every option or Config field named eval_*).
+# what --resume may change besides every eval_* setting: where and how often it writes, device, dtype, steps, tests
 RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every",
                      "device", "dtype", "compile", "steps", "test_csv", "check_unique"}
 
@@ -326,7 +317,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     average = WeightAverage(model, options.ema) if options.ema else None
     if average:
         optimizer.register_step_post_hook(average.update)
-    step = 0
+    step = checkpoint["step"] if resuming else 0
     if resuming:
         if average and not checkpoint.get("ema"):
             raise UsageError(f"{given['resume']} was trained without --ema; resume it without one")
@@ -338,7 +329,6 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         else:
             print(f"the checkpoint holds the random state of {len(states)} rank(s), this run has {ranks}: "
                   f"it continues with fresh random draws, not bit-exactly")
-        step = checkpoint["step"]
         if average:
             average.load_state_dict(checkpoint["ema"])
     peak = matmul_peak(device, autocast_dtype or torch.float32)
@@ -443,7 +433,6 @@ def print_table(rows, title):
 
 
 def choose_device_and_dtype(device_name, dtype_name):
-    """(device, autocast dtype or None); auto: CUDA in bf16 (else fp16) when available, the CPU in float32 otherwise."""
     if device_name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -513,9 +502,8 @@ def train(method, model, optimizer, scaler, task, config, options, device, autoc
                     cost.last = last = cost.fields(steps, steps * config.batch_size, tokens, seconds)
                     values = {k: float(v) for k, v in metrics.items()}
                     logged = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN
-                    log.write(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged, **last},
-                                         allow_nan=False) + "\n")
-                    log.flush()
+                    print(json.dumps({"step": step, "lr": optimizer.param_groups[0]["lr"], **logged, **last},
+                                     allow_nan=False), file=log, flush=True)
                     progress.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()},
                                           "ex/s": f"{last['examples_per_s']:.0f}", "MFU": f"{last['mfu']:.1%}"})
                 if step % options.save_every == 0:
@@ -561,7 +549,6 @@ def with_example_seeds(batch, seed, step):
 
 
 def peak_memory(device):
-    """{"peak_memory_bytes": the most memory the run's tensors held on the CUDA device at once} ({} off CUDA)."""
     return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
 
 
@@ -640,7 +627,6 @@ class TextTask:
 
     @staticmethod
     def read_documents(text_file):
-        """{name: text}: pydoc_data.topics without a file, every file under a folder, or the one file."""
         if not text_file:
             from pydoc_data.topics import topics
             return dict(topics)
@@ -676,21 +662,8 @@ class TextTask:
 
 
 def build_task(name, config, options):
-    """The task named by --task, from the data scripts (or the text task above)."""
     if name in ("sudoku", "visual"):
-        if not options.train_csv:  # a large generated base set: refused or its time announced before it is built
-            try:
-                sudoku_data.check_generation(config.difficulty, options.base_size, options.data_dir)
-            except ValueError as error:
-                raise UsageError(f"--base-size {options.base_size:,}: {error}") from None
-        sizes = dict(seed=options.seed, base_size=options.base_size, eval_size=options.eval_size,
-                     data_dir=options.data_dir, train_files=tuple(options.train_csv), train_size=options.train_size,
-                     test_files=tuple(options.test_csv), check_unique=options.check_unique,
-                     eval_split=options.eval_split, eval_sets=tuple(options.eval_sets))
-        if name == "sudoku":
-            return sudoku_data.SudokuTask(config.difficulty, **sizes)
-        return sudoku_data.VisualSudokuTask(config.difficulty, mnist_dir=options.mnist_dir,
-                                            misread_rate=options.misread_rate, **sizes)
+        return sudoku_data.build_task(name, config, options)
     if options.train_csv or options.test_csv:
         raise UsageError(f"--train-csv and --test-csv hold Sudoku puzzles; --task {name} does not read them")
     if name == "text":
@@ -875,13 +848,12 @@ def run_folder_lock(out, here=False, overwrite=False):
         mine.write_text(f"{os.getpid()} {socket.gethostname()}\n")
         try:
             while True:
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.link(mine, lock)  # atomic, and the lock never shows a half-written id
                     break
-                except FileExistsError:
-                    if lock.is_dir():
-                        raise UsageError(f"{lock} is a folder, not a run's lock: remove it") from None
-                    owner = lock.read_text().split() if lock.exists() else []
+                if lock.is_dir():
+                    raise UsageError(f"{lock} is a folder, not a run's lock: remove it")
+                owner = lock.read_text().split() if lock.exists() else []
                 pid = int(owner[0]) if owner and owner[0].isdigit() else 0
                 if pid > 0 and (owner[1:] != [socket.gethostname()] or process_alive(pid)):
                     raise UsageError(f"{out} is in use by another run (process {pid} on {' '.join(owner[1:])}); "
@@ -931,16 +903,13 @@ def clear_run_folder(out, here, step):
         if not here:  # a new run, or one continued in another folder, starts its own files and log
             (out / name).unlink(missing_ok=True)
     log = out / "log.jsonl"
-    if here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint
-        kept = [line + "\n" for line in log.read_text().splitlines() if (logged_step(line) or step + 1) <= step]
+    if here and log.exists():  # drop the lines a crashed run wrote after its last checkpoint, or cut short
+        kept = []
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
         write_atomically(log, lambda file: file.write("".join(kept).encode()))
-
-
-def logged_step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return None  # a line cut short by a crash
 
 
 @contextlib.contextmanager
@@ -1052,7 +1021,6 @@ class CostMeter:
 # torchrun --standalone --nproc_per_node N train.py ...: every rank takes its slice of each step's global batch
 # (--batch-size examples); gradients are averaged after every backward pass; rank 0 alone logs, saves, evaluates.
 def world():
-    """(this process's rank, number of ranks): (0, 1) without torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
