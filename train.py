@@ -143,8 +143,7 @@ def settings(method, given, checkpoint, checkpoint_path=None):
 
 
 def check_settings(options, config_class, values):
-    """Every setting (the run options, the Config field values), checked before anything is built or
-    trained; the first bad one as one line."""
+    """Every setting (run options, Config field values) before anything is built: the first bad one as one line."""
     for name in ("data_dir", "mnist_dir"):
         if Path(getattr(options, name)).exists() and not Path(getattr(options, name)).is_dir():
             raise UsageError(f"{flag(name)} {getattr(options, name)} is a file, not a folder")
@@ -179,8 +178,7 @@ RANGES = (  # (setting, its range in words, whether a value is in it): run optio
 
 def check_combinations(method, options, config, given, resuming):
     """Options that do not go together, or with this task, as one line."""
-    task = options.task
-    sudoku = task in ("sudoku", "visual")
+    task, sudoku = options.task, options.task in ("sudoku", "visual")
     if task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {task}")
     if options.eval_split != "test" and not sudoku:
@@ -250,11 +248,13 @@ def run(argv):
             evaluate_and_write(method, model, task, config, options, autocast_dtype, out / "eval.json",
                                checkpoint["step"], average)
         return 0
+    own = out / "checkpoint.pt"  # resumed in its own folder, a run goes on in its files
+    here = "resume" in given and own.exists() and os.path.samefile(own, given["resume"])
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         with contextlib.ExitStack() as held:  # rank 0 makes the folder and locks it
-            agreed(lambda: held.enter_context(run_folder_lock(out, resuming_here(out, given), "overwrite" in given)))
-            return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype)
+            agreed(lambda: held.enter_context(run_folder_lock(out, here, "overwrite" in given)))
+            return train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, here)
     finally:
         for folder in created if rank == 0 else ():
             if folder.exists() and not any(folder.iterdir()):
@@ -291,9 +291,9 @@ def build(method, config, options, device, autocast_dtype, source):
     return task, model
 
 
-def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype):
-    """Train from scratch, from --init-from weights or from a --resume checkpoint; then evaluate."""
-    out, resuming, here = Path(options.out), "resume" in given, resuming_here(Path(options.out), given)
+def train_and_evaluate(method, checkpoint, given, config, options, device, autocast_dtype, here):
+    """Train from scratch, from --init-from weights or from --resume (here: in its own folder); then evaluate."""
+    out, resuming = Path(options.out), "resume" in given
     rank, ranks = world()
     source = checkpoint or (load_checkpoint(given["init_from"], method.__name__) if "init_from" in given else None)
     task, model = build(method, config, options, device, autocast_dtype, source)
@@ -314,9 +314,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    average = WeightAverage(model, options.ema) if options.ema else None
-    if average:
-        optimizer.register_step_post_hook(average.update)
+    average = WeightAverage(model, options.ema, optimizer) if options.ema else None
     step = checkpoint["step"] if resuming else 0
     if resuming:
         if average and not checkpoint.get("ema"):
@@ -337,7 +335,7 @@ def train_and_evaluate(method, checkpoint, given, config, options, device, autoc
         print(f"warning: this CPU multiplies {autocast_dtype} matrices at {peak / 1e9:.1f} GFLOP/s and float32 ones "
               f"at {fp32 / 1e9:.1f} (no {str(autocast_dtype).removeprefix('torch.')} units): --dtype float32 "
               f"trains faster here")
-    cost = CostMeter(peak, ranks, checkpoint.get("cost") if resuming else None)
+    cost = CostMeter(peak, ranks, **(checkpoint.get("cost") or {} if resuming else {}))
 
     def checkpoint_state(step, rank_rngs):  # rank_rngs: every rank's random state under torchrun, else None
         return {"method": method.__name__, "run": vars(options), "config": dataclasses.asdict(config),
@@ -543,8 +541,7 @@ def lr_factor(step, config):
 def with_example_seeds(batch, seed, step):
     """The batch plus "example_seed", one int64 per example from (--seed, step, the example's place in the global
     batch): a method that draws an example's noise from its own seed draws the same under any torchrun split."""
-    count = len(next(iter(batch.values())))
-    seeds = np.random.default_rng([seed, step, 1]).integers(2**62, size=count)
+    seeds = np.random.default_rng([seed, step, 1]).integers(2**62, size=len(next(iter(batch.values()))))
     return {**batch, "example_seed": torch.from_numpy(seeds)}
 
 
@@ -556,13 +553,14 @@ class WeightAverage:
     """average <- d·average + (1 - d)·weights after optimizer step n, d = min(decay, (1 + n) / (10 + n));
     the warm-up of d (TensorFlow's ExponentialMovingAverage) keeps a short run from averaging in its random init."""
 
-    def __init__(self, model, decay):
+    def __init__(self, model, decay, optimizer):
         self.decay, self.updates = decay, 0
         self.weights = [weight.data for weight in model.parameters()]
         self.names = [name for name, _ in model.named_parameters()]
         self.average = [weight.clone() for weight in self.weights]
+        optimizer.register_step_post_hook(self.update)
 
-    def update(self, *unused):  # called as an optimizer step post-hook
+    def update(self, *unused):
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.average, self.weights, 1 - decay)
         self.updates += 1
@@ -630,10 +628,8 @@ class TextTask:
         if not text_file:
             from pydoc_data.topics import topics
             return dict(topics)
-        path = Path(text_file)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        documents = {}
-        for file in files:
+        path, documents = Path(text_file), {}
+        for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
             try:
                 documents[str(file.relative_to(path)) if path.is_dir() else file.name] = file.read_text("utf-8")
             except FileNotFoundError:
@@ -691,8 +687,7 @@ class BooleanFlag(argparse.Action):
 
 
 def field_argument(kind):
-    """argparse keywords for a field: int, float, str, bool, or a tuple of ints or of strings (comma-separated;
-    a tuple of strings, such as files, also from the flag repeated)."""
+    """argparse keywords for a field's type; a tuple takes comma-separated values (of strings: also the flag again)."""
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
 
@@ -725,8 +720,8 @@ ACTIONS = (  # what the command line does, besides the settings of the run
 
 def build_parser(method=None):
     """ACTIONS, then every field of RunOptions and of the method's Config as a flag: its trailing comment is the
-    help, its default added."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    help, its default added (the parser keeps only what the user typed: settings() fills in the rest)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
                                      epilog=None if method else "Use --method NAME --help for its options.")
     run_options = parser.add_argument_group("run options")
     for name, keywords in ACTIONS:
@@ -752,10 +747,7 @@ def parse(argv):
     if known.method is None:
         build_parser().parse_args(argv)  # prints usage/--help and exits
     method = load_method(known.method)
-    parser = build_parser(method)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS  # keep only what the user typed; defaults are filled in later
-    given = vars(parser.parse_args(argv))
+    given = vars(build_parser(method).parse_args(argv))
     for name in POSITIVE:
         if name in given and given[name] < 1:
             raise UsageError(f"{flag(name)} must be a positive integer, got {given[name]}")
@@ -837,11 +829,10 @@ def check_writable(out):
 
 @contextlib.contextmanager
 def run_folder_lock(out, here=False, overwrite=False):
-    """Make the run folder and hold out/lock, holding this process's id and host, while a run writes the folder.
-    A lock left on this host by a run whose process has ended is taken over; a live one, or one from another
-    host (whose process this host cannot see), refuses this run, and so does a run already in the folder that
-    the user did not name (here: it is resumed in its folder; --overwrite clears the folder only once the new
-    run has been built and checked)."""
+    """Make the run folder and hold out/lock (this process's id and host) while a run writes the folder. A lock left
+    on this host by an ended process is taken over; a live one, or one from another host (whose process this host
+    cannot see), refuses this run, as does a run in the folder that the user did not name (here: resumed in its
+    folder; --overwrite clears the folder only once the new run has been built and checked)."""
     lock, mine = out / "lock", out / f"lock.{os.getpid()}.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -888,15 +879,8 @@ def process_alive(pid):
 RUN_FILES = ("checkpoint.pt", "results.json", "eval.json", "log.jsonl", "curve.svg", "eval-curve.svg")
 
 
-def resuming_here(out, given):
-    """Whether --resume continues the run in its own folder (its files go on), not into another --out."""
-    own = out / "checkpoint.pt"
-    return "resume" in given and own.exists() and os.path.samefile(own, given["resume"])
-
-
 def clear_run_folder(out, here, step):
-    """Just before the first step (step), with the folder locked: remove what --overwrite replaces and what a
-    crash left behind."""
+    """With the folder locked, just before step `step`: remove what --overwrite replaces and what a crash left."""
     for name in RUN_FILES:
         for temporary in out.glob(f"{name}.*.tmp"):  # left by a run killed while saving
             temporary.unlink()
@@ -981,10 +965,9 @@ class CostMeter:
     no_grad too; elementwise ops and the optimizer left out, the usual MFU convention); a per-step cost that varies
     is the mean of the counted steps. Under torchrun each rank counts its slice: the world's FLOPs are that × ranks."""
 
-    def __init__(self, peak, ranks, state=None):
+    def __init__(self, peak, ranks, counted_flops=0, counted_steps=0):  # the counts so far: a resumed run's
         self.peak, self.ranks = peak, ranks  # FLOP/s of one device
-        state = state or {}
-        self.counted_flops, self.counted_steps = state.get("counted_flops", 0), state.get("counted_steps", 0)
+        self.counted_flops, self.counted_steps = counted_flops, counted_steps
         self.counted_here, self.counted_seconds = 0, 0.0  # the steps counted since this process began, their time
         self.last = {}  # the latest log line's cost fields
 
@@ -1005,8 +988,7 @@ class CostMeter:
         return metrics
 
     def fields(self, steps, examples, tokens, seconds):
-        """The log's cost fields for `steps` steps of `examples` examples (`tokens` tokens) in `seconds`: rates
-        over the steps the counter did not slow (timed_steps of them in `seconds`; all when every step counted)."""
+        """The log's cost fields for `steps` steps in `seconds`: rates over the steps the counter did not slow."""
         if steps > self.counted_here:
             share = (steps - self.counted_here) / steps
             steps, examples, tokens = steps - self.counted_here, examples * share, tokens * share
@@ -1018,8 +1000,7 @@ class CostMeter:
 
 
 # ------------------------------------------------------------------------------------------ torchrun: data parallelism
-# torchrun --standalone --nproc_per_node N train.py ...: every rank takes its slice of each step's global batch
-# (--batch-size examples); gradients are averaged after every backward pass; rank 0 alone logs, saves, evaluates.
+# torchrun --nproc_per_node N train.py ...: each rank trains on its slice of every global batch; rank 0 logs and saves
 def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -1047,8 +1028,7 @@ def average_gradients_over_ranks(model):
 
     def all_reduce_gradients():
         queued.clear()
-        present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32,
-                               device=parameters[0].device)
+        present = torch.tensor([p.grad is not None for p in parameters], device=parameters[0].device).float()
         flat = torch.cat([present, *(p.grad.float().flatten() if p.grad is not None else
                                      torch.zeros(p.numel(), device=p.device) for p in parameters)])
         dist.all_reduce(flat)
@@ -1068,7 +1048,7 @@ def average_gradients_over_ranks(model):
 
 def rank_states(model, device):
     """Every rank's random state for a checkpoint (None in one process), once the ranks' weights are checked equal."""
-    rank, ranks = world()
+    ranks = world()[1]
     if ranks == 1:
         return None
     fingerprint = [t.item() for p in model.parameters() for t in (p.double().sum(), p.double().square().sum())]
@@ -1081,8 +1061,7 @@ def rank_states(model, device):
 
 # --------------------------------------------------------------------------------------------------------- entry point
 def main(argv=None, entry=run):
-    """entry(argv) (run: train or evaluate a method) as a command, with torchrun's process group, Ctrl-C and SIGTERM
-    and one-line errors; returns the exit status."""
+    """entry(argv) as a command: torchrun's process group, Ctrl-C and SIGTERM, one-line errors; the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # launched by torchrun
         # the other ranks wait while rank 0 evaluates: a long timeout
