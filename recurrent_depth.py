@@ -65,7 +65,7 @@ class Config:
     weight_decay: float = 0.1  # AdamW decay on 2-D weights only
     # --- adaptive exit at inference ---
     exit_criterion: str = "kl"  # none | kl | latent-diff | entropy-diff | argmax-stability
-    kl_threshold: float = 1e-3  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (official default; paper 5e-4)
+    kl_threshold: float = 1e-3  # kl: exit when max over cells of KL(p_{i-1} || p_i) < this (official code; paper 5e-4)
     latent_threshold: float = 0.03  # latent-diff: exit when ||s_i - s_{i-1}|| / ||s_i|| < this (reference: 0.03)
     entropy_threshold: float = 1e-3  # entropy-diff: exit when |H(p_i) - H(p_{i-1})| < this (reference: 1e-3)
     stable_steps: int = 5  # argmax-stability: exit when the argmax is unchanged for this many steps (reference: 5)

@@ -1410,7 +1410,8 @@ def test_lit_gpu_preset_is_the_hard_puzzle_recipe_scaled_and_takes_the_public_pr
     config = lit.Config(**values)
     with torch.device("meta"):
         gpu, cpu = (sum(p.numel() for p in lit.build_model(c, SimpleNamespace(name="sudoku")).parameters()
-                        if p.requires_grad) for c in (config, lit.Config(**{k: v for k, v in recipe.items() if k in values})))
+                        if p.requires_grad)
+                    for c in (config, lit.Config(**{k: v for k, v in recipe.items() if k in values})))
     assert 20 < gpu / cpu < 40 and gpu < 5e6  # scaled up, still below TRM's 5M
 
 
@@ -1970,7 +1971,8 @@ def test_csv_reader_accepts_each_public_layout(tmp_path, puzzles, header):
     puzzle, solution = puzzles["easy"][0][:3], puzzles["easy"][1][:3]
     text = lambda grid, blank: "".join(str(v) if v else blank for v in grid)
     rows = {"source,question,answer,rating": [f"gen,{text(p, '.')},{text(s, '')},3" for p, s in zip(puzzle, solution)],
-            "quizzes": [text(p, "0") for p in puzzle]}.get(header, [f"{text(p, '0')},{text(s, '')}" for p, s in zip(puzzle, solution)])
+            "quizzes": [text(p, "0") for p in puzzle]}.get(
+                header, [f"{text(p, '0')},{text(s, '')}" for p, s in zip(puzzle, solution)])
     path = tmp_path / "public.csv"
     path.write_text("\n".join(([header] if header else []) + rows) + "\n")
     read_puzzles, read_solutions = sudoku_data.read_csv(path)  # "quizzes" alone: solved by the project's solver
@@ -1997,8 +1999,10 @@ def test_csv_reader_rejects_malformed_rows_with_their_line(tmp_path, puzzles):
 def test_train_csv_and_test_csv_train_and_evaluate_on_public_files(tmp_path, puzzles, capsys):
     sudoku_data.write_csv(tmp_path / "public_train.csv", puzzles["easy"][0][:8], puzzles["easy"][1][:8])
     sudoku_data.write_csv(tmp_path / "extreme.csv", puzzles["easy"][0][8:], puzzles["easy"][1][8:])
-    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999", "--steps", "2"]
-    assert train.main(run + ["--train-csv", str(tmp_path / "public_train.csv"), "--test-csv", str(tmp_path / "extreme.csv")]) == 0
+    run = TINY_RUN[:TINY_RUN.index("--eval-size")] + ["--out", str(tmp_path / "run"), "--base-size", "999",
+                                                      "--steps", "2"]
+    assert train.main(run + ["--train-csv", str(tmp_path / "public_train.csv"),
+                             "--test-csv", str(tmp_path / "extreme.csv")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {row["test set"] for row in results["rows"]} == {"extreme"}
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(tmp_path / "run" / "checkpoint.pt"),
@@ -2068,7 +2072,8 @@ def test_train_size_takes_the_first_rows_of_the_train_files_and_reads_no_further
         sudoku_data.SudokuTask("easy", eval_size=2, train_files=(second,), test_files=(second,), train_size=13)
 
 
-def test_train_size_through_train_py_is_recorded_refused_on_resume_and_bad_values_are_one_line(tmp_path, puzzles, capsys):
+def test_train_size_through_train_py_is_recorded_refused_on_resume_and_bad_values_are_one_line(tmp_path, puzzles,
+                                                                                               capsys):
     public = tmp_path / "public.csv"
     sudoku_data.write_csv(public, puzzles["medium"][0], puzzles["medium"][1])  # 12 puzzles
     run = TINY_RUN[:TINY_RUN.index("--base-size")] + ["--log-every", "2", "--out", str(tmp_path / "run"),
@@ -2082,8 +2087,8 @@ def test_train_size_through_train_py_is_recorded_refused_on_resume_and_bad_value
              (run + ["--overwrite", "--train-size", "0"], "--train-size must be a positive integer, got 0"),
              (run + ["--overwrite", "--train-size", "13"], "train_size 13 is more puzzles than"),
              (run + ["--overwrite", "--train-size", "13"], "hold (12)"),
-             (TINY_RUN + ["--out", str(tmp_path / "other"), "--train-size", "4"], "--train-size 4 takes the first puzzles of "
-                                                                                   "--train-csv file(s)")]
+             (TINY_RUN + ["--out", str(tmp_path / "other"), "--train-size", "4"],
+              "--train-size 4 takes the first puzzles of --train-csv file(s)")]
     for argv, message in cases:
         assert train.main(argv) == 2, argv
         error = capsys.readouterr().err
@@ -2114,7 +2119,8 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_what_evaluation_uses(t
     assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt")]) == 0
     assert all(torch.equal(evaluated[-1][name], average[name]) for name in names)
     assert json.loads((out / "eval.json").read_text())["rows"] == json.loads((out / "results.json").read_text())["rows"]
-    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--trained-weights"]) == 0
+    assert train.main(["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"),
+                       "--trained-weights"]) == 0
     assert all(torch.equal(evaluated[-1][name], trained[name]) for name in names)  # the raw weights, for comparison
     capsys.readouterr()
     assert train.main(run + ["--trained-weights"]) == 2
@@ -2144,7 +2150,8 @@ def test_eval_sets_name_the_generated_test_sets_and_add_extreme_to_a_task_and_to
     # train.py: a run evaluates the three default sets; --eval-sets evaluates its checkpoint on extreme too
     out = tmp_path / "run"
     assert train.main(TINY_RUN + ["--steps", "2", "--seed", "7", "--data-dir", data_dir, "--out", str(out)]) == 0
-    assert {row["test set"] for row in json.loads((out / "results.json").read_text())["rows"]} == {"easy", "medium", "hard"}
+    results = json.loads((out / "results.json").read_text())
+    assert {row["test set"] for row in results["rows"]} == {"easy", "medium", "hard"}
     evaluate = ["--method", "recurrent_depth", "--eval-only", str(out / "checkpoint.pt"), "--eval-size", "2"]
     assert train.main(evaluate + ["--eval-sets", "easy,extreme"]) == 0
     evaluated = json.loads((out / "eval.json").read_text())
@@ -2152,7 +2159,8 @@ def test_eval_sets_name_the_generated_test_sets_and_add_extreme_to_a_task_and_to
     assert list(dict.fromkeys(row["test set"] for row in evaluated["rows"])) == ["easy", "extreme"]
     capsys.readouterr()
     for refused, message in ((evaluate + ["--eval-sets", "easy,impossible"], "eval sets must be distinct presets"),
-                             (evaluate + ["--eval-sets", "extreme", "--test-csv", "x.csv"], "--test-csv files replace them"),
+                             (evaluate + ["--eval-sets", "extreme", "--test-csv", "x.csv"],
+                              "--test-csv files replace them"),
                              (["--method", "recurrent_depth", "--task", "text", "--eval-sets", "extreme",
                                "--out", str(tmp_path / "refused")], "--task text has its own held-out parts")):
         assert train.main(refused) == 2
@@ -2176,7 +2184,8 @@ def test_training_mixes_hold_equal_shares_of_their_presets(data_dir):
 
 def test_benchmark_figures_script_reads_the_table_and_costs_each_row_by_its_flags(tmp_path):
     from scripts import benchmark_figures
-    markdown = ("text\n\n| test set | thinking steps | recurrent_depth | lit observation-space recursion |\n|---|---:|---:|---:|\n"
+    markdown = ("text\n\n| test set | thinking steps | recurrent_depth | lit observation-space recursion |\n"
+                "|---|---:|---:|---:|\n"
                 "| easy | 4 | 33.6 | 34.8 |\n| hard | 16 |  | 0.6 |\n\nafter")
     points = benchmark_figures.read_table(markdown)
     assert [(p["difficulty"], p["method"], p["thinking steps"], p["exact %"]) for p in points] == [
@@ -2328,23 +2337,27 @@ def test_recurrent_depth_generation_prefills_without_exit_and_warm_starts_each_t
         return thought
 
     monkeypatch.setattr(rd, "think", spy)
-    rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl", continuous_cot=True)
+    rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl",
+                continuous_cot=True)
     assert calls[0][0] is None and calls[0][2].tolist() == [6, 6]  # the prompt: fresh s_0, all 6 steps, no exit
     assert all(used.tolist() == [1, 1] for _, _, used in calls[1:])
     for (_, previous, _), (state, _, _) in zip(calls, calls[1:]):  # continuous CoT: s_0 of a token = last s_r
         assert torch.equal(state, previous[:, -1:])
     calls.clear()
-    rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl", continuous_cot=False)
+    rd.generate(model, torch.randint(0, TEXT.vocab_size, (2, 6)), 5, thinking_steps=6, exit_criterion="kl",
+                continuous_cot=False)
     assert all(state is None for state, _, _ in calls)
 
 
 def test_recurrent_depth_self_speculative_decoding_equals_greedy_decoding():
     model = tiny_model().eval()
     prompt = torch.randint(0, TEXT.vocab_size, (2, 5))
-    greedy, _ = rd.generate(model, prompt, 11, thinking_steps=6, exit_criterion="none", continuous_cot=False, init_scale=0.0)
+    greedy, _ = rd.generate(model, prompt, 11, thinking_steps=6, exit_criterion="none", continuous_cot=False,
+                            init_scale=0.0)
     rates = []
     for draft_steps, lookahead in ((1, 3), (2, 4), (6, 5)):
-        out, stats = rd.generate_speculative(model, prompt, 11, draft_steps=draft_steps, verify_steps=6, lookahead=lookahead)
+        out, stats = rd.generate_speculative(model, prompt, 11, draft_steps=draft_steps, verify_steps=6,
+                                             lookahead=lookahead)
         assert torch.equal(out, greedy), (draft_steps, lookahead)
         rates.append(stats["accepted"])
     assert rates[-1] == 1.0 and rates[0] < 1.0  # drafting with all 6 steps agrees always; with 1 step it is rejected
@@ -2367,13 +2380,15 @@ def test_recurrent_depth_latent_trajectory_holds_every_state_and_plots_as_svg():
     assert trajectory.shape == (6, 2, 81, model.config.d_model) and torch.equal(trajectory[0], s0)
     with torch.no_grad():
         for r in (1, 5):  # s_r decodes to the logits of r recurrences from the same s_0
-            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)), unrolled(model, idx, (r, 0), s0))
+            torch.testing.assert_close(model.readout(trajectory[r], model.rope(0, 81)),
+                                       unrolled(model, idx, (r, 0), s0))
     paths = trajectory[:, :, :3].permute(1, 2, 0, 3)  # (2 starts, 3 cells, 6 steps, D)
     root = ElementTree.fromstring(trajectory_svg(paths, ["a", "b", "c"], "test"))
     lines = root.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 6 and all(len(line.get("points").split()) == 6 for line in lines)  # one per start and cell
     assert [("stroke-dasharray" in line.attrib) for line in lines] == [False, True] * 3  # the second start dashed
-    assert [line.get("stroke") for line in lines[::2]] == [line.get("stroke") for line in lines[1::2]]  # colour per cell
+    # colour per cell
+    assert [line.get("stroke") for line in lines[::2]] == [line.get("stroke") for line in lines[1::2]]
     # points on a line through the data: PC 1 carries all variance, PC 2 none
     line = torch.linspace(0, 1, 6)[None, None, :, None] * torch.randn(1, 1, 1, 8)
     assert "PC 1 / 2: 100 / 0 % of variance" in trajectory_svg(line, ["x"], "line")
@@ -2498,9 +2513,11 @@ def test_recurrent_depth_plain_transformer_control_has_distinct_layers_and_one_p
     grads = [layer.attn.qkv.weight.grad for layer in model.layers]
     assert all(g.abs().sum() > 0 for g in grads) and not any(torch.equal(grads[0], g) for g in grads[1:])
     with torch.no_grad():  # recurrences do not apply: the same loss whatever count is asked
-        torch.testing.assert_close(rd.recurrent_loss(model, batch, (0, 1))[0], rd.recurrent_loss(model, batch, (30, 4))[0])
-    task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))},
-                                                            "b": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
+        torch.testing.assert_close(rd.recurrent_loss(model, batch, (0, 1))[0],
+                                   rd.recurrent_loss(model, batch, (30, 4))[0])
+    task = SimpleNamespace(**vars(SUDOKU_SHAPE),
+                           test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))},
+                                      "b": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
     rows = rd.evaluate(model, task, config, (1, 2, 8, 16), None)
     assert [(r["test set"], r["thinking steps"]) for r in rows] == [("a", 5), ("b", 5)]  # one point, at its depth
     with pytest.raises(ValueError, match="Sudoku task only"):
@@ -2587,7 +2604,8 @@ def test_recurrent_depth_exit_rules_stop_where_they_should_on_hand_made_sequence
     assert first_exits("kl", 0.99 * kl_0_2, sequence, min_steps=1) == [None]
     # latent-diff: ||s_i - s_{i-1}|| / ||s_i||, the largest over positions: 1 at step 1 (from 0), 1/sqrt(5) at step 2
     states = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, 0.0], [1.0, 1.0]]], [[[1.0, 0.0], [2.0, 1.0]]]])
-    assert first_exits("latent-diff", 0.45, states=states) == [2] and first_exits("latent-diff", 0.44, states=states) == [None]
+    assert (first_exits("latent-diff", 0.45, states=states) == [2]
+            and first_exits("latent-diff", 0.44, states=states) == [None])
     # entropy-diff: p = (a, (1-a)/2, (1-a)/2) with a = .4, .6, .8, .9, .9, .9 beside a uniform position; H_0 = 100
     shares = torch.tensor([0.4, 0.6, 0.8, 0.9, 0.9, 0.9])
     changing = torch.stack([shares, (1 - shares) / 2, (1 - shares) / 2], -1)  # (6, 3)
@@ -2709,7 +2727,8 @@ def test_recurrent_depth_official_checkpoint_loads_to_the_same_logits(tmp_path):
     zero = torch.zeros(2, 12, source.config.d_model)
     with torch.no_grad():
         expected = unrolled(source, idx, (4, 0), zero)
-        torch.testing.assert_close(reference_logits(official, idx, source.config.n_heads, 4), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(reference_logits(official, idx, source.config.n_heads, 4), expected,
+                                   atol=1e-4, rtol=1e-4)
         # the official interleaved RoPE pairs become ours by the q/k row permutation
         loaded = huginn_0125.load_huginn(tmp_path, source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
         torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
@@ -2725,15 +2744,16 @@ def test_recurrent_depth_official_checkpoint_loads_to_the_same_logits(tmp_path):
         encoded = json.dumps(header).encode()
         (tmp_path / "st" / "m.safetensors").write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(
             t.float().numpy().tobytes() for t in tensors.values()))
-        loaded = huginn_0125.load_huginn(tmp_path / "st", source.config, vocab_size=TEXT.vocab_size, max_len=TEXT.seq_len)
+        loaded = huginn_0125.load_huginn(tmp_path / "st", source.config, vocab_size=TEXT.vocab_size,
+                                         max_len=TEXT.seq_len)
         torch.testing.assert_close(unrolled(loaded, idx, (4, 0), zero), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_recurrent_depth_huginn_preset_has_the_released_parameter_count():
     from scripts import huginn_0125
     with torch.device("meta"):  # shapes only, no memory
-        model = rd.RecurrentDepthModel(rd.Config(**huginn_0125.HUGINN_CONFIG), huginn_0125.HUGINN_VOCAB_SIZE, huginn_0125.HUGINN_CONTEXT,
-                                       causal=True, grid=False)
+        model = rd.RecurrentDepthModel(rd.Config(**huginn_0125.HUGINN_CONFIG), huginn_0125.HUGINN_VOCAB_SIZE,
+                                       huginn_0125.HUGINN_CONTEXT, causal=True, grid=False)
     assert sum(p.numel() for p in model.parameters()) == 3_564_976_800
 
 
@@ -2793,8 +2813,9 @@ def test_recurrent_depth_more_thinking_does_not_collapse(trained_sudoku):
 def test_recurrent_depth_evaluate_rows_and_train_mode_restored(trained_sudoku):
     model, task, config, _ = trained_sudoku
     rows = rd.evaluate(model, task, config, (1, 2), None)
-    assert [r["thinking steps"] for r in rows] == [1, 2, "adaptive (kl)", "adaptive (latent-diff)", "adaptive (entropy-diff)",
-                                                   "adaptive (argmax-stability)", "adaptive (kl, min_steps 4)"]
+    assert [r["thinking steps"] for r in rows] == [1, 2, "adaptive (kl)", "adaptive (latent-diff)",
+                                                   "adaptive (entropy-diff)", "adaptive (argmax-stability)",
+                                                   "adaptive (kl, min_steps 4)"]
     assert all(1 <= r["mean steps used"] <= 2 for r in rows[2:6]) and rows[-1]["mean steps used"] == 2  # capped at 2
     assert 1 <= rows[-1]["mean steps used"] <= 2 and model.training
     assert set(rows[0]) == {"test set", "thinking steps", "mean steps used", "exact %", "blank-cell %",
@@ -2859,7 +2880,8 @@ def test_recurrent_depth_confidence_pick_by_hand_and_without_the_rules_checker(m
     log_p[2, 1, :, 1] = -1.0  # puzzle 1: all tie -> the first
     log_p[0, 1, 3, 0] = 0.0  # token 0 (blank) is never a digit: does not count
     assert rd.pick_by_confidence(log_p, puzzle).tolist() == [1, 0]
-    monkeypatch.setattr(sudoku_data, "broken_constraints", lambda *a: (_ for _ in ()).throw(AssertionError("rules used")))
+    monkeypatch.setattr(sudoku_data, "broken_constraints",
+                        lambda *a: (_ for _ in ()).throw(AssertionError("rules used")))
     assert rd.pick_by_confidence(log_p, puzzle).tolist() == [1, 0]
 
 
@@ -2908,7 +2930,8 @@ def test_recurrent_depth_test_time_flops_are_what_the_flop_counter_sees():
     plain = rd.build_model(plain_config, SUDOKU_SHAPE).eval()
     assert counted(lambda: plain(idx)) == 2 * rd.test_time_flops(plain_config, 10, 1) == \
         2 * rd.test_time_flops(plain_config, 10, 64)  # its depth is fixed
-    task = SimpleNamespace(**vars(SUDOKU_SHAPE), test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
+    task = SimpleNamespace(**vars(SUDOKU_SHAPE),
+                           test_sets={"a": {"puzzle": idx, "solution": torch.randint(1, 10, (2, 81))}})
     rows = rd.evaluate(model, task, dataclasses.replace(config, restarts=2), (1, 3), None)
     fixed = {r["thinking steps"]: r for r in rows if "restarts" not in r}
     assert fixed[3]["test-time MFLOP per puzzle"] == rd.test_time_flops(config, 10, 3) / 1e6
@@ -3375,7 +3398,8 @@ def test_ltm_train_py_resume_reproduces_the_straight_run(tmp_path, monkeypatch, 
     assert resumed["step"] == straight["step"] == 4
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((tmp_path / name / "results.json").read_text())["rows"]]
+    rows = [[{k: v for k, v in row.items() if k != "seconds"}
+             for row in json.loads((tmp_path / name / "results.json").read_text())["rows"]]
             for name in ("straight", "split")]  # every column but the wall time
     assert rows[0] == rows[1] and [row["thinking steps"] for row in rows[0]] == [1, 2]  # one file: one held-out set
 
@@ -4273,7 +4297,8 @@ class LitFakeTask:
 
 
 def lit_tiny_config(**overrides):
-    base = dict(d_model=16, n_heads=2, n_layers=1, train_thinking_steps=3, batch_size=8, eval_batch_size=8, eval_steps=(1, 3))
+    base = dict(d_model=16, n_heads=2, n_layers=1, train_thinking_steps=3, batch_size=8, eval_batch_size=8,
+                eval_steps=(1, 3))
     return lit.Config(**{**base, **overrides})
 
 
@@ -4330,7 +4355,8 @@ def test_lit_teacher_observations_never_reach_the_student(task_name):
     student, student_perturbed = lit_student(model, batch, 3), lit_student(model, perturbed, 3)
     assert all(torch.equal(a, b) for a, b in zip(student, student_perturbed))
     order, state = torch.rand(2, 81), torch.randn(2, 81, 16)
-    teacher, teacher_perturbed = (lit.teacher_update(model, state, *model.observe(b, teacher=True), b["puzzle"], order, 1)[0]
+    teacher, teacher_perturbed = (lit.teacher_update(model, state, *model.observe(b, teacher=True), b["puzzle"],
+                                                     order, 1)[0]
                                   for b in (batch, perturbed))
     assert not torch.equal(teacher, teacher_perturbed)  # the hints do reach the teacher
 
@@ -4412,10 +4438,10 @@ def test_lit_bad_input_raises_value_error():
         lit.train_step(visual, lit.make_optimizer(visual, config), lit_no_scaler(), good, 0, config, None)
     with pytest.raises(ValueError):
         lit.build_model(config, LitFakeTask("text"))
-    for bad_field in (dict(d_model=30, n_heads=4), dict(recursion="pixels"), dict(grad_clip=0.0), dict(teacher_share=0.0),
-                      dict(teacher_share=1.5), dict(ema_teacher=1.0), dict(ema_teacher=-0.1), dict(cnn_channels=0),
-                      dict(train_thinking_steps=0), dict(restarts=0), dict(restart_noise=-0.1), dict(n_diverse=0),
-                      dict(restart_noise=float("nan")), dict(eval_batch_size=0)):
+    for bad_field in (dict(d_model=30, n_heads=4), dict(recursion="pixels"), dict(grad_clip=0.0),
+                      dict(teacher_share=0.0), dict(teacher_share=1.5), dict(ema_teacher=1.0), dict(ema_teacher=-0.1),
+                      dict(cnn_channels=0), dict(train_thinking_steps=0), dict(restarts=0), dict(restart_noise=-0.1),
+                      dict(n_diverse=0), dict(restart_noise=float("nan")), dict(eval_batch_size=0)):
         with pytest.raises(ValueError, match=next(iter(bad_field))) as error:
             lit.build_model(lit_tiny_config(**bad_field), LitFakeTask("sudoku"))
         assert "\n" not in str(error.value)
@@ -4474,7 +4500,8 @@ def test_lit_observation_recursion_passes_only_digit_distributions():
         else:  # ... except into the read-back map itself
             earlier = list(model.student.parameters()) + [model.decoder.weight]
             for state in states:
-                assert all(g is None for g in torch.autograd.grad(state.sum(), earlier, allow_unused=True, retain_graph=True))
+                assert all(g is None for g in torch.autograd.grad(state.sum(), earlier, allow_unused=True,
+                                                                  retain_graph=True))
         for calls in (seen["student"][:3], training):
             for (_, before), (state, _) in zip(calls, calls[1:]):
                 read_back = model.readback(model.decode(before).softmax(-1)) if model.readback is not None else None
@@ -4559,7 +4586,8 @@ def test_lit_stochastic_samples_differ_by_seed_and_are_scored_as_valid_solutions
     assert len({tuple(grid.tolist()) for grid in first[:, 0]}) > 1  # the samples differ from each other
     wrong = solution_a % 9 + 1  # a valid grid (digits relabelled) that breaks the givens
     grids = torch.stack([solution_a, solution_b, solution_a, wrong, puzzle])[:, None]  # (5, 1, 81)
-    assert lit.diversity(grids, puzzle[None]) == pytest.approx({"valid samples %": 60.0, "distinct valid solutions": 2.0})
+    assert lit.diversity(grids, puzzle[None]) == pytest.approx({"valid samples %": 60.0,
+                                                                "distinct valid solutions": 2.0})
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
@@ -4668,7 +4696,8 @@ def test_lit_teacher_share_sets_the_rows_the_teacher_steps_from(ema_teacher):
     model, config = lit_make(ema_teacher=ema_teacher, teacher_share=0.25)
     batch = lit_tiny_sudoku(8, 40)
     calls = {"teacher": [], "student": []}  # input states per update call
-    hooks = [getattr(model, role).register_forward_hook(lambda module, args, out, role=role: calls[role].append(args[0]))
+    hooks = [getattr(model, role).register_forward_hook(
+                 lambda module, args, out, role=role: calls[role].append(args[0]))
              for role in ("teacher", "student")]
     lit.lit_loss(model, batch, config)
     for hook in hooks:
@@ -4695,7 +4724,8 @@ def test_lit_ema_teacher_is_the_average_of_the_students_past_weights():
     model, config = lit_make(ema_teacher=decay)
     assert model.teacher is not model.student and not any(p.requires_grad for p in model.teacher.parameters())
     optimizer = lit.make_optimizer(model, config)
-    assert {id(p) for group in optimizer.param_groups for p in group["params"]}.isdisjoint(map(id, model.teacher.parameters()))
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]}.isdisjoint(
+        map(id, model.teacher.parameters()))
     batch = lit_tiny_sudoku(4, 40)
     history = [[p.detach().clone() for p in model.student.parameters()]]  # θ_S(0), ..., θ_S(k)
     for step in range(3):
@@ -4703,7 +4733,8 @@ def test_lit_ema_teacher_is_the_average_of_the_students_past_weights():
         history.append([p.detach().clone() for p in model.student.parameters()])
     k = len(history) - 1
     for i, teacher in enumerate(model.teacher.parameters()):
-        average = decay ** k * history[0][i] + sum((1 - decay) * decay ** (k - s) * history[s][i] for s in range(1, k + 1))
+        average = decay ** k * history[0][i] + sum((1 - decay) * decay ** (k - s) * history[s][i]
+                                                   for s in range(1, k + 1))
         assert torch.allclose(teacher, average, atol=1e-6)
     assert not all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.student.parameters()))
     calls = []
@@ -4807,7 +4838,8 @@ def test_lit_one_restart_is_the_single_trajectory_and_noiseless_restarts_are_cop
     test_set = task.test_sets["tiny"]
     answers = lit_student(model, test_set, 3)
     assert [r["blank-cell %"] for r in rows] == [
-        sudoku_data.blank_accuracy(answers[s - 1].argmax(-1) + 1, test_set["puzzle"], test_set["solution"]) for s in (1, 3)]
+        sudoku_data.blank_accuracy(answers[s - 1].argmax(-1) + 1, test_set["puzzle"], test_set["solution"])
+        for s in (1, 3)]
 
 
 def test_lit_a_trajectory_is_the_same_at_any_eval_batch_size_and_whether_or_not_others_stop():
@@ -4832,7 +4864,8 @@ def test_lit_a_trajectory_is_the_same_at_any_eval_batch_size_and_whether_or_not_
     assert (stopped.steps[:, :3] == 1).all() and (stopped.steps[:, 3] == 3).all()
     assert all(torch.allclose(a[:, 3], b[:, 3], atol=1e-5) for a, b in zip(stopped.logits, together.logits))
     task = SimpleNamespace(name="sudoku", test_sets={"tiny": batch})
-    by_size = [lit.evaluate(model, task, dataclasses.replace(config, eval_batch_size=size), (1, 3), None) for size in (3, 12)]
+    by_size = [lit.evaluate(model, task, dataclasses.replace(config, eval_batch_size=size), (1, 3), None)
+               for size in (3, 12)]
     assert by_size[0] == by_size[1] and len(by_size[0]) == 2 * 3
 
 
@@ -4870,7 +4903,8 @@ def test_lit_confidence_pick_needs_neither_the_rules_nor_the_solution(monkeypatc
     logits = lit.think(model, puzzle_only, 3, restarts=4, noise=0.5).logits
     assert torch.equal(lit.pick_by_confidence(logits[-1], batch["puzzle"]), expected)
     with pytest.raises(RuntimeError, match="unavailable"):  # the oracle row does check the rules
-        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5), (3,), None)
+        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5),
+                     (3,), None)
 
 
 def test_lit_oracle_verifier_picks_a_grid_that_keeps_the_givens_and_breaks_no_rule():
@@ -5065,7 +5099,8 @@ def test_lit_halting_pick_is_the_argmax_of_the_heads_probability_and_needs_no_ru
     thoughts = lit.think(model, {"puzzle": batch["puzzle"]}, 3, restarts=4, noise=0.5)  # no solution
     assert torch.equal(lit.pick_trajectory("halting head", thoughts, 3, batch["puzzle"]), expected)
     with pytest.raises(RuntimeError, match="unavailable"):  # the oracle row does check the rules
-        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5), (3,), None)
+        lit.evaluate(model, lit_tiny_restart_task(), dataclasses.replace(config, restarts=4, restart_noise=0.5),
+                     (3,), None)
 
 
 LIT_HALT_SCHEDULE = [[0.1, 0.7, 0.95, 0.2],  # trajectory 0 of puzzle 0: h_t per step; τ = 0.8 -> stops after step 3
@@ -5102,7 +5137,8 @@ def test_lit_adaptive_stopping_stops_each_trajectory_where_its_head_first_crosse
     for t in range(4):
         for k in range(2):
             for b in range(3):
-                stop = min(LIT_HALT_STEPS[k][b], t + 1) - 1  # a stopped trajectory keeps the answer and h of its last step
+                # a stopped trajectory keeps the answer and h of its last step
+                stop = min(LIT_HALT_STEPS[k][b], t + 1) - 1
                 assert torch.allclose(stopped.logits[t][k, b], free.logits[stop][k, b], atol=1e-6)
                 assert stopped.halt[t][k, b].item() == pytest.approx(LIT_HALT_SCHEDULE[3 * k + b][stop], abs=1e-6)
     assert not torch.allclose(free.logits[0], free.logits[3])  # the answers move with the steps: freezing them shows
@@ -5119,7 +5155,8 @@ def test_lit_adaptive_stopping_stops_each_trajectory_where_its_head_first_crosse
 
 
 def test_lit_adaptive_stopping_computes_only_the_steps_it_reports():
-    """The flop counter sees exactly B × test_time_flops at the mean steps used: stopped trajectories compute nothing."""
+    """The flop counter sees exactly B × test_time_flops at the mean steps used: stopped trajectories compute
+    nothing."""
     from torch.utils.flop_counter import FlopCounterMode
     model, config = lit_make(halt_weight=0.5)
     with torch.no_grad():
@@ -5183,7 +5220,8 @@ def test_lit_halting_flags_through_train_py_and_a_checkpoint_without_a_head_is_o
     state = torch.load(plain, weights_only=True)
     state["config"]["pick"] = "confidence"
     torch.save(state, tmp_path / "older.pt")
-    assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "older.pt"), "--out", str(tmp_path / "older")]) == 0
+    assert train.main(["--method", "lit", "--eval-only", str(tmp_path / "older.pt"),
+                       "--out", str(tmp_path / "older")]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "no longer has" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: ") and warning[0].endswith("ignored: pick")
 

@@ -46,8 +46,9 @@ def read(path):
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"read {len(puzzles):,} rows in {seconds:.1f} s: {len(puzzles) / seconds:,.0f} rows/s "
-          f"({len(puzzles) / cpu_seconds:,.0f} rows per CPU second, {os.getloadavg()[0]:.1f} load average); peak memory "
-          f"{peak:,.0f} MiB ({baseline:,.0f} MiB after imports, {peak - baseline:,.0f} MiB more while reading); "
+          f"({len(puzzles) / cpu_seconds:,.0f} rows per CPU second, {os.getloadavg()[0]:.1f} load average); "
+          f"peak memory {peak:,.0f} MiB ({baseline:,.0f} MiB after imports, "
+          f"{peak - baseline:,.0f} MiB more while reading); "
           f"arrays {puzzles.dtype} {puzzles.nbytes + solutions.nbytes:,} bytes")
 
 
