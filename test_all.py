@@ -2197,6 +2197,11 @@ def test_benchmark_figures_script_reads_the_table_and_costs_each_row_by_its_flag
         lit.test_time_flops(observation, "sudoku", 4) / 1e6 > lit.test_time_flops(lit.Config(), "sudoku", 4) / 1e6
     with pytest.raises(ValueError, match="no table"):
         benchmark_figures.read_table("no table here")
+    page = (Path(train.__file__).parent / "docs" / "benchmark.md").read_text()
+    recipe = lit.Config(difficulty="mixed", segment_steps=2, no_imagination=True)  # the page's recipe column
+    assert {p["method"] for p in benchmark_figures.read_table(page)} >= {"recurrent_depth", "lit --no-imagination recipe"}
+    assert benchmark_figures.cost_per_puzzle("lit --no-imagination recipe", 128) == \
+        lit.test_time_flops(recipe, "sudoku", 128) / 1e6
 
 
 def test_restart_curve_script_averages_each_point_over_the_seeds_files_and_draws_one_line_per_pick(tmp_path, capsys):
