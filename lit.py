@@ -80,14 +80,12 @@ class Config:
     halt_threshold: float = 0.0          # τ in (0, 1): a trajectory stops at its first step with h_t > τ; 0: never
 
 
-# --preset gpu: the hard-puzzle recipe (docs/benchmark.md: LIT with the EMA teacher and β = 0.3, the halting head)
-# scaled to one GPU for at most an hour: 3.2M parameters, 16 noisy restarts at test time, each stopped by its head.
-# ema and base_size are train.py's run options.
+# --preset gpu: the hard-puzzle recipe as LIT (docs/benchmark.md) scaled to one GPU for at most an hour: 3.2M trained
+# parameters, 16 noisy restarts at test time, each stopped by its head. ema and base_size are train.py's run options.
 GPU_CONFIG = dict(d_model=256, n_heads=8, n_layers=4, batch_size=256, steps=18500, lr=5e-4, warmup_steps=1000,
                   train_thinking_steps=16, segment_steps=2, imagination_weight=0.3, ema_teacher=0.999,
-                  difficulty="mixed", base_size=3000,
-                  ema=0.999, eval_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256), restarts=16, restart_noise=0.3,
-                  halt_weight=0.5, halt_threshold=0.99, eval_batch_size=2000)
+                  difficulty="mixed", base_size=3000, ema=0.999, eval_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                  restarts=16, restart_noise=0.3, halt_weight=0.5, halt_threshold=0.99, eval_batch_size=2000)
 
 
 # ============================================================================= the model
