@@ -273,6 +273,7 @@ def _generate_chunk(job, made=lambda: None):
 
 GENERATION_CHUNK = 25  # puzzles a job; each job has its own seed, so the result does not depend on the worker count
 BYTES_PER_PUZZLE = 81 + 81 + 4  # what generate_puzzles returns for each puzzle: two int8 grids and int32 guesses
+GENERATION_BYTES = 3_500  # what a base-set puzzle takes while its set is generated, checked and cached
 
 
 def available_memory():
@@ -322,7 +323,7 @@ def check_generation(difficulty, n, data_dir="data"):
     its time (generation_cost's estimate) printed."""
     if n < 10_000:
         return
-    needed, free = n * 3_500, available_memory()  # bytes a puzzle takes while its set is generated, checked and cached
+    needed, free = n * GENERATION_BYTES, available_memory()
     if needed > free:
         raise ValueError(f"generating it needs about {needed / 2**30:,.1f} GiB, but {free / 2**30:,.1f} GiB are free")
     presets = TRAINING_MIXES.get(difficulty, (difficulty,))
