@@ -1601,10 +1601,14 @@ def test_the_check_before_training_runs_the_evaluation_steps_the_evaluation_runs
     assert _files(out) == before
 
 
-def test_lit_evaluates_a_thinking_step_count_listed_twice_after_training_and_with_eval_only(tmp_path, data_dir):
+def test_lit_evaluates_a_thinking_step_count_listed_twice_after_training_and_with_eval_only(tmp_path, data_dir,
+                                                                                             capsys):
     out = tmp_path / "run"
     run = ["--method", "lit", *TINY_FLAGS["lit"], "--steps", "1", "--eval-size", "2", "--data-dir", data_dir]
-    assert train.main(run + ["--out", str(out), "--eval-steps", "1,1"]) == 0
+    assert train.main(run + ["--out", str(out), "--eval-steps", "1,1", "--ema-teacher", "0.5"]) == 0
+    model = torch.load(out / "checkpoint.pt", weights_only=False)["model"]  # the EMA teacher's copy is not trained
+    student = sum(v.numel() for k, v in model.items() if not k.startswith(("teacher.", "_orig_mod.teacher.")))
+    assert f": {student:,} trained parameters," in capsys.readouterr().out and student < sum(map(torch.numel, model.values()))
     assert train.main(["--method", "lit", "--eval-only", str(out / "checkpoint.pt"), "--eval-steps", "2,1,2"]) == 0
     for name, steps in (("results.json", [1]), ("eval.json", [2, 1])):
         record = json.loads((out / name).read_text())

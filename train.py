@@ -75,8 +75,7 @@ class RunOptions:
 COMMON_DEFAULTS = dataclasses.asdict(RunOptions())
 CHOICES = dict(preset=("cpu", "gpu"), device=("auto", "cpu", "cuda"), dtype=("auto", "float32", "bfloat16", "float16"),
                eval_split=("test", "validation"))
-POSITIVE = ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every",
-            "context_length")
+POSITIVE = ("steps", "batch_size", "eval_size", "base_size", "train_size", "log_every", "save_every", "context_length")
 # what --resume may change besides every eval_* setting: where and how often it writes, device, dtype, steps, tests
 RESUME_MAY_CHANGE = {"method", "resume", "out", "overwrite", "data_dir", "mnist_dir", "log_every", "save_every",
                      "device", "dtype", "compile", "steps", "test_csv", "check_unique"}
@@ -286,8 +285,9 @@ def build(method, config, options, device, autocast_dtype, source):
             raise UsageError(f"--compile: {method.__name__}'s model has no forward for torch.compile to compile; "
                              f"run without --compile")
         model.compile()
-    print(f"{method.__name__} on {options.task}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, device {device}, autocast {autocast_dtype or 'off'}, run folder {options.out}")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # an EMA copy is not trained
+    print(f"{method.__name__} on {options.task}: {trained:,} trained parameters, device {device}, autocast "
+          f"{autocast_dtype or 'off'}, run folder {options.out}")
     return task, model
 
 
