@@ -1201,7 +1201,7 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c_or_sigterm(method, tmp
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
     run = ["--method", method, *TINY_FLAGS[method], "--steps", str(SIGINT_STEPS), "--warmup-steps", "2",
-           "--log-every", "2", "--data-dir", data_dir]  # (a logged step is also FLOP-counted, 5x slower)
+           "--log-every", "4", "--data-dir", data_dir]  # (a logged step is also FLOP-counted, 5x slower)
     run += ["--text-file", str(corpus)] if method == "ltm" else []
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(run + ["--out", str(straight)]) == 0
@@ -1219,14 +1219,14 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c_or_sigterm(method, tmp
     output, errors = process.communicate(timeout=300)
     assert process.returncode == 130, errors[-3000:]
     interrupted = int(re.search(r"interrupted at step (\d+)", output).group(1))
-    assert 2 <= interrupted < SIGINT_STEPS and _checkpoint(split)["step"] == interrupted
+    assert 8 <= interrupted < SIGINT_STEPS and _checkpoint(split)["step"] == interrupted  # (after 2 log lines)
     assert not (split / "lock").exists()
     assert train.main(["--method", method, "--resume", str(split / "checkpoint.pt")]) == 0
     resumed, expected = _checkpoint(split), _checkpoint(straight)
     assert resumed["step"] == expected["step"] == SIGINT_STEPS
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(2, SIGINT_STEPS + 1, 2))
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(4, SIGINT_STEPS + 1, 4))
     rows = [[{k: v for k, v in row.items() if k != "seconds"}
              for row in json.loads((folder / "results.json").read_text())["rows"]]
             for folder in (straight, split)]  # (ltm's rows carry their wall time)
@@ -1298,10 +1298,11 @@ def test_cost_meter_counts_a_lit_step_as_the_same_step_with_attention_as_explici
 
 
 # Each method's GPU_CONFIG shape for a step on the CPU, shrunk in batch size (1), steps, evaluation sizes
-# (1 example) and training data (--base-size, easy puzzles, the easy test set) only, with bf16 autocast as on a
-# GPU. Two more cuts, each the least that keeps the test to seconds: recurrent_depth and lit evaluate at 1 and 2
-# thinking steps, not up to 64; ltm takes 1 fast step in training, not 16 (no tensor changes shape), evaluates its
-# prior row only, on 16-token windows, not 1,024 (its weights keep their shapes). lvr starts stage 1 at step 1, so
+# (1 example) and training data (--base-size, easy puzzles, the easy test set) only, in fp32 (bf16 matmuls are ~50x
+# slower on a CPU without bf16 units; every method trains and evaluates in bf16 at tiny size below). Two more cuts,
+# each the least that keeps the test to seconds: recurrent_depth and lit evaluate at 1 and 2 thinking steps, not up
+# to 64; ltm takes 1 fast step in training, not 16 (no tensor changes shape), evaluates its prior row only, on
+# 16-token windows, not 1,024 (its weights keep their shapes). lvr starts stage 1 at step 1, so
 # both stages run, and its adaptive exits and sampled validation rows take 2 latent steps, 2 samples and 1
 # question at most (no tensor changes shape).
 EASY = ["--difficulty", "easy", "--eval-sets", "easy"]
@@ -1310,7 +1311,7 @@ GPU_SHAPE_CUTS = {
                         *EASY],
     "ltm": ["--fast-steps", "1", "--eval-steps", "0", "--eval-subset", "1", "--context-length", "16"],
     "lit": ["--eval-steps", "1,2", "--eval-batch-size", "4", "--base-size", "8", "--train-thinking-steps", "2",
-            "--restarts", "2", *EASY],  # (4: 2 puzzles of 2 restarts; bf16 matmuls are slow on the CPU)
+            "--restarts", "2", *EASY],  # (4: 2 puzzles of 2 restarts)
     "lvr": ["--align-steps", "1", "--eval-steps", "0,2", "--group-size", "2", "--max-latent", "2",
             "--validation-size", "1"],
 }
@@ -1319,7 +1320,7 @@ GPU_SHAPE_CUTS = {
 @pytest.mark.parametrize("method", train.METHODS)
 def test_train_py_gpu_preset_shape_trains_on_the_cpu(method, tmp_path, data_dir):
     steps = 2 if method == "lvr" else 1  # lvr: a step of each stage
-    run = ["--method", method, "--preset", "gpu", "--dtype", "bfloat16", "--batch-size", "1", "--steps", str(steps),
+    run = ["--method", method, "--preset", "gpu", "--dtype", "float32", "--batch-size", "1", "--steps", str(steps),
            "--eval-size", "1", "--log-every", "1", "--data-dir", data_dir, "--out", str(tmp_path),
            *GPU_SHAPE_CUTS[method]]
     assert train.main(run) == 0
@@ -1505,17 +1506,26 @@ os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
     assert "\nmethod " not in broken.stdout  # no table after a failure
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("method", train.METHODS)
-def test_train_py_fp16_with_grad_scaler_runs_on_the_cpu(method, tmp_path, data_dir):
-    # the CUDA default where bf16 is missing: fp16 autocast and a GradScaler, both of which torch runs on the CPU
+def test_train_py_trains_and_evaluates_under_fp16_with_grad_scaler_and_bf16_on_the_cpu(method, dtype, tmp_path,
+                                                                                      data_dir):
+    # fp16 autocast and a GradScaler: the CUDA default where bf16 is missing; bf16 autocast: the GPU default; torch
+    # runs both on the CPU
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
-    run = ["--method", method, *TINY_FLAGS[method], "--dtype", "float16", "--steps", "3", "--log-every", "1",
+    run = ["--method", method, *TINY_FLAGS[method], "--dtype", dtype, "--steps", "3", "--log-every", "1",
            "--eval-size", "2", "--eval-steps", "1", "--data-dir", data_dir, "--out", str(tmp_path / "run")]
     run += ["--text-file", str(corpus)] if method == "ltm" else []  # (a short evaluation: training is what is tested)
+    run += ["--align-steps", "1"] if method == "lvr" else []  # a step of each stage
     assert train.main(run) == 0
     checkpoint = _checkpoint(tmp_path / "run")
-    assert checkpoint["scaler"]["scale"] > 1  # the scaler was on (a disabled one saves no scale)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["run"]["dtype"] == dtype and results["rows"]  # evaluated under the same autocast
+    if dtype == "float16":
+        assert checkpoint["scaler"]["scale"] > 1  # the scaler was on (a disabled one saves no scale)
+    else:
+        assert "scale" not in checkpoint["scaler"]  # bf16 needs no scaler: a disabled one saves no scale
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
 
