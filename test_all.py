@@ -2054,10 +2054,14 @@ def test_eval_split_validation_through_train_py_labels_and_records_its_rows_and_
     assert {row["test set"] for row in evaluated["rows"]} == {"easy", "medium", "hard"}
     public = tmp_path / "public.csv"
     sudoku_data.write_csv(public, puzzles["easy"][0], puzzles["easy"][1])
+    assert train.main(evaluate + ["--test-csv", str(public), "--eval-size", "3"]) == 0  # test files: the test split
+    evaluated = json.loads((tmp_path / "val" / "eval.json").read_text())
+    assert evaluated["evaluated"]["split"] == "test" and evaluated["evaluated"]["test_sets"] == {"public": 3}
     capsys.readouterr()
     for refused, message in ((tiny + ["--eval-split", "validation", "--test-csv", str(public)],
                               "--test-csv files are test sets"),
-                             (evaluate + ["--test-csv", str(public)], "--eval-split validation evaluates generated"),
+                             (evaluate + ["--eval-split", "validation", "--test-csv", str(public)],
+                              "--eval-split validation evaluates generated"),
                              (["--method", "recurrent_depth", "--task", "text", "--eval-split", "validation"],
                               "--task text has its own held-out parts")):
         assert train.main(refused + ["--out", str(tmp_path / "refused")]) == 2

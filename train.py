@@ -103,6 +103,8 @@ def settings(method, given, checkpoint, checkpoint_path=None):
     command line. The checkpoint's --out and --data-dir are places on its machine, not settings: they are not taken.
     --resume continues a run exactly: a changed setting that would change its training is refused in one line."""
     saved_run = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
+    if "test_csv" in given:  # test files given: a checkpoint evaluated on the validation split is now tested
+        saved_run.pop("eval_split", None)
     saved_config = checkpoint["config"] if checkpoint else {}
     saved = {**saved_run, **saved_config} if "resume" in given else {}
     for name, value in given.items():
