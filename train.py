@@ -100,11 +100,11 @@ def shown(value):
 # ------------------------------------------------------------------------------------------------------------ settings
 def settings(method, given, checkpoint, checkpoint_path=None):
     """(run options, Config): defaults < --preset gpu's GPU_CONFIG < the checkpoint's (resuming or evaluating) < the
-    command line. The checkpoint's --out and --data-dir are places on its machine, not settings: they are not taken.
-    --resume continues a run exactly: a changed setting that would change its training is refused in one line."""
-    saved_run = {k: v for k, v in checkpoint["run"].items() if k not in ("out", "data_dir")} if checkpoint else {}
-    if "test_csv" in given:  # test files given: a checkpoint evaluated on the validation split is now tested
-        saved_run.pop("eval_split", None)
+    command line. The checkpoint's --out and --data-dir are places on its machine, not settings: they are not taken;
+    nor is its --eval-split where --test-csv gives test files. --resume continues a run exactly: a changed setting
+    that would change its training is refused in one line."""
+    places = ("out", "data_dir", "eval_split") if "test_csv" in given else ("out", "data_dir")
+    saved_run = {k: v for k, v in checkpoint["run"].items() if k not in places} if checkpoint else {}
     saved_config = checkpoint["config"] if checkpoint else {}
     saved = {**saved_run, **saved_config} if "resume" in given else {}
     for name, value in given.items():
@@ -183,8 +183,7 @@ def check_combinations(method, options, config, given, resuming):
     if task not in method.TASKS:
         raise UsageError(f"--method {method.__name__} supports --task {', '.join(method.TASKS)}, not {task}")
     if options.eval_split != "test" and not sudoku:
-        raise UsageError(f"--eval-split chooses among generated Sudoku puzzles; --task {task} has its own "
-                         f"held-out parts")
+        raise UsageError(f"--eval-split picks among generated Sudoku puzzles; --task {task} has its own held-out parts")
     if options.eval_split != "test" and options.test_csv:
         raise UsageError(f"--test-csv files are test sets and --eval-split {options.eval_split} evaluates generated "
                          f"{options.eval_split} puzzles instead: give one of them (--eval-split test with --test-csv)")
