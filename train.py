@@ -100,9 +100,8 @@ def shown(value):
 # ------------------------------------------------------------------------------------------------------------ settings
 def settings(method, given, checkpoint, checkpoint_path=None):
     """(run options, Config): defaults < --preset gpu's GPU_CONFIG < the checkpoint's (resuming or evaluating) < the
-    command line. The checkpoint's --out and --data-dir are places on its machine, not settings: they are not taken;
-    nor is its --eval-split where --test-csv gives test files. --resume continues a run exactly: a changed setting
-    that would change its training is refused in one line."""
+    command line. The checkpoint's --out and --data-dir (places on its machine) are not taken, nor its --eval-split
+    where --test-csv gives test files. --resume continues a run exactly: a changed training setting is refused."""
     places = ("out", "data_dir", "eval_split") if "test_csv" in given else ("out", "data_dir")
     saved_run = {k: v for k, v in checkpoint["run"].items() if k not in places} if checkpoint else {}
     saved_config = checkpoint["config"] if checkpoint else {}
