@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -1204,18 +1205,26 @@ def test_train_py_resumes_bit_exactly_after_a_real_ctrl_c_or_sigterm(method, tmp
            "--log-every", "4", "--data-dir", data_dir]  # (a logged step is also FLOP-counted, 5x slower)
     run += ["--text-file", str(corpus)] if method == "ltm" else []
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(run + ["--out", str(straight)]) == 0
-    capsys.readouterr()
     process = subprocess.Popen([sys.executable, "train.py", *run, "--out", str(split)], cwd=Path(train.__file__).parent,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = split / "log.jsonl"
-    while process.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
-        time.sleep(0.005)
+
+    def pause_after_two_log_lines():  # paused in the middle of a step: the loop is almost all steps
+        while process.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
+            time.sleep(0.005)
+        process.send_signal(signal.SIGSTOP)
+    watcher = threading.Thread(target=pause_after_two_log_lines)
+    watcher.start()
+    try:
+        assert train.main(run + ["--out", str(straight)]) == 0  # (beside it)
+    finally:
+        watcher.join()
+    capsys.readouterr()
     assert train.main(run + ["--out", str(split)]) == 2  # a second run in the same folder is refused
     assert "is in use by another run" in capsys.readouterr().err
-    # the signal lands in the middle of a step: the loop is almost all steps
-    process.send_signal(signal.SIGTERM if method == "recurrent_depth" else signal.SIGINT)
+    process.send_signal(signal.SIGTERM if method == "recurrent_depth" else signal.SIGINT)  # lands where it paused
+    process.send_signal(signal.SIGCONT)
     output, errors = process.communicate(timeout=300)
     assert process.returncode == 130, errors[-3000:]
     interrupted = int(re.search(r"interrupted at step (\d+)", output).group(1))
@@ -1530,12 +1539,22 @@ def test_train_py_trains_and_evaluates_under_fp16_with_grad_scaler_and_bf16_on_t
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
 
 
-def _torchrun(args, ranks=2):
-    """python -m torch.distributed.run --standalone --nproc_per_node ranks train.py args (CPU, gloo)."""
+def _torchrun(args, ranks=2, wait=True):
+    """python -m torch.distributed.run --standalone --nproc_per_node ranks train.py args (CPU, gloo): the finished
+    process, or (wait=False) the running one."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-    return subprocess.run([*launcher, "train.py", *args], cwd=Path(train.__file__).parent, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                                                       "CUDA_VISIBLE_DEVICES": ""})
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen([*launcher, "train.py", *args], cwd=Path(train.__file__).parent, env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _finished(process) if wait else process
+
+
+def _finished(process):
+    try:
+        process.stdout, process.stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return process
 
 
 def test_train_py_torchrun_equals_one_process_and_resumes_exactly_recurrent_depth(tmp_path, data_dir):
@@ -1571,11 +1590,12 @@ def test_train_py_torchrun_equals_one_process_with_the_same_total_batch_lit(tmp_
     # gradients would show
     run = ["--method", "lit", *TINY_FLAGS["lit"], "--stochastic", "--train-thinking-steps", "4", "--teacher-share", "1",
            "--grad-clip", "0.05", "--steps", "3", "--eval-size", "2", "--data-dir", data_dir]
-    done = _torchrun(run + ["--out", str(tmp_path / "two")])
+    running = _torchrun(run + ["--out", str(tmp_path / "two")], wait=False)
+    assert train.main(run + ["--out", str(tmp_path / "one")]) == 0  # beside it
+    done = _finished(running)
     assert done.returncode == 0, done.stderr[-3000:]
     refused = _torchrun(run + ["--out", str(tmp_path / "two")])  # rank 0's error reaches every rank: none hangs
     assert refused.returncode != 0 and refused.stderr.count("already holds a run") == 1
-    assert train.main(run + ["--out", str(tmp_path / "one")]) == 0
     two, one = _checkpoint(tmp_path / "two")["model"], _checkpoint(tmp_path / "one")["model"]
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
