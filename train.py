@@ -102,8 +102,8 @@ def settings(method, given, checkpoint, checkpoint_path=None):
     """(run options, Config): defaults < --preset gpu's GPU_CONFIG < the checkpoint's (resuming or evaluating) < the
     command line. The checkpoint's --out and --data-dir (places on its machine) are not taken, nor its --eval-split
     where --test-csv gives test files. --resume continues a run exactly: a changed training setting is refused."""
-    places = ("out", "data_dir", "eval_split") if "test_csv" in given else ("out", "data_dir")
-    saved_run = {k: v for k, v in checkpoint["run"].items() if k not in places} if checkpoint else {}
+    not_taken = ("out", "data_dir", "eval_split") if "test_csv" in given else ("out", "data_dir")
+    saved_run = {k: v for k, v in checkpoint["run"].items() if k not in not_taken} if checkpoint else {}
     saved_config = checkpoint["config"] if checkpoint else {}
     saved = {**saved_run, **saved_config} if "resume" in given else {}
     for name, value in given.items():
