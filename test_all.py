@@ -1525,7 +1525,7 @@ def test_train_py_trains_and_evaluates_under_fp16_with_grad_scaler_and_bf16_on_t
     corpus.write_text("the quick brown fox jumps over the lazy dog " * 40)
     run = ["--method", method, *TINY_FLAGS[method], "--dtype", dtype, "--steps", "3", "--log-every", "1",
            "--eval-size", "2", "--eval-steps", "1", "--data-dir", data_dir, "--out", str(tmp_path / "run")]
-    run += ["--text-file", str(corpus)] if method == "ltm" else []  # (a short evaluation: training is what is tested)
+    run += ["--text-file", str(corpus)] if method == "ltm" else []  # (a short evaluation: one step count, 2 examples)
     run += ["--align-steps", "1"] if method == "lvr" else []  # a step of each stage
     assert train.main(run) == 0
     checkpoint = _checkpoint(tmp_path / "run")
