@@ -2272,6 +2272,50 @@ def test_restart_curve_script_averages_each_point_over_the_seeds_files_and_draws
         restart_curve.main([str(tmp_path / "bad.json")])
 
 
+def test_restart_anatomy_agrees_with_lit_evaluate_and_its_vote_takes_the_most_common_grid(tmp_path, data_dir, capsys):
+    from scripts import restart_anatomy
+    # the vote by hand: puzzle 0's trajectories 0 and 2 end on one grid (the more confident of them wins over the
+    # lone, most confident trajectory 1); puzzle 1's three grids differ, so the most confident trajectory is taken
+    grids = torch.tensor([[[1] * 81, [4] * 81], [[2] * 81, [5] * 81], [[1] * 81, [6] * 81]])  # (K 3, B 2, 81)
+    confidence = torch.tensor([[-3.0, -2.0], [-1.0, -5.0], [-2.0, -4.0]])
+    assert restart_anatomy.vote_pick(grids, confidence).tolist() == [2, 0]
+    # one blank cell a puzzle: noisy trajectories of an untrained model fill it right or wrong, so each pick, the
+    # oracle and the counts are non-trivial; they must equal what lit.evaluate reports for the same trajectories
+    model, config = lit_make(halt_weight=0.5, restarts=3, restart_noise=0.5, eval_batch_size=9, eval_steps=(1, 3),
+                             lr=2e-2, train_thinking_steps=2)
+    optimizer, scaler = lit.make_optimizer(model, config), torch.amp.GradScaler("cpu", enabled=False)
+    for step in range(30):  # enough to copy the givens and fill some of the blanks
+        lit.train_step(model, optimizer, scaler, lit_tiny_sudoku(8, blanks=1, seed=step + 1), step, config, None)
+    batch = lit_tiny_sudoku(40, blanks=1)
+    task = type("Task", (), {"test_sets": {"one blank": batch}})
+    reported = {(row["thinking steps"], row["picked by"]): row["exact %"]
+                for row in lit.evaluate(model, task, config, (1, 3), None)}
+    rows, solvers = restart_anatomy.anatomy(model.eval(), batch, 3, 0.5, (1, 3), chunk=6)  # other chunks than 9
+    for row in rows:
+        s = row["budget"]
+        assert row["picked by confidence %"] == pytest.approx(reported[s, "confidence"])
+        assert row["picked by halting head %"] == pytest.approx(reported[s, "halting head"])
+        assert row["oracle %"] == pytest.approx(reported[s, "oracle verifier"])  # one completion per puzzle
+        assert row["right at some step %"] >= row["trajectories right %"]
+        assert row["puzzles no trajectory solves"] == round(40 * (1 - row["oracle %"] / 100))
+    assert 0 < rows[-1]["trajectories right %"] < 100 and 0 < rows[-1]["oracle %"] < 100
+    assert sum(solvers) == 40 and solvers[0] == rows[-1]["puzzles no trajectory solves"]
+    assert sum(k * n for k, n in enumerate(solvers)) == round(120 * rows[-1]["trajectories right %"] / 100)
+    # the command line reads a train.py checkpoint, its weight average first
+    state = {"method": "lit", "run": {"task": "sudoku", "seed": 0}, "config": dataclasses.asdict(config),
+             "model": model.state_dict(), "step": 0,
+             "ema": {**{name: torch.zeros_like(w) for name, w in model.named_parameters()}, "updates": torch.tensor(1)}}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert restart_anatomy.load_run(tmp_path / "checkpoint.pt").decoder.weight.abs().sum() == 0
+    restart_anatomy.main([str(tmp_path / "checkpoint.pt"), "--set", "easy", "--split", "test", "--size", "2",
+                          "--restarts", "2", "--budgets", "2,1", "--data-dir", data_dir])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("easy: 2 puzzles, 2 trajectories") and len(lines) == 6
+    assert [line.split(" | ")[0] for line in lines[3:5]] == ["| 1", "| 2"]
+    with pytest.raises(SystemExit):
+        restart_anatomy.main([str(tmp_path / "checkpoint.pt"), "--restarts", "1"])
+
+
 def tiny_model(task=TEXT, **overrides):
     torch.manual_seed(0)
     return rd.build_model(rd.Config(**{**TINY, **overrides}), task)
