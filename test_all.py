@@ -2306,7 +2306,7 @@ def test_restart_anatomy_agrees_with_lit_evaluate_and_its_vote_takes_the_most_co
              "model": model.state_dict(), "step": 0,
              "ema": {**{name: torch.zeros_like(w) for name, w in model.named_parameters()}, "updates": torch.tensor(1)}}
     torch.save(state, tmp_path / "checkpoint.pt")
-    assert restart_anatomy.load_run(tmp_path / "checkpoint.pt").decoder.weight.abs().sum() == 0
+    assert restart_anatomy.load_run(tmp_path / "checkpoint.pt")[0].decoder.weight.abs().sum() == 0
     restart_anatomy.main([str(tmp_path / "checkpoint.pt"), "--set", "easy", "--split", "test", "--size", "2",
                           "--restarts", "2", "--budgets", "2,1", "--data-dir", data_dir])
     lines = capsys.readouterr().out.splitlines()
@@ -2314,6 +2314,14 @@ def test_restart_anatomy_agrees_with_lit_evaluate_and_its_vote_takes_the_most_co
     assert [line.split(" | ")[0] for line in lines[3:5]] == ["| 1", "| 2"]
     with pytest.raises(SystemExit):
         restart_anatomy.main([str(tmp_path / "checkpoint.pt"), "--restarts", "1"])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for bad, says in ((tmp_path / "absent.pt", "cannot read checkpoint"), (tmp_path / "notes.txt", "cannot read")):
+        with pytest.raises(SystemExit, match=says) as stop:
+            restart_anatomy.main([str(bad)])
+        assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
+    torch.save({"method": "ltm"}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a train.py checkpoint of lit"):
+        restart_anatomy.main([str(tmp_path / "other.pt")])
 
 
 def tiny_model(task=TEXT, **overrides):

@@ -21,11 +21,15 @@ import lit  # noqa: E402
 import sudoku_data  # noqa: E402
 
 
-def load_run(path) -> lit.LatentImaginationModel:
-    """The model of a train.py lit checkpoint, its weight average loaded when it has one, in eval mode."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("method") != "lit" or state["run"]["task"] != "sudoku":
-        raise SystemExit(f"{path} is not a checkpoint of lit on --task sudoku")
+def load_run(path) -> tuple[lit.LatentImaginationModel, int]:
+    """The model of a train.py lit checkpoint (its weight average when it has one), in eval mode, and the run's seed,
+    which names its generated test and validation sets."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing, cut short, or not a torch file
+        raise SystemExit(f"error: cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("method") != "lit" or state.get("run", {}).get("task") != "sudoku":
+        raise SystemExit(f"error: {path} is not a train.py checkpoint of lit on --task sudoku")
     fields = {field.name for field in dataclasses.fields(lit.Config)}
     config = lit.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()
                            if k in fields})
@@ -33,7 +37,7 @@ def load_run(path) -> lit.LatentImaginationModel:
     model.load_state_dict(state["model"])
     if state.get("ema"):
         model.load_state_dict({k: v for k, v in state["ema"].items() if k != "updates"}, strict=False)
-    return model.eval()
+    return model.eval(), state["run"]["seed"]
 
 
 def vote_pick(grids, confidence) -> torch.Tensor:
@@ -88,8 +92,7 @@ def main(argv=None):
     budgets = sorted({int(b) for b in args.budgets.split(",")})
     if budgets[0] < 1 or args.restarts < 2 or args.size < 1:
         parser.error("budgets and --size must be positive and --restarts at least 2")
-    model = load_run(args.checkpoint)
-    seed = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["run"]["seed"]
+    model, seed = load_run(args.checkpoint)
     task = sudoku_data.SudokuTask("easy", seed, base_size=1, eval_size=args.size, data_dir=args.data_dir,
                                   eval_split=args.split, eval_sets=(args.set,))
     (name, test_set), = task.test_sets.items()
