@@ -51,7 +51,8 @@ def vote_pick(grids, confidence) -> torch.Tensor:
 def anatomy(model, batch, restarts: int, noise: float, budgets, chunk: int = 250) -> tuple[list[dict], list[int]]:
     """Rows per budget (see the module docstring) and, at the last budget, the number of puzzles solved by exactly
     k trajectories, k = 0..K. Puzzles go in chunks of `chunk` trajectories; the noise is drawn per puzzle and
-    trajectory as in lit.evaluate, so a puzzle's trajectories are those of `train.py --eval-only`."""
+    trajectory as in lit.evaluate, so a puzzle's trajectories are those of `train.py --eval-only` at
+    `--halt-threshold 0`."""
     right, picked = [], {}  # chunks of (T, K, b); (budget, pick) -> chunks of (b,)
     per_chunk = max(1, chunk // restarts)
     for first in range(0, batch["puzzle"].shape[0], per_chunk):
