@@ -2314,6 +2314,9 @@ def test_restart_anatomy_agrees_with_lit_evaluate_and_its_vote_takes_the_most_co
     assert [line.split(" | ")[0] for line in lines[3:5]] == ["| 1", "| 2"]
     with pytest.raises(SystemExit):
         restart_anatomy.main([str(tmp_path / "checkpoint.pt"), "--restarts", "1"])
+    with pytest.raises(SystemExit):
+        restart_anatomy.main([str(tmp_path / "checkpoint.pt"), "--budgets", "64,x"])
+    assert "--budgets takes comma-separated step counts" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     for bad, says in ((tmp_path / "absent.pt", "cannot read checkpoint"), (tmp_path / "notes.txt", "cannot read")):
         with pytest.raises(SystemExit, match=says) as stop:

@@ -90,7 +90,10 @@ def main(argv=None):
     parser.add_argument("--budgets", default="64,128,256")
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args(argv)
-    budgets = sorted({int(b) for b in args.budgets.split(",")})
+    try:
+        budgets = sorted({int(b) for b in args.budgets.split(",")})
+    except ValueError:
+        parser.error(f"--budgets takes comma-separated step counts such as 64,128, not {args.budgets!r}")
     if budgets[0] < 1 or args.restarts < 2 or args.size < 1:
         parser.error("budgets and --size must be positive and --restarts at least 2")
     model, seed = load_run(args.checkpoint)
