@@ -77,7 +77,7 @@ class Config:
     restarts: int = 1                    # K: trajectories per puzzle at test time, picked by the model's own signal
     restart_noise: float = 0.0           # σ: noise σ·std(b) on the carried belief before every step, trajectories 2..K
     halt_weight: float = 0.0             # w: weight of the halting head's BCE in L; > 0 builds the head
-    halt_threshold: float = 0.0          # τ in (0, 1): a trajectory stops at its first step with h_t > τ; 0: never
+    halt_threshold: float = 0.0          # τ in (0, 1): a puzzle stops at its first step where a trajectory has h_t > τ
 
 
 # --preset gpu: the hard-puzzle recipe as LIT (docs/benchmark.md) scaled to one GPU for at most an hour: 3.2M trained
@@ -376,8 +376,9 @@ def think(model, batch: dict, thinking_steps: int, restarts: int = 1, noise: flo
           sample: bool = False, first: int = 0, seed: int = 0) -> Thoughts:
     """The student alone from b_0: b_{t+1} = U_S(b_t, E(puzzle)), decoded after every step, for K = restarts
     trajectories per puzzle in one batch (rows k·B + b); sample: stochastic beliefs are drawn. Beyond the paper (last
-    section): restart noise σ, a halting head stopping trajectories at h_t > τ. Noise comes from one generator per
-    trajectory, seeded by (seed, the puzzle's index first + b, k): the same in any batch, whichever others stop."""
+    section): restart noise σ, a halting head stopping all K of a puzzle at the first h_t > τ among them. Noise comes
+    from one generator per trajectory, seeded by (seed, the puzzle's index first + b, k): the same in any batch,
+    whichever other puzzles stop."""
     K, B, device = restarts, batch["puzzle"].shape[0], batch["puzzle"].device
     puzzle_emb = model.observe(batch, teacher=False)[0].repeat(K, 1, 1)  # (K*B, 81, D), E once per puzzle
     state = model.initial_belief(K * B)
@@ -401,8 +402,8 @@ def think(model, batch: dict, thinking_steps: int, restarts: int = 1, noise: flo
             logits = logits.index_put((rows,), model.decode(belief))  # out of place: earlier steps' tensors stay
             if halt is not None:
                 halt = halt.index_put((rows,), torch.sigmoid(halt_logit(model, belief)))
-                if threshold:  # stop where h_t > τ, first time: those rows leave the batch
-                    stop = halt[rows] > threshold
+                if threshold:  # a puzzle stops where one of its trajectories first has h_t > τ: its rows leave
+                    stop = torch.isin(rows % B, rows[halt[rows] > threshold] % B)
                     steps[rows[stop]] = t + 1
                     rows, state = rows[~stop], state[~stop]
         thoughts.logits.append(logits.view(K, B, N_CELLS, N_DIGITS))
@@ -537,7 +538,8 @@ def test_time_flops(config: Config, task_name: str, thinking_steps: float, resta
 #   carried belief before every step (std over each cell's channels); the answer is the most confident trajectory.
 # Halting head (after TRM's Q-halt head): h_t = σ(w_h · mean_i b^S_{t,i} + c_h), L += w·BCE(h_t, 1[argmax D(b^S_t) = y])
 #   at the supervised steps, the target detached (its gradient reaches U_S through b, as in TRM). At test time it
-#   picks among restarts (highest h_T) and stops a trajectory at its first step with h_t > τ. Deviations: it reads the
+#   picks among restarts (highest h_T) and stops a puzzle, all K trajectories, at the first step where one has h_t > τ
+#   (TRM halts its one trajectory; a puzzle's K stop together, since its answer is found). Deviations: it reads the
 #   cell-mean belief (TRM reads its puzzle token's state) and trains at fixed T, without ACT or a Q-continue target.
 # Oracle verifier: the first trajectory whose grid keeps the givens and breaks no rule: the ceiling of the K, not
 #   the method (the model never checks a rule).

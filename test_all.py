@@ -4969,6 +4969,31 @@ def test_lit_a_trajectory_is_the_same_at_any_eval_batch_size_and_whether_or_not_
     assert by_size[0] == by_size[1] and len(by_size[0]) == 2 * 3
 
 
+def test_lit_a_puzzle_stops_all_its_trajectories_when_one_of_them_halts():
+    """h passes τ only on trajectory 2 of puzzle 1 at step 2: puzzle 1's three trajectories all stop after step 2
+    and keep that step's logits; puzzles 0 and 2 run the full 4 steps, unchanged."""
+    model, _ = lit_make(halt_weight=0.5)
+    batch = lit_tiny_sudoku(3, 40)
+    free = lit.think(model, batch, 4, restarts=3, noise=0.5)
+    calls = []
+
+    def one_trajectory_halts(model, belief):  # rows k·B + b of the full batch at the first two steps
+        calls.append(belief.shape[0])
+        rows = torch.arange(belief.shape[0])
+        return torch.where((rows == 2 * 3 + 1) & (len(calls) == 2), 20.0, -20.0)
+    original = lit.halt_logit
+    try:
+        lit.halt_logit = one_trajectory_halts
+        stopped = lit.think(model, batch, 4, restarts=3, noise=0.5, threshold=0.9)
+    finally:
+        lit.halt_logit = original
+    assert calls == [9, 9, 6, 6]  # puzzle 1's 3 rows left the batch after step 2
+    assert stopped.steps[:, 1].tolist() == [2, 2, 2] and (stopped.steps[:, [0, 2]] == 4).all()
+    for t in range(4):
+        assert torch.allclose(stopped.logits[t][:, [0, 2]], free.logits[t][:, [0, 2]], atol=1e-5)
+        assert torch.allclose(stopped.logits[t][:, 1], free.logits[min(t, 1)][:, 1], atol=1e-5)
+
+
 def test_lit_confidence_pick_is_the_argmax_of_a_direct_computation():
     """log p(argmax grid) over the blank cells, computed cell by cell with math.log; given cells do not count."""
     g = torch.Generator().manual_seed(1)
