@@ -4969,31 +4969,6 @@ def test_lit_a_trajectory_is_the_same_at_any_eval_batch_size_and_whether_or_not_
     assert by_size[0] == by_size[1] and len(by_size[0]) == 2 * 3
 
 
-def test_lit_a_puzzle_stops_all_its_trajectories_when_one_of_them_halts():
-    """h passes τ only on trajectory 2 of puzzle 1 at step 2: puzzle 1's three trajectories all stop after step 2
-    and keep that step's logits; puzzles 0 and 2 run the full 4 steps, unchanged."""
-    model, _ = lit_make(halt_weight=0.5)
-    batch = lit_tiny_sudoku(3, 40)
-    free = lit.think(model, batch, 4, restarts=3, noise=0.5)
-    calls = []
-
-    def one_trajectory_halts(model, belief):  # rows k·B + b of the full batch at the first two steps
-        calls.append(belief.shape[0])
-        rows = torch.arange(belief.shape[0])
-        return torch.where((rows == 2 * 3 + 1) & (len(calls) == 2), 20.0, -20.0)
-    original = lit.halt_logit
-    try:
-        lit.halt_logit = one_trajectory_halts
-        stopped = lit.think(model, batch, 4, restarts=3, noise=0.5, threshold=0.9)
-    finally:
-        lit.halt_logit = original
-    assert calls == [9, 9, 6, 6]  # puzzle 1's 3 rows left the batch after step 2
-    assert stopped.steps[:, 1].tolist() == [2, 2, 2] and (stopped.steps[:, [0, 2]] == 4).all()
-    for t in range(4):
-        assert torch.allclose(stopped.logits[t][:, [0, 2]], free.logits[t][:, [0, 2]], atol=1e-5)
-        assert torch.allclose(stopped.logits[t][:, 1], free.logits[min(t, 1)][:, 1], atol=1e-5)
-
-
 def test_lit_confidence_pick_is_the_argmax_of_a_direct_computation():
     """log p(argmax grid) over the blank cells, computed cell by cell with math.log; given cells do not count."""
     g = torch.Generator().manual_seed(1)
@@ -5228,30 +5203,31 @@ def test_lit_halting_pick_is_the_argmax_of_the_heads_probability_and_needs_no_ru
                      (3,), None)
 
 
-LIT_HALT_SCHEDULE = [[0.1, 0.7, 0.95, 0.2],  # trajectory 0 of puzzle 0: h_t per step; τ = 0.8 -> stops after step 3
-                     [0.9, 0.1, 0.1, 0.1],   # 1
-                     [0.1, 0.1, 0.1, 0.1],   # never: all 4
+LIT_HALT_SCHEDULE = [[0.1, 0.7, 0.95, 0.2],  # trajectory 0 of puzzle 0: h_t per step; τ = 0.8 -> first above after 3
+                     [0.9, 0.1, 0.1, 0.1],   # trajectory 0 of puzzle 1: 1
+                     [0.1, 0.1, 0.1, 0.1],   # trajectory 0 of puzzle 2: never
                      [0.5, 0.79, 0.81, 0.9],  # trajectory 1 of puzzle 0: 3
-                     [0.2, 0.85, 0.1, 0.1],  # 2
-                     [0.3, 0.3, 0.3, 0.99]]  # 4 (crosses at the last step)
-LIT_HALT_STEPS = [[3, 1, 4], [3, 2, 4]]
+                     [0.2, 0.85, 0.1, 0.1],  # trajectory 1 of puzzle 1: 2
+                     [0.3, 0.3, 0.3, 0.99]]  # trajectory 1 of puzzle 2: 4 (at the last step)
+LIT_HALT_STEPS = [[3, 1, 4], [3, 1, 4]]  # a puzzle's trajectories all stop at the first crossing among them
 
 
 def lit_scheduled_head(threshold):
     """A stand-in for lit.halt_logit giving LIT_HALT_SCHEDULE's h to the rows still thinking (in order), and
-    checking that only those rows are computed: a stopped trajectory must leave the batch."""
+    checking that only those rows are computed: a stopped puzzle's trajectories must leave the batch."""
     probs, thinking, step = torch.tensor(LIT_HALT_SCHEDULE), list(range(6)), [0]
 
     def halt_logit(model, belief):
         assert belief.shape[0] == len(thinking)
         h = probs[thinking, step[0]]
-        thinking[:] = [row for row, p in zip(thinking, h.tolist()) if not (threshold and p > threshold)]
+        halted = {row % 3 for row, p in zip(thinking, h.tolist()) if threshold and p > threshold}  # B = 3
+        thinking[:] = [row for row in thinking if row % 3 not in halted]
         step[0] += 1
         return torch.logit(h)
     return halt_logit
 
 
-def test_lit_adaptive_stopping_stops_each_trajectory_where_its_head_first_crosses_the_threshold(monkeypatch):
+def test_lit_adaptive_stopping_stops_a_puzzle_where_one_of_its_trajectories_first_crosses_the_threshold(monkeypatch):
     model, config = lit_make(halt_weight=0.5)
     batch = lit_tiny_sudoku(3, 40)
     monkeypatch.setattr(lit, "halt_logit", lit_scheduled_head(0.0))
@@ -5462,14 +5438,16 @@ def test_lit_each_evaluation_row_is_its_trajectories_whatever_the_other_rows_and
 
 def test_lit_every_noisy_trajectory_is_a_direct_rollout_from_its_own_noised_start(monkeypatch):
     """Each trajectory k ≥ 1 of each puzzle, rolled alone with its own generator: b ← b + σ·std(b)·ε (std over the
-    cell's channels) before every step, from b_0; trajectory 0 noiseless; one that stops keeps its last step, and the
-    others' noise does not depend on who stopped. The generators' seeds are read from example_generators."""
+    cell's channels) before every step, from b_0; trajectory 0 noiseless; a puzzle stops all K at the first step where
+    one has h > τ, each keeping its last step, and the other puzzles' noise does not depend on who stopped. The
+    generators' seeds are read from example_generators."""
     model, _ = lit_make(halt_weight=0.5)
     with torch.no_grad():
         model.halt_head.weight.normal_(std=30.0)
         model.student.norm_out.weight.uniform_(0.5, 2.0)  # cells' stds differ from the whole belief's
     batch, K, B, T, sigma = lit_tiny_sudoku(3, 40), 3, 3, 3, 0.4
-    threshold = lit.think(model, batch, 1, K, sigma).halt[0].median().item()
+    h = lit.think(model, batch, 1, K, sigma).halt[0]  # (K, B) at step 1
+    threshold = h[:, h.amax(0).argmax()].median().item()  # some of one puzzle's trajectories cross at step 1, not all
     seeds = []
     real = lit.example_generators
     monkeypatch.setattr(lit, "example_generators",
@@ -5479,21 +5457,25 @@ def test_lit_every_noisy_trajectory_is_a_direct_rollout_from_its_own_noised_star
     assert len(set(seeds)) == K * B and 1 < thoughts.steps.float().mean() < T
     emb = model.observe(batch, teacher=False)[0]
     with torch.no_grad():
-        for k in range(K):
-            for b in range(B):
-                g, state, stopped = torch.Generator().manual_seed(seeds[k * B + b]), model.initial_belief(1)[0], False
-                for t in range(T):
-                    if not stopped:
+        for b in range(B):
+            g = [torch.Generator().manual_seed(seeds[k * B + b]) for k in range(K)]
+            state, logits, stopped = [model.initial_belief(1)[0]] * K, [None] * K, False
+            for t in range(T):
+                if not stopped:
+                    halts = []
+                    for k in range(K):
                         if k:
-                            state = state + sigma * state.std(-1, keepdim=True) * torch.randn(81, 16, generator=g)
-                        mean = model.student(state[None], emb[b:b + 1])[0][0]
-                        logits, state = model.decode(mean), mean
-                        stopped = torch.sigmoid(lit.halt_logit(model, mean[None])).item() > threshold
-                        steps = t + 1
-                    assert torch.allclose(thoughts.logits[t][k, b], logits, atol=1e-4)
+                            noise = torch.randn(81, 16, generator=g[k])
+                            state[k] = state[k] + sigma * state[k].std(-1, keepdim=True) * noise
+                        mean = model.student(state[k][None], emb[b:b + 1])[0][0]
+                        logits[k], state[k] = model.decode(mean), mean
+                        halts.append(torch.sigmoid(lit.halt_logit(model, mean[None])).item())
+                    stopped, steps = max(halts) > threshold, t + 1
+                for k in range(K):
+                    assert torch.allclose(thoughts.logits[t][k, b], logits[k], atol=1e-4)
                     if t == 0 and k:  # its own start: off trajectory 0 from the first step
-                        assert not torch.allclose(logits, thoughts.logits[0][0, b], atol=1e-3)
-                assert thoughts.steps[k, b] == steps
+                        assert not torch.allclose(logits[k], thoughts.logits[0][0, b], atol=1e-3)
+            assert (thoughts.steps[:, b] == steps).all()
 
 
 def test_lit_adaptive_compute_is_the_mean_over_all_trajectories_whatever_the_chunks():
