@@ -376,9 +376,8 @@ def think(model, batch: dict, thinking_steps: int, restarts: int = 1, noise: flo
           sample: bool = False, first: int = 0, seed: int = 0) -> Thoughts:
     """The student alone from b_0: b_{t+1} = U_S(b_t, E(puzzle)), decoded after every step, for K = restarts
     trajectories per puzzle in one batch (rows k·B + b); sample: stochastic beliefs are drawn. Beyond the paper (last
-    section): restart noise σ, a halting head stopping all K of a puzzle at the first h_t > τ among them. Noise comes
-    from one generator per trajectory, seeded by (seed, the puzzle's index first + b, k): the same in any batch,
-    whichever other puzzles stop."""
+    section): restart noise σ, a halting head stopping a puzzle's K at the first h_t > τ among them. Noise: one
+    generator per trajectory, seeded by (seed, puzzle index first + b, k): the same in any batch, whoever stops."""
     K, B, device = restarts, batch["puzzle"].shape[0], batch["puzzle"].device
     puzzle_emb = model.observe(batch, teacher=False)[0].repeat(K, 1, 1)  # (K*B, 81, D), E once per puzzle
     state = model.initial_belief(K * B)
@@ -538,9 +537,8 @@ def test_time_flops(config: Config, task_name: str, thinking_steps: float, resta
 #   carried belief before every step (std over each cell's channels); the answer is the most confident trajectory.
 # Halting head (after TRM's Q-halt head): h_t = σ(w_h · mean_i b^S_{t,i} + c_h), L += w·BCE(h_t, 1[argmax D(b^S_t) = y])
 #   at the supervised steps, the target detached (its gradient reaches U_S through b, as in TRM). At test time it
-#   picks among restarts (highest h_T) and stops a puzzle, all K trajectories, at the first step where one has h_t > τ
-#   (TRM halts its one trajectory; a puzzle's K stop together, since its answer is found). Deviations: it reads the
-#   cell-mean belief (TRM reads its puzzle token's state) and trains at fixed T, without ACT or a Q-continue target.
+#   picks among restarts (highest h_T) and stops a puzzle's K at the first step where one has h_t > τ. Deviations: K
+#   stop together, it reads the cell-mean belief (TRM: a puzzle token), trains at fixed T, no ACT or Q-continue target.
 # Oracle verifier: the first trajectory whose grid keeps the givens and breaks no rule: the ceiling of the K, not
 #   the method (the model never checks a rule).
 def halt_logit(model, belief):  # (B, 81, D) -> (B,) float32: logit of "my current answer is the solution"
